@@ -1,0 +1,42 @@
+# retinaedge: one entry point for set-up, tests and the appliance's jobs.
+# Every target installs what it needs into .venv; nothing has to be installed by hand.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch/torchvision are the `export` extra. Pinned so that a machine without a local wheel cache
+# resolves the same CPU-capable release instead of the newest CUDA build.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: help venv test lint pytest clean
+
+help:
+	@echo "make test    create .venv, install runtime + export + dev extras, run ruff and pytest"
+	@echo "make lint    ruff only"
+	@echo "make clean   remove .venv and caches"
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	touch $@
+
+# Runtime + dev tools + the export extra (the tests export real torchvision models).
+$(VENV)/.test-deps: $(VENV)/.created pyproject.toml
+	$(PIP) install --quiet $(TORCH_PINS)
+	$(PIP) install --quiet -e ".[export,dev]"
+	touch $@
+
+venv: $(VENV)/.test-deps
+
+lint: $(VENV)/.test-deps
+	$(VENV)/bin/ruff check export runtime device service tests tools
+	$(VENV)/bin/ruff format --check export runtime device service tests tools
+
+pytest: $(VENV)/.test-deps
+	$(VENV)/bin/pytest
+
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

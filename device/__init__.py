@@ -1,0 +1,1 @@
+"""retinaedge device (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""retinaedge service (see DESIGN.md)."""
