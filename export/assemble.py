@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
-
 from retinaedge.runtime.manifest import METADATA_KEY, Manifest, PostprocessSpec
 
 from .graphbuilder import GraphBuilder
@@ -66,7 +65,9 @@ def fuse(
     del graph.output[:]
     graph.output.extend(_output_infos(spec.detections_per_img))
     del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", channels, height, width]))
+    graph.input.append(
+        helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", channels, height, width])
+    )
     # Drop stale intermediate shape annotations from the tracer; shape inference recomputes them.
     del graph.value_info[:]
     if plugin and not any(o.domain == PLUGIN_DOMAIN for o in model.opset_import):

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from retinaedge.runtime.manifest import AnchorSpec
 
 from .torchload import require_torch

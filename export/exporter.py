@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-
 from retinaedge.runtime import __version__
 from retinaedge.runtime.bundle import (
     MANIFEST_FILE,
@@ -151,7 +150,9 @@ def export_retinanet(
     height, width = (int(v) for v in input_size)
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise ConfigError(f"output directory {out} already exists (pass overwrite=True / --force to replace it)")
+        raise ConfigError(
+            f"output directory {out} already exists (pass overwrite=True / --force to replace it)"
+        )
     if synthetic_count < 1:
         raise ConfigError("at least one synthetic parity image is needed (it becomes the golden input)")
     if not 0.0 < parity_threshold <= 1.0:
@@ -160,16 +161,22 @@ def export_retinanet(
     work = copy.deepcopy(model).eval()
     spec = _postprocess_spec(
         work,
-        {"score_thresh": score_thresh, "nms_iou": nms_iou, "topk_candidates": topk_candidates,
-         "detections_per_img": detections_per_img},
+        {
+            "score_thresh": score_thresh,
+            "nms_iou": nms_iou,
+            "topk_candidates": topk_candidates,
+            "detections_per_img": detections_per_img,
+        },
     )
     _validate_request(work, class_names, inp, spec, plugin_variant)
     pre = Preprocessing(window=window or WindowPolicy())
     pre.validate()
     for item in parity_inputs:
         if item.image.shape != (channels, height, width):
-            raise ConfigError(f"parity input {item.source} has shape {item.image.shape}, expected "
-                              f"{(channels, height, width)}")
+            raise ConfigError(
+                f"parity input {item.source} has shape {item.image.shape}, expected "
+                f"{(channels, height, width)}"
+            )
     # The reference must use the same post-processing parameters as the fused graph.
     work.score_thresh, work.nms_thresh = spec.score_thresh, spec.nms_iou
     work.topk_candidates, work.detections_per_img = spec.topk_candidates, spec.detections_per_img
@@ -182,8 +189,10 @@ def export_retinanet(
         architecture=architecture,
         class_names=tuple(class_names),
         input=inp,
-        normalization={"mean": [float(m) for m in work.transform.image_mean],
-                       "std": [float(s) for s in work.transform.image_std]},
+        normalization={
+            "mean": [float(m) for m in work.transform.image_mean],
+            "std": [float(s) for s in work.transform.image_std],
+        },
         preprocessing=pre,
         postprocess=spec,
         anchors=anchor_spec,
@@ -202,16 +211,20 @@ def export_retinanet(
             export_dense_onnx(make_dense_module(work, channels), dense_path, channels, height, width)
         dense = onnx.load(str(dense_path))
         dense_path.unlink()
-        fused = assemble.fuse(dense, anchors, anchor_spec.anchors_per_level, num_classes, spec,
-                              (height, width), channels)
+        fused = assemble.fuse(
+            dense, anchors, anchor_spec.anchors_per_level, num_classes, spec, (height, width), channels
+        )
         assemble.embed_manifest(fused, manifest)
         assemble.check(fused)
         model_path = stage / MODEL_FILE
         onnx.save(fused, str(model_path))
         manifest = manifest.with_model_sha256(sha256_file(model_path))
         (stage / MANIFEST_FILE).write_text(manifest.to_json())
-        log.info("model.onnx written (%.1f MB) in %.1f s", model_path.stat().st_size / 1e6,
-                 time.perf_counter() - t0)
+        log.info(
+            "model.onnx written (%.1f MB) in %.1f s",
+            model_path.stat().st_size / 1e6,
+            time.perf_counter() - t0,
+        )
 
         synth_u8 = synthetic_images_u8(synthetic_count, channels, height, width, seed=0)
         inputs = [ParityInput(img, f"synthetic:{i}") for i, img in enumerate(to_float(synth_u8))]
@@ -235,11 +248,23 @@ def export_retinanet(
 
         if plugin_variant:
             parity["efficientnms_trt"] = _plugin_variant(
-                stage, dense, anchors, anchor_spec.anchors_per_level, num_classes, spec, (height, width),
-                channels, manifest, images, [p.source for p in inputs], reference.detections,
+                stage,
+                dense,
+                anchors,
+                anchor_spec.anchors_per_level,
+                num_classes,
+                spec,
+                (height, width),
+                channels,
+                manifest,
+                images,
+                [p.source for p in inputs],
+                reference.detections,
             )
         rate = parity["totals"]["match_rate"]
-        parity["passed"] = bool(rate >= parity_threshold and consistency["min_match_rate"] >= parity_threshold)
+        parity["passed"] = bool(
+            rate >= parity_threshold and consistency["min_match_rate"] >= parity_threshold
+        )
         parity["export_seconds"] = round(time.perf_counter() - t0, 2)
         (stage / PARITY_FILE).write_text(json.dumps(parity, indent=2))
         if not parity["passed"]:
@@ -257,8 +282,12 @@ def export_retinanet(
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    log.info("bundle %s ready: parity %.4f over %d detections", out, parity["totals"]["match_rate"],
-             parity["totals"]["reference"])
+    log.info(
+        "bundle %s ready: parity %.4f over %d detections",
+        out,
+        parity["totals"]["match_rate"],
+        parity["totals"]["reference"],
+    )
     return ExportResult(bundle_dir=out, manifest=manifest, parity=parity)
 
 
@@ -278,7 +307,9 @@ def _plugin_variant(
 ) -> dict[str, Any]:
     """Write the EfficientNMS_TRT model, validate it, and measure its emulated semantics."""
     plugin = assemble.fuse(dense, anchors, per_level, num_classes, spec, image_hw, channels, plugin=True)
-    plugin_manifest = Manifest.from_dict(manifest.to_dict() | {"nms": "efficientnms_trt", "model_sha256": None})
+    plugin_manifest = Manifest.from_dict(
+        manifest.to_dict() | {"nms": "efficientnms_trt", "model_sha256": None}
+    )
     assemble.embed_manifest(plugin, plugin_manifest)
     inferred = assemble.check(plugin)
     cand_model, count = assemble.candidates_model(dense, anchors, per_level, num_classes, spec, image_hw)
@@ -293,8 +324,14 @@ def _plugin_variant(
     for i in range(images.shape[0]):
         boxes, scores, labels = session.run(None, {"images": images[i : i + 1]})
         emulated.append(
-            emulate_efficient_nms(boxes[0], scores[0], labels[0], score_threshold=spec.score_thresh,
-                                  iou_threshold=spec.nms_iou, max_output_boxes=spec.detections_per_img)
+            emulate_efficient_nms(
+                boxes[0],
+                scores[0],
+                labels[0],
+                score_threshold=spec.score_thresh,
+                iou_threshold=spec.nms_iou,
+                max_output_boxes=spec.detections_per_img,
+            )
         )
     measured = compare(sources, reference, emulated)
     return {

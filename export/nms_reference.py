@@ -7,7 +7,6 @@ The plugin cannot run without TensorRT; this emulation measures what its documen
 from __future__ import annotations
 
 import numpy as np
-
 from retinaedge.runtime.detections import ImageDetections
 from retinaedge.runtime.matching import iou_matrix
 
@@ -17,7 +16,7 @@ def greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> n
     order = np.argsort(-scores, kind="stable")
     keep: list[int] = []
     suppressed = np.zeros(len(order), dtype=bool)
-    ious = iou_matrix(boxes[order], boxes[order])
+    ious = iou_matrix(boxes[order], boxes[order], identical_degenerate=False)
     for i in range(len(order)):
         if suppressed[i]:
             continue

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from retinaedge.runtime.detections import ImageDetections, split_outputs
 from retinaedge.runtime.matching import MatchReport, match_detections
 
@@ -79,5 +78,7 @@ def batch_consistency(backend: Any, images: np.ndarray) -> dict[str, Any]:
         "max_abs_box_diff": max_box,
         "max_abs_score_diff": max_score,
         "min_match_rate": min(r["match_rate"] for r in reports) if reports else 1.0,
-        "per_image": [{k: r[k] for k in ("reference", "candidate", "matched", "match_rate")} for r in reports],
+        "per_image": [
+            {k: r[k] for k in ("reference", "candidate", "matched", "match_rate")} for r in reports
+        ],
     }

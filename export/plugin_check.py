@@ -6,7 +6,6 @@ from typing import Any
 
 import onnx
 from onnx import helper
-
 from retinaedge.runtime.errors import ExportError
 from retinaedge.runtime.manifest import PostprocessSpec
 
@@ -70,12 +69,17 @@ def validate_plugin_model(
             raise ExportError(f"no inferred shape for the plugin's {role} input {name!r}")
         dims = _dims(infos[name])
         if len(dims) != 3 or dims[1:] != want_shape[1:]:
-            raise ExportError(f"plugin {role} input has shape {dims}, expected [N, {want_shape[1]}, {want_shape[2]}]")
+            raise ExportError(
+                f"plugin {role} input has shape {dims}, expected [N, {want_shape[1]}, {want_shape[2]}]"
+            )
         if infos[name].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             raise ExportError(f"plugin {role} input must be float32")
         shapes[role] = dims
     outputs = [o.name for o in model.graph.output]
     if outputs != ["num_detections", "boxes", "scores", "labels"]:
         raise ExportError(f"plugin model outputs {outputs} do not follow the contract")
-    return {"node": node.name, "attributes": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()},
-            "input_shapes": shapes}
+    return {
+        "node": node.name,
+        "attributes": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()},
+        "input_shapes": shapes,
+    }

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto
-
 from retinaedge.runtime.manifest import PostprocessSpec
 
 from .graphbuilder import GraphBuilder
@@ -81,8 +80,12 @@ def build_candidates(
     for level, (count, k) in enumerate(zip(anchors_per_level, ks, strict=True)):
         sl = b.op(
             "Slice",
-            [probs, b.const([start], dtype=np.int64), b.const([start + count], dtype=np.int64),
-             b.const([1], dtype=np.int64)],
+            [
+                probs,
+                b.const([start], dtype=np.int64),
+                b.const([start + count], dtype=np.int64),
+                b.const([1], dtype=np.int64),
+            ],
             f"l{level}_probs",
         )  # (N, A_l, C)
         flat = b.op("Reshape", [sl, b.const([0, -1], dtype=np.int64)], f"l{level}_flat")  # (N, A_l*C)
@@ -130,9 +133,7 @@ def build_candidates(
     boxes = b.op("Concat", [x1, y1, x2, y2], "cand_boxes_raw", axis=2)  # (N, M, 4)
     height, width = image_hw
     boxes = b.op("Max", [boxes, b.const(np.float32(0.0))], "cand_boxes_lo")
-    boxes = b.op(
-        "Min", [boxes, b.const(np.array([width, height, width, height], np.float32))], "cand_boxes"
-    )
+    boxes = b.op("Min", [boxes, b.const(np.array([width, height, width, height], np.float32))], "cand_boxes")
     return Candidates(boxes=boxes, scores=scores, labels=labels, count=sum(ks))
 
 
@@ -168,8 +169,11 @@ def build_onnx_nms(
         center_point_box=0,
     )  # (S, 3): batch, class, box
     pairs = b.op("Gather", [selected, b.const([0, 2], dtype=np.int64)], "nms_pairs", axis=1)  # (S, 2)
-    count = b.op("Slice", [b.op("Shape", [selected]), b.const([0], dtype=np.int64),
-                           b.const([1], dtype=np.int64)], "nms_count")  # (1,)
+    count = b.op(
+        "Slice",
+        [b.op("Shape", [selected]), b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)],
+        "nms_count",
+    )  # (1,)
     ones = b.op("ConstantOfShape", [count], "nms_ones", value=_scalar_tensor(1.0))
     zeros = b.op("ConstantOfShape", [b.op("Shape", [cand.scores])], "kept_zero", value=_scalar_tensor(0.0))
     kept = b.op("ScatterND", [zeros, pairs, ones], "kept")  # (N, M) 1.0 where NMS kept the candidate
@@ -181,8 +185,11 @@ def build_onnx_nms(
         "TopK", [final, b.const([k_eff], dtype=np.int64)], outputs=2, axis=1, largest=1, sorted=1
     )  # (N, K')
     valid = b.op("Greater", [top_scores, b.const(np.float32(-0.5))], "valid")  # (N, K') bool
-    idx4 = b.op("Expand", [b.op("Unsqueeze", [top_idx, b.const([2], dtype=np.int64)]),
-                           b.const([1, 1, 4], dtype=np.int64)], "top_idx4")
+    idx4 = b.op(
+        "Expand",
+        [b.op("Unsqueeze", [top_idx, b.const([2], dtype=np.int64)]), b.const([1, 1, 4], dtype=np.int64)],
+        "top_idx4",
+    )
     boxes = b.op("GatherElements", [cand.boxes, idx4], "top_boxes", axis=1)  # (N, K', 4)
     labels = b.op("GatherElements", [cand.labels, top_idx], "top_labels", axis=1)  # (N, K')
     valid3 = b.op("Unsqueeze", [valid, b.const([2], dtype=np.int64)], "valid3")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from retinaedge.runtime.detections import ImageDetections
 
 from .torchload import require_torch
@@ -50,7 +49,10 @@ def torchvision_detections(ref: Any, images: np.ndarray, *, count_pre_cap: bool 
         captured["features"] = inputs[1]
         captured["image_sizes"] = inputs[0].image_sizes
 
-    hooks = [ref.head.register_forward_hook(head_hook), ref.anchor_generator.register_forward_hook(anchor_hook)]
+    hooks = [
+        ref.head.register_forward_hook(head_hook),
+        ref.anchor_generator.register_forward_hook(anchor_hook),
+    ]
     try:
         with torch.no_grad():
             tensors = [torch.from_numpy(np.ascontiguousarray(img)).expand(3, h, w) for img in images]

@@ -43,7 +43,7 @@ def synthetic_images_u8(count: int, channels: int, height: int, width: int, seed
                 img[:, y : y + h, x : x + w] = value
             else:
                 mask = ((yy - y - h / 2) / (h / 2)) ** 2 + ((xx - x - w / 2) / (w / 2)) ** 2 <= 1.0
-                img[:, mask] = (value if channels == 1 else np.broadcast_to(value, (channels, 1, 1))[:, :, 0])
+                img[:, mask] = value if channels == 1 else np.broadcast_to(value, (channels, 1, 1))[:, :, 0]
         img += 0.03 * rng.standard_normal(img.shape)
         out[i] = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
     return out

@@ -10,7 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from retinaedge.runtime.errors import CheckpointMismatchError, ConfigError, ExportError, MissingDependencyError
+from retinaedge.runtime.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    ExportError,
+    MissingDependencyError,
+)
 from retinaedge.runtime.hashing import sha256_file
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,16 @@ import numpy as np
 
 from .detections import ImageDetections
 
+DEGENERATE_TOL_PX = 0.01
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` ``(A, 4)`` with every box in ``b`` ``(B, 4)`` -> ``(A, B)`` float64."""
+
+def iou_matrix(a: np.ndarray, b: np.ndarray, *, identical_degenerate: bool = True) -> np.ndarray:
+    """IoU of every box in ``a`` ``(A, 4)`` with every box in ``b`` ``(B, 4)`` -> ``(A, B)`` float64.
+
+    Zero-area boxes have IoU 0 with everything, as in NMS; with ``identical_degenerate`` (for matching
+    two detectors' outputs) two zero-area boxes whose corners agree within :data:`DEGENERATE_TOL_PX`
+    count as IoU 1 (a box clipped flat against the image border has a position but no area).
+    """
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
@@ -25,8 +32,12 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     wh = np.clip(rb - lt, 0, None)
     inter = wh[..., 0] * wh[..., 1]
     union = area_a[:, None] + area_b[None, :] - inter
+    if identical_degenerate:
+        same = np.all(np.abs(a[:, None, :] - b[None, :, :]) <= DEGENERATE_TOL_PX, axis=-1).astype(np.float64)
+    else:
+        same = np.zeros_like(union)
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
+        iou = np.where(union > 0, inter / union, same)
     return iou
 
 

@@ -81,7 +81,9 @@ class OnnxRuntimeBackend:
         if images.dtype != np.float32:
             raise ConfigError(f"images must be float32, got {images.dtype}")
         expected = self.input_shape[1:]
-        if images.ndim != 4 or any(isinstance(e, int) and e != a for e, a in zip(expected, images.shape[1:])):
+        if images.ndim != 4 or any(
+            isinstance(e, int) and e != a for e, a in zip(expected, images.shape[1:], strict=True)
+        ):
             raise ConfigError(f"images shape {images.shape} does not fit the model input {self.input_shape}")
         outs = self._session.run(list(OUTPUT_NAMES), {self.input_name: np.ascontiguousarray(images)})
         return dict(zip(OUTPUT_NAMES, outs, strict=True))

@@ -1,0 +1,68 @@
+"""The ``retinaedge`` command: one entry point, one module per verb.
+
+Each verb module provides ``add_arguments(parser)`` and ``run(args) -> int``. Verb modules are
+imported only when their verb runs, so ``retinaedge detect`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import ConfigError, RetinaEdgeError
+
+log = logging.getLogger("retinaedge")
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "export": ("retinaedge.export.cli", "torchvision RetinaNet checkpoint -> model bundle (ONNX, NMS fused)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retinaedge",
+        description="Edge inference appliance for RetinaNet detectors on medical images.",
+    )
+    parser.add_argument("--version", action="version", version=f"retinaedge {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (module, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def emit(obj: object) -> None:
+    """Write one JSON object as a line on stdout (the CLI's data channel)."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("onnxscript", "onnx_ir", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args))
+    except RetinaEdgeError as exc:
+        log.error("%s", exc)
+        emit({"error": exc.to_dict()})
+        return 2 if isinstance(exc, ConfigError) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
