@@ -70,3 +70,51 @@ class SelfTestError(RetinaEdgeError):
 
     type = "self-test-failed"
     http_status = 503
+
+
+class DicomInputError(RetinaEdgeError):
+    """Base for everything wrong with an incoming DICOM instance (always the client's input, 4xx)."""
+
+    type = "invalid-dicom"
+    http_status = 400
+
+
+class MalformedDicomError(DicomInputError):
+    """Not parseable as DICOM, or inconsistent header values."""
+
+    type = "malformed-dicom"
+    http_status = 400
+
+
+class TruncatedDicomError(MalformedDicomError):
+    """Fewer bytes present than the header declares (a cut file); nothing partial is ever decoded."""
+
+    type = "truncated-dicom"
+
+
+class UnsupportedTransferSyntaxError(DicomInputError):
+    """A transfer syntax no installed decoder handles (the message says what to install, if anything)."""
+
+    type = "unsupported-transfer-syntax"
+    http_status = 415
+
+
+class UnsupportedPhotometricError(DicomInputError):
+    """A photometric interpretation or pixel layout the preprocessing does not handle."""
+
+    type = "unsupported-photometric-interpretation"
+    http_status = 415
+
+
+class NoPixelDataError(DicomInputError):
+    """Not an image: no pixel data, or no usable frame."""
+
+    type = "no-pixel-data"
+    http_status = 422
+
+
+class OverBudgetError(DicomInputError):
+    """The header asks for more memory, frames or bytes than the configured limits allow."""
+
+    type = "over-budget"
+    http_status = 413

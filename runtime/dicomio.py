@@ -1,0 +1,327 @@
+"""Strict DICOM reading: parse, validate against the bytes present and a decoded-size budget, then
+decode frame by frame.
+
+Nothing is decoded before :func:`validate` has checked, from the header alone, that the instance is an
+image, that its declared pixel data is all there, and that decoding fits the budget. pydicom is never
+called with ``force=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    MalformedDicomError,
+    NoPixelDataError,
+    OverBudgetError,
+    TruncatedDicomError,
+    UnsupportedPhotometricError,
+    UnsupportedTransferSyntaxError,
+)
+
+log = logging.getLogger(__name__)
+
+PIXEL_DATA_TAG = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
+SUPPORTED_PHOTOMETRIC = (
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "PALETTE COLOR",
+    "YBR_ICT",
+    "YBR_RCT",
+)
+# What to install for each family of compressed transfer syntaxes.
+DECODER_HINTS = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg + pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg + pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg + pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg + pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg + pylibjpeg-libjpeg (or pyjpegls)",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg + pylibjpeg-libjpeg (or pyjpegls)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg + pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg + pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg + pylibjpeg-rle (or numpy alone, slower)",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Budgets checked from the header before any allocation.
+
+    ``max_decoded_bytes``: rows x columns x frames x samples x bytes per sample of the whole instance;
+    ``max_frame_bytes``: the same for one frame (what frame-by-frame decoding allocates at once).
+    """
+
+    max_file_bytes: int = 2 * 1024**3
+    max_decoded_bytes: int = 4 * 1024**3
+    max_frame_bytes: int = 256 * 1024**2
+    max_frames: int = 10_000
+    max_rows: int = 16_384
+    max_columns: int = 16_384
+    max_sequence_depth: int = 12
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """The validated Image Pixel module of an instance (frames in the instance, not per series)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    rows: int
+    columns: int
+    frames: int
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    photometric: str
+    compressed: bool
+
+    @property
+    def frame_bytes(self) -> int:
+        """Decoded bytes of one frame (the decoder's output, at least one byte per sample)."""
+        return self.rows * self.columns * self.samples_per_pixel * max(1, (self.bits_allocated + 7) // 8)
+
+
+def read_dataset(source: bytes | str | Path, limits: Limits = Limits()) -> tuple[Any, int]:
+    """Parse DICOM Part 10 bytes or a file strictly (no ``force``); return ``(dataset, size in bytes)``."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise MalformedDicomError(f"cannot read {path.name}: {exc.strerror}") from exc
+        if size > limits.max_file_bytes:
+            raise OverBudgetError(f"file is {size} bytes, above the {limits.max_file_bytes}-byte limit")
+        data = path.read_bytes()
+    else:
+        data = bytes(source)
+        size = len(data)
+        if size > limits.max_file_bytes:
+            raise OverBudgetError(f"instance is {size} bytes, above the {limits.max_file_bytes}-byte limit")
+    if size < 132:
+        raise MalformedDicomError(f"{size} bytes is too short for a DICOM Part 10 file (preamble + 'DICM')")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except InvalidDicomError as exc:
+        raise MalformedDicomError(f"not a DICOM Part 10 file: {exc}") from exc
+    except RecursionError as exc:
+        raise MalformedDicomError("sequence nesting too deep to parse") from exc
+    except EOFError as exc:
+        raise TruncatedDicomError(f"the file ends inside an element: {exc}") from exc
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntaxError(str(exc)) from exc
+    except Exception as exc:  # pydicom raises many types (struct.error, ValueError, zlib.error ...)
+        raise MalformedDicomError(f"cannot parse: {type(exc).__name__}: {exc}") from exc
+    return ds, size
+
+
+def _check_depth(ds: Any, limit: int) -> None:
+    """Reject sequences nested deeper than ``limit`` (iterative: no recursion on hostile input)."""
+    stack = [(ds, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise MalformedDicomError(f"sequences nested deeper than {limit} levels")
+        for elem in item:
+            if elem.VR == "SQ":
+                stack.extend((child, depth + 1) for child in elem.value)
+
+
+def _int(ds: Any, keyword: str, required: bool = True, default: int | None = None) -> int:
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        if required:
+            raise MalformedDicomError(f"required attribute {keyword} is missing")
+        return int(default or 0)
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise MalformedDicomError(f"{keyword} has an invalid value") from exc
+
+
+def validate(ds: Any, limits: Limits = Limits()) -> ImageInfo:
+    """Check everything decoding relies on, from the header and the bytes present; decode nothing."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        raise MalformedDicomError("file meta information (0002,0010 Transfer Syntax UID) is missing")
+    ts = UID(str(meta.TransferSyntaxUID))
+    try:
+        _check_depth(ds, limits.max_sequence_depth)
+    except MalformedDicomError:
+        raise
+    except Exception as exc:  # deferred parsing of a damaged sequence
+        raise MalformedDicomError(f"cannot parse a sequence: {type(exc).__name__}: {exc}") from exc
+    if PIXEL_DATA_TAG not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise UnsupportedPhotometricError("float pixel data (parametric maps) is not supported")
+        raise NoPixelDataError("the instance has no Pixel Data (7FE0,0010): it is not an image")
+    if not ts.is_transfer_syntax:
+        raise UnsupportedTransferSyntaxError(f"{ts} is not a known transfer syntax")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    samples = _int(ds, "SamplesPerPixel")
+    bits_alloc = _int(ds, "BitsAllocated")
+    bits_stored = _int(ds, "BitsStored", required=False, default=bits_alloc)
+    pixel_rep = _int(ds, "PixelRepresentation", required=False, default=0)
+    frames = _int(ds, "NumberOfFrames", required=False, default=1) if "NumberOfFrames" in ds else 1
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if rows < 1 or cols < 1:
+        raise NoPixelDataError(f"image has {rows} rows and {cols} columns")
+    if frames < 1:
+        raise NoPixelDataError(f"Number of Frames is {frames}")
+    if rows > limits.max_rows or cols > limits.max_columns:
+        raise OverBudgetError(
+            f"{rows} x {cols} pixels exceeds the {limits.max_rows} x {limits.max_columns} limit"
+        )
+    if frames > limits.max_frames:
+        raise OverBudgetError(f"{frames} frames exceeds the {limits.max_frames}-frame limit")
+    if bits_alloc not in (1, 8, 16, 32, 64) or not 1 <= bits_stored <= bits_alloc or pixel_rep not in (0, 1):
+        raise MalformedDicomError(
+            f"inconsistent pixel layout: bits allocated {bits_alloc}, stored {bits_stored}, "
+            f"representation {pixel_rep}"
+        )
+    if samples not in (1, 3):
+        raise UnsupportedPhotometricError(f"{samples} samples per pixel is not supported (1 or 3)")
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise UnsupportedPhotometricError(
+            f"photometric interpretation {photometric or '(missing)'!r} is not supported"
+        )
+    if (samples == 1) != (photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")):
+        raise MalformedDicomError(f"{photometric} with {samples} samples per pixel is inconsistent")
+    info = ImageInfo(
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        transfer_syntax=str(ts),
+        rows=rows,
+        columns=cols,
+        frames=frames,
+        samples_per_pixel=samples,
+        bits_allocated=bits_alloc,
+        bits_stored=bits_stored,
+        pixel_representation=pixel_rep,
+        photometric=photometric,
+        compressed=bool(ts.is_compressed),
+    )
+    if info.frame_bytes > limits.max_frame_bytes:
+        raise OverBudgetError(
+            f"one frame decodes to {info.frame_bytes} bytes, above the {limits.max_frame_bytes}-byte limit"
+        )
+    if info.frame_bytes * frames > limits.max_decoded_bytes:
+        raise OverBudgetError(
+            f"{frames} frames decode to {info.frame_bytes * frames} bytes, above the "
+            f"{limits.max_decoded_bytes}-byte limit"
+        )
+    _check_pixel_bytes(ds, info)
+    return info
+
+
+def _check_pixel_bytes(ds: Any, info: ImageInfo) -> None:
+    """The declared pixel data is all present: native length, or complete encapsulated fragments."""
+    raw = ds.get_item(PIXEL_DATA_TAG)
+    declared = getattr(raw, "length", None)
+    value = raw.value if raw is not None else None
+    if value is None:
+        raise NoPixelDataError("Pixel Data is empty")
+    present = len(value)
+    if declared is not None and declared != UNDEFINED_LENGTH and present < declared:
+        raise TruncatedDicomError(f"Pixel Data declares {declared} bytes but only {present} are present")
+    if not info.compressed:
+        pixels = info.rows * info.columns * info.frames * info.samples_per_pixel
+        expected = (pixels + 7) // 8 if info.bits_allocated == 1 else pixels * info.bits_allocated // 8
+        if present < expected:
+            raise TruncatedDicomError(
+                f"Pixel Data has {present} bytes; {info.frames} frame(s) of {info.rows} x {info.columns} x "
+                f"{info.samples_per_pixel} at {info.bits_allocated} bits need {expected}"
+            )
+        return
+    if declared is not None and declared != UNDEFINED_LENGTH:
+        raise MalformedDicomError("encapsulated Pixel Data must have an undefined length")
+    _check_fragments(bytes(value), info.frames)
+
+
+def _check_fragments(value: bytes, frames: int) -> None:
+    """Walk the encapsulated items (PS3.5 A.4): each item complete, enough fragments for the frames."""
+    view = memoryview(value)
+    offset, items = 0, 0
+    while offset < len(view):
+        if offset + 8 > len(view):
+            raise TruncatedDicomError("encapsulated Pixel Data ends inside an item header")
+        group = int.from_bytes(view[offset : offset + 2], "little")
+        elem = int.from_bytes(view[offset + 2 : offset + 4], "little")
+        length = int.from_bytes(view[offset + 4 : offset + 8], "little")
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            break
+        if (group, elem) != (0xFFFE, 0xE000):
+            raise MalformedDicomError(f"unexpected tag ({group:04X},{elem:04X}) in encapsulated Pixel Data")
+        if length == UNDEFINED_LENGTH or offset + 8 + length > len(view):
+            raise TruncatedDicomError(
+                f"encapsulated item {items} declares {length} bytes but fewer are present"
+            )
+        offset += 8 + length
+        items += 1
+    fragments = items - 1  # the first item is the Basic Offset Table
+    if fragments < 1:
+        raise TruncatedDicomError("encapsulated Pixel Data has no fragments")
+    if fragments < frames and frames > 1:
+        raise TruncatedDicomError(f"{frames} frames declared but only {fragments} fragment(s) present")
+
+
+def iter_frames(
+    ds: Any, info: ImageInfo, indices: list[int] | None = None
+) -> Iterator[tuple[np.ndarray, str]]:
+    """Decode one frame at a time -> ``(array (rows, cols) or (rows, cols, 3), photometric after decoding)``.
+
+    YBR data is converted to RGB by the decoder where it can; the returned photometric says what the array
+    holds. Decoder failures are typed: a missing plugin names what to install.
+    """
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(info.transfer_syntax)
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntaxError(
+            f"no decoder for transfer syntax {info.transfer_syntax}"
+        ) from exc
+    if not decoder.is_available:
+        hint = DECODER_HINTS.get(info.transfer_syntax, "a pydicom decoding plugin")
+        raise UnsupportedTransferSyntaxError(
+            f"transfer syntax {info.transfer_syntax} needs a decoder that is not installed: install {hint}"
+        )
+    try:
+        frames = decoder.iter_array(ds, indices=indices, as_rgb=True)
+        for arr, props in frames:
+            photometric = str(props.get("photometric_interpretation", info.photometric))
+            yield arr, photometric
+    except (TruncatedDicomError, MalformedDicomError):
+        raise
+    except (
+        RuntimeError,
+        ValueError,
+        OSError,
+        EOFError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        TypeError,
+    ) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "plugin" in text.lower() and "available" in text.lower():
+            hint = DECODER_HINTS.get(info.transfer_syntax, "a pydicom decoding plugin")
+            raise UnsupportedTransferSyntaxError(f"{text} (install {hint})") from exc
+        raise MalformedDicomError(f"pixel data could not be decoded: {text}") from exc

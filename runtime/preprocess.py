@@ -1,0 +1,170 @@
+"""Frame -> model input: modality LUT, VOI (window) or robust min-max, MONOCHROME1, colour, letterbox.
+
+Each step is a pure function on arrays. Order (PS3.3 C.11, PS4 N.2.1): modality LUT / rescale first,
+then the VOI transform, then the presentation (MONOCHROME1 inverted), then geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import UnsupportedPhotometricError
+from .manifest import Preprocessing, WindowPolicy
+
+
+@dataclass(frozen=True)
+class FrameParams:
+    """Per-frame pixel value transformation and window (enhanced multi-frame functional groups aware)."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    center: float | None = None
+    width: float | None = None
+    voi_function: str = "LINEAR"
+
+
+def _first(value: Any) -> float | None:
+    """A DS value or the first of a multi-valued one, as float; None when absent or unparseable."""
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (int, float, str)):
+            return float(value)
+        return float(value[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _group_item(ds: Any, frame: int, sequence: str) -> Any | None:
+    """``sequence``'s first item for ``frame`` from the per-frame, else the shared functional groups."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq is not None and len(seq) > index:
+            inner = seq[index].get(sequence)
+            if inner:
+                return inner[0]
+    return None
+
+
+def frame_params(ds: Any, frame: int) -> FrameParams:
+    """Rescale slope/intercept and window of ``frame`` (PS3.3 C.7.6.16.2.9 / .10 for enhanced objects)."""
+    pvt = _group_item(ds, frame, "PixelValueTransformationSequence")
+    voi = _group_item(ds, frame, "FrameVOILUTSequence")
+    src_r = pvt if pvt is not None else ds
+    src_w = voi if voi is not None else ds
+    slope = _first(src_r.get("RescaleSlope"))
+    intercept = _first(src_r.get("RescaleIntercept"))
+    return FrameParams(
+        slope=1.0 if slope is None or slope == 0 else slope,
+        intercept=0.0 if intercept is None else intercept,
+        center=_first(src_w.get("WindowCenter")),
+        width=_first(src_w.get("WindowWidth")),
+        voi_function=str(src_w.get("VOILUTFunction", "LINEAR") or "LINEAR").upper(),
+    )
+
+
+def modality_lut(arr: np.ndarray, ds: Any, params: FrameParams) -> np.ndarray:
+    """Stored values -> modality values (PS3.3 C.11.1): Modality LUT Sequence, else rescale; float64."""
+    if ds.get("ModalityLUTSequence"):
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    out = arr.astype(np.float64)
+    if params.slope != 1.0 or params.intercept != 0.0:
+        out = out * params.slope + params.intercept
+    return out
+
+
+def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """VOI window (PS3.3 C.11.2.1.2.1 LINEAR, C.11.2.1.3.2 LINEAR_EXACT, C.11.2.1.3.1 SIGMOID) into 0..1."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-12)))
+    if function == "LINEAR":
+        c, w = center - 0.5, width - 1.0
+    else:  # LINEAR_EXACT
+        c, w = center, width
+    if w <= 0:
+        return (values > c).astype(np.float64)
+    out = (values - c) / w + 0.5
+    out[values <= c - w / 2] = 0.0
+    out[values > c + w / 2] = 1.0
+    return out
+
+
+def robust_minmax(values: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """Scale between two percentiles of the frame's own values into 0..1 (constant frame -> 0)."""
+    lo, hi = np.percentile(values, percentiles)
+    if hi <= lo:
+        return np.zeros_like(values, dtype=np.float64)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def voi(values: np.ndarray, ds: Any, params: FrameParams, policy: WindowPolicy) -> tuple[np.ndarray, str]:
+    """Modality values -> 0..1 per ``policy``; returns the array and which rule was used."""
+    if policy.policy == "fixed":
+        assert policy.center is not None and policy.width is not None
+        return window(values, policy.center, policy.width), "fixed"
+    if policy.policy == "file":
+        if params.center is not None and params.width is not None and params.width > 0:
+            func = (
+                params.voi_function
+                if params.voi_function in ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+                else "LINEAR"
+            )
+            return np.clip(window(values, params.center, params.width, func), 0.0, 1.0), "file-window"
+        if ds.get("VOILUTSequence"):
+            from pydicom.pixels import apply_voi_lut
+
+            item = ds.VOILUTSequence[0]
+            bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+            out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+            return np.clip(out / float(2**bits - 1), 0.0, 1.0), "file-voi-lut"
+    return robust_minmax(values, policy.percentiles), "minmax"
+
+
+def colour_to_unit(arr: np.ndarray, photometric: str, ds: Any, bits_stored: int) -> np.ndarray:
+    """Colour frame -> RGB float64 ``(rows, cols, 3)`` in 0..1 (PALETTE COLOR through its LUTs)."""
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        rgb = np.asarray(apply_color_lut(arr, ds))
+        depth = 16 if rgb.dtype.itemsize > 1 else 8
+        return rgb.astype(np.float64) / float(2**depth - 1)
+    if photometric in ("YBR_FULL", "YBR_FULL_422"):
+        from pydicom.pixels import convert_color_space
+
+        arr = convert_color_space(arr, photometric, "RGB")
+    elif photometric not in ("RGB", "YBR_ICT", "YBR_RCT"):
+        raise UnsupportedPhotometricError(f"cannot convert {photometric} to RGB")
+    return arr.astype(np.float64) / float(2 ** min(bits_stored, 16) - 1)
+
+
+def to_unit(
+    arr: np.ndarray, photometric: str, ds: Any, frame: int, pre: Preprocessing, bits_stored: int
+) -> tuple[np.ndarray, str]:
+    """A decoded frame -> float32 0..1, ``(rows, cols)`` for grey or ``(rows, cols, 3)`` RGB; and the VOI rule."""
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if arr.ndim != 2:
+            raise UnsupportedPhotometricError(f"{photometric} frame has shape {arr.shape}")
+        params = frame_params(ds, frame)
+        out, rule = voi(modality_lut(arr, ds, params), ds, params, pre.window)
+        if photometric == "MONOCHROME1":  # PS3.3 C.7.6.3.1.2: minimum value is white
+            out = 1.0 - out
+        return out.astype(np.float32), rule
+    rgb = colour_to_unit(arr, photometric, ds, bits_stored)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise UnsupportedPhotometricError(f"{photometric} frame has shape {rgb.shape}")
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32), "colour"
+
+
+def match_channels(unit: np.ndarray, channels: int) -> np.ndarray:
+    """``(rows, cols)`` or ``(rows, cols, 3)`` -> ``(channels, rows, cols)`` (ITU-R BT.601 luma for RGB -> grey)."""
+    if unit.ndim == 2:
+        return np.repeat(unit[None], channels, axis=0) if channels == 3 else unit[None]
+    if channels == 3:
+        return np.ascontiguousarray(unit.transpose(2, 0, 1))
+    luma = 0.299 * unit[..., 0] + 0.587 * unit[..., 1] + 0.114 * unit[..., 2]
+    return luma[None].astype(np.float32)
