@@ -21,6 +21,7 @@ log = logging.getLogger("retinaedge")
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "export": ("retinaedge.export.cli", "torchvision RetinaNet checkpoint -> model bundle (ONNX, NMS fused)"),
+    "detect": ("retinaedge.runtime.detect_cli", "DICOM files -> detections, one JSON line per file"),
 }
 
 

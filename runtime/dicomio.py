@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -71,6 +72,9 @@ class Limits:
     max_sequence_depth: int = 12
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """The validated Image Pixel module of an instance (frames in the instance, not per series)."""
@@ -94,29 +98,65 @@ class ImageInfo:
         return self.rows * self.columns * self.samples_per_pixel * max(1, (self.bits_allocated + 7) // 8)
 
 
-def read_dataset(source: bytes | str | Path, limits: Limits = Limits()) -> tuple[Any, int]:
-    """Parse DICOM Part 10 bytes or a file strictly (no ``force``); return ``(dataset, size in bytes)``."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+# Values larger than this are not read at parse time; native pixel data is then read frame by frame.
+DEFER_BYTES = 64 * 1024
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
+
+@dataclass
+class DicomInput:
+    """A parsed instance whose large values stay in ``fileobj`` until needed (close it when done)."""
+
+    ds: Any
+    fileobj: BinaryIO
+    size: int
+
+    def close(self) -> None:
+        self.fileobj.close()
+
+    def __enter__(self) -> DicomInput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_dicom(source: bytes | str | Path, limits: Limits = DEFAULT_LIMITS) -> DicomInput:
+    """Parse DICOM Part 10 bytes or a file strictly (never ``force``), deferring values over 64 KiB."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
-            size = path.stat().st_size
+            fileobj: BinaryIO = open(path, "rb")  # noqa: SIM115 (owned by the returned DicomInput)
+            size = os.fstat(fileobj.fileno()).st_size
         except OSError as exc:
             raise MalformedDicomError(f"cannot read {path.name}: {exc.strerror}") from exc
-        if size > limits.max_file_bytes:
-            raise OverBudgetError(f"file is {size} bytes, above the {limits.max_file_bytes}-byte limit")
-        data = path.read_bytes()
     else:
-        data = bytes(source)
-        size = len(data)
+        fileobj = io.BytesIO(source)
+        size = len(source)
+    try:
         if size > limits.max_file_bytes:
             raise OverBudgetError(f"instance is {size} bytes, above the {limits.max_file_bytes}-byte limit")
-    if size < 132:
-        raise MalformedDicomError(f"{size} bytes is too short for a DICOM Part 10 file (preamble + 'DICM')")
+        if size < 132:
+            raise MalformedDicomError(
+                f"{size} bytes is too short for a DICOM Part 10 file (preamble + 'DICM')"
+            )
+        ds = _parse(fileobj, DEFER_BYTES)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and str(meta.get("TransferSyntaxUID", "")) == DEFLATED:
+            fileobj.seek(0)  # pydicom inflates into its own buffer: deferred offsets would not apply
+            ds = _parse(fileobj, None)
+    except BaseException:
+        fileobj.close()
+        raise
+    return DicomInput(ds=ds, fileobj=fileobj, size=size)
+
+
+def _parse(fileobj: BinaryIO, defer: int | None) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        return pydicom.dcmread(fileobj, force=False, defer_size=defer)
     except InvalidDicomError as exc:
         raise MalformedDicomError(f"not a DICOM Part 10 file: {exc}") from exc
     except RecursionError as exc:
@@ -127,7 +167,6 @@ def read_dataset(source: bytes | str | Path, limits: Limits = Limits()) -> tuple
         raise UnsupportedTransferSyntaxError(str(exc)) from exc
     except Exception as exc:  # pydicom raises many types (struct.error, ValueError, zlib.error ...)
         raise MalformedDicomError(f"cannot parse: {type(exc).__name__}: {exc}") from exc
-    return ds, size
 
 
 def _check_depth(ds: Any, limit: int) -> None:
@@ -154,9 +193,11 @@ def _int(ds: Any, keyword: str, required: bool = True, default: int | None = Non
         raise MalformedDicomError(f"{keyword} has an invalid value") from exc
 
 
-def validate(ds: Any, limits: Limits = Limits()) -> ImageInfo:
+def validate(src: DicomInput, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
     """Check everything decoding relies on, from the header and the bytes present; decode nothing."""
     from pydicom.uid import UID
+
+    ds = src.ds
 
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
@@ -171,6 +212,8 @@ def validate(ds: Any, limits: Limits = Limits()) -> ImageInfo:
     if PIXEL_DATA_TAG not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedPhotometricError("float pixel data (parametric maps) is not supported")
+        if "Rows" in ds and "Columns" in ds and _pixel_tag_in_bytes(src):
+            raise TruncatedDicomError("the file ends inside the Pixel Data element")
         raise NoPixelDataError("the instance has no Pixel Data (7FE0,0010): it is not an image")
     if not ts.is_transfer_syntax:
         raise UnsupportedTransferSyntaxError(f"{ts} is not a known transfer syntax")
@@ -227,22 +270,35 @@ def validate(ds: Any, limits: Limits = Limits()) -> ImageInfo:
             f"{frames} frames decode to {info.frame_bytes * frames} bytes, above the "
             f"{limits.max_decoded_bytes}-byte limit"
         )
-    _check_pixel_bytes(ds, info)
+    _check_pixel_bytes(src, info)
     return info
 
 
-def _check_pixel_bytes(ds: Any, info: ImageInfo) -> None:
+def _pixel_tag_in_bytes(src: DicomInput) -> bool:
+    """Whether the Pixel Data tag occurs in the raw bytes (pydicom drops a cut undefined-length element)."""
+    src.fileobj.seek(0)
+    tail = src.fileobj.read()
+    return b"\xe0\x7f\x10\x00" in tail or b"\x7f\xe0\x00\x10" in tail
+
+
+def _check_pixel_bytes(src: DicomInput, info: ImageInfo) -> None:
     """The declared pixel data is all present: native length, or complete encapsulated fragments."""
-    raw = ds.get_item(PIXEL_DATA_TAG)
+    raw = src.ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
     declared = getattr(raw, "length", None)
-    value = raw.value if raw is not None else None
-    if value is None:
+    value = getattr(raw, "value", None)
+    tell = getattr(raw, "value_tell", None)
+    if value is None and tell is not None and declared is not None and declared != UNDEFINED_LENGTH:
+        present = max(0, min(declared, src.size - tell))  # deferred: what the file really holds
+    elif value is None:
         raise NoPixelDataError("Pixel Data is empty")
-    present = len(value)
+    else:
+        present = len(value)
     if declared is not None and declared != UNDEFINED_LENGTH and present < declared:
         raise TruncatedDicomError(f"Pixel Data declares {declared} bytes but only {present} are present")
     if not info.compressed:
         pixels = info.rows * info.columns * info.frames * info.samples_per_pixel
+        if info.photometric == "YBR_FULL_422":  # PS3.3 C.7.6.3.1.2: chroma halved horizontally
+            pixels = info.rows * info.columns * info.frames * 2
         expected = (pixels + 7) // 8 if info.bits_allocated == 1 else pixels * info.bits_allocated // 8
         if present < expected:
             raise TruncatedDicomError(
@@ -252,6 +308,8 @@ def _check_pixel_bytes(ds: Any, info: ImageInfo) -> None:
         return
     if declared is not None and declared != UNDEFINED_LENGTH:
         raise MalformedDicomError("encapsulated Pixel Data must have an undefined length")
+    if value is None:
+        raise MalformedDicomError("encapsulated Pixel Data could not be read")
     _check_fragments(bytes(value), info.frames)
 
 
@@ -282,13 +340,34 @@ def _check_fragments(value: bytes, frames: int) -> None:
         raise TruncatedDicomError(f"{frames} frames declared but only {fragments} fragment(s) present")
 
 
-def iter_frames(
-    ds: Any, info: ImageInfo, indices: list[int] | None = None
-) -> Iterator[tuple[np.ndarray, str]]:
+def _native_file_options(src: DicomInput, info: ImageInfo) -> dict[str, Any] | None:
+    """Decoder options to read deferred native pixel data straight from the file, else None."""
+    raw = src.ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    if info.compressed or getattr(raw, "value", None) is not None or getattr(raw, "value_tell", None) is None:
+        return None
+    opts: dict[str, Any] = {
+        "rows": info.rows,
+        "columns": info.columns,
+        "samples_per_pixel": info.samples_per_pixel,
+        "bits_allocated": info.bits_allocated,
+        "bits_stored": info.bits_stored,
+        "pixel_representation": info.pixel_representation,
+        "photometric_interpretation": info.photometric,
+        "number_of_frames": info.frames,
+        "pixel_keyword": "PixelData",
+    }
+    if info.samples_per_pixel > 1:
+        opts["planar_configuration"] = int(src.ds.get("PlanarConfiguration", 0) or 0)
+    src.fileobj.seek(raw.value_tell)
+    return opts
+
+
+def iter_frames(src: DicomInput, info: ImageInfo) -> Iterator[tuple[np.ndarray, str]]:
     """Decode one frame at a time -> ``(array (rows, cols) or (rows, cols, 3), photometric after decoding)``.
 
-    YBR data is converted to RGB by the decoder where it can; the returned photometric says what the array
-    holds. Decoder failures are typed: a missing plugin names what to install.
+    Native pixel data is read from the file one frame at a time; encapsulated data is decoded per frame
+    from its fragments. YBR is converted to RGB by the decoder where it can; the returned photometric says
+    what the array holds. Decoder failures are typed; a missing plugin names what to install.
     """
     from pydicom.pixels import get_decoder
 
@@ -304,12 +383,14 @@ def iter_frames(
             f"transfer syntax {info.transfer_syntax} needs a decoder that is not installed: install {hint}"
         )
     try:
-        frames = decoder.iter_array(ds, indices=indices, as_rgb=True)
+        opts = _native_file_options(src, info)
+        frames = (
+            decoder.iter_array(src.fileobj, as_rgb=True, **opts)
+            if opts is not None
+            else decoder.iter_array(src.ds, as_rgb=True)
+        )
         for arr, props in frames:
-            photometric = str(props.get("photometric_interpretation", info.photometric))
-            yield arr, photometric
-    except (TruncatedDicomError, MalformedDicomError):
-        raise
+            yield arr, str(props.get("photometric_interpretation", info.photometric))
     except (
         RuntimeError,
         ValueError,
@@ -320,8 +401,5 @@ def iter_frames(
         AttributeError,
         TypeError,
     ) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "plugin" in text.lower() and "available" in text.lower():
-            hint = DECODER_HINTS.get(info.transfer_syntax, "a pydicom decoding plugin")
-            raise UnsupportedTransferSyntaxError(f"{text} (install {hint})") from exc
-        raise MalformedDicomError(f"pixel data could not be decoded: {text}") from exc
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        raise MalformedDicomError(f"pixel data could not be decoded: {'; '.join(lines)}") from exc
