@@ -9,6 +9,12 @@ from pathlib import Path
 from .dicomio import Limits
 from .errors import RetinaEdgeError
 
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
 log = logging.getLogger(__name__)
 
 
@@ -22,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=4, help="frames per inference batch (default 4)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: CPU affinity)")
+    p.add_argument(
+        "--provider",
+        choices=sorted(PROVIDERS),
+        default="cpu",
+        help="ONNX Runtime execution provider; refused if it is not the one actually in use",
+    )
     p.add_argument(
         "--max-frame-bytes",
         type=int,
@@ -51,7 +63,14 @@ def run(args: argparse.Namespace) -> int:
 
     limits = Limits(max_frame_bytes=args.max_frame_bytes, max_decoded_bytes=args.max_decoded_bytes)
     rejected = 0
-    with Detector.open(args.model, threads=args.threads, batch_size=args.batch_size, limits=limits) as det:
+    providers = (
+        (PROVIDERS[args.provider],)
+        if args.provider == "cpu"
+        else (PROVIDERS[args.provider], PROVIDERS["cpu"])
+    )
+    with Detector.open(
+        args.model, threads=args.threads, batch_size=args.batch_size, limits=limits, providers=providers
+    ) as det:
         for number, path in enumerate(expand(args.files)):
             on_frame = None
             if args.overlay:

@@ -104,14 +104,15 @@ class Detector:
         threads: int | None = None,
         batch_size: int = 4,
         limits: Limits = DEFAULT_LIMITS,
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
     ) -> Detector:
-        """Open a bundle on the ONNX Runtime CPU backend."""
+        """Open a bundle on ONNX Runtime with ``providers`` (CPU by default)."""
         from .onnxrt import OnnxRuntimeBackend
 
         bundle = load_bundle(model)
         return cls(
             bundle,
-            OnnxRuntimeBackend(bundle.model_path, threads=threads),
+            OnnxRuntimeBackend(bundle.model_path, threads=threads, providers=providers),
             batch_size=batch_size,
             limits=limits,
         )

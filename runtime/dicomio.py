@@ -292,6 +292,13 @@ def _check_pixel_bytes(src: DicomInput, info: ImageInfo) -> None:
     declared = getattr(raw, "length", None)
     value = getattr(raw, "value", None)
     tell = getattr(raw, "value_tell", None)
+    if value is None and info.compressed:
+        # Encapsulated data is needed whole to walk its fragments; its size is bounded by the file.
+        try:
+            raw = src.ds.get_item(PIXEL_DATA_TAG)
+        except Exception as exc:
+            raise TruncatedDicomError(f"encapsulated Pixel Data cannot be read: {exc}") from exc
+        value = getattr(raw, "value", None)
     if value is None and tell is not None and declared is not None and declared != UNDEFINED_LENGTH:
         present = max(0, min(declared, src.size - tell))  # deferred: what the file really holds
     elif value is None:
@@ -315,13 +322,42 @@ def _check_pixel_bytes(src: DicomInput, info: ImageInfo) -> None:
         raise MalformedDicomError("encapsulated Pixel Data must have an undefined length")
     if value is None:
         raise MalformedDicomError("encapsulated Pixel Data could not be read")
-    _check_fragments(bytes(value), info.frames)
+    for fragment in _check_fragments(bytes(value), info.frames):
+        dims = codestream_dims(fragment)
+        if dims is not None and (dims[0] > info.rows or dims[1] > info.columns):
+            raise MalformedDicomError(
+                f"a compressed frame declares {dims[0]} x {dims[1]} pixels but the header says "
+                f"{info.rows} x {info.columns}; refusing to decode"
+            )
 
 
-def _check_fragments(value: bytes, frames: int) -> None:
-    """Walk the encapsulated items (PS3.5 A.4): each item complete, enough fragments for the frames."""
+def codestream_dims(fragment: memoryview) -> tuple[int, int] | None:
+    """(rows, columns) declared by a JPEG / JPEG-LS (SOF) or JPEG 2000 (SIZ) codestream start, if any.
+
+    Decoders allocate from these values, so they are checked against the DICOM header first.
+    """
+    head = bytes(fragment[:2])
+    if head == b"\xff\xd8":  # JPEG / JPEG-LS: SOI, then markers until a SOFn
+        from pydicom.pixels.utils import _get_jpg_parameters
+
+        params = _get_jpg_parameters(bytes(fragment))
+        return (int(params["height"]), int(params["width"])) if "height" in params else None
+    data = bytes(fragment[:4096])
+    at = data.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC followed by SIZ (also inside a JP2 box)
+    if at < 0 or at + 26 > len(data):
+        return None
+    x, y, xo, yo = (int.from_bytes(data[at + 8 + 4 * i : at + 12 + 4 * i], "big") for i in range(4))
+    return y - yo, x - xo
+
+
+def _check_fragments(value: bytes, frames: int) -> list[memoryview]:
+    """Walk the encapsulated items (PS3.5 A.4): each item complete, enough fragments for the frames.
+
+    Returns the fragments (without the Basic Offset Table).
+    """
     view = memoryview(value)
     offset, items = 0, 0
+    fragments_seen: list[memoryview] = []
     while offset < len(view):
         if offset + 8 > len(view):
             raise TruncatedDicomError("encapsulated Pixel Data ends inside an item header")
@@ -336,6 +372,8 @@ def _check_fragments(value: bytes, frames: int) -> None:
             raise TruncatedDicomError(
                 f"encapsulated item {items} declares {length} bytes but fewer are present"
             )
+        if items > 0:
+            fragments_seen.append(view[offset + 8 : offset + 8 + length])
         offset += 8 + length
         items += 1
     fragments = items - 1  # the first item is the Basic Offset Table
@@ -343,6 +381,7 @@ def _check_fragments(value: bytes, frames: int) -> None:
         raise TruncatedDicomError("encapsulated Pixel Data has no fragments")
     if fragments < frames and frames > 1:
         raise TruncatedDicomError(f"{frames} frames declared but only {fragments} fragment(s) present")
+    return fragments_seen
 
 
 def _native_file_options(src: DicomInput, info: ImageInfo) -> dict[str, Any] | None:

@@ -193,3 +193,17 @@ def test_budget_errors_say_what_is_wrong() -> None:
     )
     with open_dicom(data) as src, pytest.raises(OverBudgetError, match="65535 x 65535"):
         validate(src)
+
+
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEGLSNearLossless_16.dcm"])
+def test_codestream_larger_than_header_is_refused_before_decoding(name: str) -> None:
+    """Decoders allocate from the codestream's own SOF/SIZ size: it must not exceed the DICOM header's."""
+    path = Path(CORPUS[0]).parent / name
+    if not path.exists():
+        pytest.skip(f"{name} not in this pydicom's corpus")
+    data = _lying(str(path), Rows=8, Columns=8)
+    with (
+        open_dicom(data) as src,
+        pytest.raises(DicomInputError, match="declares .* pixels but the header says 8 x 8"),
+    ):
+        validate(src)
