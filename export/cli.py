@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.manifest import WindowPolicy
@@ -96,6 +97,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--synthetic", type=int, default=4, help="synthetic parity images (default 4)")
     p.add_argument(
+        "--parity-dicom",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="DICOM files (or directories) whose frames, preprocessed exactly as the runtime does, "
+        "are added to the parity check",
+    )
+    p.add_argument(
+        "--parity-max-frames",
+        type=int,
+        default=16,
+        help="at most this many DICOM frames in the parity check (default 16)",
+    )
+    p.add_argument(
         "--parity-threshold",
         type=float,
         default=0.995,
@@ -113,6 +128,26 @@ def _class_names(args: argparse.Namespace) -> list[str]:
     if names is not None and args.num_classes is not None and len(names) != args.num_classes:
         raise ConfigError(f"--num-classes {args.num_classes} but {len(names)} --class-names")
     return names if names is not None else [f"class_{i}" for i in range(args.num_classes)]
+
+
+def _dicom_parity_inputs(args: argparse.Namespace) -> list[Any]:
+    """Frames of ``--parity-dicom`` files through the runtime's preprocessing, for the export's policy."""
+    from retinaedge.runtime.detect_cli import expand
+    from retinaedge.runtime.frames import model_inputs
+    from retinaedge.runtime.manifest import Preprocessing
+
+    from .parity import ParityInput
+
+    inputs: list[ParityInput] = []
+    pre = Preprocessing(window=args.window)
+    for number, path in enumerate(expand(args.parity_dicom)):
+        for index, image, _ in model_inputs(path, pre, args.channels, args.input_size):
+            if len(inputs) >= args.parity_max_frames:
+                return inputs
+            inputs.append(ParityInput(image, f"dicom:{number}:{path.name}#{index}"))
+    if args.parity_dicom and not inputs:
+        raise ConfigError("--parity-dicom gave no usable frames")
+    return inputs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         )
         source = checkpoint_source(args.checkpoint, "state_dict")
         arch = args.arch
+    parity_inputs = _dicom_parity_inputs(args)
     result = export_retinanet(
         model,
         args.out,
@@ -158,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         detections_per_img=args.detections_per_img,
         plugin_variant=args.trt_plugin,
         synthetic_count=args.synthetic,
+        parity_inputs=parity_inputs,
         parity_threshold=args.parity_threshold,
         source=source,
         overwrite=args.force,

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pydicom
 import pytest
 from helpers import biased_retinanet
 from retinaedge.runtime.bundle import PLUGIN_MODEL_FILE, load_bundle
 
 pytestmark = pytest.mark.export
+
+CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -54,6 +57,9 @@ def test_cli_export_state_dict_grey_nonsquare_with_plugin(tmp_path: Path, checkp
         "--trt-plugin",
         "--synthetic",
         "2",
+        "--parity-dicom",
+        str(CORPUS / "CT_small.dcm"),
+        str(CORPUS / "MR_small.dcm"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -75,6 +81,9 @@ def test_cli_export_state_dict_grey_nonsquare_with_plugin(tmp_path: Path, checkp
     ops = [n.op_type for n in plugin.graph.node]
     assert ops.count("EfficientNMS_TRT") == 1 and "NonMaxSuppression" not in ops
     parity = json.loads((out / "parity.json").read_text())
+    sources = [image["source"] for image in parity["images"]]
+    assert sources == ["synthetic:0", "synthetic:1", "dicom:0:CT_small.dcm#0", "dicom:1:MR_small.dcm#0"]
+    assert all(image["match_rate"] >= 0.99 for image in parity["images"])
     trt = parity["efficientnms_trt"]
     assert trt["structure"]["attributes"]["max_output_boxes"] == 300
     assert any("4096" in d for d in trt["semantics"]["differences"])
