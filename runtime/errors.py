@@ -118,3 +118,43 @@ class OverBudgetError(DicomInputError):
 
     type = "over-budget"
     http_status = 413
+
+
+class RequestError(RetinaEdgeError):
+    """An HTTP request the service cannot take as sent (transport level, before any DICOM parsing)."""
+
+    type = "bad-request"
+    http_status = 400
+
+
+class PayloadTooLargeError(RequestError):
+    type = "payload-too-large"
+    http_status = 413
+
+
+class UnsupportedMediaTypeError(RequestError):
+    type = "unsupported-media-type"
+    http_status = 415
+
+
+class UnauthorizedError(RequestError):
+    type = "unauthorized"
+    http_status = 401
+
+
+class OverloadedError(RetinaEdgeError):
+    """The inference queue is full or too old; the client should retry after ``retry_after`` seconds."""
+
+    type = "overloaded"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReadyError(RetinaEdgeError):
+    """The model is not loaded or failed its self-test."""
+
+    type = "not-ready"
+    http_status = 503

@@ -1,0 +1,204 @@
+"""The FastAPI application: ``create_app(settings)`` with a lifespan that starts the inference worker.
+
+Transport, limits, auth, metrics and error mapping live here; image logic stays in the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from retinaedge.runtime.bundle import load_bundle
+from retinaedge.runtime.detector import Detector
+from retinaedge.runtime.dicomio import Limits
+from retinaedge.runtime.errors import (
+    NotReadyError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestError,
+    RetinaEdgeError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+)
+
+from .metrics import Metrics
+from .settings import Settings
+from .worker import InferenceWorker
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def problem(status: int, type_: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An RFC 9457 problem document."""
+    body = {
+        "type": f"urn:retinaedge:error:{type_}",
+        "title": type_.replace("-", " "),
+        "status": status,
+        "detail": detail,
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def error_response(exc: RetinaEdgeError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+    if isinstance(exc, UnauthorizedError):
+        headers = {"WWW-Authenticate": 'Bearer realm="retinaedge"'}
+    return problem(exc.http_status, exc.type, str(exc), headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) from Content-Length alone when it declares more than ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError("Content-Length is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLargeError(f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLargeError(f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; the model loads in the worker thread when the lifespan starts."""
+    bundle = load_bundle(settings.model)
+    limits = Limits(
+        max_frames=settings.max_frames,
+        max_frame_bytes=settings.max_frame_bytes,
+        max_decoded_bytes=settings.max_decoded_bytes,
+        max_file_bytes=settings.max_body_bytes,
+    )
+    uid_key = secrets.token_bytes(16)
+
+    def open_detector() -> Detector:
+        return Detector.open(
+            settings.model, threads=settings.threads, batch_size=settings.batch_size, limits=limits
+        )
+
+    worker = InferenceWorker(
+        open_detector,
+        queue_size=settings.queue_size,
+        max_age_s=settings.queue_max_age_s,
+        retry_after_s=settings.retry_after_s,
+    )
+    metrics = Metrics(lambda: worker.depth)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(
+        title="retinaedge", version=str(bundle.manifest.exporter.get("version", "")), lifespan=lifespan
+    )
+    app.state.worker = worker
+    app.state.settings = settings
+
+    def uid_hash(uid: str) -> str:
+        """A keyed hash for logs: correlates requests without writing the UID itself."""
+        return hmac.new(uid_key, uid.encode(), hashlib.sha256).hexdigest()[:12]
+
+    @app.middleware("http")
+    async def auth_and_log(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        token = settings.api_token
+        if token is not None and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {token.get_secret_value()}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return error_response(UnauthorizedError("missing or wrong bearer token"))
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        log.info(
+            "%s %s -> %d in %.1f ms",
+            request.method,
+            getattr(route, "path", "(unmatched)"),
+            response.status_code,
+            (time.perf_counter() - start) * 1e3,
+        )
+        return response
+
+    @app.exception_handler(RetinaEdgeError)
+    async def on_error(_request: Request, exc: RetinaEdgeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if worker.state != "ready":
+            return problem(503, "not-ready", worker.reason, {"Retry-After": str(settings.retry_after_s)})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "backend": worker.backend,
+                "reason": worker.reason,
+                "self_test": worker.self_test,
+                "model": bundle.manifest.name,
+            }
+        )
+
+    @app.get("/v1/model")
+    async def model() -> dict[str, Any]:
+        return {
+            **bundle.manifest.to_dict(),
+            "backend": {"name": worker.backend, "state": worker.state, "reason": worker.reason},
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/detect")
+    async def detect(request: Request) -> Response:
+        started = time.perf_counter()
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/dicom":
+            raise UnsupportedMediaTypeError(
+                f"expected Content-Type application/dicom, got {media or 'none'!r}"
+            )
+        try:
+            data = await read_body(request, settings.max_body_bytes)
+            if not data:
+                raise RequestError("the request body is empty")
+            future = worker.submit(data)
+            result = await asyncio.wrap_future(future)
+        except RetinaEdgeError as exc:
+            metrics.outcome(exc.type)
+            if isinstance(exc, (NotReadyError, OverloadedError)):
+                log.warning("refused: %s", exc.type)
+            raise
+        metrics.outcome("ok")
+        metrics.observe(result.timings_ms)
+        body = result.to_json()
+        body["backend"] = worker.backend
+        body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
+        log.info(
+            "instance %s: %d frame(s), %d detection(s)",
+            uid_hash(result.sop_instance_uid),
+            len(result.frames),
+            sum(len(f.detections) for f in result.frames),
+        )
+        return JSONResponse(body)
+
+    return app

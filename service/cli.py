@@ -1,0 +1,41 @@
+"""``retinaedge serve --model DIR --host H --port P``: the local HTTP service under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="model bundle directory (or RETINAEDGE_MODEL)")
+    p.add_argument(
+        "--host", help="bind address (default 127.0.0.1; beyond loopback needs RETINAEDGE_API_TOKEN)"
+    )
+    p.add_argument("--port", type=int, help="port (default 8080)")
+    p.add_argument("--config", type=Path, help="JSON settings file (environment variables override it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import load_settings
+
+    if args.config:
+        os.environ["RETINAEDGE_CONFIG_FILE"] = str(args.config)
+    settings = load_settings(model=args.model, host=args.host, port=args.port)
+    app = create_app(settings)
+    log.info("serving %s on http://%s:%d", settings.model, settings.host, settings.port)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+    return 0

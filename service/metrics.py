@@ -1,0 +1,37 @@
+"""Prometheus metrics of one app instance (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Per-stage latency histograms, queue depth and instances by outcome."""
+
+    def __init__(self, queue_depth: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.stage = Histogram(
+            "retinaedge_stage_seconds",
+            "Latency of each inference stage per instance",
+            ["stage"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.instances = Counter(
+            "retinaedge_instances", "Instances received, by outcome", ["outcome"], registry=self.registry
+        )
+        depth = Gauge(
+            "retinaedge_queue_depth", "Instances waiting for the inference worker", registry=self.registry
+        )
+        depth.set_function(lambda: float(queue_depth()))
+
+    def outcome(self, outcome: str) -> None:
+        self.instances.labels(outcome=outcome).inc()
+
+    def observe(self, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            self.stage.labels(stage=stage).observe(ms / 1e3)

@@ -1,0 +1,86 @@
+"""Service settings: environment variables (``RETINAEDGE_*``) and an optional JSON config file.
+
+Precedence: explicit arguments > environment > config file (``RETINAEDGE_CONFIG_FILE``) > defaults.
+Settings are built once and passed to :func:`retinaedge.service.app.create_app`; nothing is read at import.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from retinaedge.runtime.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Everything the service needs; sizes in bytes, times in seconds."""
+
+    model_config = SettingsConfigDict(env_prefix="RETINAEDGE_", extra="forbid", frozen=True)
+
+    model: Path = Field(description="model bundle directory")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    api_token: SecretStr | None = Field(default=None, description="bearer token; required beyond loopback")
+    max_body_bytes: int = Field(default=512 * 1024**2, ge=1024)
+    max_frames: int = Field(default=2000, ge=1)
+    max_frame_bytes: int = Field(default=256 * 1024**2, ge=1024)
+    max_decoded_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    queue_size: int = Field(default=8, ge=1, description="instances waiting for the inference worker")
+    queue_max_age_s: float = Field(default=60.0, gt=0, description="older queued work is refused with 503")
+    retry_after_s: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _loopback_or_token(self) -> Settings:
+        if not is_loopback(self.host) and self.api_token is None:
+            raise ValueError(
+                f"refusing to bind {self.host}: beyond loopback an API token is required "
+                "(set RETINAEDGE_API_TOKEN)"
+            )
+        if self.api_token is not None and len(self.api_token.get_secret_value()) < 16:
+            raise ValueError("the API token must be at least 16 characters")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Defaults < config file (``RETINAEDGE_CONFIG_FILE``, JSON) < environment < ``overrides``.
+
+    Raises :class:`ConfigError` with every invalid field named.
+    """
+    from pydantic import ValidationError
+
+    file_values: dict[str, Any] = {}
+    config_file = os.environ.get("RETINAEDGE_CONFIG_FILE")
+    if config_file:
+        try:
+            file_values = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from exc
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"config file {config_file} must hold a JSON object")
+    env_keys = {k[len("RETINAEDGE_") :].lower() for k in os.environ if k.startswith("RETINAEDGE_")}
+    merged = {k: v for k, v in file_values.items() if k not in env_keys}
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,216 @@
+"""The HTTP service against a real uvicorn server on 127.0.0.1 with a real HTTP client (httpx)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+import uvicorn
+from dicomgen import mr_instance, to_bytes
+from retinaedge.runtime.detector import Detector
+from retinaedge.runtime.errors import ConfigError
+from retinaedge.service.app import create_app
+from retinaedge.service.settings import load_settings
+
+CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
+TOKEN = "correct-horse-battery-staple"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve(**overrides: Any) -> Iterator[str]:
+    """Run the app under uvicorn in a thread; yield its base URL once it is ready (or failed)."""
+    settings = load_settings(port=free_port(), **overrides)
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_config=None, access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    app.state.worker.wait_ready(60)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def base(small_bundle: Path) -> Iterator[str]:
+    with serve(model=small_bundle, queue_size=4) as url:
+        yield url
+
+
+def dicom_post(client: httpx.Client, url: str, data: bytes, **headers: str) -> httpx.Response:
+    return client.post(
+        f"{url}/v1/detect", content=data, headers={"Content-Type": "application/dicom", **headers}
+    )
+
+
+def test_health_ready_model_metrics(base: str, small_bundle: Path) -> None:
+    with httpx.Client(timeout=60) as c:
+        assert c.get(f"{base}/healthz").json() == {"status": "alive"}
+        ready = c.get(f"{base}/readyz")
+        assert ready.status_code == 200 and ready.json()["self_test"]["passed"] is True
+        assert ready.json()["backend"] == "onnxruntime"
+        model = c.get(f"{base}/v1/model").json()
+        assert model["class_names"] == ["glioma", "meningioma", "pituitary"]
+        assert (
+            model["model_sha256"] == json.loads((small_bundle / "manifest.json").read_text())["model_sha256"]
+        )
+        dicom_post(c, base, (CORPUS / "CT_small.dcm").read_bytes())
+        text = c.get(f"{base}/metrics").text
+        assert 'retinaedge_instances_total{outcome="ok"}' in text
+        assert 'retinaedge_stage_seconds_bucket{le="0.005",stage="inference"}' in text
+        assert "retinaedge_queue_depth" in text
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG2000.dcm"]
+)
+def test_detect_matches_the_runtime(base: str, small_bundle: Path, name: str) -> None:
+    data = (CORPUS / name).read_bytes()
+    with httpx.Client(timeout=120) as c:
+        r = dicom_post(c, base, data)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert body["sop_instance_uid"] == ds.SOPInstanceUID
+    assert set(body["timings_ms"]) >= {"decode", "preprocess", "inference", "postprocess", "request"}
+    with Detector.open(small_bundle) as det:
+        local = det.detect(data).to_json()
+    assert body["frames"] == local["frames"]
+    for frame in body["frames"]:
+        for d in frame["detections"]:
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 <= x2 <= ds.Columns and 0 <= y1 <= y2 <= ds.Rows
+            assert d["label"] in ("glioma", "meningioma", "pituitary")
+
+
+def _lying() -> bytes:
+    ds = pydicom.dcmread(CORPUS / "CT_small.dcm")
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 65535, 65535, 1000
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status", "type_"),
+    [
+        (b"not dicom at all" * 20, "application/dicom", 400, "malformed-dicom"),
+        ((CORPUS / "CT_small.dcm").read_bytes()[:-500], "application/dicom", 400, "truncated-dicom"),
+        ((CORPUS / "rtplan.dcm").read_bytes(), "application/dicom", 422, "no-pixel-data"),
+        (_lying(), "application/dicom", 413, "over-budget"),
+        ((CORPUS / "CT_small.dcm").read_bytes(), "application/json", 415, "unsupported-media-type"),
+        (b"", "application/dicom", 400, "bad-request"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(base: str, data: bytes, content_type: str, status: int, type_: str) -> None:
+    with httpx.Client(timeout=60) as c:
+        r = c.post(f"{base}/v1/detect", content=data, headers={"Content-Type": content_type})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["type"] == f"urn:retinaedge:error:{type_}" and body["status"] == status and body["detail"]
+
+
+def test_body_over_limit_refused_from_content_length(small_bundle: Path) -> None:
+    with serve(model=small_bundle, max_body_bytes=64 * 1024) as url, httpx.Client(timeout=30) as c:
+        sent = {"n": 0}
+
+        def body() -> Iterator[bytes]:
+            for _ in range(4096):  # would be 64 MiB; the server answers from Content-Length first
+                sent["n"] += 1
+                yield b"\0" * 16384
+
+        r = c.post(
+            f"{url}/v1/detect",
+            content=body(),
+            headers={"Content-Type": "application/dicom", "Content-Length": str(4096 * 16384)},
+        )
+        assert r.status_code == 413 and r.json()["type"].endswith("payload-too-large")
+
+
+def test_overload_gives_503_with_retry_after(small_bundle: Path) -> None:
+    frames = np.random.default_rng(0).integers(0, 4096, size=(24, 256, 320), dtype=np.uint16)
+    data = to_bytes(mr_instance(frames, window=(2048, 4096)))
+    with serve(model=small_bundle, queue_size=1, retry_after_s=7) as url, httpx.Client(timeout=300) as c:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: dicom_post(c, url, data), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "7" and r.json()["type"].endswith("overloaded")
+
+
+def test_bearer_token(small_bundle: Path) -> None:
+    with serve(model=small_bundle, api_token=TOKEN) as url, httpx.Client(timeout=60) as c:
+        assert c.get(f"{url}/healthz").status_code == 200
+        r = c.get(f"{url}/readyz")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        assert (
+            c.get(f"{url}/readyz", headers={"Authorization": "Bearer wrong-token-wrong-token"}).status_code
+            == 401
+        )
+        assert c.get(f"{url}/readyz", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_not_ready_when_self_test_fails(small_bundle: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(small_bundle, broken)
+    golden = json.loads((broken / "golden.json").read_text())
+    golden["detections"][0]["labels"] = [(x + 1) % 3 for x in golden["detections"][0]["labels"]]
+    (broken / "golden.json").write_text(json.dumps(golden))
+    with serve(model=broken) as url, httpx.Client(timeout=60) as c:
+        r = c.get(f"{url}/readyz")
+        assert r.status_code == 503 and "golden self-test failed" in r.json()["detail"]
+        r = dicom_post(c, url, (CORPUS / "CT_small.dcm").read_bytes())
+        assert r.status_code == 503 and r.json()["type"].endswith("not-ready")
+        assert c.get(f"{url}/healthz").status_code == 200
+
+
+def test_refuses_to_bind_beyond_loopback_without_token(small_bundle: Path) -> None:
+    with pytest.raises(ConfigError, match="API token is required"):
+        load_settings(model=small_bundle, host="0.0.0.0")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retinaedge.runtime.cli",
+            "serve",
+            "--model",
+            str(small_bundle),
+            "--host",
+            "0.0.0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "API token is required" in json.loads(proc.stdout.strip().splitlines()[-1])["error"]["message"]
