@@ -158,3 +158,10 @@ class NotReadyError(RetinaEdgeError):
 
     type = "not-ready"
     http_status = 503
+
+
+class InsufficientStorageError(RetinaEdgeError):
+    """The spool disk is below its reserve: nothing new is accepted."""
+
+    type = "insufficient-storage"
+    http_status = 507

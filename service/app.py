@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -32,7 +33,11 @@ from retinaedge.runtime.errors import (
 )
 
 from .metrics import Metrics
+from .processor import Processor
 from .settings import Settings
+from .spool import Spool
+from .store import Store
+from .stow import receive
 from .worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -99,17 +104,31 @@ def create_app(settings: Settings) -> FastAPI:
         retry_after_s=settings.retry_after_s,
     )
     metrics = Metrics(lambda: worker.depth)
+    spool = Spool(settings.data_dir / "spool", settings.min_free_bytes)
+    store = Store(settings.data_dir / "state.sqlite3")
+
+    def prune() -> None:
+        store.prune(settings.results_max_age_s, settings.results_max_bytes)
+
+    processor = Processor(store, spool, worker, on_outcome=metrics.outcome, after_each=prune)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         worker.start()
+        recovered = processor.recover()
+        if recovered:
+            log.info("recovered %d pending instance(s) from the spool", recovered)
+        processor.start()
         yield
+        await processor.stop()
         await asyncio.to_thread(worker.stop)
+        store.close()
 
     app = FastAPI(
         title="retinaedge", version=str(bundle.manifest.exporter.get("version", "")), lifespan=lifespan
     )
     app.state.worker = worker
+    app.state.store = store
     app.state.settings = settings
 
     def uid_hash(uid: str) -> str:
@@ -148,6 +167,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def readyz() -> Response:
         if worker.state != "ready":
             return problem(503, "not-ready", worker.reason, {"Retry-After": str(settings.retry_after_s)})
+        if not os.access(spool.root, os.W_OK):
+            return problem(503, "not-ready", f"the spool directory {spool.root} is not writable")
         return JSONResponse(
             {
                 "status": "ready",
@@ -200,5 +221,54 @@ def create_app(settings: Settings) -> FastAPI:
             sum(len(f.detections) for f in result.frames),
         )
         return JSONResponse(body)
+
+    @app.post("/dicomweb/studies")
+    @app.post("/dicomweb/studies/{study}")
+    async def stow(request: Request, study: str | None = None) -> Response:
+        outcome = await receive(
+            request.stream(),
+            request.headers.get("content-type", ""),
+            spool=spool,
+            store=store,
+            limits=limits,
+            max_instance_bytes=settings.max_body_bytes,
+            max_request_bytes=settings.max_request_bytes,
+            study_uid=study,
+            enqueue=processor.enqueue,
+        )
+        for _, _, _, why in outcome.failed:
+            metrics.outcome("stow-rejected")
+            log.info("STOW-RS part rejected: %s", why.split(":")[0])
+        log.info("STOW-RS: %d stored, %d failed", len(outcome.referenced), len(outcome.failed))
+        base = str(request.base_url).rstrip("/") + "/v1/results"
+        return JSONResponse(
+            outcome.to_dicom_json(base), status_code=outcome.status, media_type="application/dicom+json"
+        )
+
+    @app.get("/v1/results/{uid}")
+    async def results(uid: str, request: Request) -> Response:
+        accept = request.headers.get("accept", "application/json")
+        if "application/dicom" in accept and "json" not in accept:
+            return problem(
+                406, "not-acceptable", "DICOM SR results are not available yet; ask for application/json"
+            )
+        row = await asyncio.to_thread(store.get, uid)
+        if row is None:
+            return problem(
+                404, "not-found", "no instance with this SOP Instance UID (or its result has expired)"
+            )
+        if row.state == "pending":
+            return JSONResponse(
+                {"sop_instance_uid": uid, "state": "pending"}, status_code=202, headers={"Retry-After": "1"}
+            )
+        if row.state == "failed":
+            return JSONResponse(
+                {
+                    "sop_instance_uid": uid,
+                    "state": "failed",
+                    "error": {"type": row.error_type, "message": row.error_message},
+                }
+            )
+        return JSONResponse({**(row.result() or {}), "state": "done"})
 
     return app

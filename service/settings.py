@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     queue_max_age_s: float = Field(default=60.0, gt=0, description="older queued work is refused with 503")
     retry_after_s: int = Field(default=5, ge=1)
     batch_size: int = Field(default=4, ge=1)
+    data_dir: Path = Field(default=Path("retinaedge-data"), description="spool and SQLite database")
+    min_free_bytes: int = Field(
+        default=1024**3, ge=0, description="disk reserve; below it new instances get 507"
+    )
+    max_request_bytes: int = Field(default=4 * 1024**3, ge=1024, description="one STOW-RS request body")
+    results_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="retention of results")
+    results_max_bytes: int = Field(default=256 * 1024**2, ge=0, description="retention budget of result JSON")
     threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")

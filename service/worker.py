@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from retinaedge.runtime.bundle import self_test
@@ -23,7 +24,7 @@ _STOP = object()
 
 @dataclass
 class _Job:
-    data: bytes
+    data: bytes | Path
     future: concurrent.futures.Future[InstanceResult]
     enqueued: float
 
@@ -56,7 +57,11 @@ class InferenceWorker:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, data: bytes) -> concurrent.futures.Future[InstanceResult]:
+    def submit_path(self, path: Path) -> concurrent.futures.Future[InstanceResult]:
+        """Like :meth:`submit` for a spooled file (read frame by frame by the worker)."""
+        return self.submit(path)
+
+    def submit(self, data: bytes | Path) -> concurrent.futures.Future[InstanceResult]:
         if self.state != "ready":
             raise NotReadyError(f"the model is not ready: {self.reason}")
         job = _Job(data, concurrent.futures.Future(), time.monotonic())

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ def free_port() -> int:
 @contextmanager
 def serve(**overrides: Any) -> Iterator[str]:
     """Run the app under uvicorn in a thread; yield its base URL once it is ready (or failed)."""
+    overrides.setdefault("data_dir", Path(tempfile.mkdtemp(prefix="retinaedge-test-")))
     settings = load_settings(port=free_port(), **overrides)
     app = create_app(settings)
     server = uvicorn.Server(

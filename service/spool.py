@@ -1,0 +1,64 @@
+"""The spool: received instances on disk, fsynced before they are acknowledged.
+
+File names are random (never derived from tag values). A write goes to ``*.part``, is fsynced, renamed
+and the directory fsynced, so a crash leaves either nothing or a complete file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+from retinaedge.runtime.errors import InsufficientStorageError
+
+
+class Spool:
+    """A directory of received instances; ``min_free_bytes`` is the disk reserve kept free."""
+
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.part"):  # interrupted writes were never acknowledged
+            stale.unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_reserve(self, incoming: int = 0) -> None:
+        """Raise 507 when writing ``incoming`` more bytes would eat into the reserve."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise InsufficientStorageError(
+                f"the spool disk has {free} bytes free; {self.min_free_bytes} are kept in reserve"
+            )
+
+    def open_part(self) -> tuple[Path, BinaryIO]:
+        name = uuid.uuid4().hex
+        path = self.root / f"{name}.part"
+        return path, open(path, "wb")  # noqa: SIM115 (closed by commit/discard)
+
+    def commit(self, part: Path, fh: BinaryIO) -> Path:
+        """fsync and rename ``part`` to its final name; return it."""
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        final = part.with_suffix(".dcm")
+        os.replace(part, final)
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final
+
+    def discard(self, path: Path, fh: BinaryIO | None = None) -> None:
+        if fh is not None and not fh.closed:
+            fh.close()
+        path.unlink(missing_ok=True)
+
+    def files(self) -> list[Path]:
+        return sorted(self.root.glob("*.dcm"))

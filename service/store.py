@@ -1,0 +1,146 @@
+"""SQLite (WAL) record of received instances and their results.
+
+One row per SOP Instance UID: ``pending`` until the worker has run it, then ``done`` (result JSON) or
+``failed`` (error type and message). Receiving a UID twice is idempotent: the first row stands.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid    TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    spool_path       TEXT,
+    size_bytes       INTEGER NOT NULL,
+    received_at      REAL NOT NULL,
+    state            TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+    completed_at     REAL,
+    error_type       TEXT,
+    error_message    TEXT,
+    result_json      TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_state ON instances (state, received_at);
+CREATE INDEX IF NOT EXISTS instances_completed ON instances (completed_at);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    spool_path: str | None
+    size_bytes: int
+    received_at: float
+    state: str
+    completed_at: float | None
+    error_type: str | None
+    error_message: str | None
+    result_json: str | None
+
+    def result(self) -> dict[str, Any] | None:
+        return json.loads(self.result_json) if self.result_json else None
+
+
+class Store:
+    """Thread-safe (one connection behind a lock); every write is a committed transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: tuple[Any, ...]) -> Row | None:
+        with self._lock:
+            cur = self._db.execute(sql, args)
+            r = cur.fetchone()
+        return Row(*r) if r else None
+
+    def add_pending(
+        self, uid: str, sop_class: str, study: str, series: str, spool_path: str, size: int
+    ) -> bool:
+        """Insert a pending instance; False (and nothing changed) when the UID is already known."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, "
+                "spool_path, size_bytes, received_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
+                (uid, sop_class, study, series, spool_path, size, time.time()),
+            )
+            return cur.rowcount == 1
+
+    def get(self, uid: str) -> Row | None:
+        return self._one("SELECT * FROM instances WHERE sop_instance_uid = ?", (uid,))
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid FROM instances WHERE state = 'pending' ORDER BY received_at"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def spool_paths(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT spool_path FROM instances WHERE spool_path IS NOT NULL"
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def done(self, uid: str, result: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE instances SET state = 'done', completed_at = ?, result_json = ?, spool_path = NULL "
+                "WHERE sop_instance_uid = ?",
+                (time.time(), json.dumps(result), uid),
+            )
+
+    def failed(self, uid: str, error_type: str, message: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE instances SET state = 'failed', completed_at = ?, error_type = ?, error_message = ?, "
+                "spool_path = NULL WHERE sop_instance_uid = ?",
+                (time.time(), error_type, message, uid),
+            )
+
+    def prune(self, max_age_s: float, max_result_bytes: int) -> int:
+        """Retention: drop finished rows older than ``max_age_s``, then the oldest beyond the byte budget."""
+        with self._lock:
+            n = self._db.execute(
+                "DELETE FROM instances WHERE state != 'pending' AND completed_at < ?",
+                (time.time() - max_age_s,),
+            ).rowcount
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, LENGTH(COALESCE(result_json, '')) FROM instances "
+                "WHERE state != 'pending' ORDER BY completed_at DESC"
+            ).fetchall()
+            total, drop = 0, []
+            for uid, size in rows:
+                total += size
+                if total > max_result_bytes:
+                    drop.append((uid,))
+            if drop:
+                self._db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", drop)
+        return n + len(drop)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state").fetchall()
+        return {state: n for state, n in rows}

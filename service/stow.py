@@ -1,0 +1,228 @@
+"""DICOMweb STOW-RS (PS3.18 10.5): stream parts to the spool, fsync, record, acknowledge; process later.
+
+An instance is acknowledged (listed in ReferencedSOPSequence) only after its bytes are fsynced in the spool
+and its row is committed in SQLite. Instances the runtime would reject anyway (header checks only, nothing
+decoded) are listed in FailedSOPSequence with a Failure Reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from retinaedge.runtime.dicomio import Limits, open_dicom, validate
+from retinaedge.runtime.errors import (
+    DicomInputError,
+    NoPixelDataError,
+    OverBudgetError,
+    PayloadTooLargeError,
+    RequestError,
+)
+
+from .multipart import MultipartParser, stow_boundary
+from .spool import Spool
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+# Failure Reason (0008,1197) values (PS3.18 Table 10.5.3-2, after the C-STORE statuses of PS3.4 B.2.3).
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
+@dataclass
+class StowOutcome:
+    """(SOP Class UID, SOP Instance UID) stored, and (class, instance, reason, why) failed."""
+
+    referenced: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str, int, str]] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        """200 all stored, 202 some stored and some failed, 409 none stored."""
+        if not self.failed:
+            return 200
+        return 202 if self.referenced else 409
+
+    def to_dicom_json(self, retrieve_base: str) -> dict[str, Any]:
+        """The Store Instances Response as ``application/dicom+json``."""
+        body: dict[str, Any] = {}
+        if self.referenced:
+            body["00081199"] = {
+                "vr": "SQ",
+                "Value": [
+                    {
+                        "00081150": {"vr": "UI", "Value": [c]},
+                        "00081155": {"vr": "UI", "Value": [u]},
+                        "00081190": {"vr": "UR", "Value": [f"{retrieve_base}/{u}"]},
+                    }
+                    for c, u in self.referenced
+                ],
+            }
+        if self.failed:
+            body["00081198"] = {
+                "vr": "SQ",
+                "Value": [
+                    {
+                        "00081150": {"vr": "UI", "Value": [c]} if c else {"vr": "UI"},
+                        "00081155": {"vr": "UI", "Value": [u]} if u else {"vr": "UI"},
+                        "00081197": {"vr": "US", "Value": [reason]},
+                    }
+                    for c, u, reason, _ in self.failed
+                ],
+            }
+        return body
+
+
+def _reason(exc: DicomInputError) -> int:
+    if isinstance(exc, OverBudgetError):
+        return OUT_OF_RESOURCES
+    if isinstance(exc, NoPixelDataError):
+        return SOP_CLASS_NOT_SUPPORTED
+    return CANNOT_UNDERSTAND
+
+
+def inspect(path: Path, limits: Limits) -> tuple[str, str, str, str]:
+    """Header checks of a spooled file -> (SOP class, SOP instance, study, series UIDs); nothing decoded."""
+    with open_dicom(path, limits) as src:
+        validate(src, limits)
+        ds = src.ds
+        uids = (
+            str(ds.get("SOPClassUID", "")),
+            str(ds.get("SOPInstanceUID", "")),
+            str(ds.get("StudyInstanceUID", "")),
+            str(ds.get("SeriesInstanceUID", "")),
+        )
+    if not uids[1]:
+        raise RequestError("the instance has no SOP Instance UID")
+    return uids
+
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+@dataclass
+class _Part:
+    path: Path
+    fh: BinaryIO
+    size: int = 0
+    problem: tuple[int, str] | None = None
+    head: bytes = b""
+    started: bool = False
+
+    def write(self, data: bytes, final: bool = False) -> None:
+        """Write part bytes; a dataset sent without the PS3.10 preamble (as some clients, e.g.
+        dicomweb-client, send in-memory datasets) but starting with its File Meta group gets one."""
+        if self.started:
+            self.fh.write(data)
+            return
+        self.head += data
+        if len(self.head) < len(PREAMBLE) and not final:
+            return
+        if self.head[128:132] != b"DICM" and self.head[:2] == b"\x02\x00":
+            self.fh.write(PREAMBLE)
+        self.fh.write(self.head)
+        self.head, self.started = b"", True
+
+
+async def receive(
+    stream: AsyncIterator[bytes],
+    content_type: str,
+    *,
+    spool: Spool,
+    store: Store,
+    limits: Limits,
+    max_instance_bytes: int,
+    max_request_bytes: int,
+    study_uid: str | None,
+    enqueue: Callable[[str], None],
+) -> StowOutcome:
+    """Stream a STOW-RS body into the spool; return what was stored and what failed (and why)."""
+    parser = MultipartParser(stow_boundary(content_type))
+    spool.check_reserve()  # 507 before anything is written
+    outcome = StowOutcome()
+    part: _Part | None = None
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > max_request_bytes:
+            if part is not None:
+                spool.discard(part.path, part.fh)
+            raise PayloadTooLargeError(f"request body exceeds the {max_request_bytes}-byte limit")
+        for event, value in parser.feed(chunk):
+            if event == "headers":
+                spool.check_reserve()
+                path, fh = spool.open_part()
+                part = _Part(path, fh)
+                media = value.get("content-type", "application/dicom").split(";")[0].strip().lower()
+                if media != "application/dicom":
+                    part.problem = (CANNOT_UNDERSTAND, f"part media type {media!r} is not application/dicom")
+            elif event == "data" and part is not None:
+                part.size += len(value)
+                if part.problem is None and part.size > max_instance_bytes:
+                    part.problem = (OUT_OF_RESOURCES, f"instance exceeds {max_instance_bytes} bytes")
+                if part.problem is None:
+                    part.write(value)
+            elif event == "end" and part is not None:
+                if part.problem is None:
+                    part.write(b"", final=True)
+                await _finish_part(part, outcome, spool, store, limits, study_uid, enqueue)
+                part = None
+    parser.finish()
+    if not outcome.referenced and not outcome.failed:
+        raise RequestError("the multipart body holds no parts")
+    return outcome
+
+
+async def _finish_part(
+    part: _Part,
+    outcome: StowOutcome,
+    spool: Spool,
+    store: Store,
+    limits: Limits,
+    study_uid: str | None,
+    enqueue: Callable[[str], None],
+) -> None:
+    if part.problem is not None:
+        spool.discard(part.path, part.fh)
+        outcome.failed.append(("", "", *part.problem))
+        return
+    final = await asyncio.to_thread(spool.commit, part.path, part.fh)
+    try:
+        sop_class, uid, study, series = await asyncio.to_thread(inspect, final, limits)
+    except (DicomInputError, RequestError) as exc:
+        cls, inst = _uids_if_readable(final)
+        spool.discard(final)
+        reason = _reason(exc) if isinstance(exc, DicomInputError) else CANNOT_UNDERSTAND
+        outcome.failed.append((cls, inst, reason, f"{exc.type}: {exc}"))
+        return
+    if study_uid is not None and study != study_uid:
+        spool.discard(final)
+        outcome.failed.append((sop_class, uid, DATASET_MISMATCH, "instance belongs to another study"))
+        return
+    inserted = await asyncio.to_thread(
+        store.add_pending, uid, sop_class, study, series, final.name, part.size
+    )
+    if inserted:
+        enqueue(uid)
+    else:  # the same SOP Instance UID again: idempotent, the first copy stands
+        spool.discard(final)
+    outcome.referenced.append((sop_class, uid))
+
+
+def _uids_if_readable(path: Path) -> tuple[str, str]:
+    """SOP Class/Instance UIDs of a rejected file for the failure list, or empty strings."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
+        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+    except Exception:
+        return "", ""

@@ -1,0 +1,214 @@
+"""DICOMweb STOW-RS, durability and results, against a real uvicorn server and real clients."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from dicomgen import mr_instance, to_bytes
+from dicomweb_client.api import DICOMwebClient
+from retinaedge.runtime.detector import Detector
+from test_service import free_port, serve
+
+CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def wait_done(client: httpx.Client, base: str, uid: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get(f"{base}/v1/results/{uid}")
+        if r.status_code == 200:
+            return r.json()
+        assert r.status_code == 202, r.text
+        time.sleep(0.2)
+    raise AssertionError(f"no result for {uid} after {timeout} s")
+
+
+def multipart(parts: list[bytes], boundary: str = "b0undary-xyz") -> tuple[bytes, str]:
+    body = (
+        b"".join(
+            b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+            for p in parts
+        )
+        + b"--"
+        + boundary.encode()
+        + b"--\r\n"
+    )
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_dicomweb_client_store_and_results(small_bundle: Path, tmp_path: Path) -> None:
+    frames = np.random.default_rng(2).integers(0, 4096, size=(3, 128, 160), dtype=np.uint16)
+    datasets = [
+        pydicom.dcmread(CORPUS / "CT_small.dcm"),
+        pydicom.dcmread(CORPUS / "MR_small_RLE.dcm"),
+        mr_instance(frames, window=(2048, 4096)),
+    ]
+    with serve(model=small_bundle, data_dir=tmp_path) as base:
+        client = DICOMwebClient(url=f"{base}/dicomweb")
+        response = client.store_instances(datasets)
+        refs = response.ReferencedSOPSequence
+        assert [r.ReferencedSOPInstanceUID for r in refs] == [d.SOPInstanceUID for d in datasets]
+        assert "FailedSOPSequence" not in response
+        with httpx.Client(timeout=60) as c, Detector.open(small_bundle) as det:
+            for ds in datasets:
+                result = wait_done(c, base, ds.SOPInstanceUID)
+                assert result["state"] == "done" and result["backend"] == "onnxruntime"
+                assert result["frames"] == det.detect(to_bytes(ds)).to_json()["frames"]
+            metrics = c.get(f"{base}/metrics").text
+            assert 'retinaedge_instances_total{outcome="ok"} 3.0' in metrics
+    assert not list((tmp_path / "spool").glob("*.dcm"))  # processed instances leave the spool
+
+
+def test_partial_failure_and_idempotency(small_bundle: Path, tmp_path: Path) -> None:
+    good = (CORPUS / "CT_small.dcm").read_bytes()
+    truncated = (CORPUS / "MR_small.dcm").read_bytes()[:-1000]
+    body, ctype = multipart([good, truncated, b"garbage" * 50])
+    with serve(model=small_bundle, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+        r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 202 and r.headers["content-type"] == "application/dicom+json"
+        doc = r.json()
+        ref = doc["00081199"]["Value"]
+        failed = doc["00081198"]["Value"]
+        assert [x["00081155"]["Value"][0] for x in ref] == [pydicom.dcmread(io.BytesIO(good)).SOPInstanceUID]
+        assert ref[0]["00081190"]["Value"][0].endswith("/v1/results/" + ref[0]["00081155"]["Value"][0])
+        assert [x["00081197"]["Value"][0] for x in failed] == [0xC000, 0xC000]
+        assert failed[0]["00081155"]["Value"][0] == pydicom.dcmread(io.BytesIO(truncated)).SOPInstanceUID
+        uid = ref[0]["00081155"]["Value"][0]
+        first = wait_done(c, base, uid)
+        # The same instance again: acknowledged, not processed twice, result unchanged.
+        body2, ctype2 = multipart([good])
+        r2 = c.post(f"{base}/dicomweb/studies", content=body2, headers={"Content-Type": ctype2})
+        assert r2.status_code == 200 and r2.json()["00081199"]["Value"][0]["00081155"]["Value"][0] == uid
+        assert wait_done(c, base, uid) == first
+        # Nothing stored -> 409; another study's instance on a study-scoped URL -> 0xA900.
+        r3 = c.post(
+            f"{base}/dicomweb/studies", content=multipart([truncated])[0], headers={"Content-Type": ctype}
+        )
+        assert r3.status_code == 409
+        r4 = c.post(f"{base}/dicomweb/studies/1.2.3.4", content=body2, headers={"Content-Type": ctype2})
+        assert r4.status_code == 409 and r4.json()["00081198"]["Value"][0]["00081197"]["Value"][0] == 0xA900
+        assert c.get(f"{base}/v1/results/1.2.3.999").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("ctype", "body", "status"),
+    [
+        ("application/dicom", b"x" * 200, 415),
+        ('multipart/related; type="application/dicom+xml"; boundary=abc', b"", 415),
+        ('multipart/related; type="application/dicom"', b"", 400),
+        ('multipart/related; type="application/dicom"; boundary=abc', b"--abc\r\n\r\nunfinished", 400),
+    ],
+)
+def test_malformed_requests(small_bundle: Path, tmp_path: Path, ctype: str, body: bytes, status: int) -> None:
+    with serve(model=small_bundle, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+        r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == status and r.headers["content-type"] == "application/problem+json"
+
+
+def test_507_when_disk_below_reserve(small_bundle: Path, tmp_path: Path) -> None:
+    body, ctype = multipart([(CORPUS / "CT_small.dcm").read_bytes()])
+    with (
+        serve(model=small_bundle, data_dir=tmp_path, min_free_bytes=2**62) as base,
+        httpx.Client(timeout=60) as c,
+    ):
+        r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 507 and r.json()["type"].endswith("insufficient-storage")
+    assert not list((tmp_path / "spool").iterdir())
+
+
+def test_retention_budget(small_bundle: Path, tmp_path: Path) -> None:
+    uids = []
+    with (
+        serve(model=small_bundle, data_dir=tmp_path, results_max_bytes=60_000) as base,
+        httpx.Client(timeout=60) as c,
+    ):
+        for k in range(3):
+            ds = mr_instance(np.full((64, 64), 100 * k, np.uint16), window=(2048, 4096))
+            body, ctype = multipart([to_bytes(ds)])
+            assert (
+                c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code
+                == 200
+            )
+            wait_done(c, base, ds.SOPInstanceUID)
+            uids.append(ds.SOPInstanceUID)
+        codes = [c.get(f"{base}/v1/results/{u}").status_code for u in uids]
+    assert codes[-1] == 200 and 404 in codes[:-1], codes
+
+
+def test_crash_after_acknowledgement_loses_nothing(small_bundle: Path, tmp_path: Path) -> None:
+    """SIGKILL the server right after STOW-RS acknowledged slow instances; a restart processes them all."""
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "batch_size": 2}))
+    datasets = [
+        mr_instance(
+            np.random.default_rng(k).integers(0, 4096, size=(16, 256, 320), dtype=np.uint16),
+            window=(2048, 4096),
+        )
+        for k in range(3)
+    ]
+    body, ctype = multipart([to_bytes(ds) for ds in datasets])
+
+    def start(port: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "retinaedge.runtime.cli",
+                "serve",
+                "--model",
+                str(small_bundle),
+                "--port",
+                str(port),
+                "--config",
+                str(config),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        proc.kill()
+        raise AssertionError("server did not become ready")
+
+    port = free_port()
+    proc = start(port)
+    try:
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/dicomweb/studies",
+            content=body,
+            headers={"Content-Type": ctype},
+            timeout=60,
+        )
+        assert r.status_code == 200
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    pending = [u for u in (ds.SOPInstanceUID for ds in datasets)]
+    port = free_port()
+    proc = start(port)
+    try:
+        with httpx.Client(timeout=60) as c:
+            for uid in pending:
+                assert wait_done(c, f"http://127.0.0.1:{port}", uid)["state"] == "done"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
