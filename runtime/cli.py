@@ -23,6 +23,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("retinaedge.export.cli", "torchvision RetinaNet checkpoint -> model bundle (ONNX, NMS fused)"),
     "detect": ("retinaedge.runtime.detect_cli", "DICOM files -> detections, one JSON line per file"),
     "serve": ("retinaedge.service.cli", "local HTTP service: POST DICOM, get detections"),
+    "device": (
+        "retinaedge.device.cli",
+        "what hardware, power mode and versions this runs on (JSON or --table)",
+    ),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import io
 import logging
 import os
 import secrets
@@ -36,8 +37,9 @@ from .metrics import Metrics
 from .processor import Processor
 from .settings import Settings
 from .spool import Spool
+from .sr import build_sr
 from .store import Store
-from .stow import receive
+from .stow import header_from_json, inspect, receive
 from .worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -190,6 +192,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def _record(data: bytes, body: dict[str, Any]) -> None:
+        """Keep a /v1/detect result retrievable at /v1/results/{uid} (JSON and SR)."""
+        sop_class, uid, study, series, header = inspect(data, limits)
+        store.put_done(uid, sop_class, study, series, len(data), body, header)
+        store.prune(settings.results_max_age_s, settings.results_max_bytes)
+
     @app.post("/v1/detect")
     async def detect(request: Request) -> Response:
         started = time.perf_counter()
@@ -213,6 +221,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.observe(result.timings_ms)
         body = result.to_json()
         body["backend"] = worker.backend
+        await asyncio.to_thread(_record, data, body)
         body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
         log.info(
             "instance %s: %d frame(s), %d detection(s)",
@@ -247,12 +256,22 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/results/{uid}")
     async def results(uid: str, request: Request) -> Response:
-        accept = request.headers.get("accept", "application/json")
-        if "application/dicom" in accept and "json" not in accept:
-            return problem(
-                406, "not-acceptable", "DICOM SR results are not available yet; ask for application/json"
-            )
+        accept = request.headers.get("accept", "application/json").lower()
+        want_sr = "application/dicom" in accept and "json" not in accept
         row = await asyncio.to_thread(store.get, uid)
+        if row is not None and row.state == "done" and want_sr:
+            if not row.header_json:
+                return problem(406, "not-acceptable", "no source header was kept for this instance")
+            sr = await asyncio.to_thread(
+                build_sr,
+                header_from_json(row.header_json),
+                row.result() or {},
+                bundle.manifest.name,
+                str(bundle.manifest.model_sha256),
+            )
+            buf = io.BytesIO()
+            sr.save_as(buf, enforce_file_format=True)
+            return Response(buf.getvalue(), media_type="application/dicom")
         if row is None:
             return problem(
                 404, "not-found", "no instance with this SOP Instance UID (or its result has expired)"

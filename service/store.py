@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS instances (
     completed_at     REAL,
     error_type       TEXT,
     error_message    TEXT,
-    result_json      TEXT
+    result_json      TEXT,
+    header_json      TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_state ON instances (state, received_at);
 CREATE INDEX IF NOT EXISTS instances_completed ON instances (completed_at);
@@ -48,6 +49,7 @@ class Row:
     error_type: str | None
     error_message: str | None
     result_json: str | None
+    header_json: str | None
 
     def result(self) -> dict[str, Any] | None:
         return json.loads(self.result_json) if self.result_json else None
@@ -76,16 +78,50 @@ class Store:
         return Row(*r) if r else None
 
     def add_pending(
-        self, uid: str, sop_class: str, study: str, series: str, spool_path: str, size: int
+        self,
+        uid: str,
+        sop_class: str,
+        study: str,
+        series: str,
+        spool_path: str,
+        size: int,
+        header_json: str | None = None,
     ) -> bool:
-        """Insert a pending instance; False (and nothing changed) when the UID is already known."""
+        """Insert a pending instance; False (and nothing changed) when the UID is already known.
+
+        ``header_json`` is the instance's header without pixel data (DICOM JSON), kept for the DICOM SR.
+        """
         with self._lock:
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, "
-                "spool_path, size_bytes, received_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
-                (uid, sop_class, study, series, spool_path, size, time.time()),
+                "spool_path, size_bytes, received_at, state, header_json) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                (uid, sop_class, study, series, spool_path, size, time.time(), header_json),
             )
             return cur.rowcount == 1
+
+    def put_done(
+        self,
+        uid: str,
+        sop_class: str,
+        study: str,
+        series: str,
+        size: int,
+        result: dict[str, Any],
+        header_json: str | None,
+    ) -> None:
+        """Record a synchronous (/v1/detect) result; replaces an earlier finished result of the same UID."""
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, size_bytes, "
+                "received_at, state, completed_at, result_json, header_json) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?, ?) "
+                "ON CONFLICT(sop_instance_uid) DO UPDATE SET state = 'done', completed_at = excluded.completed_at, "
+                "result_json = excluded.result_json, header_json = excluded.header_json "
+                "WHERE instances.state != 'pending'",
+                (uid, sop_class, study, series, size, now, now, json.dumps(result), header_json),
+            )
 
     def get(self, uid: str) -> Row | None:
         return self._one("SELECT * FROM instances WHERE sop_instance_uid = ?", (uid,))

@@ -89,9 +89,9 @@ def _reason(exc: DicomInputError) -> int:
     return CANNOT_UNDERSTAND
 
 
-def inspect(path: Path, limits: Limits) -> tuple[str, str, str, str]:
-    """Header checks of a spooled file -> (SOP class, SOP instance, study, series UIDs); nothing decoded."""
-    with open_dicom(path, limits) as src:
+def inspect(source: Path | bytes, limits: Limits) -> tuple[str, str, str, str, str]:
+    """Header checks -> (SOP class, SOP instance, study, series UIDs, header as DICOM JSON); nothing decoded."""
+    with open_dicom(source, limits) as src:
         validate(src, limits)
         ds = src.ds
         uids = (
@@ -100,9 +100,36 @@ def inspect(path: Path, limits: Limits) -> tuple[str, str, str, str]:
             str(ds.get("StudyInstanceUID", "")),
             str(ds.get("SeriesInstanceUID", "")),
         )
+        header = header_json(src.fileobj)
     if not uids[1]:
         raise RequestError("the instance has no SOP Instance UID")
-    return uids
+    return (*uids, header)
+
+
+def header_json(fileobj: BinaryIO) -> str:
+    """The File Meta and the dataset up to the pixel data as DICOM JSON (the SR's evidence)."""
+    import json
+
+    import pydicom
+
+    fileobj.seek(0)
+    ds = pydicom.dcmread(fileobj, stop_before_pixels=True, force=False)
+    for elem in list(ds):  # binary values (overlays, LUTs, private blobs) are not needed as evidence
+        if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+            del ds[elem.tag]
+    return json.dumps({"meta": ds.file_meta.to_json_dict(), "dataset": ds.to_json_dict()})
+
+
+def header_from_json(text: str) -> Any:
+    """Inverse of :func:`header_json`: a pydicom Dataset with its File Meta."""
+    import json
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    doc = json.loads(text)
+    ds = Dataset.from_json(doc["dataset"])
+    ds.file_meta = FileMetaDataset(Dataset.from_json(doc["meta"]))
+    return ds
 
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -196,7 +223,7 @@ async def _finish_part(
         return
     final = await asyncio.to_thread(spool.commit, part.path, part.fh)
     try:
-        sop_class, uid, study, series = await asyncio.to_thread(inspect, final, limits)
+        sop_class, uid, study, series, header = await asyncio.to_thread(inspect, final, limits)
     except (DicomInputError, RequestError) as exc:
         cls, inst = _uids_if_readable(final)
         spool.discard(final)
@@ -208,7 +235,7 @@ async def _finish_part(
         outcome.failed.append((sop_class, uid, DATASET_MISMATCH, "instance belongs to another study"))
         return
     inserted = await asyncio.to_thread(
-        store.add_pending, uid, sop_class, study, series, final.name, part.size
+        store.add_pending, uid, sop_class, study, series, final.name, part.size, header
     )
     if inserted:
         enqueue(uid)

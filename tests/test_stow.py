@@ -212,3 +212,42 @@ def test_crash_after_acknowledgement_loses_nothing(small_bundle: Path, tmp_path:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def test_results_as_dicom_sr(small_bundle: Path, tmp_path: Path) -> None:
+    """/v1/detect and STOW-RS results come back as a TID 1500 SR referencing the source image's frames."""
+    import highdicom as hd
+
+    frames = np.random.default_rng(5).integers(0, 4096, size=(2, 128, 160), dtype=np.uint16)
+    multi = mr_instance(frames, window=(2048, 4096))
+    single = (CORPUS / "CT_small.dcm").read_bytes()
+    with serve(model=small_bundle, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+        detected = c.post(
+            f"{base}/v1/detect", content=single, headers={"Content-Type": "application/dicom"}
+        ).json()
+        body, ctype = multipart([to_bytes(multi)])
+        assert (
+            c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code
+            == 200
+        )
+        stowed = wait_done(c, base, multi.SOPInstanceUID)
+        cases = [
+            (detected["sop_instance_uid"], detected, pydicom.dcmread(io.BytesIO(single))),
+            (multi.SOPInstanceUID, stowed, multi),
+        ]
+        for uid, result, source in cases:
+            assert c.get(f"{base}/v1/results/{uid}").json()["frames"] == result["frames"]
+            r = c.get(f"{base}/v1/results/{uid}", headers={"Accept": "application/dicom"})
+            assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+            sr = pydicom.dcmread(io.BytesIO(r.content))
+            assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+            assert sr.PatientID == source.PatientID and sr.StudyInstanceUID == source.StudyInstanceUID
+            assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+            parsed = hd.sr.srread(io.BytesIO(r.content))
+            groups = parsed.content.get_planar_roi_measurement_groups()
+            n = sum(len(f["detections"]) for f in result["frames"])
+            assert len(groups) == n > 0
+            first = result["frames"][0]["detections"][0]
+            assert np.allclose(groups[0].roi.value[0], first["box"][:2], atol=1e-3)
+            scores = [m.value for m in groups[0].get_measurements()]
+            assert scores and abs(float(scores[0]) - first["score"]) < 1e-5
