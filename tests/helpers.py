@@ -18,3 +18,51 @@ def biased_retinanet(arch: str, num_classes: int, seed: int = 0, *, frozen_bn: b
         cls.weight.normal_(0.0, 0.05)
         cls.bias.fill_(-2.0)
     return model.eval()
+
+
+def start_server(bundle: Any, config: Any, port: int, timeout: float = 120.0) -> Any:
+    """``retinaedge serve`` as a real subprocess on 127.0.0.1:``port``; returns the Popen once /readyz is 200."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "retinaedge.runtime.cli",
+            "serve",
+            "--model",
+            str(bundle),
+            "--port",
+            str(port),
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not become ready")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process in MiB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")

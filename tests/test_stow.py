@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pydicom
 import pytest
 from dicomgen import mr_instance, to_bytes
 from dicomweb_client.api import DICOMwebClient
+from helpers import start_server
 from retinaedge.runtime.detector import Detector
 from test_service import free_port, serve
 
@@ -160,33 +160,7 @@ def test_crash_after_acknowledgement_loses_nothing(small_bundle: Path, tmp_path:
     body, ctype = multipart([to_bytes(ds) for ds in datasets])
 
     def start(port: int) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "retinaedge.runtime.cli",
-                "serve",
-                "--model",
-                str(small_bundle),
-                "--port",
-                str(port),
-                "--config",
-                str(config),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    return proc
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        proc.kill()
-        raise AssertionError("server did not become ready")
+        return start_server(small_bundle, config, port)
 
     port = free_port()
     proc = start(port)
