@@ -221,7 +221,10 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.observe(result.timings_ms)
         body = result.to_json()
         body["backend"] = worker.backend
-        await asyncio.to_thread(_record, data, body)
+        try:
+            await asyncio.to_thread(_record, data, body)
+        except Exception as exc:  # the detections stand even if they cannot be kept for later retrieval
+            log.warning("result not kept for /v1/results: %s", type(exc).__name__)
         body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
         log.info(
             "instance %s: %d frame(s), %d detection(s)",
@@ -262,13 +265,24 @@ def create_app(settings: Settings) -> FastAPI:
         if row is not None and row.state == "done" and want_sr:
             if not row.header_json:
                 return problem(406, "not-acceptable", "no source header was kept for this instance")
-            sr = await asyncio.to_thread(
-                build_sr,
-                header_from_json(row.header_json),
-                row.result() or {},
-                bundle.manifest.name,
-                str(bundle.manifest.model_sha256),
-            )
+            try:
+                sr = await asyncio.to_thread(
+                    build_sr,
+                    header_from_json(row.header_json),
+                    row.result() or {},
+                    bundle.manifest.name,
+                    str(bundle.manifest.model_sha256),
+                )
+            except (
+                Exception
+            ) as exc:  # the source header cannot be represented in an SR (e.g. unknown SOP class)
+                log.warning("DICOM SR not built: %s", type(exc).__name__)
+                return problem(
+                    406,
+                    "not-acceptable",
+                    f"no DICOM SR can be built for this instance ({type(exc).__name__}); "
+                    "the JSON result is available",
+                )
             buf = io.BytesIO()
             sr.save_as(buf, enforce_file_format=True)
             return Response(buf.getvalue(), media_type="application/dicom")

@@ -117,7 +117,13 @@ def header_json(fileobj: BinaryIO) -> str:
     for elem in list(ds):  # binary values (overlays, LUTs, private blobs) are not needed as evidence
         if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
             del ds[elem.tag]
-    return json.dumps({"meta": ds.file_meta.to_json_dict(), "dataset": ds.to_json_dict()})
+    # Values that do not parse (a DS that is not a number ...) are left out rather than failing the instance.
+    return json.dumps(
+        {
+            "meta": ds.file_meta.to_json_dict(suppress_invalid_tags=True),
+            "dataset": ds.to_json_dict(suppress_invalid_tags=True),
+        }
+    )
 
 
 def header_from_json(text: str) -> Any:
