@@ -25,30 +25,33 @@ def start_server(bundle: Any, config: Any, port: int, timeout: float = 120.0) ->
     import subprocess
     import sys
     import time
+    from pathlib import Path
 
     import httpx
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "retinaedge.runtime.cli",
-            "serve",
-            "--model",
-            str(bundle),
-            "--port",
-            str(port),
-            "--config",
-            str(config),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # The server's log goes to a file: a pipe nobody reads fills up and blocks the server's logging.
+    log_path = Path(config).parent / f"server-{port}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "retinaedge.runtime.cli",
+                "serve",
+                "--model",
+                str(bundle),
+                "--port",
+                str(port),
+                "--config",
+                str(config),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return proc

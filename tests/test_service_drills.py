@@ -1,0 +1,213 @@
+"""Service drills: the whole pydicom corpus on both endpoints, patient-data canaries, overload with memory
+figures, and a SIGKILL crash drill while clients stream STOW-RS requests."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from dicomgen import mr_instance, to_bytes
+from helpers import rss_mib, start_server
+from test_service import free_port, serve
+from test_stow import multipart, wait_done
+
+CORPUS = sorted(glob.glob(os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "*.dcm")))
+CONTRACT_4XX = {400, 413, 415, 422}
+
+
+@pytest.mark.slow
+def test_corpus_on_both_endpoints(small_bundle: Path, tmp_path: Path) -> None:
+    statuses: dict[str, dict[int, int]] = {"detect": {}, "stow": {}}
+    with serve(model=small_bundle, data_dir=tmp_path) as base, httpx.Client(timeout=300) as c:
+        for path in CORPUS:
+            data = Path(path).read_bytes()
+            r = c.post(f"{base}/v1/detect", content=data, headers={"Content-Type": "application/dicom"})
+            assert r.status_code == 200 or r.status_code in CONTRACT_4XX, (path, r.status_code, r.text[:300])
+            if r.status_code != 200:
+                assert r.headers["content-type"] == "application/problem+json" and r.json()["detail"]
+            statuses["detect"][r.status_code] = statuses["detect"].get(r.status_code, 0) + 1
+            body, ctype = multipart([data])
+            r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+            assert r.status_code in (200, 202, 409), (path, r.status_code, r.text[:300])
+            statuses["stow"][r.status_code] = statuses["stow"].get(r.status_code, 0) + 1
+    assert statuses["detect"].get(200, 0) >= 55
+    print("corpus on both endpoints, status counts:", json.dumps(statuses))
+
+
+MARKERS = ["CANARYNAME", "CANARYID", "19010203", "CANARYACC", "987654321"]
+
+
+def _canary(frames: int = 1) -> pydicom.Dataset:
+    pixels = np.random.default_rng(9).integers(0, 4096, size=(frames, 96, 96), dtype=np.uint16)
+    ds = mr_instance(pixels if frames > 1 else pixels[0], window=(2048, 4096))
+    ds.PatientName = "CANARYNAME^TEST"
+    ds.PatientID = "CANARYID"
+    ds.PatientBirthDate = "19010203"
+    ds.AccessionNumber = "CANARYACC"
+    uid = "1.2.826.0.1.987654321." + str(random.randrange(10**9))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.StudyInstanceUID = "1.2.826.0.1.987654321.1"
+    ds.SeriesInstanceUID = "1.2.826.0.1.987654321.2"
+    return ds
+
+
+def test_no_patient_data_in_logs_metrics_or_errors(
+    small_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    good = to_bytes(_canary())
+    truncated = good[:-2000]
+    lying = _canary()
+    lying.Rows = 65535
+    bad_bodies: list[str] = []
+    with serve(model=small_bundle, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+        assert (
+            c.post(
+                f"{base}/v1/detect", content=good, headers={"Content-Type": "application/dicom"}
+            ).status_code
+            == 200
+        )
+        for data in (truncated, to_bytes(lying)):
+            r = c.post(f"{base}/v1/detect", content=data, headers={"Content-Type": "application/dicom"})
+            assert r.status_code in CONTRACT_4XX
+            bad_bodies.append(r.text)
+        body, ctype = multipart([to_bytes(_canary(2)), truncated])
+        r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 202
+        uid = r.json()["00081199"]["Value"][0]["00081155"]["Value"][0]
+        wait_done(c, base, uid)
+        bad_bodies.append(c.get(f"{base}/v1/results/1.2.826.0.1.987654321.404").text)
+        metrics = c.get(f"{base}/metrics").text
+    # The server's records (the test's own HTTP client logs the URLs it requests: not the server's logs).
+    server = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    logs = "\n".join(f"{r.name} {r.levelname} {r.getMessage()}" for r in server)
+    assert "inference worker ready" in logs  # the capture worked
+    for marker in MARKERS:
+        assert marker not in logs, f"{marker} leaked into the logs"
+        assert marker not in metrics, f"{marker} leaked into /metrics"
+        for body in bad_bodies:
+            assert marker not in body, f"{marker} leaked into an error body: {body}"
+
+
+@pytest.mark.slow
+def test_overload_four_times_the_queue_memory_flat(small_bundle: Path, tmp_path: Path) -> None:
+    queue_size = 2
+    config = tmp_path / "settings.json"
+    config.write_text(
+        json.dumps({"data_dir": str(tmp_path / "data"), "queue_size": queue_size, "retry_after_s": 3})
+    )
+    frames = np.random.default_rng(3).integers(0, 4096, size=(8, 256, 320), dtype=np.uint16)
+    data = to_bytes(mr_instance(frames, window=(2048, 4096)))
+    port = free_port()
+    proc = start_server(small_bundle, config, port)
+    rounds = []
+    try:
+        url = f"http://127.0.0.1:{port}/v1/detect"
+        for _ in range(4):
+            with concurrent.futures.ThreadPoolExecutor(4 * queue_size) as pool:
+                rs = list(
+                    pool.map(
+                        lambda _: httpx.post(
+                            url, content=data, headers={"Content-Type": "application/dicom"}, timeout=300
+                        ),
+                        range(4 * queue_size),
+                    )
+                )
+            codes = [r.status_code for r in rs]
+            assert set(codes) <= {200, 503}, codes
+            assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
+            assert all(r.headers["retry-after"] == "3" for r in rs if r.status_code == 503)
+            assert all(len(r.json()["frames"]) == 8 for r in rs if r.status_code == 200)
+            rounds.append(
+                {"ok": codes.count(200), "503": codes.count(503), "rss_mib": round(rss_mib(proc.pid), 1)}
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    growth = rounds[-1]["rss_mib"] - rounds[0]["rss_mib"]
+    print(
+        f"overload, {4 * queue_size} clients vs queue {queue_size}:",
+        json.dumps(rounds),
+        f"growth {growth:.1f} MiB",
+    )
+    assert growth < 30, rounds
+
+
+@pytest.mark.slow
+def test_crash_drill_sigkill_50_times(small_bundle: Path, tmp_path: Path) -> None:
+    """Clients stream STOW-RS while the server is SIGKILLed at random moments 50 times; every acknowledged
+    instance has exactly one result at the end."""
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "batch_size": 2}))
+    rng = random.Random(1234)
+    acknowledged: set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/dicomweb/studies"
+
+    def client(seed: int) -> None:
+        local = np.random.default_rng(seed)
+        while not stop.is_set():
+            ds = mr_instance(local.integers(0, 4096, size=(96, 96), dtype=np.uint16), window=(2048, 4096))
+            body, ctype = multipart([to_bytes(ds)])
+            try:
+                r = httpx.post(url, content=body, headers={"Content-Type": ctype}, timeout=30)
+            except httpx.TransportError:
+                time.sleep(0.05)  # server down: not acknowledged, try another instance
+                continue
+            if r.status_code == 200:
+                with lock:
+                    acknowledged.add(r.json()["00081199"]["Value"][0]["00081155"]["Value"][0])
+            time.sleep(0.2)  # a steady stream, bounded so the backlog stays reasonable
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    kills = 0
+    try:
+        while kills < 50:
+            proc = start_server(small_bundle, config, port)
+            time.sleep(rng.uniform(0.05, 1.0))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            kills += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    proc = start_server(small_bundle, config, port)
+    try:
+        with httpx.Client(timeout=120) as c:
+            for uid in sorted(acknowledged):
+                assert wait_done(c, f"http://127.0.0.1:{port}", uid, timeout=600)["state"] == "done"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "data" / "state.sqlite3")
+    rows = db.execute("SELECT sop_instance_uid, state FROM instances").fetchall()
+    states = {uid: state for uid, state in rows}
+    assert len(rows) == len(states)  # one row (one result) per UID
+    assert all(states.get(uid) == "done" for uid in acknowledged)
+    assert not list((tmp_path / "data" / "spool").glob("*"))  # nothing left behind
+    print(f"crash drill: {kills} SIGKILLs, {len(acknowledged)} acknowledged instances, all with one result")
+    assert len(acknowledged) >= 20
