@@ -190,6 +190,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        metrics.set_backend(worker.backend, worker.state)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _record(data: bytes, body: dict[str, Any]) -> None:

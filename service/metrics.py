@@ -24,10 +24,21 @@ class Metrics:
         self.instances = Counter(
             "retinaedge_instances", "Instances received, by outcome", ["outcome"], registry=self.registry
         )
+        self.backend = Gauge(
+            "retinaedge_backend_info",
+            "The inference backend in use (1) and its state",
+            ["backend", "state"],
+            registry=self.registry,
+        )
         depth = Gauge(
             "retinaedge_queue_depth", "Instances waiting for the inference worker", registry=self.registry
         )
         depth.set_function(lambda: float(queue_depth()))
+
+    def set_backend(self, backend: str, state: str) -> None:
+        """Export exactly one (backend, state) series with value 1."""
+        self.backend.clear()
+        self.backend.labels(backend=backend or "none", state=state).set(1)
 
     def outcome(self, outcome: str) -> None:
         self.instances.labels(outcome=outcome).inc()

@@ -88,6 +88,7 @@ def test_health_ready_model_metrics(base: str, small_bundle: Path) -> None:
         assert 'retinaedge_instances_total{outcome="ok"}' in text
         assert 'retinaedge_stage_seconds_bucket{le="0.005",stage="inference"}' in text
         assert "retinaedge_queue_depth" in text
+        assert 'retinaedge_backend_info{backend="onnxruntime",state="ready"} 1.0' in text
 
 
 @pytest.mark.parametrize(
