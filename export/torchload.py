@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,43 @@ from retinaedge.runtime.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
-# Architecture name -> (ResNet depth, torchvision v2 layout?). The v2 layout is
-# retinanet_resnet50_fpn_v2: P6/P7 from C5 (2048 channels) and GroupNorm(32) in the heads.
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "retinanet_resnet50_fpn": ("resnet50", False),
-    "retinanet_resnet50_fpn_v2": ("resnet50", True),
-    "resnet18_fpn": ("resnet18", False),
-    "resnet34_fpn": ("resnet34", False),
-    "resnet50_fpn": ("resnet50", False),
-    "resnet101_fpn": ("resnet101", False),
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A RetinaNet layout: ResNet ``depth``, which ResNet stages feed the FPN, FPN width, v2 or not.
+
+    The FPN has ``len(returned_layers) + 2`` levels (P6/P7 added on top). The v2 layout is
+    retinanet_resnet50_fpn_v2: P6/P7 from C5 (2048 channels) and GroupNorm(32) in the heads.
+    """
+
+    depth: str
+    v2: bool = False
+    returned_layers: tuple[int, ...] = (2, 3, 4)
+    fpn_channels: int = 256
+    anchor_base: tuple[int, ...] = (32, 64, 128, 256, 512)
+
+    @property
+    def levels(self) -> int:
+        return len(self.returned_layers) + 2
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "retinanet_resnet50_fpn": ArchSpec("resnet50"),
+    "retinanet_resnet50_fpn_v2": ArchSpec("resnet50", v2=True),
+    "resnet18_fpn": ArchSpec("resnet18"),
+    "resnet34_fpn": ArchSpec("resnet34"),
+    "resnet50_fpn": ArchSpec("resnet50"),
+    "resnet101_fpn": ArchSpec("resnet101"),
+    # Compact (about 3.9 M parameters): ResNet-18 up to C4, a 96-channel FPN, 4 levels at strides
+    # 8-64 with anchors from 8 px.
+    "resnet18_c4_fpn96": ArchSpec(
+        "resnet18", returned_layers=(2, 3), fpn_channels=96, anchor_base=(8, 16, 32, 64)
+    ),
+    # Compact for CPUs: MobileNetV3-Large features at strides 8, 16, 32 (blocks 6, 12, 16), a 64-channel
+    # FPN, 5 levels at strides 8-128 with anchors from 8 px. The demo model's layout (models/demo).
+    "mobilenet_v3_fpn64": ArchSpec(
+        "mobilenet_v3_large", returned_layers=(6, 12, 16), fpn_channels=64, anchor_base=(8, 16, 32, 64, 128)
+    ),
 }
 
 
@@ -45,9 +74,11 @@ def require_torch() -> tuple[Any, Any]:
     return torch, torchvision
 
 
-def default_anchor_params() -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]]:
-    """torchvision's RetinaNet anchors: 3 sizes per octave on 5 levels, aspect ratios 0.5, 1, 2."""
-    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
+def default_anchor_params(
+    base: Sequence[int] = (32, 64, 128, 256, 512),
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]]:
+    """torchvision's RetinaNet anchors: 3 sizes per octave per level from ``base``, aspect ratios 0.5, 1, 2."""
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in base)
     return sizes, ((0.5, 1.0, 2.0),) * len(sizes)
 
 
@@ -68,7 +99,6 @@ def build_retinanet(
     from functools import partial
 
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
     from torchvision.ops import misc as misc_ops
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -77,15 +107,16 @@ def build_retinanet(
         raise ConfigError(f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}")
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-    depth, v2 = ARCHITECTURES[architecture]
-    default_sizes, default_ratios = default_anchor_params()
+    arch = ARCHITECTURES[architecture]
+    depth, v2 = arch.depth, arch.v2
+    default_sizes, default_ratios = default_anchor_params(arch.anchor_base)
     sizes = tuple(tuple(s) for s in (anchor_sizes or default_sizes))
     ratios = tuple(tuple(r) for r in (aspect_ratios or default_ratios))
     if len(ratios) == 1 and len(sizes) > 1:
         ratios = ratios * len(sizes)
-    if len(sizes) != 5 or len(ratios) != 5:
+    if len(sizes) != arch.levels or len(ratios) != arch.levels:
         raise ConfigError(
-            f"RetinaNet FPN has 5 levels (P3-P7): got {len(sizes)} anchor size groups and "
+            f"{architecture} has {arch.levels} FPN levels: got {len(sizes)} anchor size groups and "
             f"{len(ratios)} aspect-ratio groups"
         )
     per_loc = {len(s) * len(r) for s, r in zip(sizes, ratios, strict=True)}
@@ -96,15 +127,9 @@ def build_retinanet(
         )
     anchor_gen = AnchorGenerator(sizes, ratios)
     norm = misc_ops.FrozenBatchNorm2d if frozen_bn else torch.nn.BatchNorm2d
-    extra = LastLevelP6P7(2048, 256) if v2 else LastLevelP6P7(256, 256)
-    backbone = resnet_fpn_backbone(
-        backbone_name=depth,
-        weights=None,
-        norm_layer=norm,
-        trainable_layers=5,
-        returned_layers=[2, 3, 4],
-        extra_blocks=extra,
-    )
+    width = arch.fpn_channels
+    extra = LastLevelP6P7(2048, width) if v2 else LastLevelP6P7(width, width)
+    backbone = _resnet_fpn(torchvision, depth, norm, list(arch.returned_layers), extra, width)
     head = None
     if v2:
         head = RetinaNetHead(
@@ -117,6 +142,36 @@ def build_retinanet(
     else:
         head = RetinaNetHead(backbone.out_channels, anchor_gen.num_anchors_per_location()[0], num_classes)
     return RetinaNet(backbone, num_classes, anchor_generator=anchor_gen, head=head).eval()
+
+
+def _resnet_fpn(torchvision: Any, depth: str, norm: Any, returned: list[int], extra: Any, width: int) -> Any:
+    """torchvision's ResNet+FPN feature extractor as ``resnet_fpn_backbone`` builds it (same module
+    names), all layers trainable, no pretrained weights, any FPN ``width``."""
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    if depth.startswith("mobilenet"):
+        features = getattr(torchvision.models, depth)(weights=None, norm_layer=norm).features
+        return BackboneWithFPN(
+            features,
+            return_layers={str(k): str(v) for v, k in enumerate(returned)},
+            in_channels_list=[_out_channels(features[k]) for k in returned],
+            out_channels=width,
+            extra_blocks=extra,
+        )
+    body = getattr(torchvision.models, depth)(weights=None, norm_layer=norm)
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{k}": str(v) for v, k in enumerate(returned)},
+        in_channels_list=[(body.inplanes // 8) * 2 ** (k - 1) for k in returned],
+        out_channels=width,
+        extra_blocks=extra,
+    )
+
+
+def _out_channels(block: Any) -> int:
+    """Output channels of a torchvision feature block (its last convolution's)."""
+    convs = [m for m in block.modules() if hasattr(m, "out_channels")]
+    return int(convs[-1].out_channels)
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, Any]:

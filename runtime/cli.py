@@ -22,6 +22,7 @@ log = logging.getLogger("retinaedge")
 VERBS: dict[str, tuple[str, str]] = {
     "export": ("retinaedge.export.cli", "torchvision RetinaNet checkpoint -> model bundle (ONNX, NMS fused)"),
     "detect": ("retinaedge.runtime.detect_cli", "DICOM files -> detections, one JSON line per file"),
+    "eval": ("retinaedge.runtime.eval_cli", "COCO average precision of a bundle on annotated DICOM files"),
     "serve": ("retinaedge.service.cli", "local HTTP service: POST DICOM, get detections"),
     "device": (
         "retinaedge.device.cli",

@@ -1,0 +1,293 @@
+"""``retinaedge eval --model DIR --annotations GT.json FILE_OR_DIR...``: COCO AP on annotated DICOM files.
+
+Runs the model on every frame of every file, scores the detections against the ground truth with
+pycocotools (:mod:`.evaluate`) and prints one JSON object (``--out`` writes it too, indented).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .detect_cli import expand
+from .dicomio import DEFAULT_LIMITS, Limits, open_dicom
+from .errors import ConfigError, RetinaEdgeError
+from .evaluate import (
+    GROUND_TRUTH_HELP,
+    Annotation,
+    EvalFrame,
+    describe_unmatched,
+    evaluate,
+    evaluated_classes,
+    load_ground_truth,
+    split_unmatched,
+)
+
+log = logging.getLogger(__name__)
+
+# Inside a directory, files that are obviously not DICOM (the ground truth itself, notes, previews).
+SKIPPED_SUFFIXES = frozenset(
+    {".json", ".md", ".png", ".txt", ".jpg", ".jpeg", ".csv", ".xml", ".yaml", ".yml", ".html", ".pdf"}
+)
+SKIPPED_NAMES = frozenset({"DICOMDIR"})  # a DICOM media directory: no pixel data
+
+OUTPUT_HELP = """
+output: one JSON object on stdout (and in --out): model {name, sha256, path}, backend, images
+(frames), instances (files), classes {name: {ap50, ap, ap75, ar100, ground_truth, difficult,
+detections}}, map50 and map (means over classes with ground truth), iou_thresholds,
+max_detections, rejected_files, unmatched_annotations and, with --min-map50, gate {min_map50, passed}.
+
+exit status: 0 done; 1 the --min-map50 gate failed or an input file was rejected (without
+--skip-rejected); 2 invalid options or ground truth.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = GROUND_TRUTH_HELP + OUTPUT_HELP
+    p.add_argument("--model", type=Path, required=True, help="model bundle directory (or a model.onnx)")
+    p.add_argument("--annotations", type=Path, required=True, help="ground-truth JSON file (format below)")
+    p.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        help="DICOM files; a directory means every file in it, sorted (skipping .json, .md, .png, .txt "
+        "and similar files, hidden files and DICOMDIR)",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="frames per inference batch (default 4)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: CPU affinity)")
+    p.add_argument(
+        "--min-map50",
+        type=float,
+        metavar="X",
+        help="quality gate: exit 1 when mAP@0.5 (0..1) is below X or undefined",
+    )
+    p.add_argument("--out", type=Path, help="also write the report, indented, to this file")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="leave out annotations of instances/frames that are not among the files (counted as "
+        "unmatched_annotations) instead of failing",
+    )
+    p.add_argument(
+        "--skip-rejected",
+        action="store_true",
+        help="leave out DICOM files the runtime rejects (counted as rejected_files; their annotations "
+        "count as unmatched) instead of stopping",
+    )
+
+
+def input_files(paths: Sequence[Path], annotations: Path) -> list[Path]:
+    """Files as given (except the ground-truth file itself); directories expanded (recursively, sorted)
+    without the ground-truth file, hidden files, DICOMDIR and files with a :data:`SKIPPED_SUFFIXES`
+    suffix."""
+    gt = annotations.resolve()
+    out: list[Path] = []
+    for p in paths:
+        if not p.is_dir():
+            if p.resolve() == gt:  # e.g. from a shell glob over the data directory
+                log.info("the annotations file %s is not an input, skipped", p)
+            else:
+                out.append(p)
+            continue
+        for q in expand([p]):
+            if (
+                q.resolve() == gt
+                or q.name.startswith(".")
+                or q.name in SKIPPED_NAMES
+                or q.suffix.lower() in SKIPPED_SUFFIXES
+            ):
+                log.debug("not DICOM, skipped: %s", q)
+                continue
+            out.append(q)
+    return out
+
+
+def peek_uid(path: Path, limits: Limits = DEFAULT_LIMITS) -> str | None:
+    """The file's SOP Instance UID from its header, or ``None`` if the header cannot be read."""
+    try:
+        with open_dicom(path, limits) as src:
+            return str(src.ds.get("SOPInstanceUID", "")) or None
+    except Exception:  # any reason: this is only a best-effort look
+        return None
+
+
+@dataclass
+class Detected:
+    """What running the model over the inputs produced."""
+
+    frames: list[EvalFrame] = field(default_factory=list)
+    frames_per_instance: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> frames
+    instances: int = 0
+    rejected: int = 0
+    rejected_uids: set[str] = field(default_factory=set)  # of rejected files whose header was readable
+
+
+class InputRejected(Exception):
+    """A file was rejected and ``--skip-rejected`` was not given; carries what to print."""
+
+    def __init__(self, path: Path, error: dict[str, str], config: bool) -> None:
+        super().__init__(error["message"])
+        self.path = path
+        self.error = error
+        self.config = config
+
+
+def detect_all(det: Any, files: Sequence[Path], *, skip_rejected: bool) -> Detected:
+    """Run ``det`` over ``files``; rejected files raise :class:`InputRejected` unless ``skip_rejected``."""
+    out = Detected()
+    where: dict[str, Path] = {}
+    for number, path in enumerate(files):
+        try:
+            result = det.detect(path)
+        except Exception as exc:
+            if isinstance(exc, RetinaEdgeError):
+                error = exc.to_dict()
+            else:  # a bug, not the input: say so, with the traceback in the log
+                log.exception("internal error on input #%d (%s)", number, path)
+                error = {"type": "internal-error", "message": f"{type(exc).__name__}: {exc}"}
+            if not skip_rejected:
+                raise InputRejected(path, error, isinstance(exc, ConfigError)) from exc
+            out.rejected += 1
+            log.warning("skipping rejected input %s: %s", path, error["type"])
+            uid = peek_uid(path, det.limits)
+            if uid:
+                out.rejected_uids.add(uid)
+            continue
+        uid = result.sop_instance_uid
+        if not uid:
+            log.warning("input %s has no SOP Instance UID: its frames count as unannotated", path)
+        elif uid in where:
+            raise ConfigError(
+                f"{where[uid]} and {path} are the same instance (same SOP Instance UID); give each file once"
+            )
+        else:
+            where[uid] = path
+            out.frames_per_instance[uid] = len(result.frames)
+        out.instances += 1
+        out.frames += [EvalFrame(uid, f.index, f.detections) for f in result.frames]
+        log.debug("evaluated input #%d: %s (%d frames)", number, path, len(result.frames))
+    return out
+
+
+def check_unmatched(
+    unmatched: Sequence[Annotation], rejected_uids: set[str], *, allow_missing: bool, rejected: int
+) -> None:
+    """Fail on annotations for instances/frames that were not given, unless ``allow_missing``.
+    Annotations of rejected files (when their header was readable) are always tolerated."""
+    missing = [a for a in unmatched if a.sop_instance_uid not in rejected_uids]
+    if missing and not allow_missing:
+        hint = (
+            f" ({rejected} file(s) were rejected; annotations of those with an unreadable header count here)"
+            if rejected
+            else ""
+        )
+        raise ConfigError(
+            f"{describe_unmatched(missing)}{hint}; give those files, correct the annotations or pass "
+            "--allow-missing to leave them out"
+        )
+    if unmatched:
+        log.warning("%d annotation(s) left out: not among the evaluated frames", len(unmatched))
+
+
+def backend_info(backend: Any) -> dict[str, Any]:
+    """What the backend says about itself: ``name`` and, if it has them, ``providers`` and ``threads``."""
+    info: dict[str, Any] = {"name": getattr(backend, "name", type(backend).__name__)}
+    if getattr(backend, "providers", None) is not None:
+        info["providers"] = list(backend.providers)
+    if getattr(backend, "threads", None) is not None:
+        info["threads"] = int(backend.threads)
+    return info
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Reject options that cannot be honoured before any work is done."""
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.min_map50 is not None and not 0.0 <= args.min_map50 <= 1.0:
+        raise ConfigError(f"--min-map50 must be within 0..1, got {args.min_map50}")
+    if args.out is not None and not args.out.parent.is_dir():
+        raise ConfigError(f"--out {args.out}: directory {args.out.parent} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import emit
+    from .detector import Detector
+
+    check_options(args)
+    gt = load_ground_truth(args.annotations)
+    files = input_files(args.files, args.annotations)
+    if not files:
+        raise ConfigError("no input files (directories held only skipped files)")
+    with Detector.open(args.model, threads=args.threads, batch_size=args.batch_size) as det:
+        manifest = det.bundle.manifest
+        class_names = manifest.class_names
+        classes = evaluated_classes(gt, class_names)
+        if not (args.allow_missing or args.skip_rejected):
+            # A cheap early look at the headers, so a wrong file list fails before any inference. Only
+            # when every header is readable: otherwise detection names the unreadable file.
+            uids = [peek_uid(f, det.limits) for f in files]
+            known = {uid for uid in uids if uid}
+            if all(uids):
+                check_unmatched(
+                    [a for a in gt.annotations if a.sop_instance_uid not in known],
+                    set(),
+                    allow_missing=False,
+                    rejected=0,
+                )
+        try:
+            detected = detect_all(det, files, skip_rejected=args.skip_rejected)
+        except InputRejected as exc:
+            log.error(
+                "input %s rejected (%s): %s [--skip-rejected leaves such files out]",
+                exc.path,
+                exc.error["type"],
+                exc.error["message"],
+            )
+            emit({"file": str(exc.path), "error": exc.error})
+            return 2 if exc.config else 1
+        backend = backend_info(det.backend)
+    if not detected.frames:
+        raise ConfigError(f"none of the {len(files)} input file(s) could be evaluated (all rejected)")
+    matched, unmatched = split_unmatched(gt.annotations, detected.frames_per_instance)
+    check_unmatched(
+        unmatched, detected.rejected_uids, allow_missing=args.allow_missing, rejected=detected.rejected
+    )
+    evaluation = evaluate(detected.frames, matched, class_names, classes).to_json()
+    report: dict[str, Any] = {
+        "model": {"name": manifest.name, "sha256": manifest.model_sha256, "path": str(args.model)},
+        "backend": backend,
+        "images": evaluation.pop("images"),
+        "instances": detected.instances,
+        **evaluation,
+        "rejected_files": detected.rejected,
+        "unmatched_annotations": len(unmatched),
+    }
+    status = 0
+    map50 = report["map50"]
+    log.info(
+        "mAP@0.5 %s, mAP@[.5:.95] %s over %d frame(s) of %d file(s)",
+        "undefined" if map50 is None else f"{map50:.4f}",
+        "undefined" if report["map"] is None else f"{report['map']:.4f}",
+        report["images"],
+        report["instances"],
+    )
+    if args.min_map50 is not None:
+        passed = map50 is not None and map50 >= args.min_map50
+        report["gate"] = {"min_map50": args.min_map50, "passed": passed}
+        if not passed:
+            status = 1
+            measured = "undefined (no class has ground truth)" if map50 is None else f"{map50:.4f}"
+            log.error("quality gate failed: mAP@0.5 is %s, required %.4f", measured, args.min_map50)
+    if args.out is not None:
+        try:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot write --out {args.out}: {exc.strerror or exc}") from exc
+    emit(report)
+    return status
