@@ -9,9 +9,11 @@ PIP    := $(PY) -m pip
 # resolves the same CPU-capable release instead of the newest CUDA build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help venv test lint pytest clean
+.PHONY: help venv runtime demo test lint pytest clean
 
 help:
+	@echo "make demo    install the runtime (no torch) into .venv if needed, serve the demo model,"
+	@echo "             send the sample studies (STOW-RS and /v1/detect), print findings, write overlays"
 	@echo "make test    create .venv, install runtime + export + dev extras, run ruff and pytest"
 	@echo "make lint    ruff only"
 	@echo "make clean   remove .venv and caches"
@@ -28,6 +30,18 @@ $(VENV)/.test-deps: $(VENV)/.created pyproject.toml
 	touch $@
 
 venv: $(VENV)/.test-deps
+
+# The runtime alone (what the appliance and the demo need): no torch. Quick when .venv already has
+# it (for example from `make test`).
+$(VENV)/.runtime-deps: $(VENV)/.created pyproject.toml
+	$(PIP) install --quiet -e .
+	touch $@
+
+runtime: $(VENV)/.runtime-deps
+
+# The appliance's main job on the bundled demo model and sample studies; overlays in demo-output/.
+demo: $(VENV)/.runtime-deps
+	$(PY) tools/demo.py --model models/demo --examples examples --out demo-output
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check export runtime device service tests tools

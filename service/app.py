@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import io
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -169,8 +168,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def readyz() -> Response:
         if worker.state != "ready":
             return problem(503, "not-ready", worker.reason, {"Retry-After": str(settings.retry_after_s)})
-        if not os.access(spool.root, os.W_OK):
-            return problem(503, "not-ready", f"the spool directory {spool.root} is not writable")
+        unwritable = await asyncio.to_thread(spool.unwritable_reason)
+        if unwritable is not None:
+            return problem(503, "not-ready", unwritable, {"Retry-After": str(settings.retry_after_s)})
         return JSONResponse(
             {
                 "status": "ready",

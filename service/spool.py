@@ -25,6 +25,27 @@ class Spool:
         for stale in root.glob("*.part"):  # interrupted writes were never acknowledged
             stale.unlink(missing_ok=True)
 
+    def unwritable_reason(self) -> str | None:
+        """Why nothing can be spooled now (a probe file cannot be created, written and fsynced), or None.
+
+        A real write, not ``os.access``: permission bits say nothing for root, nor about a read-only
+        remount, a full disk or a spool directory that was replaced or removed.
+        """
+        probe = self.root / f".probe-{uuid.uuid4().hex}"
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"probe")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            return f"the spool directory {self.root} is not writable ({exc.strerror or type(exc).__name__})"
+        finally:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+        return None
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 

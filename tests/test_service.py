@@ -197,6 +197,22 @@ def test_not_ready_when_self_test_fails(small_bundle: Path, tmp_path: Path) -> N
         assert c.get(f"{url}/healthz").status_code == 200
 
 
+def test_not_ready_while_the_spool_is_unwritable(small_bundle: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with serve(model=small_bundle, data_dir=data) as url, httpx.Client(timeout=60) as c:
+        assert c.get(f"{url}/readyz").status_code == 200
+        spool = data / "spool"
+        shutil.rmtree(spool)
+        spool.write_bytes(b"")  # the spool directory replaced by a file: nothing can be created in it
+        r = c.get(f"{url}/readyz")
+        assert r.status_code == 503 and "not writable" in r.json()["detail"]
+        assert "Retry-After" in r.headers
+        assert c.get(f"{url}/healthz").status_code == 200
+        spool.unlink()
+        spool.mkdir()
+        assert c.get(f"{url}/readyz").status_code == 200
+
+
 def test_refuses_to_bind_beyond_loopback_without_token(small_bundle: Path) -> None:
     with pytest.raises(ConfigError, match="API token is required"):
         load_settings(model=small_bundle, host="0.0.0.0")
