@@ -244,7 +244,9 @@ def export_retinanet(
             "batch_consistency": consistency,
             "model_sha256": manifest.model_sha256,
         }
-        write_golden(stage, synth_u8[:1], reference.detections[:1], "torchvision (PyTorch) on synthetic:0")
+        _write_golden(
+            stage, ref_model, synth_u8[0], inputs[synthetic_count:], reference.detections[synthetic_count:]
+        )
 
         if plugin_variant:
             parity["efficientnms_trt"] = _plugin_variant(
@@ -289,6 +291,29 @@ def export_retinanet(
         parity["totals"]["reference"],
     )
     return ExportResult(bundle_dir=out, manifest=manifest, parity=parity)
+
+
+def _write_golden(
+    stage: Path,
+    ref_model: Any,
+    synthetic_u8: np.ndarray,
+    extra: Sequence[ParityInput],
+    extra_detections: Sequence[Any],
+) -> None:
+    """The golden input the runtime self-tests with: the first synthetic image and, when parity inputs
+    were given (e.g. DICOM frames), the one on which PyTorch found the most detections, so the self-test
+    checks real detections. Stored as uint8 (input = u8 / 255); the reference detections are recomputed
+    on the quantised images so that they are exactly what the stored input should give."""
+    images_u8 = [synthetic_u8]
+    sources = ["synthetic:0"]
+    if extra:
+        best = max(range(len(extra)), key=lambda i: len(extra_detections[i].scores))
+        if len(extra_detections[best].scores):
+            images_u8.append(np.clip(np.rint(extra[best].image * 255.0), 0, 255).astype(np.uint8))
+            sources.append(extra[best].source)
+    golden_u8 = np.stack(images_u8)
+    golden = torchvision_detections(ref_model, to_float(golden_u8))
+    write_golden(stage, golden_u8, golden.detections, "torchvision (PyTorch) on " + ", ".join(sources))
 
 
 def _plugin_variant(

@@ -1,13 +1,24 @@
-"""``retinaedge detect --model DIR FILE...``: one JSON line per input file, in order."""
+"""``retinaedge detect --model DIR FILE...``: one JSON line per input file, in order.
+
+With ``--series``: the detections of every file are grouped into series, ordered along the slice normal
+and linked into 3D findings (:mod:`.findings`); one JSON line per series (in order of first
+appearance), after a ``{"file", "error"}`` line for each rejected file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .dicomio import Limits
-from .errors import RetinaEdgeError
+from .errors import ConfigError, RetinaEdgeError
+
+if TYPE_CHECKING:
+    from .detector import InstanceResult
+    from .findings import LinkParams, SeriesResult
+    from .series import FrameRef
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -34,6 +45,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="ONNX Runtime execution provider; refused if it is not the one actually in use",
     )
+    series = p.add_argument_group("series findings (--series)")
+    series.add_argument(
+        "--series",
+        action="store_true",
+        help="group the files into series and print one object per series with its 3D findings",
+    )
+    series.add_argument("--min-score", type=float, help="ignore detections scoring below this (default 0.5)")
+    series.add_argument("--min-slices", type=int, help="drop findings on fewer slices than this (default 2)")
+    series.add_argument(
+        "--link-iou", type=float, help="box IoU that links detections on neighbouring slices (default 0.2)"
+    )
+    series.add_argument(
+        "--max-gap", type=int, help="slices a finding may skip between two detections (default 1)"
+    )
     p.add_argument(
         "--max-frame-bytes",
         type=int,
@@ -56,11 +81,33 @@ def expand(paths: list[Path]) -> list[Path]:
     return out
 
 
+SERIES_OPTIONS = ("min_score", "min_slices", "link_iou", "max_gap")
+
+
+def link_params(args: argparse.Namespace) -> LinkParams | None:
+    """The linking parameters with ``--series`` (defaults where not given), else None; series options
+    without ``--series`` are refused."""
+    given = {name: getattr(args, name, None) for name in SERIES_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if not getattr(args, "series", False):
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ConfigError(f"{flags} only apply with --series")
+        return None
+    from .findings import LinkParams
+
+    return LinkParams(**given)
+
+
 def run(args: argparse.Namespace) -> int:
     from .cli import emit
     from .detector import Detector
     from .overlay import write_png
+    from .series import read_frames
 
+    params = link_params(args)
+    collected: list[tuple[InstanceResult, list[FrameRef]]] = []
+    files: dict[str, str] = {}  # SOP Instance UID -> input file (series mode)
     limits = Limits(max_frame_bytes=args.max_frame_bytes, max_decoded_bytes=args.max_decoded_bytes)
     rejected = 0
     providers = (
@@ -81,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
 
             try:
                 result = det.detect(path, on_frame=on_frame)
-                emit({"file": str(path), **result.to_json()})
+                if params is None:
+                    emit({"file": str(path), **result.to_json()})
+                else:
+                    collected.append((result, read_frames(path, limits)))
+                    files.setdefault(result.sop_instance_uid, str(path))
             except RetinaEdgeError as exc:
                 rejected += 1
                 log.warning("rejected input #%d: %s", number, exc.type)
@@ -95,4 +146,30 @@ def run(args: argparse.Namespace) -> int:
                         "error": {"type": "internal-error", "message": f"{type(exc).__name__}: {exc}"},
                     }
                 )
+        model = {"name": det.bundle.manifest.name, "sha256": str(det.bundle.manifest.model_sha256)}
+    if params is not None:
+        for series in series_results(collected, params):
+            uids = dict.fromkeys(f.sop_instance_uid for f in series.stack.frames)
+            emit({**series.to_json(), "model": model, "files": [files[u] for u in uids if u in files]})
     return 1 if rejected else 0
+
+
+def series_results(
+    collected: list[tuple[InstanceResult, list[FrameRef]]], params: LinkParams
+) -> list[SeriesResult]:
+    """Per-instance results and frame geometry -> one :class:`SeriesResult` per series."""
+    from .findings import analyse_series
+
+    frames = [f for _, refs in collected for f in refs]
+    detections = {
+        (result.sop_instance_uid, fr.index): fr.detections for result, _ in collected for fr in result.frames
+    }
+    results = analyse_series(frames, detections, params)
+    log.info(
+        "%d instance(s) in %d series: %d finding(s), %d inconsistent stack(s)",
+        len(collected),
+        len(results),
+        sum(len(r.findings) for r in results),
+        sum(not r.stack.consistent for r in results),
+    )
+    return results

@@ -172,7 +172,7 @@ def save(torch: Any, model: Any, args: argparse.Namespace, iterations: int) -> N
         "batch": args.batch,
         "lr": args.lr,
         "train_seeds": [args.seed_base, args.seed_base + args.studies - 1],
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
     tmp = args.out.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "meta": meta}, tmp)
