@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=ROOT / "models" / "demo")
     p.add_argument("--examples", type=Path, default=ROOT / "examples")
     p.add_argument("--out", type=Path, default=ROOT / "demo-output")
-    p.add_argument("--min-score", type=float, default=0.5, help="findings below this score are not shown")
+    p.add_argument("--min-score", type=float, default=0.3, help="findings below this score are not shown")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)

@@ -117,7 +117,12 @@ def train(args: argparse.Namespace) -> None:
     data = build_dataset(list(range(args.seed_base, args.seed_base + args.studies)), args.workers)
     pos = [i for i, d in enumerate(data) if len(d[1])]
     neg = [i for i, d in enumerate(data) if not len(d[1])]
-    model = make_model(torch).train()
+    model = make_model(torch)
+    if args.resume:
+        state = torch.load(args.resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        log.info("resumed from %s (%s)", args.resume, state.get("meta", {}).get("iterations"))
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = min(300, args.iterations // 10)
 
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="processes rendering the dataset")
     p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--resume", type=Path, help="start from this checkpoint's weights (a fresh schedule)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
