@@ -114,9 +114,14 @@ def header_json(fileobj: BinaryIO) -> str:
 
     fileobj.seek(0)
     ds = pydicom.dcmread(fileobj, stop_before_pixels=True, force=False)
-    for elem in list(ds):  # binary values (overlays, LUTs, private blobs) are not needed as evidence
-        if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
-            del ds[elem.tag]
+    for tag in list(ds.keys()):
+        try:
+            vr = ds[tag].VR  # converts the raw element: an unknown VR raises here
+        except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
+            del ds[tag]  # left out of the evidence rather than failing the instance
+            continue
+        if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):  # overlays, LUTs, private blobs: not evidence
+            del ds[tag]
     # Values that do not parse (a DS that is not a number ...) are left out rather than failing the instance.
     return json.dumps(
         {

@@ -354,6 +354,9 @@ MALFORMED = {
     "ds-not-a-number": (b"\x18\x00\x60\x00DS\x04\x00120 ", b"\x18\x00\x60\x00DS\x04\x00\x8820 "),
     # SOP Class UID (0008,0016) "1.2.840.10008.5.1.4.1.1.2" -> "1.2.840.10008.\xdf.1.4.1.1.2": no such class
     # (highdicom raises KeyError building the SR).
+    # A private tag's VR (0029,1009) "SH" -> "S\x9f": unknown VR (pydicom raises NotImplementedError when
+    # the element is converted, which the DICOM JSON evidence of a STOW-RS instance did).
+    "unknown-vr": (b"\x29\x00\x09\x10SH\x00\x00", b"\x29\x00\x09\x10S\x9f\x00\x00"),
     "unknown-sop-class": (
         b"\x08\x00\x16\x00UI\x1a\x001.2.840.10008.5.1.4.1.1.2\x00",
         b"\x08\x00\x16\x00UI\x1a\x001.2.840.10008.\xdf.1.4.1.1.2\x00",
@@ -369,6 +372,8 @@ MALFORMED = {
         ("ds-not-a-number", "stow", "90012"),
         ("unknown-sop-class", "detect", "90021"),
         ("unknown-sop-class", "stow", "90022"),
+        ("unknown-vr", "detect", "90031"),
+        ("unknown-vr", "stow", "90032"),
     ],
 )
 def test_no_server_error_on_malformed_header_values(
