@@ -12,7 +12,7 @@ import io
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,9 +34,10 @@ from retinaedge.runtime.errors import (
 
 from .metrics import Metrics
 from .processor import Processor
+from .series import SeriesFindings, SeriesStatus, series_findings, series_status
 from .settings import Settings
 from .spool import Spool
-from .sr import build_sr
+from .sr import build_series_sr, build_sr
 from .store import Store
 from .stow import header_from_json, inspect, receive
 from .worker import InferenceWorker
@@ -258,6 +259,25 @@ def create_app(settings: Settings) -> FastAPI:
             outcome.to_dicom_json(base), status_code=outcome.status, media_type="application/dicom+json"
         )
 
+    async def sr_response(build: Callable[[], Any], what: str) -> Response:
+        """``build()`` (a pydicom SR dataset, built in a thread) as ``application/dicom``; 406 when the
+        source headers cannot be represented in an SR (e.g. an unknown SOP class)."""
+
+        def encode() -> bytes:
+            buf = io.BytesIO()
+            build().save_as(buf, enforce_file_format=True)
+            return buf.getvalue()
+
+        try:
+            return Response(await asyncio.to_thread(encode), media_type="application/dicom")
+        except Exception as exc:
+            log.warning("DICOM SR of a %s not built: %s", what, type(exc).__name__)
+            return problem(
+                406,
+                "not-acceptable",
+                f"no DICOM SR can be built for this {what} ({type(exc).__name__}); the JSON result is available",
+            )
+
     @app.get("/v1/results/{uid}")
     async def results(uid: str, request: Request) -> Response:
         accept = request.headers.get("accept", "application/json").lower()
@@ -266,27 +286,16 @@ def create_app(settings: Settings) -> FastAPI:
         if row is not None and row.state == "done" and want_sr:
             if not row.header_json:
                 return problem(406, "not-acceptable", "no source header was kept for this instance")
-            try:
-                sr = await asyncio.to_thread(
-                    build_sr,
-                    header_from_json(row.header_json),
+            header_json = row.header_json
+            return await sr_response(
+                lambda: build_sr(
+                    header_from_json(header_json),
                     row.result() or {},
                     bundle.manifest.name,
                     str(bundle.manifest.model_sha256),
-                )
-            except (
-                Exception
-            ) as exc:  # the source header cannot be represented in an SR (e.g. unknown SOP class)
-                log.warning("DICOM SR not built: %s", type(exc).__name__)
-                return problem(
-                    406,
-                    "not-acceptable",
-                    f"no DICOM SR can be built for this instance ({type(exc).__name__}); "
-                    "the JSON result is available",
-                )
-            buf = io.BytesIO()
-            sr.save_as(buf, enforce_file_format=True)
-            return Response(buf.getvalue(), media_type="application/dicom")
+                ),
+                "instance",
+            )
         if row is None:
             return problem(
                 404, "not-found", "no instance with this SOP Instance UID (or its result has expired)"
@@ -304,5 +313,67 @@ def create_app(settings: Settings) -> FastAPI:
                 }
             )
         return JSONResponse({**(row.result() or {}), "state": "done"})
+
+    def _series_state(uid: str) -> tuple[SeriesStatus, SeriesFindings | None] | None:
+        """The series' status and, once complete, its findings; None for an unknown series."""
+        rows = store.series_rows(uid)
+        if not rows:
+            return None
+        status = series_status(rows, time.time(), settings.series_quiet_s, store.series_requested_at(uid))
+        if status.state != "complete":
+            return status, None
+        return status, series_findings(rows, settings.link_params())
+
+    async def _series_answer(uid: str, request: Request) -> Response:
+        state = await asyncio.to_thread(_series_state, uid)
+        if state is None:
+            return problem(
+                404, "not-found", "no instance of this Series Instance UID (or its results have expired)"
+            )
+        status, found = state
+        body: dict[str, Any] = {"series_instance_uid": uid, **status.to_json()}
+        if status.state != "complete":
+            body["quiet_period_s"] = settings.series_quiet_s
+            return JSONResponse(body, status_code=202, headers={"Retry-After": str(status.retry_after_s)})
+        accept = request.headers.get("accept", "application/json").lower()
+        if "application/dicom" in accept and "json" not in accept:
+            if found is None:
+                return problem(406, "not-acceptable", "no instance of this series could be analysed")
+            return await sr_response(
+                lambda: build_series_sr(
+                    found.headers, found.result, bundle.manifest.name, str(bundle.manifest.model_sha256)
+                ),
+                "series",
+            )
+        body["model"] = {"name": bundle.manifest.name, "sha256": str(bundle.manifest.model_sha256)}
+        if found is None:
+            body.update({"stack": None, "findings": [], "left_out": []})
+        else:
+            linked = found.result.to_json()
+            linked.pop("series_instance_uid")
+            linked.pop("instances")
+            body.update({**linked, "left_out": found.left_out})
+        log.info(
+            "series %s: complete (%s), %d finding(s)",
+            uid_hash(uid),
+            status.completed_by,
+            len(body["findings"]),
+        )
+        return JSONResponse(body)
+
+    @app.get("/v1/series/{series_uid}")
+    async def series(series_uid: str, request: Request) -> Response:
+        return await _series_answer(series_uid, request)
+
+    @app.post("/v1/series/{series_uid}/complete")
+    async def complete_series(series_uid: str, request: Request) -> Response:
+        """Treat the series as complete now (its pending instances still finish first)."""
+        known = await asyncio.to_thread(store.series_rows, series_uid)
+        if not known:
+            return problem(
+                404, "not-found", "no instance of this Series Instance UID (or its results have expired)"
+            )
+        await asyncio.to_thread(store.request_series_complete, series_uid)
+        return await _series_answer(series_uid, request)
 
     return app

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.findings import LinkParams
 
 
 class Settings(BaseSettings):
@@ -42,6 +43,22 @@ class Settings(BaseSettings):
     results_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="retention of results")
     results_max_bytes: int = Field(default=256 * 1024**2, ge=0, description="retention budget of result JSON")
     threads: int | None = Field(default=None, ge=1)
+    series_quiet_s: float = Field(
+        default=30.0, gt=0, description="a series is complete once no instance has arrived for this long"
+    )
+    series_min_score: float = Field(default=0.5, ge=0, le=1, description="detections below are not linked")
+    series_min_slices: int = Field(default=2, ge=1, description="findings on fewer slices are dropped")
+    series_link_iou: float = Field(default=0.2, gt=0, le=1, description="IoU linking neighbouring slices")
+    series_max_gap: int = Field(default=1, ge=0, description="slices a finding may skip")
+
+    def link_params(self) -> LinkParams:
+        """The series linking parameters (:class:`~retinaedge.runtime.findings.LinkParams`)."""
+        return LinkParams(
+            min_score=self.series_min_score,
+            min_slices=self.series_min_slices,
+            link_iou=self.series_link_iou,
+            max_gap=self.series_max_gap,
+        )
 
     @model_validator(mode="after")
     def _loopback_or_token(self) -> Settings:

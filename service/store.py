@@ -2,6 +2,7 @@
 
 One row per SOP Instance UID: ``pending`` until the worker has run it, then ``done`` (result JSON) or
 ``failed`` (error type and message). Receiving a UID twice is idempotent: the first row stands.
+``series_requests`` records when a client asked for a series to be treated as complete.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_state ON instances (state, received_at);
 CREATE INDEX IF NOT EXISTS instances_completed ON instances (completed_at);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
+CREATE TABLE IF NOT EXISTS series_requests (
+    series_uid   TEXT PRIMARY KEY,
+    requested_at REAL NOT NULL
+);
 """
 
 
@@ -126,6 +132,33 @@ class Store:
     def get(self, uid: str) -> Row | None:
         return self._one("SELECT * FROM instances WHERE sop_instance_uid = ?", (uid,))
 
+    def series_rows(self, series_uid: str) -> list[Row]:
+        """Every kept instance of one series, in order of arrival."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at, sop_instance_uid",
+                (series_uid,),
+            ).fetchall()
+        return [Row(*r) for r in rows]
+
+    def request_series_complete(self, series_uid: str, at: float | None = None) -> float:
+        """Record that the series is complete as of ``at`` (default now); returns that time."""
+        at = time.time() if at is None else at
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO series_requests (series_uid, requested_at) VALUES (?, ?) "
+                "ON CONFLICT(series_uid) DO UPDATE SET requested_at = excluded.requested_at",
+                (series_uid, at),
+            )
+        return at
+
+    def series_requested_at(self, series_uid: str) -> float | None:
+        with self._lock:
+            r = self._db.execute(
+                "SELECT requested_at FROM series_requests WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+        return float(r[0]) if r else None
+
     def pending(self) -> list[str]:
         with self._lock:
             rows = self._db.execute(
@@ -174,6 +207,10 @@ class Store:
                     drop.append((uid,))
             if drop:
                 self._db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", drop)
+            if n or drop:
+                self._db.execute(
+                    "DELETE FROM series_requests WHERE series_uid NOT IN (SELECT series_uid FROM instances)"
+                )
         return n + len(drop)
 
     def counts(self) -> dict[str, int]:

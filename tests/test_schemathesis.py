@@ -59,6 +59,7 @@ ODD_CONTENT_TYPES = [
     "",
 ]
 CT_SMALL = (CORPUS / "CT_small.dcm").read_bytes()
+CT_SMALL_SERIES_UID = "1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322"
 PIXEL_DATA_OFFSET = CT_SMALL.index(b"\xe0\x7f\x10\x00")  # the (7FE0,0010) tag, little endian
 # Bounded and reproducible: a fixed number of examples, the same ones every run, no example database, and
 # no shrinking (each failing request is reported whole, with the server's traceback).
@@ -330,6 +331,20 @@ def test_no_server_error_on_raw_bodies(
             tally[f"GET /v1/results/{{uid}} (SR, {kind}) -> {sr.status_code}"] += 1
             detail = _describe("GET", sr.url.path, headers, None, sr.status_code, sr.text)
             _assert_no_server_error(detail, sr.status_code, server_log, before)
+
+        # The mutated instances mostly keep CT_small's series: asking for that series' findings (JSON,
+        # then the series SR) over whatever headers were stored is not a 5xx either.
+        for method, suffix, headers in (
+            ("POST", "/complete", {}),
+            ("GET", "", {"Accept": "application/dicom"}),
+        ):
+            before = len(server_log)
+            r = client.request(method, f"/v1/series/{CT_SMALL_SERIES_UID}{suffix}", headers=headers)
+            tally[
+                f"{method} /v1/series/{{uid}}{suffix} ({kind}, {headers or 'JSON'}) -> {r.status_code}"
+            ] += 1
+            detail = _describe(method, r.url.path, headers, None, r.status_code, r.text)
+            _assert_no_server_error(detail, r.status_code, server_log, before)
 
         # The server is still up, and its worker still ready, after all of it.
         assert client.get("/readyz").status_code == 200

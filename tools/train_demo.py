@@ -77,15 +77,28 @@ def build_dataset(seeds: list[int], workers: int) -> list[tuple[np.ndarray, np.n
         parts = pool.map(_study, seeds, chunksize=4)
     data = [item for part in parts for item in part]
     positives = sum(1 for _, b, _ in data if len(b))
+    per_class = np.bincount(np.concatenate([lab for _, _, lab in data]), minlength=len(KINDS))
     log.info(
-        "dataset: %d slices (%d with lesions, %d boxes) from %d studies in %.0f s",
+        "dataset: %d slices (%d with lesions, %d boxes: %s) from %d studies in %.0f s",
         len(data),
         positives,
-        sum(len(b) for _, b, _ in data),
+        int(per_class.sum()),
+        ", ".join(f"{k} {n}" for k, n in zip(KINDS, per_class.tolist(), strict=True)),
         len(seeds),
         time.perf_counter() - t,
     )
     return data
+
+
+def positive_weights(data: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pos: list[int]) -> np.ndarray:
+    """Sampling probability of each positive slice so that every class is drawn about equally often.
+
+    A slice's weight is the mean of ``1 / boxes of that class`` over its boxes; ``(len(pos),)`` summing to 1.
+    """
+    counts = np.bincount(np.concatenate([data[i][2] for i in pos]), minlength=len(KINDS)).astype(np.float64)
+    inverse = 1.0 / np.maximum(counts, 1.0)
+    weights = np.array([inverse[data[i][2]].mean() for i in pos])
+    return weights / weights.sum()
 
 
 def augment(img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -117,11 +130,14 @@ def train(args: argparse.Namespace) -> None:
     data = build_dataset(list(range(args.seed_base, args.seed_base + args.studies)), args.workers)
     pos = [i for i, d in enumerate(data) if len(d[1])]
     neg = [i for i, d in enumerate(data) if not len(d[1])]
+    pos_p = positive_weights(data, pos) if args.class_balance else None
     model = make_model(torch)
+    args.previous = None
     if args.resume:
         state = torch.load(args.resume, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        log.info("resumed from %s (%s)", args.resume, state.get("meta", {}).get("iterations"))
+        args.previous = state.get("meta")
+        log.info("resumed from %s (%s)", args.resume, (args.previous or {}).get("iterations"))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = min(300, args.iterations // 10)
@@ -137,7 +153,7 @@ def train(args: argparse.Namespace) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(it)
         n_pos = int(round(args.batch * 0.75))
-        idx = list(rng.choice(pos, n_pos)) + list(rng.choice(neg, args.batch - n_pos))
+        idx = list(rng.choice(pos, n_pos, p=pos_p)) + list(rng.choice(neg, args.batch - n_pos))
         images, targets = [], []
         for i in idx:
             img, boxes = augment(data[i][0], data[i][1], rng)
@@ -177,8 +193,11 @@ def save(torch: Any, model: Any, args: argparse.Namespace, iterations: int) -> N
         "batch": args.batch,
         "lr": args.lr,
         "train_seeds": [args.seed_base, args.seed_base + args.studies - 1],
+        "class_balance": bool(args.class_balance),
         "torch": str(torch.__version__),
     }
+    if args.previous:
+        meta["resumed_from"] = args.previous
     tmp = args.out.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "meta": meta}, tmp)
     tmp.replace(args.out)
@@ -197,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="processes rendering the dataset")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--resume", type=Path, help="start from this checkpoint's weights (a fresh schedule)")
+    p.add_argument(
+        "--class-balance",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="draw slices with tumours so that each class is about equally frequent",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
