@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,9 @@ def test_demo_driver_end_to_end(tmp_path: Path) -> None:
     for kind in ("glioma", "meningioma", "pituitary"):
         assert any(f" {kind} " in line for line in hits), f"no {kind} hit in:\n{table}"
     assert "by STOW-RS" in table and "by /v1/detect" in table
+    # 3D findings of the single-frame series (series number 1, 27 slices): one hit per tumour kind.
+    for kind in ("glioma", "meningioma", "pituitary"):
+        assert re.search(rf"^\s+1\s+27\s+{kind}\s+\d+-\s*\d+ .* hit$", table, re.M), f"no 3D {kind}:\n{table}"
     pngs = sorted(out.glob("*.png"))
     assert pngs, "no overlays written"
     assert (out / "service.log").is_file()

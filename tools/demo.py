@@ -7,6 +7,9 @@
 3. sends every other instance (the multi-frame and the compressed one) to ``POST /v1/detect``;
 4. prints a table of findings per instance and frame (scores >= ``--min-score``), each checked against
    ``examples/ground_truth.json`` when it is there (IoU >= 0.5 and the same class = hit), and the misses;
+   then asks for each series' 3D findings (``POST /v1/series/{uid}/complete``, detections from
+   ``--min-score`` linked across slices) and prints them, each checked against ``examples/lesions.json``
+   (same kind, centroid within the tumour's largest radius + 5 mm = hit);
 5. writes one overlay PNG per frame with a finding or a truth box (the frame as the model saw it, findings
    in colour, ground truth in thin white) into ``--out``;
 6. stops the service (SIGTERM) and exits 0; non-zero if any step failed.
@@ -52,6 +55,7 @@ class Instance:
 
     path: Path
     sop_uid: str
+    series_uid: str
     series_number: int
     instance_number: int
     frames: int
@@ -120,6 +124,19 @@ def detect(base: str, path: Path) -> dict[str, Any]:
     return json.loads(data)
 
 
+def series_findings(base: str, instances: list[Instance]) -> dict[str, dict[str, Any]]:
+    """Series Instance UID -> its ``/v1/series`` answer, asking for completion now (no quiet period)."""
+    out = {}
+    for uid in dict.fromkeys(i.series_uid for i in instances):
+        status, _, data = http(
+            "POST", f"{base}/v1/series/{uid}/complete", headers={"Accept": "application/json"}
+        )
+        if status != 200:
+            raise RuntimeError(f"POST /v1/series/.../complete answered {status}: {data[:300]!r}")
+        out[uid] = json.loads(data)
+    return out
+
+
 # -- the service ---------------------------------------------------------------------------------------
 
 
@@ -130,12 +147,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def service(model: Path, out: Path) -> Iterator[str]:
-    """``retinaedge serve`` in a subprocess on a free loopback port; yields its base URL."""
+def service(model: Path, out: Path, min_score: float) -> Iterator[str]:
+    """``retinaedge serve`` in a subprocess on a free loopback port; yields its base URL. Series
+    findings link detections from ``min_score``."""
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="retinaedge-demo-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAEDGE_")}
     env["RETINAEDGE_DATA_DIR"] = str(data_dir)
+    env["RETINAEDGE_SERIES_MIN_SCORE"] = str(min_score)
     cmd = [
         sys.executable,
         "-m",
@@ -191,6 +210,7 @@ def scan(examples: Path) -> dict[Path, list[Instance]]:
             Instance(
                 path=path,
                 sop_uid=str(ds.SOPInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
                 series_number=int(ds.get("SeriesNumber", 0) or 0),
                 instance_number=int(ds.get("InstanceNumber", 0) or 0),
                 frames=int(ds.get("NumberOfFrames", 1) or 1),
@@ -303,6 +323,53 @@ def print_table(instances: list[Instance], min_score: float) -> Tally:
     return tally
 
 
+def print_series(series: dict[str, dict[str, Any]], instances: list[Instance], lesions_file: Path) -> None:
+    """One line per 3D finding of each series with more than one slice, checked against the 3D truth."""
+    truth: dict[str, list[dict[str, Any]]] = {}
+    if lesions_file.is_file():
+        truth = {
+            s["series_instance_uid"]: s["lesions"] for s in json.loads(lesions_file.read_text())["series"]
+        }
+    number = {i.series_uid: i.series_number for i in instances}
+    sys.stdout.write(
+        f"\n{'series':>6} {'slices':>6}  {'3D finding':<11} {'on slices':>9} {'extent mm':>9} "
+        f"{'volume ml':>9} {'max score':>9}  centroid LPS mm          vs lesions.json\n"
+    )
+    for uid, body in series.items():
+        stack = body.get("stack") or {}
+        if stack.get("slices", 0) < 2:
+            continue
+        lesions = truth.get(uid)
+        taken: set[int] = set()
+        for f in body["findings"]:
+            verdict = ""
+            if lesions is not None:
+                c = np.asarray(f["centroid_lps_mm"])
+                near = [
+                    k
+                    for k, les in enumerate(lesions)
+                    if les["kind"] == f["label"]
+                    and k not in taken
+                    and np.linalg.norm(c - np.asarray(les["center_lps_mm"])) <= max(les["radii_mm"]) + 5.0
+                ]
+                verdict = "hit" if near else "false"
+                taken.update(near[:1])
+            centroid = ", ".join(f"{v:6.1f}" for v in f["centroid_lps_mm"])
+            sys.stdout.write(
+                f"{number.get(uid, 0):>6} {stack['slices']:>6}  {f['label']:<11} "
+                f"{f['first_slice']:>4}-{f['last_slice']:<4} {f['extent_mm']:>9.1f} "
+                f"{f['volume_mm3'] / 1000:>9.2f} {f['max_score']:>9.2f}  ({centroid})  {verdict}\n"
+            )
+        if not body["findings"]:
+            sys.stdout.write(f"{number.get(uid, 0):>6} {stack['slices']:>6}  no 3D findings\n")
+        if lesions is not None:
+            for k, les in enumerate(lesions):
+                if k not in taken:
+                    sys.stdout.write(
+                        f"{number.get(uid, 0):>6} {stack['slices']:>6}  {les['kind']:<11} missed\n"
+                    )
+
+
 def write_overlays(instances: list[Instance], manifest: dict[str, Any], out: Path, min_score: float) -> int:
     """One PNG per frame with a finding or a truth box; returns how many were written."""
     import cv2
@@ -368,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"no DICOM files under {args.examples}")
     instances = [i for items in groups.values() for i in items]
     attach_truth(instances, args.examples / "ground_truth.json")
-    with service(args.model, args.out) as base:
+    with service(args.model, args.out, args.min_score) as base:
         _, _, body = http("GET", f"{base}/v1/model")
         manifest = json.loads(body)
         log.info("service ready at %s with model %s", base, manifest.get("name"))
@@ -387,7 +454,9 @@ def run(args: argparse.Namespace) -> int:
                     inst.result = detect(base, inst.path)
                     inst.route = "/v1/detect"
                     log.info("/v1/detect %s/%s: %d frame(s)", folder.name, inst.path.name, inst.frames)
+        series = series_findings(base, instances)
     print_table(instances, args.min_score)
+    print_series(series, instances, args.examples / "lesions.json")
     overlays = write_overlays(instances, manifest, args.out, args.min_score)
     frames = sum(i.frames for i in instances)
     infer_ms = [float(i.result["timings_ms"].get("inference", 0.0)) for i in instances if i.result]
