@@ -41,7 +41,9 @@ def _extractor(model_path: Path, anchors: int, classes: int) -> Any:
     shapes = {"cls_logits": ["N", anchors, classes], "bbox_regression": ["N", anchors, 4]}
     for name in HEAD_OUTPUTS:
         if name not in known:
-            model.graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]))
+            model.graph.value_info.append(
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name])
+            )
     return Extractor(model)
 
 

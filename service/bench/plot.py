@@ -56,8 +56,14 @@ def draw_latency_plot(rows: Sequence[tuple[str, dict[str, float]]], title: str, 
         cv2.line(img, (x, top - 8), (x, axis_y), _GRID, 1)
         cv2.putText(img, f"{v:g}", (x - 10, axis_y + 20), _FONT, 0.45, _TEXT, 1, cv2.LINE_AA)
     cv2.putText(
-        img, "ms (log scale); bar: p50, whisker: p50-p99, ticks: p90, p95", (left, axis_y + 45), _FONT, 0.45,
-        _TEXT, 1, cv2.LINE_AA,
+        img,
+        "ms (log scale); bar: p50, whisker: p50-p99, ticks: p90, p95",
+        (left, axis_y + 45),
+        _FONT,
+        0.45,
+        _TEXT,
+        1,
+        cv2.LINE_AA,
     )
     for i, (label, s) in enumerate(rows):
         y = top + i * row_h
@@ -68,9 +74,7 @@ def draw_latency_plot(rows: Sequence[tuple[str, dict[str, float]]], title: str, 
         for k in ("p90", "p95", "p99"):
             x = x_of(s[k])
             cv2.line(img, (x, mid - 6), (x, mid + 6), _WHISKER, 2)
-        cv2.putText(
-            img, f"{s['p50']:.3g}", (x_of(s["p99"]) + 8, mid + 5), _FONT, 0.42, _TEXT, 1, cv2.LINE_AA
-        )
+        cv2.putText(img, f"{s['p50']:.3g}", (x_of(s["p99"]) + 8, mid + 5), _FONT, 0.42, _TEXT, 1, cv2.LINE_AA)
     path = Path(path)
     if not cv2.imwrite(str(path), img):
         raise OSError(f"could not write {path}")

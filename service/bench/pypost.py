@@ -112,7 +112,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
 def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
     """Class-wise NMS: indices kept over all classes, in decreasing score."""
-    kept = [np.flatnonzero(labels == c)[nms(boxes[labels == c], scores[labels == c], iou)] for c in np.unique(labels)]
+    kept = [
+        np.flatnonzero(labels == c)[nms(boxes[labels == c], scores[labels == c], iou)]
+        for c in np.unique(labels)
+    ]
     if not kept:
         return np.zeros((0,), np.int64)
     allk = np.concatenate(kept)
@@ -140,7 +143,10 @@ def postprocess_image(cls_logits: np.ndarray, bbox_regression: np.ndarray, plan:
         flat = candidates[top]  # index = anchor * C + class
         anchor_idx = start + flat // c
         boxes = decode(
-            bbox_regression[anchor_idx], plan.anchors[anchor_idx], spec.box_coder_weights, spec.bbox_xform_clip
+            bbox_regression[anchor_idx],
+            plan.anchors[anchor_idx],
+            spec.box_coder_weights,
+            spec.bbox_xform_clip,
         )
         boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, width)
         boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, height)

@@ -140,7 +140,10 @@ class EnergyMeter:
 def gpu_memory_used_mb() -> dict[str, Any]:
     """Device memory in use per NVIDIA GPU (``nvidia-smi``), or the reason it is not known."""
     if shutil.which("nvidia-smi") is None:
-        return {"available": False, "reason": "nvidia-smi not found (CPU only, or a Jetson: see tegrastats RAM)"}
+        return {
+            "available": False,
+            "reason": "nvidia-smi not found (CPU only, or a Jetson: see tegrastats RAM)",
+        }
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],

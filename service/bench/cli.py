@@ -1,0 +1,440 @@
+"""``retinaedge benchmark``: per-stage latency, baselines, HTTP overhead, throughput, memory and energy.
+
+Phases, in order, each runtime in its own process with the same intra-op thread count:
+
+1. fused ONNX Runtime (the appliance): warm-up over the distinct files, then the timed ``Detector`` pass
+   over N frames of real DICOM (per-stage timings), ``model.onnx`` per frame at batch 1, throughput per
+   batch size (energy with ``tegrastats`` on a Jetson);
+2. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
+3. the in-graph post-processing alone on the same head outputs;
+4. torchvision eager on the same frames, when torch and the checkpoint are there;
+5. ``retinaedge serve`` on a free 127.0.0.1 port: sequential ``POST /v1/detect`` of the same instances,
+   then 1, 2, 4 concurrent clients.
+
+Writes ``report.json``, ``report.md`` and ``latency.png`` into ``--out``; prints one JSON line (paths and
+ratios) on stdout. Goals that are not met do not change the exit status (0 when the report is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import importlib.util
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DICOM = ("examples/study_01", "examples/study_01_multiframe")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``benchmark`` verb's options to ``p``."""
+    p.add_argument("--model", type=Path, default=Path("models/demo"), help="bundle (default models/demo)")
+    p.add_argument("--out", type=Path, default=Path("benchmark-output"), help="output directory")
+    p.add_argument(
+        "--dicom",
+        type=Path,
+        nargs="+",
+        default=[Path(d) for d in DEFAULT_DICOM],
+        help="DICOM files or directories, used in order (default: the example study and its multi-frame)",
+    )
+    p.add_argument("--frames", type=int, default=60, help="timed frames per runtime (default 60)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed frames per baseline first (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per runtime (0: CPU affinity)")
+    p.add_argument("--batch-size", type=int, default=1, help="Detector/service batch size (default 1)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8], help="throughput batch sizes")
+    p.add_argument("--batch-repeats", type=int, default=6, help="timed batches per batch size (default 6)")
+    p.add_argument("--clients", type=_int_list, default=[1, 2, 4], help="HTTP concurrency levels")
+    p.add_argument("--requests-per-client", type=int, default=8, help="requests per client per level")
+    p.add_argument("--checkpoint", type=Path, help="torchvision checkpoint (default: the manifest's source)")
+    p.add_argument("--arch", help="architecture of the checkpoint (default: the manifest's)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torchvision eager baseline")
+    p.add_argument("--no-http", action="store_true", help="skip the HTTP phase")
+    p.add_argument("--runner-timeout", type=float, default=900.0, help="seconds per runner process")
+
+
+def find_checkpoint(model_dir: Path, source: dict[str, Any]) -> tuple[Path | None, str | None]:
+    """The manifest's source checkpoint, looked for beside the bundle and in its parent directory.
+
+    Returns (path, None) when found with the recorded sha256, else (None, reason).
+    """
+    from retinaedge.runtime.hashing import sha256_file
+
+    name = source.get("file")
+    if not name:
+        return None, "the manifest records no source checkpoint file; pass --checkpoint"
+    for folder in (model_dir, model_dir.parent):
+        candidate = folder / str(name)
+        if candidate.is_file():
+            expected = source.get("sha256")
+            if expected and sha256_file(candidate) != expected:
+                return None, f"{candidate} does not have the sha256 the manifest records for its source"
+            return candidate, None
+    return None, f"source checkpoint {name} not found beside {model_dir}; pass --checkpoint"
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the measured stack (distributions, without importing torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in (
+        "retinaedge",
+        "numpy",
+        "onnx",
+        "onnxruntime",
+        "pydicom",
+        "opencv-python-headless",
+        "torch",
+        "torchvision",
+    ):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def device_summary(device: dict[str, Any]) -> str:
+    """One line naming the hardware: the Jetson module, else the CPU model and count."""
+    jetson = device.get("jetson") or {}
+    module = (jetson.get("module") or {}).get("model") if jetson else None
+    if module:
+        mode = (jetson.get("power_mode") or {}).get("name")
+        return f"{module}" + (f", power mode {mode}" if mode else "")
+    cpu = device.get("cpu") or {}
+    return f"{cpu.get('model') or platform.processor() or 'unknown CPU'}, {device.get('cpu_affinity')} CPU(s) usable"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every phase and write the report; returns 0 when the three outputs are written."""
+    from retinaedge.runtime.bundle import load_bundle
+    from retinaedge.runtime.errors import ConfigError
+    from retinaedge.runtime.onnxrt import affinity_threads
+
+    from .frames import find_files, plan_instances
+
+    for value, flag in (
+        (args.frames, "--frames"),
+        (args.batch_size, "--batch-size"),
+        (args.batch_repeats, "--batch-repeats"),
+        (args.requests_per_client, "--requests-per-client"),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    started = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    model_dir = args.model.resolve()
+    bundle = load_bundle(model_dir)
+    manifest = bundle.manifest
+    files = find_files(args.dicom)
+    plan = plan_instances(files, args.frames)
+    threads = args.threads or affinity_threads()
+    log.info(
+        "benchmark: %s, %d frame(s) from %d instance(s), %d thread(s)",
+        manifest.name,
+        sum(i.frames for i in plan),
+        len(plan),
+        threads,
+    )
+    with tempfile.TemporaryDirectory(prefix="retinaedge-bench-") as tmp:
+        work = Path(tmp)
+        results = measure(args, bundle, plan, threads, work)
+    report = assemble(args, bundle, plan, files, threads, results)
+    report["loadavg"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
+    report["duration_s"] = round(time.perf_counter() - started, 3)
+    return finish(report, args.out)
+
+
+def measure(
+    args: argparse.Namespace, bundle: Any, plan: list[Any], threads: int, work: Path
+) -> dict[str, Any]:
+    """Run the runner processes and the HTTP phase; their raw results by name."""
+    from .graphs import write_heads_and_post
+    from .processes import EAGER_MODULE, WORKER_MODULE, WorkerError, run_process
+
+    manifest = bundle.manifest
+    heads, post = write_heads_and_post(
+        bundle.model_path, work, anchors=sum(manifest.anchors.anchors_per_level), classes=manifest.num_classes
+    )
+    spec = {
+        "model": str(bundle.root or bundle.model_path),
+        "threads": threads,
+        "batch_size": args.batch_size,
+        "frames": args.frames,
+        "warmup": args.warmup,
+        "instances": [[str(i.path.resolve()), i.frames] for i in plan],
+        "batch_sizes": args.batch_sizes,
+        "batch_repeats": args.batch_repeats,
+        "heads": str(heads),
+        "post": str(post),
+    }
+    t = args.runner_timeout
+    results: dict[str, Any] = {"fused": run_process(WORKER_MODULE, "fused", spec, work, t, "fused")}
+    results["python"] = run_process(WORKER_MODULE, "python", spec, work, t, "python")
+    results["fused_post"] = run_process(WORKER_MODULE, "fused_post", spec, work, t, "fused_post")
+    results["torch"] = eager_baseline(args, bundle, spec, work)
+    if results["torch"].get("status") == "run":
+        try:
+            results["torch"].update(
+                run_process(EAGER_MODULE, None, results["torch"]["spec"], work, t, "torch")
+            )
+        except WorkerError as exc:
+            results["torch"] = {"status": "failed", "reason": str(exc)}
+    results["http"] = None if args.no_http else http_phase(args, bundle, plan, threads, work)
+    return results
+
+
+def eager_baseline(args: argparse.Namespace, bundle: Any, spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Whether the torchvision eager baseline can run, and its spec (or the reason it is skipped)."""
+    manifest = bundle.manifest
+    if args.no_torch:
+        return {"status": "skipped", "reason": "--no-torch"}
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+        return {
+            "status": "skipped",
+            "reason": "torch/torchvision not installed (pip install 'retinaedge[export]')",
+        }
+    checkpoint, reason = (
+        (args.checkpoint, None)
+        if args.checkpoint
+        else find_checkpoint(bundle.root or bundle.model_path.parent, manifest.source)
+    )
+    if checkpoint is None:
+        return {"status": "skipped", "reason": reason}
+    if not Path(checkpoint).is_file():
+        return {"status": "skipped", "reason": f"--checkpoint {checkpoint} does not exist"}
+    eager_spec = {
+        **spec,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "architecture": args.arch or manifest.architecture,
+        "num_classes": manifest.num_classes,
+        "anchor_sizes": [list(s) for s in manifest.anchors.sizes],
+        "aspect_ratios": [list(r) for r in manifest.anchors.aspect_ratios],
+        "work_dir": str(work),
+    }
+    return {"status": "run", "spec": eager_spec, "checkpoint": Path(checkpoint).name}
+
+
+def http_phase(
+    args: argparse.Namespace, bundle: Any, plan: list[Any], threads: int, work: Path
+) -> dict[str, Any]:
+    """Sequential requests of the planned instances, then each concurrency level."""
+    from .http_phase import concurrent, running_service, sequential
+
+    bodies = [(i.path.read_bytes(), i.frames) for i in plan]
+    with running_service(bundle.root or bundle.model_path, threads, args.batch_size, work) as service:
+        seq = sequential(service.port, [b for b, _ in bodies], args.warmup)
+        levels = []
+        for clients in args.clients:
+            log.info("HTTP throughput: %d client(s)", clients)
+            levels.append(concurrent(service.port, bodies, clients, args.requests_per_client))
+    return {
+        **seq,
+        "levels": levels,
+        "startup_s": service.startup_s,
+        "peak_rss_bytes": service.peak_rss_bytes,
+        "exit_code": service.exit_code,
+        "backend": service.readyz.get("backend"),
+    }
+
+
+def assemble(
+    args: argparse.Namespace,
+    bundle: Any,
+    plan: list[Any],
+    files: list[Path],
+    threads: int,
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """The report dictionary (see :mod:`.report` for the layout)."""
+    from retinaedge.device.collect import collect
+
+    from .report import SCHEMA, compute_ratios, stage_summaries
+    from .stats import summarize
+
+    manifest = bundle.manifest
+    fused, python, fpost, torch_r, http = (
+        results[k] for k in ("fused", "python", "fused_post", "torch", "http")
+    )
+    device = dataclasses.asdict(collect())
+    vers = versions()
+    eager_ran = "inference_ms" in torch_r
+    context = {
+        "device": device_summary(device),
+        "versions": {k: vers.get(k) for k in ("python", "onnxruntime", "numpy", "torch")},
+        "backend": "onnxruntime",
+        "providers": fused["providers"],
+        "precision": "fp32",
+        "input": [manifest.input.channels, manifest.input.height, manifest.input.width],
+        "model_sha256": manifest.model_sha256,
+        "threads": threads,
+    }
+    heads_plus_py = [h + p for h, p in zip(python["heads_ms"], python["post_ms"], strict=True)]
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "context": context,
+        "device": device,
+        "versions": vers,
+        "model": {
+            "dir": str(bundle.root or bundle.model_path),
+            "name": manifest.name,
+            "architecture": manifest.architecture,
+            "classes": list(manifest.class_names),
+            "input": {
+                "channels": manifest.input.channels,
+                "height": manifest.input.height,
+                "width": manifest.input.width,
+            },
+            "sha256": manifest.model_sha256,
+            "nms": manifest.nms,
+        },
+        "threads": threads,
+        "batch_size": args.batch_size,
+        "frames": {
+            "requested": args.frames,
+            "timed": len(fused["inference_ms"]),
+            "pipeline_frames": sum(i.frames for i in plan),
+            "instances": len(plan),
+            "files": len(set(files)),
+            "warmup": f"one untimed pass over the {len(set(i.path for i in plan))} distinct file(s) for the "
+            f"fused pipeline; {args.warmup} frame(s) for each baseline and HTTP",
+        },
+        "stages_ms_per_frame": stage_summaries(fused),
+        "instance_total_ms": summarize([t["total"] for t in fused["instance_timings_ms"]]),
+        "inference_ms_per_frame": {
+            "onnxruntime_fused": summarize(fused["inference_ms"]),
+            "torchvision_eager": summarize(torch_r["inference_ms"]) if eager_ran else None,
+            "onnx_heads_plus_python_post": summarize(heads_plus_py),
+            "onnx_heads_only": summarize(python["heads_ms"]),
+        },
+        "postprocess_ms_per_frame": {
+            "in_graph": summarize(fpost["post_ms"]),
+            "python": summarize(python["post_ms"]),
+        },
+        "detections": {
+            "fused_pipeline_total": fused["detections"],
+            "python_post_per_frame": python["detections_per_frame"],
+            "in_graph_post_per_frame": fpost["detections_per_frame"],
+            "python_equals_in_graph_counts": python["detections_per_frame"] == fpost["detections_per_frame"],
+            "torchvision_eager_per_frame": torch_r.get("detections_per_frame"),
+        },
+        "throughput": {
+            "by_batch_size": [
+                {**row, "batch_ms": summarize(row["batch_ms"])} for row in fused["throughput_by_batch"]
+            ],
+            "by_clients": [
+                {**lvl, "latency_ms": summarize(lvl["latency_ms"])} for lvl in (http or {}).get("levels", [])
+            ],
+        },
+        "memory": {
+            "peak_rss_bytes": {
+                "onnxruntime_fused": fused["peak_rss_bytes"],
+                "onnx_heads_python_post": python["peak_rss_bytes"],
+                "in_graph_post": fpost["peak_rss_bytes"],
+                "torchvision_eager": torch_r.get("peak_rss_bytes"),
+                "service": (http or {}).get("peak_rss_bytes"),
+            },
+            "gpu": fused["gpu_memory"],
+        },
+        "energy": fused["energy"],
+        "baselines": {
+            "torchvision_eager": {
+                "status": "measured" if eager_ran else torch_r.get("status", "skipped"),
+                "reason": torch_r.get("reason"),
+                "checkpoint": torch_r.get("checkpoint"),
+                "versions": torch_r.get("versions"),
+                "threads": torch_r.get("threads"),
+            },
+            "python_postprocess": {
+                "status": "measured",
+                "reason": None,
+                "what": "heads.onnx cut from model.onnx, then sigmoid, per-level top-k, BoxCoder decode with "
+                "clamp, clip and class-wise greedy NMS in numpy (torchvision semantics)",
+            },
+        },
+        "http": None,
+        "outputs": {"json": "report.json", "markdown": "report.md", "plot": "latency.png"},
+    }
+    if http is not None:
+        report["http"] = {
+            "round_trip_ms": summarize(http["round_trip_ms"]),
+            "server_total_ms": summarize(http["server_total_ms"]),
+            "round_trip_minus_server_total_ms": summarize(
+                [r - s for r, s in zip(http["round_trip_ms"], http["server_total_ms"], strict=True)]
+            ),
+            "startup_s": http["startup_s"],
+            "exit_code": http["exit_code"],
+            "backend": http["backend"],
+            "requests": len(http["round_trip_ms"]),
+        }
+    report["ratios"] = compute_ratios(report)
+    return report
+
+
+def plot_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of the latency plot: stages, runtimes, post-processing, HTTP."""
+    rows = [(f"stage: {k}", v) for k, v in report["stages_ms_per_frame"].items() if k != "total"]
+    rows += [(f"inference: {k}", v) for k, v in report["inference_ms_per_frame"].items() if v]
+    rows += [(f"post: {k}", v) for k, v in report["postprocess_ms_per_frame"].items()]
+    if report["http"]:
+        rows.append(("HTTP round trip (instance)", report["http"]["round_trip_ms"]))
+    return rows
+
+
+def finish(report: dict[str, Any], out_dir: Path) -> int:
+    """Write the three outputs and print the summary line."""
+    from retinaedge.runtime.cli import emit
+
+    from .plot import draw_latency_plot
+    from .report import write_outputs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draw_latency_plot(
+        plot_rows(report), f"retinaedge benchmark: {report['model']['name']}", out_dir / "latency.png"
+    )
+    json_path, md_path = write_outputs(report, out_dir)
+    for name, r in report["ratios"].items():
+        log.info("%s = %s (goal %s, met: %s)", name, r["value"], r["goal"], r["met"])
+    emit(
+        {
+            "report": str(json_path),
+            "markdown": str(md_path),
+            "plot": str(out_dir / "latency.png"),
+            "ratios": {k: v["value"] for k, v in report["ratios"].items()},
+        }
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (``python -m retinaedge.service.bench.cli``)."""
+    parser = argparse.ArgumentParser(prog="retinaedge benchmark", description=__doc__)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
