@@ -57,7 +57,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return (time.perf_counter() - t) * 1e3, result
 
 
-class _Tap:
+class TappedBackend:
     """Wraps a backend and keeps a copy of every batch it is given (``(B, C, H, W)`` float32)."""
 
     def __init__(self, inner: Any) -> None:
@@ -72,7 +72,7 @@ class _Tap:
     def close(self) -> None:
         self.inner.close()
 
-    def __enter__(self) -> _Tap:
+    def __enter__(self) -> TappedBackend:
         return self
 
     def __exit__(
@@ -164,7 +164,7 @@ def run_fused(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
     bundle = load_bundle(spec["model"])
-    tap = _Tap(OnnxRuntimeBackend(bundle.model_path, threads=spec["threads"]))
+    tap = TappedBackend(OnnxRuntimeBackend(bundle.model_path, threads=spec["threads"]))
     detector = Detector(bundle, tap, batch_size=spec["batch_size"])  # type: ignore[arg-type]
     instances = [(Path(p), int(f)) for p, f in spec["instances"]]
     data = {p: p.read_bytes() for p, _ in instances}
