@@ -127,7 +127,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"thread(s), batch size {report['batch_size']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v is not None),
         f"- frames: {report['frames']['timed']} timed from {report['frames']['instances']} instance(s) of "
-        f"{report['frames']['files']} real DICOM file(s); warm-up: {report['frames']['warmup']}",
+        f"{report['frames']['files']} real DICOM file(s) given; warm-up: {report['frames']['warmup']}",
         f"- load average at start/end: {report['loadavg']['start']} / {report['loadavg']['end']}; "
         f"run took {report['duration_s']:.0f} s",
         "",
@@ -159,6 +159,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "HTTP round trip": http["round_trip_ms"],
                 "server timings_ms.total": http["server_total_ms"],
                 "round trip - server total": http["round_trip_minus_server_total_ms"],
+                "server handler - server total": http["server_request_minus_total_ms"],
             },
         )
     lines += ["## Throughput", "", "| batch size | frames/s | batch p50 ms |", "|---|---|---|"]
