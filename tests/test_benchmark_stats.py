@@ -20,7 +20,16 @@ def test_percentiles_of_1_to_100_interpolate_linearly() -> None:
 
 def test_summary_of_known_samples() -> None:
     s = summarize([4.0, 1.0, 3.0, 2.0])  # order does not matter
-    assert s == {"p50": 2.5, "p90": 3.7, "p95": 3.85, "p99": 3.97, "mean": 2.5, "min": 1.0, "max": 4.0, "n": 4}
+    assert s == {
+        "p50": 2.5,
+        "p90": 3.7,
+        "p95": 3.85,
+        "p99": 3.97,
+        "mean": 2.5,
+        "min": 1.0,
+        "max": 4.0,
+        "n": 4,
+    }
     single = summarize([7.25])
     assert single["p50"] == single["p99"] == single["min"] == 7.25 and single["n"] == 1
 
