@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="DICOM files or directories, used in order (default: the example study and its multi-frame)",
     )
     p.add_argument("--frames", type=int, default=60, help="timed frames per runtime (default 60)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed frames per baseline first (default 3)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed frames per baseline first (default 5)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per runtime (0: CPU affinity)")
     p.add_argument("--batch-size", type=int, default=1, help="Detector/service batch size (default 1)")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8], help="throughput batch sizes")

@@ -82,58 +82,75 @@ class TappedBackend:
 
 
 class EnergyMeter:
-    """``tegrastats`` around a workload when the command exists; otherwise a recorded reason."""
+    """``tegrastats`` around a workload when the command exists; otherwise a recorded reason.
 
-    def __init__(self, interval_ms: int = 100) -> None:
+    The sampler starts ``pad`` intervals before the workload and stops ``pad`` after it; energy per frame
+    is the whole-module input rail's mean power over the lines received during the workload (W) times the
+    workload's duration (s) divided by the frames, so idle time at the edges is not charged to frames.
+    """
+
+    def __init__(self, interval_ms: int = 100, command: tuple[str, ...] = ("tegrastats",), pad: float = 2.5):
         self.interval_ms = interval_ms
+        self.command = command
+        self.pad_s = pad * interval_ms / 1000
         self.sampler: Any = None
         self.reason: str | None = None
+        self.window: tuple[float, float] = (0.0, 0.0)
 
     def __enter__(self) -> EnergyMeter:
-        if shutil.which("tegrastats") is None:
-            self.reason = "tegrastats not found (not a Jetson, or not on PATH)"
+        if shutil.which(self.command[0]) is None:
+            self.reason = f"{self.command[0]} not found (not a Jetson, or not on PATH)"
             return self
         from retinaedge.device.sampler import TegrastatsSampler
 
         try:
-            self.sampler = TegrastatsSampler(self.interval_ms).start()
-            time.sleep(2.5 * self.interval_ms / 1000)  # a line before the workload starts
+            self.sampler = TegrastatsSampler(self.interval_ms, command=self.command).start()
         except OSError as exc:
-            self.reason = f"tegrastats could not start: {exc}"
+            self.reason = f"{self.command[0]} could not start: {exc}"
             self.sampler = None
+            return self
+        time.sleep(self.pad_s)  # a line before the workload starts
+        self.window = (time.monotonic(), 0.0)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.sampler is not None:
-            time.sleep(2.5 * self.interval_ms / 1000)  # and one after it ends
+            self.window = (self.window[0], time.monotonic())
+            time.sleep(self.pad_s)  # and one after it ends
 
     def result(self, frames: int) -> dict[str, Any]:
-        """Energy in J per rail and per frame (input rail), peak temperatures in °C, or the reason why not."""
+        """Energy per frame in J (input rail), per-rail mean/peak W, peak temperatures in °C, peak RAM in MB;
+        or ``{"available": False, "reason": ...}``."""
         if self.sampler is None:
             return {"available": False, "reason": self.reason}
         import dataclasses
 
+        from retinaedge.device.sampler import summarize as summarize_power
         from retinaedge.device.tegrastats import INPUT_RAILS
 
-        summary = self.sampler.stop()
-        rails = {k: dataclasses.asdict(v) for k, v in summary.rails.items()}
-        input_rail = next((r for r in INPUT_RAILS if r in summary.rails), None)
+        whole = self.sampler.stop()
+        t0, t1 = self.window
+        inside = [(t, s) for t, s in self.sampler.samples if t0 <= t <= t1]
+        during = summarize_power(inside) if len(inside) >= 2 else whole
+        input_rail = next((r for r in INPUT_RAILS if r in during.rails), None)
         per_frame = None
         if input_rail is not None and frames > 0:
-            per_frame = summary.rails[input_rail].energy_j / frames
-        peaks = [s.ram_used_mb for _, s in self.sampler.samples if s.ram_used_mb is not None]
+            per_frame = during.rails[input_rail].mean_w * (t1 - t0) / frames
+        ram = [s.ram_used_mb for _, s in self.sampler.samples if s.ram_used_mb is not None]
         return {
             "available": True,
-            "samples": summary.samples,
-            "duration_s": round(summary.duration_s, 3),
-            "rails": rails,
+            "samples": whole.samples,
+            "samples_during_workload": len(inside),
+            "workload_s": round(t1 - t0, 3),
+            "rails": {k: dataclasses.asdict(v) for k, v in during.rails.items()},
             "input_rail": input_rail,
             "energy_per_frame_j": per_frame,
             "reason": None if input_rail else "no whole-module input rail on this module; see rails",
-            "peak_temperatures_c": summary.peak_temperatures_c,
-            "peak_gpu_load_pct": summary.peak_gpu_load_pct,
-            "peak_ram_used_mb": max(peaks) if peaks else None,
-            "throttling_seen": summary.throttling_seen,
+            "peak_temperatures_c": whole.peak_temperatures_c,
+            "peak_gpu_load_pct": whole.peak_gpu_load_pct,
+            "peak_ram_used_mb": max(ram) if ram else None,
+            "throttling_seen": whole.throttling_seen,
+            "throttling_note": "no known tegrastats format reports throttling; see peak temperatures and clocks",
         }
 
 
