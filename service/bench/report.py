@@ -162,7 +162,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "server handler - server total": http["server_request_minus_total_ms"],
             },
         )
-    lines += ["## Throughput", "", "| batch size | frames/s | batch p50 ms |", "|---|---|---|"]
+    lines += [
+        "## Throughput",
+        "",
+        "`model.onnx` alone on preprocessed frames:",
+        "",
+        "| batch size | frames/s | batch p50 ms |",
+        "|---|---|---|",
+    ]
     for row in report["throughput"]["by_batch_size"]:
         lines.append(f"| {row['batch_size']} | {row['frames_per_s']:.2f} | {row['batch_ms']['p50']:.2f} |")
     if report["throughput"]["by_clients"]:
