@@ -159,6 +159,7 @@ def assemble(
             },
         },
         "http": None,
+        "phases_s": results["phases_s"],
         "outputs": {"json": "report.json", "markdown": "report.md", "plot": "latency.png"},
     }
     if http is not None:

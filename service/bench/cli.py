@@ -156,18 +156,30 @@ def measure(
         "post": str(post),
     }
     t = args.runner_timeout
-    results: dict[str, Any] = {"fused": run_process(WORKER_MODULE, "fused", spec, work, t, "fused")}
-    results["python"] = run_process(WORKER_MODULE, "python", spec, work, t, "python")
-    results["fused_post"] = run_process(WORKER_MODULE, "fused_post", spec, work, t, "fused_post")
+    phases: dict[str, float] = {}
+
+    def phase(name: str, fn: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            phases[name] = round(time.perf_counter() - started, 3)
+
+    results: dict[str, Any] = {"phases_s": phases}
+    for job in ("fused", "python", "fused_post"):
+        results[job] = phase(job, lambda job=job: run_process(WORKER_MODULE, job, spec, work, t, job))
     results["torch"] = eager_baseline(args, bundle, spec, work)
     if results["torch"].get("status") == "run":
+        eager_spec = results["torch"]["spec"]
         try:
             results["torch"].update(
-                run_process(EAGER_MODULE, None, results["torch"]["spec"], work, t, "torch")
+                phase("torch", lambda: run_process(EAGER_MODULE, None, eager_spec, work, t, "torch"))
             )
         except WorkerError as exc:
             results["torch"] = {"status": "failed", "reason": str(exc)}
-    results["http"] = None if args.no_http else http_phase(args, bundle, plan, threads, work)
+    results["http"] = (
+        None if args.no_http else phase("http", lambda: http_phase(args, bundle, plan, threads, work))
+    )
     return results
 
 

@@ -114,6 +114,19 @@ def _mib(b: int | None) -> str:
     return "–" if b is None else f"{b / 2**20:.0f} MiB"
 
 
+def busy_warning(report: dict[str, Any]) -> list[str]:
+    """A warning line when the 1-minute load average exceeded the usable CPUs (other work competed)."""
+    cpus = report["device"].get("cpu_affinity") or 1
+    peak = max(report["loadavg"]["start"][0], report["loadavg"]["end"][0])
+    if peak <= cpus:
+        return []
+    return [
+        f"- **warning**: the 1-minute load average reached {peak:.1f} on {cpus} usable CPU(s): other work "
+        "competed for the CPU during this run, so absolute times are inflated and noisy; ratios measured "
+        "phase by phase are affected unevenly"
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the same figures as ``report.json`` as readable tables."""
     ctx = report["context"]
@@ -130,6 +143,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['frames']['files']} real DICOM file(s) given; warm-up: {report['frames']['warmup']}",
         f"- load average at start/end: {report['loadavg']['start']} / {report['loadavg']['end']}; "
         f"run took {report['duration_s']:.0f} s",
+        *busy_warning(report),
         "",
         "## Headline ratios",
         "",
@@ -203,7 +217,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Baselines", ""]
     for name, b in report["baselines"].items():
         lines.append(f"- {name}: {b['status']}" + (f" ({b['reason']})" if b.get("reason") else ""))
-    lines += ["", f"Latency plot: `{report['outputs']['plot']}`", ""]
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in report["phases_s"].items())
+    lines += ["", f"Phases: {phases}.", "", f"Latency plot: `{report['outputs']['plot']}`", ""]
     return "\n".join(lines)
 
 
