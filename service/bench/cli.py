@@ -5,11 +5,11 @@ Phases, in order, each runtime in its own process with the same intra-op thread 
 1. fused ONNX Runtime (the appliance): warm-up over the distinct files, then the timed ``Detector`` pass
    over N frames of real DICOM (per-stage timings), ``model.onnx`` per frame at batch 1, throughput per
    batch size (energy with ``tegrastats`` on a Jetson);
-2. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
-3. the in-graph post-processing alone on the same head outputs;
-4. torchvision eager on the same frames, when torch and the checkpoint are there;
-5. ``retinaedge serve`` on a free 127.0.0.1 port: sequential ``POST /v1/detect`` of the same instances,
-   then 1, 2, 4 concurrent clients.
+2. ``retinaedge serve`` on a free 127.0.0.1 port: sequential ``POST /v1/detect`` of the same instances,
+   then 1, 2, 4 concurrent clients (right after phase 1, so the HTTP overhead compares close measurements);
+3. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
+4. the in-graph post-processing alone on the same head outputs;
+5. torchvision eager on the same frames, when torch and the checkpoint are there.
 
 Writes ``report.json``, ``report.md`` and ``latency.png`` into ``--out``; prints one JSON line (paths and
 ratios) on stdout. Goals that are not met do not change the exit status (0 when the report is written).
@@ -166,7 +166,12 @@ def measure(
             phases[name] = round(time.perf_counter() - started, 3)
 
     results: dict[str, Any] = {"phases_s": phases}
-    for job in ("fused", "python", "fused_post"):
+    results["fused"] = phase("fused", lambda: run_process(WORKER_MODULE, "fused", spec, work, t, "fused"))
+    # Right after the in-process pass, so that http_overhead_p50 compares measurements close in time.
+    results["http"] = (
+        None if args.no_http else phase("http", lambda: http_phase(args, bundle, plan, threads, work))
+    )
+    for job in ("python", "fused_post"):
         results[job] = phase(job, lambda job=job: run_process(WORKER_MODULE, job, spec, work, t, job))
     results["torch"] = eager_baseline(args, bundle, spec, work)
     if results["torch"].get("status") == "run":
@@ -177,9 +182,6 @@ def measure(
             )
         except WorkerError as exc:
             results["torch"] = {"status": "failed", "reason": str(exc)}
-    results["http"] = (
-        None if args.no_http else phase("http", lambda: http_phase(args, bundle, plan, threads, work))
-    )
     return results
 
 
