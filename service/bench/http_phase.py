@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retinaedge.runtime.errors import BenchmarkError
 from retinaedge.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Client:
         status, body = self.request("POST", "/v1/detect", data)
         elapsed = (time.perf_counter() - t) * 1e3
         if status != 200:
-            raise RuntimeError(f"POST /v1/detect -> {status}: {body[:300]!r}")
+            raise BenchmarkError(f"POST /v1/detect -> {status}: {body[:300]!r}")
         return elapsed, json.loads(body)
 
     def close(self) -> None:
@@ -104,9 +105,13 @@ def _wait_ready(service: Service, server_log: Path, timeout_s: float) -> None:
     t0 = time.perf_counter()
     while True:
         if service.proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {service.proc.returncode}:\n{log_tail(server_log)}")
+            raise BenchmarkError(
+                f"the service exited with {service.proc.returncode}:\n{log_tail(server_log)}"
+            )
         if time.perf_counter() - t0 > timeout_s:
-            raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s:\n{log_tail(server_log)}")
+            raise BenchmarkError(
+                f"the service was not ready after {timeout_s:.0f} s:\n{log_tail(server_log)}"
+            )
         client = Client(service.port, timeout_s=5.0)
         try:
             status, body = client.request("GET", "/readyz")
@@ -221,7 +226,7 @@ def concurrent(
         t.join()
     errors = [r.error for r in runs if r.error]
     if errors:
-        raise RuntimeError(f"{clients} concurrent client(s) failed: {errors}")
+        raise BenchmarkError(f"{clients} concurrent client(s) failed: {errors}")
     seconds = max(r.end for r in runs) - min(r.start for r in runs)
     requests = sum(len(r.latencies) for r in runs)
     return {

@@ -15,13 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from retinaedge.runtime.errors import BenchmarkError
+
 log = logging.getLogger(__name__)
 
 WORKER_MODULE = "retinaedge.service.bench.worker"
 EAGER_MODULE = "retinaedge.export.eager"
 
 
-class WorkerError(RuntimeError):
+class WorkerError(BenchmarkError):
     """A runner process failed (its exit status and the tail of its output are in the message)."""
 
 
