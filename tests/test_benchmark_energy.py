@@ -22,7 +22,7 @@ def test_energy_per_frame_from_the_input_rail(tmp_path: Path, fixture: str, rail
     assert result["samples_during_workload"] >= 5
     assert 0.75 <= result["workload_s"] < 2.0
     mean_w = result["rails"][rail]["mean_w"]
-    assert min(watts) <= mean_w <= max(watts)
+    assert min(watts) - 1e-9 <= mean_w <= max(watts) + 1e-9  # a time-weighted mean of recorded values
     assert result["energy_per_frame_j"] == pytest.approx(
         mean_w * result["workload_s"] / 16, rel=2e-3
     )  # workload_s: ms

@@ -7,10 +7,15 @@ import dataclasses
 import datetime as dt
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .report import SCHEMA, compute_ratios, stage_summaries
 from .stats import summarize
+
+if TYPE_CHECKING:
+    from retinaedge.runtime.bundle import Bundle
+
+    from .frames import Instance
 
 
 def versions() -> dict[str, str | None]:
@@ -48,8 +53,8 @@ def device_summary(device: dict[str, Any]) -> str:
 
 def assemble(
     args: argparse.Namespace,
-    bundle: Any,
-    plan: list[Any],
+    bundle: Bundle,
+    plan: list[Instance],
     files: list[Path],
     threads: int,
     results: dict[str, Any],
@@ -69,7 +74,7 @@ def assemble(
         "versions": {k: vers.get(k) for k in ("python", "onnxruntime", "numpy", "torch")},
         "backend": "onnxruntime",
         "providers": fused["providers"],
-        "precision": "fp32",
+        "precision": "fp32",  # export writes float32 graphs; ONNX Runtime on the CPU runs them as they are
         "input": [manifest.input.channels, manifest.input.height, manifest.input.width],
         "model_sha256": manifest.model_sha256,
         "threads": threads,

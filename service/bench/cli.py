@@ -25,7 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from retinaedge.runtime.bundle import Bundle
+
+    from .frames import Instance
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(
-    args: argparse.Namespace, bundle: Any, plan: list[Any], threads: int, work: Path
+    args: argparse.Namespace, bundle: Bundle, plan: list[Instance], threads: int, work: Path
 ) -> dict[str, Any]:
     """Run the runner processes and the HTTP phase; their raw results by name."""
     from .graphs import write_heads_and_post
@@ -193,7 +198,9 @@ def torch_importable() -> bool:
         return False
 
 
-def eager_baseline(args: argparse.Namespace, bundle: Any, spec: dict[str, Any], work: Path) -> dict[str, Any]:
+def eager_baseline(
+    args: argparse.Namespace, bundle: Bundle, spec: dict[str, Any], work: Path
+) -> dict[str, Any]:
     """Whether the torchvision eager baseline can run, and its spec (or the reason it is skipped)."""
     manifest = bundle.manifest
     if args.no_torch:
@@ -225,7 +232,7 @@ def eager_baseline(args: argparse.Namespace, bundle: Any, spec: dict[str, Any], 
 
 
 def http_phase(
-    args: argparse.Namespace, bundle: Any, plan: list[Any], threads: int, work: Path
+    args: argparse.Namespace, bundle: Bundle, plan: list[Instance], threads: int, work: Path
 ) -> dict[str, Any]:
     """Sequential requests of the planned instances, then each concurrency level."""
     from .http_phase import concurrent, running_service, sequential
