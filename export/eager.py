@@ -36,6 +36,7 @@ def run_eager(spec: dict[str, Any]) -> dict[str, Any]:
     torch, torchvision = require_torch()
     threads = int(spec["threads"])
     torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)  # as ONNX Runtime's inter_op_num_threads
     tensors = np.load(Path(spec["work_dir"]) / "tensors.npy")  # (F, C, H, W)
     _, _, height, width = tensors.shape
     model = load_state_dict_checkpoint(

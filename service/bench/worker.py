@@ -273,6 +273,10 @@ def run_python(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         logits, deltas = session.run(names, {"images": img[None]})
         postprocess(logits, deltas, plan)
     heads_ms, post_ms, counts, logits_all, deltas_all = [], [], [], [], []
+    # sigmoid(x) > t  <=>  x > logit(t): the (anchor, class) scores the Python baseline has to handle.
+    t = plan.spec.score_thresh
+    threshold_logit = float(np.log(t / (1 - t)))
+    candidates: list[int] = []
     with Progress("heads + Python decode/NMS", len(tensors)) as bar:
         for img in tensors:
             t_heads, (logits, deltas) = timed(lambda img=img: session.run(names, {"images": img[None]}))
@@ -280,11 +284,17 @@ def run_python(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             heads_ms.append(t_heads)
             post_ms.append(t_post)
             counts.append(len(dets[0]))
+            candidates.append(int(np.count_nonzero(logits[0] > threshold_logit)))
             logits_all.append(logits[0])
             deltas_all.append(deltas[0])
             bar.update()
     np.savez(work / "heads.npz", cls_logits=np.stack(logits_all), bbox_regression=np.stack(deltas_all))
-    return {"heads_ms": heads_ms, "post_ms": post_ms, "detections_per_frame": counts}
+    return {
+        "heads_ms": heads_ms,
+        "post_ms": post_ms,
+        "detections_per_frame": counts,
+        "scores_above_threshold_per_frame": candidates,
+    }
 
 
 def run_fused_post(spec: dict[str, Any], work: Path) -> dict[str, Any]:
