@@ -152,3 +152,19 @@ def test_without_torch_the_eager_baseline_is_skipped_with_a_reason(tmp_path: Pat
     assert report["http"] is None and report["ratios"]["http_overhead_p50"]["reason"] == "no HTTP phase"
     assert report["ratios"]["postprocess_speedup_vs_python"]["value"] is not None
     assert (out / "latency.png").is_file() and (out / "report.md").is_file()
+
+
+def test_the_benchmark_package_imports_neither_export_nor_torch() -> None:
+    """Import direction: service -> runtime, device; torch only in the eager runner's own process."""
+    code = (
+        "import importlib, pkgutil, sys, retinaedge.service.bench as b\n"
+        "for m in pkgutil.iter_modules(b.__path__):\n"
+        "    importlib.import_module(f'retinaedge.service.bench.{m.name}')\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'tensorrt', 'pycuda')"
+        " or m.startswith('retinaedge.export')]\n"
+        "print(len(list(pkgutil.iter_modules(b.__path__))), bad)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, bad = proc.stdout.split(" ", 1)
+    assert int(count) >= 10 and bad.strip() == "[]"
