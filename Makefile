@@ -9,11 +9,14 @@ PIP    := $(PY) -m pip
 # resolves the same CPU-capable release instead of the newest CUDA build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help venv runtime demo test lint pytest clean
+.PHONY: help venv runtime demo benchmark test lint pytest clean
 
 help:
 	@echo "make demo    install the runtime (no torch) into .venv if needed, serve the demo model,"
 	@echo "             send the sample studies (STOW-RS and /v1/detect), print findings, write overlays"
+	@echo "make benchmark  install the runtime + export extra into .venv if needed, benchmark MODEL"
+	@echo "             (default models/demo) on the example DICOM, write report.json, report.md and"
+	@echo "             latency.png to OUT (default benchmark-output); BENCH_ARGS= passes more options"
 	@echo "make test    create .venv, install runtime + export + dev extras, run ruff and pytest"
 	@echo "make lint    ruff only"
 	@echo "make clean   remove .venv and caches"
@@ -42,6 +45,21 @@ runtime: $(VENV)/.runtime-deps
 # The appliance's main job on the bundled demo model and sample studies; overlays in demo-output/.
 demo: $(VENV)/.runtime-deps
 	$(PY) tools/demo.py --model models/demo --examples examples --out demo-output
+
+# The runtime + the export extra: torch/torchvision for the torchvision eager baseline.
+$(VENV)/.bench-deps: $(VENV)/.created pyproject.toml
+	$(PIP) install --quiet $(TORCH_PINS)
+	$(PIP) install --quiet -e ".[export]"
+	touch $@
+
+MODEL ?= models/demo
+OUT ?= benchmark-output
+BENCH_ARGS ?=
+
+# What a technician runs on the target: per-stage latency, baselines, HTTP overhead, throughput, memory,
+# energy (Jetson). Another bundle: make benchmark MODEL=models/r50 BENCH_ARGS="--checkpoint r50.pth".
+benchmark: $(VENV)/.bench-deps
+	$(VENV)/bin/retinaedge benchmark --model $(MODEL) --out $(OUT) $(BENCH_ARGS)
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check export runtime device service tests tools

@@ -28,6 +28,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "retinaedge.device.cli",
         "what hardware, power mode and versions this runs on (JSON or --table)",
     ),
+    "benchmark": (
+        "retinaedge.service.bench.cli",
+        "per-stage latency, baselines, HTTP overhead, throughput, memory, energy -> report.json/.md/.png",
+    ),
 }
 
 

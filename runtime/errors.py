@@ -40,6 +40,13 @@ class MissingDependencyError(RetinaEdgeError):
         self.extra = extra
 
 
+class BenchmarkError(RetinaEdgeError):
+    """A benchmark phase could not complete (a runner process failed, the service did not start)."""
+
+    type = "benchmark-failed"
+    http_status = 500
+
+
 class BundleError(RetinaEdgeError):
     """A model bundle is missing a file, has an invalid manifest or a checksum mismatch."""
 

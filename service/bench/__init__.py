@@ -1,0 +1,18 @@
+"""``retinaedge benchmark``: what a technician runs on the target hardware.
+
+One module per job:
+
+- :mod:`.stats`: percentiles and summaries of latency samples;
+- :mod:`.frames`: the DICOM files a run uses, in a fixed order, until N frames;
+- :mod:`.graphs`: the heads-only and the post-processing-only ONNX models derived from ``model.onnx``;
+- :mod:`.pypost`: the baseline post-processing in numpy (decode + class-wise NMS, torchvision semantics);
+- :mod:`.worker`: the runners that execute in their own process (fused ONNX Runtime, heads + Python);
+- :mod:`.processes`: starting a runner in a fresh process and reading its result;
+- :mod:`.http_phase`: the HTTP phase against a real ``retinaedge serve`` subprocess;
+- :mod:`.assemble`: the report dictionary from the raw results;
+- :mod:`.report` and :mod:`.plot`: ``report.json``, ``report.md`` and the latency PNG;
+- :mod:`.cli`: the verb, which runs the phases in order.
+
+The torchvision eager baseline runs in :mod:`retinaedge.export.eager` (it needs torch and the checkpoint
+loader); the benchmark starts it as a subprocess and never imports it.
+"""

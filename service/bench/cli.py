@@ -1,0 +1,292 @@
+"""``retinaedge benchmark``: per-stage latency, baselines, HTTP overhead, throughput, memory and energy.
+
+Phases, in order, each runtime in its own process with the same intra-op thread count:
+
+1. fused ONNX Runtime (the appliance): warm-up over the distinct files, then the timed ``Detector`` pass
+   over N frames of real DICOM (per-stage timings), ``model.onnx`` per frame at batch 1, throughput per
+   batch size (energy with ``tegrastats`` on a Jetson);
+2. ``retinaedge serve`` on a free 127.0.0.1 port: sequential ``POST /v1/detect`` of the same instances,
+   then 1, 2, 4 concurrent clients (right after phase 1, so the HTTP overhead compares close measurements);
+3. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
+4. the in-graph post-processing alone on the same head outputs;
+5. torchvision eager on the same frames, when torch and the checkpoint are there.
+
+Writes ``report.json``, ``report.md`` and ``latency.png`` into ``--out``; prints one JSON line (paths and
+ratios) on stdout. Goals that are not met do not change the exit status (0 when the report is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from retinaedge.runtime.bundle import Bundle
+
+    from .frames import Instance
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DICOM = ("examples/study_01", "examples/study_01_multiframe")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``benchmark`` verb's options to ``p``."""
+    p.add_argument("--model", type=Path, default=Path("models/demo"), help="bundle (default models/demo)")
+    p.add_argument("--out", type=Path, default=Path("benchmark-output"), help="output directory")
+    p.add_argument(
+        "--dicom",
+        type=Path,
+        nargs="+",
+        default=[Path(d) for d in DEFAULT_DICOM],
+        help="DICOM files or directories, used in order (default: the example study and its multi-frame)",
+    )
+    p.add_argument("--frames", type=int, default=60, help="timed frames per runtime (default 60)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed frames per baseline first (default 5)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per runtime (0: CPU affinity)")
+    p.add_argument("--batch-size", type=int, default=1, help="Detector/service batch size (default 1)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8], help="throughput batch sizes")
+    p.add_argument("--batch-repeats", type=int, default=6, help="timed batches per batch size (default 6)")
+    p.add_argument("--clients", type=_int_list, default=[1, 2, 4], help="HTTP concurrency levels")
+    p.add_argument("--requests-per-client", type=int, default=8, help="requests per client per level")
+    p.add_argument("--checkpoint", type=Path, help="torchvision checkpoint (default: the manifest's source)")
+    p.add_argument("--arch", help="architecture of the checkpoint (default: the manifest's)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torchvision eager baseline")
+    p.add_argument("--no-http", action="store_true", help="skip the HTTP phase")
+    p.add_argument("--runner-timeout", type=float, default=900.0, help="seconds per runner process")
+
+
+def find_checkpoint(model_dir: Path, source: dict[str, Any]) -> tuple[Path | None, str | None]:
+    """The manifest's source checkpoint, looked for beside the bundle and in its parent directory.
+
+    Returns (path, None) when found with the recorded sha256, else (None, reason).
+    """
+    from retinaedge.runtime.hashing import sha256_file
+
+    name = source.get("file")
+    if not name:
+        return None, "the manifest records no source checkpoint file; pass --checkpoint"
+    for folder in (model_dir, model_dir.parent):
+        candidate = folder / str(name)
+        if candidate.is_file():
+            expected = source.get("sha256")
+            if expected and sha256_file(candidate) != expected:
+                return None, f"{candidate} does not have the sha256 the manifest records for its source"
+            return candidate, None
+    return None, f"source checkpoint {name} not found beside {model_dir}; pass --checkpoint"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every phase and write the report; returns 0 when the three outputs are written."""
+    from retinaedge.runtime.bundle import load_bundle
+    from retinaedge.runtime.errors import ConfigError
+    from retinaedge.runtime.onnxrt import affinity_threads
+
+    from .frames import find_files, plan_instances
+
+    for value, flag in (
+        (args.frames, "--frames"),
+        (args.batch_size, "--batch-size"),
+        (args.batch_repeats, "--batch-repeats"),
+        (args.requests_per_client, "--requests-per-client"),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    started = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    model_dir = args.model.resolve()
+    bundle = load_bundle(model_dir)
+    manifest = bundle.manifest
+    files = find_files(args.dicom)
+    plan = plan_instances(files, args.frames)
+    threads = args.threads or affinity_threads()
+    log.info(
+        "benchmark: %s, %d frame(s) from %d instance(s), %d thread(s)",
+        manifest.name,
+        sum(i.frames for i in plan),
+        len(plan),
+        threads,
+    )
+    with tempfile.TemporaryDirectory(prefix="retinaedge-bench-") as tmp:
+        work = Path(tmp)
+        results = measure(args, bundle, plan, threads, work)
+    from .assemble import assemble
+
+    report = assemble(args, bundle, plan, files, threads, results)
+    report["loadavg"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
+    report["duration_s"] = round(time.perf_counter() - started, 3)
+    return finish(report, args.out)
+
+
+def measure(
+    args: argparse.Namespace, bundle: Bundle, plan: list[Instance], threads: int, work: Path
+) -> dict[str, Any]:
+    """Run the runner processes and the HTTP phase; their raw results by name."""
+    from .graphs import write_heads_and_post
+    from .processes import EAGER_MODULE, WORKER_MODULE, WorkerError, run_process
+
+    manifest = bundle.manifest
+    heads, post = write_heads_and_post(
+        bundle.model_path, work, anchors=sum(manifest.anchors.anchors_per_level), classes=manifest.num_classes
+    )
+    spec = {
+        "model": str(bundle.root or bundle.model_path),
+        "threads": threads,
+        "batch_size": args.batch_size,
+        "frames": args.frames,
+        "warmup": args.warmup,
+        "instances": [[str(i.path.resolve()), i.frames] for i in plan],
+        "batch_sizes": args.batch_sizes,
+        "batch_repeats": args.batch_repeats,
+        "heads": str(heads),
+        "post": str(post),
+    }
+    t = args.runner_timeout
+    phases: dict[str, float] = {}
+
+    def phase(name: str, fn: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            phases[name] = round(time.perf_counter() - started, 3)
+
+    results: dict[str, Any] = {"phases_s": phases}
+    results["fused"] = phase("fused", lambda: run_process(WORKER_MODULE, "fused", spec, work, t, "fused"))
+    # Right after the in-process pass, so that http_overhead_p50 compares measurements close in time.
+    results["http"] = (
+        None if args.no_http else phase("http", lambda: http_phase(args, bundle, plan, threads, work))
+    )
+    for job in ("python", "fused_post"):
+        results[job] = phase(job, lambda job=job: run_process(WORKER_MODULE, job, spec, work, t, job))
+    results["torch"] = eager_baseline(args, bundle, spec, work)
+    if results["torch"].get("status") == "run":
+        eager_spec = results["torch"]["spec"]
+        try:
+            results["torch"].update(
+                phase("torch", lambda: run_process(EAGER_MODULE, None, eager_spec, work, t, "torch"))
+            )
+        except WorkerError as exc:
+            results["torch"] = {"status": "failed", "reason": str(exc)}
+    return results
+
+
+def torch_importable() -> bool:
+    """Whether torch and torchvision can be imported here (found without importing them)."""
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "torchvision"))
+    except (ImportError, ValueError):
+        return False
+
+
+def eager_baseline(
+    args: argparse.Namespace, bundle: Bundle, spec: dict[str, Any], work: Path
+) -> dict[str, Any]:
+    """Whether the torchvision eager baseline can run, and its spec (or the reason it is skipped)."""
+    manifest = bundle.manifest
+    if args.no_torch:
+        return {"status": "skipped", "reason": "--no-torch"}
+    if not torch_importable():
+        return {
+            "status": "skipped",
+            "reason": "torch/torchvision not installed (pip install 'retinaedge[export]')",
+        }
+    checkpoint, reason = (
+        (args.checkpoint, None)
+        if args.checkpoint
+        else find_checkpoint(bundle.root or bundle.model_path.parent, manifest.source)
+    )
+    if checkpoint is None:
+        return {"status": "skipped", "reason": reason}
+    if not Path(checkpoint).is_file():
+        return {"status": "skipped", "reason": f"--checkpoint {checkpoint} does not exist"}
+    eager_spec = {
+        **spec,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "architecture": args.arch or manifest.architecture,
+        "num_classes": manifest.num_classes,
+        "anchor_sizes": [list(s) for s in manifest.anchors.sizes],
+        "aspect_ratios": [list(r) for r in manifest.anchors.aspect_ratios],
+        "work_dir": str(work),
+    }
+    return {"status": "run", "spec": eager_spec, "checkpoint": Path(checkpoint).name}
+
+
+def http_phase(
+    args: argparse.Namespace, bundle: Bundle, plan: list[Instance], threads: int, work: Path
+) -> dict[str, Any]:
+    """Sequential requests of the planned instances, then each concurrency level."""
+    from .http_phase import concurrent, running_service, sequential
+
+    bodies = [(i.path.read_bytes(), i.frames) for i in plan]
+    with running_service(bundle.root or bundle.model_path, threads, args.batch_size, work) as service:
+        seq = sequential(service.port, [b for b, _ in bodies], args.warmup)
+        levels = []
+        for clients in args.clients:
+            log.info("HTTP throughput: %d client(s)", clients)
+            levels.append(concurrent(service.port, bodies, clients, args.requests_per_client))
+    return {
+        **seq,
+        "levels": levels,
+        "startup_s": service.startup_s,
+        "peak_rss_bytes": service.peak_rss_bytes,
+        "exit_code": service.exit_code,
+        "backend": service.readyz.get("backend"),
+    }
+
+
+def finish(report: dict[str, Any], out_dir: Path) -> int:
+    """Write the three outputs and print the summary line."""
+    from retinaedge.runtime.cli import emit
+
+    from .assemble import plot_rows
+    from .plot import draw_latency_plot
+    from .report import write_outputs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    draw_latency_plot(
+        plot_rows(report), f"retinaedge benchmark: {report['model']['name']}", out_dir / "latency.png"
+    )
+    json_path, md_path = write_outputs(report, out_dir)
+    for name, r in report["ratios"].items():
+        log.info("%s = %s (goal %s, met: %s)", name, r["value"], r["goal"], r["met"])
+    emit(
+        {
+            "report": str(json_path),
+            "markdown": str(md_path),
+            "plot": str(out_dir / "latency.png"),
+            "ratios": {k: v["value"] for k, v in report["ratios"].items()},
+        }
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (``python -m retinaedge.service.bench.cli``)."""
+    parser = argparse.ArgumentParser(prog="retinaedge benchmark", description=__doc__)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""The HTTP phase: a real ``retinaedge serve`` subprocess on 127.0.0.1 and real HTTP clients.
+
+The service runs with a temporary data directory, the benchmark's thread count and batch size, and none
+of the caller's ``RETINAEDGE_*`` variables. Clients use the standard library's ``http.client`` with one
+keep-alive connection each. Times are milliseconds, client side (``time.perf_counter``), plus the
+server's own ``timings_ms`` from each response body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retinaedge.runtime.errors import BenchmarkError
+from retinaedge.runtime.progress import Progress
+
+log = logging.getLogger(__name__)
+
+DICOM = "application/dicom"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_command(model: Path, port: int) -> list[str]:
+    """``retinaedge serve`` from this interpreter's environment."""
+    base = [sys.executable, "-m", "retinaedge.runtime.cli", "--log-level", "WARNING"]
+    return [*base, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log file ('' when unreadable)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def peak_rss_of(pid: int) -> int | None:
+    """Peak RSS (``VmHWM``) of a live process in bytes, from ``/proc`` (None off Linux or when gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class Client:
+    """One keep-alive connection to the service."""
+
+    def __init__(self, port: int, timeout_s: float = 300.0) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        headers = {"Content-Type": DICOM} if body is not None else {}
+        self.conn.request(method, path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        return response.status, response.read()
+
+    def detect(self, data: bytes) -> tuple[float, dict[str, Any]]:
+        """One ``POST /v1/detect``: (round trip in ms, response body); raises on a non-200 answer."""
+        t = time.perf_counter()
+        status, body = self.request("POST", "/v1/detect", data)
+        elapsed = (time.perf_counter() - t) * 1e3
+        if status != 200:
+            raise BenchmarkError(f"POST /v1/detect -> {status}: {body[:300]!r}")
+        return elapsed, json.loads(body)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass
+class Service:
+    """A running service: its port and process, and what was learnt at start and stop."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    startup_s: float = 0.0
+    readyz: dict[str, Any] = field(default_factory=dict)
+    peak_rss_bytes: int | None = None
+    exit_code: int | None = None
+
+
+def _wait_ready(service: Service, server_log: Path, timeout_s: float) -> None:
+    t0 = time.perf_counter()
+    while True:
+        if service.proc.poll() is not None:
+            raise BenchmarkError(
+                f"the service exited with {service.proc.returncode}:\n{log_tail(server_log)}"
+            )
+        if time.perf_counter() - t0 > timeout_s:
+            raise BenchmarkError(
+                f"the service was not ready after {timeout_s:.0f} s:\n{log_tail(server_log)}"
+            )
+        client = Client(service.port, timeout_s=5.0)
+        try:
+            status, body = client.request("GET", "/readyz")
+            if status == 200:
+                service.readyz = json.loads(body)
+                service.startup_s = round(time.perf_counter() - t0, 3)
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            client.close()
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def running_service(
+    model: Path, threads: int, batch_size: int, workdir: Path, startup_timeout_s: float = 180.0
+) -> Iterator[Service]:
+    """Start the service, wait for ``/readyz`` == 200, yield it; read its peak RSS, SIGTERM and wait after."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAEDGE_")}
+    env.update(
+        RETINAEDGE_DATA_DIR=str(workdir / "service-data"),
+        RETINAEDGE_THREADS=str(threads),
+        RETINAEDGE_BATCH_SIZE=str(batch_size),
+        RETINAEDGE_MIN_FREE_BYTES="0",
+        OMP_NUM_THREADS=str(threads),
+    )
+    server_log = workdir / "server.log"
+    with server_log.open("wb") as out:
+        proc = subprocess.Popen(serve_command(model, port), env=env, stdout=out, stderr=subprocess.STDOUT)
+    service = Service(port=port, proc=proc)
+    try:
+        _wait_ready(service, server_log, startup_timeout_s)
+        log.info("service ready after %.1f s on 127.0.0.1:%d", service.startup_s, port)
+        yield service
+        service.peak_rss_bytes = peak_rss_of(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                log.warning("the service did not stop within 40 s of SIGTERM; killing it")
+                proc.kill()
+                proc.wait()
+        service.exit_code = proc.returncode
+
+
+def sequential(port: int, bodies: Sequence[bytes], warmup: int) -> dict[str, list[float]]:
+    """``bodies`` posted one after the other on one connection (``warmup`` of them untimed first).
+
+    Returns per request: ``round_trip_ms``, ``server_total_ms`` (the server's ``timings_ms.total``) and
+    ``server_request_ms`` (its whole handler).
+    """
+    out: dict[str, list[float]] = {"round_trip_ms": [], "server_total_ms": [], "server_request_ms": []}
+    client = Client(port)
+    try:
+        for body in bodies[:warmup]:
+            client.detect(body)
+        with Progress("HTTP sequential", len(bodies)) as bar:
+            for body in bodies:
+                elapsed, answer = client.detect(body)
+                out["round_trip_ms"].append(elapsed)
+                out["server_total_ms"].append(float(answer["timings_ms"]["total"]))
+                out["server_request_ms"].append(float(answer["timings_ms"].get("request", float("nan"))))
+                bar.update()
+    finally:
+        client.close()
+    return out
+
+
+@dataclass
+class _ClientRun:
+    latencies: list[float] = field(default_factory=list)
+    frames: int = 0
+    start: float = 0.0
+    end: float = 0.0
+    error: str | None = None
+
+
+def concurrent(
+    port: int, bodies: Sequence[tuple[bytes, int]], clients: int, per_client: int
+) -> dict[str, Any]:
+    """``clients`` threads with a connection each (connected by one untimed request), released together;
+    client ``i`` posts ``per_client`` of ``bodies`` (``(data, frames)``) starting at offset ``i``.
+    Requests/s and frames/s = all of them / (last end - first start)."""
+    barrier = threading.Barrier(clients)
+    runs = [_ClientRun() for _ in range(clients)]
+
+    def work(i: int, run: _ClientRun) -> None:
+        client = Client(port)
+        try:
+            client.detect(bodies[i % len(bodies)][0])
+            barrier.wait(timeout=300)
+            run.start = time.perf_counter()
+            for j in range(per_client):
+                data, frames = bodies[(i + j * clients) % len(bodies)]
+                run.latencies.append(client.detect(data)[0])
+                run.frames += frames
+            run.end = time.perf_counter()
+        except Exception as exc:  # reported after join; a broken barrier releases the others
+            run.error = f"{type(exc).__name__}: {exc}"
+            barrier.abort()
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(i, r), name=f"client-{i}") for i, r in enumerate(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r.error for r in runs if r.error]
+    if errors:
+        raise BenchmarkError(f"{clients} concurrent client(s) failed: {errors}")
+    seconds = max(r.end for r in runs) - min(r.start for r in runs)
+    requests = sum(len(r.latencies) for r in runs)
+    return {
+        "clients": clients,
+        "requests": requests,
+        "frames": sum(r.frames for r in runs),
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(requests / seconds, 3),
+        "frames_per_s": round(sum(r.frames for r in runs) / seconds, 3),
+        "latency_ms": [x for r in runs for x in r.latencies],
+    }

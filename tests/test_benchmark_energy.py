@@ -1,0 +1,48 @@
+"""The benchmark's energy meter on a real subprocess replaying recorded tegrastats lines of real modules."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from retinaedge.device.tegrastats import parse_tegrastats_line
+from retinaedge.service.bench.worker import EnergyMeter
+from test_device_sampler import make_stand_in, recorded
+
+
+@pytest.mark.parametrize(("fixture", "rail"), [("orin_nx", "VDD_IN"), ("nano", "POM_5V_IN")])
+def test_energy_per_frame_from_the_input_rail(tmp_path: Path, fixture: str, rail: str) -> None:
+    script, _ = make_stand_in(tmp_path, fixture)
+    watts = [parse_tegrastats_line(line).rails[rail].current_mw / 1000 for line in recorded(fixture)]  # type: ignore[union-attr]
+    with EnergyMeter(interval_ms=40, command=(str(script),)) as meter:
+        time.sleep(0.8)  # the workload
+    result = meter.result(frames=16)
+    assert result["available"] is True and result["input_rail"] == rail
+    assert result["samples_during_workload"] >= 5
+    assert 0.75 <= result["workload_s"] < 2.0
+    mean_w = result["rails"][rail]["mean_w"]
+    assert min(watts) - 1e-9 <= mean_w <= max(watts) + 1e-9  # a time-weighted mean of recorded values
+    assert result["energy_per_frame_j"] == pytest.approx(
+        mean_w * result["workload_s"] / 16, rel=2e-3
+    )  # workload_s: ms
+    assert result["peak_temperatures_c"] and result["peak_ram_used_mb"] > 0
+
+
+def test_agx_orin_has_no_input_rail_and_says_so(tmp_path: Path) -> None:
+    script, _ = make_stand_in(tmp_path, "agx_orin_64gb")
+    with EnergyMeter(interval_ms=40, command=(str(script),)) as meter:
+        time.sleep(0.4)
+    result = meter.result(frames=4)
+    assert result["available"] is True and result["input_rail"] is None
+    assert result["energy_per_frame_j"] is None and "input rail" in result["reason"] and result["rails"]
+
+
+def test_without_tegrastats_the_reason_is_recorded() -> None:
+    with EnergyMeter(command=("retinaedge-no-such-tegrastats",)) as meter:
+        pass
+    result = meter.result(frames=4)
+    assert result == {
+        "available": False,
+        "reason": "retinaedge-no-such-tegrastats not found (not a Jetson, or not on PATH)",
+    }
