@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import io
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -109,7 +110,15 @@ def create_app(settings: Settings) -> FastAPI:
     spool = Spool(settings.data_dir / "spool", settings.min_free_bytes)
     store = Store(settings.data_dir / "state.sqlite3")
 
+    last_prune = [-math.inf]  # time.monotonic() of the last retention pass
+
     def prune() -> None:
+        """Retention, at most once per ``prune_interval_s``: a pass reads every kept result's size, too
+        much work for every request."""
+        now = time.monotonic()
+        if now - last_prune[0] < settings.prune_interval_s:
+            return
+        last_prune[0] = now
         store.prune(settings.results_max_age_s, settings.results_max_bytes)
 
     processor = Processor(store, spool, worker, on_outcome=metrics.outcome, after_each=prune)
@@ -198,7 +207,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Keep a /v1/detect result retrievable at /v1/results/{uid} (JSON and SR)."""
         sop_class, uid, study, series, header = inspect(data, limits)
         store.put_done(uid, sop_class, study, series, len(data), body, header)
-        store.prune(settings.results_max_age_s, settings.results_max_bytes)
+        prune()
 
     @app.post("/v1/detect")
     async def detect(request: Request) -> Response:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=4 * 1024**3, ge=1024, description="one STOW-RS request body")
     results_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="retention of results")
     results_max_bytes: int = Field(default=256 * 1024**2, ge=0, description="retention budget of result JSON")
+    prune_interval_s: float = Field(
+        default=10.0, ge=0, description="retention runs at most this often (after a result is kept)"
+    )
     threads: int | None = Field(default=None, ge=1)
     series_quiet_s: float = Field(
         default=30.0, gt=0, description="a series is complete once no instance has arrived for this long"

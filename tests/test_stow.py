@@ -130,7 +130,7 @@ def test_507_when_disk_below_reserve(small_bundle: Path, tmp_path: Path) -> None
 def test_retention_budget(small_bundle: Path, tmp_path: Path) -> None:
     uids = []
     with (
-        serve(model=small_bundle, data_dir=tmp_path, results_max_bytes=60_000) as base,
+        serve(model=small_bundle, data_dir=tmp_path, results_max_bytes=60_000, prune_interval_s=0) as base,
         httpx.Client(timeout=60) as c,
     ):
         for k in range(3):
