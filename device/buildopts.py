@@ -163,4 +163,7 @@ class BuildOptions:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.key_dict(), "timing_cache": None if self.timing_cache is None else str(self.timing_cache)}
+        return {
+            **self.key_dict(),
+            "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
+        }

@@ -83,12 +83,23 @@ class Detector:
     """A bundle and a backend; ``detect(source)`` runs one instance. Not thread-safe: one owner thread."""
 
     def __init__(
-        self, bundle: Bundle, backend: Backend, *, batch_size: int = 4, limits: Limits = DEFAULT_LIMITS
+        self,
+        bundle: Bundle,
+        backend: Backend,
+        *,
+        batch_size: int = 4,
+        limits: Limits = DEFAULT_LIMITS,
+        backend_reason: str = "",
+        self_test_criteria: dict[str, float] | None = None,
     ) -> None:
+        """``backend_reason`` says why this backend was chosen (shown by the service);
+        ``self_test_criteria`` overrides the golden criteria for reduced-precision backends."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         self.bundle = bundle
         self.backend = backend
+        self.backend_reason = backend_reason
+        self.self_test_criteria = self_test_criteria
         self.batch_size = batch_size
         self.limits = limits
         m = bundle.manifest
