@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 from retinaedge.device.buildopts import BuildOptions, ModelFacts, inspect_onnx
 from retinaedge.device.enginecache import EngineCache, Lookup
-from retinaedge.device.errors import BuildOptionsError, DeviceError, MissingExtraError
+from retinaedge.device.errors import (
+    BuildOptionsError,
+    DeviceError,
+    EngineBuildError,
+    EngineLoadError,
+    MissingExtraError,
+)
 from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.runtime.bundle import PLUGIN_MODEL_FILE, Bundle, load_golden, self_test
 from retinaedge.runtime.detections import split_outputs
@@ -224,7 +230,7 @@ def choose_backend(
             bundle, options, cache_root, cache_max_bytes, allow_build, probe, on_status
         )
         return Choice(backend, reason, criteria)
-    except (DeviceError, RetinaEdgeError, OSError) as exc:
+    except Exception as exc:  # auto: any TensorRT/CUDA failure falls back, visibly, never a crash
         why = str(exc) if isinstance(exc, (DeviceError, RetinaEdgeError)) else f"{type(exc).__name__}: {exc}"
         if mode == "tensorrt":
             if isinstance(exc, DeviceError):
@@ -252,7 +258,10 @@ def _tensorrt(
     if found.usable and found.entry is not None:
         from retinaedge.device.trt_backend import TensorRTBackend
 
-        backend = TensorRTBackend(found.entry.read_engine())
+        try:
+            backend = TensorRTBackend(found.entry.read_engine())
+        except DeviceError as exc:
+            raise EngineLoadError(f"{found.reason}, but it cannot be loaded: {exc}") from exc
         return backend, f"{found.reason} ({options.precision}, {plan.nms} NMS)", criteria
     if not allow_build:
         raise BuildOptionsError(
@@ -263,7 +272,10 @@ def _tensorrt(
         from dataclasses import replace
 
         options = replace(options, timing_cache=timing_cache_path(cache_root, fingerprint))
-    backend, manifest = build_validate_store(bundle, options, plan, fingerprint, cache)
+    try:
+        backend, manifest = build_validate_store(bundle, options, plan, fingerprint, cache)
+    except (DeviceError, RetinaEdgeError) as exc:
+        raise EngineBuildError(f"{found.reason}; building a new engine failed: {exc}") from exc
     return (
         backend,
         f"engine built and validated at start-up ({found.reason}); stored as {manifest['key'][:12]}",
