@@ -26,6 +26,8 @@ PARITY_FILE = "parity.json"
 GOLDEN_INPUT_FILE = "golden.npz"
 GOLDEN_FILE = "golden.json"
 PLUGIN_MODEL_FILE = "model.efficientnms_trt.onnx"
+QDQ_MODEL_FILE = "model.int8.qdq.onnx"
+QUANTIZATION_FILE = "quantization.json"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from retinaedge.device.errors import (
     MissingExtraError,
 )
 from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
-from retinaedge.runtime.bundle import PLUGIN_MODEL_FILE, Bundle, load_golden, self_test
+from retinaedge.runtime.bundle import PLUGIN_MODEL_FILE, QDQ_MODEL_FILE, Bundle, load_golden, self_test
 from retinaedge.runtime.detections import split_outputs
 from retinaedge.runtime.errors import (
     ConfigError,
@@ -52,7 +52,6 @@ from retinaedge.runtime.matching import MatchReport, match_detections
 log = logging.getLogger(__name__)
 
 BACKEND_MODES = ("auto", "onnxruntime", "tensorrt")
-QDQ_MODEL_FILE = "model.int8.qdq.onnx"
 
 #: Detection-aware acceptance of an engine per precision: against the golden (PyTorch) detections and
 #: against ONNX Runtime on the same input. fp32 uses the bundle's own golden criteria.
