@@ -112,7 +112,7 @@ def quantize_bundle(
     calibration: Iterable[str | Path],
     *,
     max_frames: int = 200,
-    method: str = "minmax",
+    method: str = "percentile",
     limits: Limits = DEFAULT_LIMITS,
 ) -> QuantizeReport:
     """Write ``model.int8.qdq.onnx`` and ``quantization.json`` into the bundle; return the report."""
