@@ -94,10 +94,12 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_typed:
     return network
 
 
-def _configure(trt: Any, builder: Any, network: Any, options: BuildOptions) -> Any:
+def _configure(trt: Any, builder: Any, network: Any, options: BuildOptions, strongly_typed: bool) -> Any:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib * MIB)
-    if _major(trt) < 11:
+    # A strongly typed network takes every type from the graph; precision flags do not apply to it
+    # (and TensorRT 11 has none). Weakly typed (TensorRT 10 only): the flags let TensorRT pick kernels.
+    if not strongly_typed:
         if options.precision == "fp32":
             config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: parity with ONNX Runtime
         elif options.precision == "fp16":
@@ -141,16 +143,19 @@ def build_engine(
 ) -> tuple[bytes, BuildReport]:
     """Build ``onnx_path`` (the ONNX file of NMS flavour ``nms``) with ``options`` -> ``(engine, report)``.
 
-    ``strongly_typed``: the graph's own types decide precision (Q/DQ INT8 or float16 graphs; always the
-    case with TensorRT 11). Raises :class:`EngineBuildError` when parsing or building fails.
+    ``strongly_typed``: the graph's own types decide precision (a float16 graph; always the case with
+    TensorRT 11). On TensorRT 10 a Q/DQ graph is built weakly typed with the INT8 and FP16 flags (explicit
+    quantization: the Q/DQ scales fix the INT8 layers). Raises :class:`EngineBuildError` when parsing or
+    building fails.
     """
     trt = _import_trt()
     onnx_path = Path(onnx_path)
     started = time.monotonic()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = _parse(trt, builder, logger, onnx_path, strongly_typed or _major(trt) >= 11)
-    config = _configure(trt, builder, network, options)
+    strongly_typed = strongly_typed or _major(trt) >= 11
+    network = _parse(trt, builder, logger, onnx_path, strongly_typed)
+    config = _configure(trt, builder, network, options, strongly_typed)
     cache_path = options.timing_cache
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
     timing_cache = config.create_timing_cache(cache_bytes)

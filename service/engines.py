@@ -174,7 +174,7 @@ def build_validate_store(
         plan.onnx_path,
         options,
         nms=plan.nms,
-        strongly_typed=plan.facts.has_qdq or plan.facts.has_fp16,
+        strongly_typed=plan.facts.has_fp16,
     )
     backend = TensorRTBackend(engine)
     try:
