@@ -7,7 +7,8 @@
 
 pycuda API used (pycuda ``driver`` module, https://documen.tician.de/pycuda/driver.html): ``init``,
 ``Device(i).name()/.compute_capability()/.get_attribute(device_attribute.MULTIPROCESSOR_COUNT)``,
-``get_driver_version``, ``Device.make_context``/``Context.pop``, ``pagelocked_empty``, ``mem_alloc``,
+``get_driver_version``, ``Device.retain_primary_context``/``Context.push``/``pop``/``detach``,
+``pagelocked_empty``, ``mem_alloc``,
 ``memcpy_htod_async``/``memcpy_dtoh_async``, ``Stream().synchronize()``/``.handle``. Nothing here runs
 without a GPU; it is covered by the tests marked ``gpu``.
 """
@@ -66,11 +67,14 @@ def query_gpu(index: int = 0) -> GpuFacts:
 
 
 class CudaContext:
-    """A CUDA context made current on the creating thread; every later call must come from that thread."""
+    """The device's primary CUDA context, made current on the creating thread; every later call must come
+    from that thread. The primary context is the one TensorRT's builder and runtime (CUDA runtime API)
+    use, so there is one context per process, not two (memory is scarce on a Jetson)."""
 
     def __init__(self, index: int = 0) -> None:
         self._cuda = _driver()
-        self._ctx = self._cuda.Device(index).make_context()
+        self._ctx = self._cuda.Device(index).retain_primary_context()
+        self._ctx.push()
         self._thread = threading.get_ident()
         log.info("CUDA context created on device %d (thread %s)", index, threading.current_thread().name)
 
@@ -88,7 +92,7 @@ class CudaContext:
         return HostDeviceBuffer(self._cuda, shape, dtype)
 
     def close(self) -> None:
-        """Pop and detach the context (from the owning thread)."""
+        """Pop the context and release this retain of it (from the owning thread)."""
         if self._ctx is not None:
             self.check_thread()
             self._ctx.pop()

@@ -85,3 +85,27 @@ def test_quantize_refuses_bad_arguments(tmp_path: Path) -> None:
     shutil.copytree(DEMO, bundle_dir)
     with pytest.raises(ConfigError, match="no usable calibration frame"):
         quantize_bundle(bundle_dir, [empty])
+
+
+def test_engine_validation_accepts_a_faithful_backend_and_refuses_int8_drift(tmp_path: Path) -> None:
+    """The acceptance step a fresh engine goes through, run with ONNX Runtime backends standing as
+    candidates: the FP32 model passes it; the Q/DQ model, judged by FP32 criteria, does not."""
+    from retinaedge.runtime.errors import SelfTestError
+    from retinaedge.service.engines import PRECISION_CRITERIA, compare_backends, validate_engine
+
+    bundle_dir = tmp_path / "demo"
+    shutil.copytree(DEMO, bundle_dir)
+    quantize_bundle(bundle_dir, [STUDY], max_frames=6, method="minmax")
+    bundle = load_bundle(bundle_dir)
+    fingerprint = DeviceFingerprint.from_values(
+        gpu_name="RTX", compute_capability="8.9", sm_count=60, tensorrt="10.13.3", cuda="12.9"
+    )
+    caps = DeviceCapabilities.for_tensorrt("10.13.3", fast_fp16=True, fast_int8=True)
+    plan = plan_engine(bundle, BuildOptions(precision="fp32"), fingerprint, caps)
+    with OnnxRuntimeBackend(bundle.model_path) as fp32:
+        result = validate_engine(fp32, bundle, plan, "fp32")
+        assert result["golden"] == [1.0, 1.0] and result["versus_onnxruntime"] == [1.0, 1.0]
+        images, _, _ = load_golden(bundle)
+        with OnnxRuntimeBackend(bundle_dir / QDQ_MODEL_FILE) as int8:
+            with pytest.raises(SelfTestError, match="reproduces"):
+                compare_backends(int8, fp32, images, PRECISION_CRITERIA["fp32"])
