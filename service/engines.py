@@ -261,6 +261,11 @@ def _tensorrt(
             backend = TensorRTBackend(found.entry.read_engine())
         except DeviceError as exc:
             raise EngineLoadError(f"{found.reason}, but it cannot be loaded: {exc}") from exc
+        try:  # every load, not only after the build: a cached engine that now fails is not used
+            self_test(backend, bundle, criteria=criteria)
+        except BaseException as exc:
+            backend.close()
+            raise EngineLoadError(f"{found.reason}, but it fails the golden self-test: {exc}") from exc
         return backend, f"{found.reason} ({options.precision}, {plan.nms} NMS)", criteria
     if not allow_build:
         raise BuildOptionsError(
