@@ -182,3 +182,22 @@ def test_build_verb_refuses_impossible_options_before_probing(tmp_path: Path) ->
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
     assert err["type"] == "invalid-configuration" and "DLA runs only FP16 and INT8" in err["message"]
+
+
+def test_plugin_flavour_is_held_to_its_measured_parity(tmp_path: Path) -> None:
+    """EfficientNMS_TRT differs from torchvision by design; its engine is judged by what export measured."""
+    from retinaedge.service.engines import PRECISION_CRITERIA, acceptance_criteria
+
+    copy = tmp_path / "demo"
+    shutil.copytree(DEMO, copy)
+    _tiny_model(copy / "model.efficientnms_trt.onnx", qdq=False, fp16=False)
+    parity = json.loads((copy / "parity.json").read_text())
+    parity["efficientnms_trt"] = {"emulated_parity": {"totals": {"match_rate": 0.95}}}
+    (copy / "parity.json").write_text(json.dumps(parity))
+    bundle = load_bundle(copy)
+    plugin_plan = plan_engine(bundle, BuildOptions(precision="fp16"), ORIN, TRT10_3)
+    assert plugin_plan.nms == "plugin" and plugin_plan.onnx_path.name == "model.efficientnms_trt.onnx"
+    assert acceptance_criteria(bundle, plugin_plan, "fp32")["min_match_rate"] == pytest.approx(0.93)
+    assert acceptance_criteria(bundle, plugin_plan, "fp16") == PRECISION_CRITERIA["fp16"]
+    builtin_plan = plan_engine(bundle, BuildOptions(nms="builtin"), ORIN, TRT10_3)
+    assert acceptance_criteria(bundle, builtin_plan, "fp32") == PRECISION_CRITERIA["fp32"]
