@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from retinaedge.device.buildopts import BuildOptions
+
 log = logging.getLogger(__name__)
 
 
@@ -42,21 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even when a valid engine is cached")
 
 
-def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from retinaedge.device.buildopts import BuildOptions
-    from retinaedge.device.enginecache import EngineCache
-    from retinaedge.device.errors import DeviceError
-    from retinaedge.device.fingerprint import require_trt_extra
-    from retinaedge.runtime.bundle import load_bundle
-    from retinaedge.runtime.cli import emit
-
-    from .engines import build_validate_store, default_probe, plan_engine, timing_cache_path, to_runtime_error
-
-    bundle = load_bundle(args.model)
+def options_from_args(args: argparse.Namespace) -> BuildOptions:
+    """The build options the arguments ask for (the defaults equal the service's default settings)."""
     lo, opt, hi = args.batch
-    options = BuildOptions(
+    return BuildOptions(
         precision=args.precision,
         dla_core=args.dla_core,
         batch_min=lo,
@@ -66,6 +57,21 @@ def run(args: argparse.Namespace) -> int:
         nms=args.nms,
         timing_cache=args.timing_cache,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from retinaedge.device.enginecache import EngineCache
+    from retinaedge.device.errors import DeviceError
+    from retinaedge.device.fingerprint import require_trt_extra
+    from retinaedge.runtime.bundle import load_bundle
+    from retinaedge.runtime.cli import emit
+
+    from .engines import build_validate_store, default_probe, plan_engine, timing_cache_path, to_runtime_error
+
+    bundle = load_bundle(args.model)
+    options = options_from_args(args)
     try:
         options.validate()
         require_trt_extra()

@@ -201,3 +201,17 @@ def test_plugin_flavour_is_held_to_its_measured_parity(tmp_path: Path) -> None:
     assert acceptance_criteria(bundle, plugin_plan, "fp16") == PRECISION_CRITERIA["fp16"]
     builtin_plan = plan_engine(bundle, BuildOptions(nms="builtin"), ORIN, TRT10_3)
     assert acceptance_criteria(bundle, builtin_plan, "fp32") == PRECISION_CRITERIA["fp32"]
+
+
+def test_build_verb_defaults_key_the_same_engine_as_the_service_defaults(tmp_path: Path) -> None:
+    """`retinaedge build --model DIR` must leave the engine a default `retinaedge serve` looks up."""
+    from retinaedge.device.enginecache import cache_key
+    from retinaedge.runtime.cli import build_parser
+    from retinaedge.service.build_cli import options_from_args
+    from retinaedge.service.settings import load_settings
+
+    args = build_parser().parse_args(["build", "--model", str(DEMO)])
+    cli = options_from_args(args)
+    service = load_settings(model=DEMO, data_dir=tmp_path).build_options()
+    assert cache_key("ab" * 32, cli, X86) == cache_key("ab" * 32, service, X86)
+    assert args.cache_dir == load_settings(model=DEMO).engine_cache_root
