@@ -26,6 +26,8 @@ PARITY_FILE = "parity.json"
 GOLDEN_INPUT_FILE = "golden.npz"
 GOLDEN_FILE = "golden.json"
 PLUGIN_MODEL_FILE = "model.efficientnms_trt.onnx"
+QDQ_MODEL_FILE = "model.int8.qdq.onnx"
+QUANTIZATION_FILE = "quantization.json"
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,17 @@ def load_golden(bundle: Bundle) -> tuple[np.ndarray, list[ImageDetections], dict
     return images, expected, dict(doc["criteria"])
 
 
-def self_test(backend: object, bundle: Bundle) -> list[MatchReport]:
+def self_test(
+    backend: object, bundle: Bundle, *, criteria: dict[str, float] | None = None
+) -> list[MatchReport]:
     """Run the golden input through ``backend`` and match against the recorded PyTorch detections.
 
-    Raises :class:`SelfTestError` when any image's match rate is below the bundle's criterion.
+    ``criteria`` (``iou_min``, ``score_tol``, ``min_match_rate``) replaces the bundle's own, for backends
+    that compute in reduced precision (a TensorRT FP16/INT8 engine). Raises :class:`SelfTestError` when any
+    image's match rate is below the criterion.
     """
-    images, expected, criteria = load_golden(bundle)
+    images, expected, recorded = load_golden(bundle)
+    criteria = {**recorded, **(criteria or {})}
     outputs = backend.infer(images)  # type: ignore[attr-defined]
     got = split_outputs(outputs)
     reports = [

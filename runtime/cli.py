@@ -21,6 +21,14 @@ log = logging.getLogger("retinaedge")
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "export": ("retinaedge.export.cli", "torchvision RetinaNet checkpoint -> model bundle (ONNX, NMS fused)"),
+    "build": (
+        "retinaedge.service.build_cli",
+        "model bundle -> TensorRT engine for this device, validated and cached",
+    ),
+    "quantize": (
+        "retinaedge.runtime.quantize_cli",
+        "model bundle -> Q/DQ INT8 model calibrated on DICOM files (ONNX Runtime and TensorRT)",
+    ),
     "detect": ("retinaedge.runtime.detect_cli", "DICOM files -> detections, one JSON line per file"),
     "eval": ("retinaedge.runtime.eval_cli", "COCO average precision of a bundle on annotated DICOM files"),
     "serve": ("retinaedge.service.cli", "local HTTP service: POST DICOM, get detections"),

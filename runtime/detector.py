@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from .detections import split_outputs
 from .dicomio import DEFAULT_LIMITS, Limits, iter_frames, open_dicom, validate
 from .errors import ConfigError, MalformedDicomError
 from .geometry import Letterbox
+from .manifest import Manifest
 from .preprocess import match_channels, to_unit
 
 log = logging.getLogger(__name__)
@@ -79,16 +80,49 @@ class InstanceResult:
         }
 
 
+def prepare_frame(
+    arr: np.ndarray, photometric: str, ds: Any, index: int, bits_stored: int, manifest: Manifest
+) -> tuple[np.ndarray, Letterbox, str, np.ndarray]:
+    """One decoded frame -> ``(model input (C, H, W) float32 in 0..1, letterbox, VOI rule applied,
+    frame-resolution image (C, h, w))``: modality LUT, window, channels, letterbox (the one place this
+    happens, for inference and for INT8 calibration alike)."""
+    unit, rule = to_unit(arr, photometric, ds, index, manifest.preprocessing, bits_stored)
+    chw = match_channels(unit, manifest.input.channels)
+    box = Letterbox.fit(chw.shape[1], chw.shape[2], manifest.input.height, manifest.input.width)
+    return box.apply(chw, manifest.preprocessing.pad_value), box, rule, chw
+
+
+def iter_model_inputs(
+    source: bytes | str | Path, manifest: Manifest, limits: Limits = DEFAULT_LIMITS
+) -> Iterator[np.ndarray]:
+    """Every frame of one DICOM instance as the model input ``(C, H, W)`` float32, frame by frame."""
+    with open_dicom(source, limits) as src:
+        info = validate(src, limits)
+        for index, (arr, photometric) in enumerate(iter_frames(src, info)):
+            yield prepare_frame(arr, photometric, src.ds, index, info.bits_stored, manifest)[0]
+
+
 class Detector:
     """A bundle and a backend; ``detect(source)`` runs one instance. Not thread-safe: one owner thread."""
 
     def __init__(
-        self, bundle: Bundle, backend: Backend, *, batch_size: int = 4, limits: Limits = DEFAULT_LIMITS
+        self,
+        bundle: Bundle,
+        backend: Backend,
+        *,
+        batch_size: int = 4,
+        limits: Limits = DEFAULT_LIMITS,
+        backend_reason: str = "",
+        self_test_criteria: dict[str, float] | None = None,
     ) -> None:
+        """``backend_reason`` says why this backend was chosen (shown by the service);
+        ``self_test_criteria`` overrides the golden criteria for reduced-precision backends."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         self.bundle = bundle
         self.backend = backend
+        self.backend_reason = backend_reason
+        self.self_test_criteria = self_test_criteria
         self.batch_size = batch_size
         self.limits = limits
         m = bundle.manifest
@@ -140,8 +174,7 @@ class Detector:
         ds = src.ds
         info = validate(src, self.limits)
         timings["parse"] = (time.perf_counter() - t_start) * 1e3
-        pre = self.bundle.manifest.preprocessing
-        h, w = self._input_hw
+        m = self.bundle.manifest
         results: list[FrameResult] = []
         batch: list[tuple[int, np.ndarray, Letterbox, str, np.ndarray | None]] = []
         frames = iter_frames(src, info)
@@ -154,10 +187,8 @@ class Detector:
                 break
             timings["decode"] += (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
-            unit, rule = to_unit(arr, photometric, ds, index, pre, info.bits_stored)
-            chw = match_channels(unit, self._channels)
-            box = Letterbox.fit(chw.shape[1], chw.shape[2], h, w)
-            batch.append((index, box.apply(chw, pre.pad_value), box, rule, chw if on_frame else None))
+            image, box, rule, chw = prepare_frame(arr, photometric, ds, index, info.bits_stored, m)
+            batch.append((index, image, box, rule, chw if on_frame else None))
             timings["preprocess"] += (time.perf_counter() - t) * 1e3
             index += 1
             if len(batch) == self.batch_size:

@@ -32,7 +32,9 @@ from retinaedge.runtime.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
+from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
+from .engines import Probe, choose_backend, default_probe
 from .metrics import Metrics
 from .processor import Processor
 from .series import SeriesFindings, SeriesStatus, series_findings, series_status
@@ -84,8 +86,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the app; the model loads in the worker thread when the lifespan starts."""
+def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
+    """Build the app; the model loads in the worker thread when the lifespan starts.
+
+    ``probe`` returns this device's fingerprint and capabilities for the backend choice (the real
+    TensorRT/pycuda probe by default; tests pass a fixed fingerprint).
+    """
     bundle = load_bundle(settings.model)
     limits = Limits(
         max_frames=settings.max_frames,
@@ -96,8 +102,26 @@ def create_app(settings: Settings) -> FastAPI:
     uid_key = secrets.token_bytes(16)
 
     def open_detector() -> Detector:
-        return Detector.open(
-            settings.model, threads=settings.threads, batch_size=settings.batch_size, limits=limits
+        """Runs on the inference thread: it owns the CUDA context when TensorRT is chosen."""
+        choice = choose_backend(
+            bundle,
+            mode=settings.backend,
+            options=settings.build_options(),
+            cache_root=settings.engine_cache_root,
+            cache_max_bytes=settings.engine_cache_max_bytes,
+            allow_build=settings.engine_build,
+            open_onnxruntime=lambda: OnnxRuntimeBackend(bundle.model_path, threads=settings.threads),
+            probe=probe,
+            on_status=worker.set_status,
+        )
+        log.info("backend %s: %s", choice.backend.name, choice.reason)
+        return Detector(
+            bundle,
+            choice.backend,
+            batch_size=settings.batch_size,
+            limits=limits,
+            backend_reason=choice.reason,
+            self_test_criteria=choice.criteria,
         )
 
     worker = InferenceWorker(
@@ -185,6 +209,7 @@ def create_app(settings: Settings) -> FastAPI:
             {
                 "status": "ready",
                 "backend": worker.backend,
+                "backend_reason": worker.backend_reason,
                 "reason": worker.reason,
                 "self_test": worker.self_test,
                 "model": bundle.manifest.name,
@@ -195,7 +220,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def model() -> dict[str, Any]:
         return {
             **bundle.manifest.to_dict(),
-            "backend": {"name": worker.backend, "state": worker.state, "reason": worker.reason},
+            "backend": {
+                "name": worker.backend,
+                "state": worker.state,
+                "reason": worker.backend_reason or worker.reason,
+            },
         }
 
     @app.get("/metrics")
@@ -232,6 +261,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.observe(result.timings_ms)
         body = result.to_json()
         body["backend"] = worker.backend
+        body["backend_reason"] = worker.backend_reason
         try:
             await asyncio.to_thread(_record, data, body)
         except Exception as exc:  # the detections stand even if they cannot be kept for later retrieval

@@ -95,6 +95,7 @@ class Processor:
                     break
                 body = result.to_json()
                 body["backend"] = self.worker.backend
+                body["backend_reason"] = self.worker.backend_reason
                 await asyncio.to_thread(self.store.done, uid, body)
                 self.on_outcome("ok")
                 break

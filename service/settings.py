@@ -10,10 +10,11 @@ import ipaddress
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from retinaedge.device.buildopts import BuildOptions
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.findings import LinkParams
 
@@ -53,6 +54,33 @@ class Settings(BaseSettings):
     series_min_slices: int = Field(default=2, ge=1, description="findings on fewer slices are dropped")
     series_link_iou: float = Field(default=0.2, gt=0, le=1, description="IoU linking neighbouring slices")
     series_max_gap: int = Field(default=1, ge=0, description="slices a finding may skip")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        default="auto",
+        description="auto: a valid cached TensorRT engine, else build one (engine_build), else ONNX Runtime",
+    )
+    engine_cache_dir: Path | None = Field(default=None, description="engine cache (default data_dir/engines)")
+    engine_cache_max_bytes: int = Field(default=4 * 1024**3, ge=0, description="engine cache size budget")
+    engine_build: bool = Field(default=True, description="build a missing engine at start-up (minutes)")
+    engine_precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    engine_dla_core: int | None = Field(default=None, ge=0, description="DLA core (GPU fallback on)")
+    engine_workspace_mib: int = Field(default=1024, ge=1)
+    engine_nms: Literal["auto", "plugin", "builtin"] = "auto"
+
+    def build_options(self) -> BuildOptions:
+        """The engine build options these settings ask for (batch profile 1 / batch_size / batch_size)."""
+        return BuildOptions(
+            precision=self.engine_precision,
+            dla_core=self.engine_dla_core,
+            batch_min=1,
+            batch_opt=self.batch_size,
+            batch_max=self.batch_size,
+            workspace_mib=self.engine_workspace_mib,
+            nms=self.engine_nms,
+        )
+
+    @property
+    def engine_cache_root(self) -> Path:
+        return self.engine_cache_dir if self.engine_cache_dir is not None else self.data_dir / "engines"
 
     def link_params(self) -> LinkParams:
         """The series linking parameters (:class:`~retinaedge.runtime.findings.LinkParams`)."""

@@ -43,8 +43,15 @@ class InferenceWorker:
         self.state = "loading"
         self.reason = "model loading"
         self.backend = ""
+        self.backend_reason = ""
         self.self_test: dict[str, Any] = {}
         self._ready = threading.Event()
+
+    def set_status(self, reason: str) -> None:
+        """Progress while loading (e.g. an engine build), shown by /readyz until the worker is ready."""
+        if self.state == "loading":
+            self.reason = reason
+            log.info("inference worker: %s", reason)
 
     def start(self) -> None:
         self._thread.start()
@@ -81,15 +88,20 @@ class InferenceWorker:
     def _run(self) -> None:
         try:
             detector = self._open()
-            reports = self_test(detector.backend, detector.bundle)
+            self.backend = detector.backend.name
+            self.backend_reason = detector.backend_reason
+            try:
+                reports = self_test(detector.backend, detector.bundle, criteria=detector.self_test_criteria)
+            except BaseException:
+                detector.close()
+                raise
             self.self_test = {
                 "passed": True,
                 "matched": [r.matched for r in reports],
                 "expected": [r.reference for r in reports],
             }
-            self.backend = detector.backend.name
             self.state, self.reason = "ready", "model loaded and golden self-test passed"
-            log.info("inference worker ready (%s)", self.backend)
+            log.info("inference worker ready: backend %s (%s)", self.backend, self.backend_reason or "-")
         except Exception as exc:  # any failure to load means not ready, reported, never a crash
             self.state, self.reason = "failed", f"{type(exc).__name__}: {exc}"
             self.self_test = {"passed": False, "error": self.reason}

@@ -1,0 +1,155 @@
+"""TensorRT on a real GPU: build, run and parity with ONNX Runtime per precision (marked ``gpu``).
+
+Skipped without TensorRT, pycuda and a CUDA device; required (strict xfail otherwise) with REQUIRE_GPU=1
+(see conftest.py). Uses the demo bundle; INT8 first makes the Q/DQ model with ``retinaedge quantize`` on
+the sample study.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "models" / "demo"
+CALIBRATION = ROOT / "examples" / "study_01"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo bundle plus its Q/DQ INT8 model (calibrated on the sample study)."""
+    from retinaedge.runtime.quantize import quantize_bundle
+
+    out = tmp_path_factory.mktemp("gpu") / "demo"
+    shutil.copytree(DEMO, out)
+    quantize_bundle(out, [CALIBRATION], max_frames=27)
+    return out
+
+
+def _probe() -> Any:
+    from retinaedge.device.fingerprint import probe
+
+    return probe()
+
+
+def _build(bundle_dir: Path, cache_root: Path, options: Any) -> tuple[Any, dict[str, Any], Any]:
+    from retinaedge.device.enginecache import EngineCache
+    from retinaedge.runtime.bundle import load_bundle
+    from retinaedge.service.engines import build_validate_store, plan_engine
+
+    bundle = load_bundle(bundle_dir)
+    fingerprint, caps = _probe()
+    plan = plan_engine(bundle, options, fingerprint, caps)
+    backend, manifest = build_validate_store(bundle, options, plan, fingerprint, EngineCache(cache_root))
+    return backend, manifest, plan
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_build_run_and_parity_with_onnxruntime(bundle_dir: Path, tmp_path: Path, precision: str) -> None:
+    from retinaedge.device.buildopts import BuildOptions
+    from retinaedge.runtime.bundle import load_bundle, load_golden
+    from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
+    from retinaedge.service.engines import PRECISION_CRITERIA, compare_backends
+
+    options = BuildOptions(precision=precision, nms="builtin", timing_cache=tmp_path / "timing.cache")
+    backend, manifest, plan = _build(bundle_dir, tmp_path / "engines", options)
+    with backend:
+        bundle = load_bundle(bundle_dir)
+        images, _, _ = load_golden(bundle)
+        out = backend.infer(images)
+        n, k = len(images), bundle.manifest.postprocess.detections_per_img
+        assert out["num_detections"].shape == (n,) and out["num_detections"].dtype == np.int32
+        assert out["boxes"].shape == (n, k, 4) and out["scores"].shape == (n, k)
+        assert out["labels"].shape == (n, k) and out["labels"].dtype == np.int32
+        assert int(out["num_detections"].min()) > 0
+        with OnnxRuntimeBackend(plan.onnx_path) as ort:
+            reports = compare_backends(backend, ort, images, PRECISION_CRITERIA[precision])
+        assert all(r.reference > 0 for r in reports)
+        many = np.concatenate([images] * 3)  # 6 images > max batch 4: run in slices, same answers
+        sliced = backend.infer(many)
+        np.testing.assert_array_equal(sliced["num_detections"], np.tile(out["num_detections"], 3))
+    assert manifest["validation"]["criteria"] == PRECISION_CRITERIA[precision]
+    assert manifest["build"]["timing_cache_saved"] and (tmp_path / "timing.cache").stat().st_size > 0
+
+
+def test_cached_engine_is_found_and_loads(bundle_dir: Path, tmp_path: Path) -> None:
+    from retinaedge.device.buildopts import BuildOptions
+    from retinaedge.device.enginecache import EngineCache
+    from retinaedge.device.trt_backend import TensorRTBackend
+
+    options = BuildOptions(nms="builtin")
+    backend, manifest, plan = _build(bundle_dir, tmp_path / "engines", options)
+    backend.close()
+    fingerprint, _ = _probe()
+    found = EngineCache(tmp_path / "engines").lookup(plan.onnx_sha256, options, fingerprint)
+    assert found.status == "hit" and found.entry is not None and found.key == manifest["key"]
+    with TensorRTBackend(found.entry.read_engine()) as again:
+        assert again.max_batch == 4
+
+
+def test_garbage_engine_bytes_are_refused_by_deserialisation() -> None:
+    from retinaedge.device.errors import EngineLoadError
+    from retinaedge.device.trt_backend import TensorRTBackend
+
+    with pytest.raises(EngineLoadError, match="could not deserialize"):
+        TensorRTBackend(b"\x00" * 4096)
+
+
+def test_impossible_dla_core_is_refused_on_this_device(bundle_dir: Path) -> None:
+    from retinaedge.device.buildopts import BuildOptions
+    from retinaedge.device.errors import BuildOptionsError
+    from retinaedge.runtime.bundle import load_bundle
+    from retinaedge.service.engines import plan_engine
+
+    fingerprint, caps = _probe()
+    options = BuildOptions(precision="int8", dla_core=fingerprint.dla_cores, nms="builtin")
+    with pytest.raises(BuildOptionsError, match=f"DLA core {fingerprint.dla_cores} requested"):
+        plan_engine(load_bundle(bundle_dir), options, fingerprint, caps)
+
+
+def test_dla_build_reports_layer_placement(bundle_dir: Path, tmp_path: Path) -> None:
+    from retinaedge.device.buildopts import BuildOptions
+
+    fingerprint, _ = _probe()
+    if fingerprint.dla_cores == 0:
+        pytest.skip(f"{fingerprint.gpu_name} has no DLA")
+    options = BuildOptions(precision="fp16", dla_core=0, nms="builtin")
+    backend, manifest, _ = _build(bundle_dir, tmp_path / "engines", options)
+    backend.close()
+    report = manifest["build"]
+    assert report["dla_core"] == 0 and report["layers_on_dla"] > 0
+    assert report["layers_on_dla"] + report["layers_on_gpu"] > 0
+
+
+def test_service_auto_builds_and_serves_tensorrt(bundle_dir: Path, tmp_path: Path) -> None:
+    from retinaedge.service.app import create_app
+    from retinaedge.service.settings import load_settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    settings = load_settings(model=bundle_dir, data_dir=tmp_path / "data", port=port, engine_nms="builtin")
+    app = create_app(settings)
+    worker = app.state.worker
+    worker.start()
+    try:
+        assert worker.wait_ready(1800), worker.reason
+        assert worker.backend == "tensorrt", worker.backend_reason
+        assert "built and validated" in worker.backend_reason
+    finally:
+        worker.stop()
+    app2 = create_app(settings)
+    worker2 = app2.state.worker
+    worker2.start()
+    try:
+        assert worker2.wait_ready(600) and worker2.backend == "tensorrt"
+        assert "cached engine" in worker2.backend_reason
+    finally:
+        worker2.stop()
