@@ -16,7 +16,7 @@ from .detections import ImageDetections, split_outputs
 from .errors import BundleError, SelfTestError
 from .hashing import sha256_file
 from .manifest import METADATA_KEY, Manifest
-from .matching import MatchReport, match_detections
+from .matching import MatchReport, match_images
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,7 @@ def self_test(
     criteria = {**recorded, **(criteria or {})}
     outputs = backend.infer(images)  # type: ignore[attr-defined]
     got = split_outputs(outputs)
-    reports = [
-        match_detections(e, g, iou_min=criteria["iou_min"], score_tol=criteria["score_tol"])
-        for e, g in zip(expected, got, strict=True)
-    ]
-    worst = min(r.match_rate for r in reports)
+    reports, worst = match_images(expected, got, criteria)
     if worst < criteria["min_match_rate"]:
         raise SelfTestError(
             f"golden self-test failed: {worst:.2%} of the recorded detections reproduced "

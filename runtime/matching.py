@@ -119,3 +119,15 @@ def match_detections(
         unmatched_reference=[_describe(reference, int(i)) for i in np.flatnonzero(~matched_ref)],
         unmatched_candidate=[_describe(candidate, int(i)) for i in np.flatnonzero(~taken)],
     )
+
+
+def match_images(
+    reference: list[ImageDetections], candidate: list[ImageDetections], criteria: dict[str, float]
+) -> tuple[list[MatchReport], float]:
+    """:func:`match_detections` image by image with ``criteria`` (``iou_min``, ``score_tol``); returns the
+    reports and the worst match rate (to compare with ``criteria["min_match_rate"]``)."""
+    reports = [
+        match_detections(r, c, iou_min=criteria["iou_min"], score_tol=criteria["score_tol"])
+        for r, c in zip(reference, candidate, strict=True)
+    ]
+    return reports, min((r.match_rate for r in reports), default=1.0)

@@ -55,7 +55,7 @@ from retinaedge.runtime.errors import (
     SelfTestError,
 )
 from retinaedge.runtime.hashing import sha256_file
-from retinaedge.runtime.matching import MatchReport, match_detections
+from retinaedge.runtime.matching import MatchReport, match_images
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,7 @@ def compare_backends(
     """
     ref = split_outputs(reference.infer(images))
     got = split_outputs(candidate.infer(images))
-    reports = [
-        match_detections(r, g, iou_min=criteria["iou_min"], score_tol=criteria["score_tol"])
-        for r, g in zip(ref, got, strict=True)
-    ]
-    worst = min(r.match_rate for r in reports)
+    reports, worst = match_images(ref, got, criteria)
     if worst < criteria["min_match_rate"]:
         raise SelfTestError(
             f"{candidate.name} reproduces {worst:.2%} of {reference.name}'s detections on the golden input "
