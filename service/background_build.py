@@ -134,9 +134,9 @@ class BackgroundBuild:
 
 
 def failure_summary(log_tail: str) -> str:
-    """The most telling line of a failed build's log: its last error line, else its last line."""
-    lines = [line for line in log_tail.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if " ERROR " in line or '"error"' in line:
-            return line.split(": ", 1)[-1][:500] if " ERROR " in line else line[:500]
+    """The most telling line of a failed build's log: its last ERROR log line, else its last line."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    errors = [line for line in lines if " ERROR " in line]
+    if errors:
+        return errors[-1].split(": ", 1)[-1][:500]
     return lines[-1][:500] if lines else "no output"
