@@ -142,6 +142,7 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
         title="retinaedge", version=str(bundle.manifest.exporter.get("version", "")), lifespan=lifespan
     )
     app.state.worker = worker
+    app.state.opener = opener
     app.state.store = store
     app.state.settings = settings
 

@@ -160,7 +160,7 @@ def test_failed_build_at_start_up_is_recorded_and_the_next_start_skips_it(tmp_pa
 def test_background_build_serves_onnxruntime_meanwhile_and_reports_its_failure(tmp_path: Path) -> None:
     app = make_app(tmp_path, engine_build_while="onnxruntime")
     with worker_of(app) as worker:
-        opener = app.state.worker._open
+        opener = app.state.opener
         assert worker.state == "ready" and worker.backend == "onnxruntime"
         assert opener.build is not None  # started at once; here it may already have failed
         assert "while a TensorRT engine is built in the background" in worker.backend_reason or (

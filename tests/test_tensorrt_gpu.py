@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,29 @@ def test_service_auto_builds_and_serves_tensorrt(bundle_dir: Path, tmp_path: Pat
         assert "cached engine" in worker2.backend_reason
     finally:
         worker2.stop()
+
+
+def test_background_build_swaps_onnxruntime_for_the_engine(bundle_dir: Path, tmp_path: Path) -> None:
+    """engine_build_while=onnxruntime: ONNX Runtime serves at once, the child builds, the worker swaps."""
+    from retinaedge.service.app import create_app
+    from retinaedge.service.settings import load_settings
+
+    settings = load_settings(
+        model=bundle_dir, data_dir=tmp_path / "data", engine_nms="builtin", engine_build_while="onnxruntime"
+    )
+    app = create_app(settings)
+    worker, opener = app.state.worker, app.state.opener
+    worker.start()
+    try:
+        assert worker.wait_ready(600) and worker.backend == "onnxruntime", worker.reason
+        assert "built in the background" in worker.backend_reason
+        assert opener.build.wait(1800), "the background build never ended"
+        assert opener.build_status == "succeeded", worker.backend_reason
+        deadline = time.monotonic() + 600
+        while worker.backend != "tensorrt" and time.monotonic() < deadline:
+            time.sleep(1)
+        assert worker.backend == "tensorrt", worker.backend_reason
+        assert worker.self_test["passed"] and opener.describe()["decision"] == "cache-hit"
+    finally:
+        opener.stop()
+        worker.stop()
