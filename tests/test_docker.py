@@ -439,3 +439,22 @@ def test_healthcheck_fails_without_a_server(tmp_path: Path) -> None:
         [sys.executable, str(DOCKER / "healthcheck.py")], env=env, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 1, result
+
+
+# ---- docker/install-runtime.sh argument handling (its installing is tests/test_docker_wheel.py) ------
+
+
+def test_install_runtime_refuses_bad_input(tmp_path: Path) -> None:
+    script = DOCKER / "install-runtime.sh"
+    usage = subprocess.run(["sh", str(script), str(tmp_path)], capture_output=True, text=True)
+    assert usage.returncode == 64 and "usage:" in usage.stderr
+    empty = subprocess.run(
+        ["sh", str(script), str(tmp_path), str(tmp_path / "venv")], capture_output=True, text=True
+    )
+    assert empty.returncode == 1 and "no wheel" in empty.stderr
+    (tmp_path / "pycuda-2026.1-cp310-cp310-linux_aarch64.whl").write_bytes(b"")
+    other = subprocess.run(
+        ["sh", str(script), str(tmp_path), str(tmp_path / "venv")], capture_output=True, text=True
+    )
+    assert other.returncode == 1 and "no retinaedge wheel" in other.stderr
+    assert not (tmp_path / "venv").exists()
