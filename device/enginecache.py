@@ -4,6 +4,7 @@ Layout of the cache directory (one entry per key)::
 
     <key>.json                 manifest: key, model sha256, options, fingerprint, engine file and sha256
     <key>.<sha16>.engine       the serialized engine the manifest names
+    <key>.failed               JSON record of the last failed build of that key (time, error)
     .lock                      flock(2) taken while storing or evicting
     .tmp-*                     files being written (never read; stale ones are removed)
 
@@ -309,11 +310,41 @@ class EngineCache:
             manifest_path = self.manifest_path(key)
             atomic_write(manifest_path, [json.dumps(manifest, indent=2, sort_keys=True).encode()])
             self._remove_orphans()
+            self.clear_failure(key)
             evicted = self._evict(keep=key)
         if evicted:
             log.info("engine cache over budget: evicted %s", [k[:12] for k in evicted])
         log.info("engine %s stored (%d bytes)", key[:12], size)
         return CacheEntry(key, engine_path, manifest_path, manifest)
+
+    # -- failed builds ---------------------------------------------------------------------------
+    def failure_path(self, key: str) -> Path:
+        return self.root / f"{key}.failed"
+
+    def record_failure(self, key: str, error: str) -> dict[str, Any]:
+        """Remember that building ``key`` failed (so a restart loop does not rebuild it every time)."""
+        record = {"key": key, "failed_at": time.time(), "error": error[-4000:]}
+        with self._locked():
+            atomic_write(self.failure_path(key), [json.dumps(record, indent=2).encode()])
+        log.warning("engine %s: build failure recorded: %s", key[:12], error[-500:])
+        return record
+
+    def failure(self, key: str) -> dict[str, Any] | None:
+        """The recorded failure of ``key`` (``failed_at`` in seconds since the epoch), or None.
+
+        An unreadable record counts as none: it only ever delays a retry, so losing it is harmless.
+        """
+        try:
+            record = json.loads(self.failure_path(key).read_text())
+            float(record["failed_at"])
+            str(record["error"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return dict(record) if isinstance(record, dict) else None
+
+    def clear_failure(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.failure_path(key).unlink()
 
     def _remove_stale_temps(self, older_than_s: float = 3600.0) -> None:
         now = time.time()

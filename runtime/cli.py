@@ -32,6 +32,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "detect": ("retinaedge.runtime.detect_cli", "DICOM files -> detections, one JSON line per file"),
     "eval": ("retinaedge.runtime.eval_cli", "COCO average precision of a bundle on annotated DICOM files"),
     "serve": ("retinaedge.service.cli", "local HTTP service: POST DICOM, get detections"),
+    "boot": (
+        "retinaedge.service.boot",
+        "container entrypoint: validate the configuration, find or build the engine, serve",
+    ),
     "device": (
         "retinaedge.device.cli",
         "what hardware, power mode and versions this runs on (JSON or --table)",

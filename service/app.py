@@ -21,7 +21,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from retinaedge.runtime.bundle import load_bundle
-from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import (
     NotReadyError,
@@ -32,10 +31,10 @@ from retinaedge.runtime.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
-from .engines import Probe, choose_backend, default_probe
+from .engines import Probe, default_probe
 from .metrics import Metrics
+from .opener import DetectorOpener
 from .processor import Processor
 from .series import SeriesFindings, SeriesStatus, series_findings, series_status
 from .settings import Settings
@@ -101,35 +100,14 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     )
     uid_key = secrets.token_bytes(16)
 
-    def open_detector() -> Detector:
-        """Runs on the inference thread: it owns the CUDA context when TensorRT is chosen."""
-        choice = choose_backend(
-            bundle,
-            mode=settings.backend,
-            options=settings.build_options(),
-            cache_root=settings.engine_cache_root,
-            cache_max_bytes=settings.engine_cache_max_bytes,
-            allow_build=settings.engine_build,
-            open_onnxruntime=lambda: OnnxRuntimeBackend(bundle.model_path, threads=settings.threads),
-            probe=probe,
-            on_status=worker.set_status,
-        )
-        log.info("backend %s: %s", choice.backend.name, choice.reason)
-        return Detector(
-            bundle,
-            choice.backend,
-            batch_size=settings.batch_size,
-            limits=limits,
-            backend_reason=choice.reason,
-            self_test_criteria=choice.criteria,
-        )
-
+    opener = DetectorOpener(settings, bundle, limits, probe)
     worker = InferenceWorker(
-        open_detector,
+        opener,
         queue_size=settings.queue_size,
         max_age_s=settings.queue_max_age_s,
         retry_after_s=settings.retry_after_s,
     )
+    opener.attach(worker)
     metrics = Metrics(lambda: worker.depth)
     spool = Spool(settings.data_dir / "spool", settings.min_free_bytes)
     store = Store(settings.data_dir / "state.sqlite3")
@@ -156,6 +134,7 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
         processor.start()
         yield
         await processor.stop()
+        await asyncio.to_thread(opener.stop)
         await asyncio.to_thread(worker.stop)
         store.close()
 
@@ -212,6 +191,7 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
                 "backend_reason": worker.backend_reason,
                 "reason": worker.reason,
                 "self_test": worker.self_test,
+                "engine": opener.describe(),
                 "model": bundle.manifest.name,
             }
         )
@@ -224,6 +204,7 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
                 "name": worker.backend,
                 "state": worker.state,
                 "reason": worker.backend_reason or worker.reason,
+                "engine": opener.describe(),
             },
         }
 

@@ -1,7 +1,8 @@
 """``retinaedge build --model DIR``: model.onnx -> a validated TensorRT engine in the engine cache.
 
 Probes the device, validates the options against it and the model (impossible options are refused,
-never changed), builds (or finds the cached engine), runs the golden self-test and the detection-aware
+never changed), builds (or finds the cached engine; ``--force`` rebuilds; a failure is recorded in the cache
+so that service start-ups do not retry it at once, while this verb always tries), runs the golden self-test and the detection-aware
 comparison with ONNX Runtime, stores the engine with its manifest and prints one JSON object: the cache
 key, engine path, fingerprint, build report (layers on the DLA, timing cache) and validation results.
 Use the same options as the service (``engine_*`` settings, ``batch_size``) so that it finds the engine.
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from retinaedge.device.fingerprint import require_trt_extra
     from retinaedge.runtime.bundle import load_bundle
     from retinaedge.runtime.cli import emit
+    from retinaedge.runtime.errors import RetinaEdgeError
 
     from .engines import build_validate_store, default_probe, plan_engine, timing_cache_path, to_runtime_error
 
@@ -87,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
             out["manifest"] = found.entry.manifest
         else:
             log.info("building: %s", found.reason)
-            backend, manifest = build_validate_store(bundle, options, plan, fingerprint, cache)
+            try:
+                backend, manifest = build_validate_store(bundle, options, plan, fingerprint, cache)
+            except (DeviceError, RetinaEdgeError) as exc:  # remembered: start-up will not retry at once
+                cache.record_failure(found.key, f"{type(exc).__name__}: {exc}")
+                raise
             backend.close()
             out.update(status="built", key=manifest["key"], engine=str(cache.root / manifest["engine_file"]))
             out["manifest"] = manifest

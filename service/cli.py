@@ -6,6 +6,10 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +23,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="JSON settings file (environment variables override it)")
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, ``--config`` and the command line (raises ConfigError)."""
     from .settings import load_settings
 
     if args.config:
         os.environ["RETINAEDGE_CONFIG_FILE"] = str(args.config)
-    settings = load_settings(model=args.model, host=args.host, port=args.port)
+    return load_settings(model=args.model, host=args.host, port=args.port)
+
+
+def serve(settings: Settings) -> int:
+    """Run the service under uvicorn until SIGINT/SIGTERM (graceful: 30 s for requests in flight)."""
+    import uvicorn
+
+    from .app import create_app
+
     app = create_app(settings)
     log.info("serving %s on http://%s:%d", settings.model, settings.host, settings.port)
     uvicorn.run(
@@ -39,3 +49,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
     )
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return serve(settings_from_args(args))

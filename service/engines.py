@@ -4,15 +4,18 @@ This is where ``device`` (fingerprint, build options, engine cache, TensorRT) me
 golden self-test, detection-aware matching, ONNX Runtime), so it lives in the service, the one layer
 allowed to import both (DESIGN.md §2). ``retinaedge build`` uses the same functions.
 
-Order in :func:`choose_backend` (mode ``auto``), each step pure Python until a usable engine is found:
+:func:`plan_backend` decides (pure Python: probe, options, cache) and :func:`choose_backend` acts. Order
+(mode ``auto``), each step pure Python until a usable engine is found:
 
 1. probe the device (TensorRT/pycuda missing or no GPU -> ONNX Runtime, reason given);
 2. pick the ONNX file for the NMS flavour and precision, validate the build options against device and
    model (an impossible option -> ONNX Runtime with the refusal as the reason; never rewritten);
 3. look the engine up in the cache: manifest, fingerprint, TensorRT version and engine sha256 are checked
    before any TensorRT deserialisation (corrupt / foreign-device / version-mismatch -> reason);
-4. a hit is deserialised; a miss is built when ``engine_build`` allows it, then must pass the golden
-   self-test and a detection-aware comparison with ONNX Runtime before it is stored and used;
+4. a hit is deserialised; a miss is built when ``engine_build`` allows it and its last build did not
+   fail recently (a failed build is recorded in the cache), then must pass the golden self-test and a
+   detection-aware comparison with ONNX Runtime before it is stored and used; the build can also be
+   deferred to a child process while ONNX Runtime serves (``engine_build_while=onnxruntime``);
 5. anything else -> ONNX Runtime, with every reason collected on the way.
 
 Mode ``tensorrt`` raises instead of falling back; mode ``onnxruntime`` never touches TensorRT.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,13 +228,145 @@ def timing_cache_path(cache_root: Path, fingerprint: DeviceFingerprint) -> Path:
     return cache_root / f"timing-{tag}.cache"
 
 
+#: The start-up decisions (stable labels: logs, the entrypoint's boot record and tests use them).
+DECISIONS = (
+    "onnxruntime-configured",  # backend=onnxruntime
+    "onnxruntime-no-tensorrt",  # TensorRT/pycuda missing, no GPU, probe failed
+    "onnxruntime-options-refused",  # build options this device or model cannot honour
+    "onnxruntime-build-disabled",  # no usable engine and engine_build=false
+    "onnxruntime-build-failed-earlier",  # this engine's last build failed less than the retry time ago
+    "cache-hit",  # a verified engine for this model, options and device
+    "build-first",  # the engine cache is empty: first start on this device
+    "build-new-model",  # engines exist, none for this model and options (a model update)
+    "build-fingerprint-changed",  # an engine for this model was built on another device or TensorRT
+    "build-corrupt",  # the entry for this key is damaged
+)
+
+_BUILD_DECISIONS = {
+    "corrupt": "build-corrupt",
+    "foreign-device": "build-fingerprint-changed",
+    "version-mismatch": "build-fingerprint-changed",
+}
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    """What :func:`choose_backend` will do, decided without loading or building anything.
+
+    ``action`` is ``onnxruntime``, ``load`` (a verified cache entry) or ``build``; ``decision`` one of
+    :data:`DECISIONS`; ``reason`` says why, for people. The other fields are set once the device was
+    probed and the options accepted.
+    """
+
+    action: str
+    decision: str
+    reason: str
+    options: BuildOptions | None = None
+    engine: EnginePlan | None = None
+    lookup: Lookup | None = None
+    fingerprint: DeviceFingerprint | None = None
+    cache: EngineCache | None = None
+    criteria: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "decision": self.decision,
+            "reason": self.reason,
+            "key": self.lookup.key if self.lookup else None,
+            "fingerprint": self.fingerprint.to_dict() if self.fingerprint else None,
+            "options": self.options.to_dict() if self.options else None,
+        }
+
+
+def plan_backend(
+    bundle: Bundle,
+    *,
+    mode: str,
+    options: BuildOptions,
+    cache_root: Path,
+    cache_max_bytes: int | None,
+    allow_build: bool,
+    probe: Probe = default_probe,
+    retry_after_s: float = 86400.0,
+    now: float | None = None,
+) -> BackendPlan:
+    """Decide between ONNX Runtime, a cached engine and a build (see the module docstring).
+
+    Probes the device and reads the engine cache; loads and builds nothing. In mode ``tensorrt`` every
+    reason not to use TensorRT is raised (mapped by :func:`to_runtime_error`) instead of planned.
+    A build whose last attempt failed less than ``retry_after_s`` seconds before ``now`` is not planned
+    again: a crash-looping container must not rebuild (minutes of a Jetson's time) on every start.
+    """
+    if mode not in BACKEND_MODES:
+        raise ConfigError(f"backend must be one of {BACKEND_MODES}, got {mode!r}")
+    if mode == "onnxruntime":
+        return BackendPlan("onnxruntime", "onnxruntime-configured", "backend=onnxruntime in the settings")
+    try:
+        fingerprint, caps = probe()
+    except Exception as exc:  # anything the probe raises means: no usable TensorRT here
+        return _not_tensorrt(mode, "onnxruntime-no-tensorrt", exc)
+    try:
+        engine = plan_engine(bundle, options, fingerprint, caps)
+        cache = EngineCache(cache_root, cache_max_bytes)
+    except DeviceError as exc:
+        return _not_tensorrt(mode, "onnxruntime-options-refused", exc, fingerprint=fingerprint)
+    found = cache.lookup(engine.onnx_sha256, options, fingerprint)
+    common: dict[str, Any] = {
+        "options": options,
+        "engine": engine,
+        "lookup": found,
+        "fingerprint": fingerprint,
+        "cache": cache,
+        "criteria": acceptance_criteria(bundle, engine, options.precision),
+    }
+    if found.usable:
+        reason = f"{found.reason} ({options.precision}, {engine.nms} NMS)"
+        return BackendPlan("load", "cache-hit", reason, **common)
+    decision = _BUILD_DECISIONS.get(found.status, "build-new-model")
+    reason = found.reason
+    if decision == "build-new-model" and not any(cache.root.glob("*.json")):
+        decision, reason = (
+            "build-first",
+            f"the engine cache {cache.root} is empty (first start on this device)",
+        )
+    if not allow_build:
+        why = f"{reason}; building at start-up is disabled (engine_build=false): run `retinaedge build`"
+        return _not_tensorrt(mode, "onnxruntime-build-disabled", BuildOptionsError(why), **common)
+    failed = cache.failure(found.key)
+    clock = time.time() if now is None else now
+    if failed is not None and clock - float(failed["failed_at"]) < retry_after_s:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(failed["failed_at"])))
+        why = (
+            f"{reason}; building this engine failed at {when} ({str(failed['error'])[-300:]}); not retried "
+            f"before engine_build_retry_s={retry_after_s:g} s have passed (`retinaedge build` retries now)"
+        )
+        return _not_tensorrt(mode, "onnxruntime-build-failed-earlier", EngineBuildError(why), **common)
+    return BackendPlan("build", decision, reason, **common)
+
+
+def _not_tensorrt(mode: str, decision: str, exc: Exception, **fields: Any) -> BackendPlan:
+    """ONNX Runtime with the reason (mode auto), or the error raised (mode tensorrt)."""
+    if mode == "tensorrt":
+        if isinstance(exc, DeviceError):
+            raise to_runtime_error(exc) from exc
+        raise exc
+    why = str(exc) if isinstance(exc, (DeviceError, RetinaEdgeError)) else f"{type(exc).__name__}: {exc}"
+    return BackendPlan("onnxruntime", decision, f"TensorRT not used: {why}", **fields)
+
+
 @dataclass(frozen=True)
 class Choice:
-    """The backend to serve with, why, and the self-test criteria that apply to it."""
+    """The backend to serve with, why, the self-test criteria that apply to it and the plan behind it.
+
+    ``deferred``: the plan was a build, left to a background process while ONNX Runtime serves.
+    """
 
     backend: Any
     reason: str
     criteria: dict[str, float] | None = None
+    plan: BackendPlan | None = None
+    deferred: bool = False
 
 
 def choose_backend(
@@ -244,17 +380,37 @@ def choose_backend(
     open_onnxruntime: Callable[[], Any],
     probe: Probe = default_probe,
     on_status: Callable[[str], None] = lambda _s: None,
+    retry_after_s: float = 86400.0,
+    defer_build: bool = False,
 ) -> Choice:
-    """Decide and open the backend (see the module docstring). Call it on the inference thread."""
-    if mode not in BACKEND_MODES:
-        raise ConfigError(f"backend must be one of {BACKEND_MODES}, got {mode!r}")
-    if mode == "onnxruntime":
-        return Choice(open_onnxruntime(), "backend=onnxruntime in the settings")
-    try:
-        backend, reason, criteria = _tensorrt(
-            bundle, options, cache_root, cache_max_bytes, allow_build, probe, on_status
+    """Decide (:func:`plan_backend`) and open the backend. Call it on the inference thread.
+
+    ``defer_build``: when the plan is a build, open ONNX Runtime instead and return ``deferred=True``;
+    the caller builds elsewhere (``retinaedge build`` in a child process) and calls this again.
+    """
+    plan = plan_backend(
+        bundle,
+        mode=mode,
+        options=options,
+        cache_root=cache_root,
+        cache_max_bytes=cache_max_bytes,
+        allow_build=allow_build,
+        probe=probe,
+        retry_after_s=retry_after_s,
+    )
+    if plan.action == "onnxruntime":
+        if plan.decision != "onnxruntime-configured":
+            log.warning("serving with ONNX Runtime: %s", plan.reason)
+        return Choice(open_onnxruntime(), plan.reason, plan=plan)
+    if plan.action == "build" and defer_build:
+        reason = (
+            f"serving with ONNX Runtime while a TensorRT engine is built in the background ({plan.reason})"
         )
-        return Choice(backend, reason, criteria)
+        log.info("%s", reason)
+        return Choice(open_onnxruntime(), reason, plan=plan, deferred=True)
+    try:
+        backend, reason = _open_tensorrt(bundle, plan, on_status)
+        return Choice(backend, reason, plan.criteria, plan)
     except Exception as exc:  # auto: any TensorRT/CUDA failure falls back, visibly, never a crash
         why = str(exc) if isinstance(exc, (DeviceError, RetinaEdgeError)) else f"{type(exc).__name__}: {exc}"
         if mode == "tensorrt":
@@ -262,25 +418,16 @@ def choose_backend(
                 raise to_runtime_error(exc) from exc
             raise
         log.warning("TensorRT not used, serving with ONNX Runtime: %s", why)
-        return Choice(open_onnxruntime(), f"TensorRT not used: {why}")
+        return Choice(open_onnxruntime(), f"TensorRT not used: {why}", plan=plan)
 
 
-def _tensorrt(
-    bundle: Bundle,
-    options: BuildOptions,
-    cache_root: Path,
-    cache_max_bytes: int | None,
-    allow_build: bool,
-    probe: Probe,
-    on_status: Callable[[str], None],
-) -> tuple[Any, str, dict[str, float]]:
-    fingerprint, caps = probe()
-    plan = plan_engine(bundle, options, fingerprint, caps)
-    cache = EngineCache(cache_root, cache_max_bytes)
-    found: Lookup = cache.lookup(plan.onnx_sha256, options, fingerprint)
-    criteria = acceptance_criteria(bundle, plan, options.precision)
-    log.info("engine cache %s: %s (%s)", cache_root, found.status, found.reason)
-    if found.usable and found.entry is not None:
+def _open_tensorrt(bundle: Bundle, plan: BackendPlan, on_status: Callable[[str], None]) -> tuple[Any, str]:
+    """Load the cached engine (``load``) or build, validate and store one (``build``)."""
+    assert plan.options is not None and plan.engine is not None and plan.lookup is not None
+    assert plan.cache is not None and plan.fingerprint is not None
+    found, options, cache = plan.lookup, plan.options, plan.cache
+    log.info("engine cache %s: %s (%s)", cache.root, found.status, found.reason)
+    if plan.action == "load" and found.entry is not None:
         from retinaedge.device.trt_backend import TensorRTBackend
 
         try:
@@ -288,26 +435,23 @@ def _tensorrt(
         except DeviceError as exc:
             raise EngineLoadError(f"{found.reason}, but it cannot be loaded: {exc}") from exc
         try:  # every load, not only after the build: a cached engine that now fails is not used
-            self_test(backend, bundle, criteria=criteria)
+            self_test(backend, bundle, criteria=plan.criteria)
         except BaseException as exc:
             backend.close()
             raise EngineLoadError(f"{found.reason}, but it fails the golden self-test: {exc}") from exc
-        return backend, f"{found.reason} ({options.precision}, {plan.nms} NMS)", criteria
-    if not allow_build:
-        raise BuildOptionsError(
-            f"{found.reason}; building at start-up is disabled (engine_build=false): run `retinaedge build`"
-        )
-    on_status(f"building a TensorRT engine ({found.reason})")
+        return backend, plan.reason
+    on_status(f"building a TensorRT engine ({plan.reason})")
     if options.timing_cache is None:
         from dataclasses import replace
 
-        options = replace(options, timing_cache=timing_cache_path(cache_root, fingerprint))
+        options = replace(options, timing_cache=timing_cache_path(cache.root, plan.fingerprint))
     try:
-        backend, manifest = build_validate_store(bundle, options, plan, fingerprint, cache)
-    except (DeviceError, RetinaEdgeError) as exc:
-        raise EngineBuildError(f"{found.reason}; building a new engine failed: {exc}") from exc
+        backend, manifest = build_validate_store(bundle, options, plan.engine, plan.fingerprint, cache)
+    except Exception as exc:
+        why = str(exc) if isinstance(exc, (DeviceError, RetinaEdgeError)) else f"{type(exc).__name__}: {exc}"
+        cache.record_failure(found.key, why)
+        raise EngineBuildError(f"{plan.reason}; building a new engine failed: {why}") from exc
     return (
         backend,
-        f"engine built and validated at start-up ({found.reason}); stored as {manifest['key'][:12]}",
-        criteria,
+        f"engine built and validated at start-up ({plan.reason}); stored as {manifest['key'][:12]}",
     )

@@ -1,6 +1,8 @@
 """Service settings: environment variables (``RETINAEDGE_*``) and an optional JSON config file.
 
 Precedence: explicit arguments > environment > config file (``RETINAEDGE_CONFIG_FILE``) > defaults.
+The API token may also come from a file (``RETINAEDGE_API_TOKEN_FILE``, e.g. a Docker secret); the
+variable ``RETINAEDGE_API_TOKEN`` wins over it.
 Settings are built once and passed to :func:`retinaedge.service.app.create_app`; nothing is read at import.
 """
 
@@ -65,6 +67,14 @@ class Settings(BaseSettings):
     engine_dla_core: int | None = Field(default=None, ge=0, description="DLA core (GPU fallback on)")
     engine_workspace_mib: int = Field(default=1024, ge=1)
     engine_nms: Literal["auto", "plugin", "builtin"] = "auto"
+    engine_build_while: Literal["not_ready", "onnxruntime"] = Field(
+        default="not_ready",
+        description="while an engine builds: report not ready, or serve with ONNX Runtime and build in a "
+        "child process, switching to the engine once it is built and validated",
+    )
+    engine_build_retry_s: float = Field(
+        default=24 * 3600.0, ge=0, description="a failed engine build is not retried on start-up before this"
+    )
 
     def build_options(self) -> BuildOptions:
         """The engine build options these settings ask for (batch profile 1 / batch_size / batch_size)."""
@@ -131,6 +141,9 @@ def load_settings(**overrides: Any) -> Settings:
             raise ConfigError(f"config file {config_file} must hold a JSON object")
     env_keys = {k[len("RETINAEDGE_") :].lower() for k in os.environ if k.startswith("RETINAEDGE_")}
     merged = {k: v for k, v in file_values.items() if k not in env_keys}
+    token_file = os.environ.get("RETINAEDGE_API_TOKEN_FILE")
+    if token_file and "api_token" not in env_keys and overrides.get("api_token") is None:
+        merged["api_token"] = read_token_file(Path(token_file))
     merged.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return Settings(**merged)
@@ -139,3 +152,14 @@ def load_settings(**overrides: Any) -> Settings:
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def read_token_file(path: Path) -> str:
+    """The bearer token in ``path`` (a Docker or systemd secret; surrounding whitespace dropped)."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"RETINAEDGE_API_TOKEN_FILE {path}: {exc}") from exc
+    if not token:
+        raise ConfigError(f"RETINAEDGE_API_TOKEN_FILE {path} is empty")
+    return token

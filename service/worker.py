@@ -29,6 +29,12 @@ class _Job:
     enqueued: float
 
 
+@dataclass
+class _Swap:
+    open: Callable[[], Detector]
+    done: concurrent.futures.Future[bool]
+
+
 class InferenceWorker:
     """``submit(bytes) -> Future[InstanceResult]``; ``state`` is ``loading``, ``ready`` or ``failed``."""
 
@@ -52,6 +58,11 @@ class InferenceWorker:
         if self.state == "loading":
             self.reason = reason
             log.info("inference worker: %s", reason)
+
+    def report_backend(self, reason: str) -> None:
+        """Replace ``backend_reason`` (e.g. when a background engine build failed)."""
+        self.backend_reason = reason
+        log.warning("backend %s: %s", self.backend, reason)
 
     def start(self) -> None:
         self._thread.start()
@@ -80,6 +91,21 @@ class InferenceWorker:
             ) from None
         return job.future
 
+    def swap(self, open_detector: Callable[[], Detector]) -> concurrent.futures.Future[bool]:
+        """Replace the detector on the inference thread, between two jobs (e.g. ONNX Runtime by a
+        TensorRT engine built in the background).
+
+        The new detector must pass the golden self-test first; if opening or the self-test fails, the
+        current detector keeps serving and the failure is added to ``backend_reason``. The future is
+        True when the detector was replaced. Waits behind the jobs already queued, never refused.
+        """
+        done: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        if self.state != "ready":
+            done.set_result(False)
+            return done
+        self._queue.put(_Swap(open_detector, done))
+        return done
+
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread.is_alive():
             self._queue.put(_STOP)
@@ -95,11 +121,7 @@ class InferenceWorker:
             except BaseException:
                 detector.close()
                 raise
-            self.self_test = {
-                "passed": True,
-                "matched": [r.matched for r in reports],
-                "expected": [r.reference for r in reports],
-            }
+            self.self_test = _passed(reports)
             self.state, self.reason = "ready", "model loaded and golden self-test passed"
             log.info("inference worker ready: backend %s (%s)", self.backend, self.backend_reason or "-")
         except Exception as exc:  # any failure to load means not ready, reported, never a crash
@@ -110,11 +132,14 @@ class InferenceWorker:
             self._drain(NotReadyError(self.reason))
             return
         self._ready.set()
-        with detector:
+        try:
             while True:
                 job = self._queue.get()
                 if job is _STOP:
                     break
+                if isinstance(job, _Swap):
+                    detector = self._swap(detector, job)
+                    continue
                 if not job.future.set_running_or_notify_cancel():
                     continue
                 age = time.monotonic() - job.enqueued
@@ -130,7 +155,37 @@ class InferenceWorker:
                     job.future.set_result(detector.detect(job.data))
                 except BaseException as exc:  # handed to the request that caused it
                     job.future.set_exception(exc)
+        finally:
+            detector.close()
         self._drain(NotReadyError("the service is shutting down"))
+
+    def _swap(self, current: Detector, job: _Swap) -> Detector:
+        """Open and self-test the new detector; on success close ``current`` and return the new one."""
+        try:
+            new = job.open()
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            self.backend_reason = f"{self.backend_reason}; switching backend failed: {why}"
+            log.error("switching backend failed, still serving with %s: %s", self.backend, why)
+            job.done.set_result(False)
+            return current
+        try:
+            reports = self_test(new.backend, new.bundle, criteria=new.self_test_criteria)
+        except Exception as exc:
+            new.close()
+            why = f"{type(exc).__name__}: {exc}"
+            self.backend_reason = f"{self.backend_reason}; the new backend failed the self-test: {why}"
+            log.error(
+                "new backend %s failed the self-test, still serving with %s", new.backend.name, self.backend
+            )
+            job.done.set_result(False)
+            return current
+        current.close()
+        self.backend, self.backend_reason = new.backend.name, new.backend_reason
+        self.self_test = _passed(reports)
+        log.info("now serving with %s (%s)", self.backend, self.backend_reason)
+        job.done.set_result(True)
+        return new
 
     def _drain(self, exc: Exception) -> None:
         while True:
@@ -138,5 +193,16 @@ class InferenceWorker:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if job is not _STOP and job.future.set_running_or_notify_cancel():
+            if isinstance(job, _Swap):
+                job.done.set_result(False)
+            elif job is not _STOP and job.future.set_running_or_notify_cancel():
                 job.future.set_exception(exc)
+
+
+def _passed(reports: list[Any]) -> dict[str, Any]:
+    """The ``self_test`` summary /readyz shows for a passed golden self-test."""
+    return {
+        "passed": True,
+        "matched": [r.matched for r in reports],
+        "expected": [r.reference for r in reports],
+    }
