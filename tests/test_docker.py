@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from retinaedge.service.app import OPEN_PATHS
+from retinaedge.service.boot import EXTRA_VARIABLES, unknown_variables
 from retinaedge.service.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +199,8 @@ def test_env_variables_are_real_settings(dockerfile: Path, monkeypatch: pytest.M
     names = {k for k in env if k.startswith("RETINAEDGE_")}
     unknown = {k for k in names - EXTRA_ENV if k[len("RETINAEDGE_") :].lower() not in Settings.model_fields}
     assert not unknown, f"not settings: {sorted(unknown)}"
+    # The entrypoint (retinaedge boot) refuses unknown RETINAEDGE_* variables with exit 78: it agrees.
+    assert unknown_variables(env) == []
     # The values are valid too: the service's own loader accepts them (given the token compose supplies).
     for key in list(os.environ):
         if key.startswith("RETINAEDGE_"):
@@ -366,7 +369,12 @@ def test_compose_runs_the_jetson_image_as_an_appliance() -> None:
     assert any(str(p).endswith(":8080") for p in service["ports"])
 
 
+def test_extra_variables_are_the_entrypoints() -> None:
+    assert EXTRA_ENV == EXTRA_VARIABLES
+
+
 def test_compose_env_is_real_settings() -> None:
+    assert unknown_variables(compose_env()) == []
     unknown = {
         k
         for k in compose_env()

@@ -239,3 +239,50 @@ def test_serves_the_demo_bundle(venv: Path, tmp_path: Path) -> None:
     log_text = log_path.read_text()
     assert code in (0, -signal.SIGTERM), log_text[-3000:]
     assert "Application shutdown complete" in log_text, log_text[-3000:]
+
+
+def test_boot_refuses_a_bad_configuration(venv: Path, tmp_path: Path) -> None:
+    """The image's entrypoint on bad configuration: exit 78 (EX_CONFIG), one JSON error line, no serving."""
+    if "boot" not in installed_verbs(venv):
+        pytest.skip("this retinaedge has no boot verb yet")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    base = {
+        "RETINAEDGE_MODEL": str(DEMO),
+        "RETINAEDGE_DATA_DIR": str(tmp_path / "data"),
+        "RETINAEDGE_ENGINE_CACHE_DIR": str(tmp_path / "engines"),
+        "RETINAEDGE_BACKEND": "onnxruntime",
+        "RETINAEDGE_HOST": "0.0.0.0",
+        "RETINAEDGE_API_TOKEN": TOKEN,
+    }
+    cases = {
+        "misspelt variable": {"RETINAEDGE_MODLE": str(DEMO)},
+        "no token beyond loopback": {"RETINAEDGE_API_TOKEN": ""},
+        "missing bundle": {"RETINAEDGE_MODEL": str(tmp_path / "no-such-bundle")},
+        "read-only engine cache": {"RETINAEDGE_ENGINE_CACHE_DIR": str(readonly / "engines")},
+    }
+    if os.geteuid() == 0:  # root writes anywhere: the read-only case cannot fail here
+        del cases["read-only engine cache"]
+    for case, change in cases.items():
+        env = clean_env(**{**base, **change})
+        env = {k: v for k, v in env.items() if v != ""}
+        result = subprocess.run(
+            [str(venv / "bin" / "retinaedge"), "boot", "--check"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 78, (case, result.stdout, result.stderr[-2000:])
+        (line,) = result.stdout.splitlines()
+        assert "error" in json.loads(line), case
+    ok = subprocess.run(
+        [str(venv / "bin" / "retinaedge"), "boot", "--check"],
+        env=clean_env(**base),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout.splitlines()[-1])["decision"] == "onnxruntime-configured"
