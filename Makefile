@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 # resolves the same CPU-capable release instead of the newest CUDA build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help venv runtime demo benchmark test lint pytest clean
+.PHONY: help venv runtime demo benchmark test lint pytest clean docker docker-jetson
 
 help:
 	@echo "make demo    install the runtime (no torch) into .venv if needed, serve the demo model,"
@@ -19,6 +19,10 @@ help:
 	@echo "             latency.png to OUT (default benchmark-output); BENCH_ARGS= passes more options"
 	@echo "make test    create .venv, install runtime + export + dev extras, run ruff and pytest"
 	@echo "make lint    ruff only"
+	@echo "make docker  build the x86_64 image (ONNX Runtime on CPU): retinaedge:VERSION and :latest"
+	@echo "make docker-jetson  build the Jetson image (JetPack 6, TensorRT): retinaedge-jetson:VERSION"
+	@echo "             and :latest; on a non-arm64 host through docker buildx --platform linux/arm64"
+	@echo "             (needs QEMU binfmt). See docker/README.md"
 	@echo "make clean   remove .venv and caches"
 
 $(VENV)/.created:
@@ -62,13 +66,36 @@ benchmark: $(VENV)/.bench-deps
 	$(VENV)/bin/retinaedge benchmark --model $(MODEL) --out $(OUT) $(BENCH_ARGS)
 
 lint: $(VENV)/.test-deps
-	$(VENV)/bin/ruff check export runtime device service tests tools
-	$(VENV)/bin/ruff format --check export runtime device service tests tools
+	$(VENV)/bin/ruff check export runtime device service tests tools docker
+	$(VENV)/bin/ruff format --check export runtime device service tests tools docker
 
 pytest: $(VENV)/.test-deps
 	$(VENV)/bin/pytest
 
 test: lint pytest
+
+# Container images (docker/README.md). The build context is the repository root; .dockerignore allowlists
+# what the images use. Building needs a Docker engine with BuildKit (docker build / buildx).
+DOCKER       ?= docker
+IMAGE        ?= retinaedge
+JETSON_IMAGE ?= retinaedge-jetson
+JETSON_BASE  ?= nvcr.io/nvidia/l4t-jetpack:r36.4.0
+VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+HOST_ARCH    := $(shell uname -m)
+
+docker:
+	$(DOCKER) build -f docker/Dockerfile --build-arg VERSION=$(VERSION) \
+		-t $(IMAGE):$(VERSION) -t $(IMAGE):latest .
+
+ifeq ($(filter $(HOST_ARCH),aarch64 arm64),)
+JETSON_BUILD := $(DOCKER) buildx build --platform linux/arm64 --load
+else
+JETSON_BUILD := $(DOCKER) build
+endif
+
+docker-jetson:
+	$(JETSON_BUILD) -f docker/Dockerfile.jetson --build-arg VERSION=$(VERSION) \
+		--build-arg BASE_IMAGE=$(JETSON_BASE) -t $(JETSON_IMAGE):$(VERSION) -t $(JETSON_IMAGE):latest .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
