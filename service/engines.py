@@ -56,6 +56,7 @@ from retinaedge.runtime.errors import (
 )
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.matching import MatchReport, match_images
+from retinaedge.runtime.quantize import check_recorded_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,10 @@ def plan_engine(
                 f"precision int8 needs {QDQ_MODEL_FILE} in the bundle (explicit quantization); "
                 "make it with `retinaedge quantize --model DIR --calibration DICOM_DIR`"
             )
+        try:  # a Q/DQ model whose recorded AP50 drop exceeded the quantize limit is never built
+            check_recorded_accuracy(root)
+        except ConfigError as exc:
+            raise BuildOptionsError(str(exc)) from exc
     else:
         path = plugin if nms == "plugin" else bundle.model_path
     facts = inspect_onnx(path, plugin_variant=plugin.is_file())
