@@ -167,8 +167,7 @@ def quantize_bundle(
     keep_float: Sequence[str] = (),
     op_types: Sequence[str] = ("Conv",),
     preprocess: bool = False,
-    conv_outputs: bool = True,
-    dedicated_pairs: bool = False,
+    conv_outputs: bool = False,
     accuracy: AccuracyCheck | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> QuantizeReport:
@@ -178,7 +177,14 @@ def quantize_bundle(
     its initializers (PyTorch parameter names, e.g. ``backbone.body.0.*`` or ``*.fc?.weight``), in
     addition to the heads' output convolutions. ``op_types``: operator types to quantize (``OP_TYPES``).
     ``preprocess``: ONNX Runtime's ``quant_pre_process`` (shape inference, graph optimisation) first.
-    Calibration frames are spread evenly over the files (:func:`spread`)."""
+    Calibration frames are spread evenly over the files (:func:`spread`).
+
+    Placement: by default Q/DQ sit on the inputs of the quantized operators only (weights and
+    activations), TensorRT's recommended placement: it fuses Conv with the activation that follows and the
+    next layer's quantization, so each tensor is quantized once. ``conv_outputs`` also quantizes every
+    Conv's output (before its ReLU/HardSwish), with a dedicated Q/DQ pair per consumer: the pattern ONNX
+    Runtime's CPU provider fuses into ``QLinearConv``; it quantizes most tensors twice and costs accuracy
+    (measured in models/demo/MODEL_CARD.md)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -230,7 +236,7 @@ def quantize_bundle(
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
                 "QuantizeBias": False,
-                "DedicatedQDQPair": dedicated_pairs,
+                "DedicatedQDQPair": conv_outputs,
                 "OpTypesToExcludeOutputQuantization": [] if conv_outputs else ["Conv"],
             },
         )
@@ -248,6 +254,7 @@ def quantize_bundle(
         "keep_float": list(keep_float),
         "kept_float": kept,
         "preprocess": preprocess,
+        "conv_outputs": conv_outputs,
     }
     (bundle.root / QUANTIZATION_FILE).write_text(json.dumps(doc, indent=2))
     log.info("wrote %s: %d Q/DQ nodes from %d calibration frame(s)", out.name, qdq, reader.count)

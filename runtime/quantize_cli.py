@@ -51,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run ONNX Runtime's quant_pre_process (shape inference, graph optimisation) first",
     )
+    p.add_argument(
+        "--quantize-conv-outputs",
+        action="store_true",
+        help="also quantize Conv outputs, so ONNX Runtime's CPU provider fuses QLinearConv (default: Q/DQ "
+        "on operator inputs only, TensorRT's placement; see the model card for what each costs)",
+    )
     p.add_argument("--annotations", type=Path, help="ground truth of --eval files: check the AP50 drop")
     p.add_argument(
         "--eval", type=Path, nargs="+", default=[], metavar="DICOM", help="annotated DICOM files/dirs"
@@ -85,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         keep_float=args.keep_float,
         op_types=[t.strip() for t in args.op_types.split(",") if t.strip()],
         preprocess=args.preprocess,
+        conv_outputs=args.quantize_conv_outputs,
         accuracy=accuracy,
     )
     emit(report.to_dict())
