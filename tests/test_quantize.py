@@ -82,7 +82,9 @@ def test_quantize_writes_a_qdq_model_onnxruntime_runs(tmp_path: Path) -> None:
     saved = json.loads((bundle_dir / "quantization.json").read_text())
     assert saved["sha256"] == report["sha256"] and "accuracy" not in saved and saved["conv_outputs"] is False
     conv_outputs = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
-    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in conv_outputs for n in model.graph.node)
+    activated = {n.input[0] for n in model.graph.node if n.op_type in ("Relu", "HardSwish")} & conv_outputs
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert activated and not activated & quantized  # Conv -> ReLU/HardSwish: quantized after the activation
     assert saved["keep_float"] == ["backbone.body.0.*", "*.fc?.weight"] and saved["op_types"] == [
         "Conv",
         "Add",
