@@ -163,7 +163,7 @@ def quantize_bundle(
     calibration: Iterable[str | Path],
     *,
     max_frames: int = 200,
-    method: str = "percentile",
+    method: str = "minmax",
     keep_float: Sequence[str] = (),
     op_types: Sequence[str] = ("Conv",),
     preprocess: bool = False,

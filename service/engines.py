@@ -121,14 +121,15 @@ def plan_engine(
                 f"precision int8 needs {QDQ_MODEL_FILE} in the bundle (explicit quantization); "
                 "make it with `retinaedge quantize --model DIR --calibration DICOM_DIR`"
             )
-        try:  # a Q/DQ model whose recorded AP50 drop exceeded the quantize limit is never built
-            check_recorded_accuracy(root)
-        except ConfigError as exc:
-            raise BuildOptionsError(str(exc)) from exc
     else:
         path = plugin if nms == "plugin" else bundle.model_path
     facts = inspect_onnx(path, plugin_variant=plugin.is_file())
     options.validate_against(fingerprint, caps, facts)
+    if options.precision == "int8":
+        try:  # a Q/DQ model whose recorded AP50 drop exceeded the quantize limit is never built
+            check_recorded_accuracy(root)
+        except ConfigError as exc:
+            raise BuildOptionsError(str(exc)) from exc
     return EnginePlan(path, sha256_file(path), nms, facts)
 
 
