@@ -47,11 +47,22 @@ OP_TYPES = ("Conv", "Add", "Mul", "Relu", "Concat", "Resize", "MaxPool", "Global
 
 
 def calibration_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Files given, and every file under directories given (sorted; DICOM files need no extension)."""
+    """Files given, and every file under directories given (sorted; DICOM files need no extension) but
+    hidden files, DICOMDIR and obviously non-DICOM ones (``.json``, ``.txt``, ... as ``retinaedge eval``
+    skips them), so that a capped, spread selection does not land on them."""
+    from .eval_cli import SKIPPED_NAMES, SKIPPED_SUFFIXES
+
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            out += sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and not f.name.startswith(".")
+                and f.name not in SKIPPED_NAMES
+                and f.suffix.lower() not in SKIPPED_SUFFIXES
+            )
         elif p.is_file():
             out.append(p)
         else:

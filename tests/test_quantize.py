@@ -46,9 +46,10 @@ FINGERPRINT = dict(gpu_name="RTX", compute_capability="8.9", sm_count=60, tensor
 def test_calibration_frames_skip_non_dicom_and_stop_at_the_cap(tmp_path: Path) -> None:
     for name in ("IM0014.dcm", "IM0015.dcm"):
         shutil.copy(STUDY / name, tmp_path / name)
-    (tmp_path / "notes.txt").write_text("not DICOM")
+    (tmp_path / "notes.txt").write_text("not DICOM")  # left out by its suffix
+    (tmp_path / "IM0099").write_text("not DICOM either")  # read, rejected by the runtime, skipped
     files = calibration_files([tmp_path])
-    assert len(files) == 3
+    assert [f.name for f in files] == ["IM0014.dcm", "IM0015.dcm", "IM0099"]
     manifest = load_bundle(DEMO).manifest
     frames = list(calibration_frames(files, manifest, max_frames=10))
     shape = (1, manifest.input.channels, manifest.input.height, manifest.input.width)
