@@ -3,7 +3,8 @@
 Measures (1) accuracy: ``retinaedge eval`` (COCO AP50 per class, pycocotools) of ``model.onnx`` and of
 ``model.int8.qdq.onnx`` (a bare ONNX file carries its manifest) on annotated DICOM files, normally the
 held-out phantoms of models/demo/MODEL_CARD.md; (2) speed: median ONNX Runtime latency per frame of each
-model on the bundle's golden input in batches of ``--batch``. Prints one JSON object; exit status 1 when the
+model on the bundle's golden input in batches of ``--batch``, in ``--rounds`` alternating rounds (a shared
+machine's load falls on both alike). Prints one JSON object; exit status 1 when the
 mean AP50 drops by more than ``--max-ap50-drop`` (the gate), 2 on bad arguments.
 
     tools/int8_report.py --model models/demo --annotations /tmp/heldout/ground_truth.json /tmp/heldout
