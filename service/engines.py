@@ -60,6 +60,7 @@ from retinaedge.runtime.errors import (
 )
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.matching import MatchReport, match_images
+from retinaedge.runtime.quantize import check_recorded_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,11 @@ def plan_engine(
         path = plugin if nms == "plugin" else bundle.model_path
     facts = inspect_onnx(path, plugin_variant=plugin.is_file())
     options.validate_against(fingerprint, caps, facts)
+    if options.precision == "int8":
+        try:  # a Q/DQ model whose recorded AP50 drop exceeded the quantize limit is never built
+            check_recorded_accuracy(root)
+        except ConfigError as exc:
+            raise BuildOptionsError(str(exc)) from exc
     return EnginePlan(path, sha256_file(path), nms, facts)
 
 

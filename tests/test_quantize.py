@@ -1,6 +1,9 @@
-"""retinaedge quantize on the demo bundle: a Q/DQ model from DICOM calibration frames, run in ONNX Runtime.
+"""retinaedge quantize on the demo bundle: a Q/DQ model from DICOM calibration frames, run in ONNX Runtime;
+its accuracy check (AP50 drop against FP32 on annotated files, gated by a limit) and the int8 build's refusal
+of a Q/DQ model that failed it.
 
-Accuracy (AP50 against FP32 on held-out phantoms) and speed are measured elsewhere (not in a test).
+The held-out figures (AP50 and speed on the phantoms of models/demo/MODEL_CARD.md) are measured by
+tools/int8_report.py, not in a test; here the accuracy check runs on a few annotated example frames.
 """
 
 from __future__ import annotations
@@ -15,31 +18,46 @@ import numpy as np
 import onnx
 import pytest
 from retinaedge.device.buildopts import BuildOptions, inspect_onnx
+from retinaedge.device.errors import BuildOptionsError
 from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.runtime.bundle import QDQ_MODEL_FILE, load_bundle, load_golden
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.manifest import METADATA_KEY
 from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
-from retinaedge.runtime.quantize import calibration_files, calibration_frames, quantize_bundle
+from retinaedge.runtime.quantize import (
+    AccuracyCheck,
+    calibration_files,
+    calibration_frames,
+    check_recorded_accuracy,
+    quantize_bundle,
+    spread,
+)
 from retinaedge.service.engines import plan_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
 STUDY = ROOT / "examples" / "study_01"
+GROUND_TRUTH = ROOT / "examples" / "ground_truth.json"
+#: Annotated example frames with every class (pituitary 4-7, glioma and meningioma 14-16).
+EVAL_FILES = tuple(STUDY / f"IM{n:04d}.dcm" for n in (4, 5, 6, 7, 14, 15, 16))
+FINGERPRINT = dict(gpu_name="RTX", compute_capability="8.9", sm_count=60, tensorrt="10.13.3", cuda="12.9")
 
 
 def test_calibration_frames_skip_non_dicom_and_stop_at_the_cap(tmp_path: Path) -> None:
     for name in ("IM0014.dcm", "IM0015.dcm"):
         shutil.copy(STUDY / name, tmp_path / name)
-    (tmp_path / "notes.txt").write_text("not DICOM")
+    (tmp_path / "notes.txt").write_text("not DICOM")  # left out by its suffix
+    (tmp_path / "IM0099").write_text("not DICOM either")  # read, rejected by the runtime, skipped
     files = calibration_files([tmp_path])
-    assert len(files) == 3
+    assert [f.name for f in files] == ["IM0014.dcm", "IM0015.dcm", "IM0099"]
     manifest = load_bundle(DEMO).manifest
     frames = list(calibration_frames(files, manifest, max_frames=10))
     shape = (1, manifest.input.channels, manifest.input.height, manifest.input.width)
     assert len(frames) == 2 and all(f.shape == shape and f.dtype == np.float32 for f in frames)
     assert 0.0 <= min(f.min() for f in frames) and max(f.max() for f in frames) <= 1.0
     assert len(list(calibration_frames(files, manifest, max_frames=1))) == 1
+    many = [Path(f"f{i:02d}") for i in range(10)]
+    assert spread(many, 20) == many and spread(many, 4) == [many[0], many[2], many[5], many[7]]
     with pytest.raises(ConfigError, match="does not exist"):
         calibration_files([tmp_path / "missing"])
 
@@ -49,7 +67,8 @@ def test_quantize_writes_a_qdq_model_onnxruntime_runs(tmp_path: Path) -> None:
     shutil.copytree(DEMO, bundle_dir)
     proc = subprocess.run(
         [sys.executable, "-m", "retinaedge.runtime.cli", "--log-level", "WARNING", "quantize",
-         "--model", str(bundle_dir), "--calibration", str(STUDY), "--max-frames", "6", "--method", "minmax"],
+         "--model", str(bundle_dir), "--calibration", str(STUDY), "--max-frames", "6", "--method", "minmax",
+         "--keep-float", "backbone.body.0.*", "--keep-float", "*.fc?.weight", "--op-types", "Conv,Add"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,18 +81,40 @@ def test_quantize_writes_a_qdq_model_onnxruntime_runs(tmp_path: Path) -> None:
     assert any(p.key == METADATA_KEY for p in model.metadata_props)
     assert inspect_onnx(qdq, plugin_variant=False).has_qdq
     saved = json.loads((bundle_dir / "quantization.json").read_text())
-    assert saved["sha256"] == report["sha256"] and saved["kept_float"]
+    assert saved["sha256"] == report["sha256"] and "accuracy" not in saved and saved["conv_outputs"] is False
+    conv_outputs = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
+    activated = {n.input[0] for n in model.graph.node if n.op_type in ("Relu", "HardSwish")} & conv_outputs
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert activated and not activated & quantized  # Conv -> ReLU/HardSwish: quantized after the activation
+    assert saved["keep_float"] == ["backbone.body.0.*", "*.fc?.weight"] and saved["op_types"] == [
+        "Conv",
+        "Add",
+    ]
+    float_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+    assert "backbone.body.0.0.weight" in float_weights  # the first conv reads its float weight directly
+    assert "backbone.body.4.block.2.fc1.weight" in float_weights  # and so do the SE blocks
+    assert "backbone.body.1.block.0.0.weight" not in float_weights  # the next conv reads a DequantizeLinear
+    assert len(saved["kept_float"]) == 10 + 1 + 2 * 8  # heads' output convs, first conv, SE fc1/fc2
+    assert any(
+        n.op_type == "Add" and n.input[0].endswith("DequantizeLinear_Output") for n in model.graph.node
+    )
     bundle = load_bundle(bundle_dir)
     images, _, _ = load_golden(bundle)
     with OnnxRuntimeBackend(qdq) as backend:
         out = backend.infer(images)
     assert out["boxes"].shape == (len(images), 300, 4) and out["num_detections"].shape == (len(images),)
-    fingerprint = DeviceFingerprint.from_values(
-        gpu_name="RTX", compute_capability="8.9", sm_count=60, tensorrt="10.13.3", cuda="12.9"
-    )
+    fingerprint = DeviceFingerprint.from_values(**FINGERPRINT)
     caps = DeviceCapabilities.for_tensorrt("10.13.3", fast_fp16=True, fast_int8=True)
-    plan = plan_engine(bundle, BuildOptions(precision="int8"), fingerprint, caps)
+    plan = plan_engine(bundle, BuildOptions(precision="int8"), fingerprint, caps)  # unmeasured: allowed
     assert plan.onnx_path == qdq and plan.nms == "builtin" and plan.facts.has_qdq
+    # a record that does not describe the Q/DQ file (re-quantized or replaced since) is refused
+    record = bundle_dir / "quantization.json"
+    record.write_text(json.dumps({**saved, "sha256": "0" * 64}))
+    with pytest.raises(BuildOptionsError, match="sha256 differs"):
+        plan_engine(bundle, BuildOptions(precision="int8"), fingerprint, caps)
+    record.unlink()
+    with pytest.raises(ConfigError, match="no quantization.json"):
+        check_recorded_accuracy(bundle_dir)
 
 
 def test_quantize_refuses_bad_arguments(tmp_path: Path) -> None:
@@ -85,6 +126,47 @@ def test_quantize_refuses_bad_arguments(tmp_path: Path) -> None:
     shutil.copytree(DEMO, bundle_dir)
     with pytest.raises(ConfigError, match="no usable calibration frame"):
         quantize_bundle(bundle_dir, [empty])
+    with pytest.raises(ConfigError, match="op types"):
+        quantize_bundle(bundle_dir, [STUDY], op_types=["Conv", "Softmax"])
+    with pytest.raises(ConfigError, match="matches no node"):
+        quantize_bundle(bundle_dir, [STUDY], max_frames=1, keep_float=["backbone.body.99.*"])
+    with pytest.raises(ConfigError, match="within 0..1"):
+        quantize_bundle(bundle_dir, [STUDY], accuracy=AccuracyCheck(GROUND_TRUTH, EVAL_FILES, 1.5))
+    assert not (bundle_dir / QDQ_MODEL_FILE).exists()
+
+
+def test_accuracy_gate_marks_a_degraded_qdq_model_and_int8_builds_refuse_it(tmp_path: Path) -> None:
+    """With Conv outputs quantized too (the placement ONNX Runtime fuses into QLinearConv) and calibrated
+    on one slice above the tumours, the Q/DQ model loses AP50 on the annotated frames; with
+    --max-ap50-drop 0.1 quantize exits 1, records the figures and ``accepted: false``, and an int8 build
+    plan refuses the model."""
+    bundle_dir = tmp_path / "demo"
+    shutil.copytree(DEMO, bundle_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "retinaedge.runtime.cli", "--log-level", "WARNING", "quantize",
+         "--model", str(bundle_dir), "--calibration", str(STUDY / "IM0001.dcm"), "--max-frames", "1",
+         "--method", "minmax", "--annotations", str(GROUND_TRUTH), "--eval", *map(str, EVAL_FILES),
+         "--max-ap50-drop", "0.1", "--quantize-conv-outputs"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "NOT accepted" in proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    saved = json.loads((bundle_dir / "quantization.json").read_text())
+    assert saved["accepted"] is False and report["accuracy"] == saved["accuracy"]
+    accuracy = saved["accuracy"]
+    assert accuracy["frames"] == len(EVAL_FILES) and accuracy["max_ap50_drop"] == 0.1
+    assert saved["conv_outputs"] is True
+    assert accuracy["map50"]["drop"] > 0.1 and accuracy["passed"] is False
+    assert accuracy["map50"]["fp32"] - accuracy["map50"]["int8"] == pytest.approx(
+        accuracy["map50"]["drop"], abs=1e-4
+    )
+    assert set(accuracy["ap50_per_class"]) == {"glioma", "meningioma", "pituitary"}
+    fingerprint = DeviceFingerprint.from_values(**FINGERPRINT)
+    caps = DeviceCapabilities.for_tensorrt("10.13.3", fast_fp16=True, fast_int8=True)
+    with pytest.raises(BuildOptionsError, match="failed its accuracy check"):
+        plan_engine(load_bundle(bundle_dir), BuildOptions(precision="int8"), fingerprint, caps)
+    assert plan_engine(load_bundle(bundle_dir), BuildOptions(precision="fp16"), fingerprint, caps)
 
 
 def test_engine_validation_accepts_a_faithful_backend_and_refuses_int8_drift(tmp_path: Path) -> None:
@@ -95,11 +177,12 @@ def test_engine_validation_accepts_a_faithful_backend_and_refuses_int8_drift(tmp
 
     bundle_dir = tmp_path / "demo"
     shutil.copytree(DEMO, bundle_dir)
-    quantize_bundle(bundle_dir, [STUDY], max_frames=6, method="minmax")
+    check = AccuracyCheck(GROUND_TRUTH, EVAL_FILES[:2], max_ap50_drop=1.0)
+    report = quantize_bundle(bundle_dir, [STUDY], max_frames=6, method="minmax", accuracy=check)
+    assert report.accepted is True and report.accuracy is not None and report.accuracy["frames"] == 2
+    assert check_recorded_accuracy(bundle_dir)["accuracy"]["passed"] is True
     bundle = load_bundle(bundle_dir)
-    fingerprint = DeviceFingerprint.from_values(
-        gpu_name="RTX", compute_capability="8.9", sm_count=60, tensorrt="10.13.3", cuda="12.9"
-    )
+    fingerprint = DeviceFingerprint.from_values(**FINGERPRINT)
     caps = DeviceCapabilities.for_tensorrt("10.13.3", fast_fp16=True, fast_int8=True)
     plan = plan_engine(bundle, BuildOptions(precision="fp32"), fingerprint, caps)
     with OnnxRuntimeBackend(bundle.model_path) as fp32:
