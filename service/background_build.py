@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import signal
 import subprocess
 import sys
 import threading
@@ -133,10 +134,18 @@ class BackgroundBuild:
         self.wait(timeout)
 
 
-def failure_summary(log_tail: str) -> str:
-    """The most telling line of a failed build's log: its last ERROR log line, else its last line."""
+def failure_summary(log_tail: str, returncode: int | None = None) -> str:
+    """Why a build failed: its last ERROR log line; a child killed by a signal (the kernel's OOM killer on
+    a small Jetson sends SIGKILL) says so; else its last line."""
     lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
     errors = [line for line in lines if " ERROR " in line]
     if errors:
         return errors[-1].split(": ", 1)[-1][:500]
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"the build process was killed by {name}{hint}"
     return lines[-1][:500] if lines else "no output"

@@ -98,7 +98,7 @@ class DetectorOpener:
             swapped = worker.swap(self._open_built).result()
             log.info("switch to the engine built in the background: %s", "done" if swapped else "refused")
             return
-        why = failure_summary(log_tail)
+        why = failure_summary(log_tail, self.build.returncode if self.build is not None else None)
         if plan is not None and plan.cache is not None and plan.lookup is not None:
             plan.cache.record_failure(plan.lookup.key, why)
         worker.report_backend(

@@ -192,6 +192,30 @@ def test_failure_summary_takes_the_error_line() -> None:
     tail = "2026-11-23 10:00:00,000 INFO x: probing\n2026-11-23 10:00:01,000 ERROR retinaedge: TensorRT is missing\n"
     assert failure_summary(tail + '{"error": {"type": "missing-dependency"}}') == "TensorRT is missing"
     assert failure_summary("") == "no output"
+    assert (
+        failure_summary("INFO building ...", -9) == "the build process was killed by SIGKILL (out of memory?)"
+    )
+    assert failure_summary("INFO building ...", 1) == "INFO building ..."
+
+
+def test_a_killed_background_build_is_reported_as_such(tmp_path: Path) -> None:
+    """A real child process killed by SIGKILL (as the OOM killer does): the reason says so."""
+    import threading
+
+    from retinaedge.service.background_build import BackgroundBuild
+
+    outcome: list[tuple[bool, str]] = []
+    done = threading.Event()
+    script = "import os, signal, sys; print('building', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    build = BackgroundBuild(
+        [sys.executable, "-c", script], lambda ok, tail: (outcome.append((ok, tail)), done.set())
+    )
+    build.start()
+    assert build.wait(60) and done.is_set()
+    assert build.status == "failed" and build.returncode == -signal.SIGKILL
+    ok, tail = outcome[0]
+    assert not ok and tail == "building"
+    assert "killed by SIGKILL" in failure_summary(tail, build.returncode)
 
 
 # -- the swap ---------------------------------------------------------------------------------------
