@@ -351,13 +351,18 @@ def plan_backend(
     return BackendPlan("build", decision, reason, **common)
 
 
+def describe_error(exc: BaseException) -> str:
+    """An error for a reason string: our own errors by their message, anything else with its type."""
+    return str(exc) if isinstance(exc, (DeviceError, RetinaEdgeError)) else f"{type(exc).__name__}: {exc}"
+
+
 def _not_tensorrt(mode: str, decision: str, exc: Exception, **fields: Any) -> BackendPlan:
     """ONNX Runtime with the reason (mode auto), or the error raised (mode tensorrt)."""
     if mode == "tensorrt":
         if isinstance(exc, DeviceError):
             raise to_runtime_error(exc) from exc
         raise exc
-    why = str(exc) if isinstance(exc, (DeviceError, RetinaEdgeError)) else f"{type(exc).__name__}: {exc}"
+    why = describe_error(exc)
     return BackendPlan("onnxruntime", decision, f"TensorRT not used: {why}", **fields)
 
 
@@ -377,33 +382,19 @@ class Choice:
 
 def choose_backend(
     bundle: Bundle,
+    plan: BackendPlan,
     *,
     mode: str,
-    options: BuildOptions,
-    cache_root: Path,
-    cache_max_bytes: int | None,
-    allow_build: bool,
     open_onnxruntime: Callable[[], Any],
-    probe: Probe = default_probe,
     on_status: Callable[[str], None] = lambda _s: None,
-    retry_after_s: float = 86400.0,
     defer_build: bool = False,
 ) -> Choice:
-    """Decide (:func:`plan_backend`) and open the backend. Call it on the inference thread.
+    """Open the backend ``plan`` (from :func:`plan_backend`, same ``mode``) decided on. Call it on the
+    inference thread.
 
     ``defer_build``: when the plan is a build, open ONNX Runtime instead and return ``deferred=True``;
-    the caller builds elsewhere (``retinaedge build`` in a child process) and calls this again.
+    the caller builds elsewhere (``retinaedge build`` in a child process) and plans again.
     """
-    plan = plan_backend(
-        bundle,
-        mode=mode,
-        options=options,
-        cache_root=cache_root,
-        cache_max_bytes=cache_max_bytes,
-        allow_build=allow_build,
-        probe=probe,
-        retry_after_s=retry_after_s,
-    )
     if plan.action == "onnxruntime":
         if plan.decision != "onnxruntime-configured":
             log.warning("serving with ONNX Runtime: %s", plan.reason)
@@ -418,7 +409,7 @@ def choose_backend(
         backend, reason = _open_tensorrt(bundle, plan, on_status)
         return Choice(backend, reason, plan.criteria, plan)
     except Exception as exc:  # auto: any TensorRT/CUDA failure falls back, visibly, never a crash
-        why = str(exc) if isinstance(exc, (DeviceError, RetinaEdgeError)) else f"{type(exc).__name__}: {exc}"
+        why = describe_error(exc)
         if mode == "tensorrt":
             if isinstance(exc, DeviceError):
                 raise to_runtime_error(exc) from exc
@@ -454,7 +445,7 @@ def _open_tensorrt(bundle: Bundle, plan: BackendPlan, on_status: Callable[[str],
     try:
         backend, manifest = build_validate_store(bundle, options, plan.engine, plan.fingerprint, cache)
     except Exception as exc:
-        why = str(exc) if isinstance(exc, (DeviceError, RetinaEdgeError)) else f"{type(exc).__name__}: {exc}"
+        why = describe_error(exc)
         cache.record_failure(found.key, why)
         raise EngineBuildError(f"{plan.reason}; building a new engine failed: {why}") from exc
     return (

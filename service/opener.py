@@ -19,7 +19,7 @@ from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
 from .background_build import BackgroundBuild, build_argv, failure_summary
-from .engines import BackendPlan, Probe, choose_backend
+from .engines import BackendPlan, Probe, choose_backend, plan_backend
 from .settings import Settings
 from .worker import InferenceWorker
 
@@ -50,17 +50,22 @@ class DetectorOpener:
     def open(self, *, allow_build: bool, defer_build: bool) -> Detector:
         """Choose and open the backend (runs on the inference thread: it owns the CUDA context)."""
         s = self.settings
-        choice = choose_backend(
+        plan = plan_backend(
             self.bundle,
             mode=s.backend,
             options=s.build_options(),
             cache_root=s.engine_cache_root,
             cache_max_bytes=s.engine_cache_max_bytes,
             allow_build=allow_build,
-            open_onnxruntime=lambda: OnnxRuntimeBackend(self.bundle.model_path, threads=s.threads),
             probe=self.probe,
-            on_status=self.worker.set_status if self.worker is not None else lambda _s: None,
             retry_after_s=s.engine_build_retry_s,
+        )
+        choice = choose_backend(
+            self.bundle,
+            plan,
+            mode=s.backend,
+            open_onnxruntime=lambda: OnnxRuntimeBackend(self.bundle.model_path, threads=s.threads),
+            on_status=self.worker.set_status if self.worker is not None else lambda _s: None,
             defer_build=defer_build,
         )
         self.plan = choice.plan
