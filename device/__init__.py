@@ -1,4 +1,4 @@
-"""retinaedge device: what the appliance runs on (see DESIGN.md sections 1, 5 and 7).
+"""retinaedge device: what the appliance runs on (docs/architecture.md, packages and threads).
 
 Pure parsers turn recorded text into frozen dataclasses:
 

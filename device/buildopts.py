@@ -5,8 +5,8 @@
 from retinaedge; the service and the ``build`` verb construct it from their settings/arguments.
 
 Options are never rewritten: an option the device or the model cannot honour is refused with a
-:class:`~.errors.BuildOptionsError` that says what is wrong and what to do instead (DESIGN.md §6, the
-Ultralytics counter-example).
+:class:`~.errors.BuildOptionsError` that says what is wrong and what to do instead (a silently
+changed option would give an engine nobody asked for).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Everything that touches pycuda, in one module (DESIGN.md §5: one thread owns the CUDA context).
+"""Everything that touches pycuda, in one module (one thread owns the CUDA context: docs/architecture.md).
 
 - :func:`query_gpu`: name, compute capability, SM count and driver version of a device (no context);
 - :class:`CudaContext`: a context created on, pushed by and only ever used from the calling thread;

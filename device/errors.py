@@ -1,6 +1,6 @@
 """Errors raised by the device layer (engine builds, the engine cache, TensorRT and CUDA).
 
-``device`` imports nothing from the rest of retinaedge (DESIGN.md §2), so it has its own small
+``device`` imports nothing from the rest of retinaedge (docs/architecture.md), so it has its own small
 hierarchy; the service and the CLI map it onto the runtime's :class:`RetinaEdgeError` types in one place
 (:func:`retinaedge.service.engines.to_runtime_error`).
 """

@@ -1,7 +1,7 @@
 """What an engine is built for: the device fingerprint and what the device can do.
 
 TensorRT engines are not portable across TensorRT versions, GPUs or even Orin modules (same compute
-capability 8.7, different SM counts; DESIGN.md §5), so every cached engine records the
+capability 8.7, different SM counts), so every cached engine records the
 :class:`DeviceFingerprint` it was built on and is only used where the fingerprint is equal.
 
 :class:`DeviceFingerprint` is pure data. :func:`probe` fills it on a real device: the GPU facts through

@@ -2,7 +2,7 @@
 
 Satisfies the runtime's ``Backend`` protocol structurally (``name``, ``infer``, ``close``, context manager;
 ``retinaedge.runtime.backend``) without importing the runtime. ``infer(images)`` takes float32
-``(N, C, H, W)`` in 0..1 and returns the ONNX contract outputs (DESIGN.md §4): ``num_detections`` int32
+``(N, C, H, W)`` in 0..1 and returns the ONNX contract outputs (docs/architecture.md): ``num_detections`` int32
 ``(N,)``, ``boxes`` float32 ``(N, K, 4)``, ``scores`` float32 ``(N, K)``, ``labels`` int32 ``(N, K)``.
 Batches larger than the engine's profile maximum are run in slices.
 
@@ -30,7 +30,7 @@ from .errors import EngineLoadError, MissingExtraError
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
-#: The ONNX contract outputs (DESIGN.md §4) and the dtypes they are returned in.
+#: The ONNX contract outputs (docs/architecture.md, contracts) and the dtypes they are returned in.
 OUTPUT_DTYPES: dict[str, type[np.generic]] = {
     "num_detections": np.int32,
     "boxes": np.float32,

@@ -1,6 +1,6 @@
 """Join the traced dense network and the hand-written post-processing into one ONNX model.
 
-The result has the contract I/O of DESIGN.md §4:
+The result has the contract I/O (docs/architecture.md, contracts):
     input  ``images``          float32 ``[N, C, H, W]``, values 0..1
     output ``num_detections``  int32   ``[N]``
            ``boxes``           float32 ``[N, K, 4]``  x1, y1, x2, y2 in input pixels

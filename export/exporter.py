@@ -1,4 +1,4 @@
-"""``export_retinanet``: a torchvision RetinaNet -> a verified model bundle (DESIGN.md §4).
+"""``export_retinanet``: a torchvision RetinaNet -> a verified model bundle (docs/models.md).
 
 Stages: validate options -> anchors from the model's own generator -> trace the dense network ->
 fuse post-processing (ONNX NMS) -> check -> parity against torchvision -> golden input -> optional

@@ -1,7 +1,7 @@
 """The Backend protocol: what every inference backend (ONNX Runtime, TensorRT) offers.
 
 ``infer(images)`` takes float32 ``(N, C, H, W)`` in 0..1 and returns the contract outputs
-(``num_detections``, ``boxes``, ``scores``, ``labels``; DESIGN.md §4) as numpy arrays.
+(``num_detections``, ``boxes``, ``scores``, ``labels``; docs/architecture.md, contracts) as numpy arrays.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Detections of one image, and conversion from the padded ONNX outputs.
 
-ONNX contract (DESIGN.md §4): ``num_detections`` int32 ``[N]``, ``boxes`` float32 ``[N, K, 4]``
+ONNX contract (docs/architecture.md): ``num_detections`` int32 ``[N]``, ``boxes`` float32 ``[N, K, 4]``
 (x1, y1, x2, y2 in model-input pixels), ``scores`` float32 ``[N, K]``, ``labels`` int32 ``[N, K]``;
 rows past ``num_detections`` are padding.
 """

@@ -61,7 +61,7 @@ class FrameResult:
 
 @dataclass(frozen=True)
 class InstanceResult:
-    """The ``/v1/detect`` response body (DESIGN.md §4)."""
+    """The ``/v1/detect`` response body (docs/integration.md)."""
 
     sop_instance_uid: str
     model_name: str

@@ -1,1 +1,1 @@
-"""retinaedge service (see DESIGN.md)."""
+"""retinaedge service: the HTTP API, the engine choice, boot and benchmarks (docs/architecture.md)."""

@@ -2,7 +2,7 @@
 
 This is where ``device`` (fingerprint, build options, engine cache, TensorRT) meets ``runtime`` (bundle,
 golden self-test, detection-aware matching, ONNX Runtime), so it lives in the service, the one layer
-allowed to import both (DESIGN.md §2). ``retinaedge build`` uses the same functions.
+allowed to import both (docs/architecture.md, import direction). ``retinaedge build`` uses the same functions.
 
 :func:`plan_backend` decides (pure Python: probe, options, cache) and :func:`choose_backend` acts. Order
 (mode ``auto``), each step pure Python until a usable engine is found:

@@ -5,7 +5,7 @@ hand-written post-processing (``cls_logits, bbox_regression -> num_detections, b
 export keeps those two tensor names at the seam. ``onnx.utils.Extractor`` cuts along them:
 
 - heads only: input ``images (N, C, H, W)``, outputs ``cls_logits (N, A, K)``, ``bbox_regression (N, A, 4)``;
-- post-processing only: inputs the two head tensors, outputs the contract outputs (DESIGN.md §4).
+- post-processing only: inputs the two head tensors, outputs the contract outputs (docs/architecture.md).
 
 Both are exactly the operators of ``model.onnx``, so the fused pipeline equals heads then post-processing.
 """

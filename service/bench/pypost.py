@@ -1,7 +1,7 @@
 """The Python baseline: RetinaNet decoding and class-wise NMS in numpy, after the ONNX heads.
 
 What people write when the graph ends at the heads. Semantics are torchvision's
-``RetinaNet.postprocess_detections`` (DESIGN.md §4), per image and per FPN level:
+``RetinaNet.postprocess_detections`` (docs/architecture.md, contracts), per image and per FPN level:
 
     sigmoid -> keep scores > score_thresh -> top ``topk_candidates`` -> decode with BoxCoder weights and
     the ``bbox_xform_clip`` clamp on dw/dh -> clip to the image; then over all levels class-wise greedy
