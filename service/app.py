@@ -109,7 +109,6 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     app.state.worker = services.worker
     app.state.opener = services.opener
     app.state.store = services.store
-    app.state.formats = services.formats
     app.middleware("http")(auth_and_log)
     app.add_exception_handler(RetinaEdgeError, on_error)
     for router in ROUTERS:

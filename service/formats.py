@@ -3,7 +3,7 @@
 A finished result is served in any format registered for its kind: ``instance`` (``GET
 /v1/results/{uid}``) or ``series`` (``/v1/series/{uid}``). The defaults are JSON (first: the format when
 the client states no preference) and DICOM SR. A new format (a GSPS, say) is one :class:`ResultFormat`
-passed to :meth:`FormatRegistry.register` on ``app.state.formats``; no route changes, and
+passed to :meth:`FormatRegistry.register` on ``app.state.services.formats``; no route changes, and
 ``/openapi.json`` lists it under the negotiating routes.
 
 :func:`negotiate` is the only Accept parsing in the service; :meth:`FormatRegistry.select` raises
@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -141,6 +141,9 @@ class FormatRegistry:
     def register(self, fmt: ResultFormat) -> None:
         """Add a format (last in preference); an existing entry of the same media type is replaced."""
         self._formats[fmt.media_type.lower()] = fmt
+
+    def __iter__(self) -> Iterator[ResultFormat]:
+        return iter(list(self._formats.values()))
 
     def offered(self, kind: Kind) -> list[str]:
         return [f.media_type for f in self._formats.values() if f.renders(kind)]
