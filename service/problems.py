@@ -61,7 +61,8 @@ def error_response(exc: RetinaEdgeError) -> JSONResponse:
 
 async def on_error(_request: Request, exc: Exception) -> JSONResponse:
     """The exception handler for :class:`RetinaEdgeError` (registered once, in ``create_app``)."""
-    assert isinstance(exc, RetinaEdgeError)
+    if not isinstance(exc, RetinaEdgeError):  # registered for RetinaEdgeError only; never expected
+        raise exc
     return error_response(exc)
 
 

@@ -132,6 +132,8 @@ class ResultDone(DetectResult):
 
 
 class ResultError(BaseModel):
+    """Why the instance failed: the error ``type`` (as in problem documents) and its message."""
+
     type: str | None
     message: str | None
 
@@ -152,6 +154,8 @@ class ResultPending(BaseModel):
 
 
 class InstanceCounts(BaseModel):
+    """The instances of a series received so far, by state."""
+
     received: int
     pending: int
     done: int
@@ -180,6 +184,8 @@ class FindingDetection(BaseModel):
 
 
 class BoundingBox(BaseModel):
+    """An axis-aligned box in patient coordinates (LPS mm): its ``min`` and ``max`` corners."""
+
     min: list[float]
     max: list[float]
 
