@@ -284,3 +284,20 @@ def test_detect_hot_path_is_not_validated_twice(detected: dict[str, Any]) -> Non
         "backend",
         "backend_reason",
     ]
+
+
+def test_every_route_but_healthz_needs_the_bearer_token() -> None:
+    token = "routes-token-routes-token"
+    settings = load_settings(
+        model=DEMO, data_dir=Path(tempfile.mkdtemp(prefix="retinaedge-routes-")), api_token=token
+    )
+    app = create_app(settings)
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200
+        for method, path in JSON_ROUTES[1:] + [("get", "/metrics"), ("get", "/openapi.json")]:
+            url = path.replace("{study}", "1.2").replace("{uid}", "1.2").replace("{series_uid}", "1.2")
+            r = c.request(method, url)
+            assert r.status_code == 401 and r.headers["content-type"] == PROBLEM, (method, path)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        authorized = c.get("/v1/results/1.2", headers={"Authorization": f"Bearer {token}"})
+        assert authorized.status_code == 404
