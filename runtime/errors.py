@@ -149,6 +149,17 @@ class UnauthorizedError(RequestError):
     http_status = 401
 
 
+class NotAcceptableError(RequestError):
+    """Nothing the client accepts (its Accept header) is offered; ``offered`` lists what is."""
+
+    type = "not-acceptable"
+    http_status = 406
+
+    def __init__(self, message: str, offered: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.offered = offered
+
+
 class OverloadedError(RetinaEdgeError):
     """The inference queue is full or too old; the client should retry after ``retry_after`` seconds."""
 

@@ -1,0 +1,96 @@
+"""``POST /v1/detect``: one DICOM instance in, its detections out (synchronously, through the worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from retinaedge.runtime.errors import (
+    NotReadyError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestError,
+    RetinaEdgeError,
+    UnsupportedMediaTypeError,
+)
+
+from ..problems import problem_responses
+from ..schemas import DetectResult
+from ..state import Services, ServicesDep
+from ..stow import inspect
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["detect"])
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) from Content-Length alone when it declares more than ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError("Content-Length is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLargeError(f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLargeError(f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _record(services: Services, data: bytes, body: dict[str, Any]) -> None:
+    """Keep a /v1/detect result retrievable at /v1/results/{uid} (JSON and SR)."""
+    sop_class, uid, study, series, header = inspect(data, services.limits)
+    services.store.put_done(uid, sop_class, study, series, len(data), body, header)
+    services.prune()
+
+
+@router.post(
+    "/v1/detect",
+    # Documentation only: the handler returns a JSONResponse, which FastAPI sends as is (the nested
+    # detections are not validated a second time on the hot path).
+    response_model=DetectResult,
+    responses=problem_responses(400, 401, 413, 415, 422, 503),
+)
+async def detect(request: Request, services: ServicesDep) -> Response:
+    """Detect in every frame of one instance (a PS3.10 file as ``application/dicom``)."""
+    started = time.perf_counter()
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/dicom":
+        raise UnsupportedMediaTypeError(f"expected Content-Type application/dicom, got {media or 'none'!r}")
+    worker, metrics = services.worker, services.metrics
+    try:
+        data = await read_body(request, services.settings.max_body_bytes)
+        if not data:
+            raise RequestError("the request body is empty")
+        future = worker.submit(data)
+        result = await asyncio.wrap_future(future)
+    except RetinaEdgeError as exc:
+        metrics.outcome(exc.type)
+        if isinstance(exc, (NotReadyError, OverloadedError)):
+            log.warning("refused: %s", exc.type)
+        raise
+    metrics.outcome("ok")
+    metrics.observe(result.timings_ms)
+    body = result.to_json()
+    body["backend"] = worker.backend
+    body["backend_reason"] = worker.backend_reason
+    try:
+        await asyncio.to_thread(_record, services, data, body)
+    except Exception as exc:  # the detections stand even if they cannot be kept for later retrieval
+        log.warning("result not kept for /v1/results: %s", type(exc).__name__)
+    body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
+    log.info(
+        "instance %s: %d frame(s), %d detection(s)",
+        services.uid_hash(result.sop_instance_uid),
+        len(result.frames),
+        sum(len(f.detections) for f in result.frames),
+    )
+    return JSONResponse(body)

@@ -1,0 +1,71 @@
+"""DICOMweb STOW-RS (``POST /dicomweb/studies[/{study}]``): acknowledge durably, process later.
+
+The semantics (spool, fsync, SQLite commit before acknowledgement) live in :mod:`..stow`; this router is
+the HTTP side: limits from the settings, metrics and logs per rejected part, the DICOM JSON response.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..problems import problem_responses
+from ..schemas import StoreInstancesResponse
+from ..state import ServicesDep
+from ..stow import receive
+
+log = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+
+
+class DicomJSONResponse(JSONResponse):
+    """A JSON body in the DICOM JSON model (PS3.18 F)."""
+
+    media_type = DICOM_JSON
+
+
+router = APIRouter(tags=["dicomweb"])
+
+_STORE_RESPONSES = {
+    202: {"model": StoreInstancesResponse, "description": "Some instances stored, some failed"},
+    409: {"model": StoreInstancesResponse, "description": "No instance stored"},
+    **problem_responses(400, 401, 413, 415, 507),
+}
+
+
+@router.post(
+    "/dicomweb/studies",
+    response_model=StoreInstancesResponse,
+    response_class=DicomJSONResponse,
+    responses=_STORE_RESPONSES,
+)
+@router.post(
+    "/dicomweb/studies/{study}",
+    response_model=StoreInstancesResponse,
+    response_class=DicomJSONResponse,
+    responses=_STORE_RESPONSES,
+)
+async def stow(request: Request, services: ServicesDep, study: str | None = None) -> Response:
+    """Store instances (``multipart/related; type="application/dicom"``); each listed as stored only
+    once it is on disk and recorded. With ``{study}``, instances of another study fail."""
+    settings = services.settings
+    outcome = await receive(
+        request.stream(),
+        request.headers.get("content-type", ""),
+        spool=services.spool,
+        store=services.store,
+        limits=services.limits,
+        max_instance_bytes=settings.max_body_bytes,
+        max_request_bytes=settings.max_request_bytes,
+        study_uid=study,
+        enqueue=services.processor.enqueue,
+    )
+    for _, _, _, why in outcome.failed:
+        services.metrics.outcome("stow-rejected")
+        log.info("STOW-RS part rejected: %s", why.split(":")[0])
+    log.info("STOW-RS: %d stored, %d failed", len(outcome.referenced), len(outcome.failed))
+    base = str(request.base_url).rstrip("/") + "/v1/results"
+    return JSONResponse(outcome.to_dicom_json(base), status_code=outcome.status, media_type=DICOM_JSON)

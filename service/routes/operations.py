@@ -1,0 +1,77 @@
+"""Operations: liveness, readiness, Prometheus metrics and the model in use."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..problems import problem, problem_responses
+from ..schemas import Health, ModelInfo, Ready
+from ..state import ServicesDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> dict[str, str]:
+    """The process is alive (open: no bearer token needed)."""
+    return {"status": "alive"}
+
+
+@router.get("/readyz", response_model=Ready, responses=problem_responses(401, 503))
+async def readyz(services: ServicesDep) -> Response:
+    """Ready to take instances: model loaded, golden self-test passed, spool writable (else 503)."""
+    worker, retry = services.worker, {"Retry-After": str(services.settings.retry_after_s)}
+    if worker.state != "ready":
+        return problem(503, "not-ready", worker.reason, retry)
+    unwritable = await asyncio.to_thread(services.spool.unwritable_reason)
+    if unwritable is not None:
+        return problem(503, "not-ready", unwritable, retry)
+    return JSONResponse(
+        {
+            "status": "ready",
+            "backend": worker.backend,
+            "backend_reason": worker.backend_reason,
+            "reason": worker.reason,
+            "self_test": worker.self_test,
+            "engine": services.opener.describe(),
+            "model": services.model_name,
+        }
+    )
+
+
+@router.get("/v1/model", response_model=ModelInfo, responses=problem_responses(401))
+async def model(services: ServicesDep) -> Response:
+    """The bundle's manifest and the backend serving it."""
+    worker = services.worker
+    body: dict[str, Any] = {
+        **services.bundle.manifest.to_dict(),
+        "backend": {
+            "name": worker.backend,
+            "state": worker.state,
+            "reason": worker.backend_reason or worker.reason,
+            "engine": services.opener.describe(),
+        },
+    }
+    return JSONResponse(body)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+        },
+        **problem_responses(401),
+    },
+)
+async def prometheus(services: ServicesDep) -> Response:
+    """Per-stage latency, queue depth, instances by outcome and the backend in use."""
+    services.metrics.set_backend(services.worker.backend, services.worker.state)
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,56 @@
+"""``GET /v1/results/{uid}``: the result of an instance received by ``/v1/detect`` or STOW-RS.
+
+Pending and failed instances are answered in JSON whatever the client accepts; a done one in the format
+negotiated from ``Accept`` among the registered ones (:mod:`..formats`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from ..formats import InstanceView
+from ..problems import problem, problem_responses
+from ..schemas import ResultDone, ResultFailed, ResultPending
+from ..state import FORMATS_EXTENSION, InstanceFormat, ServicesDep
+
+router = APIRouter(tags=["results"])
+
+
+@router.get(
+    "/v1/results/{uid}",
+    response_model=ResultDone | ResultFailed,
+    responses={
+        202: {"model": ResultPending, "description": "Not processed yet; see Retry-After"},
+        **problem_responses(401, 404, 406),
+    },
+    openapi_extra={FORMATS_EXTENSION: "instance"},
+)
+async def result(uid: str, services: ServicesDep, fmt: InstanceFormat) -> Response:
+    """The detections of the instance with SOP Instance UID ``uid``."""
+    row = await asyncio.to_thread(services.store.get, uid)
+    if row is None:
+        return problem(404, "not-found", "no instance with this SOP Instance UID (or its result has expired)")
+    if row.state == "pending":
+        return JSONResponse(
+            {"sop_instance_uid": uid, "state": "pending"}, status_code=202, headers={"Retry-After": "1"}
+        )
+    if row.state == "failed":
+        return JSONResponse(
+            {
+                "sop_instance_uid": uid,
+                "state": "failed",
+                "error": {"type": row.error_type, "message": row.error_message},
+            }
+        )
+    assert fmt.instance is not None  # the registry offers only formats that render instances
+    view = InstanceView(
+        uid=uid,
+        result=row.result() or {},
+        header_json=row.header_json,
+        model_name=services.model_name,
+        model_sha256=services.model_sha256,
+    )
+    return await fmt.instance(view)

@@ -1,0 +1,90 @@
+"""Series findings: ``GET /v1/series/{uid}`` and ``POST /v1/series/{uid}/complete``.
+
+While a series is collecting (instances pending, or its quiet period not over) both answer 202 with its
+status; once complete, its 3D findings in the format negotiated from ``Accept`` (:mod:`..formats`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from ..formats import ResultFormat, SeriesView
+from ..problems import problem, problem_responses
+from ..schemas import SeriesCollecting, SeriesComplete
+from ..series import SeriesFindings, SeriesStatus, series_findings, series_status
+from ..state import FORMATS_EXTENSION, SeriesFormat, Services, ServicesDep
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["series"])
+
+NOT_FOUND = "no instance of this Series Instance UID (or its results have expired)"
+_RESPONSES = {
+    202: {"model": SeriesCollecting, "description": "Still collecting; see Retry-After"},
+    **problem_responses(401, 404, 406),
+}
+
+
+def _series_state(services: Services, uid: str) -> tuple[SeriesStatus, SeriesFindings | None] | None:
+    """The series' status and, once complete, its findings; None for an unknown series."""
+    store, settings = services.store, services.settings
+    rows = store.series_rows(uid)
+    if not rows:
+        return None
+    status = series_status(rows, time.time(), settings.series_quiet_s, store.series_requested_at(uid))
+    if status.state != "complete":
+        return status, None
+    return status, series_findings(rows, settings.link_params())
+
+
+async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:
+    state = await asyncio.to_thread(_series_state, services, uid)
+    if state is None:
+        return problem(404, "not-found", NOT_FOUND)
+    status, found = state
+    body = {"series_instance_uid": uid, **status.to_json()}
+    if status.state != "complete":
+        body["quiet_period_s"] = services.settings.series_quiet_s
+        return JSONResponse(body, status_code=202, headers={"Retry-After": str(status.retry_after_s)})
+    assert fmt.series is not None  # the registry offers only formats that render series
+    view = SeriesView(uid, body, found, services.model_name, services.model_sha256)
+    response = await fmt.series(view)
+    log.info(
+        "series %s: complete (%s), %d finding(s), as %s",
+        services.uid_hash(uid),
+        status.completed_by,
+        len(found.result.findings) if found is not None else 0,
+        fmt.media_type,
+    )
+    return response
+
+
+@router.get(
+    "/v1/series/{series_uid}",
+    response_model=SeriesComplete,
+    responses=_RESPONSES,
+    openapi_extra={FORMATS_EXTENSION: "series"},
+)
+async def series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> Response:
+    """The series' 3D findings once it is complete (202 with its status until then)."""
+    return await _answer(services, series_uid, fmt)
+
+
+@router.post(
+    "/v1/series/{series_uid}/complete",
+    response_model=SeriesComplete,
+    responses=_RESPONSES,
+    openapi_extra={FORMATS_EXTENSION: "series"},
+)
+async def complete_series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> Response:
+    """Treat the series as complete now (its pending instances still finish first)."""
+    known = await asyncio.to_thread(services.store.series_rows, series_uid)
+    if not known:
+        return problem(404, "not-found", NOT_FOUND)
+    await asyncio.to_thread(services.store.request_series_complete, series_uid)
+    return await _answer(services, series_uid, fmt)

@@ -1,0 +1,262 @@
+"""Pydantic models of every JSON body the service sends, for ``/openapi.json``.
+
+The handlers build their bodies as plain dicts (the shapes the runtime's ``to_json`` methods produce) and
+return them as :class:`~fastapi.responses.JSONResponse`; these models are the documented contract, declared
+with ``response_model=``/``responses=`` on each route, and ``tests/test_routes.py`` validates real bodies
+against them. They are not used to re-validate each response: FastAPI passes a returned ``Response``
+through untouched, which keeps ``/v1/detect`` from validating its nested detections twice.
+
+Models whose objects the service may extend later (the manifest, timings, engine details) allow extra
+members; clients must ignore members they do not know.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    """A JSON object that may carry members beyond the documented ones."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Problem(_Open):
+    """An RFC 9457 problem document (``application/problem+json``), for every 4xx and 5xx."""
+
+    type: str = Field(examples=["urn:retinaedge:error:not-found"])
+    title: str
+    status: int
+    detail: str
+    offered: list[str] | None = Field(
+        default=None, description="406 from content negotiation: the media types this resource offers"
+    )
+
+
+class Health(BaseModel):
+    """``GET /healthz``: the process is alive (says nothing about the model)."""
+
+    status: Literal["alive"]
+
+
+class EngineStatus(_Open):
+    """The start-up backend decision and the state of a deferred (background) engine build."""
+
+    decision: str | None
+    background_build: str | None
+
+
+class Ready(BaseModel):
+    """``GET /readyz`` when the model is loaded, its golden self-test passed and the spool is writable."""
+
+    status: Literal["ready"]
+    backend: str
+    backend_reason: str
+    reason: str
+    self_test: dict[str, Any]
+    engine: EngineStatus
+    model: str
+
+
+class BackendInfo(BaseModel):
+    """The backend serving the model (``onnxruntime`` or ``tensorrt``) and the worker's state."""
+
+    name: str
+    state: str
+    reason: str
+    engine: EngineStatus
+
+
+class ModelInfo(_Open):
+    """``GET /v1/model``: the bundle's manifest (every member of ``manifest.json``) and the backend."""
+
+    name: str
+    architecture: str
+    class_names: list[str]
+    model_sha256: str | None
+    format_version: int
+    backend: BackendInfo
+
+
+class ModelRef(BaseModel):
+    """Which model produced a result."""
+
+    name: str
+    sha256: str
+
+
+class Detection(BaseModel):
+    """One box: ``box`` is ``[x1, y1, x2, y2]`` in the frame's pixel-edge coordinates."""
+
+    label: str
+    class_id: int
+    score: float
+    box: list[float] = Field(min_length=4, max_length=4)
+
+
+class Frame(BaseModel):
+    """The detections of frame ``index`` (0-based, in the instance's frame order)."""
+
+    index: int
+    detections: list[Detection]
+
+
+class ImageInfo(_Open):
+    """The instance's image as decoded."""
+
+    rows: int
+    columns: int
+    frames: int
+    photometric_interpretation: str
+    transfer_syntax: str
+
+
+class DetectResult(BaseModel):
+    """``POST /v1/detect``: the detections of every frame of one instance."""
+
+    sop_instance_uid: str
+    model: ModelRef
+    image: ImageInfo
+    frames: list[Frame]
+    timings_ms: dict[str, float] = Field(description="per stage; ``request`` is the whole request")
+    backend: str
+    backend_reason: str
+
+
+class ResultDone(DetectResult):
+    """``GET /v1/results/{uid}`` once processed: the ``/v1/detect`` body of the instance."""
+
+    state: Literal["done"]
+
+
+class ResultError(BaseModel):
+    """Why the instance failed: the error ``type`` (as in problem documents) and its message."""
+
+    type: str | None
+    message: str | None
+
+
+class ResultFailed(BaseModel):
+    """``GET /v1/results/{uid}`` of an instance the runtime rejected or could not process."""
+
+    sop_instance_uid: str
+    state: Literal["failed"]
+    error: ResultError
+
+
+class ResultPending(BaseModel):
+    """``GET /v1/results/{uid}`` (202) while the instance waits to be processed; ask again later."""
+
+    sop_instance_uid: str
+    state: Literal["pending"]
+
+
+class InstanceCounts(BaseModel):
+    """The instances of a series received so far, by state."""
+
+    received: int
+    pending: int
+    done: int
+    failed: int
+
+
+class SeriesCollecting(BaseModel):
+    """``/v1/series/{uid}`` (202) while instances are pending or the quiet period has not passed."""
+
+    series_instance_uid: str
+    state: Literal["collecting"]
+    completed_by: None
+    instances: InstanceCounts
+    quiet_period_s: float
+
+
+class FindingDetection(BaseModel):
+    """A 2D detection a finding links: frame ``frame`` of the instance, stack slice ``slice``."""
+
+    sop_instance_uid: str
+    frame: int
+    slice: int
+    position_mm: float
+    box: list[float] = Field(min_length=4, max_length=4)
+    score: float
+
+
+class BoundingBox(BaseModel):
+    """An axis-aligned box in patient coordinates (LPS mm): its ``min`` and ``max`` corners."""
+
+    min: list[float]
+    max: list[float]
+
+
+class Finding(BaseModel):
+    """One lesion candidate across slices (patient coordinates: LPS mm)."""
+
+    id: int
+    label: str
+    class_id: int
+    slices: int
+    extent_slices: int
+    first_slice: int
+    last_slice: int
+    first_position_mm: float
+    last_position_mm: float
+    extent_mm: float
+    bbox_lps_mm: BoundingBox
+    centroid_lps_mm: list[float]
+    volume_mm3: float
+    volume_ellipse_mm3: float
+    max_score: float
+    mean_score: float
+    detections: list[FindingDetection]
+
+
+class LeftOut(BaseModel):
+    """An instance of the series not used for the findings, and why."""
+
+    sop_instance_uid: str
+    reason: str
+
+
+class SeriesComplete(BaseModel):
+    """``/v1/series/{uid}`` once complete: the 3D findings over every usable instance.
+
+    ``stack`` is null (and the geometry members are absent) when no instance could be used.
+    """
+
+    series_instance_uid: str
+    state: Literal["complete"]
+    completed_by: Literal["quiet-period", "request"]
+    instances: InstanceCounts
+    model: ModelRef
+    frame_of_reference_uid: str | None = None
+    frames: int | None = None
+    detections_considered: int | None = None
+    parameters: dict[str, Any] | None = None
+    stack: dict[str, Any] | None
+    findings: list[Finding]
+    left_out: list[LeftOut]
+
+
+class DicomAttribute(_Open):
+    """One attribute in the DICOM JSON model (PS3.18 F.2)."""
+
+    vr: str
+    Value: list[Any] | None = None
+
+
+class StoreInstancesResponse(BaseModel):
+    """``POST /dicomweb/studies`` (``application/dicom+json``, PS3.18 10.5.3): what was stored, what not.
+
+    200 all stored, 202 some stored and some failed, 409 none stored.
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    referenced: DicomAttribute | None = Field(
+        default=None, alias="00081199", description="Referenced SOP Sequence: the stored instances"
+    )
+    failed: DicomAttribute | None = Field(
+        default=None, alias="00081198", description="Failed SOP Sequence, with a Failure Reason each"
+    )

@@ -1,0 +1,146 @@
+"""What the routes share: one :class:`Services` per app, on ``app.state.services``.
+
+``create_app`` builds it (:func:`build_services`); a route gets it through the ``ServicesDep``
+dependency, never from a module global, so several apps can live in one process (as the tests run them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+from retinaedge.runtime.bundle import Bundle, load_bundle
+from retinaedge.runtime.dicomio import Limits
+
+from .engines import Probe
+from .formats import FormatRegistry, Kind, ResultFormat, default_formats
+from .metrics import Metrics
+from .opener import DetectorOpener
+from .processor import Processor
+from .settings import Settings
+from .spool import Spool
+from .store import Store
+from .worker import InferenceWorker
+
+
+@dataclass
+class Pruner:
+    """Retention, at most once per ``interval_s``: a pass reads every kept result's size, too much work
+    for every request."""
+
+    store: Store
+    interval_s: float
+    max_age_s: float
+    max_bytes: int
+    last: float = -math.inf  # time.monotonic() of the last pass
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            return
+        self.last = now
+        self.store.prune(self.max_age_s, self.max_bytes)
+
+
+@dataclass
+class Services:
+    """The model bundle, the inference worker and everything around it, for one app."""
+
+    settings: Settings
+    bundle: Bundle
+    limits: Limits
+    opener: DetectorOpener
+    worker: InferenceWorker
+    metrics: Metrics
+    spool: Spool
+    store: Store
+    prune: Pruner
+    processor: Processor
+    formats: FormatRegistry
+    uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
+
+    @property
+    def model_name(self) -> str:
+        return self.bundle.manifest.name
+
+    @property
+    def model_sha256(self) -> str:
+        return str(self.bundle.manifest.model_sha256)
+
+    def uid_hash(self, uid: str) -> str:
+        """A keyed hash for logs: correlates requests without writing the UID itself."""
+        return hmac.new(self.uid_key, uid.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+def build_services(settings: Settings, probe: Probe) -> Services:
+    """Load the bundle and wire the worker, spool, store and processor (nothing is started here)."""
+    bundle = load_bundle(settings.model)
+    limits = Limits(
+        max_frames=settings.max_frames,
+        max_frame_bytes=settings.max_frame_bytes,
+        max_decoded_bytes=settings.max_decoded_bytes,
+        max_file_bytes=settings.max_body_bytes,
+    )
+    opener = DetectorOpener(settings, bundle, limits, probe)
+    worker = InferenceWorker(
+        opener,
+        queue_size=settings.queue_size,
+        max_age_s=settings.queue_max_age_s,
+        retry_after_s=settings.retry_after_s,
+    )
+    opener.attach(worker)
+    metrics = Metrics(lambda: worker.depth)
+    spool = Spool(settings.data_dir / "spool", settings.min_free_bytes)
+    store = Store(settings.data_dir / "state.sqlite3")
+    prune = Pruner(store, settings.prune_interval_s, settings.results_max_age_s, settings.results_max_bytes)
+    processor = Processor(store, spool, worker, on_outcome=metrics.outcome, after_each=prune)
+    return Services(
+        settings=settings,
+        bundle=bundle,
+        limits=limits,
+        opener=opener,
+        worker=worker,
+        metrics=metrics,
+        spool=spool,
+        store=store,
+        prune=prune,
+        processor=processor,
+        formats=default_formats(),
+    )
+
+
+def get_services(request: Request) -> Services:
+    """The dependency: this app's :class:`Services`."""
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+FORMATS_EXTENSION = "x-result-formats"
+"""The OpenAPI operation member naming the kind of result a route negotiates (see ``negotiated``)."""
+
+
+def negotiated(kind: Kind) -> Callable[[Request], ResultFormat]:
+    """A dependency: the registered format the request's ``Accept`` asks for (406 when none fits).
+
+    A route using it declares ``openapi_extra={FORMATS_EXTENSION: kind}``, so ``/openapi.json`` lists
+    the formats registered when the schema is generated.
+    """
+
+    def dependency(request: Request) -> ResultFormat:
+        return get_services(request).formats.select(kind, request.headers.get("accept"))
+
+    return dependency
+
+
+InstanceFormat = Annotated[ResultFormat, Depends(negotiated("instance"))]
+SeriesFormat = Annotated[ResultFormat, Depends(negotiated("series"))]
