@@ -252,6 +252,8 @@ def validate(src: DicomInput, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
         )
     if (samples == 1) != (photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")):
         raise MalformedDicomError(f"{photometric} with {samples} samples per pixel is inconsistent")
+    if photometric == "PALETTE COLOR":
+        _check_palette(ds)
     info = ImageInfo(
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         sop_class_uid=str(ds.get("SOPClassUID", "")),
@@ -277,6 +279,30 @@ def validate(src: DicomInput, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
         )
     _check_pixel_bytes(src, info)
     return info
+
+
+def _check_palette(ds: Any) -> None:
+    """PALETTE COLOR needs, per channel, a 3-valued LUT descriptor and its data, plain or segmented
+    (PS3.3 C.7.6.3.1.5-6, C.7.9); without them no RGB value can be looked up."""
+    missing = []
+    for colour in ("Red", "Green", "Blue"):
+        descriptor = ds.get(f"{colour}PaletteColorLookupTableDescriptor")
+        if descriptor is None or isinstance(descriptor, (int, str, bytes)) or len(descriptor) != 3:
+            missing.append(f"{colour}PaletteColorLookupTableDescriptor")
+        elif int(descriptor[2]) not in (8, 16):
+            raise MalformedDicomError(
+                f"{colour}PaletteColorLookupTableDescriptor gives {descriptor[2]} bits per entry; "
+                "8 or 16 are allowed (PS3.3 C.7.6.3.1.5)"
+            )
+        if (
+            f"{colour}PaletteColorLookupTableData" not in ds
+            and f"Segmented{colour}PaletteColorLookupTableData" not in ds
+        ):
+            missing.append(f"{colour}PaletteColorLookupTableData")
+    if missing:
+        raise MalformedDicomError(
+            "PALETTE COLOR without its palette: missing " + ", ".join(missing) + " (PS3.3 C.7.6.3.1.5)"
+        )
 
 
 def _pixel_tag_in_bytes(src: DicomInput) -> bool:
