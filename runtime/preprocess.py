@@ -15,7 +15,6 @@ import numpy as np
 from .errors import MalformedDicomError, UnsupportedPhotometricError
 from .manifest import Preprocessing, WindowPolicy
 
-
 #: What pydicom's LUT and colour functions raise for header values they cannot use.
 LUT_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, ZeroDivisionError)
 
