@@ -29,7 +29,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
     if args.config:
         os.environ["RETINAEDGE_CONFIG_FILE"] = str(args.config)
-    return load_settings(model=args.model, host=args.host, port=args.port)
+    settings = load_settings(model=args.model, host=args.host, port=args.port)
+    if getattr(args, "log_level", None) is None:  # not on the command line: the setting applies
+        logging.getLogger().setLevel(settings.log_level)
+    return settings
 
 
 def serve(settings: Settings) -> int:

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     engine_build_retry_s: float = Field(
         default=24 * 3600.0, ge=0, description="a failed engine build is not retried on start-up before this"
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="the service's log level (the command line's --log-level wins)"
+    )
 
     def build_options(self) -> BuildOptions:
         """The engine build options these settings ask for (batch profile 1 / batch_size / batch_size)."""
