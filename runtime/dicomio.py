@@ -26,11 +26,20 @@ from .errors import (
     UnsupportedPhotometricError,
     UnsupportedTransferSyntaxError,
 )
+from .uids import check_uid
 
 log = logging.getLogger(__name__)
 
 PIXEL_DATA_TAG = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
+#: The identifiers an instance brings, checked as UIDs when present (they name files, rows and URLs).
+_UID_ELEMENTS = (
+    ("SOPInstanceUID", "SOP Instance UID (0008,0018)"),
+    ("SOPClassUID", "SOP Class UID (0008,0016)"),
+    ("StudyInstanceUID", "Study Instance UID (0020,000D)"),
+    ("SeriesInstanceUID", "Series Instance UID (0020,000E)"),
+)
+
 SUPPORTED_PHOTOMETRIC = (
     "MONOCHROME1",
     "MONOCHROME2",
@@ -254,6 +263,10 @@ def validate(src: DicomInput, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
         raise MalformedDicomError(f"{photometric} with {samples} samples per pixel is inconsistent")
     if photometric == "PALETTE COLOR":
         _check_palette(ds)
+    for keyword, what in _UID_ELEMENTS:
+        value = ds.get(keyword)
+        if value is not None and str(value).strip("\0 "):
+            check_uid(str(value).strip("\0 "), what)
     info = ImageInfo(
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         sop_class_uid=str(ds.get("SOPClassUID", "")),

@@ -4,6 +4,7 @@ library exception (which the service would answer with a 500)."""
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,32 @@ def test_a_modality_lut_sequence_that_cannot_be_applied_is_malformed() -> None:
     frame = np.arange(64, dtype=np.uint16).reshape(8, 8)
     with pytest.raises(MalformedDicomError, match="Modality LUT"):
         to_unit(frame, "MONOCHROME2", ds, 0, pre, 12)
+
+
+@pytest.mark.parametrize(
+    ("uid", "problem"),
+    [
+        ("../../etc/passwd", "characters other than digits and dots"),
+        ("1.2." + "3" * 10_000, "10004 characters"),
+        ("1.2.3\x00.4", "characters other than digits and dots"),
+        (b"1.2.\xd9\xa3.4", "characters other than digits and dots"),  # UTF-8 of an Arabic-Indic digit
+        ("1.2..4", "empty component"),
+    ],
+)
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+def test_identifiers_that_are_not_uids_are_refused_without_echoing_them(
+    detector: Detector, keyword: str, uid: str | bytes, problem: str
+) -> None:
+    ds = pydicom.dcmread(SOURCE)
+    placeholder = "9.8.7.6.5.4.3.2.1"[: len(uid)] if isinstance(uid, bytes) else uid
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UI value as it is set
+        ds[keyword] = pydicom.DataElement(keyword, "UI", placeholder)
+        data = _bytes(ds)
+    if isinstance(uid, bytes):  # bytes pydicom refuses to write: patched in after writing
+        assert data.count(placeholder.encode()) >= 1
+        data = data.replace(placeholder.encode(), uid)
+    with pytest.raises(MalformedDicomError, match=problem) as info:
+        detector.detect(data)
+    assert "not a DICOM UID" in str(info.value)
+    assert (uid.decode("utf-8") if isinstance(uid, bytes) else uid) not in str(info.value)
