@@ -118,7 +118,7 @@ def make_safe(record: logging.LogRecord) -> logging.LogRecord:
     if record.exc_info and record.exc_info[1] is not None:
         exc = record.exc_info[1]
         if expected(exc, from_dicom_library=dicom):
-            record.msg = f"{record.msg} ({type(exc).__name__})"
+            record.msg = f"{record.msg.rstrip()} ({type(exc).__name__})"
             record.exc_info = None
             record.exc_text = None
         else:  # a bug somewhere: keep the traceback, with the exception's message lines redacted

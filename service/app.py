@@ -41,7 +41,7 @@ from .settings import Settings
 from .spool import Spool
 from .sr import build_series_sr, build_sr
 from .store import Store
-from .stow import header_from_json, inspect, receive
+from .stow import backlog_admission, header_from_json, inspect, receive
 from .worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,9 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
         store.prune(settings.results_max_age_s, settings.results_max_bytes)
 
     processor = Processor(store, spool, worker, on_outcome=metrics.outcome, after_each=prune)
+    admit = backlog_admission(
+        store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -182,7 +185,7 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     async def readyz() -> Response:
         if worker.state != "ready":
             return problem(503, "not-ready", worker.reason, {"Retry-After": str(settings.retry_after_s)})
-        unwritable = await asyncio.to_thread(spool.unwritable_reason)
+        unwritable = await asyncio.to_thread(spool.unwritable_reason) or processor.problem
         if unwritable is not None:
             return problem(503, "not-ready", unwritable, {"Retry-After": str(settings.retry_after_s)})
         return JSONResponse(
@@ -270,6 +273,8 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
             max_request_bytes=settings.max_request_bytes,
             study_uid=study,
             enqueue=processor.enqueue,
+            admit=admit,
+            idle_timeout_s=settings.request_idle_timeout_s,
         )
         for _, _, _, why in outcome.failed:
             metrics.outcome("stow-rejected")

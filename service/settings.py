@@ -43,6 +43,17 @@ class Settings(BaseSettings):
         default=1024**3, ge=0, description="disk reserve; below it new instances get 507"
     )
     max_request_bytes: int = Field(default=4 * 1024**3, ge=1024, description="one STOW-RS request body")
+    max_pending_instances: int = Field(
+        default=5000, ge=1, description="STOW-RS answers 503 while this many instances wait to be processed"
+    )
+    max_pending_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=1024,
+        description="STOW-RS answers 503 while this many bytes wait to be processed",
+    )
+    request_idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request body that stops arriving for this long is answered 408"
+    )
     results_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="retention of results")
     results_max_bytes: int = Field(default=256 * 1024**2, ge=0, description="retention budget of result JSON")
     prune_interval_s: float = Field(

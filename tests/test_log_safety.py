@@ -21,8 +21,6 @@ CANARY_VALUES = {
     "StudyDate": ("DA", "1901020X"),
     "StudyTime": ("TM", "CANARYTIME"),
     "AcquisitionDateTime": ("DT", "CANARYDT190102"),
-    "StudyInstanceUID": ("UI", "1.2.CANARYSTUDYUID"),
-    "SeriesInstanceUID": ("UI", "1.2.826.0.1.55555." + "7" * 60),
     "PatientName": ("PN", "CANARYNAME^" + "N" * 70),
     "PatientID": ("LO", "CANARYID" * 10),
     "AccessionNumber": ("SH", "CANARYACC" * 3),
@@ -30,6 +28,11 @@ CANARY_VALUES = {
     "PatientSex": ("CS", "canarysex"),
     "InstitutionName": ("LO", "CANARYINST" * 10),
     "ReferringPhysicianName": ("PN", "CANARYDOCTOR^" + "D" * 70),
+}
+#: Identifiers that are not UIDs: such an instance is refused (400), and its values are not logged either.
+BAD_UIDS = {
+    "StudyInstanceUID": ("UI", "1.2.CANARYSTUDYUID"),
+    "SeriesInstanceUID": ("UI", "1.2.826.0.1.55555." + "7" * 60),
 }
 MARKERS = ["CANARY", "19010203", "1901020X", "canarysex", "55555"]
 
@@ -119,15 +122,15 @@ def test_an_unexpected_error_keeps_a_redacted_traceback(
     assert "55555" not in caplog.text and "CANARYNAME" not in caplog.text
 
 
-def _canary_file(tmp_path: Path) -> Path:
+def _canary_file(tmp_path: Path, values: dict[str, tuple[str, str]] = CANARY_VALUES) -> Path:
     ds = pydicom.dcmread(ROOT / "examples" / "study_01" / "IM0001.dcm")
     with warnings.catch_warnings():  # pydicom warns here too; this test's own output is not the point
         warnings.simplefilter("ignore")
-        for keyword, (vr, value) in CANARY_VALUES.items():
+        for keyword, (vr, value) in values.items():
             ds[keyword] = pydicom.DataElement(keyword, vr, value)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-    path = tmp_path / "canary.dcm"
+    path = tmp_path / f"canary-{len(values)}.dcm"
     path.write_bytes(buf.getvalue())
     return path
 
@@ -141,10 +144,10 @@ def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path) -
     import time
 
     import httpx
-    from dicomweb_client.api import DICOMwebClient
     from helpers import start_server
 
     path = _canary_file(tmp_path)
+    refused = _canary_file(tmp_path, {**CANARY_VALUES, **BAD_UIDS})
     config = tmp_path / "settings.json"
     config.write_text(f'{{"data_dir": "{tmp_path / "data"}", "min_free_bytes": 0}}')
     with socket.socket() as s:
@@ -163,7 +166,19 @@ def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path) -
             )
             assert r.status_code == 200, r.text
             uid = r.json()["sop_instance_uid"]
-            DICOMwebClient(url=f"{base}/dicomweb").store_instances([pydicom.dcmread(path)])
+            r = c.post(
+                f"{base}/v1/detect",
+                content=refused.read_bytes(),
+                headers={"Content-Type": "application/dicom"},
+            )
+            assert r.status_code == 400 and "not a DICOM UID" in r.json()["detail"], r.text
+            parts = [path.read_bytes(), refused.read_bytes()]
+            head = b"--canary\r\nContent-Type: application/dicom\r\n\r\n"
+            body = b"".join(head + p + b"\r\n" for p in parts) + b"--canary--\r\n"
+            ctype = 'multipart/related; type="application/dicom"; boundary=canary'
+            r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 202, r.text  # one stored, one failed
+            assert len(r.json()["00081198"]["Value"]) == 1
             deadline = time.monotonic() + 60
             while c.get(f"{base}/v1/results/{uid}").status_code != 200 and time.monotonic() < deadline:
                 time.sleep(0.1)
