@@ -54,6 +54,7 @@ EXPECTED = frozenset(
         "RemoteProtocolError",
         "InvalidDicomError",
         "MultiPartException",
+        "SSLError",  # a client speaking plain HTTP (or an old TLS) to the HTTPS port
     }
 )
 

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     engine_build_retry_s: float = Field(
         default=24 * 3600.0, ge=0, description="a failed engine build is not retried on start-up before this"
     )
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate (chain): with tls_key_file, the service speaks HTTPS only"
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="the service's log level (the command line's --log-level wins)"
     )
@@ -117,6 +121,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _loopback_or_token(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both for HTTPS, or neither")
         if not is_loopback(self.host) and self.api_token is None:
             raise ValueError(
                 f"refusing to bind {self.host}: beyond loopback an API token is required "
