@@ -13,10 +13,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, logsafety
 from .errors import ConfigError, RetinaEdgeError
 
 log = logging.getLogger("retinaedge")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -53,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edge inference appliance for RetinaNet detectors on medical images.",
     )
     parser.add_argument("--version", action="version", version=f"retinaedge {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="default INFO; serve and boot take RETINAEDGE_LOG_LEVEL (the log_level setting) when not given",
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (module, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
@@ -72,10 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level),
+        level=getattr(logging, args.log_level or "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logsafety.install()
     for noisy in ("onnxscript", "onnx_ir", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     module = importlib.import_module(args._module)

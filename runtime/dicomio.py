@@ -26,11 +26,20 @@ from .errors import (
     UnsupportedPhotometricError,
     UnsupportedTransferSyntaxError,
 )
+from .uids import check_uid
 
 log = logging.getLogger(__name__)
 
 PIXEL_DATA_TAG = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
+#: The identifiers an instance brings, checked as UIDs when present (they name files, rows and URLs).
+_UID_ELEMENTS = (
+    ("SOPInstanceUID", "SOP Instance UID (0008,0018)"),
+    ("SOPClassUID", "SOP Class UID (0008,0016)"),
+    ("StudyInstanceUID", "Study Instance UID (0020,000D)"),
+    ("SeriesInstanceUID", "Series Instance UID (0020,000E)"),
+)
+
 SUPPORTED_PHOTOMETRIC = (
     "MONOCHROME1",
     "MONOCHROME2",
@@ -252,6 +261,12 @@ def validate(src: DicomInput, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
         )
     if (samples == 1) != (photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")):
         raise MalformedDicomError(f"{photometric} with {samples} samples per pixel is inconsistent")
+    if photometric == "PALETTE COLOR":
+        _check_palette(ds)
+    for keyword, what in _UID_ELEMENTS:
+        value = ds.get(keyword)
+        if value is not None and str(value).strip("\0 "):
+            check_uid(str(value).strip("\0 "), what)
     info = ImageInfo(
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         sop_class_uid=str(ds.get("SOPClassUID", "")),
@@ -277,6 +292,30 @@ def validate(src: DicomInput, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
         )
     _check_pixel_bytes(src, info)
     return info
+
+
+def _check_palette(ds: Any) -> None:
+    """PALETTE COLOR needs, per channel, a 3-valued LUT descriptor and its data, plain or segmented
+    (PS3.3 C.7.6.3.1.5-6, C.7.9); without them no RGB value can be looked up."""
+    missing = []
+    for colour in ("Red", "Green", "Blue"):
+        descriptor = ds.get(f"{colour}PaletteColorLookupTableDescriptor")
+        if descriptor is None or isinstance(descriptor, (int, str, bytes)) or len(descriptor) != 3:
+            missing.append(f"{colour}PaletteColorLookupTableDescriptor")
+        elif int(descriptor[2]) not in (8, 16):
+            raise MalformedDicomError(
+                f"{colour}PaletteColorLookupTableDescriptor gives {descriptor[2]} bits per entry; "
+                "8 or 16 are allowed (PS3.3 C.7.6.3.1.5)"
+            )
+        if (
+            f"{colour}PaletteColorLookupTableData" not in ds
+            and f"Segmented{colour}PaletteColorLookupTableData" not in ds
+        ):
+            missing.append(f"{colour}PaletteColorLookupTableData")
+    if missing:
+        raise MalformedDicomError(
+            "PALETTE COLOR without its palette: missing " + ", ".join(missing) + " (PS3.3 C.7.6.3.1.5)"
+        )
 
 
 def _pixel_tag_in_bytes(src: DicomInput) -> bool:

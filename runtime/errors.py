@@ -144,6 +144,13 @@ class UnsupportedMediaTypeError(RequestError):
     http_status = 415
 
 
+class RequestTimeoutError(RequestError):
+    """The client stopped sending its request body for longer than the idle timeout."""
+
+    type = "request-timeout"
+    http_status = 408
+
+
 class UnauthorizedError(RequestError):
     type = "unauthorized"
     http_status = 401

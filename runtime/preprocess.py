@@ -6,13 +6,29 @@ then the VOI transform, then the presentation (MONOCHROME1 inverted), then geome
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .errors import UnsupportedPhotometricError
+from .errors import MalformedDicomError, UnsupportedPhotometricError
 from .manifest import Preprocessing, WindowPolicy
+
+#: What pydicom's LUT and colour functions raise for header values they cannot use.
+LUT_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, ZeroDivisionError)
+
+
+def _apply(what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> np.ndarray:
+    """``func(*args, **kwargs)`` (a pydicom pixel function) as an array; its failure on bad header values
+    becomes :class:`MalformedDicomError` naming ``what`` (the client's input, a 400, never a 500)."""
+    try:
+        return np.asarray(func(*args, **kwargs))
+    except LUT_ERRORS as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        raise MalformedDicomError(
+            f"the {what} cannot be applied: {type(exc).__name__}{': ' + first if first else ''}"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,7 @@ def modality_lut(arr: np.ndarray, ds: Any, params: FrameParams) -> np.ndarray:
     if ds.get("ModalityLUTSequence"):
         from pydicom.pixels import apply_modality_lut
 
-        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        return _apply("Modality LUT Sequence", apply_modality_lut, arr, ds).astype(np.float64)
     out = arr.astype(np.float64)
     if params.slope != 1.0 or params.intercept != 0.0:
         out = out * params.slope + params.intercept
@@ -119,8 +135,11 @@ def voi(values: np.ndarray, ds: Any, params: FrameParams, policy: WindowPolicy) 
             from pydicom.pixels import apply_voi_lut
 
             item = ds.VOILUTSequence[0]
-            bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-            out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+            try:
+                bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+            except LUT_ERRORS as exc:
+                raise MalformedDicomError("the VOI LUT Sequence has an invalid LUT Descriptor") from exc
+            out = _apply("VOI LUT Sequence", apply_voi_lut, values, ds, index=0).astype(np.float64)
             return np.clip(out / float(2**bits - 1), 0.0, 1.0), "file-voi-lut"
     return robust_minmax(values, policy.percentiles), "minmax"
 
@@ -130,13 +149,13 @@ def colour_to_unit(arr: np.ndarray, photometric: str, ds: Any, bits_stored: int)
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
-        rgb = np.asarray(apply_color_lut(arr, ds))
+        rgb = _apply("palette colour lookup table", apply_color_lut, arr, ds)
         depth = 16 if rgb.dtype.itemsize > 1 else 8
         return rgb.astype(np.float64) / float(2**depth - 1)
     if photometric in ("YBR_FULL", "YBR_FULL_422"):
         from pydicom.pixels import convert_color_space
 
-        arr = convert_color_space(arr, photometric, "RGB")
+        arr = _apply(f"{photometric} to RGB conversion", convert_color_space, arr, photometric, "RGB")
     elif photometric not in ("RGB", "YBR_ICT", "YBR_RCT"):
         raise UnsupportedPhotometricError(f"cannot convert {photometric} to RGB")
     return arr.astype(np.float64) / float(2 ** min(bits_stored, 16) - 1)

@@ -18,11 +18,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from retinaedge.runtime import logsafety
 from retinaedge.runtime.errors import RetinaEdgeError, UnauthorizedError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engines import Probe, default_probe
-from .problems import error_response, on_error, problem_component
+from .problems import error_response, on_error, on_http_error, on_validation_error, problem_component
 from .routes import ROUTERS
 from .settings import Settings
 from .state import FORMATS_EXTENSION, Services, build_services
@@ -100,6 +103,7 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     ``probe`` returns this device's fingerprint and capabilities for the backend choice (the real
     TensorRT/pycuda probe by default; tests pass a fixed fingerprint).
     """
+    logsafety.install()  # no dependency's log line carries a DICOM value (also when embedded)
     services = build_services(settings, probe)
     version = str(services.bundle.manifest.exporter.get("version", ""))
     app = FastAPI(title="retinaedge", version=version, lifespan=lifespan)
@@ -111,6 +115,8 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     app.state.store = services.store
     app.middleware("http")(auth_and_log)
     app.add_exception_handler(RetinaEdgeError, on_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
     for router in ROUTERS:
         app.include_router(router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]

@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # the verb's module is imported for every `retinaedge --help`
     from retinaedge.runtime.bundle import Bundle
 
     from .engines import BackendPlan, Probe
-    from .settings import Settings
+from .settings import Settings
+from .tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def validate(settings: Settings) -> Bundle:
         raise ConfigError(f"model bundle {settings.model}: {exc}") from exc
     check_writable_dir(settings.data_dir, "data_dir (spool and database)")
     check_writable_dir(settings.engine_cache_root, "engine cache")
+    server_context(settings)  # a certificate or key that cannot be used: exit 78 with the reason
     return bundle
 
 

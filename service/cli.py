@@ -29,7 +29,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
     if args.config:
         os.environ["RETINAEDGE_CONFIG_FILE"] = str(args.config)
-    return load_settings(model=args.model, host=args.host, port=args.port)
+    settings = load_settings(model=args.model, host=args.host, port=args.port)
+    if getattr(args, "log_level", None) is None:  # not on the command line: the setting applies
+        logging.getLogger().setLevel(settings.log_level)
+    return settings
 
 
 def serve(settings: Settings) -> int:
@@ -37,9 +40,12 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .tls import uvicorn_options
 
+    tls = uvicorn_options(settings)  # a certificate that cannot be used is refused before anything starts
     app = create_app(settings)
-    log.info("serving %s on http://%s:%d", settings.model, settings.host, settings.port)
+    scheme = "https" if tls else "http"
+    log.info("serving %s on %s://%s:%d", settings.model, scheme, settings.host, settings.port)
     uvicorn.run(
         app,
         host=settings.host,
@@ -47,6 +53,7 @@ def serve(settings: Settings) -> int:
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=30,
+        **tls,
     )
     return 0
 

@@ -24,6 +24,7 @@ _DESCRIPTIONS = {
     401: "Missing or wrong bearer token (when the service has one)",
     404: "Unknown, or its result has expired",
     406: "None of the media types this resource offers is acceptable (``offered`` lists them)",
+    408: "The request body stopped arriving for longer than the idle timeout",
     413: "Over a size or decode budget",
     415: "Unsupported media type, transfer syntax or photometric interpretation",
     422: "Not an image (no pixel data)",
@@ -80,3 +81,21 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def problem_component() -> dict[str, Any]:
     """The ``Problem`` schema for ``components.schemas`` (referenced by :func:`problem_responses`)."""
     return Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (an unknown route, a method not allowed) as problem documents too."""
+    status = int(getattr(exc, "status_code", 500))
+    detail = str(getattr(exc, "detail", "") or "")
+    type_ = {404: "not-found", 405: "method-not-allowed"}.get(
+        status, "bad-request" if status < 500 else "internal-error"
+    )
+    headers = getattr(exc, "headers", None)
+    return problem(status, type_, detail or type_.replace("-", " "), headers)
+
+
+async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """A request FastAPI cannot bind to a route's parameters: 400 with what did not fit."""
+    errors = getattr(exc, "errors", lambda: [])()
+    where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors[:5])
+    return problem(400, "bad-request", f"the request does not fit this route ({where or 'invalid'})")

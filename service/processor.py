@@ -2,14 +2,22 @@
 
 The SQLite row is the truth: a pending row is processed until it is done or failed; after a crash or a
 restart every pending row is queued again. The spool file is removed only after the outcome is committed.
+
+A storage error while reading a row or recording an outcome (SQLite's "database or disk is full", an I/O
+error) never ends the task: the outcome is kept in memory and recorded again with exponential back-off
+(:data:`STORAGE_RETRY_S` up to :data:`STORAGE_RETRY_MAX_S`); :attr:`Processor.problem` says why meanwhile
+(``/readyz`` reports it) and clears once a write succeeds, so processing resumes by itself when space
+returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from retinaedge.runtime.errors import DicomInputError, NotReadyError, OverloadedError
 
@@ -18,6 +26,12 @@ from .store import Store
 from .worker import InferenceWorker
 
 log = logging.getLogger(__name__)
+
+STORAGE_RETRY_S = 0.25
+STORAGE_RETRY_MAX_S = 5.0
+STORAGE_ERRORS = (sqlite3.OperationalError, sqlite3.DatabaseError, OSError)
+
+T = TypeVar("T")
 
 
 class Processor:
@@ -41,6 +55,8 @@ class Processor:
         self.after_each = after_each
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        #: Why outcomes cannot be recorded now (a storage error), or None.
+        self.problem: str | None = None
 
     def enqueue(self, uid: str) -> None:
         self.queue.put_nowait(uid)
@@ -67,37 +83,62 @@ class Processor:
             except asyncio.CancelledError:
                 pass
 
+    async def _stored(self, what: str, call: Callable[[], T]) -> T:
+        """``call()`` in a thread, retried with back-off while storage fails (see the module docstring)."""
+        delay = STORAGE_RETRY_S
+        while True:
+            try:
+                value = await asyncio.to_thread(call)
+            except STORAGE_ERRORS as exc:
+                problem = f"results cannot be recorded ({what}): {type(exc).__name__}: {exc}"
+                if problem != self.problem:
+                    log.warning("%s; retrying every %.2g-%.2g s", problem, delay, STORAGE_RETRY_MAX_S)
+                self.problem = problem
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORAGE_RETRY_MAX_S)
+                continue
+            if self.problem is not None:
+                log.info("results are recorded again (%s)", what)
+                self.problem = None
+            return value
+
     async def _run(self) -> None:
         while True:
             uid = await self.queue.get()
-            row = await asyncio.to_thread(self.store.get, uid)
-            if row is None or row.state != "pending" or row.spool_path is None:
+            await self._process(uid)
+
+    async def _process(self, uid: str) -> None:
+        row = await self._stored("reading a pending instance", lambda: self.store.get(uid))
+        if row is None or row.state != "pending" or row.spool_path is None:
+            return
+        path: Path = self.spool.root / row.spool_path
+        outcome, record = await self._infer(path, uid)
+        await self._stored("recording an outcome", record)
+        self.on_outcome(outcome)
+        path.unlink(missing_ok=True)
+        self.after_each()
+
+    async def _infer(self, path: Path, uid: str) -> tuple[str, Callable[[], None]]:
+        """Run one spooled instance -> ``(outcome, the store call that records it)``."""
+        while True:
+            try:
+                result = await asyncio.wrap_future(self.worker.submit_path(path))
+            except (OverloadedError, NotReadyError):
+                if self.worker.state == "failed":
+                    log.error("processing paused: the backend failed (%s)", self.worker.reason)
+                await asyncio.sleep(self.retry_s)  # stays pending: nothing is lost
                 continue
-            path: Path = self.spool.root / row.spool_path
-            while True:
-                try:
-                    result = await asyncio.wrap_future(self.worker.submit_path(path))
-                except (OverloadedError, NotReadyError):
-                    if self.worker.state == "failed":
-                        log.error("processing paused: the backend failed (%s)", self.worker.reason)
-                    await asyncio.sleep(self.retry_s)  # stays pending: nothing is lost
-                    continue
-                except DicomInputError as exc:
-                    await asyncio.to_thread(self.store.failed, uid, exc.type, str(exc))
-                    self.on_outcome(exc.type)
-                    break
-                except Exception as exc:  # a bug: record it against the instance, keep serving
-                    log.exception("processing failed")
-                    await asyncio.to_thread(
-                        self.store.failed, uid, "internal-error", f"{type(exc).__name__}: {exc}"
-                    )
-                    self.on_outcome("internal-error")
-                    break
-                body = result.to_json()
-                body["backend"] = self.worker.backend
-                body["backend_reason"] = self.worker.backend_reason
-                await asyncio.to_thread(self.store.done, uid, body)
-                self.on_outcome("ok")
-                break
-            path.unlink(missing_ok=True)
-            self.after_each()
+            except DicomInputError as exc:
+                return exc.type, _call(self.store.failed, uid, exc.type, str(exc))
+            except Exception as exc:  # a bug: record it against the instance, keep serving
+                log.exception("processing failed")
+                message = f"{type(exc).__name__}: {exc}"
+                return "internal-error", _call(self.store.failed, uid, "internal-error", message)
+            body = result.to_json()
+            body["backend"] = self.worker.backend
+            body["backend_reason"] = self.worker.backend_reason
+            return "ok", _call(self.store.done, uid, body)
+
+
+def _call(func: Callable[..., None], *args: object) -> Callable[[], None]:
+    return lambda: func(*args)

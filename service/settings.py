@@ -43,6 +43,17 @@ class Settings(BaseSettings):
         default=1024**3, ge=0, description="disk reserve; below it new instances get 507"
     )
     max_request_bytes: int = Field(default=4 * 1024**3, ge=1024, description="one STOW-RS request body")
+    max_pending_instances: int = Field(
+        default=5000, ge=1, description="STOW-RS answers 503 while this many instances wait to be processed"
+    )
+    max_pending_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=1024,
+        description="STOW-RS answers 503 while this many bytes wait to be processed",
+    )
+    request_idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request body that stops arriving for this long is answered 408"
+    )
     results_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0, description="retention of results")
     results_max_bytes: int = Field(default=256 * 1024**2, ge=0, description="retention budget of result JSON")
     prune_interval_s: float = Field(
@@ -75,6 +86,13 @@ class Settings(BaseSettings):
     engine_build_retry_s: float = Field(
         default=24 * 3600.0, ge=0, description="a failed engine build is not retried on start-up before this"
     )
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate (chain): with tls_key_file, the service speaks HTTPS only"
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="the service's log level (the command line's --log-level wins)"
+    )
 
     def build_options(self) -> BuildOptions:
         """The engine build options these settings ask for (batch profile 1 / batch_size / batch_size)."""
@@ -103,6 +121,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _loopback_or_token(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both for HTTPS, or neither")
         if not is_loopback(self.host) and self.api_token is None:
             raise ValueError(
                 f"refusing to bind {self.host}: beyond loopback an API token is required "

@@ -1,11 +1,13 @@
 """The spool: received instances on disk, fsynced before they are acknowledged.
 
 File names are random (never derived from tag values). A write goes to ``*.part``, is fsynced, renamed
-and the directory fsynced, so a crash leaves either nothing or a complete file.
+and the directory fsynced, so a crash leaves either nothing or a complete file. A full disk (ENOSPC,
+EDQUOT) while writing or syncing is :class:`InsufficientStorageError` (507), like the reserve.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -13,6 +15,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from retinaedge.runtime.errors import InsufficientStorageError
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def no_space(exc: OSError, where: Path) -> InsufficientStorageError | None:
+    """The 507 for an OSError that means a full disk or quota, else None."""
+    if exc.errno in NO_SPACE:
+        return InsufficientStorageError(f"the disk of {where} is full ({exc.strerror})")
+    return None
 
 
 class Spool:
@@ -49,6 +60,10 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
+    def room(self) -> int:
+        """Bytes that may still be written before the reserve is reached (negative once inside it)."""
+        return self.free_bytes() - self.min_free_bytes
+
     def check_reserve(self, incoming: int = 0) -> None:
         """Raise 507 when writing ``incoming`` more bytes would eat into the reserve."""
         free = self.free_bytes()
@@ -62,10 +77,20 @@ class Spool:
         path = self.root / f"{name}.part"
         return path, open(path, "wb")  # noqa: SIM115 (closed by commit/discard)
 
+    def write(self, fh: BinaryIO, data: bytes) -> None:
+        """Append ``data`` to an open part (507 when the disk is full)."""
+        try:
+            fh.write(data)
+        except OSError as exc:
+            raise (no_space(exc, self.root) or exc) from exc
+
     def commit(self, part: Path, fh: BinaryIO) -> Path:
-        """fsync and rename ``part`` to its final name; return it."""
-        fh.flush()
-        os.fsync(fh.fileno())
+        """fsync and rename ``part`` to its final name; return it (507 when the disk is full)."""
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+        except OSError as exc:
+            raise (no_space(exc, self.root) or exc) from exc
         fh.close()
         final = part.with_suffix(".dcm")
         os.replace(part, final)
@@ -77,9 +102,16 @@ class Spool:
         return final
 
     def discard(self, path: Path, fh: BinaryIO | None = None) -> None:
+        """Close and remove a part or a spooled file; never raises (it runs on failure paths)."""
         if fh is not None and not fh.closed:
-            fh.close()
-        path.unlink(missing_ok=True)
+            try:
+                fh.close()  # flushes: on a full disk this fails too, and the file goes all the same
+            except OSError:
+                pass
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*.dcm"))

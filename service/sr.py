@@ -198,7 +198,6 @@ def _planar_group(image: Dataset, frame_index: int, det: dict[str, Any], algorit
 def _report(evidence: list[Dataset], groups: list[Any], model_name: str, description: str) -> Dataset:
     """The Comprehensive 3D SR around the measurement ``groups`` (at least one)."""
     from highdicom.sr import (
-        CodedConcept,
         Comprehensive3DSR,
         DeviceObserverIdentifyingAttributes,
         MeasurementReport,
@@ -215,9 +214,7 @@ def _report(evidence: list[Dataset], groups: list[Any], model_name: str, descrip
     )
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=CodedConcept(
-            value="imaging", scheme_designator=SCHEME, meaning="Imaging procedure"
-        ),
+        procedure_reported=codes.SCT.ImagingProcedure,  # SNOMED CT 363679005, a standard code
         imaging_measurements=groups,
     )
     return Comprehensive3DSR(

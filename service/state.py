@@ -27,6 +27,7 @@ from .processor import Processor
 from .settings import Settings
 from .spool import Spool
 from .store import Store
+from .stow import backlog_admission
 from .worker import InferenceWorker
 
 
@@ -64,6 +65,7 @@ class Services:
     prune: Pruner
     processor: Processor
     formats: FormatRegistry
+    admit: Callable[[], None]  # raises OverloadedError while the STOW-RS backlog is full
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
     @property
@@ -113,6 +115,9 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         prune=prune,
         processor=processor,
         formats=default_formats(),
+        admit=backlog_admission(
+            store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s
+        ),
     )
 
 

@@ -166,6 +166,14 @@ class Store:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def backlog(self) -> tuple[int, int]:
+        """``(instances, bytes)`` acknowledged and not processed yet (state ``pending``)."""
+        with self._lock:
+            n, size = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM instances WHERE state = 'pending'"
+            ).fetchone()
+        return int(n), int(size)
+
     def spool_paths(self) -> set[str]:
         with self._lock:
             rows = self._db.execute(

@@ -3,12 +3,17 @@
 An instance is acknowledged (listed in ReferencedSOPSequence) only after its bytes are fsynced in the spool
 and its row is committed in SQLite. Instances the runtime would reject anyway (header checks only, nothing
 decoded) are listed in FailedSOPSequence with a Failure Reason.
+
+Whatever ends a request early (the disk reserve reached while a part is written, a full disk, a broken
+multipart body, the client gone, the idle timeout, the backlog limit) discards the part being written;
+what was acknowledged before stays acknowledged and is processed, and sending it again is idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +22,24 @@ from typing import Any, BinaryIO
 from retinaedge.runtime.dicomio import Limits, open_dicom, validate
 from retinaedge.runtime.errors import (
     DicomInputError,
+    InsufficientStorageError,
     NoPixelDataError,
     OverBudgetError,
+    OverloadedError,
     PayloadTooLargeError,
     RequestError,
 )
 
+from .body import idle_timeout
 from .multipart import MultipartParser, stow_boundary
 from .spool import Spool
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+#: While a part is written the reserve is checked again at least every this many bytes (and exactly
+#: when the room left at the last check runs out).
+RESERVE_CHECK_BYTES = 1024**2
 
 # Failure Reason (0008,1197) values (PS3.18 Table 10.5.3-2, after the C-STORE statuses of PS3.4 B.2.3).
 OUT_OF_RESOURCES = 0xA700
@@ -150,24 +162,36 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 class _Part:
     path: Path
     fh: BinaryIO
+    spool: Spool
     size: int = 0
     problem: tuple[int, str] | None = None
     head: bytes = b""
     started: bool = False
+    allowed: int = 0  # bytes that may be written before the reserve is checked again
 
     def write(self, data: bytes, final: bool = False) -> None:
         """Write part bytes; a dataset sent without the PS3.10 preamble (as some clients, e.g.
         dicomweb-client, send in-memory datasets) but starting with its File Meta group gets one."""
         if self.started:
-            self.fh.write(data)
+            self._put(data)
             return
         self.head += data
         if len(self.head) < len(PREAMBLE) and not final:
             return
         if self.head[128:132] != b"DICM" and self.head[:2] == b"\x02\x00":
-            self.fh.write(PREAMBLE)
-        self.fh.write(self.head)
+            self._put(PREAMBLE)
+        self._put(self.head)
         self.head, self.started = b"", True
+
+    def _put(self, data: bytes) -> None:
+        """Write to the spool, checking the reserve before it would be crossed (507, never after)."""
+        if len(data) > self.allowed:
+            room = self.spool.room()
+            if room < len(data):
+                self.spool.check_reserve(len(data))  # raises 507 with the free and reserved bytes
+            self.allowed = min(room, RESERVE_CHECK_BYTES + len(data))
+        self.allowed -= len(data)
+        self.spool.write(self.fh, data)
 
 
 async def receive(
@@ -181,42 +205,75 @@ async def receive(
     max_request_bytes: int,
     study_uid: str | None,
     enqueue: Callable[[str], None],
+    admit: Callable[[], None] = lambda: None,
+    idle_timeout_s: float | None = None,
 ) -> StowOutcome:
-    """Stream a STOW-RS body into the spool; return what was stored and what failed (and why)."""
+    """Stream a STOW-RS body into the spool; return what was stored and what failed (and why).
+
+    ``admit()`` raises :class:`OverloadedError` while the backlog is full; it runs (in a thread) before
+    anything is read and before each part. ``idle_timeout_s``: 408 when the client stops sending.
+    """
     parser = MultipartParser(stow_boundary(content_type))
     spool.check_reserve()  # 507 before anything is written
+    await asyncio.to_thread(admit)
     outcome = StowOutcome()
     part: _Part | None = None
     total = 0
-    async for chunk in stream:
-        total += len(chunk)
-        if total > max_request_bytes:
-            if part is not None:
-                spool.discard(part.path, part.fh)
-            raise PayloadTooLargeError(f"request body exceeds the {max_request_bytes}-byte limit")
-        for event, value in parser.feed(chunk):
-            if event == "headers":
-                spool.check_reserve()
-                path, fh = spool.open_part()
-                part = _Part(path, fh)
-                media = value.get("content-type", "application/dicom").split(";")[0].strip().lower()
-                if media != "application/dicom":
-                    part.problem = (CANNOT_UNDERSTAND, f"part media type {media!r} is not application/dicom")
-            elif event == "data" and part is not None:
-                part.size += len(value)
-                if part.problem is None and part.size > max_instance_bytes:
-                    part.problem = (OUT_OF_RESOURCES, f"instance exceeds {max_instance_bytes} bytes")
-                if part.problem is None:
-                    part.write(value)
-            elif event == "end" and part is not None:
-                if part.problem is None:
-                    part.write(b"", final=True)
-                await _finish_part(part, outcome, spool, store, limits, study_uid, enqueue)
-                part = None
-    parser.finish()
+    try:
+        async for chunk in idle_timeout(stream, idle_timeout_s):
+            total += len(chunk)
+            if total > max_request_bytes:
+                raise PayloadTooLargeError(f"request body exceeds the {max_request_bytes}-byte limit")
+            for event, value in parser.feed(chunk):
+                if event == "headers":
+                    if outcome.referenced or outcome.failed:
+                        await asyncio.to_thread(admit)
+                    spool.check_reserve()
+                    path, fh = spool.open_part()
+                    part = _Part(path, fh, spool)
+                    media = value.get("content-type", "application/dicom").split(";")[0].strip().lower()
+                    if media != "application/dicom":
+                        part.problem = (
+                            CANNOT_UNDERSTAND,
+                            f"part media type {media!r} is not application/dicom",
+                        )
+                elif event == "data" and part is not None:
+                    part.size += len(value)
+                    if part.problem is None and part.size > max_instance_bytes:
+                        part.problem = (OUT_OF_RESOURCES, f"instance exceeds {max_instance_bytes} bytes")
+                    if part.problem is None:
+                        part.write(value)
+                elif event == "end" and part is not None:
+                    if part.problem is None:
+                        part.write(b"", final=True)
+                    current, part = part, None
+                    await _finish_part(current, outcome, spool, store, limits, study_uid, enqueue)
+        parser.finish()
+    except BaseException:  # 507, 408, 503, a broken body, the client gone, cancellation: no part is left
+        if part is not None:
+            spool.discard(part.path, part.fh)
+        raise
     if not outcome.referenced and not outcome.failed:
         raise RequestError("the multipart body holds no parts")
     return outcome
+
+
+def backlog_admission(
+    store: Store, max_instances: int, max_bytes: int, retry_after: int
+) -> Callable[[], None]:
+    """``admit()`` for :func:`receive`: 503 with Retry-After while ``max_instances`` acknowledged instances
+    or ``max_bytes`` of them wait to be processed."""
+
+    def admit() -> None:
+        count, size = store.backlog()
+        if count >= max_instances or size >= max_bytes:
+            raise OverloadedError(
+                f"{count} instances ({size} bytes) wait to be processed; the backlog limit is "
+                f"{max_instances} instances or {max_bytes} bytes",
+                retry_after,
+            )
+
+    return admit
 
 
 async def _finish_part(
@@ -232,7 +289,11 @@ async def _finish_part(
         spool.discard(part.path, part.fh)
         outcome.failed.append(("", "", *part.problem))
         return
-    final = await asyncio.to_thread(spool.commit, part.path, part.fh)
+    try:
+        final = await asyncio.to_thread(spool.commit, part.path, part.fh)
+    except BaseException:
+        spool.discard(part.path, part.fh)
+        raise
     try:
         sop_class, uid, study, series, header = await asyncio.to_thread(inspect, final, limits)
     except (DicomInputError, RequestError) as exc:
@@ -241,13 +302,22 @@ async def _finish_part(
         reason = _reason(exc) if isinstance(exc, DicomInputError) else CANNOT_UNDERSTAND
         outcome.failed.append((cls, inst, reason, f"{exc.type}: {exc}"))
         return
+    except BaseException:
+        spool.discard(final)
+        raise
     if study_uid is not None and study != study_uid:
         spool.discard(final)
         outcome.failed.append((sop_class, uid, DATASET_MISMATCH, "instance belongs to another study"))
         return
-    inserted = await asyncio.to_thread(
-        store.add_pending, uid, sop_class, study, series, final.name, part.size, header
-    )
+    try:
+        inserted = await asyncio.to_thread(
+            store.add_pending, uid, sop_class, study, series, final.name, part.size, header
+        )
+    except BaseException as exc:  # not recorded, so not acknowledged: the file goes too
+        spool.discard(final)
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            raise InsufficientStorageError(f"the database cannot grow: {exc}") from exc
+        raise
     if inserted:
         enqueue(uid)
     else:  # the same SOP Instance UID again: idempotent, the first copy stands

@@ -217,6 +217,12 @@ def test_results_as_dicom_sr(small_bundle: Path, tmp_path: Path) -> None:
             assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
             assert sr.PatientID == source.PatientID and sr.StudyInstanceUID == source.StudyInstanceUID
             assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+            procedure = [
+                item.ConceptCodeSequence[0]
+                for item in sr.ContentSequence
+                if item.ConceptNameCodeSequence[0].CodeValue == "121058"  # Procedure reported
+            ]
+            assert [(c.CodeValue, c.CodingSchemeDesignator) for c in procedure] == [("363679005", "SCT")]
             parsed = hd.sr.srread(io.BytesIO(r.content))
             groups = parsed.content.get_planar_roi_measurement_groups()
             n = sum(len(f["detections"]) for f in result["frames"])

@@ -12,12 +12,12 @@ from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.errors import (
     NotReadyError,
     OverloadedError,
-    PayloadTooLargeError,
     RequestError,
     RetinaEdgeError,
     UnsupportedMediaTypeError,
 )
 
+from ..body import check_declared_length, read_body
 from ..problems import problem_responses
 from ..schemas import DetectResult
 from ..state import Services, ServicesDep
@@ -26,23 +26,6 @@ from ..stow import inspect
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["detect"])
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) from Content-Length alone when it declares more than ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError("Content-Length is not a number")
-        if int(declared) > limit:
-            raise PayloadTooLargeError(f"body of {declared} bytes exceeds the {limit}-byte limit")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLargeError(f"body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _record(services: Services, data: bytes, body: dict[str, Any]) -> None:
@@ -57,7 +40,7 @@ def _record(services: Services, data: bytes, body: dict[str, Any]) -> None:
     # Documentation only: the handler returns a JSONResponse, which FastAPI sends as is (the nested
     # detections are not validated a second time on the hot path).
     response_model=DetectResult,
-    responses=problem_responses(400, 401, 413, 415, 422, 503),
+    responses=problem_responses(400, 401, 408, 413, 415, 422, 503),
 )
 async def detect(request: Request, services: ServicesDep) -> Response:
     """Detect in every frame of one instance (a PS3.10 file as ``application/dicom``)."""
@@ -67,7 +50,9 @@ async def detect(request: Request, services: ServicesDep) -> Response:
         raise UnsupportedMediaTypeError(f"expected Content-Type application/dicom, got {media or 'none'!r}")
     worker, metrics = services.worker, services.metrics
     try:
-        data = await read_body(request, services.settings.max_body_bytes)
+        limit = services.settings.max_body_bytes
+        check_declared_length(request.headers, limit)
+        data = await read_body(request.stream(), limit, services.settings.request_idle_timeout_s)
         if not data:
             raise RequestError("the request body is empty")
         future = worker.submit(data)

@@ -10,7 +10,10 @@ import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from retinaedge.runtime.uids import check_uid
+from starlette.requests import ClientDisconnect
 
+from ..body import check_declared_length
 from ..problems import problem_responses
 from ..schemas import StoreInstancesResponse
 from ..state import ServicesDep
@@ -32,7 +35,7 @@ router = APIRouter(tags=["dicomweb"])
 _STORE_RESPONSES = {
     202: {"model": StoreInstancesResponse, "description": "Some instances stored, some failed"},
     409: {"model": StoreInstancesResponse, "description": "No instance stored"},
-    **problem_responses(400, 401, 413, 415, 507),
+    **problem_responses(400, 401, 408, 413, 415, 503, 507),
 }
 
 
@@ -52,17 +55,26 @@ async def stow(request: Request, services: ServicesDep, study: str | None = None
     """Store instances (``multipart/related; type="application/dicom"``); each listed as stored only
     once it is on disk and recorded. With ``{study}``, instances of another study fail."""
     settings = services.settings
-    outcome = await receive(
-        request.stream(),
-        request.headers.get("content-type", ""),
-        spool=services.spool,
-        store=services.store,
-        limits=services.limits,
-        max_instance_bytes=settings.max_body_bytes,
-        max_request_bytes=settings.max_request_bytes,
-        study_uid=study,
-        enqueue=services.processor.enqueue,
-    )
+    if study is not None:
+        check_uid(study, "the Study Instance UID in the path")
+    check_declared_length(request.headers, settings.max_request_bytes)  # 413 before a byte is read
+    try:
+        outcome = await receive(
+            request.stream(),
+            request.headers.get("content-type", ""),
+            spool=services.spool,
+            store=services.store,
+            limits=services.limits,
+            max_instance_bytes=settings.max_body_bytes,
+            max_request_bytes=settings.max_request_bytes,
+            study_uid=study,
+            enqueue=services.processor.enqueue,
+            admit=services.admit,
+            idle_timeout_s=settings.request_idle_timeout_s,
+        )
+    except ClientDisconnect:  # nothing to answer; what was acknowledged before stays acknowledged
+        log.info("STOW-RS: the client disconnected; the part being received was discarded")
+        return Response(status_code=400)
     for _, _, _, why in outcome.failed:
         services.metrics.outcome("stow-rejected")
         log.info("STOW-RS part rejected: %s", why.split(":")[0])

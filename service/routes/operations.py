@@ -24,11 +24,12 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=Ready, responses=problem_responses(401, 503))
 async def readyz(services: ServicesDep) -> Response:
-    """Ready to take instances: model loaded, golden self-test passed, spool writable (else 503)."""
+    """Ready to take instances: model loaded, golden self-test passed, spool writable, results being
+    recorded (else 503 with the reason)."""
     worker, retry = services.worker, {"Retry-After": str(services.settings.retry_after_s)}
     if worker.state != "ready":
         return problem(503, "not-ready", worker.reason, retry)
-    unwritable = await asyncio.to_thread(services.spool.unwritable_reason)
+    unwritable = await asyncio.to_thread(services.spool.unwritable_reason) or services.processor.problem
     if unwritable is not None:
         return problem(503, "not-ready", unwritable, retry)
     return JSONResponse(

@@ -10,6 +10,7 @@ import asyncio
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from retinaedge.runtime.uids import check_uid
 
 from ..formats import InstanceView
 from ..problems import problem, problem_responses
@@ -24,12 +25,13 @@ router = APIRouter(tags=["results"])
     response_model=ResultDone | ResultFailed,
     responses={
         202: {"model": ResultPending, "description": "Not processed yet; see Retry-After"},
-        **problem_responses(401, 404, 406),
+        **problem_responses(400, 401, 404, 406),
     },
     openapi_extra={FORMATS_EXTENSION: "instance"},
 )
 async def result(uid: str, services: ServicesDep, fmt: InstanceFormat) -> Response:
     """The detections of the instance with SOP Instance UID ``uid``."""
+    check_uid(uid, "the SOP Instance UID in the path")
     row = await asyncio.to_thread(services.store.get, uid)
     if row is None:
         return problem(404, "not-found", "no instance with this SOP Instance UID (or its result has expired)")

@@ -12,6 +12,7 @@ import time
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from retinaedge.runtime.uids import check_uid
 
 from ..formats import ResultFormat, SeriesView
 from ..problems import problem, problem_responses
@@ -72,6 +73,7 @@ async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:
 )
 async def series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> Response:
     """The series' 3D findings once it is complete (202 with its status until then)."""
+    check_uid(series_uid, "the Series Instance UID in the path")
     return await _answer(services, series_uid, fmt)
 
 
@@ -83,6 +85,7 @@ async def series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> R
 )
 async def complete_series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> Response:
     """Treat the series as complete now (its pending instances still finish first)."""
+    check_uid(series_uid, "the Series Instance UID in the path")
     known = await asyncio.to_thread(services.store.series_rows, series_uid)
     if not known:
         return problem(404, "not-found", NOT_FOUND)
