@@ -101,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         nargs="+",
         default=[],
-        help="DICOM files (or directories) whose frames, preprocessed exactly as the runtime does, "
+        help="DICOM files (or directories: every DICOM Part 10 file below, sorted) whose frames, preprocessed exactly as the runtime does, "
         "are added to the parity check",
     )
     p.add_argument(
@@ -132,7 +132,7 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 
 def _dicom_parity_inputs(args: argparse.Namespace) -> list[Any]:
     """Frames of ``--parity-dicom`` files through the runtime's preprocessing, for the export's policy."""
-    from retinaedge.runtime.detect_cli import expand
+    from retinaedge.runtime.discovery import dicom_files
     from retinaedge.runtime.frames import model_inputs
     from retinaedge.runtime.manifest import Preprocessing
 
@@ -140,7 +140,7 @@ def _dicom_parity_inputs(args: argparse.Namespace) -> list[Any]:
 
     inputs: list[ParityInput] = []
     pre = Preprocessing(window=args.window)
-    for number, path in enumerate(expand(args.parity_dicom)):
+    for number, path in enumerate(dicom_files(args.parity_dicom)):
         for index, image, _ in model_inputs(path, pre, args.channels, args.input_size):
             if len(inputs) >= args.parity_max_frames:
                 return inputs

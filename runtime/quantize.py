@@ -33,6 +33,7 @@ import numpy as np
 from .bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE, load_bundle
 from .detector import iter_model_inputs
 from .dicomio import DEFAULT_LIMITS, Limits
+from .discovery import dicom_files
 from .errors import ConfigError, DicomInputError
 from .hashing import sha256_file
 from .manifest import METADATA_KEY, Manifest
@@ -44,30 +45,6 @@ METHODS = ("minmax", "entropy", "percentile")
 #: provider and TensorRT both run as INT8 (Conv; Add/Mul as QLinearAdd/QLinearMul; pooling, resize and
 #: concatenation as pass-through Q/DQ).
 OP_TYPES = ("Conv", "Add", "Mul", "Relu", "Concat", "Resize", "MaxPool", "GlobalAveragePool", "ReduceMean")
-
-
-def calibration_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Files given, and every file under directories given (sorted; DICOM files need no extension) but
-    hidden files, DICOMDIR and obviously non-DICOM ones (``.json``, ``.txt``, ... as ``retinaedge eval``
-    skips them), so that a capped, spread selection does not land on them."""
-    from .eval_cli import SKIPPED_NAMES, SKIPPED_SUFFIXES
-
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file()
-                and not f.name.startswith(".")
-                and f.name not in SKIPPED_NAMES
-                and f.suffix.lower() not in SKIPPED_SUFFIXES
-            )
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ConfigError(f"calibration path {p} does not exist")
-    return out
 
 
 def spread(files: Sequence[Path], max_frames: int) -> list[Path]:
@@ -211,7 +188,7 @@ def quantize_bundle(
     bundle = load_bundle(bundle_dir)
     if bundle.root is None:
         raise ConfigError("quantize needs a bundle directory, not a bare model.onnx")
-    files = spread(calibration_files(calibration), max_frames)
+    files = spread(dicom_files(calibration), max_frames)  # no spread selection lands on notes or DICOMDIR
     frames = calibration_frames(files, bundle.manifest, max_frames=max_frames, limits=limits)
     first = next(frames, None)
     if first is None:
@@ -282,11 +259,11 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """``retinaedge eval``'s figures (COCO AP per class, ``map50``) of ``model`` on annotated files."""
     from .detector import Detector
-    from .eval_cli import detect_all, input_files
+    from .eval_cli import detect_all
     from .evaluate import evaluate, evaluated_classes, load_ground_truth, split_unmatched
 
     gt = load_ground_truth(annotations)
-    paths = input_files(list(files), annotations)
+    paths = dicom_files(files, exclude=[annotations])
     with Detector.open(model, threads=threads, limits=limits) as det:
         names = det.bundle.manifest.class_names
         detected = detect_all(det, paths, skip_rejected=False)
@@ -404,7 +381,6 @@ def _embed_manifest(model: Any, manifest: Manifest) -> None:
 __all__ = [
     "AccuracyCheck",
     "QuantizeReport",
-    "calibration_files",
     "calibration_frames",
     "check_recorded_accuracy",
     "quantize_bundle",
