@@ -1,7 +1,7 @@
 """INT8 by explicit quantization: ``model.onnx`` -> ``model.int8.qdq.onnx`` with Q/DQ nodes.
 
 Calibration frames come from DICOM files through the runtime's exact preprocessing
-(:func:`retinaedge.runtime.detector.iter_model_inputs`), one ``(1, C, H, W)`` batch at a time. The
+(:func:`retinaedge.runtime.frames.model_inputs`), one ``(1, C, H, W)`` batch at a time. The
 result is a QDQ-format model (onnxruntime ``quantize_static``, ``QuantFormat.QDQ``) that ONNX Runtime runs
 on the CPU in INT8 and TensorRT builds with explicit quantization (the implicit calibrators are deprecated
 since TensorRT 10.1). TensorRT wants symmetric INT8 (zero point 0), so activations and weights are
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from .bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE, load_bundle
-from .detector import iter_model_inputs
 from .dicomio import DEFAULT_LIMITS, Limits
 from .discovery import dicom_files
 from .errors import ConfigError, DicomInputError
+from .frames import InputSpec, model_inputs
 from .hashing import sha256_file
 from .manifest import METADATA_KEY, Manifest
 
@@ -63,7 +63,7 @@ def calibration_frames(
     count = skipped = 0
     for path in files:
         try:
-            for image in iter_model_inputs(path, manifest, limits):
+            for _, image, _ in model_inputs(path, InputSpec.of(manifest), limits):
                 yield image[None]
                 count += 1
                 if count >= max_frames:
