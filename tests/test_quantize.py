@@ -20,18 +20,13 @@ import pytest
 from retinaedge.device.buildopts import BuildOptions, inspect_onnx
 from retinaedge.device.errors import BuildOptionsError
 from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
+from retinaedge.export.quantize import AccuracyCheck, calibration_frames, quantize_bundle, spread
 from retinaedge.runtime.bundle import QDQ_MODEL_FILE, load_bundle, load_golden
 from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.manifest import METADATA_KEY
 from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
-from retinaedge.runtime.quantize import (
-    AccuracyCheck,
-    calibration_frames,
-    check_recorded_accuracy,
-    quantize_bundle,
-    spread,
-)
+from retinaedge.runtime.quantization_record import check_recorded_accuracy
 from retinaedge.service.engines import plan_engine
 
 ROOT = Path(__file__).resolve().parents[1]

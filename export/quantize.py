@@ -11,9 +11,9 @@ stay float (TensorRT fuses them). ``keep_float`` patterns keep more layers float
 more operator types, ``preprocess`` runs ONNX Runtime's quantization pre-processing first.
 
 With ``accuracy`` (annotated DICOM files and a limit), the FP32 and the Q/DQ model are both evaluated
-(:mod:`.evaluate`, COCO AP50) and the result is recorded in ``quantization.json``; a Q/DQ model whose mean
+(:mod:`retinaedge.runtime.evaluate`, COCO AP50) and the result is recorded in ``quantization.json``; a Q/DQ model whose mean
 AP50 drops by more than the limit is marked ``accepted: false`` there, which ``retinaedge build --precision
-int8`` and the service refuse (:func:`check_recorded_accuracy`).
+int8`` and the service refuse (:func:`retinaedge.runtime.quantization_record.check_recorded_accuracy`).
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from .bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE, load_bundle
-from .dicomio import DEFAULT_LIMITS, Limits
-from .discovery import dicom_files
-from .errors import ConfigError, DicomInputError
-from .frames import InputSpec, model_inputs
-from .hashing import sha256_file
-from .manifest import METADATA_KEY, Manifest
+from retinaedge.runtime.bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE, load_bundle
+from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits
+from retinaedge.runtime.discovery import dicom_files
+from retinaedge.runtime.errors import ConfigError, DicomInputError
+from retinaedge.runtime.frames import InputSpec, model_inputs
+from retinaedge.runtime.hashing import sha256_file
+from retinaedge.runtime.manifest import METADATA_KEY, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +257,9 @@ def evaluate_model(
     model: Path, annotations: Path, files: Sequence[Path], *, threads: int | None, limits: Limits
 ) -> dict[str, Any]:
     """``retinaedge eval``'s figures (COCO AP per class, ``map50``) of ``model`` on annotated files."""
-    from .detector import Detector
-    from .eval_cli import detect_all
-    from .evaluate import evaluate, evaluated_classes, load_ground_truth, split_unmatched
+    from retinaedge.runtime.detector import Detector
+    from retinaedge.runtime.eval_cli import detect_all
+    from retinaedge.runtime.evaluate import evaluate, evaluated_classes, load_ground_truth, split_unmatched
 
     gt = load_ground_truth(annotations)
     paths = dicom_files(files, exclude=[annotations])
@@ -293,32 +292,6 @@ def check_accuracy(root: Path, qdq: Path, check: AccuracyCheck, limits: Limits) 
         "max_ap50_drop": check.max_ap50_drop,
         "passed": drop is not None and drop <= check.max_ap50_drop,
     }
-
-
-def check_recorded_accuracy(root: Path) -> dict[str, Any]:
-    """Refuse (:class:`ConfigError`) a Q/DQ model that ``quantization.json`` does not vouch for: no record,
-    a sha256 that is not the file's (re-quantized or replaced since), or a recorded accuracy check that
-    failed. A model quantized without an accuracy check passes, with a warning. Returns the record."""
-    path, record_path = root / QDQ_MODEL_FILE, root / QUANTIZATION_FILE
-    if not record_path.is_file():
-        raise ConfigError(f"{path.name} has no {QUANTIZATION_FILE}; run `retinaedge quantize` again")
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{record_path} is unreadable: {exc}") from exc
-    if record.get("sha256") != sha256_file(path):
-        raise ConfigError(f"{path.name} is not the model {QUANTIZATION_FILE} describes (sha256 differs)")
-    accuracy = record.get("accuracy")
-    if accuracy is None:
-        log.warning("%s: AP50 drop never measured (quantized without --annotations/--eval)", path.name)
-    elif not accuracy.get("passed"):
-        fp32, int8, drop = (accuracy["map50"][k] for k in ("fp32", "int8", "drop"))
-        raise ConfigError(
-            f"{path.name} failed its accuracy check: mean AP50 {fp32} -> {int8} (drop {drop}, limit "
-            f"{accuracy['max_ap50_drop']}); quantize again (another method, more calibration frames, "
-            "--keep-float) or build fp16/fp32"
-        )
-    return dict(record)
 
 
 #: torchvision RetinaNet's last convolutions of each head (their weights' initializer names).
@@ -382,7 +355,6 @@ __all__ = [
     "AccuracyCheck",
     "QuantizeReport",
     "calibration_frames",
-    "check_recorded_accuracy",
     "quantize_bundle",
     "spread",
 ]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .discovery import RULE_HELP
+from retinaedge.runtime.discovery import RULE_HELP
+
 from .quantize import METHODS, OP_TYPES
 
 
@@ -77,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import emit
-    from .errors import ConfigError
+    from retinaedge.runtime.cli import emit
+    from retinaedge.runtime.errors import ConfigError
+
     from .quantize import AccuracyCheck, quantize_bundle
 
     if bool(args.annotations) != bool(args.eval):
