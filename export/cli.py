@@ -133,15 +133,16 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 def _dicom_parity_inputs(args: argparse.Namespace) -> list[Any]:
     """Frames of ``--parity-dicom`` files through the runtime's preprocessing, for the export's policy."""
     from retinaedge.runtime.discovery import dicom_files
-    from retinaedge.runtime.frames import InputSpec, model_inputs
-    from retinaedge.runtime.manifest import Preprocessing
+    from retinaedge.runtime.frames import model_inputs
+    from retinaedge.runtime.manifest import InputSpec, Preprocessing
 
     from .parity import ParityInput
 
     inputs: list[ParityInput] = []
-    spec = InputSpec(Preprocessing(window=args.window), args.channels, args.input_size)
+    pre = Preprocessing(window=args.window)
+    inp = InputSpec(height=args.input_size[0], width=args.input_size[1], channels=args.channels)
     for number, path in enumerate(dicom_files(args.parity_dicom)):
-        for index, image, _ in model_inputs(path, spec):
+        for index, image, _ in model_inputs(path, pre, inp):
             if len(inputs) >= args.parity_max_frames:
                 return inputs
             inputs.append(ParityInput(image, f"dicom:{number}:{path.name}#{index}"))

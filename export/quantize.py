@@ -33,7 +33,7 @@ from retinaedge.runtime.bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE, load_bu
 from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits
 from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError, DicomInputError
-from retinaedge.runtime.frames import InputSpec, model_inputs
+from retinaedge.runtime.frames import model_inputs
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.manifest import METADATA_KEY, Manifest
 
@@ -62,7 +62,7 @@ def calibration_frames(
     count = skipped = 0
     for path in files:
         try:
-            for _, image, _ in model_inputs(path, InputSpec.of(manifest), limits):
+            for _, image, _ in model_inputs(path, manifest.preprocessing, manifest.input, limits):
                 yield image[None]
                 count += 1
                 if count >= max_frames:

@@ -20,7 +20,7 @@ from .bundle import Bundle, load_bundle
 from .detections import split_outputs
 from .dicomio import DEFAULT_LIMITS, Limits, iter_frames, open_dicom, validate
 from .errors import ConfigError, MalformedDicomError
-from .frames import InputSpec, prepare_frame
+from .frames import prepare_frame
 from .geometry import Letterbox
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,6 @@ class Detector:
         self.limits = limits
         m = bundle.manifest
         self._classes = m.class_names
-        self._input = InputSpec.of(m)
 
     @classmethod
     def open(
@@ -150,6 +149,7 @@ class Detector:
         ds = src.ds
         info = validate(src, self.limits)
         timings["parse"] = (time.perf_counter() - t_start) * 1e3
+        m = self.bundle.manifest
         results: list[FrameResult] = []
         batch: list[tuple[int, np.ndarray, Letterbox, str, np.ndarray | None]] = []
         frames = iter_frames(src, info)
@@ -162,7 +162,7 @@ class Detector:
                 break
             timings["decode"] += (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
-            f = prepare_frame(arr, photometric, ds, index, info.bits_stored, self._input)
+            f = prepare_frame(arr, photometric, ds, index, info.bits_stored, m.preprocessing, m.input)
             batch.append((index, f.image, f.letterbox, f.rule, f.unit if on_frame else None))
             timings["preprocess"] += (time.perf_counter() - t) * 1e3
             index += 1

@@ -17,23 +17,8 @@ import numpy as np
 
 from .dicomio import DEFAULT_LIMITS, Limits, iter_frames, open_dicom, validate
 from .geometry import Letterbox
-from .manifest import Manifest, Preprocessing
+from .manifest import InputSpec, Preprocessing
 from .preprocess import match_channels, to_unit
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model takes: ``preprocessing``, ``channels`` (C) and ``input_hw`` (H, W) in pixels."""
-
-    preprocessing: Preprocessing
-    channels: int
-    input_hw: tuple[int, int]
-
-    @classmethod
-    def of(cls, manifest: Manifest) -> InputSpec:
-        return cls(
-            manifest.preprocessing, manifest.input.channels, (manifest.input.height, manifest.input.width)
-        )
 
 
 @dataclass(frozen=True)
@@ -49,21 +34,28 @@ class PreparedFrame:
 
 
 def prepare_frame(
-    arr: np.ndarray, photometric: str, ds: Any, index: int, bits_stored: int, spec: InputSpec
+    arr: np.ndarray,
+    photometric: str,
+    ds: Any,
+    index: int,
+    bits_stored: int,
+    pre: Preprocessing,
+    inp: InputSpec,
 ) -> PreparedFrame:
-    """Frame ``index`` of dataset ``ds``, decoded to ``arr`` (h, w) or (h, w, 3) -> :class:`PreparedFrame`."""
-    unit, rule = to_unit(arr, photometric, ds, index, spec.preprocessing, bits_stored)
-    chw = match_channels(unit, spec.channels)
-    box = Letterbox.fit(chw.shape[1], chw.shape[2], *spec.input_hw)
-    return PreparedFrame(box.apply(chw, spec.preprocessing.pad_value), box, rule, chw)
+    """Frame ``index`` of dataset ``ds``, decoded to ``arr`` (h, w) or (h, w, 3) -> :class:`PreparedFrame`
+    for a model taking ``inp`` (channels, height, width) with preprocessing ``pre`` (the manifest's)."""
+    unit, rule = to_unit(arr, photometric, ds, index, pre, bits_stored)
+    chw = match_channels(unit, inp.channels)
+    box = Letterbox.fit(chw.shape[1], chw.shape[2], inp.height, inp.width)
+    return PreparedFrame(box.apply(chw, pre.pad_value), box, rule, chw)
 
 
 def model_inputs(
-    source: bytes | str | Path, spec: InputSpec, limits: Limits = DEFAULT_LIMITS
+    source: bytes | str | Path, pre: Preprocessing, inp: InputSpec, limits: Limits = DEFAULT_LIMITS
 ) -> Iterator[tuple[int, np.ndarray, Letterbox]]:
     """Yield ``(frame index, model input float32 (C, H, W), letterbox)`` of one instance, frame by frame."""
     with open_dicom(source, limits) as src:
         info = validate(src, limits)
         for index, (arr, photometric) in enumerate(iter_frames(src, info)):
-            frame = prepare_frame(arr, photometric, src.ds, index, info.bits_stored, spec)
+            frame = prepare_frame(arr, photometric, src.ds, index, info.bits_stored, pre, inp)
             yield index, frame.image, frame.letterbox
