@@ -35,7 +35,9 @@ from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError, DicomInputError
 from retinaedge.runtime.frames import model_inputs
 from retinaedge.runtime.hashing import sha256_file
-from retinaedge.runtime.manifest import METADATA_KEY, Manifest
+from retinaedge.runtime.manifest import Manifest
+
+from .assemble import embed_manifest
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +230,7 @@ def quantize_bundle(
         )
     seconds = time.monotonic() - started
     model = onnx.load(str(out))
-    _embed_manifest(model, bundle.manifest)
+    embed_manifest(model, bundle.manifest, producer_name=None)  # the bundle's manifest, as model.onnx has it
     onnx.save(model, str(out))
     qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     checked = None if accuracy is None else check_accuracy(bundle.root, out, accuracy, limits)
@@ -337,18 +339,6 @@ def matching_nodes(model_path: Path, patterns: Sequence[str]) -> list[str]:
 def _prepend(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
     yield first
     yield from rest
-
-
-def _embed_manifest(model: Any, manifest: Manifest) -> None:
-    """Carry the bundle manifest (as ``manifest.json`` has it, minus its sha256) into the Q/DQ model."""
-    doc = manifest.to_dict()
-    doc.pop("model_sha256", None)
-    doc["nms"] = manifest.nms
-    for prop in list(model.metadata_props):
-        if prop.key == METADATA_KEY:
-            model.metadata_props.remove(prop)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(doc)
 
 
 __all__ = [
