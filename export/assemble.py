@@ -141,15 +141,20 @@ def postprocess_only(
     return model
 
 
-def embed_manifest(model: onnx.ModelProto, manifest: Manifest) -> None:
-    """Store the manifest (without ``model_sha256``) in ``metadata_props`` and the producer fields."""
+def embed_manifest(
+    model: onnx.ModelProto, manifest: Manifest, *, producer_name: str | None = "retinaedge"
+) -> None:
+    """Store the manifest (without ``model_sha256``, which would be circular) in ``metadata_props``,
+    replacing any earlier one, and set ``producer_name`` (``None``: leave it as it is, e.g. the
+    quantizer's)."""
     for prop in list(model.metadata_props):
         if prop.key == METADATA_KEY:
             model.metadata_props.remove(prop)
     entry = model.metadata_props.add()
     entry.key = METADATA_KEY
     entry.value = manifest.with_model_sha256(None).to_json()
-    model.producer_name = "retinaedge"
+    if producer_name is not None:
+        model.producer_name = producer_name
     model.producer_version = str(manifest.exporter.get("version", ""))
     model.doc_string = (
         f"{manifest.architecture} RetinaNet, {manifest.num_classes} classes, input "

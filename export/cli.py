@@ -101,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         nargs="+",
         default=[],
-        help="DICOM files (or directories) whose frames, preprocessed exactly as the runtime does, "
+        help="DICOM files (or directories: every DICOM Part 10 file below, sorted) whose frames, preprocessed exactly as the runtime does, "
         "are added to the parity check",
     )
     p.add_argument(
@@ -132,16 +132,17 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 
 def _dicom_parity_inputs(args: argparse.Namespace) -> list[Any]:
     """Frames of ``--parity-dicom`` files through the runtime's preprocessing, for the export's policy."""
-    from retinaedge.runtime.detect_cli import expand
+    from retinaedge.runtime.discovery import dicom_files
     from retinaedge.runtime.frames import model_inputs
-    from retinaedge.runtime.manifest import Preprocessing
+    from retinaedge.runtime.manifest import InputSpec, Preprocessing
 
     from .parity import ParityInput
 
     inputs: list[ParityInput] = []
     pre = Preprocessing(window=args.window)
-    for number, path in enumerate(expand(args.parity_dicom)):
-        for index, image, _ in model_inputs(path, pre, args.channels, args.input_size):
+    inp = InputSpec(height=args.input_size[0], width=args.input_size[1], channels=args.channels)
+    for number, path in enumerate(dicom_files(args.parity_dicom)):
+        for index, image, _ in model_inputs(path, pre, inp):
             if len(inputs) >= args.parity_max_frames:
                 return inputs
             inputs.append(ParityInput(image, f"dicom:{number}:{path.name}#{index}"))

@@ -118,6 +118,19 @@ def _validate_request(
         )
 
 
+def check_output_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse (:class:`ConfigError`) an existing ``out`` unless ``overwrite``. An empty directory (such as
+    a fresh ``tempfile.TemporaryDirectory()``) holds nothing to protect: the bundle is written there."""
+    if overwrite or not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    raise ConfigError(
+        f"output {out} already exists and is not an empty directory (pass overwrite=True / --force to "
+        "replace it)"
+    )
+
+
 def export_retinanet(
     model: Any,
     out_dir: str | Path,
@@ -149,10 +162,7 @@ def export_retinanet(
     torch, _ = require_torch()
     height, width = (int(v) for v in input_size)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConfigError(
-            f"output directory {out} already exists (pass overwrite=True / --force to replace it)"
-        )
+    check_output_dir(out, overwrite=overwrite)
     if synthetic_count < 1:
         raise ConfigError("at least one synthetic parity image is needed (it becomes the golden input)")
     if not 0.0 < parity_threshold <= 1.0:
@@ -279,7 +289,10 @@ def export_retinanet(
                 f"Report: {rejected / PARITY_FILE}"
             )
         if out.exists():
-            shutil.rmtree(out)
+            if overwrite:
+                shutil.rmtree(out)
+            else:
+                out.rmdir()  # the empty directory accepted at the start (OSError if written into since)
         os.replace(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

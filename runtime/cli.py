@@ -28,7 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "model bundle -> TensorRT engine for this device, validated and cached",
     ),
     "quantize": (
-        "retinaedge.runtime.quantize_cli",
+        "retinaedge.export.quantize_cli",
         "model bundle -> Q/DQ INT8 model calibrated on DICOM files (ONNX Runtime and TensorRT)",
     ),
     "detect": ("retinaedge.runtime.detect_cli", "DICOM files -> detections, one JSON line per file"),

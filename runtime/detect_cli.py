@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .dicomio import Limits
+from .discovery import RULE_HELP, dicom_files
 from .errors import ConfigError, RetinaEdgeError
 
 if TYPE_CHECKING:
@@ -31,9 +32,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="model bundle directory (or a model.onnx)")
-    p.add_argument(
-        "files", nargs="+", type=Path, help="DICOM files; a directory means every file in it, sorted"
-    )
+    p.add_argument("files", nargs="+", type=Path, help=f"DICOM files; {RULE_HELP}")
     p.add_argument(
         "--overlay", type=Path, help="write a PNG per frame with the detections drawn into this directory"
     )
@@ -73,14 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def expand(paths: list[Path]) -> list[Path]:
-    """Files as given; directories replaced by their regular files (recursively, sorted)."""
-    out: list[Path] = []
-    for p in paths:
-        out += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    return out
-
-
 SERIES_OPTIONS = ("min_score", "min_slices", "link_iou", "max_gap")
 
 
@@ -118,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     with Detector.open(
         args.model, threads=args.threads, batch_size=args.batch_size, limits=limits, providers=providers
     ) as det:
-        for number, path in enumerate(expand(args.files)):
+        for number, path in enumerate(dicom_files(args.files)):
             on_frame = None
             if args.overlay:
                 stem = f"{number:04d}_{path.stem}"

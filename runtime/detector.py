@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,8 @@ from .bundle import Bundle, load_bundle
 from .detections import split_outputs
 from .dicomio import DEFAULT_LIMITS, Limits, iter_frames, open_dicom, validate
 from .errors import ConfigError, MalformedDicomError
+from .frames import prepare_frame
 from .geometry import Letterbox
-from .manifest import Manifest
-from .preprocess import match_channels, to_unit
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +79,6 @@ class InstanceResult:
         }
 
 
-def prepare_frame(
-    arr: np.ndarray, photometric: str, ds: Any, index: int, bits_stored: int, manifest: Manifest
-) -> tuple[np.ndarray, Letterbox, str, np.ndarray]:
-    """One decoded frame -> ``(model input (C, H, W) float32 in 0..1, letterbox, VOI rule applied,
-    frame-resolution image (C, h, w))``: modality LUT, window, channels, letterbox (the one place this
-    happens, for inference and for INT8 calibration alike)."""
-    unit, rule = to_unit(arr, photometric, ds, index, manifest.preprocessing, bits_stored)
-    chw = match_channels(unit, manifest.input.channels)
-    box = Letterbox.fit(chw.shape[1], chw.shape[2], manifest.input.height, manifest.input.width)
-    return box.apply(chw, manifest.preprocessing.pad_value), box, rule, chw
-
-
-def iter_model_inputs(
-    source: bytes | str | Path, manifest: Manifest, limits: Limits = DEFAULT_LIMITS
-) -> Iterator[np.ndarray]:
-    """Every frame of one DICOM instance as the model input ``(C, H, W)`` float32, frame by frame."""
-    with open_dicom(source, limits) as src:
-        info = validate(src, limits)
-        for index, (arr, photometric) in enumerate(iter_frames(src, info)):
-            yield prepare_frame(arr, photometric, src.ds, index, info.bits_stored, manifest)[0]
-
-
 class Detector:
     """A bundle and a backend; ``detect(source)`` runs one instance. Not thread-safe: one owner thread."""
 
@@ -127,8 +104,6 @@ class Detector:
         self.limits = limits
         m = bundle.manifest
         self._classes = m.class_names
-        self._input_hw = (m.input.height, m.input.width)
-        self._channels = m.input.channels
 
     @classmethod
     def open(
@@ -187,8 +162,8 @@ class Detector:
                 break
             timings["decode"] += (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
-            image, box, rule, chw = prepare_frame(arr, photometric, ds, index, info.bits_stored, m)
-            batch.append((index, image, box, rule, chw if on_frame else None))
+            f = prepare_frame(arr, photometric, ds, index, info.bits_stored, m.preprocessing, m.input)
+            batch.append((index, f.image, f.letterbox, f.rule, f.unit if on_frame else None))
             timings["preprocess"] += (time.perf_counter() - t) * 1e3
             index += 1
             if len(batch) == self.batch_size:

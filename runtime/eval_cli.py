@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .detect_cli import expand
 from .dicomio import DEFAULT_LIMITS, Limits, open_dicom
+from .discovery import RULE_HELP, dicom_files
 from .errors import ConfigError, RetinaEdgeError
 from .evaluate import (
     GROUND_TRUTH_HELP,
@@ -29,12 +29,6 @@ from .evaluate import (
 )
 
 log = logging.getLogger(__name__)
-
-# Inside a directory, files that are obviously not DICOM (the ground truth itself, notes, previews).
-SKIPPED_SUFFIXES = frozenset(
-    {".json", ".md", ".png", ".txt", ".jpg", ".jpeg", ".csv", ".xml", ".yaml", ".yml", ".html", ".pdf"}
-)
-SKIPPED_NAMES = frozenset({"DICOMDIR"})  # a DICOM media directory: no pixel data
 
 OUTPUT_HELP = """
 output: one JSON object on stdout (and in --out): model {name, sha256, path}, backend, images
@@ -56,8 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "files",
         nargs="+",
         type=Path,
-        help="DICOM files; a directory means every file in it, sorted (skipping .json, .md, .png, .txt "
-        "and similar files, hidden files and DICOMDIR)",
+        help=f"DICOM files; {RULE_HELP}; the --annotations file itself is never an input",
     )
     p.add_argument("--batch-size", type=int, default=4, help="frames per inference batch (default 4)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: CPU affinity)")
@@ -80,32 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="leave out DICOM files the runtime rejects (counted as rejected_files; their annotations "
         "count as unmatched) instead of stopping",
     )
-
-
-def input_files(paths: Sequence[Path], annotations: Path) -> list[Path]:
-    """Files as given (except the ground-truth file itself); directories expanded (recursively, sorted)
-    without the ground-truth file, hidden files, DICOMDIR and files with a :data:`SKIPPED_SUFFIXES`
-    suffix."""
-    gt = annotations.resolve()
-    out: list[Path] = []
-    for p in paths:
-        if not p.is_dir():
-            if p.resolve() == gt:  # e.g. from a shell glob over the data directory
-                log.info("the annotations file %s is not an input, skipped", p)
-            else:
-                out.append(p)
-            continue
-        for q in expand([p]):
-            if (
-                q.resolve() == gt
-                or q.name.startswith(".")
-                or q.name in SKIPPED_NAMES
-                or q.suffix.lower() in SKIPPED_SUFFIXES
-            ):
-                log.debug("not DICOM, skipped: %s", q)
-                continue
-            out.append(q)
-    return out
 
 
 def peek_uid(path: Path, limits: Limits = DEFAULT_LIMITS) -> str | None:
@@ -221,9 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_options(args)
     gt = load_ground_truth(args.annotations)
-    files = input_files(args.files, args.annotations)
-    if not files:
-        raise ConfigError("no input files (directories held only skipped files)")
+    files = dicom_files(args.files, exclude=[args.annotations])
     with Detector.open(args.model, threads=args.threads, batch_size=args.batch_size) as det:
         manifest = det.bundle.manifest
         class_names = manifest.class_names

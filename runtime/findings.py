@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .boxes import box_iou
 from .errors import ConfigError
 from .series import DEFAULT_TOLERANCES, FrameRef, Stack, Tolerances, group_series
 
@@ -168,17 +169,6 @@ class Finding:
 
 def _round(values: Sequence[float], digits: int = 4) -> list[float]:
     return [round(float(v), digits) + 0.0 for v in values]
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two (x1, y1, x2, y2) boxes (0 when either is empty)."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def _centre_inside(small: Sequence[float], large: Sequence[float]) -> bool:

@@ -1,31 +1,61 @@
-"""DICOM instance -> model inputs, the exact preprocessing the detector applies (for export parity and
-engine calibration)."""
+"""Decoded DICOM frame -> model input: the one place the runtime's preprocessing is put together.
+
+Modality LUT and window to 0..1 (:func:`~.preprocess.to_unit`), channel count
+(:func:`~.preprocess.match_channels`), letterbox to the model's input size (:class:`~.geometry.Letterbox`).
+The detector runs :func:`prepare_frame` on each frame it decodes; export parity and INT8 calibration take
+whole instances through :func:`model_inputs`, so all three see the same float32 tensors.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .dicomio import DEFAULT_LIMITS, Limits, iter_frames, open_dicom, validate
 from .geometry import Letterbox
-from .manifest import Preprocessing
+from .manifest import InputSpec, Preprocessing
 from .preprocess import match_channels, to_unit
 
 
-def model_inputs(
-    source: bytes | str | Path,
+@dataclass(frozen=True)
+class PreparedFrame:
+    """One frame ready for the model: ``image`` (C, H, W) float32 in 0..1 (letterboxed), the
+    ``letterbox`` that maps boxes back to the frame, the VOI ``rule`` applied and ``unit`` (C, h, w), the
+    frame at its own resolution (for overlays)."""
+
+    image: np.ndarray
+    letterbox: Letterbox
+    rule: str
+    unit: np.ndarray
+
+
+def prepare_frame(
+    arr: np.ndarray,
+    photometric: str,
+    ds: Any,
+    index: int,
+    bits_stored: int,
     pre: Preprocessing,
-    channels: int,
-    input_hw: tuple[int, int],
-    limits: Limits = DEFAULT_LIMITS,
+    inp: InputSpec,
+) -> PreparedFrame:
+    """Frame ``index`` of dataset ``ds``, decoded to ``arr`` (h, w) or (h, w, 3) -> :class:`PreparedFrame`
+    for a model taking ``inp`` (channels, height, width) with preprocessing ``pre`` (the manifest's)."""
+    unit, rule = to_unit(arr, photometric, ds, index, pre, bits_stored)
+    chw = match_channels(unit, inp.channels)
+    box = Letterbox.fit(chw.shape[1], chw.shape[2], inp.height, inp.width)
+    return PreparedFrame(box.apply(chw, pre.pad_value), box, rule, chw)
+
+
+def model_inputs(
+    source: bytes | str | Path, pre: Preprocessing, inp: InputSpec, limits: Limits = DEFAULT_LIMITS
 ) -> Iterator[tuple[int, np.ndarray, Letterbox]]:
-    """Yield ``(frame index, model input float32 (channels, H, W), letterbox)`` frame by frame."""
+    """Yield ``(frame index, model input float32 (C, H, W), letterbox)`` of one instance, frame by frame."""
     with open_dicom(source, limits) as src:
         info = validate(src, limits)
         for index, (arr, photometric) in enumerate(iter_frames(src, info)):
-            unit, _ = to_unit(arr, photometric, src.ds, index, pre, info.bits_stored)
-            chw = match_channels(unit, channels)
-            box = Letterbox.fit(chw.shape[1], chw.shape[2], *input_hw)
-            yield index, box.apply(chw, pre.pad_value), box
+            frame = prepare_frame(arr, photometric, src.ds, index, info.bits_stored, pre, inp)
+            yield index, frame.image, frame.letterbox

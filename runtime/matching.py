@@ -11,34 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from .boxes import pairwise_iou
 from .detections import ImageDetections
 
 DEGENERATE_TOL_PX = 0.01
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray, *, identical_degenerate: bool = True) -> np.ndarray:
-    """IoU of every box in ``a`` ``(A, 4)`` with every box in ``b`` ``(B, 4)`` -> ``(A, B)`` float64.
-
-    Zero-area boxes have IoU 0 with everything, as in NMS; with ``identical_degenerate`` (for matching
-    two detectors' outputs) two zero-area boxes whose corners agree within :data:`DEGENERATE_TOL_PX`
-    count as IoU 1 (a box clipped flat against the image border has a position but no area).
-    """
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    if identical_degenerate:
-        same = np.all(np.abs(a[:, None, :] - b[None, :, :]) <= DEGENERATE_TOL_PX, axis=-1).astype(np.float64)
-    else:
-        same = np.zeros_like(union)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, same)
-    return iou
+"""Two zero-area boxes whose corners agree within this many pixels match (IoU 1): a box clipped flat
+against the image border has a position but no area."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +71,11 @@ def match_detections(
     Each reference detection takes the unmatched candidate of the same label, within ``score_tol``,
     with the highest IoU, if that IoU is at least ``iou_min``.
     """
-    iou = iou_matrix(reference.boxes, candidate.boxes)
+    iou = pairwise_iou(
+        reference.boxes.astype(np.float64),
+        candidate.boxes.astype(np.float64),
+        degenerate_tol=DEGENERATE_TOL_PX,
+    )
     same = reference.labels[:, None] == candidate.labels[None, :]
     close = np.abs(reference.scores[:, None].astype(np.float64) - candidate.scores[None, :]) <= score_tol
     eligible = np.where(same & close, iou, -1.0)

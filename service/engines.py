@@ -60,7 +60,7 @@ from retinaedge.runtime.errors import (
 )
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.matching import MatchReport, match_images
-from retinaedge.runtime.quantize import check_recorded_accuracy
+from retinaedge.runtime.quantization_record import check_recorded_accuracy
 
 log = logging.getLogger(__name__)
 

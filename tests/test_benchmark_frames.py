@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError
-from retinaedge.service.bench.frames import find_files, plan_instances
+from retinaedge.service.bench.frames import plan_instances
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_files_in_order_then_repeated_until_enough_frames() -> None:
-    files = find_files([EXAMPLES / "study_01", EXAMPLES / "study_01_multiframe"])
+    files = dicom_files([EXAMPLES / "study_01", EXAMPLES / "study_01_multiframe"])
     assert len(files) == 28 and files[0].name == "IM0001.dcm" and files[-1].name == "MF0001.dcm"
     four = plan_instances(files, 4)
     assert [i.path.name for i in four] == ["IM0001.dcm", "IM0002.dcm", "IM0003.dcm", "IM0004.dcm"]
@@ -23,8 +24,8 @@ def test_files_in_order_then_repeated_until_enough_frames() -> None:
 
 def test_bad_sources_and_counts_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        find_files([tmp_path / "missing"])
+        dicom_files([tmp_path / "missing"])
     with pytest.raises(ConfigError):
-        find_files([tmp_path])  # no *.dcm
+        dicom_files([tmp_path])  # no DICOM file
     with pytest.raises(ConfigError):
-        plan_instances(find_files([EXAMPLES / "study_01"]), 0)
+        plan_instances(dicom_files([EXAMPLES / "study_01"]), 0)

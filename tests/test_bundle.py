@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from retinaedge.runtime.boxes import pairwise_iou
 from retinaedge.runtime.bundle import load_bundle, self_test
 from retinaedge.runtime.detections import ImageDetections
 from retinaedge.runtime.errors import BundleError, ConfigError, SelfTestError
 from retinaedge.runtime.manifest import InputSpec, Manifest, PostprocessSpec, WindowPolicy
-from retinaedge.runtime.matching import iou_matrix, match_detections
+from retinaedge.runtime.matching import match_detections
 from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
 
@@ -103,5 +104,5 @@ def test_matching() -> None:
     )
     rep = match_detections(a, c)
     assert rep.matched == 2 and rep.unmatched_reference[0]["label"] == 1
-    assert iou_matrix(np.array([[0, 0, 2, 2]]), np.array([[1, 1, 3, 3]]))[0, 0] == pytest.approx(1 / 7)
+    assert pairwise_iou(np.array([[0, 0, 2, 2]]), np.array([[1, 1, 3, 3]]))[0, 0] == pytest.approx(1 / 7)
     assert match_detections(ImageDetections.empty(), ImageDetections.empty()).match_rate == 1.0

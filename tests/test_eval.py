@@ -14,7 +14,7 @@ from dicomgen import mr_instance, to_bytes, write
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detection, Detector, FrameResult, InstanceResult
 from retinaedge.runtime.errors import ConfigError, MalformedDicomError
-from retinaedge.runtime.eval_cli import InputRejected, detect_all, input_files
+from retinaedge.runtime.eval_cli import InputRejected, detect_all
 from retinaedge.runtime.evaluate import (
     Annotation,
     EvalFrame,
@@ -250,17 +250,6 @@ def test_labels_classes_and_unmatched() -> None:
     assert [a.index for a in matched] == [0] and [a.index for a in unmatched] == [1, 2]
     text = describe_unmatched(unmatched * 4)
     assert "annotations[1] (frame 2)" in text and "and 3 more" in text and "7.7" not in text
-
-
-def test_input_files_skip_what_is_not_dicom(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    (data / "sub").mkdir(parents=True)
-    for name in ("b.dcm", "a", "sub/c.dcm", "gt.json", "notes.md", "x.PNG", "DICOMDIR", ".DS_Store"):
-        (data / name).write_bytes(b"")
-    gt = data / "gt.json"
-    assert input_files([data], gt) == [data / "a", data / "b.dcm", data / "sub/c.dcm"]
-    # files named explicitly are taken as given, except the ground truth itself (a shell glob)
-    assert input_files([gt, data / "notes.md", data / "a"], gt) == [data / "notes.md", data / "a"]
 
 
 def test_detect_all_outcomes(tmp_path: Path) -> None:

@@ -191,10 +191,29 @@ def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
     from retinaedge.runtime.errors import ConfigError
 
     (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already exists"):
         export_retinanet(
             biased_retinanet("resnet18_fpn", 1), tmp_path / "b", input_size=(256, 256), class_names=["x"]
         )
+
+
+def test_an_empty_output_directory_is_accepted(tmp_path: Path) -> None:
+    """A fresh ``tempfile.TemporaryDirectory()`` is a fine place for a bundle; anything else existing is not."""
+    from retinaedge.export.exporter import check_output_dir
+    from retinaedge.runtime.errors import ConfigError
+
+    check_output_dir(tmp_path / "new", overwrite=False)
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", overwrite=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / ".keep").write_text("")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    for taken in ("full", "file", "link"):
+        with pytest.raises(ConfigError, match="already exists"):
+            check_output_dir(tmp_path / taken, overwrite=False)
+        check_output_dir(tmp_path / taken, overwrite=True)
 
 
 def test_channels_one_replicates(small_bundle: Path) -> None:

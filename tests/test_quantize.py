@@ -20,18 +20,13 @@ import pytest
 from retinaedge.device.buildopts import BuildOptions, inspect_onnx
 from retinaedge.device.errors import BuildOptionsError
 from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
+from retinaedge.export.quantize import AccuracyCheck, calibration_frames, quantize_bundle, spread
 from retinaedge.runtime.bundle import QDQ_MODEL_FILE, load_bundle, load_golden
+from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.manifest import METADATA_KEY
 from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
-from retinaedge.runtime.quantize import (
-    AccuracyCheck,
-    calibration_files,
-    calibration_frames,
-    check_recorded_accuracy,
-    quantize_bundle,
-    spread,
-)
+from retinaedge.runtime.quantization_record import check_recorded_accuracy
 from retinaedge.service.engines import plan_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +41,11 @@ FINGERPRINT = dict(gpu_name="RTX", compute_capability="8.9", sm_count=60, tensor
 def test_calibration_frames_skip_non_dicom_and_stop_at_the_cap(tmp_path: Path) -> None:
     for name in ("IM0014.dcm", "IM0015.dcm"):
         shutil.copy(STUDY / name, tmp_path / name)
-    (tmp_path / "notes.txt").write_text("not DICOM")  # left out by its suffix
-    (tmp_path / "IM0099").write_text("not DICOM either")  # read, rejected by the runtime, skipped
-    files = calibration_files([tmp_path])
+    (tmp_path / "notes.txt").write_text("not DICOM")  # no DICOM header: left out
+    (tmp_path / "IM0099").write_bytes(
+        bytes(128) + b"DICM truncated"
+    )  # read, rejected by the runtime, skipped
+    files = dicom_files([tmp_path])
     assert [f.name for f in files] == ["IM0014.dcm", "IM0015.dcm", "IM0099"]
     manifest = load_bundle(DEMO).manifest
     frames = list(calibration_frames(files, manifest, max_frames=10))
@@ -59,7 +56,7 @@ def test_calibration_frames_skip_non_dicom_and_stop_at_the_cap(tmp_path: Path) -
     many = [Path(f"f{i:02d}") for i in range(10)]
     assert spread(many, 20) == many and spread(many, 4) == [many[0], many[2], many[5], many[7]]
     with pytest.raises(ConfigError, match="does not exist"):
-        calibration_files([tmp_path / "missing"])
+        dicom_files([tmp_path / "missing"])
 
 
 def test_quantize_writes_a_qdq_model_onnxruntime_runs(tmp_path: Path) -> None:
@@ -124,7 +121,7 @@ def test_quantize_refuses_bad_arguments(tmp_path: Path) -> None:
     empty.mkdir()
     bundle_dir = tmp_path / "demo"
     shutil.copytree(DEMO, bundle_dir)
-    with pytest.raises(ConfigError, match="no usable calibration frame"):
+    with pytest.raises(ConfigError, match="no DICOM files"):
         quantize_bundle(bundle_dir, [empty])
     with pytest.raises(ConfigError, match="op types"):
         quantize_bundle(bundle_dir, [STUDY], op_types=["Conv", "Softmax"])

@@ -26,7 +26,7 @@ CALIBRATION = ROOT / "examples" / "study_01"
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo bundle plus its Q/DQ INT8 model (calibrated on the sample study)."""
-    from retinaedge.runtime.quantize import quantize_bundle
+    from retinaedge.export.quantize import quantize_bundle
 
     out = tmp_path_factory.mktemp("gpu") / "demo"
     shutil.copytree(DEMO, out)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from retinaedge.runtime.boxes import box_iou
 
 log = logging.getLogger("demo")
 
@@ -231,14 +232,6 @@ def attach_truth(instances: list[Instance], truth_file: Path) -> None:
             inst.truth.setdefault(int(ann["frame"]), []).append(ann)
 
 
-def iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 # -- report ------------------------------------------------------------------------------------------------
 
 
@@ -261,7 +254,7 @@ def frame_rows(inst: Instance, frame: dict[str, Any], min_score: float, tally: T
             (
                 k
                 for k, t in enumerate(truths)
-                if k not in used and t["label"] == d["label"] and iou(d["box"], t["box"]) >= 0.5
+                if k not in used and t["label"] == d["label"] and box_iou(d["box"], t["box"]) >= 0.5
             ),
             None,
         )

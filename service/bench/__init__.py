@@ -13,6 +13,6 @@ One module per job:
 - :mod:`.report` and :mod:`.plot`: ``report.json``, ``report.md`` and the latency PNG;
 - :mod:`.cli`: the verb, which runs the phases in order.
 
-The torchvision eager baseline runs in :mod:`retinaedge.export.eager` (it needs torch and the checkpoint
-loader); the benchmark starts it as a subprocess and never imports it.
+The torchvision eager baseline, :mod:`.eager`, runs in its own process (the benchmark starts it as a
+subprocess): only there are torch and the export package's checkpoint loader imported.
 """

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retinaedge.runtime.discovery import RULE_HELP, dicom_files
+
 if TYPE_CHECKING:
     from retinaedge.runtime.bundle import Bundle
 
@@ -56,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         nargs="+",
         default=[Path(d) for d in DEFAULT_DICOM],
-        help="DICOM files or directories, used in order (default: the example study and its multi-frame)",
+        help=f"DICOM files, used in order; {RULE_HELP} (default: the example study and its multi-frame)",
     )
     p.add_argument("--frames", type=int, default=60, help="timed frames per runtime (default 60)")
     p.add_argument("--warmup", type=int, default=5, help="untimed frames per baseline first (default 5)")
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.errors import ConfigError
     from retinaedge.runtime.onnxrt import affinity_threads
 
-    from .frames import find_files, plan_instances
+    from .frames import plan_instances
 
     for value, flag in (
         (args.frames, "--frames"),
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model.resolve()
     bundle = load_bundle(model_dir)
     manifest = bundle.manifest
-    files = find_files(args.dicom)
+    files = dicom_files(args.dicom)
     plan = plan_instances(files, args.frames)
     threads = args.threads or affinity_threads()
     log.info(

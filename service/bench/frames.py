@@ -1,8 +1,8 @@
 """Which DICOM instances a run uses: files in a fixed order, repeated until N frames.
 
-Directories are searched recursively for ``*.dcm`` (sorted); each file's frame count comes from its
-validated header (:func:`retinaedge.runtime.dicomio.validate`), so a multi-frame instance counts for all
-of its frames. No pixel data is decoded here.
+The files come from :func:`retinaedge.runtime.discovery.dicom_files` (the rule every verb uses); each
+file's frame count comes from its validated header (:func:`retinaedge.runtime.dicomio.validate`), so a
+multi-frame instance counts for all of its frames. No pixel data is decoded here.
 """
 
 from __future__ import annotations
@@ -21,21 +21,6 @@ class Instance:
 
     path: Path
     frames: int
-
-
-def find_files(sources: Sequence[Path]) -> list[Path]:
-    """The DICOM files named or found (recursively, ``*.dcm``, sorted) under ``sources``, in order."""
-    files: list[Path] = []
-    for src in sources:
-        if src.is_dir():
-            files += sorted(p for p in src.rglob("*.dcm") if p.is_file())
-        elif src.is_file():
-            files.append(src)
-        else:
-            raise ConfigError(f"{src} is neither a DICOM file nor a directory")
-    if not files:
-        raise ConfigError(f"no DICOM files (*.dcm) in {[str(s) for s in sources]}")
-    return files
 
 
 def frame_count(path: Path) -> int:

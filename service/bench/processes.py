@@ -20,7 +20,7 @@ from retinaedge.runtime.errors import BenchmarkError
 log = logging.getLogger(__name__)
 
 WORKER_MODULE = "retinaedge.service.bench.worker"
-EAGER_MODULE = "retinaedge.export.eager"
+EAGER_MODULE = "retinaedge.service.bench.eager"
 
 
 class WorkerError(BenchmarkError):

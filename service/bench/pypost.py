@@ -9,6 +9,7 @@ What people write when the graph ends at the heads. Semantics are torchvision's
 
 Anchors come from the manifest's :class:`~retinaedge.runtime.manifest.AnchorSpec` the way torchvision's
 ``AnchorGenerator`` makes them (float32, cell anchors rounded, shifted by stride over the feature grid).
+NMS is :func:`retinaedge.runtime.boxes.batched_nms` on the float32 boxes (IoU in float32, as torchvision).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from retinaedge.runtime.boxes import batched_nms
 from retinaedge.runtime.detections import ImageDetections
 from retinaedge.runtime.manifest import AnchorSpec, Manifest, PostprocessSpec
 
@@ -89,37 +91,6 @@ def decode(deltas: np.ndarray, anchors: np.ndarray, weights: tuple[float, ...], 
     return np.stack(
         [pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h], axis=1
     ).astype(np.float32)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS of one class: indices kept, in decreasing score; IoU > threshold suppresses."""
-    order = np.argsort(-scores, kind="stable")
-    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
-    areas = (x2 - x1) * (y2 - y1)
-    keep: list[int] = []
-    with np.errstate(invalid="ignore", divide="ignore"):
-        while order.size:
-            i = int(order[0])
-            keep.append(i)
-            rest = order[1:]
-            w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
-            h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
-            inter = w * h
-            iou = inter / (areas[i] + areas[rest] - inter)
-            order = rest[~(iou > iou_threshold)]  # NaN (empty boxes) never suppresses
-    return np.asarray(keep, dtype=np.int64)
-
-
-def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
-    """Class-wise NMS: indices kept over all classes, in decreasing score."""
-    kept = [
-        np.flatnonzero(labels == c)[nms(boxes[labels == c], scores[labels == c], iou)]
-        for c in np.unique(labels)
-    ]
-    if not kept:
-        return np.zeros((0,), np.int64)
-    allk = np.concatenate(kept)
-    return allk[np.argsort(-scores[allk], kind="stable")]
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

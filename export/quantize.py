@@ -1,7 +1,7 @@
 """INT8 by explicit quantization: ``model.onnx`` -> ``model.int8.qdq.onnx`` with Q/DQ nodes.
 
 Calibration frames come from DICOM files through the runtime's exact preprocessing
-(:func:`retinaedge.runtime.detector.iter_model_inputs`), one ``(1, C, H, W)`` batch at a time. The
+(:func:`retinaedge.runtime.frames.model_inputs`), one ``(1, C, H, W)`` batch at a time. The
 result is a QDQ-format model (onnxruntime ``quantize_static``, ``QuantFormat.QDQ``) that ONNX Runtime runs
 on the CPU in INT8 and TensorRT builds with explicit quantization (the implicit calibrators are deprecated
 since TensorRT 10.1). TensorRT wants symmetric INT8 (zero point 0), so activations and weights are
@@ -11,9 +11,9 @@ stay float (TensorRT fuses them). ``keep_float`` patterns keep more layers float
 more operator types, ``preprocess`` runs ONNX Runtime's quantization pre-processing first.
 
 With ``accuracy`` (annotated DICOM files and a limit), the FP32 and the Q/DQ model are both evaluated
-(:mod:`.evaluate`, COCO AP50) and the result is recorded in ``quantization.json``; a Q/DQ model whose mean
+(:mod:`retinaedge.runtime.evaluate`, COCO AP50) and the result is recorded in ``quantization.json``; a Q/DQ model whose mean
 AP50 drops by more than the limit is marked ``accepted: false`` there, which ``retinaedge build --precision
-int8`` and the service refuse (:func:`check_recorded_accuracy`).
+int8`` and the service refuse (:func:`retinaedge.runtime.quantization_record.check_recorded_accuracy`).
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from retinaedge.runtime.bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE, load_bundle
+from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits
+from retinaedge.runtime.discovery import dicom_files
+from retinaedge.runtime.errors import ConfigError, DicomInputError
+from retinaedge.runtime.frames import model_inputs
+from retinaedge.runtime.hashing import sha256_file
+from retinaedge.runtime.manifest import Manifest
 
-from .bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE, load_bundle
-from .detector import iter_model_inputs
-from .dicomio import DEFAULT_LIMITS, Limits
-from .errors import ConfigError, DicomInputError
-from .hashing import sha256_file
-from .manifest import METADATA_KEY, Manifest
+from .assemble import embed_manifest
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +46,6 @@ METHODS = ("minmax", "entropy", "percentile")
 #: provider and TensorRT both run as INT8 (Conv; Add/Mul as QLinearAdd/QLinearMul; pooling, resize and
 #: concatenation as pass-through Q/DQ).
 OP_TYPES = ("Conv", "Add", "Mul", "Relu", "Concat", "Resize", "MaxPool", "GlobalAveragePool", "ReduceMean")
-
-
-def calibration_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Files given, and every file under directories given (sorted; DICOM files need no extension) but
-    hidden files, DICOMDIR and obviously non-DICOM ones (``.json``, ``.txt``, ... as ``retinaedge eval``
-    skips them), so that a capped, spread selection does not land on them."""
-    from .eval_cli import SKIPPED_NAMES, SKIPPED_SUFFIXES
-
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file()
-                and not f.name.startswith(".")
-                and f.name not in SKIPPED_NAMES
-                and f.suffix.lower() not in SKIPPED_SUFFIXES
-            )
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ConfigError(f"calibration path {p} does not exist")
-    return out
 
 
 def spread(files: Sequence[Path], max_frames: int) -> list[Path]:
@@ -86,7 +64,7 @@ def calibration_frames(
     count = skipped = 0
     for path in files:
         try:
-            for image in iter_model_inputs(path, manifest, limits):
+            for _, image, _ in model_inputs(path, manifest.preprocessing, manifest.input, limits):
                 yield image[None]
                 count += 1
                 if count >= max_frames:
@@ -211,7 +189,7 @@ def quantize_bundle(
     bundle = load_bundle(bundle_dir)
     if bundle.root is None:
         raise ConfigError("quantize needs a bundle directory, not a bare model.onnx")
-    files = spread(calibration_files(calibration), max_frames)
+    files = spread(dicom_files(calibration), max_frames)  # no spread selection lands on notes or DICOMDIR
     frames = calibration_frames(files, bundle.manifest, max_frames=max_frames, limits=limits)
     first = next(frames, None)
     if first is None:
@@ -252,7 +230,7 @@ def quantize_bundle(
         )
     seconds = time.monotonic() - started
     model = onnx.load(str(out))
-    _embed_manifest(model, bundle.manifest)
+    embed_manifest(model, bundle.manifest, producer_name=None)  # the bundle's manifest, as model.onnx has it
     onnx.save(model, str(out))
     qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     checked = None if accuracy is None else check_accuracy(bundle.root, out, accuracy, limits)
@@ -281,12 +259,12 @@ def evaluate_model(
     model: Path, annotations: Path, files: Sequence[Path], *, threads: int | None, limits: Limits
 ) -> dict[str, Any]:
     """``retinaedge eval``'s figures (COCO AP per class, ``map50``) of ``model`` on annotated files."""
-    from .detector import Detector
-    from .eval_cli import detect_all, input_files
-    from .evaluate import evaluate, evaluated_classes, load_ground_truth, split_unmatched
+    from retinaedge.runtime.detector import Detector
+    from retinaedge.runtime.eval_cli import detect_all
+    from retinaedge.runtime.evaluate import evaluate, evaluated_classes, load_ground_truth, split_unmatched
 
     gt = load_ground_truth(annotations)
-    paths = input_files(list(files), annotations)
+    paths = dicom_files(files, exclude=[annotations])
     with Detector.open(model, threads=threads, limits=limits) as det:
         names = det.bundle.manifest.class_names
         detected = detect_all(det, paths, skip_rejected=False)
@@ -316,32 +294,6 @@ def check_accuracy(root: Path, qdq: Path, check: AccuracyCheck, limits: Limits) 
         "max_ap50_drop": check.max_ap50_drop,
         "passed": drop is not None and drop <= check.max_ap50_drop,
     }
-
-
-def check_recorded_accuracy(root: Path) -> dict[str, Any]:
-    """Refuse (:class:`ConfigError`) a Q/DQ model that ``quantization.json`` does not vouch for: no record,
-    a sha256 that is not the file's (re-quantized or replaced since), or a recorded accuracy check that
-    failed. A model quantized without an accuracy check passes, with a warning. Returns the record."""
-    path, record_path = root / QDQ_MODEL_FILE, root / QUANTIZATION_FILE
-    if not record_path.is_file():
-        raise ConfigError(f"{path.name} has no {QUANTIZATION_FILE}; run `retinaedge quantize` again")
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{record_path} is unreadable: {exc}") from exc
-    if record.get("sha256") != sha256_file(path):
-        raise ConfigError(f"{path.name} is not the model {QUANTIZATION_FILE} describes (sha256 differs)")
-    accuracy = record.get("accuracy")
-    if accuracy is None:
-        log.warning("%s: AP50 drop never measured (quantized without --annotations/--eval)", path.name)
-    elif not accuracy.get("passed"):
-        fp32, int8, drop = (accuracy["map50"][k] for k in ("fp32", "int8", "drop"))
-        raise ConfigError(
-            f"{path.name} failed its accuracy check: mean AP50 {fp32} -> {int8} (drop {drop}, limit "
-            f"{accuracy['max_ap50_drop']}); quantize again (another method, more calibration frames, "
-            "--keep-float) or build fp16/fp32"
-        )
-    return dict(record)
 
 
 #: torchvision RetinaNet's last convolutions of each head (their weights' initializer names).
@@ -389,24 +341,10 @@ def _prepend(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarr
     yield from rest
 
 
-def _embed_manifest(model: Any, manifest: Manifest) -> None:
-    """Carry the bundle manifest (as ``manifest.json`` has it, minus its sha256) into the Q/DQ model."""
-    doc = manifest.to_dict()
-    doc.pop("model_sha256", None)
-    doc["nms"] = manifest.nms
-    for prop in list(model.metadata_props):
-        if prop.key == METADATA_KEY:
-            model.metadata_props.remove(prop)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(doc)
-
-
 __all__ = [
     "AccuracyCheck",
     "QuantizeReport",
-    "calibration_files",
     "calibration_frames",
-    "check_recorded_accuracy",
     "quantize_bundle",
     "spread",
 ]

@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from retinaedge.runtime.discovery import RULE_HELP
+
 from .quantize import METHODS, OP_TYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="model bundle directory (written into)")
-    p.add_argument(
-        "--calibration", type=Path, nargs="+", required=True, help="DICOM files or directories of them"
-    )
+    p.add_argument("--calibration", type=Path, nargs="+", required=True, help=f"DICOM files; {RULE_HELP}")
     p.add_argument(
         "--max-frames",
         type=int,
@@ -78,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import emit
-    from .errors import ConfigError
+    from retinaedge.runtime.cli import emit
+    from retinaedge.runtime.errors import ConfigError
+
     from .quantize import AccuracyCheck, quantize_bundle
 
     if bool(args.annotations) != bool(args.eval):

@@ -1,4 +1,4 @@
-"""The torchvision eager baseline, timed: ``python -m retinaedge.export.eager SPEC.json OUT.json``.
+"""The torchvision eager baseline, timed: ``python -m retinaedge.service.bench.eager SPEC.json OUT.json``.
 
 What people start from: the checkpoint loaded into torchvision's ``RetinaNet`` and called on each frame
 (``model([image])``: torchvision's transform, backbone, heads, anchors and ``postprocess_detections``),
@@ -9,7 +9,8 @@ three as the exported graph does). The transform is set so its resize keeps the 
 The spec (JSON) carries ``checkpoint``, ``architecture``, ``num_classes``, ``anchor_sizes``,
 ``aspect_ratios``, ``threads``, ``warmup`` and ``work_dir``; the result has per-frame times in ms,
 detections per frame, the torch/torchvision versions and the peak RSS in bytes. Started by
-``retinaedge benchmark`` as its own process; needs the ``export`` extra.
+``retinaedge benchmark`` as its own process; needs the ``export`` extra (torch and the checkpoint loader of
+:mod:`retinaedge.export.torchload` are imported when it runs, not when this module is imported).
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from typing import Any
 import numpy as np
 from retinaedge.runtime.progress import Progress
 
-from .reference import reference_model
-from .torchload import load_state_dict_checkpoint, require_torch
-
 log = logging.getLogger(__name__)
 
 
 def run_eager(spec: dict[str, Any]) -> dict[str, Any]:
     """Time ``model([frame])`` for every frame in ``tensors.npy``; see the module docstring."""
+    # The torchvision model comes from the export package, imported here only: in this process, never
+    # when the benchmark (service -> runtime, device) imports its modules.
+    from retinaedge.export.reference import reference_model
+    from retinaedge.export.torchload import load_state_dict_checkpoint, require_torch
+
     torch, torchvision = require_torch()
     threads = int(spec["threads"])
     torch.set_num_threads(threads)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     """``SPEC.json OUT.json``: run the baseline and write its result (with the peak RSS in bytes)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        sys.stderr.write("usage: python -m retinaedge.export.eager SPEC.json OUT.json\n")
+        sys.stderr.write("usage: python -m retinaedge.service.bench.eager SPEC.json OUT.json\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     spec = json.loads(Path(args[0]).read_text())
