@@ -140,6 +140,7 @@ class BackendPlan:
             "key": self.lookup.key if self.lookup else None,
             "fingerprint": self.fingerprint.to_dict() if self.fingerprint else None,
             "options": self.options.to_dict() if self.options else None,
+            "candidates": [c.to_dict() for c in self.candidates],
         }
 
 
