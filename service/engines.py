@@ -260,20 +260,21 @@ def choose_backend(
 
 
 def open_auto(bundle: Bundle, options: BackendOptions) -> Backend:
-    """``--backend auto`` for the CLI verbs: the service's start-up choice (build allowed per
-    ``options.allow_build``, engine cache ``options.cache_dir``), the reason in ``backend.reason``."""
-    from .tensorrt_backend import DEFAULT_CACHE_DIR
+    """``--backend auto`` for the CLI verbs: the service's start-up choice for the engine the service
+    would serve with (:func:`~.tensorrt_backend.engine_settings`), else ONNX Runtime with ``options``;
+    the reason in ``backend.reason``."""
+    from .tensorrt_backend import engine_settings
 
-    extra = options.extra
+    engine = engine_settings(bundle, options)
     plan = plan_backend(
         bundle,
         mode="auto",
-        options=extra.get("build_options")
-        or BuildOptions(batch_min=1, batch_opt=options.batch_size, batch_max=options.batch_size),
-        cache_root=options.cache_dir or DEFAULT_CACHE_DIR,
-        cache_max_bytes=extra.get("cache_max_bytes"),
-        allow_build=options.allow_build,
-        probe=extra.get("probe") or default_probe,
+        options=engine.build_options,
+        cache_root=engine.cache_root,
+        cache_max_bytes=engine.cache_max_bytes,
+        allow_build=engine.allow_build,
+        probe=options.extra.get("probe") or default_probe,
+        retry_after_s=engine.retry_after_s,
     )
     choice = choose_backend(
         bundle,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,9 +35,6 @@ if TYPE_CHECKING:
     from .engines import BackendPlan
 
 log = logging.getLogger(__name__)
-
-#: The engine cache the CLI verbs use without ``--engine-cache`` (the service's default data_dir/engines).
-DEFAULT_CACHE_DIR = Path("retinaedge-data") / "engines"
 
 
 class TensorRTRunner(TensorRTBackend, Backend):
@@ -60,14 +57,44 @@ def check() -> None:
         raise to_runtime_error(exc) from exc
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which engine to use and where to find it: build options, cache directory and budget (bytes),
+    whether a missing engine may be built and how long (s) a failed build blocks another attempt."""
+
+    build_options: BuildOptions
+    cache_root: Path
+    cache_max_bytes: int | None
+    allow_build: bool
+    retry_after_s: float
+
+
+def engine_settings(bundle: Bundle, options: BackendOptions) -> EngineSettings:
+    """The engine the service would serve ``bundle`` with: its settings (``RETINAEDGE_*`` environment,
+    ``RETINAEDGE_CONFIG_FILE``, defaults; :func:`~retinaedge.service.settings.load_settings`) give the
+    build options (precision, DLA, NMS, workspace, batch profile 1 / batch_size / batch_size) and the
+    engine cache. ``options.extra["build_options"]`` and ``options.cache_dir`` override them;
+    ``options.allow_build=False`` or ``engine_build=false`` forbid a build."""
+    from .settings import load_settings
+
+    settings = load_settings(model=bundle.root or bundle.model_path.parent)
+    return EngineSettings(
+        build_options=options.extra.get("build_options") or settings.build_options(),
+        cache_root=options.cache_dir or settings.engine_cache_root,
+        cache_max_bytes=options.extra.get("cache_max_bytes", settings.engine_cache_max_bytes),
+        allow_build=options.allow_build and settings.engine_build,
+        retry_after_s=settings.engine_build_retry_s,
+    )
+
+
 def open(bundle: Bundle, options: BackendOptions) -> Backend:  # noqa: A001 (registry factory)
     """The registry factory: the engine for ``bundle`` on this device, from the cache or built now.
 
-    ``options.extra`` may hold ``plan`` (a :class:`~retinaedge.service.engines.BackendPlan` made
-    earlier: acted on as is), ``build_options`` (:class:`BuildOptions`; default fp32, batch profile
-    1 / ``batch_size`` / ``batch_size``), ``probe`` (the device probe), ``on_status`` (progress callback)
-    and ``cache_max_bytes``. Raises the reason TensorRT cannot be used (missing extra: a
-    :class:`~retinaedge.runtime.errors.MissingDependencyError` naming ``retinaedge[trt]``).
+    Which engine: :func:`engine_settings` (the one the service serves with). ``options.extra`` may also
+    hold ``plan`` (a :class:`~retinaedge.service.engines.BackendPlan` made earlier: acted on as is),
+    ``probe`` (the device probe) and ``on_status`` (progress callback). Raises the reason TensorRT cannot
+    be used (missing extra: a :class:`~retinaedge.runtime.errors.MissingDependencyError` naming
+    ``retinaedge[trt]``).
     """
     from .engines import default_probe, plan_backend
     from .policy import to_runtime_error
@@ -76,17 +103,18 @@ def open(bundle: Bundle, options: BackendOptions) -> Backend:  # noqa: A001 (reg
     on_status: Callable[[str], None] = extra.get("on_status") or (lambda _s: None)
     plan = extra.get("plan")
     if plan is None:
-        build_options = extra.get("build_options") or BuildOptions(
-            batch_min=1, batch_opt=options.batch_size, batch_max=options.batch_size
-        )
+        if extra.get("probe") is None:
+            check()  # before the settings: a missing extra is the first thing to say
+        engine = engine_settings(bundle, options)
         plan = plan_backend(
             bundle,
             mode="tensorrt",
-            options=build_options,
-            cache_root=options.cache_dir or DEFAULT_CACHE_DIR,
-            cache_max_bytes=extra.get("cache_max_bytes"),
-            allow_build=options.allow_build,
+            options=engine.build_options,
+            cache_root=engine.cache_root,
+            cache_max_bytes=engine.cache_max_bytes,
+            allow_build=engine.allow_build,
             probe=extra.get("probe") or default_probe,
+            retry_after_s=engine.retry_after_s,
         )
     try:
         return open_planned(bundle, plan, on_status)

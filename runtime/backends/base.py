@@ -60,8 +60,8 @@ class BackendOptions:
 
     ``threads``: intra-op CPU threads (None: CPU affinity); ``providers``: ONNX Runtime execution
     providers, in order; ``batch_size``: frames per batch the caller will send (TensorRT's profile
-    maximum); ``cache_dir``: the TensorRT engine cache (None: ``retinaedge-data/engines``, the service's
-    default); ``allow_build``: build a missing engine (minutes); ``extra``: backend-specific values
+    maximum); ``cache_dir``: the TensorRT engine cache (None: the service's, from its settings);
+    ``allow_build``: build a missing engine (minutes); ``extra``: backend-specific values
     (e.g. ``build_options``, ``probe``, ``plan`` for ``tensorrt``; an ``url`` for a remote backend).
     """
 

@@ -116,11 +116,13 @@ def add_backend_arguments(p: argparse.ArgumentParser, *, default: str) -> None:
         "--backend",
         choices=choices(),
         default=default,
-        help=f"inference backend (default {default}); tensorrt needs the 'trt' extra and a GPU; auto: a "
-        "verified or freshly built TensorRT engine, else ONNX Runtime",
+        help=f"inference backend (default {default}); tensorrt: the engine the service serves with (its "
+        "RETINAEDGE_ENGINE_* settings), from the engine cache or built; needs the 'trt' extra and a GPU; "
+        "auto: that engine, else ONNX Runtime",
     )
     p.add_argument(
         "--engine-cache",
         type=Path,
-        help="TensorRT engine cache directory (default retinaedge-data/engines, as the service)",
+        help="TensorRT engine cache directory (default: the service's, RETINAEDGE_ENGINE_CACHE_DIR or "
+        "RETINAEDGE_DATA_DIR/engines; retinaedge-data/engines)",
     )
