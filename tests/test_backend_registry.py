@@ -17,12 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from retinaedge.device.buildopts import BuildOptions
+from retinaedge.device.enginecache import EngineCache
+from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.runtime.backends import Backend, BackendOptions, open_backend, register, unregister
 from retinaedge.runtime.backends.registry import BACKENDS, check_available, choices
 from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.cli import build_parser, main
 from retinaedge.runtime.detector import Detector
-from retinaedge.runtime.errors import ConfigError, MissingDependencyError
+from retinaedge.runtime.errors import ConfigError, MissingDependencyError, RetinaEdgeError
+from retinaedge.runtime.hashing import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
@@ -220,3 +224,66 @@ def test_eval_backend_auto_reports_backend_and_reason(
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["backend"]["name"] == "onnxruntime"
     assert report["backend"]["reason"].startswith("TensorRT not used:")
+
+
+# --- the tensorrt backend's loaders through the registry, on a fixed fingerprint (no GPU needed) ---
+
+THIS = DeviceFingerprint.from_values(
+    gpu_name="Orin",
+    compute_capability="8.7",
+    sm_count=16,
+    tensorrt="10.13.3",
+    cuda="12.6",
+    l4t="36.4.4",
+    dla_cores=2,
+)
+CAPS = DeviceCapabilities.for_tensorrt("10.13.3", fast_fp16=True, fast_int8=True)
+
+
+def this_device() -> tuple[DeviceFingerprint, DeviceCapabilities]:
+    return THIS, CAPS
+
+
+def test_engine_settings_are_the_services(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: Bundle
+) -> None:
+    from retinaedge.service.tensorrt_backend import engine_settings
+
+    monkeypatch.setenv("RETINAEDGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RETINAEDGE_ENGINE_PRECISION", "fp16")
+    monkeypatch.setenv("RETINAEDGE_BATCH_SIZE", "2")
+    got = engine_settings(demo, BackendOptions())
+    assert got.cache_root == tmp_path / "data" / "engines" and got.allow_build
+    assert (got.build_options.precision, got.build_options.batch_max) == ("fp16", 2)
+    mine = BuildOptions(precision="fp32")
+    got = engine_settings(
+        demo, BackendOptions(cache_dir=tmp_path / "x", allow_build=False, extra={"build_options": mine})
+    )
+    assert got.cache_root == tmp_path / "x" and not got.allow_build and got.build_options is mine
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
+def test_tensorrt_by_name_verifies_the_cache_before_needing_tensorrt(tmp_path: Path, demo: Bundle) -> None:
+    """A sound cache entry passes every pure-Python check; loading it is where TensorRT is missing."""
+    options = BuildOptions()
+    EngineCache(tmp_path).store(b"engine bytes " * 100, sha256_file(DEMO / "model.onnx"), options, THIS)
+    opts = BackendOptions(cache_dir=tmp_path, extra={"probe": this_device, "build_options": options})
+    with pytest.raises(
+        RetinaEdgeError, match="built for this device.*cannot be loaded: TensorRT is not installed"
+    ):
+        open_backend("tensorrt", demo, opts)
+
+
+@pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
+def test_tensorrt_by_name_records_a_failed_build_and_does_not_retry(tmp_path: Path, demo: Bundle) -> None:
+    opts = BackendOptions(cache_dir=tmp_path, extra={"probe": this_device, "build_options": BuildOptions()})
+    with pytest.raises(
+        RetinaEdgeError, match="is empty .*building a new engine failed: TensorRT is not installed"
+    ):
+        open_backend("tensorrt", demo, opts)
+    with pytest.raises(RetinaEdgeError, match="not retried before engine_build_retry_s"):
+        open_backend("tensorrt", demo, opts)
+    with pytest.raises(ConfigError, match="building at start-up is disabled"):
+        open_backend(
+            "tensorrt", demo, BackendOptions(cache_dir=tmp_path, allow_build=False, extra=opts.extra)
+        )
