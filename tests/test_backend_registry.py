@@ -287,3 +287,46 @@ def test_tensorrt_by_name_records_a_failed_build_and_does_not_retry(tmp_path: Pa
         open_backend(
             "tensorrt", demo, BackendOptions(cache_dir=tmp_path, allow_build=False, extra=opts.extra)
         )
+
+
+def test_one_new_file_in_the_package_is_a_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: Bundle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dropping ``openvino.py`` (with ``open``) into ``retinaedge.runtime.backends`` is all it takes:
+    listed without being imported, openable by name, a ``--backend`` choice."""
+    import retinaedge.runtime.backends as package
+
+    (tmp_path / "openvino.py").write_text(
+        "from retinaedge.runtime.backends.base import Backend\n"
+        "import numpy as np\n"
+        "class OpenVino(Backend):\n"
+        "    name = 'openvino'\n"
+        "    def infer(self, images):\n"
+        "        n = len(images)\n"
+        "        return {'num_detections': np.zeros(n, np.int32), 'boxes': np.zeros((n, 1, 4), np.float32),\n"
+        "                'scores': np.zeros((n, 1), np.float32), 'labels': np.zeros((n, 1), np.int32)}\n"
+        "def open(bundle, options):\n"
+        "    return OpenVino()\n"
+    )
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "retinaedge.runtime.backends.openvino", raising=False)
+    assert "openvino" in choices() and "retinaedge.runtime.backends.openvino" not in sys.modules
+    assert open_backend("openvino", demo).name == "openvino"
+    assert main(["detect", "--model", str(DEMO), "--backend", "openvino", str(DICOM)]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["frames"]
+    sys.modules.pop("retinaedge.runtime.backends.openvino", None)
+
+
+def test_a_registered_module_that_is_missing_or_has_no_factory(demo: Bundle) -> None:
+    register("ghost", "retinaedge_no_such_module_anywhere")
+    try:
+        with pytest.raises(ConfigError, match="registered as module retinaedge_no_such_module_anywhere"):
+            open_backend("ghost", demo)
+    finally:
+        unregister("ghost")
+    register("hollow", "json")
+    try:
+        with pytest.raises(ConfigError, match=r"has no open\(bundle, options\) factory"):
+            open_backend("hollow", demo)
+    finally:
+        unregister("hollow")

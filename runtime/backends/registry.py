@@ -6,8 +6,10 @@ Each entry maps a name to a dotted module path; the module exposes a factory
 :func:`open_backend` (or :func:`factory`) asks for that name, so importing this module never imports
 onnxruntime, tensorrt or pycuda.
 
-Adding a backend is one new file that registers its name: either a line in :data:`BACKENDS` or, from
-the new module's package, ``register("openvino", "retinaedge.runtime.backends.openvino")``.
+Adding a backend is one new file: a module in this package (``runtime/backends/openvino.py``,
+``runtime/backends/triton.py``) exposing ``open`` is registered under its file name, found by listing the
+package (:func:`discovered`; nothing is imported). A module elsewhere is registered by a line in
+:data:`BACKENDS` or by ``register("name", "dotted.module")``.
 
 Placement: ``tensorrt`` lives in the service layer (:mod:`retinaedge.service.tensorrt_backend`), the one
 layer allowed to import both ``device`` (engine cache, TensorRT runner) and ``runtime`` (bundle, golden
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pkgutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +47,25 @@ AUTO = "auto"
 AUTO_POLICY = "retinaedge.service.engines"
 
 
+#: Modules of this package that are not backends.
+NOT_BACKENDS = frozenset({"base", "registry"})
+
+
+def discovered() -> dict[str, str]:
+    """Backend modules dropped into this package (``name.py`` -> ``name``), found without importing them."""
+    package = __name__.rpartition(".")[0]
+    found = {}
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if not info.name.startswith("_") and info.name not in NOT_BACKENDS:
+            found[info.name] = f"{package}.{info.name}"
+    return found
+
+
+def _all() -> dict[str, str]:
+    """Registered backends (in registration order), then discovered ones under other names."""
+    return {**BACKENDS, **{k: v for k, v in discovered().items() if k not in BACKENDS}}
+
+
 def register(name: str, module: str) -> None:
     """Register (or replace) backend ``name`` as the dotted ``module`` exposing ``open(bundle, options)``."""
     if not name or name == AUTO:
@@ -57,13 +79,13 @@ def unregister(name: str) -> None:
 
 
 def names() -> tuple[str, ...]:
-    """Registered backend names, in registration order."""
-    return tuple(BACKENDS)
+    """Backend names: registered ones in registration order, then discovered ones."""
+    return tuple(_all())
 
 
 def choices() -> tuple[str, ...]:
     """What ``--backend`` accepts: ``auto`` and every registered name."""
-    return (AUTO, *BACKENDS)
+    return (AUTO, *_all())
 
 
 def _unknown(name: str) -> ConfigError:
@@ -74,11 +96,19 @@ def factory(name: str) -> Any:
     """The ``open(bundle, options)`` factory of backend ``name`` (imports its module now)."""
     if name == AUTO:
         return importlib.import_module(AUTO_POLICY).open_auto
+    module = _all().get(name)
+    if module is None:
+        raise _unknown(name)
     try:
-        module = BACKENDS[name]
-    except KeyError:
-        raise _unknown(name) from None
-    return importlib.import_module(module).open
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module.startswith(exc.name):
+            raise  # a package the backend needs: the backend should say which extra provides it
+        raise ConfigError(f"backend {name!r} is registered as module {module}, which does not exist") from exc
+    open_ = getattr(loaded, "open", None)
+    if not callable(open_):
+        raise ConfigError(f"backend {name!r}: module {module} has no open(bundle, options) factory")
+    return open_
 
 
 def check_available(name: str) -> None:
@@ -86,9 +116,10 @@ def check_available(name: str) -> None:
     ``check()``: finds, does not import, e.g. tensorrt); ``auto`` always passes (it falls back)."""
     if name == AUTO:
         return
-    if name not in BACKENDS:
+    module = _all().get(name)
+    if module is None:
         raise _unknown(name)
-    check = getattr(importlib.import_module(BACKENDS[name]), "check", None)
+    check = getattr(importlib.import_module(module), "check", None)
     if check is not None:
         check()
 
@@ -100,8 +131,6 @@ def open_backend(name: str, bundle: Bundle, options: BackendOptions | None = Non
     name, :class:`~retinaedge.runtime.errors.MissingDependencyError` (naming the extra to install) when
     the backend's packages are missing, or the backend's own error.
     """
-    if name != AUTO and name not in BACKENDS:
-        raise _unknown(name)
     opts = options if options is not None else BackendOptions()
     backend = factory(name)(bundle, opts)
     if not isinstance(backend, Backend):
