@@ -113,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     from .series import read_frames
 
     params = link_params(args)
+    if args.provider != "cpu" and args.backend not in ("onnxruntime", "auto"):
+        raise ConfigError(
+            f"--provider {args.provider} applies to ONNX Runtime, not to --backend {args.backend}"
+        )
     check_available(args.backend)  # a missing extra: one error line before anything is read
     collected: list[tuple[InstanceResult, list[FrameRef]]] = []
     files: dict[str, str] = {}  # SOP Instance UID -> input file (series mode)

@@ -330,3 +330,12 @@ def test_a_registered_module_that_is_missing_or_has_no_factory(demo: Bundle) -> 
             open_backend("hollow", demo)
     finally:
         unregister("hollow")
+
+
+def test_provider_with_another_backend_is_refused_not_ignored(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*VERBS["detect"], "--backend", "tensorrt", "--provider", "cuda"]) == 2
+    error = json.loads(capsys.readouterr().out.strip())["error"]
+    assert (
+        error["type"] == "invalid-configuration"
+        and "--provider cuda applies to ONNX Runtime" in error["message"]
+    )
