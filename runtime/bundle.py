@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from .detections import ImageDetections, split_outputs
 from .errors import BundleError, SelfTestError
 from .hashing import sha256_file
 from .manifest import METADATA_KEY, Manifest
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
 from .matching import MatchReport, match_images
 
 log = logging.getLogger(__name__)
@@ -115,7 +119,7 @@ def load_golden(bundle: Bundle) -> tuple[np.ndarray, list[ImageDetections], dict
 
 
 def self_test(
-    backend: object, bundle: Bundle, *, criteria: dict[str, float] | None = None
+    backend: Backend, bundle: Bundle, *, criteria: dict[str, float] | None = None
 ) -> list[MatchReport]:
     """Run the golden input through ``backend`` and match against the recorded PyTorch detections.
 
@@ -125,7 +129,7 @@ def self_test(
     """
     images, expected, recorded = load_golden(bundle)
     criteria = {**recorded, **(criteria or {})}
-    outputs = backend.infer(images)  # type: ignore[attr-defined]
+    outputs = backend.infer(images)
     got = split_outputs(outputs)
     reports, worst = match_images(expected, got, criteria)
     if worst < criteria["min_match_rate"]:

@@ -1,5 +1,8 @@
 """``retinaedge detect --model DIR FILE...``: one JSON line per input file, in order.
 
+``--backend`` picks the backend from the registry (default ``onnxruntime``; ``tensorrt``: the engine the
+service serves with, from the engine cache or built; ``auto``: the service's choice).
+
 With ``--series``: the detections of every file are grouped into series, ordered along the slice normal
 and linked into 3D findings (:mod:`.findings`); one JSON line per series (in order of first
 appearance), after a ``{"file", "error"}`` line for each rejected file.
@@ -12,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .backends.registry import add_backend_arguments
 from .dicomio import Limits
 from .discovery import RULE_HELP, dicom_files
 from .errors import ConfigError, RetinaEdgeError
@@ -44,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="ONNX Runtime execution provider; refused if it is not the one actually in use",
     )
+    add_backend_arguments(p, default="onnxruntime")
     series = p.add_argument_group("series findings (--series)")
     series.add_argument(
         "--series",
@@ -91,12 +96,19 @@ def link_params(args: argparse.Namespace) -> LinkParams | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .backends.base import BackendOptions
+    from .backends.registry import check_available
     from .cli import emit
     from .detector import Detector
     from .overlay import write_png
     from .series import read_frames
 
     params = link_params(args)
+    if args.provider != "cpu" and args.backend not in ("onnxruntime", "auto"):
+        raise ConfigError(
+            f"--provider {args.provider} applies to ONNX Runtime, not to --backend {args.backend}"
+        )
+    check_available(args.backend)  # a missing extra: one error line before anything is read
     collected: list[tuple[InstanceResult, list[FrameRef]]] = []
     files: dict[str, str] = {}  # SOP Instance UID -> input file (series mode)
     limits = Limits(max_frame_bytes=args.max_frame_bytes, max_decoded_bytes=args.max_decoded_bytes)
@@ -106,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
         if args.provider == "cpu"
         else (PROVIDERS[args.provider], PROVIDERS["cpu"])
     )
+    options = BackendOptions(
+        threads=args.threads, providers=providers, batch_size=args.batch_size, cache_dir=args.engine_cache
+    )
     with Detector.open(
-        args.model, threads=args.threads, batch_size=args.batch_size, limits=limits, providers=providers
+        args.model, backend=args.backend, batch_size=args.batch_size, limits=limits, options=options
     ) as det:
         for number, path in enumerate(dicom_files(args.files)):
             on_frame = None

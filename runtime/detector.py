@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend
+from .backends.base import Backend, BackendOptions
 from .bundle import Bundle, load_bundle
 from .detections import split_outputs
 from .dicomio import DEFAULT_LIMITS, Limits, iter_frames, open_dicom, validate
@@ -110,20 +110,27 @@ class Detector:
         cls,
         model: str | Path,
         *,
+        backend: str = "onnxruntime",
         threads: int | None = None,
         batch_size: int = 4,
         limits: Limits = DEFAULT_LIMITS,
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        options: BackendOptions | None = None,
     ) -> Detector:
-        """Open a bundle on ONNX Runtime with ``providers`` (CPU by default)."""
-        from .onnxrt import OnnxRuntimeBackend
+        """Open a bundle on ``backend`` (a registry name or ``auto``; ONNX Runtime on ``providers``, CPU
+        by default). ``options`` replaces the options made of ``threads``/``batch_size``/``providers``."""
+        from .backends.registry import open_backend
 
         bundle = load_bundle(model)
+        opts = options or BackendOptions(threads=threads, providers=providers, batch_size=batch_size)
+        opened = open_backend(backend, bundle, opts)
         return cls(
             bundle,
-            OnnxRuntimeBackend(bundle.model_path, threads=threads, providers=providers),
+            opened,
             batch_size=batch_size,
             limits=limits,
+            backend_reason=opened.reason,
+            self_test_criteria=opened.self_test_criteria,
         )
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 Runs the model on every frame of every file, scores the detections against the ground truth with
 pycocotools (:mod:`.evaluate`) and prints one JSON object (``--out`` writes it too, indented).
+``--backend`` picks the backend from the registry (default ``onnxruntime``; ``tensorrt``, ``auto``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backends.registry import add_backend_arguments
 from .dicomio import DEFAULT_LIMITS, Limits, open_dicom
 from .discovery import RULE_HELP, dicom_files
 from .errors import ConfigError, RetinaEdgeError
@@ -54,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=4, help="frames per inference batch (default 4)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: CPU affinity)")
+    add_backend_arguments(p, default="onnxruntime")
     p.add_argument(
         "--min-map50",
         type=float,
@@ -169,6 +172,8 @@ def backend_info(backend: Any) -> dict[str, Any]:
         info["providers"] = list(backend.providers)
     if getattr(backend, "threads", None) is not None:
         info["threads"] = int(backend.threads)
+    if getattr(backend, "reason", ""):
+        info["reason"] = str(backend.reason)
     return info
 
 
@@ -183,13 +188,17 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .backends.base import BackendOptions
+    from .backends.registry import check_available
     from .cli import emit
     from .detector import Detector
 
     check_options(args)
+    check_available(args.backend)  # a missing extra is one error line, before any ground truth is read
     gt = load_ground_truth(args.annotations)
     files = dicom_files(args.files, exclude=[args.annotations])
-    with Detector.open(args.model, threads=args.threads, batch_size=args.batch_size) as det:
+    options = BackendOptions(threads=args.threads, batch_size=args.batch_size, cache_dir=args.engine_cache)
+    with Detector.open(args.model, backend=args.backend, batch_size=args.batch_size, options=options) as det:
         manifest = det.bundle.manifest
         class_names = manifest.class_names
         classes = evaluated_classes(gt, class_names)

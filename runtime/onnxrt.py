@@ -1,4 +1,7 @@
-"""ONNX Runtime backend: runs ``model.onnx`` (NMS included) on the CPU or an explicitly chosen provider."""
+"""ONNX Runtime backend: runs ``model.onnx`` (NMS included) on the CPU or an explicitly chosen provider.
+
+Registered as ``onnxruntime`` (:mod:`retinaedge.runtime.backends.registry`); :func:`open` is its factory.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,16 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .backends.base import Backend, BackendOptions
 from .detections import OUTPUT_NAMES
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +33,7 @@ def affinity_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """``infer(images (N, C, H, W) float32) -> {num_detections, boxes, scores, labels}``.
 
     ``providers`` are chosen explicitly; after the session is created the providers actually in use
@@ -89,15 +95,10 @@ class OnnxRuntimeBackend:
         return dict(zip(OUTPUT_NAMES, outs, strict=True))
 
     def close(self) -> None:
+        """Drop the session (its memory goes with it)."""
         self._session = None  # type: ignore[assignment]
 
-    def __enter__(self) -> OnnxRuntimeBackend:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+def open(bundle: Bundle, options: BackendOptions) -> OnnxRuntimeBackend:  # noqa: A001 (registry factory)
+    """The registry factory: ``bundle.model_path`` on ``options.providers`` with ``options.threads``."""
+    return OnnxRuntimeBackend(bundle.model_path, providers=options.providers, threads=options.threads)

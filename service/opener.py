@@ -1,7 +1,8 @@
 """Opens the detector the settings ask for, on the inference thread, and runs a deferred engine build.
 
 :class:`DetectorOpener` is what the :class:`~retinaedge.service.worker.InferenceWorker` calls to load the
-model. It asks :func:`~retinaedge.service.engines.choose_backend` for the backend; with
+model. It asks :func:`~retinaedge.service.engines.choose_backend` for the backend (ONNX Runtime is opened
+through the backend registry, :func:`retinaedge.runtime.backends.open_backend`); with
 ``engine_build_while=onnxruntime`` a needed engine build is deferred: ONNX Runtime serves at once, a
 :class:`~retinaedge.service.background_build.BackgroundBuild` runs ``retinaedge build`` in a child process,
 and on its success the worker swaps to the engine (loaded from the cache and self-tested on the inference
@@ -13,10 +14,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from retinaedge.runtime.backends import BackendOptions, open_backend
 from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.dicomio import Limits
-from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
 from .background_build import BackgroundBuild, build_argv, failure_summary
 from .engines import BackendPlan, Probe, choose_backend, plan_backend
@@ -64,7 +65,9 @@ class DetectorOpener:
             self.bundle,
             plan,
             mode=s.backend,
-            open_onnxruntime=lambda: OnnxRuntimeBackend(self.bundle.model_path, threads=s.threads),
+            open_onnxruntime=lambda: open_backend(
+                "onnxruntime", self.bundle, BackendOptions(threads=s.threads)
+            ),
             on_status=self.worker.set_status if self.worker is not None else lambda _s: None,
             defer_build=defer_build,
         )

@@ -121,6 +121,26 @@ def test_unusable_engine_falls_back_to_onnxruntime_with_the_reason(
     )
 
 
+def test_the_plan_lists_tensorrt_then_onnxruntime_and_the_registry_opens_the_fallback(tmp_path: Path) -> None:
+    """The policy's candidates reach the service: TensorRT (build, corrupt entry) first, ONNX Runtime after;
+    the fallback is the registry's ``onnxruntime`` backend (a :class:`Backend`)."""
+    from retinaedge.runtime.backends import Backend
+
+    flip_a_byte(seed(tmp_path, THIS))
+    app = make_app(tmp_path)
+    with worker_of(app) as worker:
+        plan = app.state.opener.plan
+        assert [(c.backend, c.action, c.decision) for c in plan.candidates] == [
+            ("tensorrt", "build", "build-corrupt"),
+            ("onnxruntime", "open", "build-corrupt"),
+        ]
+        assert plan.to_dict()["candidates"][0]["reason"] == plan.reason
+        assert worker.backend == "onnxruntime"
+    with app.state.opener.open(allow_build=False, defer_build=False) as detector:
+        assert isinstance(detector.backend, Backend) and detector.backend.name == "onnxruntime"
+        assert "building at start-up is disabled" in detector.backend_reason
+
+
 def test_valid_entry_is_accepted_before_tensorrt_is_needed(tmp_path: Path) -> None:
     """A sound entry passes every pure-Python check; only loading it needs TensorRT (absent here)."""
     if importlib.util.find_spec("tensorrt") is not None:

@@ -84,15 +84,59 @@ def test_cached_engine_is_found_and_loads(bundle_dir: Path, tmp_path: Path) -> N
     from retinaedge.device.buildopts import BuildOptions
     from retinaedge.device.enginecache import EngineCache
     from retinaedge.device.trt_backend import TensorRTBackend
+    from retinaedge.runtime.backends import Backend
+    from retinaedge.service.tensorrt_backend import TensorRTRunner
 
     options = BuildOptions(nms="builtin")
     backend, manifest, plan = _build(bundle_dir, tmp_path / "engines", options)
+    assert isinstance(backend, TensorRTRunner) and isinstance(backend, Backend)
+    assert backend.self_test_criteria == manifest["validation"]["criteria"]
     backend.close()
     fingerprint, _ = _probe()
     found = EngineCache(tmp_path / "engines").lookup(plan.onnx_sha256, options, fingerprint)
     assert found.status == "hit" and found.entry is not None and found.key == manifest["key"]
     with TensorRTBackend(found.entry.read_engine()) as again:
         assert again.max_batch == 4
+
+
+def test_tensorrt_runner_through_the_registry_builds_then_loads(bundle_dir: Path, tmp_path: Path) -> None:
+    """``open_backend("tensorrt")``: an empty cache is built into (validated, stored), the next open loads
+    the verified entry; the runner is a Backend and runs the golden input like ONNX Runtime."""
+    from retinaedge.device.buildopts import BuildOptions
+    from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
+    from retinaedge.runtime.bundle import load_bundle, load_golden
+    from retinaedge.service.engines import PRECISION_CRITERIA, compare_backends
+
+    bundle = load_bundle(bundle_dir)
+    options = BackendOptions(
+        cache_dir=tmp_path / "engines", batch_size=4, extra={"build_options": BuildOptions(nms="builtin")}
+    )
+    with open_backend("tensorrt", bundle, options) as built:
+        assert isinstance(built, Backend) and built.name == "tensorrt" and built.providers == ("TensorRT",)
+        assert "built and validated" in built.reason
+    no_build = BackendOptions(
+        cache_dir=tmp_path / "engines",
+        allow_build=False,
+        extra={"build_options": BuildOptions(nms="builtin")},
+    )
+    images, _, _ = load_golden(bundle)
+    with open_backend("tensorrt", bundle, no_build) as loaded, open_backend("onnxruntime", bundle) as ort:
+        assert "cached engine" in loaded.reason
+        compare_backends(loaded, ort, images, PRECISION_CRITERIA["fp32"])
+
+
+def test_detect_cli_backend_tensorrt(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``retinaedge detect --backend tensorrt`` runs the engine the service would serve with."""
+    import json
+
+    from retinaedge.runtime.cli import main
+
+    argv = ["detect", "--model", str(bundle_dir), "--backend", "tensorrt", "--engine-cache", str(tmp_path)]
+    assert main([*argv, str(CALIBRATION / "IM0001.dcm")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["frames"] and "error" not in line
 
 
 def test_garbage_engine_bytes_are_refused_by_deserialisation() -> None:

@@ -72,7 +72,7 @@ def assemble(
     context = {
         "device": device_summary(device),
         "versions": {k: vers.get(k) for k in ("python", "onnxruntime", "numpy", "torch")},
-        "backend": "onnxruntime",
+        "backend": fused.get("backend", "onnxruntime"),
         "providers": fused["providers"],
         "precision": "fp32",  # export writes float32 graphs; ONNX Runtime on the CPU runs them as they are
         "input": [manifest.input.channels, manifest.input.height, manifest.input.width],

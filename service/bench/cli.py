@@ -2,7 +2,7 @@
 
 Phases, in order, each runtime in its own process with the same intra-op thread count:
 
-1. fused ONNX Runtime (the appliance): warm-up over the distinct files, then the timed ``Detector`` pass
+1. fused ONNX Runtime (the appliance; ``--backend tensorrt`` or ``auto``: that backend from the registry): warm-up over the distinct files, then the timed ``Detector`` pass
    over N frames of real DICOM (per-stage timings), ``model.onnx`` per frame at batch 1, throughput per
    batch size (energy with ``tegrastats`` on a Jetson);
 2. ``retinaedge serve`` on a free 127.0.0.1 port: sequential ``POST /v1/detect`` of the same instances,
@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch", action="store_true", help="skip the torchvision eager baseline")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP phase")
     p.add_argument("--runner-timeout", type=float, default=900.0, help="seconds per runner process")
+    from retinaedge.runtime.backends.registry import add_backend_arguments
+
+    add_backend_arguments(p, default="onnxruntime")  # the fused phase; the baselines stay ONNX Runtime
 
 
 def find_checkpoint(model_dir: Path, source: dict[str, Any]) -> tuple[Path | None, str | None]:
@@ -113,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    from retinaedge.runtime.backends.registry import check_available
+
+    check_available(getattr(args, "backend", "onnxruntime"))  # missing extra: one error line, no phase run
     started = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
     model_dir = args.model.resolve()
@@ -161,6 +167,8 @@ def measure(
         "batch_repeats": args.batch_repeats,
         "heads": str(heads),
         "post": str(post),
+        "backend": getattr(args, "backend", "onnxruntime"),
+        "engine_cache": str(args.engine_cache) if getattr(args, "engine_cache", None) else None,
     }
     t = args.runner_timeout
     phases: dict[str, float] = {}

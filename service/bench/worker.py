@@ -24,10 +24,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
+from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
 from retinaedge.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,13 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return (time.perf_counter() - t) * 1e3, result
 
 
-class TappedBackend:
+class TappedBackend(Backend):
     """Wraps a backend and keeps a copy of every batch it is given (``(B, C, H, W)`` float32)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
+        self.providers = tuple(inner.providers)
         self.batches: list[np.ndarray] = []
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -71,14 +72,6 @@ class TappedBackend:
 
     def close(self) -> None:
         self.inner.close()
-
-    def __enter__(self) -> TappedBackend:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class EnergyMeter:
@@ -178,11 +171,15 @@ def run_fused(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """The appliance's own pipeline: stage timings per instance, per-frame inference, batch throughput."""
     from retinaedge.runtime.bundle import load_bundle
     from retinaedge.runtime.detector import Detector
-    from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
     bundle = load_bundle(spec["model"])
-    tap = TappedBackend(OnnxRuntimeBackend(bundle.model_path, threads=spec["threads"]))
-    detector = Detector(bundle, tap, batch_size=spec["batch_size"])  # type: ignore[arg-type]
+    options = BackendOptions(
+        threads=spec["threads"],
+        batch_size=max([spec["batch_size"], *spec["batch_sizes"]]),
+        cache_dir=Path(spec["engine_cache"]) if spec.get("engine_cache") else None,
+    )
+    tap = TappedBackend(open_backend(spec.get("backend", "onnxruntime"), bundle, options))
+    detector = Detector(bundle, tap, batch_size=spec["batch_size"])
     instances = [(Path(p), int(f)) for p, f in spec["instances"]]
     data = {p: p.read_bytes() for p, _ in instances}
     distinct = list(dict.fromkeys(p for p, _ in instances))
@@ -222,7 +219,9 @@ def run_fused(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         "throughput_by_batch": throughput,
         "energy": energy,
         "gpu_memory": gpu_memory_used_mb(),
-        "threads": backend.threads,
+        "backend": backend.name,
+        "backend_reason": backend.reason,
+        "threads": getattr(backend, "threads", None),
         "providers": list(backend.providers),
         "tensor_shape": list(tensors.shape),
     }
