@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 # resolves the same CPU-capable release instead of the newest CUDA build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help venv runtime demo benchmark test lint pytest clean docker docker-jetson
+.PHONY: help venv runtime demo benchmark test lint pytest clean docker docker-base docker-jetson
 
 help:
 	@echo "make demo    install the runtime (no torch) into .venv if needed, serve the demo model,"
@@ -20,6 +20,8 @@ help:
 	@echo "make test    create .venv, install runtime + export + dev extras, run ruff and pytest"
 	@echo "make lint    ruff only"
 	@echo "make docker  build the x86_64 image (ONNX Runtime on CPU): retinaedge:VERSION and :latest"
+	@echo "             (DOCKER=podman DOCKER_BUILD_FLAGS=... PYTHON_IMAGE=...: docker/README.md)"
+	@echo "make docker-base  make a local base for the x86 image with mmdebstrap (root), print its tag"
 	@echo "make docker-jetson  build the Jetson image (JetPack 6, TensorRT): retinaedge-jetson:VERSION"
 	@echo "             and :latest; on a non-arm64 host through docker buildx --platform linux/arm64"
 	@echo "             (needs QEMU binfmt). See docker/README.md"
@@ -75,8 +77,14 @@ pytest: $(VENV)/.test-deps
 test: lint pytest
 
 # Container images (docker/README.md). The build context is the repository root; .dockerignore allowlists
-# what the images use. Building needs a Docker engine with BuildKit (docker build / buildx).
+# what the images use. Building needs a Docker engine with BuildKit (docker build / buildx), or podman:
+#   make docker DOCKER=podman DOCKER_BUILD_FLAGS="--format docker"
+# DOCKER_BUILD_FLAGS go to every build (podman: --format docker keeps the HEALTHCHECK). PYTHON_IMAGE, when
+# set, replaces the x86 image's base (python:3.11-slim-trixie); `make docker-base` makes one locally with
+# mmdebstrap (as root; for machines that cannot reach Docker Hub) and prints its tag.
 DOCKER       ?= docker
+DOCKER_BUILD_FLAGS ?=
+PYTHON_IMAGE ?=
 IMAGE        ?= retinaedge
 JETSON_IMAGE ?= retinaedge-jetson
 JETSON_BASE  ?= nvcr.io/nvidia/l4t-jetpack:r36.4.0
@@ -84,8 +92,18 @@ VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 HOST_ARCH    := $(shell uname -m)
 
 docker:
-	$(DOCKER) build -f docker/Dockerfile --build-arg VERSION=$(VERSION) \
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) -f docker/Dockerfile --build-arg VERSION=$(VERSION) \
+		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
 		-t $(IMAGE):$(VERSION) -t $(IMAGE):latest .
+
+# The same recipe and tag as tests/test_container.py (BASE_RECIPE), so either one reuses the other's base.
+BASE_RECIPE := mmdebstrap --variant=minbase --dpkgopt=path-exclude=/usr/share/man/* --dpkgopt=path-exclude=/usr/share/locale/* --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt=path-include=/usr/share/doc/*/copyright --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates bookworm
+BASE_TAG    := localhost/retinaedge-base:$(shell printf '%s' "$(BASE_RECIPE)" | sha256sum | cut -c1-24)
+
+docker-base:
+	@set -f; if $(DOCKER) image inspect $(BASE_TAG) >/dev/null 2>&1; then echo "$(BASE_TAG) (cached)"; else \
+		tmp=$$(mktemp -d) && $(BASE_RECIPE) $$tmp/base.tar && $(DOCKER) import $$tmp/base.tar $(BASE_TAG); \
+		status=$$?; rm -rf $$tmp; [ $$status -eq 0 ] && echo "$(BASE_TAG)"; fi
 
 ifeq ($(filter $(HOST_ARCH),aarch64 arm64),)
 JETSON_BUILD := $(DOCKER) buildx build --platform linux/arm64 --load
@@ -94,7 +112,7 @@ JETSON_BUILD := $(DOCKER) build
 endif
 
 docker-jetson:
-	$(JETSON_BUILD) -f docker/Dockerfile.jetson --build-arg VERSION=$(VERSION) \
+	$(JETSON_BUILD) $(DOCKER_BUILD_FLAGS) -f docker/Dockerfile.jetson --build-arg VERSION=$(VERSION) \
 		--build-arg BASE_IMAGE=$(JETSON_BASE) -t $(JETSON_IMAGE):$(VERSION) -t $(JETSON_IMAGE):latest .
 
 clean:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(settings: Settings) -> int:
     """Run the service under uvicorn until SIGINT/SIGTERM (graceful: 30 s for requests in flight)."""
     import uvicorn
@@ -46,15 +51,24 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
     scheme = "https" if tls else "http"
     log.info("serving %s on %s://%s:%d", settings.model, scheme, settings.host, settings.port)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=30,
-        **tls,
-    )
+    # uvicorn (0.54 here) captures SIGTERM for its graceful shutdown, then restores the handler it
+    # found and raises the captured signal again (Server.capture_signals). Under the default handler
+    # that kills the process with SIGTERM after a clean shutdown: status 143 through tini, which a
+    # supervisor reads as a failure. This handler turns that SIGTERM (and one that arrives before
+    # uvicorn has installed its own handlers) into exit status 0. SIGINT keeps Python's default.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=30,
+            **tls,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
