@@ -2,7 +2,7 @@
 
 ``device`` imports nothing from the rest of retinaedge (docs/architecture.md), so it has its own small
 hierarchy; the service and the CLI map it onto the runtime's :class:`RetinaEdgeError` types in one place
-(:func:`retinaedge.service.engines.to_runtime_error`).
+(:func:`retinaedge.service.policy.to_runtime_error`).
 """
 
 from __future__ import annotations

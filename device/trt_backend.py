@@ -1,7 +1,8 @@
 """The TensorRT backend: a deserialized engine run through pycuda on one stream.
 
-Satisfies the runtime's ``Backend`` protocol structurally (``name``, ``infer``, ``close``, context manager;
-``retinaedge.runtime.backend``) without importing the runtime. ``infer(images)`` takes float32
+Has the runtime backend's shape (``name``, ``infer``, ``close``, context manager) without importing the
+runtime; the service's :class:`retinaedge.service.tensorrt_backend.TensorRTRunner` makes it a runtime
+``Backend`` (the registry's ``tensorrt``). ``infer(images)`` takes float32
 ``(N, C, H, W)`` in 0..1 and returns the ONNX contract outputs (docs/architecture.md): ``num_detections`` int32
 ``(N,)``, ``boxes`` float32 ``(N, K, 4)``, ``scores`` float32 ``(N, K)``, ``labels`` int32 ``(N, K)``.
 Batches larger than the engine's profile maximum are run in slices.

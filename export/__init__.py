@@ -1,6 +1,7 @@
 """retinaedge export: torchvision RetinaNet -> self-describing ONNX bundle with NMS in the graph.
 
-Needs the ``export`` extra (torch, torchvision); importing this package does not import torch.
+Exporting needs the ``export`` extra (torch, torchvision); importing this package does not import torch.
+INT8 quantization (:mod:`.quantize`, the ``quantize`` verb) needs only onnx and onnxruntime.
 """
 
 from __future__ import annotations
