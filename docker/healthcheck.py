@@ -6,7 +6,9 @@ read the way the service gets it: ``RETINAEDGE_API_TOKEN``, else the file named 
 ``RETINAEDGE_API_TOKEN_FILE`` (a Docker secret; surrounding whitespace stripped), else ``api_token`` in
 the JSON file ``RETINAEDGE_CONFIG_FILE``. The port likewise: ``RETINAEDGE_PORT``, else ``port`` in the
 config file, else 8080. The probe connects to 127.0.0.1 unless ``RETINAEDGE_HOST`` names another specific
-address. ``/readyz`` is 503 while the model loads, the self-test runs or a TensorRT engine is being
+address. With ``tls_cert_file`` set (``RETINAEDGE_TLS_CERT_FILE`` or the config file) the service speaks
+HTTPS only, and the probe does too; it does not verify the certificate (the name in it is the device's,
+not 127.0.0.1, and the probe only asks its own container whether it is ready). ``/readyz`` is 503 while the model loads, the self-test runs or a TensorRT engine is being
 built on first boot; the image's HEALTHCHECK ``--start-period`` covers that.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -53,7 +56,13 @@ def url(env: dict[str, str], config: dict[str, Any]) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     port = int(env.get("RETINAEDGE_PORT") or config.get("port") or 8080)
-    return f"http://{host}:{port}/readyz"
+    scheme = "https" if tls(env, config) else "http"
+    return f"{scheme}://{host}:{port}/readyz"
+
+
+def tls(env: dict[str, str], config: dict[str, Any]) -> bool:
+    """Whether the service was configured for HTTPS (a certificate file is set)."""
+    return bool(env.get("RETINAEDGE_TLS_CERT_FILE") or config.get("tls_cert_file"))
 
 
 def main() -> int:
@@ -67,8 +76,13 @@ def main() -> int:
         return 1
     if bearer:
         request.add_header("Authorization", f"Bearer {bearer}")
+    context = None
+    if tls(env, config):  # its own container on loopback: encrypted, not verified (module docstring)
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(request, timeout=4) as response:
+        with urllib.request.urlopen(request, timeout=4, context=context) as response:
             status = response.status
             body = response.read(2048).decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:

@@ -139,3 +139,24 @@ def test_plain_http_beyond_loopback_is_warned_about(caplog: pytest.LogCaptureFix
 
     assert uvicorn_options(Settings(model=ROOT / "models" / "demo", host="0.0.0.0", api_token=TOKEN)) == {}
     assert "unencrypted" in caplog.text
+
+
+def test_the_image_healthcheck_speaks_https_when_a_certificate_is_set(
+    https_server: str, certificate: tuple[Path, Path]
+) -> None:
+    port = https_server.rsplit(":", 1)[1]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "RETINAEDGE_PORT": port,
+        "RETINAEDGE_API_TOKEN": TOKEN,
+        "RETINAEDGE_TLS_CERT_FILE": str(certificate[0]),
+    }
+    probe = subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "healthcheck.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    assert probe.stdout.startswith("readyz 200")
