@@ -129,10 +129,9 @@ def test_dla_build_reports_layer_placement(bundle_dir: Path, tmp_path: Path) -> 
 
 
 def test_service_auto_builds_and_serves_tensorrt(bundle_dir: Path, tmp_path: Path) -> None:
+    from helpers import free_port
     from retinaedge.service.app import create_app
     from retinaedge.service.settings import load_settings
-
-    from helpers import free_port
 
     port = free_port()
     settings = load_settings(model=bundle_dir, data_dir=tmp_path / "data", port=port, engine_nms="builtin")
