@@ -135,15 +135,17 @@ def test_quantize_refuses_bad_arguments(tmp_path: Path) -> None:
     assert not (bundle_dir / QDQ_MODEL_FILE).exists()
 
 
-def _spoil_activation_scales(monkeypatch: pytest.MonkeyPatch, factor: float = 1e4) -> None:
+def _spoil_activation_scales(monkeypatch: pytest.MonkeyPatch, factor: float = 1e4) -> list[str]:
     """Make every Q/DQ model quantize written in this test degraded on purpose, whatever the CPU: each
     QuantizeLinear's scale (shared with its DequantizeLinear) is multiplied by ``factor``, so every
     quantized activation rounds to exactly 0 and the detections no longer depend on the image. Wraps
     ONNX Runtime's ``quantize_static`` (which quantize imports when it runs), so the real quantizer still
-    writes the model; only its scales are spoilt afterwards."""
+    writes the model; only its scales are spoilt afterwards. Returns the list of models spoilt, for the test
+    to check the wrapper was used (a module-level import of quantize_static would bypass it)."""
     import onnxruntime.quantization as ortq
 
     real = ortq.quantize_static
+    spoilt_models: list[str] = []
 
     def spoiling(model_input: str, model_output: str, *args: object, **kwargs: object) -> None:
         real(model_input, model_output, *args, **kwargs)
@@ -154,8 +156,10 @@ def _spoil_activation_scales(monkeypatch: pytest.MonkeyPatch, factor: float = 1e
                 spoilt = onnx.numpy_helper.to_array(init) * np.float32(factor)
                 init.CopyFrom(onnx.numpy_helper.from_array(spoilt.astype(np.float32), init.name))
         onnx.save(model, model_output)
+        spoilt_models.append(str(model_output))
 
     monkeypatch.setattr(ortq, "quantize_static", spoiling)
+    return spoilt_models
 
 
 def test_accuracy_gate_marks_a_degraded_qdq_model_and_int8_builds_refuse_it(
@@ -169,7 +173,7 @@ def test_accuracy_gate_marks_a_degraded_qdq_model_and_int8_builds_refuse_it(
     frames; with --max-ap50-drop 0.1 quantize exits 1, records the figures and ``accepted: false``, and an
     int8 build plan refuses the model. --quantize-conv-outputs puts a QuantizeLinear on Conv outputs and
     is recorded."""
-    _spoil_activation_scales(monkeypatch)
+    spoilt = _spoil_activation_scales(monkeypatch)
     bundle_dir = tmp_path / "demo"
     shutil.copytree(DEMO, bundle_dir)
     caplog.set_level(logging.WARNING)
@@ -180,6 +184,7 @@ def test_accuracy_gate_marks_a_degraded_qdq_model_and_int8_builds_refuse_it(
          "--max-ap50-drop", "0.1", "--quantize-conv-outputs"]
     )  # fmt: skip
     out = capsys.readouterr()
+    assert spoilt == [str(bundle_dir / QDQ_MODEL_FILE)]  # the degradation did happen
     assert code == 1, out.err[-3000:]
     assert "NOT accepted" in caplog.text
     report = json.loads(out.out.strip().splitlines()[-1])
