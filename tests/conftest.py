@@ -1,4 +1,7 @@
-"""Shared fixtures: biased test RetinaNets and exported bundles (real torchvision models, real exports)."""
+"""Shared fixtures: the exported session bundle (a real torchvision model, a real export) and the GPU marks.
+
+Shared helpers (servers, ports, clients, stand-ins) are in ``helpers.py``; test modules do not import
+each other."""
 
 from __future__ import annotations
 
@@ -47,7 +50,10 @@ def _gpu_required() -> None:
 
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ResNet-18 FPN bundle (3 classes, 256x320), exported once per session through the Python API."""
+    """A ResNet-18 FPN bundle (3 classes, 3 channels, 256x320, biased heads: hundreds of candidates on any
+    image), exported once per session through the Python API. Only for tests that need what an export
+    gives (the current exporter's manifest, many detections, export options); service and DICOM tests use
+    the committed demo bundle, ``helpers.DEMO`` (no torch needed)."""
     if not HAS_TORCH:
         pytest.skip("needs the export extra (torch, torchvision)")
     from helpers import biased_retinanet

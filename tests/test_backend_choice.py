@@ -11,82 +11,27 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
-from retinaedge.device.buildopts import BuildOptions
-from retinaedge.device.enginecache import EngineCache
-from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
-from retinaedge.runtime.hashing import sha256_file
+from helpers import (
+    CAPS,
+    DEMO,
+    DICOM,
+    THIS,
+    flip_a_byte,
+    free_port,
+    make_app,
+    seed,
+    serve_app,
+    this_device,
+    worker_of,
+)
 from retinaedge.service.app import create_app
 from retinaedge.service.settings import load_settings
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "models" / "demo"
-DICOM = ROOT / "examples" / "compressed" / "study_01_IM0016_J2K.dcm"
-
-THIS = DeviceFingerprint.from_values(
-    gpu_name="Orin",
-    compute_capability="8.7",
-    sm_count=16,
-    tensorrt="10.13.3",
-    cuda="12.6",
-    l4t="36.4.4",
-    dla_cores=2,
-)
-CAPS = DeviceCapabilities.for_tensorrt("10.13.3", fast_fp16=True, fast_int8=True)
-FAKE_ENGINE = b"serialized engine bytes; the cache never interprets them " * 2000
-
-
-def this_device() -> tuple[DeviceFingerprint, DeviceCapabilities]:
-    return THIS, CAPS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_app(tmp_path: Path, probe: Any = this_device, **overrides: Any) -> FastAPI:
-    settings = load_settings(model=DEMO, data_dir=tmp_path / "data", port=free_port(), **overrides)
-    return create_app(settings, probe=probe)
-
-
-def seed(tmp_path: Path, fingerprint: DeviceFingerprint, options: BuildOptions | None = None) -> Any:
-    """An engine entry for the demo model as ``retinaedge build`` on ``fingerprint`` would leave it."""
-    options = options or load_settings(model=DEMO, data_dir=tmp_path / "data").build_options()
-    cache = EngineCache(tmp_path / "data" / "engines")
-    return cache.store(FAKE_ENGINE, sha256_file(DEMO / "model.onnx"), options, fingerprint)
-
-
-@contextmanager
-def worker_of(app: FastAPI) -> Iterator[Any]:
-    """The app's real inference worker, started as the lifespan would (no HTTP needed for the choice)."""
-    worker = app.state.worker
-    worker.start()
-    worker.wait_ready(120)
-    assert worker.state != "loading", "worker never settled"
-    try:
-        yield worker
-    finally:
-        worker.stop()
-
-
-def flip_a_byte(entry: Any) -> None:
-    data = bytearray(entry.engine_path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    entry.engine_path.write_bytes(bytes(data))
-
 
 CASES = {
     "corrupt": (lambda tmp: flip_a_byte(seed(tmp, THIS)), "is corrupt (sha256 differs from its manifest)"),
@@ -191,30 +136,12 @@ def _default_app(tmp_path: Path) -> FastAPI:
     return create_app(settings)
 
 
-@contextmanager
-def serve(app: FastAPI, port: int) -> Iterator[str]:
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    app.state.worker.wait_ready(120)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 def test_reason_is_visible_in_readyz_model_and_every_result(tmp_path: Path) -> None:
     seed(tmp_path, dataclasses.replace(THIS, sm_count=8, gpu_name="Orin Nano"))
     port = free_port()
     settings = load_settings(model=DEMO, data_dir=tmp_path / "data", port=port, engine_build=False)
     app = create_app(settings, probe=this_device)
-    with serve(app, port) as base, httpx.Client(timeout=60) as client:
+    with serve_app(app, port) as base, httpx.Client(timeout=60) as client:
         ready = client.get(f"{base}/readyz").json()
         assert ready["backend"] == "onnxruntime" and "built for another device" in ready["backend_reason"]
         model = client.get(f"{base}/v1/model").json()["backend"]

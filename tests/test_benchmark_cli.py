@@ -126,7 +126,7 @@ def test_plot_of_known_rows(tmp_path: Path) -> None:
 
 def test_without_torch_the_eager_baseline_is_skipped_with_a_reason(tmp_path: Path) -> None:
     """torch and torchvision blocked in the benchmark process: the report says why the ratio is missing."""
-    from test_no_torch import run_blocked
+    from helpers import run_blocked
 
     out = tmp_path / "out"
     args = [

@@ -13,12 +13,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from helpers import (
+    DEMO,
+    DICOM,
+    THIS,
+    flip_a_byte,
+    free_port,
+    make_app,
+    seed,
+    this_device,
+    wait_ready,
+    worker_of,
+)
 from retinaedge.device.enginecache import EngineCache
 from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.detector import Detector
@@ -28,17 +39,6 @@ from retinaedge.service.background_build import build_argv, failure_summary
 from retinaedge.service.boot import BOOT_RECORD, EX_CONFIG, EX_UNAVAILABLE, decide, unknown_variables
 from retinaedge.service.engines import DECISIONS
 from retinaedge.service.settings import Settings, load_settings
-from test_backend_choice import (
-    DEMO,
-    DICOM,
-    THIS,
-    flip_a_byte,
-    free_port,
-    make_app,
-    seed,
-    this_device,
-    worker_of,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 UPGRADED = dataclasses.replace(THIS, tensorrt="10.13.3", cuda="12.6", l4t="36.4.4")
@@ -316,20 +316,9 @@ def test_boot_serves_beyond_loopback_with_the_token_from_a_file(tmp_path: Path) 
     )
     base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
     try:
-        ready = None
-        deadline = time.monotonic() + 120
+        ready = wait_ready(proc, base, headers=auth)
         with httpx.Client(timeout=10) as client:
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    if client.get(f"{base}/healthz").status_code == 200:
-                        r = client.get(f"{base}/readyz", headers=auth)
-                        if r.status_code == 200:
-                            ready = r.json()
-                            break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.3)
-            assert ready is not None, "boot never became ready"
+            assert client.get(f"{base}/healthz").status_code == 200
             assert ready["engine"]["decision"] == "onnxruntime-no-tensorrt"
             assert client.get(f"{base}/readyz").status_code == 401
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DEMO
 from retinaedge.runtime.boxes import pairwise_iou
 from retinaedge.runtime.bundle import load_bundle, self_test
 from retinaedge.runtime.detections import ImageDetections
@@ -43,9 +44,9 @@ def test_invalid_specs_are_refused(obj: object, needle: str) -> None:
         obj.validate()  # type: ignore[attr-defined]
 
 
-def test_bundle_integrity(small_bundle: Path, tmp_path: Path) -> None:
+def test_bundle_integrity(tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    shutil.copytree(small_bundle, copy)
+    shutil.copytree(DEMO, copy)
     with open(copy / "model.onnx", "r+b") as fh:  # flip one byte in the weights
         fh.seek(4096)
         byte = fh.read(1)
@@ -56,7 +57,7 @@ def test_bundle_integrity(small_bundle: Path, tmp_path: Path) -> None:
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         load_bundle(copy)
-    data = json.loads((small_bundle / "manifest.json").read_text())
+    data = json.loads((DEMO / "manifest.json").read_text())
     data["format_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="format_version 99"):
@@ -66,9 +67,9 @@ def test_bundle_integrity(small_bundle: Path, tmp_path: Path) -> None:
         load_bundle(copy)
 
 
-def test_self_test_detects_wrong_golden(small_bundle: Path, tmp_path: Path) -> None:
+def test_self_test_detects_wrong_golden(tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    shutil.copytree(small_bundle, copy)
+    shutil.copytree(DEMO, copy)
     golden = json.loads((copy / "golden.json").read_text())
     golden["detections"][0]["labels"] = [(x + 1) % 3 for x in golden["detections"][0]["labels"]]
     (copy / "golden.json").write_text(json.dumps(golden))
@@ -80,14 +81,16 @@ def test_self_test_detects_wrong_golden(small_bundle: Path, tmp_path: Path) -> N
         self_test(backend, bundle)
 
 
-def test_backend_rejects_wrong_input(small_bundle: Path) -> None:
-    with OnnxRuntimeBackend(small_bundle / "model.onnx") as backend:
+def test_backend_rejects_wrong_input() -> None:
+    with OnnxRuntimeBackend(DEMO / "model.onnx") as backend:
         with pytest.raises(ConfigError, match="float32"):
-            backend.infer(np.zeros((1, 3, 256, 320), np.float64))
+            backend.infer(np.zeros((1, 1, 256, 256), np.float64))  # the demo's input: 1x256x256
+        with pytest.raises(ConfigError, match="does not fit"):
+            backend.infer(np.zeros((1, 1, 256, 320), np.float32))
         with pytest.raises(ConfigError, match="does not fit"):
             backend.infer(np.zeros((1, 3, 256, 256), np.float32))
     with pytest.raises(ConfigError, match="not available"):
-        OnnxRuntimeBackend(small_bundle / "model.onnx", providers=["TensorrtExecutionProvider"])
+        OnnxRuntimeBackend(DEMO / "model.onnx", providers=["TensorrtExecutionProvider"])
 
 
 def test_matching() -> None:

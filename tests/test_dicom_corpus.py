@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from helpers import DEMO
+from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.dicomio import open_dicom, validate
 from retinaedge.runtime.errors import DicomInputError, OverBudgetError, RetinaEdgeError
@@ -36,32 +38,17 @@ def test_corpus_is_there() -> None:
 
 
 @pytest.mark.slow
-def test_corpus_through_cli(small_bundle: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "retinaedge.runtime.cli",
-            "--log-level",
-            "WARNING",
-            "detect",
-            "--model",
-            str(small_bundle),
-            "--overlay",
-            str(tmp_path / "ov"),
-            *CORPUS,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
+def test_corpus_through_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["--log-level", "WARNING", "detect", "--model", str(DEMO), "--overlay", str(tmp_path / "ov"), *CORPUS]
     )
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["file"] for line in lines] == CORPUS  # one line per file, in order
     outcomes = collections.Counter(line["error"]["type"] if "error" in line else "ok" for line in lines)
     assert "internal-error" not in outcomes, [
         line for line in lines if "error" in line and line["error"]["type"] == "internal-error"
     ]
-    assert proc.returncode == (1 if len(lines) > outcomes["ok"] else 0)
+    assert code == (1 if len(lines) > outcomes["ok"] else 0)
     decoded = set()
     frames = 0
     for line in lines:
@@ -106,13 +93,13 @@ def _pixel_span(data: bytes) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_truncation_sweep(small_bundle: Path) -> None:
+def test_truncation_sweep() -> None:
     """Every valid image cut at ten points before the end of its pixel data is rejected, typed."""
     warnings.simplefilter("ignore")
     files = _valid_images()
     assert len(files) >= 50
     checked = 0
-    with Detector.open(small_bundle) as det:
+    with Detector.open(DEMO) as det:
         for path in files:
             data = Path(path).read_bytes()
             start, end = _pixel_span(data)

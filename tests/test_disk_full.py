@@ -22,18 +22,16 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from helpers import start_server
+from helpers import free_port, multipart, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = sorted((ROOT / "examples" / "study_01").glob("*.dcm"))
 RESERVE = 4 * 1024**2
-BOUNDARY = "disk-full-drill"
-CTYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+CTYPE = multipart([])[1]
 
 
 def _multipart(parts: list[bytes]) -> bytes:
-    head = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-    return b"".join(head + p + b"\r\n" for p in parts) + f"--{BOUNDARY}--\r\n".encode()
+    return multipart(parts)[0]
 
 
 @pytest.fixture
@@ -69,9 +67,7 @@ def server(tmpfs: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
             }
         )
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = start_server(ROOT / "models" / "demo", config, port)
     try:
         yield f"http://127.0.0.1:{port}", data

@@ -438,11 +438,9 @@ def test_healthcheck_token_and_url(tmp_path: Path) -> None:
 
 
 def test_healthcheck_fails_without_a_server(tmp_path: Path) -> None:
-    import socket
+    from helpers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {"PATH": "/usr/bin:/bin", "RETINAEDGE_HOST": "0.0.0.0", "RETINAEDGE_PORT": str(port)}
     result = subprocess.run(
         [sys.executable, str(DOCKER / "healthcheck.py")], env=env, capture_output=True, text=True, timeout=30

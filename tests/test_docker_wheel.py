@@ -14,15 +14,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
@@ -30,12 +29,6 @@ EXAMPLE = ROOT / "examples" / "study_01" / "IM0015.dcm"  # a glioma and a mening
 TOKEN = "wheel-test-token-0123456789"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tracked_copy(dest: Path) -> Path:
@@ -176,18 +169,7 @@ def test_serves_the_demo_bundle(venv: Path, tmp_path: Path) -> None:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        ready = False
-        while time.monotonic() < deadline and not ready:
-            if proc.poll() is not None:
-                pytest.fail(f"{command[1]} exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                ready = httpx.get(f"{base}/readyz", headers=auth, timeout=2).status_code == 200
-            except httpx.TransportError:
-                pass
-            if not ready:
-                time.sleep(0.2)
-        assert ready, f"not ready within 120 s: {log_path.read_text()[-3000:]}"
+        wait_ready(proc, base, headers=auth, log_path=log_path)
 
         # The image's HEALTHCHECK command, run with the venv's Python as in the image.
         def healthcheck(**extra: str) -> subprocess.CompletedProcess[str]:

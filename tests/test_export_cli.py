@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,17 @@ CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "retinaedge.runtime.cli", *args], capture_output=True, text=True, timeout=600
-    )
+    """``retinaedge *args`` in this process (what a subprocess would print, without importing torch again
+    for each call): its exit code and what it wrote on stdout and stderr."""
+    from retinaedge.runtime.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["retinaedge", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

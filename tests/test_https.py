@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "a-test-token-of-sufficient-length"
@@ -38,12 +38,6 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def https_server(certificate: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cert, key = certificate
@@ -51,7 +45,7 @@ def https_server(certificate: tuple[Path, Path], tmp_path_factory: pytest.TempPa
     config = d / "settings.json"
     settings = {"data_dir": str(d / "data"), "tls_cert_file": str(cert), "tls_key_file": str(key)}
     config.write_text(json.dumps(settings | {"api_token": TOKEN}))
-    port = _port()
+    port = free_port()
     log = open(d / "server.log", "wb")  # noqa: SIM115 (closed below)
     argv = [sys.executable, "-m", "retinaedge.runtime.cli", "serve", "--model", str(ROOT / "models" / "demo")]
     proc = subprocess.Popen(argv + ["--port", str(port), "--config", str(config)], stderr=log)

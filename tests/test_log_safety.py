@@ -140,19 +140,16 @@ def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path) -
     values in every VR pydicom validates, through /v1/detect and STOW-RS; its log holds none of them."""
     import os
     import signal
-    import socket
     import time
 
     import httpx
-    from helpers import start_server
+    from helpers import free_port, start_server
 
     path = _canary_file(tmp_path)
     refused = _canary_file(tmp_path, {**CANARY_VALUES, **BAD_UIDS})
     config = tmp_path / "settings.json"
     config.write_text(f'{{"data_dir": "{tmp_path / "data"}", "min_free_bytes": 0}}')
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ["RETINAEDGE_LOG_LEVEL"] = "DEBUG"
     try:
         proc = start_server(ROOT / "models" / "demo", config, port)

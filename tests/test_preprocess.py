@@ -157,7 +157,8 @@ from retinaedge.runtime.detector import Detector
 det = Detector.open(model, batch_size=4) if mode == "detect" else None
 if det is not None:  # warm the session so its arenas are in the baseline
     import numpy as np
-    det.backend.infer(np.zeros((4, 3, 256, 320), np.float32))
+    spec = det.bundle.manifest.input
+    det.backend.infer(np.zeros((4, spec.channels, spec.height, spec.width), np.float32))
 base = hwm_kib()
 if mode == "detect":
     result = det.detect(path)
@@ -171,6 +172,8 @@ print(json.dumps({"frames": n, "increase_mib": (peak - base) / 1024}))
 
 @pytest.mark.slow
 def test_200_frames_processed_frame_by_frame(small_bundle: Path, tmp_path: Path) -> None:
+    # On the exported ResNet-18 bundle (as before): with models/demo the detect increase was measured at
+    # 72-73 MiB against 200 MiB all at once, above the third this test allows; not explained yet.
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 4096, size=(200, 512, 512), dtype=np.uint16)
     path = write(mr_instance(pixels, window=(2048, 4096)), tmp_path / "mf200.dcm")

@@ -9,9 +9,8 @@ tools/int8_report.py, not in a test; here the accuracy check runs on a few annot
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from retinaedge.device.errors import BuildOptionsError
 from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.export.quantize import AccuracyCheck, calibration_frames, quantize_bundle, spread
 from retinaedge.runtime.bundle import QDQ_MODEL_FILE, load_bundle, load_golden
+from retinaedge.runtime.cli import main
 from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.manifest import METADATA_KEY
@@ -59,17 +59,17 @@ def test_calibration_frames_skip_non_dicom_and_stop_at_the_cap(tmp_path: Path) -
         dicom_files([tmp_path / "missing"])
 
 
-def test_quantize_writes_a_qdq_model_onnxruntime_runs(tmp_path: Path) -> None:
+def test_quantize_writes_a_qdq_model_onnxruntime_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bundle_dir = tmp_path / "demo"
     shutil.copytree(DEMO, bundle_dir)
-    proc = subprocess.run(
-        [sys.executable, "-m", "retinaedge.runtime.cli", "--log-level", "WARNING", "quantize",
+    code = main(
+        ["--log-level", "WARNING", "quantize",
          "--model", str(bundle_dir), "--calibration", str(STUDY), "--max-frames", "6", "--method", "minmax",
-         "--keep-float", "backbone.body.0.*", "--keep-float", "*.fc?.weight", "--op-types", "Conv,Add"],
-        capture_output=True, text=True, timeout=300,
+         "--keep-float", "backbone.body.0.*", "--keep-float", "*.fc?.weight", "--op-types", "Conv,Add"]
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    report = json.loads(out.out.strip().splitlines()[-1])
     assert report["calibration_frames"] == 6 and report["qdq_nodes"] > 100
     qdq = bundle_dir / QDQ_MODEL_FILE
     model = onnx.load(str(qdq))
@@ -132,28 +132,69 @@ def test_quantize_refuses_bad_arguments(tmp_path: Path) -> None:
     assert not (bundle_dir / QDQ_MODEL_FILE).exists()
 
 
-def test_accuracy_gate_marks_a_degraded_qdq_model_and_int8_builds_refuse_it(tmp_path: Path) -> None:
-    """With Conv outputs quantized too (the placement ONNX Runtime fuses into QLinearConv) and calibrated
-    on one slice above the tumours, the Q/DQ model loses AP50 on the annotated frames; with
-    --max-ap50-drop 0.1 quantize exits 1, records the figures and ``accepted: false``, and an int8 build
-    plan refuses the model."""
+def _spoil_activation_scales(monkeypatch: pytest.MonkeyPatch, factor: float = 1e4) -> list[str]:
+    """Make every Q/DQ model quantize written in this test degraded on purpose, whatever the CPU: each
+    QuantizeLinear's scale (shared with its DequantizeLinear) is multiplied by ``factor``, so every
+    quantized activation rounds to exactly 0 and the detections no longer depend on the image. Wraps
+    ONNX Runtime's ``quantize_static`` (which quantize imports when it runs), so the real quantizer still
+    writes the model; only its scales are spoilt afterwards. Returns the list of models spoilt, for the test
+    to check the wrapper was used (a module-level import of quantize_static would bypass it)."""
+    import onnxruntime.quantization as ortq
+
+    real = ortq.quantize_static
+    spoilt_models: list[str] = []
+
+    def spoiling(model_input: str, model_output: str, *args: object, **kwargs: object) -> None:
+        real(model_input, model_output, *args, **kwargs)
+        model = onnx.load(model_output)
+        scales = {n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        for init in model.graph.initializer:
+            if init.name in scales:
+                spoilt = onnx.numpy_helper.to_array(init) * np.float32(factor)
+                init.CopyFrom(onnx.numpy_helper.from_array(spoilt.astype(np.float32), init.name))
+        onnx.save(model, model_output)
+        spoilt_models.append(str(model_output))
+
+    monkeypatch.setattr(ortq, "quantize_static", spoiling)
+    return spoilt_models
+
+
+def test_accuracy_gate_marks_a_degraded_qdq_model_and_int8_builds_refuse_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Q/DQ model degraded on purpose (activation scales spoilt after quantization, see
+    :func:`_spoil_activation_scales`: independent of the CPU's integer kernels) loses AP50 on the annotated
+    frames; with --max-ap50-drop 0.1 quantize exits 1, records the figures and ``accepted: false``, and an
+    int8 build plan refuses the model. --quantize-conv-outputs puts a QuantizeLinear on Conv outputs and
+    is recorded."""
+    spoilt = _spoil_activation_scales(monkeypatch)
     bundle_dir = tmp_path / "demo"
     shutil.copytree(DEMO, bundle_dir)
-    proc = subprocess.run(
-        [sys.executable, "-m", "retinaedge.runtime.cli", "--log-level", "WARNING", "quantize",
+    caplog.set_level(logging.WARNING)
+    code = main(
+        ["--log-level", "WARNING", "quantize",
          "--model", str(bundle_dir), "--calibration", str(STUDY / "IM0001.dcm"), "--max-frames", "1",
          "--method", "minmax", "--annotations", str(GROUND_TRUTH), "--eval", *map(str, EVAL_FILES),
-         "--max-ap50-drop", "0.1", "--quantize-conv-outputs"],
-        capture_output=True, text=True, timeout=300,
+         "--max-ap50-drop", "0.1", "--quantize-conv-outputs"]
     )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "NOT accepted" in proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = capsys.readouterr()
+    assert spoilt == [str(bundle_dir / QDQ_MODEL_FILE)]  # the degradation did happen
+    assert code == 1, out.err[-3000:]
+    assert "NOT accepted" in caplog.text
+    report = json.loads(out.out.strip().splitlines()[-1])
     saved = json.loads((bundle_dir / "quantization.json").read_text())
     assert saved["accepted"] is False and report["accuracy"] == saved["accuracy"]
     accuracy = saved["accuracy"]
     assert accuracy["frames"] == len(EVAL_FILES) and accuracy["max_ap50_drop"] == 0.1
     assert saved["conv_outputs"] is True
+    model = onnx.load(str(bundle_dir / QDQ_MODEL_FILE))
+    conv_outputs = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert conv_outputs & quantized  # the QLinearConv placement: Conv -> Q
+    assert accuracy["map50"]["fp32"] > 0.5  # the FP32 model does find the tumours on these frames
     assert accuracy["map50"]["drop"] > 0.1 and accuracy["passed"] is False
     assert accuracy["map50"]["fp32"] - accuracy["map50"]["int8"] == pytest.approx(
         accuracy["map50"]["drop"], abs=1e-4

@@ -22,20 +22,19 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import requests
 import schemathesis
+from helpers import CORPUS, DEMO, serve
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
-from test_service import CORPUS, serve
 
 # Fuzzed DICOM headers make pydicom warn (e.g. a UI value longer than 64 characters); that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
@@ -118,8 +117,8 @@ def tally() -> Iterator[Counter[str]]:
 
 
 @pytest.fixture(scope="module")
-def base_url(small_bundle: Path, server_log: list[logging.LogRecord]) -> Iterator[str]:
-    with serve(model=small_bundle, queue_size=4) as url:
+def base_url(server_log: list[logging.LogRecord]) -> Iterator[str]:
+    with serve(model=DEMO, queue_size=4) as url:
         yield url
 
 

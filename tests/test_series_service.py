@@ -13,12 +13,12 @@ import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from helpers import serve
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.findings import LinkParams, analyse_series
 from retinaedge.runtime.series import read_frames
-from test_service import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

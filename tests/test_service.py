@@ -6,14 +6,9 @@ import concurrent.futures
 import io
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,58 +16,23 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-import uvicorn
 from dicomgen import mr_instance, to_bytes
+from helpers import CORPUS, DEMO, dicom_post, serve
+from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.errors import ConfigError
-from retinaedge.service.app import create_app
 from retinaedge.service.settings import load_settings
 
-CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 TOKEN = "correct-horse-battery-staple"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve(**overrides: Any) -> Iterator[str]:
-    """Run the app under uvicorn in a thread; yield its base URL once it is ready (or failed)."""
-    overrides.setdefault("data_dir", Path(tempfile.mkdtemp(prefix="retinaedge-test-")))
-    settings = load_settings(port=free_port(), **overrides)
-    app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_config=None, access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    app.state.worker.wait_ready(60)
-    try:
-        yield f"http://127.0.0.1:{settings.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
-def base(small_bundle: Path) -> Iterator[str]:
-    with serve(model=small_bundle, queue_size=4) as url:
+def base() -> Iterator[str]:
+    with serve(model=DEMO, queue_size=4) as url:
         yield url
 
 
-def dicom_post(client: httpx.Client, url: str, data: bytes, **headers: str) -> httpx.Response:
-    return client.post(
-        f"{url}/v1/detect", content=data, headers={"Content-Type": "application/dicom", **headers}
-    )
-
-
-def test_health_ready_model_metrics(base: str, small_bundle: Path) -> None:
+def test_health_ready_model_metrics(base: str) -> None:
     with httpx.Client(timeout=60) as c:
         assert c.get(f"{base}/healthz").json() == {"status": "alive"}
         ready = c.get(f"{base}/readyz")
@@ -80,9 +40,7 @@ def test_health_ready_model_metrics(base: str, small_bundle: Path) -> None:
         assert ready.json()["backend"] == "onnxruntime"
         model = c.get(f"{base}/v1/model").json()
         assert model["class_names"] == ["glioma", "meningioma", "pituitary"]
-        assert (
-            model["model_sha256"] == json.loads((small_bundle / "manifest.json").read_text())["model_sha256"]
-        )
+        assert model["model_sha256"] == json.loads((DEMO / "manifest.json").read_text())["model_sha256"]
         dicom_post(c, base, (CORPUS / "CT_small.dcm").read_bytes())
         text = c.get(f"{base}/metrics").text
         assert 'retinaedge_instances_total{outcome="ok"}' in text
@@ -94,7 +52,7 @@ def test_health_ready_model_metrics(base: str, small_bundle: Path) -> None:
 @pytest.mark.parametrize(
     "name", ["CT_small.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG2000.dcm"]
 )
-def test_detect_matches_the_runtime(base: str, small_bundle: Path, name: str) -> None:
+def test_detect_matches_the_runtime(base: str, name: str) -> None:
     data = (CORPUS / name).read_bytes()
     with httpx.Client(timeout=120) as c:
         r = dicom_post(c, base, data)
@@ -103,7 +61,7 @@ def test_detect_matches_the_runtime(base: str, small_bundle: Path, name: str) ->
     ds = pydicom.dcmread(io.BytesIO(data))
     assert body["sop_instance_uid"] == ds.SOPInstanceUID
     assert set(body["timings_ms"]) >= {"decode", "preprocess", "inference", "postprocess", "request"}
-    with Detector.open(small_bundle) as det:
+    with Detector.open(DEMO) as det:
         local = det.detect(data).to_json()
     assert body["frames"] == local["frames"]
     for frame in body["frames"]:
@@ -141,8 +99,8 @@ def test_bad_input_is_a_clear_4xx(base: str, data: bytes, content_type: str, sta
     assert body["type"] == f"urn:retinaedge:error:{type_}" and body["status"] == status and body["detail"]
 
 
-def test_body_over_limit_refused_from_content_length(small_bundle: Path) -> None:
-    with serve(model=small_bundle, max_body_bytes=64 * 1024) as url, httpx.Client(timeout=30) as c:
+def test_body_over_limit_refused_from_content_length() -> None:
+    with serve(model=DEMO, max_body_bytes=64 * 1024) as url, httpx.Client(timeout=30) as c:
         sent = {"n": 0}
 
         def body() -> Iterator[bytes]:
@@ -158,21 +116,45 @@ def test_body_over_limit_refused_from_content_length(small_bundle: Path) -> None
         assert r.status_code == 413 and r.json()["type"].endswith("payload-too-large")
 
 
-def test_overload_gives_503_with_retry_after(small_bundle: Path) -> None:
-    frames = np.random.default_rng(0).integers(0, 4096, size=(24, 256, 320), dtype=np.uint16)
+def test_overload_gives_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inference worker is held inside ``detect`` (a gate, not a slow model or CPU): with queue_size=1
+    exactly one request is being processed and one waits, the other four get 503 with Retry-After at once;
+    once the gate opens the two accepted ones complete with 200."""
+    frames = np.random.default_rng(0).integers(0, 4096, size=(4, 256, 320), dtype=np.uint16)
     data = to_bytes(mr_instance(frames, window=(2048, 4096)))
-    with serve(model=small_bundle, queue_size=1, retry_after_s=7) as url, httpx.Client(timeout=300) as c:
+    gate, entered = threading.Event(), threading.Event()
+    real_detect = Detector.detect
+
+    def held(self: Detector, *args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert gate.wait(120), "the gate never opened"
+        return real_detect(self, *args, **kwargs)
+
+    with serve(model=DEMO, queue_size=1, retry_after_s=7) as url, httpx.Client(timeout=300) as c:
+        monkeypatch.setattr(Detector, "detect", held)
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(lambda _: dicom_post(c, url, data), range(6)))
+            try:
+                first = pool.submit(dicom_post, c, url, data)
+                assert entered.wait(60), "the worker never started the first request"
+                rest = [pool.submit(dicom_post, c, url, data) for _ in range(5)]
+                deadline = time.monotonic() + 120
+                while sum(f.done() for f in rest) < 4 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert sum(f.done() for f in rest) == 4 and not first.done()  # 4 refused, 2 held
+            finally:
+                gate.set()
+            responses = [first.result(), *(f.result() for f in rest)]
     codes = sorted(r.status_code for r in responses)
-    assert 200 in codes and 503 in codes, codes
+    assert codes == [200, 200, 503, 503, 503, 503], codes
     for r in responses:
         if r.status_code == 503:
             assert r.headers["retry-after"] == "7" and r.json()["type"].endswith("overloaded")
+        else:
+            assert len(r.json()["frames"]) == 4
 
 
-def test_bearer_token(small_bundle: Path) -> None:
-    with serve(model=small_bundle, api_token=TOKEN) as url, httpx.Client(timeout=60) as c:
+def test_bearer_token() -> None:
+    with serve(model=DEMO, api_token=TOKEN) as url, httpx.Client(timeout=60) as c:
         assert c.get(f"{url}/healthz").status_code == 200
         r = c.get(f"{url}/readyz")
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
@@ -183,9 +165,9 @@ def test_bearer_token(small_bundle: Path) -> None:
         assert c.get(f"{url}/readyz", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 
-def test_not_ready_when_self_test_fails(small_bundle: Path, tmp_path: Path) -> None:
+def test_not_ready_when_self_test_fails(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
-    shutil.copytree(small_bundle, broken)
+    shutil.copytree(DEMO, broken)
     golden = json.loads((broken / "golden.json").read_text())
     golden["detections"][0]["labels"] = [(x + 1) % 3 for x in golden["detections"][0]["labels"]]
     (broken / "golden.json").write_text(json.dumps(golden))
@@ -197,9 +179,9 @@ def test_not_ready_when_self_test_fails(small_bundle: Path, tmp_path: Path) -> N
         assert c.get(f"{url}/healthz").status_code == 200
 
 
-def test_not_ready_while_the_spool_is_unwritable(small_bundle: Path, tmp_path: Path) -> None:
+def test_not_ready_while_the_spool_is_unwritable(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with serve(model=small_bundle, data_dir=data) as url, httpx.Client(timeout=60) as c:
+    with serve(model=DEMO, data_dir=data) as url, httpx.Client(timeout=60) as c:
         assert c.get(f"{url}/readyz").status_code == 200
         spool = data / "spool"
         shutil.rmtree(spool)
@@ -213,23 +195,9 @@ def test_not_ready_while_the_spool_is_unwritable(small_bundle: Path, tmp_path: P
         assert c.get(f"{url}/readyz").status_code == 200
 
 
-def test_refuses_to_bind_beyond_loopback_without_token(small_bundle: Path) -> None:
+def test_refuses_to_bind_beyond_loopback_without_token(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match="API token is required"):
-        load_settings(model=small_bundle, host="0.0.0.0")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "retinaedge.runtime.cli",
-            "serve",
-            "--model",
-            str(small_bundle),
-            "--host",
-            "0.0.0.0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert "API token is required" in json.loads(proc.stdout.strip().splitlines()[-1])["error"]["message"]
+        load_settings(model=DEMO, host="0.0.0.0")
+    assert main(["serve", "--model", str(DEMO), "--host", "0.0.0.0"]) == 2
+    out = capsys.readouterr().out
+    assert "API token is required" in json.loads(out.strip().splitlines()[-1])["error"]["message"]

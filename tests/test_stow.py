@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -16,51 +15,26 @@ import pydicom
 import pytest
 from dicomgen import mr_instance, to_bytes
 from dicomweb_client.api import DICOMwebClient
-from helpers import start_server
+from helpers import CORPUS, DEMO, ROOT, free_port, multipart, serve, start_server, wait_done
 from retinaedge.runtime.detector import Detector
-from test_service import free_port, serve
 
-CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
-
-
-def wait_done(client: httpx.Client, base: str, uid: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = client.get(f"{base}/v1/results/{uid}")
-        if r.status_code == 200:
-            return r.json()
-        assert r.status_code == 202, r.text
-        time.sleep(0.2)
-    raise AssertionError(f"no result for {uid} after {timeout} s")
+EXAMPLES = ROOT / "examples"
 
 
-def multipart(parts: list[bytes], boundary: str = "b0undary-xyz") -> tuple[bytes, str]:
-    body = (
-        b"".join(
-            b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
-            for p in parts
-        )
-        + b"--"
-        + boundary.encode()
-        + b"--\r\n"
-    )
-    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
-
-
-def test_dicomweb_client_store_and_results(small_bundle: Path, tmp_path: Path) -> None:
+def test_dicomweb_client_store_and_results(tmp_path: Path) -> None:
     frames = np.random.default_rng(2).integers(0, 4096, size=(3, 128, 160), dtype=np.uint16)
     datasets = [
         pydicom.dcmread(CORPUS / "CT_small.dcm"),
         pydicom.dcmread(CORPUS / "MR_small_RLE.dcm"),
         mr_instance(frames, window=(2048, 4096)),
     ]
-    with serve(model=small_bundle, data_dir=tmp_path) as base:
+    with serve(model=DEMO, data_dir=tmp_path) as base:
         client = DICOMwebClient(url=f"{base}/dicomweb")
         response = client.store_instances(datasets)
         refs = response.ReferencedSOPSequence
         assert [r.ReferencedSOPInstanceUID for r in refs] == [d.SOPInstanceUID for d in datasets]
         assert "FailedSOPSequence" not in response
-        with httpx.Client(timeout=60) as c, Detector.open(small_bundle) as det:
+        with httpx.Client(timeout=60) as c, Detector.open(DEMO) as det:
             for ds in datasets:
                 result = wait_done(c, base, ds.SOPInstanceUID)
                 assert result["state"] == "done" and result["backend"] == "onnxruntime"
@@ -70,11 +44,11 @@ def test_dicomweb_client_store_and_results(small_bundle: Path, tmp_path: Path) -
     assert not list((tmp_path / "spool").glob("*.dcm"))  # processed instances leave the spool
 
 
-def test_partial_failure_and_idempotency(small_bundle: Path, tmp_path: Path) -> None:
+def test_partial_failure_and_idempotency(tmp_path: Path) -> None:
     good = (CORPUS / "CT_small.dcm").read_bytes()
     truncated = (CORPUS / "MR_small.dcm").read_bytes()[:-1000]
     body, ctype = multipart([good, truncated, b"garbage" * 50])
-    with serve(model=small_bundle, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+    with serve(model=DEMO, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
         r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
         assert r.status_code == 202 and r.headers["content-type"] == "application/dicom+json"
         doc = r.json()
@@ -110,16 +84,16 @@ def test_partial_failure_and_idempotency(small_bundle: Path, tmp_path: Path) -> 
         ('multipart/related; type="application/dicom"; boundary=abc', b"--abc\r\n\r\nunfinished", 400),
     ],
 )
-def test_malformed_requests(small_bundle: Path, tmp_path: Path, ctype: str, body: bytes, status: int) -> None:
-    with serve(model=small_bundle, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+def test_malformed_requests(tmp_path: Path, ctype: str, body: bytes, status: int) -> None:
+    with serve(model=DEMO, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
         r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
         assert r.status_code == status and r.headers["content-type"] == "application/problem+json"
 
 
-def test_507_when_disk_below_reserve(small_bundle: Path, tmp_path: Path) -> None:
+def test_507_when_disk_below_reserve(tmp_path: Path) -> None:
     body, ctype = multipart([(CORPUS / "CT_small.dcm").read_bytes()])
     with (
-        serve(model=small_bundle, data_dir=tmp_path, min_free_bytes=2**62) as base,
+        serve(model=DEMO, data_dir=tmp_path, min_free_bytes=2**62) as base,
         httpx.Client(timeout=60) as c,
     ):
         r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
@@ -128,6 +102,7 @@ def test_507_when_disk_below_reserve(small_bundle: Path, tmp_path: Path) -> None
 
 
 def test_retention_budget(small_bundle: Path, tmp_path: Path) -> None:
+    """The biased exported model's results are large (hundreds of detections): three exceed 60 kB."""
     uids = []
     with (
         serve(model=small_bundle, data_dir=tmp_path, results_max_bytes=60_000, prune_interval_s=0) as base,
@@ -146,7 +121,7 @@ def test_retention_budget(small_bundle: Path, tmp_path: Path) -> None:
     assert codes[-1] == 200 and 404 in codes[:-1], codes
 
 
-def test_crash_after_acknowledgement_loses_nothing(small_bundle: Path, tmp_path: Path) -> None:
+def test_crash_after_acknowledgement_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL the server right after STOW-RS acknowledged slow instances; a restart processes them all."""
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "batch_size": 2}))
@@ -160,7 +135,7 @@ def test_crash_after_acknowledgement_loses_nothing(small_bundle: Path, tmp_path:
     body, ctype = multipart([to_bytes(ds) for ds in datasets])
 
     def start(port: int) -> subprocess.Popen[str]:
-        return start_server(small_bundle, config, port)
+        return start_server(DEMO, config, port)
 
     port = free_port()
     proc = start(port)
@@ -188,14 +163,14 @@ def test_crash_after_acknowledgement_loses_nothing(small_bundle: Path, tmp_path:
         proc.wait(60)
 
 
-def test_results_as_dicom_sr(small_bundle: Path, tmp_path: Path) -> None:
+def test_results_as_dicom_sr(tmp_path: Path) -> None:
     """/v1/detect and STOW-RS results come back as a TID 1500 SR referencing the source image's frames."""
     import highdicom as hd
 
-    frames = np.random.default_rng(5).integers(0, 4096, size=(2, 128, 160), dtype=np.uint16)
-    multi = mr_instance(frames, window=(2048, 4096))
-    single = (CORPUS / "CT_small.dcm").read_bytes()
-    with serve(model=small_bundle, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+    # The demo model finds tumours in the example study: a slice with two, and the multi-frame series.
+    multi = pydicom.dcmread(EXAMPLES / "study_01_multiframe" / "MF0001.dcm")
+    single = (EXAMPLES / "study_01" / "IM0015.dcm").read_bytes()
+    with serve(model=DEMO, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
         detected = c.post(
             f"{base}/v1/detect", content=single, headers={"Content-Type": "application/dicom"}
         ).json()
@@ -227,7 +202,7 @@ def test_results_as_dicom_sr(small_bundle: Path, tmp_path: Path) -> None:
             groups = parsed.content.get_planar_roi_measurement_groups()
             n = sum(len(f["detections"]) for f in result["frames"])
             assert len(groups) == n > 0
-            first = result["frames"][0]["detections"][0]
+            first = next(d for f in result["frames"] for d in f["detections"])
             assert np.allclose(groups[0].roi.value[0], first["box"][:2], atol=1e-3)
             scores = [m.value for m in groups[0].get_measurements()]
             assert scores and abs(float(scores[0]) - first["score"]) < 1e-5

@@ -8,7 +8,6 @@ the sample study.
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -174,12 +173,11 @@ def test_dla_build_reports_layer_placement(bundle_dir: Path, tmp_path: Path) -> 
 
 
 def test_service_auto_builds_and_serves_tensorrt(bundle_dir: Path, tmp_path: Path) -> None:
+    from helpers import free_port
     from retinaedge.service.app import create_app
     from retinaedge.service.settings import load_settings
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     settings = load_settings(model=bundle_dir, data_dir=tmp_path / "data", port=port, engine_nms="builtin")
     app = create_app(settings)
     worker = app.state.worker
