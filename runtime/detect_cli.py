@@ -104,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
     from .series import read_frames
 
     params = link_params(args)
-    if args.provider != "cpu" and args.backend not in ("onnxruntime", "auto"):
+    if args.provider != "cpu" and args.backend != "onnxruntime":  # auto might not use it: not silently
         raise ConfigError(
-            f"--provider {args.provider} applies to ONNX Runtime, not to --backend {args.backend}"
+            f"--provider {args.provider} applies to ONNX Runtime, not to --backend {args.backend} "
+            "(pass --backend onnxruntime)"
         )
     check_available(args.backend)  # a missing extra: one error line before anything is read
     collected: list[tuple[InstanceResult, list[FrameRef]]] = []

@@ -332,8 +332,11 @@ def test_a_registered_module_that_is_missing_or_has_no_factory(demo: Bundle) -> 
         unregister("hollow")
 
 
-def test_provider_with_another_backend_is_refused_not_ignored(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([*VERBS["detect"], "--backend", "tensorrt", "--provider", "cuda"]) == 2
+@pytest.mark.parametrize("backend", ["tensorrt", "auto"])
+def test_provider_with_another_backend_is_refused_not_ignored(
+    capsys: pytest.CaptureFixture[str], backend: str
+) -> None:
+    assert main([*VERBS["detect"], "--backend", backend, "--provider", "cuda"]) == 2
     error = json.loads(capsys.readouterr().out.strip())["error"]
     assert (
         error["type"] == "invalid-configuration"
