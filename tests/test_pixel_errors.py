@@ -72,6 +72,7 @@ def test_palette_with_bits_per_entry_out_of_range_is_malformed(detector: Detecto
         detector.detect(_bytes(ds))
 
 
+@pytest.mark.filterwarnings("ignore:Applying a VOI LUT on a float:UserWarning")
 def test_a_voi_lut_sequence_that_cannot_be_applied_is_malformed() -> None:
     ds = Dataset()
     ds.BitsStored = 12
@@ -111,6 +112,7 @@ def test_a_modality_lut_sequence_that_cannot_be_applied_is_malformed() -> None:
         ("1.2..4", "empty component"),
     ],
 )
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom.valuerep")  # pydicom reads the bad values
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
 def test_identifiers_that_are_not_uids_are_refused_without_echoing_them(
     detector: Detector, keyword: str, uid: str | bytes, problem: str
