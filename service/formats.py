@@ -22,10 +22,10 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.errors import NotAcceptableError
 
+from .evidence import header_from_json
 from .problems import problem
 from .series import SeriesFindings
 from .sr import build_series_sr, build_sr
-from .stow import header_from_json
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,15 @@ DICOM = "application/dicom"
 
 @dataclass(frozen=True)
 class InstanceView:
-    """A done instance: its stored ``/v1/detect`` body and source header (DICOM JSON, if kept)."""
+    """A done instance: its stored ``/v1/detect`` body, its SR evidence and patient identity (DICOM
+    JSON, :mod:`.evidence`; None when not kept)."""
 
     uid: str
     result: dict[str, Any]
     header_json: str | None
     model_name: str
     model_sha256: str
+    identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,9 @@ async def _sr_instance(view: InstanceView) -> Response:
         return problem(406, "not-acceptable", "no source header was kept for this instance")
     header_json = view.header_json
     return await sr_response(
-        lambda: build_sr(header_from_json(header_json), view.result, view.model_name, view.model_sha256),
+        lambda: build_sr(
+            header_from_json(header_json, view.identity), view.result, view.model_name, view.model_sha256
+        ),
         "instance",
     )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,8 @@ from retinaedge.runtime.detector import Detection
 from retinaedge.runtime.findings import LinkParams, SeriesResult, analyse_series
 from retinaedge.runtime.series import FrameRef, frames_from_dataset
 
+from .evidence import header_from_json
 from .store import Row
-from .stow import header_from_json
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,11 @@ def _detections(result: dict[str, Any]) -> dict[int, list[Detection]]:
     return out
 
 
-def series_findings(rows: list[Row], params: LinkParams) -> SeriesFindings | None:
-    """Link the done instances of one series; None when none of them can be used."""
+def series_findings(
+    rows: list[Row], params: LinkParams, identity: Callable[[str], str | None] = lambda _uid: None
+) -> SeriesFindings | None:
+    """Link the done instances of one series; None when none of them can be used. ``identity(uid)``
+    gives an instance's kept patient identity (:mod:`.evidence`) for the headers of the series SR."""
     frames: list[FrameRef] = []
     detections: dict[tuple[str, int], list[Detection]] = {}
     headers: dict[str, Dataset] = {}
@@ -130,7 +134,7 @@ def series_findings(rows: list[Row], params: LinkParams) -> SeriesFindings | Non
         if not r.header_json:
             left_out.append({"sop_instance_uid": r.sop_instance_uid, "reason": "no header was kept"})
             continue
-        ds = header_from_json(r.header_json)
+        ds = header_from_json(r.header_json, identity(r.sop_instance_uid))
         headers[r.sop_instance_uid] = ds
         frames += frames_from_dataset(ds)
         for index, dets in _detections(result).items():

@@ -20,6 +20,7 @@ from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
 
 from .engines import Probe
+from .evidence import IdentityFiles, migrate
 from .formats import FormatRegistry, Kind, ResultFormat, default_formats
 from .metrics import Metrics
 from .opener import DetectorOpener
@@ -37,6 +38,7 @@ class Pruner:
     for every request."""
 
     store: Store
+    identities: IdentityFiles
     interval_s: float
     max_age_s: float
     max_bytes: int
@@ -47,7 +49,7 @@ class Pruner:
         if now - self.last < self.interval_s:
             return
         self.last = now
-        self.store.prune(self.max_age_s, self.max_bytes)
+        self.identities.delete(self.store.prune(self.max_age_s, self.max_bytes))
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Services:
     metrics: Metrics
     spool: Spool
     store: Store
+    identities: IdentityFiles
     prune: Pruner
     processor: Processor
     formats: FormatRegistry
@@ -101,7 +104,12 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     metrics = Metrics(lambda: worker.depth)
     spool = Spool(settings.data_dir / "spool", settings.min_free_bytes)
     store = Store(settings.data_dir / "state.sqlite3")
-    prune = Pruner(store, settings.prune_interval_s, settings.results_max_age_s, settings.results_max_bytes)
+    identities = IdentityFiles(settings.data_dir / "identity")
+    migrate(store, identities)
+    identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
+    prune = Pruner(
+        store, identities, settings.prune_interval_s, settings.results_max_age_s, settings.results_max_bytes
+    )
     processor = Processor(store, spool, worker, on_outcome=metrics.outcome, after_each=prune)
     return Services(
         settings=settings,
@@ -112,6 +120,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         metrics=metrics,
         spool=spool,
         store=store,
+        identities=identities,
         prune=prune,
         processor=processor,
         formats=default_formats(),

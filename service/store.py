@@ -95,7 +95,7 @@ class Store:
     ) -> bool:
         """Insert a pending instance; False (and nothing changed) when the UID is already known.
 
-        ``header_json`` is the instance's header without pixel data (DICOM JSON), kept for the DICOM SR.
+        ``header_json`` is the instance's SR evidence (DICOM JSON, no patient identity: service/evidence.py).
         """
         with self._lock:
             cur = self._db.execute(
@@ -197,13 +197,19 @@ class Store:
                 (time.time(), error_type, message, uid),
             )
 
-    def prune(self, max_age_s: float, max_result_bytes: int) -> int:
-        """Retention: drop finished rows older than ``max_age_s``, then the oldest beyond the byte budget."""
+    def prune(self, max_age_s: float, max_result_bytes: int) -> list[str]:
+        """Retention: drop finished rows older than ``max_age_s``, then the oldest beyond the byte budget;
+        returns the SOP Instance UIDs dropped."""
         with self._lock:
-            n = self._db.execute(
-                "DELETE FROM instances WHERE state != 'pending' AND completed_at < ?",
-                (time.time() - max_age_s,),
-            ).rowcount
+            old = [
+                r[0]
+                for r in self._db.execute(
+                    "DELETE FROM instances WHERE state != 'pending' AND completed_at < ? "
+                    "RETURNING sop_instance_uid",
+                    (time.time() - max_age_s,),
+                ).fetchall()
+            ]
+            n = len(old)
             rows = self._db.execute(
                 "SELECT sop_instance_uid, LENGTH(COALESCE(result_json, '')) FROM instances "
                 "WHERE state != 'pending' ORDER BY completed_at DESC"
@@ -219,7 +225,28 @@ class Store:
                 self._db.execute(
                     "DELETE FROM series_requests WHERE series_uid NOT IN (SELECT series_uid FROM instances)"
                 )
-        return n + len(drop)
+        return old + [uid for (uid,) in drop]
+
+    def uids(self) -> list[str]:
+        """Every SOP Instance UID the database knows."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT sop_instance_uid FROM instances").fetchall()]
+
+    def headers_with(self, keys: tuple[str, ...]) -> list[tuple[str, str]]:
+        """``(uid, header_json)`` of rows whose kept header mentions any of the DICOM JSON ``keys``."""
+        where = " OR ".join("header_json LIKE ?" for _ in keys)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT sop_instance_uid, header_json FROM instances WHERE {where}",
+                tuple(f'%"{k}"%' for k in keys),
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def set_header(self, uid: str, header_json: str | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE instances SET header_json = ? WHERE sop_instance_uid = ?", (header_json, uid)
+            )
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -31,6 +31,7 @@ from retinaedge.runtime.errors import (
 )
 
 from .body import idle_timeout
+from .evidence import IdentityFiles, split_header
 from .multipart import MultipartParser, stow_boundary
 from .spool import Spool
 from .store import Store
@@ -101,8 +102,9 @@ def _reason(exc: DicomInputError) -> int:
     return CANNOT_UNDERSTAND
 
 
-def inspect(source: Path | bytes, limits: Limits) -> tuple[str, str, str, str, str]:
-    """Header checks -> (SOP class, SOP instance, study, series UIDs, header as DICOM JSON); nothing decoded."""
+def inspect(source: Path | bytes, limits: Limits) -> tuple[str, str, str, str, str, str]:
+    """Header checks -> (SOP class, SOP instance, study, series UIDs, SR evidence, patient identity; the
+    last two DICOM JSON, :mod:`.evidence`); nothing decoded."""
     with open_dicom(source, limits) as src:
         validate(src, limits)
         ds = src.ds
@@ -112,47 +114,10 @@ def inspect(source: Path | bytes, limits: Limits) -> tuple[str, str, str, str, s
             str(ds.get("StudyInstanceUID", "")),
             str(ds.get("SeriesInstanceUID", "")),
         )
-        header = header_json(src.fileobj)
+        evidence, identity = split_header(src.fileobj)
     if not uids[1]:
         raise RequestError("the instance has no SOP Instance UID")
-    return (*uids, header)
-
-
-def header_json(fileobj: BinaryIO) -> str:
-    """The File Meta and the dataset up to the pixel data as DICOM JSON (the SR's evidence)."""
-    import json
-
-    import pydicom
-
-    fileobj.seek(0)
-    ds = pydicom.dcmread(fileobj, stop_before_pixels=True, force=False)
-    for tag in list(ds.keys()):
-        try:
-            vr = ds[tag].VR  # converts the raw element: an unknown VR raises here
-        except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
-            del ds[tag]  # left out of the evidence rather than failing the instance
-            continue
-        if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):  # overlays, LUTs, private blobs: not evidence
-            del ds[tag]
-    # Values that do not parse (a DS that is not a number ...) are left out rather than failing the instance.
-    return json.dumps(
-        {
-            "meta": ds.file_meta.to_json_dict(suppress_invalid_tags=True),
-            "dataset": ds.to_json_dict(suppress_invalid_tags=True),
-        }
-    )
-
-
-def header_from_json(text: str) -> Any:
-    """Inverse of :func:`header_json`: a pydicom Dataset with its File Meta."""
-    import json
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-
-    doc = json.loads(text)
-    ds = Dataset.from_json(doc["dataset"])
-    ds.file_meta = FileMetaDataset(Dataset.from_json(doc["meta"]))
-    return ds
+    return (*uids, evidence, identity)
 
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -207,11 +172,13 @@ async def receive(
     enqueue: Callable[[str], None],
     admit: Callable[[], None] = lambda: None,
     idle_timeout_s: float | None = None,
+    identities: IdentityFiles | None = None,
 ) -> StowOutcome:
     """Stream a STOW-RS body into the spool; return what was stored and what failed (and why).
 
     ``admit()`` raises :class:`OverloadedError` while the backlog is full; it runs (in a thread) before
     anything is read and before each part. ``idle_timeout_s``: 408 when the client stops sending.
+    ``identities`` keeps each stored instance's patient identity apart from the database (:mod:`.evidence`).
     """
     parser = MultipartParser(stow_boundary(content_type))
     spool.check_reserve()  # 507 before anything is written
@@ -247,7 +214,7 @@ async def receive(
                     if part.problem is None:
                         part.write(b"", final=True)
                     current, part = part, None
-                    await _finish_part(current, outcome, spool, store, limits, study_uid, enqueue)
+                    await _finish_part(current, outcome, spool, store, limits, study_uid, enqueue, identities)
         parser.finish()
     except BaseException:  # 507, 408, 503, a broken body, the client gone, cancellation: no part is left
         if part is not None:
@@ -284,6 +251,7 @@ async def _finish_part(
     limits: Limits,
     study_uid: str | None,
     enqueue: Callable[[str], None],
+    identities: IdentityFiles | None,
 ) -> None:
     if part.problem is not None:
         spool.discard(part.path, part.fh)
@@ -295,7 +263,7 @@ async def _finish_part(
         spool.discard(part.path, part.fh)
         raise
     try:
-        sop_class, uid, study, series, header = await asyncio.to_thread(inspect, final, limits)
+        sop_class, uid, study, series, header, identity = await asyncio.to_thread(inspect, final, limits)
     except (DicomInputError, RequestError) as exc:
         cls, inst = _uids_if_readable(final)
         spool.discard(final)
@@ -310,6 +278,8 @@ async def _finish_part(
         outcome.failed.append((sop_class, uid, DATASET_MISMATCH, "instance belongs to another study"))
         return
     try:
+        if identities is not None:  # before the row: an acknowledged instance has its identity on disk
+            await asyncio.to_thread(identities.put, uid, identity, replace=False)
         inserted = await asyncio.to_thread(
             store.add_pending, uid, sop_class, study, series, final.name, part.size, header
         )

@@ -55,6 +55,7 @@ def _canary(frames: int = 1) -> pydicom.Dataset:
     ds.PatientID = "CANARYID"
     ds.PatientBirthDate = "19010203"
     ds.AccessionNumber = "CANARYACC"
+    ds.InstitutionName = "CANARYINST"
     uid = "1.2.826.0.1.987654321." + str(random.randrange(10**9))
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
     ds.StudyInstanceUID = "1.2.826.0.1.987654321.1"
@@ -96,6 +97,15 @@ def test_no_patient_data_in_logs_metrics_or_errors(tmp_path: Path, caplog: pytes
         assert marker not in metrics, f"{marker} leaked into /metrics"
         for body in bad_bodies:
             assert marker not in body, f"{marker} leaked into an error body: {body}"
+    # The database (and its WAL) holds no patient name, ID, birth date or accession number; the identity
+    # files the SRs need hold them, nothing else beside the results holds the institution.
+    database = b"".join(p.read_bytes() for p in tmp_path.glob("state.sqlite3*"))
+    identity = b"".join(p.read_bytes() for p in (tmp_path / "identity").glob("*.json"))
+    for marker in ("CANARYNAME", "CANARYID", "19010203", "CANARYACC", "CANARYINST"):
+        assert marker.encode() not in database, f"{marker} is in the SQLite database"
+    for marker in ("CANARYNAME", "CANARYID", "19010203", "CANARYACC"):
+        assert marker.encode() in identity, f"{marker} is not kept for the SR"
+    assert b"CANARYINST" not in identity  # not needed by any SR: not kept at all
 
 
 @pytest.mark.slow

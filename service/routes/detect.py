@@ -30,7 +30,8 @@ router = APIRouter(tags=["detect"])
 
 def _record(services: Services, data: bytes, body: dict[str, Any]) -> None:
     """Keep a /v1/detect result retrievable at /v1/results/{uid} (JSON and SR)."""
-    sop_class, uid, study, series, header = inspect(data, services.limits)
+    sop_class, uid, study, series, header, identity = inspect(data, services.limits)
+    services.identities.put(uid, identity, replace=True)
     services.store.put_done(uid, sop_class, study, series, len(data), body, header)
     services.prune()
 

@@ -70,6 +70,7 @@ async def stow(request: Request, services: ServicesDep, study: str | None = None
             study_uid=study,
             enqueue=services.processor.enqueue,
             admit=services.admit,
+            identities=services.identities,
             idle_timeout_s=settings.request_idle_timeout_s,
         )
     except ClientDisconnect:  # nothing to answer; what was acknowledged before stays acknowledged

@@ -52,6 +52,7 @@ async def result(uid: str, services: ServicesDep, fmt: InstanceFormat) -> Respon
         uid=uid,
         result=row.result() or {},
         header_json=row.header_json,
+        identity=await asyncio.to_thread(services.identities.get, uid),
         model_name=services.model_name,
         model_sha256=services.model_sha256,
     )

@@ -1,0 +1,199 @@
+"""What is kept of an instance's header once the instance is gone, and where.
+
+A DICOM SR of a result (``GET /v1/results/{uid}`` with ``Accept: application/dicom``, the series SR) is
+built later from the source instance's header. Two parts of it are kept, each only as long as the
+result (retention, ``results_max_age_s`` / ``results_max_bytes``):
+
+- the **evidence** (:data:`EVIDENCE_KEYWORDS`: SOP, study, series and frame-of-reference UIDs, study
+  date and time, modality, the image geometry and pixel layout, multi-frame functional groups), as DICOM
+  JSON in the SQLite database (``header_json``). Nothing that names the patient.
+- the **identity** (:data:`IDENTITY_KEYWORDS`: patient name, ID and its issuer, birth date, sex,
+  accession number, referring physician; what the SR's patient and study modules repeat so that a PACS
+  files it with its images), in one small file per instance under ``<data_dir>/identity/`` named by a
+  hash of the SOP Instance UID (owner-only permissions).
+
+Everything else in the header (institution, operators, addresses, descriptions, private elements) is
+not kept at all. The database thus holds no patient name, ID or birth date, and removing an instance's
+result removes its identity file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+#: Non-identifying attributes the SRs need (copied into them, or used for geometry and references).
+EVIDENCE_KEYWORDS = frozenset(
+    {
+        "SpecificCharacterSet",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "InstanceNumber",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "SeriesInstanceUID",
+        "SeriesNumber",
+        "Modality",
+        "FrameOfReferenceUID",
+        "PositionReferenceIndicator",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "SliceLocation",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+    }
+)
+
+#: What identifies the patient and the order: kept apart from the database (module docstring).
+IDENTITY_KEYWORDS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    }
+)
+
+
+def split_header(fileobj: BinaryIO) -> tuple[str, str]:
+    """The header of a PS3.10 file (read up to the pixel data) -> ``(evidence, identity)``, each DICOM
+    JSON text (:func:`split_dataset`)."""
+    import pydicom
+
+    fileobj.seek(0)
+    return split_dataset(pydicom.dcmread(fileobj, stop_before_pixels=True, force=False))
+
+
+def split_dataset(ds: Any) -> tuple[str, str]:
+    """A dataset (with its File Meta) -> ``(evidence, identity)`` as DICOM JSON text; everything else is
+    dropped. Elements pydicom cannot convert and values that do not parse are left out rather than
+    failing the instance."""
+    from pydicom.dataset import Dataset
+
+    evidence, identity = Dataset(), Dataset()
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]  # converts a raw element: an unknown VR raises here
+        except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
+            continue
+        if element.keyword in EVIDENCE_KEYWORDS:
+            evidence.add(element)
+        elif element.keyword in IDENTITY_KEYWORDS:
+            identity.add(element)
+    file_meta = getattr(ds, "file_meta", None)
+    meta = {
+        k: v
+        for k, v in (
+            file_meta.to_json_dict(suppress_invalid_tags=True) if file_meta is not None else {}
+        ).items()
+        if k in ("00020002", "00020003", "00020010")  # media storage SOP class and instance, transfer syntax
+    }
+    return (
+        json.dumps({"meta": meta, "dataset": evidence.to_json_dict(suppress_invalid_tags=True)}),
+        json.dumps(identity.to_json_dict(suppress_invalid_tags=True)),
+    )
+
+
+def migrate(store: Any, identities: IdentityFiles) -> int:
+    """Rows kept by an earlier version hold the whole header: split each, identity to its file."""
+    moved = 0
+    for uid, text in store.headers_with(IDENTITY_TAGS):
+        try:
+            evidence, identity = split_dataset(header_from_json(text))
+        except Exception as exc:  # an unreadable old header: drop it (the SR of that result is lost)
+            log.warning("an old kept header could not be split (%s); dropped", type(exc).__name__)
+            evidence, identity = None, None
+        if identity is not None:
+            identities.put(uid, identity, replace=False)
+        store.set_header(uid, evidence)
+        moved += 1
+    if moved:
+        log.info("moved the patient identity of %d kept header(s) out of the database", moved)
+    return moved
+
+
+#: The DICOM JSON keys of the identity attributes (to find old rows that still hold them).
+IDENTITY_TAGS = ("00100010", "00100020", "00100030", "00080050")
+
+
+def header_from_json(evidence: str, identity: str | None = None) -> Any:
+    """The kept header as a pydicom Dataset with its File Meta: the evidence, plus the identity when given."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    doc = json.loads(evidence)
+    ds = Dataset.from_json(doc["dataset"])
+    ds.file_meta = FileMetaDataset(Dataset.from_json(doc["meta"]))
+    if identity:
+        for element in Dataset.from_json(json.loads(identity)):
+            ds.add(element)
+    return ds
+
+
+class IdentityFiles:
+    """One file per instance under ``root``: its identity attributes (DICOM JSON), fsynced when written."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, uid: str) -> Path:
+        return self.root / f"{hashlib.sha256(uid.encode()).hexdigest()[:40]}.json"
+
+    def put(self, uid: str, identity: str, *, replace: bool) -> None:
+        """Write ``uid``'s identity durably; with ``replace=False`` an existing file stands (a duplicate
+        instance: the first copy stands, as its row does)."""
+        final = self.path(uid)
+        if not replace and final.exists():
+            return
+        part = final.with_suffix(".part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, identity.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(part, final)
+
+    def get(self, uid: str) -> str | None:
+        try:
+            return self.path(uid).read_text()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, uids: Iterable[str]) -> None:
+        for uid in uids:
+            self.path(uid).unlink(missing_ok=True)
+
+    def keep_only(self, uids: Iterable[str]) -> int:
+        """Remove the files of instances the database no longer knows (and stale ``.part`` files)."""
+        known = {self.path(uid).name for uid in uids}
+        removed = 0
+        for path in self.root.iterdir():
+            if path.name not in known:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed

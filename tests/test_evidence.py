@@ -1,0 +1,78 @@
+"""What is kept of a header after the instance is gone (service/evidence.py): the SR evidence in the
+database without patient identity, the identity in a file per instance, both gone with the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+from retinaedge.service.evidence import IdentityFiles, header_from_json, migrate, split_header
+from retinaedge.service.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "examples" / "study_01" / "IM0001.dcm"
+
+
+def _header() -> tuple[pydicom.Dataset, str, str]:
+    ds = pydicom.dcmread(SOURCE)
+    with open(SOURCE, "rb") as fh:
+        evidence, identity = split_header(fh)
+    return ds, evidence, identity
+
+
+def test_the_split_keeps_what_the_sr_needs_and_nothing_that_names_the_patient() -> None:
+    ds, evidence, identity = _header()
+    kept = header_from_json(evidence)
+    assert kept.SOPInstanceUID == ds.SOPInstanceUID and kept.FrameOfReferenceUID == ds.FrameOfReferenceUID
+    assert list(kept.ImagePositionPatient) == list(ds.ImagePositionPatient)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName"):
+        assert keyword not in kept
+    whole = header_from_json(evidence, identity)
+    assert whole.PatientID == ds.PatientID and whole.PatientName == ds.PatientName
+    assert "PixelData" not in whole
+
+
+def test_identity_files_are_written_once_replaced_on_request_and_pruned(tmp_path: Path) -> None:
+    files = IdentityFiles(tmp_path / "identity")
+    files.put("1.2.3", '{"a": 1}', replace=False)
+    files.put("1.2.3", '{"a": 2}', replace=False)  # a duplicate instance: the first copy stands
+    assert json.loads(files.get("1.2.3") or "") == {"a": 1}
+    files.put("1.2.3", '{"a": 3}', replace=True)
+    assert json.loads(files.get("1.2.3") or "") == {"a": 3}
+    assert "1.2.3" not in files.path("1.2.3").name  # named by a hash, not by the UID
+    assert files.path("1.2.3").stat().st_mode & 0o077 == 0
+    files.put("1.2.4", "{}", replace=False)
+    assert files.keep_only(["1.2.4"]) == 1 and files.get("1.2.3") is None and files.get("1.2.4") == "{}"
+
+
+def test_rows_of_an_earlier_version_lose_their_identity_to_files(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(SOURCE, stop_before_pixels=True)
+    old = json.dumps({"meta": ds.file_meta.to_json_dict(), "dataset": ds.to_json_dict()})
+    store = Store(tmp_path / "state.sqlite3")
+    uid = str(ds.SOPInstanceUID)
+    store.put_done(uid, str(ds.SOPClassUID), "1.2", "1.2.1", 10, {"frames": []}, old)
+    files = IdentityFiles(tmp_path / "identity")
+    assert migrate(store, files) == 1
+    row = store.get(uid)
+    assert row is not None and row.header_json is not None
+    assert str(ds.PatientID) not in row.header_json and '"00100010"' not in row.header_json
+    assert header_from_json(row.header_json, files.get(uid)).PatientID == ds.PatientID
+    assert migrate(store, files) == 0  # once
+    store.close()
+
+
+def test_retention_removes_the_identity_with_the_result(tmp_path: Path) -> None:
+    from retinaedge.service.state import Pruner
+
+    store = Store(tmp_path / "state.sqlite3")
+    files = IdentityFiles(tmp_path / "identity")
+    for n in range(3):
+        store.put_done(f"1.2.{n}", "1.2.840.10008.5.1.4.1.1.4", "1.2", "1.2.1", 10, {"n": "x" * 100}, None)
+        files.put(f"1.2.{n}", "{}", replace=False)
+    Pruner(store, files, interval_s=0, max_age_s=3600, max_bytes=250)()  # room for two results
+    assert sorted(store.uids()) == ["1.2.1", "1.2.2"]  # the oldest result went
+    assert sorted(p.name for p in (tmp_path / "identity").iterdir()) == sorted(
+        files.path(u).name for u in ("1.2.1", "1.2.2")
+    )
+    store.close()
