@@ -45,6 +45,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .http_protocol import protocol_class
     from .tls import uvicorn_options
 
     tls = uvicorn_options(settings)  # a certificate that cannot be used is refused before anything starts
@@ -65,6 +66,7 @@ def serve(settings: Settings) -> int:
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=30,
+            http=protocol_class(settings.request_header_timeout_s),
             **tls,
         )
     finally:

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         ge=1024,
         description="STOW-RS answers 503 while this many bytes wait to be processed",
     )
+    request_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a connection whose request headers are not complete by then is closed",
+    )
     request_idle_timeout_s: float = Field(
         default=30.0, gt=0, description="a request body that stops arriving for this long is answered 408"
     )

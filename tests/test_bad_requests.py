@@ -199,3 +199,31 @@ def test_the_stow_backlog_limit_answers_503_until_the_backlog_drains(tmp_path: P
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_a_connection_that_sends_its_headers_too_slowly_is_closed(tmp_path: Path) -> None:
+    """``retinaedge serve`` (its own HTTP protocol): a client sending its request line a byte at a time
+    is cut off at the header deadline; a normal client on a kept-alive connection is not."""
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "request_header_timeout_s": 1.0}))
+    port = free_port()
+    proc = start_server(DEMO, config, port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:  # one kept-alive connection
+            assert [c.get("/healthz").status_code for _ in range(3)] == [200, 200, 200]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            started, closed = time.monotonic(), False
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n"[:20]:  # bounded: 20 bytes, 0.25 s apart
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.25)
+            if not closed:
+                s.settimeout(5)
+                closed = s.recv(1024) == b""
+            assert closed and time.monotonic() - started < 8
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -1,0 +1,67 @@
+"""uvicorn's h11 protocol with a deadline for a request's headers (a slow client cannot hold a connection).
+
+uvicorn times out an idle keep-alive connection only after a response, and never a client that opens a
+connection and sends its request line and headers a byte at a time. Here every connection, and every
+next request on a kept-alive connection, has ``request_header_timeout_s`` to deliver its complete headers;
+otherwise it is closed. The body is then subject to the routes' own idle timeout
+(``request_idle_timeout_s``, :mod:`.body`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """:class:`H11Protocol` that closes a connection whose request headers are not complete in time."""
+
+    header_timeout_s: float = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's headers were parsed: a new request cycle began
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request on this connection gets its own deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _expire(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            log.info("closed a connection: no complete request headers within %.3g s", self.header_timeout_s)
+            self.transport.close()
+
+
+def protocol_class(header_timeout_s: float) -> type[HeaderDeadlineProtocol]:
+    """The protocol class for ``uvicorn.run(http=...)`` with this header deadline."""
+    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": header_timeout_s})
