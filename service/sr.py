@@ -217,7 +217,7 @@ def _report(evidence: list[Dataset], groups: list[Any], model_name: str, descrip
         procedure_reported=codes.SCT.ImagingProcedure,  # SNOMED CT 363679005, a standard code
         imaging_measurements=groups,
     )
-    return Comprehensive3DSR(
+    sr = Comprehensive3DSR(
         evidence=evidence,
         content=report,
         series_instance_uid=generate_uid(),
@@ -230,6 +230,13 @@ def _report(evidence: list[Dataset], groups: list[Any], model_name: str, descrip
         is_verified=False,
         series_description=description[:64],
     )
+    # The private scheme of the model's own class and score codes, declared (PS3.3 C.12.1.1.5).
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "retinaedge model classes and scores"
+    scheme.CodingSchemeResponsibleOrganization = "retinaedge"
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
 
 
 def _source(cls: Any, image: Dataset, frame_number: int | None) -> Any:

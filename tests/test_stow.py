@@ -198,6 +198,9 @@ def test_results_as_dicom_sr(tmp_path: Path) -> None:
                 if item.ConceptNameCodeSequence[0].CodeValue == "121058"  # Procedure reported
             ]
             assert [(c.CodeValue, c.CodingSchemeDesignator) for c in procedure] == [("363679005", "SCT")]
+            assert [i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence] == [
+                "99RETINAEDGE"
+            ]
             parsed = hd.sr.srread(io.BytesIO(r.content))
             groups = parsed.content.get_planar_roi_measurement_groups()
             n = sum(len(f["detections"]) for f in result["frames"])
