@@ -300,11 +300,17 @@ def _check_palette(ds: Any) -> None:
     missing = []
     for colour in ("Red", "Green", "Blue"):
         descriptor = ds.get(f"{colour}PaletteColorLookupTableDescriptor")
-        if descriptor is None or isinstance(descriptor, (int, str, bytes)) or len(descriptor) != 3:
+        try:
+            bits = (
+                None if len(descriptor) != 3 or isinstance(descriptor, (str, bytes)) else int(descriptor[2])
+            )
+        except (TypeError, ValueError):  # absent, one value, or values that are not numbers
+            bits = None
+        if bits is None:
             missing.append(f"{colour}PaletteColorLookupTableDescriptor")
-        elif int(descriptor[2]) not in (8, 16):
+        elif bits not in (8, 16):
             raise MalformedDicomError(
-                f"{colour}PaletteColorLookupTableDescriptor gives {descriptor[2]} bits per entry; "
+                f"{colour}PaletteColorLookupTableDescriptor gives {bits} bits per entry; "
                 "8 or 16 are allowed (PS3.3 C.7.6.3.1.5)"
             )
         if (

@@ -94,19 +94,28 @@ def expected(exc: BaseException, *, from_dicom_library: bool = False) -> bool:
     return any(t.__name__ in EXPECTED for t in type(exc).__mro__)
 
 
-def _redacted_traceback(exc_info: Any, *, dicom: bool) -> str:
+def redacted_traceback(exc_info: Any, *, dicom: bool = False) -> str:
     """The formatted traceback with its message lines (not the ``File`` and source lines) redacted."""
     text = "".join(traceback.format_exception(*exc_info)).rstrip("\n")
-    lines = [
-        ln if ln.startswith((" ", "Traceback ")) or not ln else redact(ln, dicom=dicom)
-        for ln in text.splitlines()
-    ]
+    lines = []
+    source_next = False
+    for ln in text.splitlines():
+        bare = ln.lstrip(" |+-")  # exception groups prefix their sub-tracebacks with | and +-
+        if bare.startswith("File "):
+            lines.append(ln)
+            source_next = True
+        elif source_next or bare.startswith("Traceback ") or not bare:
+            lines.append(ln)  # a source line of the project or a library, not data
+            source_next = False
+        else:
+            lines.append(redact(ln, dicom=dicom))
+
     return "\n".join(lines)
 
 
 def make_safe(record: logging.LogRecord) -> logging.LogRecord:
     """Rewrite a dependency's ``record`` in place (see the module docstring); our own pass unchanged."""
-    name = record.name
+    name = record.name or ""  # logging.makeLogRecord() makes records without a name
     if name == OWN_PREFIX or name.startswith(OWN_PREFIX + "."):
         return record
     dicom = _is_dicom_logger(name)
@@ -123,7 +132,7 @@ def make_safe(record: logging.LogRecord) -> logging.LogRecord:
             record.exc_info = None
             record.exc_text = None
         else:  # a bug somewhere: keep the traceback, with the exception's message lines redacted
-            record.exc_text = _redacted_traceback(record.exc_info, dicom=dicom)
+            record.exc_text = redacted_traceback(record.exc_info, dicom=dicom)
             record.exc_info = None
     if record.stack_info:
         record.stack_info = None

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -169,14 +170,17 @@ class IdentityFiles:
         final = self.path(uid)
         if not replace and final.exists():
             return
-        part = final.with_suffix(".part")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, part = tempfile.mkstemp(dir=self.root, suffix=".part")  # unique: concurrent puts of one UID
         try:
-            os.write(fd, identity.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(part, final)
+            try:
+                os.write(fd, identity.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(part, final)
+        except BaseException:
+            Path(part).unlink(missing_ok=True)
+            raise
 
     def get(self, uid: str) -> str | None:
         try:

@@ -38,8 +38,9 @@ class HeaderDeadlineProtocol(H11Protocol):
             self._disarm()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
+        cycle = self.cycle
+        super().on_response_complete()  # may start a pipelined request whose headers are already here
+        if self.cycle is cycle and not self.transport.is_closing():
             self._arm()  # the next request on this connection gets its own deadline
 
     def connection_lost(self, exc: Exception | None) -> None:

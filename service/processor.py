@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from retinaedge.runtime.errors import DicomInputError, NotReadyError, OverloadedError
+from retinaedge.runtime.logsafety import redacted_traceback
 
 from .spool import Spool
 from .store import Store
@@ -105,7 +107,16 @@ class Processor:
     async def _run(self) -> None:
         while True:
             uid = await self.queue.get()
-            await self._process(uid)
+            try:
+                await self._process(uid)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never ends the task: the row stays as recorded, a restart retries
+                self.problem = f"processing stopped on an instance: {type(exc).__name__}"
+                log.error(
+                    "processing an instance failed; the task goes on:\n%s",
+                    redacted_traceback(sys.exc_info()),
+                )
 
     async def _process(self, uid: str) -> None:
         row = await self._stored("reading a pending instance", lambda: self.store.get(uid))
@@ -115,8 +126,11 @@ class Processor:
         outcome, record = await self._infer(path, uid)
         await self._stored("recording an outcome", record)
         self.on_outcome(outcome)
-        path.unlink(missing_ok=True)
-        self.after_each()
+        try:
+            path.unlink(missing_ok=True)  # recorded: a file left behind is removed at the next start
+        except OSError as exc:
+            log.warning("a processed spool file could not be removed (%s)", type(exc).__name__)
+        await self._stored("retention", self.after_each)  # off the event loop; retried like any write
 
     async def _infer(self, path: Path, uid: str) -> tuple[str, Callable[[], None]]:
         """Run one spooled instance -> ``(outcome, the store call that records it)``."""
@@ -131,7 +145,7 @@ class Processor:
             except DicomInputError as exc:
                 return exc.type, _call(self.store.failed, uid, exc.type, str(exc))
             except Exception as exc:  # a bug: record it against the instance, keep serving
-                log.exception("processing failed")
+                log.error("processing failed:\n%s", redacted_traceback(sys.exc_info()))
                 message = f"{type(exc).__name__}: {exc}"
                 return "internal-error", _call(self.store.failed, uid, "internal-error", message)
             body = result.to_json()

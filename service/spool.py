@@ -75,7 +75,10 @@ class Spool:
     def open_part(self) -> tuple[Path, BinaryIO]:
         name = uuid.uuid4().hex
         path = self.root / f"{name}.part"
-        return path, open(path, "wb")  # noqa: SIM115 (closed by commit/discard)
+        try:
+            return path, open(path, "wb")  # noqa: SIM115 (closed by commit/discard)
+        except OSError as exc:
+            raise (no_space(exc, self.root) or exc) from exc
 
     def write(self, fh: BinaryIO, data: bytes) -> None:
         """Append ``data`` to an open part (507 when the disk is full)."""

@@ -33,7 +33,7 @@ from retinaedge.runtime.errors import (
 from .body import idle_timeout
 from .evidence import IdentityFiles, split_header
 from .multipart import MultipartParser, stow_boundary
-from .spool import Spool
+from .spool import Spool, no_space
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -257,42 +257,62 @@ async def _finish_part(
         spool.discard(part.path, part.fh)
         outcome.failed.append(("", "", *part.problem))
         return
+    # One thread does commit, inspect, identity and row, and cleans up only its own failures: a
+    # cancellation of this coroutine (the end of a graceful shutdown) cannot delete the file of a row the
+    # thread went on to commit. A file without a row is removed by the next start (Processor.recover).
+    failed, stored = await asyncio.to_thread(_store_part, part, spool, store, limits, study_uid, identities)
+    if failed is not None:
+        outcome.failed.append(failed)
+        return
+    assert stored is not None
+    sop_class, uid, inserted = stored
+    if inserted:
+        enqueue(uid)
+    outcome.referenced.append((sop_class, uid))
+
+
+def _store_part(
+    part: _Part,
+    spool: Spool,
+    store: Store,
+    limits: Limits,
+    study_uid: str | None,
+    identities: IdentityFiles | None,
+) -> tuple[tuple[str, str, int, str] | None, tuple[str, str, bool] | None]:
+    """fsync + rename, header checks, identity file, pending row (in this thread) ->
+    ``(failure entry, None)`` or ``(None, (SOP class, SOP instance, inserted))``; raises after cleaning up."""
     try:
-        final = await asyncio.to_thread(spool.commit, part.path, part.fh)
+        final = spool.commit(part.path, part.fh)
     except BaseException:
         spool.discard(part.path, part.fh)
         raise
     try:
-        sop_class, uid, study, series, header, identity = await asyncio.to_thread(inspect, final, limits)
+        sop_class, uid, study, series, header, identity = inspect(final, limits)
     except (DicomInputError, RequestError) as exc:
         cls, inst = _uids_if_readable(final)
         spool.discard(final)
         reason = _reason(exc) if isinstance(exc, DicomInputError) else CANNOT_UNDERSTAND
-        outcome.failed.append((cls, inst, reason, f"{exc.type}: {exc}"))
-        return
+        return (cls, inst, reason, f"{exc.type}: {exc}"), None
     except BaseException:
         spool.discard(final)
         raise
     if study_uid is not None and study != study_uid:
         spool.discard(final)
-        outcome.failed.append((sop_class, uid, DATASET_MISMATCH, "instance belongs to another study"))
-        return
+        return (sop_class, uid, DATASET_MISMATCH, "instance belongs to another study"), None
     try:
         if identities is not None:  # before the row: an acknowledged instance has its identity on disk
-            await asyncio.to_thread(identities.put, uid, identity, replace=False)
-        inserted = await asyncio.to_thread(
-            store.add_pending, uid, sop_class, study, series, final.name, part.size, header
-        )
+            identities.put(uid, identity, replace=False)
+        inserted = store.add_pending(uid, sop_class, study, series, final.name, part.size, header)
     except BaseException as exc:  # not recorded, so not acknowledged: the file goes too
         spool.discard(final)
         if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
             raise InsufficientStorageError(f"the database cannot grow: {exc}") from exc
+        if isinstance(exc, OSError) and (full := no_space(exc, spool.root)) is not None:
+            raise full from exc
         raise
-    if inserted:
-        enqueue(uid)
-    else:  # the same SOP Instance UID again: idempotent, the first copy stands
+    if not inserted:  # the same SOP Instance UID again: idempotent, the first copy stands
         spool.discard(final)
-    outcome.referenced.append((sop_class, uid))
+    return None, (sop_class, uid, inserted)
 
 
 def _uids_if_readable(path: Path) -> tuple[str, str]:

@@ -227,3 +227,38 @@ def test_a_connection_that_sends_its_headers_too_slowly_is_closed(tmp_path: Path
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_a_pipelined_request_is_not_cut_off_by_the_header_deadline(tmp_path: Path) -> None:
+    """Two requests in one packet; the second is held in inference (a gate) past the header deadline:
+    its headers arrived with the first, so both are answered."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "request_header_timeout_s": 1.0}))
+    port = free_port()
+    proc = start_server(DEMO, config, port, gate=gate)
+    data = SOURCE.read_bytes()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                + b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+                + f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data
+            )
+            time.sleep(2.5)  # the detect request is held well past the 1 s header deadline
+            os.unlink(gate)
+            received = b""
+            for _ in range(50):  # bounded
+                if received.count(b"HTTP/1.1 200") == 2 and received.rstrip().endswith(b"}"):
+                    break
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        assert received.count(b"HTTP/1.1 200") == 2, received[:500]
+        assert b'"sop_instance_uid"' in received
+    finally:
+        proc.terminate()
+        proc.wait(60)

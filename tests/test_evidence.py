@@ -76,3 +76,14 @@ def test_retention_removes_the_identity_with_the_result(tmp_path: Path) -> None:
         files.path(u).name for u in ("1.2.1", "1.2.2")
     )
     store.close()
+
+
+def test_concurrent_puts_of_one_uid_do_not_fail(tmp_path: Path) -> None:
+    """A modality retrying while its first STOW-RS is in flight: two writers of one identity file."""
+    import concurrent.futures
+
+    files = IdentityFiles(tmp_path / "identity")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: files.put("1.2.3", f'{{"k": {k % 2}}}', replace=True), range(200)))
+    assert json.loads(files.get("1.2.3") or "")["k"] in (0, 1)
+    assert [p.name for p in (tmp_path / "identity").iterdir()] == [files.path("1.2.3").name]  # no .part left

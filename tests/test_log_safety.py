@@ -188,3 +188,10 @@ def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path) -
     for marker in MARKERS:
         assert marker not in log, [ln for ln in log.splitlines() if marker in ln][:3]
     assert "Traceback" not in log
+
+
+def test_records_made_from_dicts_still_work(installed: None) -> None:
+    """logging.makeLogRecord (socket and queue log receivers) makes an empty record through the factory,
+    without a name, then fills it in: the factory must not fail on it."""
+    record = logging.makeLogRecord({"name": "remote", "msg": "value %s", "args": ("x",)})
+    assert record.getMessage() == "value x"

@@ -130,3 +130,16 @@ def test_identifiers_that_are_not_uids_are_refused_without_echoing_them(
         detector.detect(data)
     assert "not a DICOM UID" in str(info.value)
     assert (uid.decode("utf-8") if isinstance(uid, bytes) else uid) not in str(info.value)
+
+
+def test_a_palette_descriptor_that_is_not_numbers_is_malformed(detector: Detector) -> None:
+    ds = pydicom.dcmread(SOURCE)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    for colour in ("Red", "Green", "Blue"):
+        tag = pydicom.datadict.tag_for_keyword(f"{colour}PaletteColorLookupTableDescriptor")
+        ds.add_new(tag, "LO", ["a", "0", "x"])  # the wrong VR, values that are not numbers
+        ds[f"{colour}PaletteColorLookupTableData"] = pydicom.DataElement(
+            f"{colour}PaletteColorLookupTableData", "OW", bytes(512)
+        )
+    with pytest.raises(MalformedDicomError, match="PALETTE COLOR without its palette"):
+        detector.detect(_bytes(ds))
