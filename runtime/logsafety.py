@@ -83,6 +83,12 @@ def redact(text: str, *, dicom: bool = False) -> str:
     return (_DIGITS_DICOM if dicom else _DIGITS).sub("…", text)
 
 
+def _unquoted_values(text: str) -> str:
+    """``text`` with person names, UIDs and long digit runs redacted (not quoted strings: a template's own
+    quotes are code; string arguments were redacted whole)."""
+    return _DIGITS.sub("…", _DOTTED.sub("…", _PERSON.sub("…", text)))
+
+
 def _is_dicom_logger(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in DICOM_LOGGERS)
 
@@ -113,18 +119,38 @@ def redacted_traceback(exc_info: Any, *, dicom: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _redact_args(record: logging.LogRecord) -> bool:
+    """Redact a record's template and string arguments separately, keeping ``args`` a tuple (formatters
+    such as uvicorn's access formatter unpack it); False when that would not be as safe as redacting the
+    formatted message, which the caller then does."""
+    if not isinstance(record.args, tuple) or not record.args or not isinstance(record.msg, str):
+        return False
+    template = record.msg  # written by a programmer; the check below catches values in it too
+    # Numbers stay numbers (for %d); anything else is redacted as its text (an exception, a path ...).
+    args = tuple(a if isinstance(a, (int, float)) else redact(str(a)) for a in record.args)
+    try:
+        message = template % args
+    except Exception:  # redaction changed the placeholders
+        return False
+    if _unquoted_values(message) != message:  # a value only the formatted message shows (a long number)
+        return False
+    record.msg, record.args = template, args
+    return True
+
+
 def make_safe(record: logging.LogRecord) -> logging.LogRecord:
     """Rewrite a dependency's ``record`` in place (see the module docstring); our own pass unchanged."""
     name = record.name or ""  # logging.makeLogRecord() makes records without a name
     if name == OWN_PREFIX or name.startswith(OWN_PREFIX + "."):
         return record
     dicom = _is_dicom_logger(name)
-    try:
-        message = record.getMessage()
-    except Exception:  # a dependency's malformed format string: keep the template only
-        message = str(record.msg)
-    record.msg = redact(message, dicom=dicom)
-    record.args = None
+    if not (not dicom and _redact_args(record)):
+        try:
+            message = record.getMessage()
+        except Exception:  # a dependency's malformed format string: keep the template only
+            message = str(record.msg)
+        record.msg = redact(message, dicom=dicom)
+        record.args = None
     if record.exc_info and record.exc_info[1] is not None:
         exc = record.exc_info[1]
         if expected(exc, from_dicom_library=dicom):

@@ -195,3 +195,20 @@ def test_records_made_from_dicts_still_work(installed: None) -> None:
     without a name, then fills it in: the factory must not fail on it."""
     record = logging.makeLogRecord({"name": "remote", "msg": "value %s", "args": ("x",)})
     assert record.getMessage() == "value x"
+
+
+def test_formatters_that_unpack_args_keep_working(installed: None) -> None:
+    """uvicorn's access formatter unpacks ``record.args``: they stay a tuple, with values redacted."""
+    from uvicorn.logging import AccessFormatter
+
+    record = logging.getLogger("uvicorn.access").makeRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/v1/results/1.2.826.0.1.55555.1", "1.1", 200),
+        None,
+    )
+    text = AccessFormatter("%(message)s", use_colors=False).format(record)
+    assert "GET /v1/results/…" in text and "200" in text and "55555" not in text
