@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -160,6 +161,9 @@ class IdentityFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        #: Held across "write an identity + insert its row" and "prune rows + delete their identities",
+        #: so a retention pass cannot delete the identity of a row that is being inserted again.
+        self.lock = threading.Lock()
 
     def path(self, uid: str) -> Path:
         return self.root / f"{hashlib.sha256(uid.encode()).hexdigest()[:40]}.json"

@@ -49,7 +49,8 @@ class Pruner:
         if now - self.last < self.interval_s:
             return
         self.last = now
-        self.identities.delete(self.store.prune(self.max_age_s, self.max_bytes))
+        with self.identities.lock:  # no identity is written and its row inserted meanwhile
+            self.identities.delete(self.store.prune(self.max_age_s, self.max_bytes))
 
 
 @dataclass

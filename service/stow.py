@@ -300,9 +300,12 @@ def _store_part(
         spool.discard(final)
         return (sop_class, uid, DATASET_MISMATCH, "instance belongs to another study"), None
     try:
-        if identities is not None:  # before the row: an acknowledged instance has its identity on disk
-            identities.put(uid, identity, replace=False)
-        inserted = store.add_pending(uid, sop_class, study, series, final.name, part.size, header)
+        if identities is None:
+            inserted = store.add_pending(uid, sop_class, study, series, final.name, part.size, header)
+        else:
+            with identities.lock:  # before the row: an acknowledged instance has its identity on disk
+                identities.put(uid, identity, replace=False)
+                inserted = store.add_pending(uid, sop_class, study, series, final.name, part.size, header)
     except BaseException as exc:  # not recorded, so not acknowledged: the file goes too
         spool.discard(final)
         if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):

@@ -31,8 +31,9 @@ router = APIRouter(tags=["detect"])
 def _record(services: Services, data: bytes, body: dict[str, Any]) -> None:
     """Keep a /v1/detect result retrievable at /v1/results/{uid} (JSON and SR)."""
     sop_class, uid, study, series, header, identity = inspect(data, services.limits)
-    services.identities.put(uid, identity, replace=True)
-    services.store.put_done(uid, sop_class, study, series, len(data), body, header)
+    with services.identities.lock:
+        services.identities.put(uid, identity, replace=True)
+        services.store.put_done(uid, sop_class, study, series, len(data), body, header)
     services.prune()
 
 
