@@ -128,10 +128,17 @@ def _canary_file(tmp_path: Path, values: dict[str, tuple[str, str]] = CANARY_VAL
         warnings.simplefilter("ignore")
         for keyword, (vr, value) in values.items():
             ds[keyword] = pydicom.DataElement(keyword, vr, value)
+        # DS and IS values pydicom will not write as they are: valid placeholders, patched afterwards.
+        ds.PatientWeight = "98765.43"
+        ds.StageNumber = "87654321"
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    for placeholder, canary in ((b"98765.43", b"CANARYDS"), (b"87654321", b"CANARYIS")):
+        assert data.count(placeholder) == 1
+        data = data.replace(placeholder, canary)
     path = tmp_path / f"canary-{len(values)}.dcm"
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(data)
     return path
 
 
