@@ -259,16 +259,15 @@ def choose_backend(
         return Choice(open_ort(), f"TensorRT not used: {why}", plan=plan)
 
 
-def open_auto(bundle: Bundle, options: BackendOptions) -> Backend:
-    """``--backend auto`` for the CLI verbs: the service's start-up choice for the engine the service
-    would serve with (:func:`~.tensorrt_backend.engine_settings`), else ONNX Runtime with ``options``;
-    the reason in ``backend.reason``."""
+def plan_for_cli(bundle: Bundle, options: BackendOptions, mode: str) -> BackendPlan:
+    """:func:`plan_backend` for a CLI verb: the engine settings the service would use
+    (:func:`~.tensorrt_backend.engine_settings`), the probe from ``options.extra`` or the real one."""
     from .tensorrt_backend import engine_settings
 
     engine = engine_settings(bundle, options)
-    plan = plan_backend(
+    return plan_backend(
         bundle,
-        mode="auto",
+        mode=mode,
         options=engine.build_options,
         cache_root=engine.cache_root,
         cache_max_bytes=engine.cache_max_bytes,
@@ -276,6 +275,12 @@ def open_auto(bundle: Bundle, options: BackendOptions) -> Backend:
         probe=options.extra.get("probe") or default_probe,
         retry_after_s=engine.retry_after_s,
     )
+
+
+def open_auto(bundle: Bundle, options: BackendOptions) -> Backend:
+    """``--backend auto`` for the CLI verbs: the service's start-up choice for the engine the service
+    would serve with, else ONNX Runtime with ``options``; the reason in ``backend.reason``."""
+    plan = plan_for_cli(bundle, options, "auto")
     choice = choose_backend(
         bundle,
         plan,

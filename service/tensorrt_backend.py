@@ -96,7 +96,7 @@ def open(bundle: Bundle, options: BackendOptions) -> Backend:  # noqa: A001 (reg
     be used (missing extra: a :class:`~retinaedge.runtime.errors.MissingDependencyError` naming
     ``retinaedge[trt]``).
     """
-    from .engines import default_probe, plan_backend
+    from .engines import plan_for_cli
     from .policy import to_runtime_error
 
     extra = options.extra
@@ -105,17 +105,7 @@ def open(bundle: Bundle, options: BackendOptions) -> Backend:  # noqa: A001 (reg
     if plan is None:
         if extra.get("probe") is None:
             check()  # before the settings: a missing extra is the first thing to say
-        engine = engine_settings(bundle, options)
-        plan = plan_backend(
-            bundle,
-            mode="tensorrt",
-            options=engine.build_options,
-            cache_root=engine.cache_root,
-            cache_max_bytes=engine.cache_max_bytes,
-            allow_build=engine.allow_build,
-            probe=extra.get("probe") or default_probe,
-            retry_after_s=engine.retry_after_s,
-        )
+        plan = plan_for_cli(bundle, options, "tensorrt")
     try:
         return open_planned(bundle, plan, on_status)
     except DeviceError as exc:  # registry callers see the runtime's hierarchy only (one CLI error line)

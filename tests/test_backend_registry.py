@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import THIS, this_device
 from retinaedge.device.buildopts import BuildOptions
 from retinaedge.device.enginecache import EngineCache
-from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.runtime.backends import Backend, BackendOptions, open_backend, register, unregister
 from retinaedge.runtime.backends.registry import BACKENDS, check_available, choices
 from retinaedge.runtime.bundle import Bundle, load_bundle
@@ -227,21 +227,6 @@ def test_eval_backend_auto_reports_backend_and_reason(
 
 
 # --- the tensorrt backend's loaders through the registry, on a fixed fingerprint (no GPU needed) ---
-
-THIS = DeviceFingerprint.from_values(
-    gpu_name="Orin",
-    compute_capability="8.7",
-    sm_count=16,
-    tensorrt="10.13.3",
-    cuda="12.6",
-    l4t="36.4.4",
-    dla_cores=2,
-)
-CAPS = DeviceCapabilities.for_tensorrt("10.13.3", fast_fp16=True, fast_int8=True)
-
-
-def this_device() -> tuple[DeviceFingerprint, DeviceCapabilities]:
-    return THIS, CAPS
 
 
 def test_engine_settings_are_the_services(
