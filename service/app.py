@@ -40,6 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start the inference worker and the STOW-RS processor (queueing what a restart left pending)."""
     services: Services = app.state.services
     services.worker.start()
+    services.writer.start()
     recovered = services.processor.recover()
     if recovered:
         log.info("recovered %d pending instance(s) from the spool", recovered)
@@ -48,6 +49,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await services.processor.stop()
     await asyncio.to_thread(services.opener.stop)
     await asyncio.to_thread(services.worker.stop)
+    await asyncio.to_thread(services.writer.stop)
     services.store.close()
 
 

@@ -32,7 +32,7 @@ def build_argv(settings: Settings) -> list[str]:
 
     Its build options key the same cache entry as :meth:`Settings.build_options` (tested).
     """
-    b = settings.batch_size
+    b = settings.max_batch_size
     argv = [
         sys.executable,
         "-m",

@@ -5,7 +5,7 @@ never changed), builds (or finds the cached engine; ``--force`` rebuilds; a fail
 so that service start-ups do not retry it at once, while this verb always tries), runs the golden self-test and the detection-aware
 comparison with ONNX Runtime, stores the engine with its manifest and prints one JSON object: the cache
 key, engine path, fingerprint, build report (layers on the DLA, timing cache) and validation results.
-Use the same options as the service (``engine_*`` settings, ``batch_size``) so that it finds the engine.
+Use the same options as the service (``engine_*`` settings, ``max_batch_size``) so that it finds the engine.
 """
 
 from __future__ import annotations

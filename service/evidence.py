@@ -94,10 +94,13 @@ def split_dataset(ds: Any) -> tuple[str, str]:
     """A dataset (with its File Meta) -> ``(evidence, identity)`` as DICOM JSON text; everything else is
     dropped. Elements pydicom cannot convert and values that do not parse are left out rather than
     failing the instance."""
+    from pydicom.datadict import keyword_for_tag
     from pydicom.dataset import Dataset
 
     evidence, identity = Dataset(), Dataset()
     for tag in list(ds.keys()):
+        if keyword_for_tag(tag) not in EVIDENCE_KEYWORDS | IDENTITY_KEYWORDS:
+            continue  # not converted at all: a deferred value (pixel data) is never read here
         try:
             element = ds[tag]  # converts a raw element: an unknown VR raises here
         except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read

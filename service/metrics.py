@@ -30,8 +30,16 @@ class Metrics:
             ["backend", "state"],
             registry=self.registry,
         )
+        self.batch_frames = Histogram(
+            "retinaedge_batch_frames",
+            "Frames per inference batch, from any requests",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=self.registry,
+        )
         depth = Gauge(
-            "retinaedge_queue_depth", "Instances waiting for the inference worker", registry=self.registry
+            "retinaedge_queue_depth",
+            "Instances in the pipeline (being read, waiting for or in inference)",
+            registry=self.registry,
         )
         depth.set_function(lambda: float(queue_depth()))
 

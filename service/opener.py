@@ -76,7 +76,7 @@ class DetectorOpener:
         detector = Detector(
             self.bundle,
             choice.backend,
-            batch_size=s.batch_size,
+            batch_size=s.max_batch_size,
             limits=self.limits,
             backend_reason=choice.reason,
             self_test_criteria=choice.criteria,

@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 
 class Processor:
-    """An asyncio task feeding pending instances to the worker; ``enqueue(uid)`` is thread-safe-free (loop only)."""
+    """Asyncio tasks feeding pending instances to the worker; ``enqueue(uid)`` from the event loop only."""
 
     def __init__(
         self,
@@ -48,6 +48,7 @@ class Processor:
         retry_s: float = 0.25,
         on_outcome: Callable[[str], None] = lambda _o: None,
         after_each: Callable[[], None] = lambda: None,
+        concurrency: int = 1,
     ) -> None:
         self.store = store
         self.spool = spool
@@ -56,7 +57,9 @@ class Processor:
         self.on_outcome = on_outcome
         self.after_each = after_each
         self.queue: asyncio.Queue[str] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self.concurrency = max(1, concurrency)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._active: set[str] = set()  # instances a task is processing now
         #: Why outcomes cannot be recorded now (a storage error), or None.
         self.problem: str | None = None
 
@@ -75,15 +78,26 @@ class Processor:
         return len(pending)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="retinaedge-processor")
+        """``concurrency`` tasks, each taking the next pending instance: their frames share batches."""
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"retinaedge-processor-{n}")
+            for n in range(self.concurrency)
+        ]
+
+    @property
+    def running(self) -> bool:
+        """True while every processing task runs (none ended on an error)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
+        self._tasks = []
 
     async def _stored(self, what: str, call: Callable[[], T]) -> T:
         """``call()`` in a thread, retried with back-off while storage fails (see the module docstring)."""
@@ -107,6 +121,9 @@ class Processor:
     async def _run(self) -> None:
         while True:
             uid = await self.queue.get()
+            if uid in self._active:  # queued twice (a duplicate upload): the task that has it finishes it
+                continue
+            self._active.add(uid)
             try:
                 await self._process(uid)
             except asyncio.CancelledError:
@@ -117,6 +134,8 @@ class Processor:
                     "processing an instance failed; the task goes on:\n%s",
                     redacted_traceback(sys.exc_info()),
                 )
+            finally:
+                self._active.discard(uid)
 
     async def _process(self, uid: str) -> None:
         row = await self._stored("reading a pending instance", lambda: self.store.get(uid))

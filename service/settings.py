@@ -34,10 +34,50 @@ class Settings(BaseSettings):
     max_frames: int = Field(default=2000, ge=1)
     max_frame_bytes: int = Field(default=256 * 1024**2, ge=1024)
     max_decoded_bytes: int = Field(default=4 * 1024**3, ge=1024)
-    queue_size: int = Field(default=8, ge=1, description="instances waiting for the inference worker")
+    queue_size: int = Field(
+        default=8,
+        ge=1,
+        description="instances admitted to the pipeline besides the one at its head (being read, waiting "
+        "for or in inference); beyond, /v1/detect answers 503 and STOW-RS processing waits",
+    )
     queue_max_age_s: float = Field(default=60.0, gt=0, description="older queued work is refused with 503")
     retry_after_s: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=4, ge=1)
+    max_batch_size: int = Field(
+        default=4,
+        ge=1,
+        description="frames per inference batch at most, from any requests (also the TensorRT engine's "
+        "batch profile maximum)",
+    )
+    batch_delay_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=1000,
+        description="how long the first frame of a batch waits for more while other frames are being read",
+    )
+    preferred_batch_sizes: list[int] = Field(
+        default_factory=list,
+        description="batch sizes run at once when reached with nothing else waiting (empty: only "
+        "max_batch_size)",
+    )
+    prepare_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="threads reading, decoding and windowing instances (default: the usable CPUs, at most 4)",
+    )
+    max_frames_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="prepared frames waiting for inference at most (default 4 x max_batch_size): bounds the "
+        "memory of frames read ahead",
+    )
+    processing_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="STOW-RS instances processed at the same time (default max_batch_size), so that their "
+        "frames can share batches",
+    )
     data_dir: Path = Field(default=Path("retinaedge-data"), description="spool and SQLite database")
     min_free_bytes: int = Field(
         default=1024**3, ge=0, description="disk reserve; below it new instances get 507"
@@ -100,13 +140,13 @@ class Settings(BaseSettings):
     )
 
     def build_options(self) -> BuildOptions:
-        """The engine build options these settings ask for (batch profile 1 / batch_size / batch_size)."""
+        """The engine build options these settings ask for (batch profile 1 / max_batch_size / max_batch_size)."""
         return BuildOptions(
             precision=self.engine_precision,
             dla_core=self.engine_dla_core,
             batch_min=1,
-            batch_opt=self.batch_size,
-            batch_max=self.batch_size,
+            batch_opt=self.max_batch_size,
+            batch_max=self.max_batch_size,
             workspace_mib=self.engine_workspace_mib,
             nms=self.engine_nms,
         )
@@ -126,6 +166,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _loopback_or_token(self) -> Settings:
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ValueError(
+                f"preferred_batch_sizes {bad} are outside 1..max_batch_size ({self.max_batch_size})"
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together: set both for HTTPS, or neither")
         if not is_loopback(self.host) and self.api_token is None:

@@ -6,6 +6,7 @@ dependency, never from a module global, so several apps can live in one process 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
@@ -19,12 +20,14 @@ from fastapi import Depends, Request
 from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
 
+from .batching import BatchPolicy
 from .engines import Probe
 from .evidence import IdentityFiles, migrate
 from .formats import FormatRegistry, Kind, ResultFormat, default_formats
 from .metrics import Metrics
 from .opener import DetectorOpener
 from .processor import Processor
+from .result_writer import ResultWriter
 from .settings import Settings
 from .spool import Spool
 from .store import Store
@@ -68,6 +71,7 @@ class Services:
     identities: IdentityFiles
     prune: Pruner
     processor: Processor
+    writer: ResultWriter
     formats: FormatRegistry
     admit: Callable[[], None]  # raises OverloadedError while the STOW-RS backlog is full
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
@@ -79,6 +83,12 @@ class Services:
     @property
     def model_sha256(self) -> str:
         return str(self.bundle.manifest.model_sha256)
+
+    async def settled(self) -> None:
+        """Wait (10 s at most) until the /v1/detect results kept so far are committed: a route that reads
+        results calls it first, so that a client reads its own writes."""
+        if not self.writer.settle(0):
+            await asyncio.to_thread(self.writer.settle, 10.0)
 
     def uid_hash(self, uid: str) -> str:
         """A keyed hash for logs: correlates requests without writing the UID itself."""
@@ -100,9 +110,17 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         queue_size=settings.queue_size,
         max_age_s=settings.queue_max_age_s,
         retry_after_s=settings.retry_after_s,
+        policy=BatchPolicy(
+            max_batch_size=settings.max_batch_size,
+            delay_s=settings.batch_delay_ms / 1e3,
+            preferred=tuple(sorted(set(settings.preferred_batch_sizes))),
+        ),
+        prepare_threads=settings.prepare_threads,
+        max_frames_in_flight=settings.max_frames_in_flight,
     )
     opener.attach(worker)
     metrics = Metrics(lambda: worker.depth)
+    worker.on_batch = metrics.batch_frames.observe
     spool = Spool(settings.data_dir / "spool", settings.min_free_bytes)
     store = Store(settings.data_dir / "state.sqlite3")
     identities = IdentityFiles(settings.data_dir / "identity")
@@ -111,7 +129,14 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     prune = Pruner(
         store, identities, settings.prune_interval_s, settings.results_max_age_s, settings.results_max_bytes
     )
-    processor = Processor(store, spool, worker, on_outcome=metrics.outcome, after_each=prune)
+    processor = Processor(
+        store,
+        spool,
+        worker,
+        on_outcome=metrics.outcome,
+        after_each=prune,
+        concurrency=settings.processing_concurrency or settings.max_batch_size,
+    )
     return Services(
         settings=settings,
         bundle=bundle,
@@ -124,6 +149,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         identities=identities,
         prune=prune,
         processor=processor,
+        writer=ResultWriter(store, identities, prune),
         formats=default_formats(),
         admit=backlog_admission(
             store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s

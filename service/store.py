@@ -61,6 +61,16 @@ class Row:
         return json.loads(self.result_json) if self.result_json else None
 
 
+_PUT_DONE = (
+    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, size_bytes, "
+    "received_at, state, completed_at, result_json, header_json) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?, ?) "
+    "ON CONFLICT(sop_instance_uid) DO UPDATE SET state = 'done', completed_at = excluded.completed_at, "
+    "result_json = excluded.result_json, header_json = excluded.header_json "
+    "WHERE instances.state != 'pending'"
+)
+
+
 class Store:
     """Thread-safe (one connection behind a lock); every write is a committed transaction."""
 
@@ -120,14 +130,22 @@ class Store:
         now = time.time()
         with self._lock:
             self._db.execute(
-                "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, size_bytes, "
-                "received_at, state, completed_at, result_json, header_json) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?, ?) "
-                "ON CONFLICT(sop_instance_uid) DO UPDATE SET state = 'done', completed_at = excluded.completed_at, "
-                "result_json = excluded.result_json, header_json = excluded.header_json "
-                "WHERE instances.state != 'pending'",
-                (uid, sop_class, study, series, size, now, now, json.dumps(result), header_json),
+                _PUT_DONE, (uid, sop_class, study, series, size, now, now, json.dumps(result), header_json)
             )
+
+    def put_done_many(self, rows: list[tuple[str, str, str, str, int, dict[str, Any], str | None]]) -> None:
+        """:meth:`put_done` for many ``(uid, sop_class, study, series, size, result, header_json)`` in one
+        transaction (one commit, one fsync)."""
+        now = time.time()
+        values = [(u, c, st, se, n, now, now, json.dumps(r), h) for u, c, st, se, n, r, h in rows]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(_PUT_DONE, values)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def get(self, uid: str) -> Row | None:
         return self._one("SELECT * FROM instances WHERE sop_instance_uid = ?", (uid,))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from retinaedge.runtime.dicomio import Limits, open_dicom, validate
+from retinaedge.runtime.dicomio import DicomInput, Limits, open_dicom, validate
 from retinaedge.runtime.errors import (
     DicomInputError,
     InsufficientStorageError,
@@ -31,7 +31,7 @@ from retinaedge.runtime.errors import (
 )
 
 from .body import idle_timeout
-from .evidence import IdentityFiles, split_header
+from .evidence import IdentityFiles, split_dataset
 from .multipart import MultipartParser, stow_boundary
 from .spool import Spool, no_space
 from .store import Store
@@ -107,16 +107,22 @@ def inspect(source: Path | bytes, limits: Limits) -> tuple[str, str, str, str, s
     last two DICOM JSON, :mod:`.evidence`); nothing decoded."""
     with open_dicom(source, limits) as src:
         validate(src, limits)
-        ds = src.ds
-        uids = (
-            str(ds.get("SOPClassUID", "")),
-            str(ds.get("SOPInstanceUID", "")),
-            str(ds.get("StudyInstanceUID", "")),
-            str(ds.get("SeriesInstanceUID", "")),
-        )
-        evidence, identity = split_header(src.fileobj)
+        return header_of(src)
+
+
+def header_of(src: DicomInput) -> tuple[str, str, str, str, str, str]:
+    """An open, validated instance -> (SOP class, SOP instance, study, series UIDs, SR evidence, patient
+    identity), as :func:`inspect` returns them, from what is already parsed (nothing read again)."""
+    ds = src.ds
+    uids = (
+        str(ds.get("SOPClassUID", "")),
+        str(ds.get("SOPInstanceUID", "")),
+        str(ds.get("StudyInstanceUID", "")),
+        str(ds.get("SeriesInstanceUID", "")),
+    )
     if not uids[1]:
         raise RequestError("the instance has no SOP Instance UID")
+    evidence, identity = split_dataset(ds)
     return (*uids, evidence, identity)
 
 

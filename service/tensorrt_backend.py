@@ -72,7 +72,7 @@ class EngineSettings:
 def engine_settings(bundle: Bundle, options: BackendOptions) -> EngineSettings:
     """The engine the service would serve ``bundle`` with: its settings (``RETINAEDGE_*`` environment,
     ``RETINAEDGE_CONFIG_FILE``, defaults; :func:`~retinaedge.service.settings.load_settings`) give the
-    build options (precision, DLA, NMS, workspace, batch profile 1 / batch_size / batch_size) and the
+    build options (precision, DLA, NMS, workspace, batch profile 1 / max_batch_size / max_batch_size) and the
     engine cache. ``options.extra["build_options"]`` and ``options.cache_dir`` override them;
     ``options.allow_build=False`` or ``engine_build=false`` forbid a build."""
     from .settings import load_settings

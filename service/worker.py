@@ -1,10 +1,24 @@
-"""The one inference thread: it owns the backend (and, on a GPU, the CUDA context); handlers hand it work
-through a bounded queue and await a future."""
+"""The serving pipeline: CPU stages in a pool of threads, one inference thread batching frames across
+requests.
+
+``submit(source)`` admits one instance (or raises :class:`OverloadedError` at once) and returns a future of
+its :class:`InstanceResult`. A pool thread (``prepare_threads``) reads the instance (parse, validate,
+decode, modality LUT and window, letterbox: :mod:`retinaedge.runtime.reader`) and queues its frames; the one
+thread that owns the backend (and, on a GPU, the CUDA context) gathers frames from every instance into
+batches (:mod:`.batching`), runs them and hands the outputs back; a pool thread then builds the result in
+frame order (:mod:`.jobs`).
+
+Memory is bounded twice: at most ``queue_size + 1`` instances are admitted at a time, and at most
+``max_frames_in_flight`` prepared frames wait for inference (a reader blocks until frames are run).
+At start the inference thread opens the detector, runs the golden self-test, then runs every batch size
+it will see once (warm-up) before it reports ready.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import queue
 import threading
 import time
@@ -13,20 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from retinaedge.runtime.backends.base import Backend
 from retinaedge.runtime.bundle import self_test
+from retinaedge.runtime.detections import ImageDetections, split_outputs
 from retinaedge.runtime.detector import Detector, InstanceResult
 from retinaedge.runtime.errors import NotReadyError, OverloadedError
+from retinaedge.runtime.reader import InstanceReader
+
+from .batching import BatchPolicy, gather
+from .jobs import InstanceJob, OnOpen, QueuedFrame
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
-
-
-@dataclass
-class _Job:
-    data: bytes | Path
-    future: concurrent.futures.Future[InstanceResult]
-    enqueued: float
+#: A reader waiting for frame budget looks up this often whether the pipeline is stopping (seconds).
+_BUDGET_POLL_S = 0.25
 
 
 @dataclass
@@ -35,24 +51,55 @@ class _Swap:
     done: concurrent.futures.Future[bool]
 
 
+def default_prepare_threads() -> int:
+    """The usable CPUs, at most 4 (the readers share them with the backend's own threads)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
 class InferenceWorker:
-    """``submit(bytes) -> Future[InstanceResult]``; ``state`` is ``loading``, ``ready`` or ``failed``."""
+    """``submit(source) -> Future[InstanceResult]``; ``state`` is ``loading``, ``ready`` or ``failed``."""
 
     def __init__(
-        self, open_detector: Callable[[], Detector], *, queue_size: int, max_age_s: float, retry_after_s: int
+        self,
+        open_detector: Callable[[], Detector],
+        *,
+        queue_size: int,
+        max_age_s: float,
+        retry_after_s: int,
+        policy: BatchPolicy | None = None,
+        prepare_threads: int | None = None,
+        max_frames_in_flight: int | None = None,
     ) -> None:
         self._open = open_detector
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.policy = policy or BatchPolicy(max_batch_size=4)
+        self._limit = queue_size + 1
         self._max_age = max_age_s
         self._retry_after = retry_after_s
+        self._frames: queue.Queue[Any] = queue.Queue()
+        self._budget = threading.Semaphore(max_frames_in_flight or 4 * self.policy.max_batch_size)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            prepare_threads or default_prepare_threads(), thread_name_prefix="retinaedge-prepare"
+        )
+        self._lock = threading.Lock()
+        self._jobs: set[InstanceJob] = set()
+        self._reading = 0  # admitted instances whose frames are not all queued yet
+        self._closing = False
+        self._reader: InstanceReader | None = None
         self._thread = threading.Thread(target=self._run, name="retinaedge-inference", daemon=True)
         self.state = "loading"
         self.reason = "model loading"
         self.backend = ""
         self.backend_reason = ""
         self.self_test: dict[str, Any] = {}
+        #: Called with the size of every batch run (metrics).
+        self.on_batch: Callable[[int], None] = lambda _n: None
         self._ready = threading.Event()
 
+    # -- status ------------------------------------------------------------------------------------------
     def set_status(self, reason: str) -> None:
         """Progress while loading (e.g. an engine build), shown by /readyz until the worker is ready."""
         if self.state == "loading":
@@ -73,43 +120,93 @@ class InferenceWorker:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Instances admitted and not finished (being read, waiting for or in inference)."""
+        return len(self._jobs)
 
+    # -- admission ---------------------------------------------------------------------------------------
     def submit_path(self, path: Path) -> concurrent.futures.Future[InstanceResult]:
-        """Like :meth:`submit` for a spooled file (read frame by frame by the worker)."""
+        """Like :meth:`submit` for a spooled file (read frame by frame by a pool thread)."""
         return self.submit(path)
 
-    def submit(self, data: bytes | Path) -> concurrent.futures.Future[InstanceResult]:
-        if self.state != "ready":
+    def submit(
+        self, data: bytes | Path, *, on_open: OnOpen | None = None
+    ) -> concurrent.futures.Future[InstanceResult]:
+        """Admit one instance; raises :class:`NotReadyError` or :class:`OverloadedError` (503) at once."""
+        if self.state != "ready" or self._reader is None:
             raise NotReadyError(f"the model is not ready: {self.reason}")
-        job = _Job(data, concurrent.futures.Future(), time.monotonic())
+        job = InstanceJob(data, concurrent.futures.Future(), time.monotonic(), on_open=on_open)
+        with self._lock:
+            if self._closing:
+                raise NotReadyError("the service is shutting down")
+            if len(self._jobs) >= self._limit:
+                raise OverloadedError(
+                    f"the inference queue is full ({self._limit} instances in the pipeline)",
+                    self._retry_after,
+                )
+            self._jobs.add(job)
+            self._reading += 1
+        job.future.add_done_callback(lambda _f: self._forget(job))
         try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise OverloadedError(
-                f"the inference queue is full ({self._queue.maxsize} instances waiting)", self._retry_after
-            ) from None
+            self._pool.submit(self._read, job, self._reader)
+        except RuntimeError:  # the pool is shut down: stopping
+            with self._lock:
+                self._reading -= 1
+            job.fail(NotReadyError("the service is shutting down"))
         return job.future
 
+    def _forget(self, job: InstanceJob) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+
+    def _read(self, job: InstanceJob, reader: InstanceReader) -> None:
+        """A pool thread: read ``job`` and queue its frames."""
+        try:
+            job.read(reader, self._put, max_age_s=self._max_age, retry_after_s=self._retry_after)
+        finally:
+            with self._lock:
+                self._reading -= 1
+
+    def _put(self, frame: QueuedFrame) -> None:
+        """Queue one prepared frame once the frame budget allows (bounded waits; gives up when stopping)."""
+        while not self._budget.acquire(timeout=_BUDGET_POLL_S):
+            if self._closing:
+                raise NotReadyError("the service is shutting down")
+        if self._closing:
+            self._budget.release()
+            raise NotReadyError("the service is shutting down")
+        frame.queued = time.monotonic()
+        self._frames.put(frame)
+
+    def _expecting(self) -> bool:
+        return self._reading > 0
+
+    # -- control -----------------------------------------------------------------------------------------
     def swap(self, open_detector: Callable[[], Detector]) -> concurrent.futures.Future[bool]:
-        """Replace the detector on the inference thread, between two jobs (e.g. ONNX Runtime by a
+        """Replace the detector on the inference thread, between two batches (e.g. ONNX Runtime by a
         TensorRT engine built in the background).
 
         The new detector must pass the golden self-test first; if opening or the self-test fails, the
         current detector keeps serving and the failure is added to ``backend_reason``. The future is
-        True when the detector was replaced. Waits behind the jobs already queued, never refused.
+        True when the detector was replaced. Waits behind the frames already queued, never refused.
         """
         done: concurrent.futures.Future[bool] = concurrent.futures.Future()
         if self.state != "ready":
             done.set_result(False)
             return done
-        self._queue.put(_Swap(open_detector, done))
+        self._frames.put(_Swap(open_detector, done))
         return done
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop reading and inference; instances not finished get :class:`NotReadyError`."""
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            self._frames.put(_STOP)
             self._thread.join(timeout)
+        self._close(NotReadyError("the service is shutting down"))
+
+    # -- the inference thread ----------------------------------------------------------------------------
+    def run_batch(self, backend: Backend, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one serving batch ``(N, C, H, W)`` float32 (not the self-test nor the warm-up)."""
+        return backend.infer(images)
 
     def _run(self) -> None:
         try:
@@ -118,9 +215,11 @@ class InferenceWorker:
             self.backend_reason = detector.backend_reason
             try:
                 reports = self_test(detector.backend, detector.bundle, criteria=detector.self_test_criteria)
+                self._warm_up(detector)
             except BaseException:
                 detector.close()
                 raise
+            self._reader = InstanceReader(detector.bundle, detector.limits)
             self.self_test = _passed(reports)
             self.state, self.reason = "ready", "model loaded and golden self-test passed"
             log.info("inference worker ready: backend %s (%s)", self.backend, self.backend_reason or "-")
@@ -129,38 +228,72 @@ class InferenceWorker:
             self.self_test = {"passed": False, "error": self.reason}
             log.error("inference worker failed to start: %s", self.reason)
             self._ready.set()
-            self._drain(NotReadyError(self.reason))
+            self._close(NotReadyError(self.reason))
             return
         self._ready.set()
         try:
             while True:
-                job = self._queue.get()
-                if job is _STOP:
-                    break
-                if isinstance(job, _Swap):
-                    detector = self._swap(detector, job)
-                    continue
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-                age = time.monotonic() - job.enqueued
-                if age > self._max_age:
-                    job.future.set_exception(
-                        OverloadedError(
-                            f"the request waited {age:.1f} s in the queue (limit {self._max_age:.0f} s)",
-                            self._retry_after,
-                        )
+                item = self._frames.get()
+                control = item
+                if isinstance(item, QueuedFrame):
+                    batch, control = gather(
+                        self._frames,
+                        item,
+                        self.policy,
+                        expecting=self._expecting,
+                        is_frame=lambda x: isinstance(x, QueuedFrame),
                     )
-                    continue
-                try:
-                    job.future.set_result(detector.detect(job.data))
-                except BaseException as exc:  # handed to the request that caused it
-                    job.future.set_exception(exc)
+                    self._infer(detector, batch)
+                if control is _STOP:
+                    break
+                if isinstance(control, _Swap):
+                    detector = self._swap(detector, control)
         finally:
             detector.close()
-        self._drain(NotReadyError("the service is shutting down"))
+        self._close(NotReadyError("the service is shutting down"))
+
+    def _infer(self, detector: Detector, batch: list[QueuedFrame]) -> None:
+        """Run ``batch`` and hand each frame's outputs to its instance."""
+        started = time.monotonic()
+        t = time.perf_counter()
+        try:
+            images = np.stack([f.frame.image for f in batch]).astype(np.float32, copy=False)
+            per_image = split_outputs(self.run_batch(detector.backend, images))
+        except BaseException as exc:  # the backend failed: every instance in the batch gets the error
+            for f in batch:
+                f.job.fail(exc)
+            return
+        finally:
+            for _ in batch:
+                self._budget.release()
+        share_ms = (time.perf_counter() - t) * 1e3 / len(batch)
+        for f, dets in zip(batch, per_image, strict=True):
+            # Copies: a backend may reuse its output buffers for the next batch.
+            own = ImageDetections(dets.boxes.copy(), dets.scores.copy(), dets.labels.copy())
+            wait_ms = (started - f.queued) * 1e3
+            if f.job.add_outputs(f.frame, own, share_ms, wait_ms):
+                reader = self._reader
+                assert reader is not None
+                try:
+                    self._pool.submit(f.job.finish, reader)
+                except RuntimeError:  # stopping: finish here
+                    f.job.finish(reader)
+        self.on_batch(len(batch))
+
+    def _warm_up(self, detector: Detector) -> None:
+        """Run each batch size the pipeline will form once, so the first requests are not outliers."""
+        spec = detector.bundle.manifest.input
+        t = time.perf_counter()
+        for n in range(1, self.policy.max_batch_size + 1):
+            detector.backend.infer(np.zeros((n, spec.channels, spec.height, spec.width), np.float32))
+        log.info(
+            "warm-up: batch sizes 1-%d in %.0f ms",
+            self.policy.max_batch_size,
+            (time.perf_counter() - t) * 1e3,
+        )
 
     def _swap(self, current: Detector, job: _Swap) -> Detector:
-        """Open and self-test the new detector; on success close ``current`` and return the new one."""
+        """Open, self-test and warm up the new detector; on success close ``current`` and return the new."""
         try:
             new = job.open()
         except Exception as exc:
@@ -171,6 +304,7 @@ class InferenceWorker:
             return current
         try:
             reports = self_test(new.backend, new.bundle, criteria=new.self_test_criteria)
+            self._warm_up(new)
         except Exception as exc:
             new.close()
             why = f"{type(exc).__name__}: {exc}"
@@ -187,16 +321,23 @@ class InferenceWorker:
         job.done.set_result(True)
         return new
 
-    def _drain(self, exc: Exception) -> None:
+    def _close(self, exc: Exception) -> None:
+        """Refuse new work; fail every unfinished instance and queued control item with ``exc``."""
+        with self._lock:
+            self._closing = True
+            jobs = list(self._jobs)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         while True:
             try:
-                job = self._queue.get_nowait()
+                item = self._frames.get_nowait()
             except queue.Empty:
-                return
-            if isinstance(job, _Swap):
-                job.done.set_result(False)
-            elif job is not _STOP and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(exc)
+                break
+            if isinstance(item, _Swap):
+                item.done.set_result(False)
+            elif isinstance(item, QueuedFrame):
+                self._budget.release()
+        for job in jobs:
+            job.fail(exc)
 
 
 def _passed(reports: list[Any]) -> dict[str, Any]:

@@ -27,22 +27,22 @@ def biased_retinanet(arch: str, num_classes: int, seed: int = 0, *, frozen_bn: b
     return model.eval()
 
 
-#: ``retinaedge serve`` whose ``Detector.detect`` waits while the file ``argv[1]`` exists (a gate the test
-#: opens by deleting it), after creating ``argv[1] + ".entered"``: holds the inference worker busy for as
-#: long as a test needs, whatever the CPU's speed.
+#: ``retinaedge serve`` whose inference (each serving batch: ``InferenceWorker.run_batch``) waits while the
+#: file ``argv[1]`` exists (a gate the test opens by deleting it), after creating ``argv[1] + ".entered"``:
+#: holds the inference thread busy for as long as a test needs, whatever the CPU's speed.
 GATED_SERVE = """
 import os, sys, time
-from retinaedge.runtime.detector import Detector
+from retinaedge.service.worker import InferenceWorker
 from retinaedge.runtime.cli import main
 gate = sys.argv.pop(1)
-real = Detector.detect
+real = InferenceWorker.run_batch
 def held(self, *args, **kwargs):
     open(gate + ".entered", "w").close()
     deadline = time.monotonic() + 300
     while os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)
     return real(self, *args, **kwargs)
-Detector.detect = held
+InferenceWorker.run_batch = held
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -236,7 +236,7 @@ def test_engine_settings_are_the_services(
 
     monkeypatch.setenv("RETINAEDGE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RETINAEDGE_ENGINE_PRECISION", "fp16")
-    monkeypatch.setenv("RETINAEDGE_BATCH_SIZE", "2")
+    monkeypatch.setenv("RETINAEDGE_MAX_BATCH_SIZE", "2")
     got = engine_settings(demo, BackendOptions())
     assert got.cache_root == tmp_path / "data" / "engines" and got.allow_build
     assert (got.build_options.precision, got.build_options.batch_max) == ("fp16", 2)

@@ -178,7 +178,7 @@ def test_background_build_serves_onnxruntime_meanwhile_and_reports_its_failure(t
 def test_build_argv_keys_the_same_engine_as_the_service(tmp_path: Path) -> None:
     import argparse
 
-    settings = settings_for(tmp_path, batch_size=2, engine_precision="fp16", engine_dla_core=1)
+    settings = settings_for(tmp_path, max_batch_size=2, engine_precision="fp16", engine_dla_core=1)
     argv = build_argv(settings)
     assert argv[:4] == [sys.executable, "-m", "retinaedge.runtime.cli", "build"]
     parser = argparse.ArgumentParser()
@@ -255,7 +255,7 @@ def _boot(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subp
     ("env", "words"),
     [
         ({"RETINAEDGE_ENGINE_PRECISON": "fp16"}, "unknown variable(s) RETINAEDGE_ENGINE_PRECISON"),
-        ({"RETINAEDGE_BATCH_SIZE": "0"}, "batch_size: Input should be greater than or equal to 1"),
+        ({"RETINAEDGE_MAX_BATCH_SIZE": "0"}, "max_batch_size: Input should be greater than or equal to 1"),
         ({"RETINAEDGE_MODEL": "/nonexistent/bundle"}, "model bundle /nonexistent/bundle"),
         ({"RETINAEDGE_DATA_DIR": "/proc/version/data"}, "is not a writable directory"),
         ({"RETINAEDGE_HOST": "0.0.0.0"}, "beyond loopback an API token is required"),

@@ -39,6 +39,6 @@ def test_a_failure_after_an_outcome_does_not_stop_processing(tmp_path: Path, fau
         uids = [item["00081155"]["Value"][0] for item in r.json()["00081199"]["Value"]]
         for uid in uids:
             assert wait_done(c, base, uid, timeout=60)["state"] == "done"
-        assert processor._task is not None and not processor._task.done()
+        assert processor.running
         assert c.get(f"{base}/readyz").status_code == 200  # a storage retry clears; a bug is logged
     assert len(calls) >= len(uids)

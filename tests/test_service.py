@@ -22,6 +22,7 @@ from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.service.settings import load_settings
+from retinaedge.service.worker import InferenceWorker
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -117,21 +118,21 @@ def test_body_over_limit_refused_from_content_length() -> None:
 
 
 def test_overload_gives_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The inference worker is held inside ``detect`` (a gate, not a slow model or CPU): with queue_size=1
-    exactly one request is being processed and one waits, the other four get 503 with Retry-After at once;
+    """Inference is held inside the worker's batch run (a gate, not a slow model or CPU): with queue_size=1
+    exactly one request is in inference and one waits, the other four get 503 with Retry-After at once;
     once the gate opens the two accepted ones complete with 200."""
     frames = np.random.default_rng(0).integers(0, 4096, size=(4, 256, 320), dtype=np.uint16)
     data = to_bytes(mr_instance(frames, window=(2048, 4096)))
     gate, entered = threading.Event(), threading.Event()
-    real_detect = Detector.detect
+    real_run = InferenceWorker.run_batch
 
-    def held(self: Detector, *args: Any, **kwargs: Any) -> Any:
+    def held(self: InferenceWorker, *args: Any, **kwargs: Any) -> Any:
         entered.set()
         assert gate.wait(120), "the gate never opened"
-        return real_detect(self, *args, **kwargs)
+        return real_run(self, *args, **kwargs)
 
     with serve(model=DEMO, queue_size=1, retry_after_s=7) as url, httpx.Client(timeout=300) as c:
-        monkeypatch.setattr(Detector, "detect", held)
+        monkeypatch.setattr(InferenceWorker, "run_batch", held)
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             try:
                 first = pool.submit(dicom_post, c, url, data)

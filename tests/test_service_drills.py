@@ -174,7 +174,7 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path) -> None:
     """Clients stream STOW-RS while the server is SIGKILLed at random moments 50 times; every acknowledged
     instance has exactly one result at the end."""
     config = tmp_path / "settings.json"
-    config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "batch_size": 2}))
+    config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "max_batch_size": 2}))
     rng = random.Random(1234)
     acknowledged: set[str] = set()
     lock = threading.Lock()

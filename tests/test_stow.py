@@ -124,7 +124,7 @@ def test_retention_budget(small_bundle: Path, tmp_path: Path) -> None:
 def test_crash_after_acknowledgement_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL the server right after STOW-RS acknowledged slow instances; a restart processes them all."""
     config = tmp_path / "settings.json"
-    config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "batch_size": 2}))
+    config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "max_batch_size": 2}))
     datasets = [
         mr_instance(
             np.random.default_rng(k).integers(0, 4096, size=(16, 256, 320), dtype=np.uint16),

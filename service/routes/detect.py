@@ -1,11 +1,14 @@
-"""``POST /v1/detect``: one DICOM instance in, its detections out (synchronously, through the worker)."""
+"""``POST /v1/detect``: one DICOM instance in, its detections out (synchronously, through the pipeline).
+
+The result is also kept for ``GET /v1/results/{uid}``, from the header the pipeline already parsed, by the
+background writer (:mod:`..result_writer`): nothing on the response path waits for storage.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,22 +22,14 @@ from retinaedge.runtime.errors import (
 
 from ..body import check_declared_length, read_body
 from ..problems import problem_responses
+from ..result_writer import KeptResult
 from ..schemas import DetectResult
-from ..state import Services, ServicesDep
-from ..stow import inspect
+from ..state import ServicesDep
+from ..stow import header_of
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["detect"])
-
-
-def _record(services: Services, data: bytes, body: dict[str, Any]) -> None:
-    """Keep a /v1/detect result retrievable at /v1/results/{uid} (JSON and SR)."""
-    sop_class, uid, study, series, header, identity = inspect(data, services.limits)
-    with services.identities.lock:
-        services.identities.put(uid, identity, replace=True)
-        services.store.put_done(uid, sop_class, study, series, len(data), body, header)
-    services.prune()
 
 
 @router.post(
@@ -57,7 +52,8 @@ async def detect(request: Request, services: ServicesDep) -> Response:
         data = await read_body(request.stream(), limit, services.settings.request_idle_timeout_s)
         if not data:
             raise RequestError("the request body is empty")
-        future = worker.submit(data)
+        header: list[tuple[str, str, str, str, str, str]] = []
+        future = worker.submit(data, on_open=lambda src: header.append(header_of(src)))
         result = await asyncio.wrap_future(future)
     except RetinaEdgeError as exc:
         metrics.outcome(exc.type)
@@ -69,10 +65,9 @@ async def detect(request: Request, services: ServicesDep) -> Response:
     body = result.to_json()
     body["backend"] = worker.backend
     body["backend_reason"] = worker.backend_reason
-    try:
-        await asyncio.to_thread(_record, services, data, body)
-    except Exception as exc:  # the detections stand even if they cannot be kept for later retrieval
-        log.warning("result not kept for /v1/results: %s", type(exc).__name__)
+    sop_class, uid, study, series, evidence, identity = header[0]
+    # Kept for /v1/results by the writer thread (grouped commits), not on this response's path.
+    services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), body, evidence, identity))
     body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
     log.info(
         "instance %s: %d frame(s), %d detection(s)",

@@ -32,6 +32,7 @@ router = APIRouter(tags=["results"])
 async def result(uid: str, services: ServicesDep, fmt: InstanceFormat) -> Response:
     """The detections of the instance with SOP Instance UID ``uid``."""
     check_uid(uid, "the SOP Instance UID in the path")
+    await services.settled()
     row = await asyncio.to_thread(services.store.get, uid)
     if row is None:
         return problem(404, "not-found", "no instance with this SOP Instance UID (or its result has expired)")

@@ -44,6 +44,7 @@ def _series_state(services: Services, uid: str) -> tuple[SeriesStatus, SeriesFin
 
 
 async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:
+    await services.settled()
     state = await asyncio.to_thread(_series_state, services, uid)
     if state is None:
         return problem(404, "not-found", NOT_FOUND)
@@ -86,6 +87,7 @@ async def series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> R
 async def complete_series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> Response:
     """Treat the series as complete now (its pending instances still finish first)."""
     check_uid(series_uid, "the Series Instance UID in the path")
+    await services.settled()
     known = await asyncio.to_thread(services.store.series_rows, series_uid)
     if not known:
         return problem(404, "not-found", NOT_FOUND)

@@ -1,0 +1,157 @@
+"""One admitted instance on its way through the pipeline, and the frames it puts in the batch queue.
+
+A pool thread reads the instance (:meth:`InstanceJob.read`): it parses and validates it, then queues its
+frames one by one as :class:`QueuedFrame`; the inference thread runs frames from any instances together
+and hands each one's outputs back (:meth:`InstanceJob.add_outputs`). Once every frame is back, a pool
+thread builds the result in frame order (:meth:`InstanceJob.finish`) and resolves the future. The first
+error (unreadable data, a frame that does not decode, the backend failing) resolves the future with that
+error; outputs that arrive later are dropped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retinaedge.runtime.detections import ImageDetections
+from retinaedge.runtime.dicomio import DicomInput, ImageInfo
+from retinaedge.runtime.errors import OverloadedError
+from retinaedge.runtime.reader import InstanceReader, ReadFrame
+from retinaedge.runtime.results import InstanceResult, frame_result, instance_result
+
+OnOpen = Callable[[DicomInput], None]
+"""Called in the pool thread with the parsed and validated instance, before any frame is decoded (for
+example to split its header for the record kept of a ``/v1/detect`` result)."""
+
+
+@dataclass
+class QueuedFrame:
+    """One prepared frame waiting for the backend; ``queued`` is ``time.monotonic()`` when it was put."""
+
+    job: InstanceJob
+    frame: ReadFrame
+    queued: float
+
+
+@dataclass
+class _Output:
+    frame: ReadFrame
+    detections: ImageDetections
+    inference_ms: float  # this frame's share of its batch's run
+    wait_ms: float  # from queued to its batch's start
+
+
+@dataclass(eq=False)  # identity semantics: jobs live in a set while admitted
+class InstanceJob:
+    """``source`` (PS3.10 bytes or a spooled file) and the future its :class:`InstanceResult` resolves."""
+
+    source: bytes | Path
+    future: concurrent.futures.Future[InstanceResult]
+    enqueued: float  # time.monotonic() when admitted
+    started: float = field(default_factory=time.perf_counter)
+    on_open: OnOpen | None = None
+    info: ImageInfo | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    _outputs: list[_Output] = field(default_factory=list)
+    _expected: int | None = None  # frames queued, once all of them are
+    _failed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read(
+        self,
+        reader: InstanceReader,
+        put: Callable[[QueuedFrame], None],
+        *,
+        max_age_s: float,
+        retry_after_s: int,
+    ) -> bool:
+        """Read the instance and ``put`` each frame (blocking while the frame budget is spent).
+
+        Returns True when every frame was queued (the result follows once they are all back), False when
+        the job ended here (cancelled, too old, or failed: the future holds the error).
+        """
+        if not self.future.set_running_or_notify_cancel():
+            return False
+        age = time.monotonic() - self.enqueued
+        if age > max_age_s:
+            self.fail(
+                OverloadedError(
+                    f"the request waited {age:.1f} s in the queue (limit {max_age_s:.0f} s)", retry_after_s
+                )
+            )
+            return False
+        try:
+            with reader.open(self.source) as inst:
+                self.info = inst.info
+                if self.on_open is not None:
+                    self.on_open(inst.src)
+                queued = 0
+                for frame in inst.frames():
+                    if self._failed:
+                        return False
+                    put(QueuedFrame(self, frame, time.monotonic()))
+                    queued += 1
+                self.timings_ms.update(inst.timings_ms)
+        except BaseException as exc:  # handed to the request that caused it
+            self.fail(exc)
+            return False
+        with self._lock:
+            self._expected = queued
+            complete = len(self._outputs) == queued
+        if complete:
+            self.finish(reader)
+        return True
+
+    def add_outputs(
+        self, frame: ReadFrame, detections: ImageDetections, inference_ms: float, wait_ms: float
+    ) -> bool:
+        """Record one frame's outputs; True when that was the last frame (call :meth:`finish` then)."""
+        with self._lock:
+            if self._failed:
+                return False
+            self._outputs.append(_Output(frame, detections, inference_ms, wait_ms))
+            return self._expected is not None and len(self._outputs) == self._expected
+
+    def finish(self, reader: InstanceReader) -> None:
+        """Build the result in frame order and resolve the future (a pool thread; not the inference one)."""
+        if self.info is None or self._failed:
+            return
+        t = time.perf_counter()
+        try:
+            classes = reader.bundle.manifest.class_names
+            outputs = sorted(self._outputs, key=lambda o: o.frame.index)
+            frames = [
+                frame_result(classes, o.frame.index, o.frame.rule, o.frame.letterbox, o.detections)
+                for o in outputs
+            ]
+            timings = {
+                **{k: self.timings_ms.get(k, 0.0) for k in ("parse", "decode", "preprocess")},
+                "queue": max((o.wait_ms for o in outputs), default=0.0),
+                "inference": sum(o.inference_ms for o in outputs),
+                "postprocess": (time.perf_counter() - t) * 1e3,
+            }
+            timings["total"] = (time.perf_counter() - self.started) * 1e3
+            result = instance_result(reader.bundle.manifest, self.info, frames, timings)
+        except BaseException as exc:
+            self.fail(exc)
+            return
+        try:
+            self.future.set_result(result)
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            pass
+
+    def fail(self, exc: BaseException) -> None:
+        """Resolve the future with ``exc`` (the first error wins; later outputs are dropped)."""
+        with self._lock:
+            if self._failed:
+                return
+            self._failed = True
+        try:
+            if self.future.running() or self.future.set_running_or_notify_cancel():
+                self.future.set_exception(exc)
+        except (concurrent.futures.InvalidStateError, RuntimeError):  # already resolved or cancelled
+            pass
