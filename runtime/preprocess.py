@@ -110,16 +110,72 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     return out
 
 
-def robust_minmax(values: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """Scale between two percentiles of the frame's own values into 0..1 (constant frame -> 0)."""
-    lo, hi = np.percentile(values, percentiles)
+def stored_percentiles(
+    stored: np.ndarray, percentiles: tuple[float, ...], slope: float = 1.0, intercept: float = 0.0
+) -> list[float]:
+    """``np.percentile(stored * slope + intercept, percentiles)`` (linear method, float64), bit for bit,
+    for integer ``stored`` values of at most 16 bits and ``slope > 0``, from a histogram instead of a
+    partial sort: the order statistics are found in the cumulative counts, rescaled as
+    :func:`modality_lut` rescales every value, then interpolated as numpy does."""
+    flat = stored.reshape(-1)
+    n = flat.size
+    low = int(flat.min()) if flat.dtype.kind == "i" else 0
+    counts = np.bincount(flat.astype(np.intp) - low if low else flat)
+    cumulative = np.cumsum(counts)
+
+    def order_statistic(i: int) -> float:  # the i-th smallest (0-based), rescaled
+        value = float(np.searchsorted(cumulative, i, side="right") + low)
+        return value * slope + intercept if slope != 1.0 or intercept != 0.0 else value
+
+    out = []
+    for q in np.true_divide(np.asarray(percentiles, dtype=np.float64), 100):
+        virtual = (n - 1) * q
+        previous = float(np.floor(virtual))
+        gamma = virtual - previous
+        a = order_statistic(int(previous))
+        b = order_statistic(min(int(previous) + 1, n - 1))
+        diff = b - a
+        out.append(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+    return out
+
+
+def robust_minmax(
+    values: np.ndarray,
+    percentiles: tuple[float, float],
+    stored: np.ndarray | None = None,
+    params: FrameParams | None = None,
+) -> np.ndarray:
+    """Scale between two percentiles of the frame's own values into 0..1 (constant frame -> 0).
+
+    With ``stored`` (the integer values ``values`` were rescaled from, by ``params``' positive slope) the
+    percentiles come from a histogram of ``stored`` (:func:`stored_percentiles`): the same numbers,
+    several times faster than sorting.
+    """
+    if (
+        stored is not None
+        and params is not None
+        and params.slope > 0
+        and stored.dtype.kind in "ui"
+        and stored.dtype.itemsize <= 2
+        and stored.size > 0
+    ):
+        lo, hi = stored_percentiles(stored, percentiles, params.slope, params.intercept)
+    else:
+        lo, hi = np.percentile(values, percentiles)
     if hi <= lo:
         return np.zeros_like(values, dtype=np.float64)
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
-def voi(values: np.ndarray, ds: Any, params: FrameParams, policy: WindowPolicy) -> tuple[np.ndarray, str]:
-    """Modality values -> 0..1 per ``policy``; returns the array and which rule was used."""
+def voi(
+    values: np.ndarray,
+    ds: Any,
+    params: FrameParams,
+    policy: WindowPolicy,
+    stored: np.ndarray | None = None,
+) -> tuple[np.ndarray, str]:
+    """Modality values -> 0..1 per ``policy``; returns the array and which rule was used. ``stored``: the
+    stored values when ``values`` are their rescale (no Modality LUT Sequence), for a faster min-max."""
     if policy.policy == "fixed":
         assert policy.center is not None and policy.width is not None
         return window(values, policy.center, policy.width), "fixed"
@@ -141,7 +197,7 @@ def voi(values: np.ndarray, ds: Any, params: FrameParams, policy: WindowPolicy) 
                 raise MalformedDicomError("the VOI LUT Sequence has an invalid LUT Descriptor") from exc
             out = _apply("VOI LUT Sequence", apply_voi_lut, values, ds, index=0).astype(np.float64)
             return np.clip(out / float(2**bits - 1), 0.0, 1.0), "file-voi-lut"
-    return robust_minmax(values, policy.percentiles), "minmax"
+    return robust_minmax(values, policy.percentiles, stored, params), "minmax"
 
 
 def colour_to_unit(arr: np.ndarray, photometric: str, ds: Any, bits_stored: int) -> np.ndarray:
@@ -169,7 +225,8 @@ def to_unit(
         if arr.ndim != 2:
             raise UnsupportedPhotometricError(f"{photometric} frame has shape {arr.shape}")
         params = frame_params(ds, frame)
-        out, rule = voi(modality_lut(arr, ds, params), ds, params, pre.window)
+        linear = not ds.get("ModalityLUTSequence")  # then the modality values are a rescale of arr
+        out, rule = voi(modality_lut(arr, ds, params), ds, params, pre.window, arr if linear else None)
         if photometric == "MONOCHROME1":  # PS3.3 C.7.6.3.1.2: minimum value is white
             out = 1.0 - out
         return out.astype(np.float32), rule

@@ -12,6 +12,7 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from retinaedge.runtime.dicomio import DicomInput
 from retinaedge.runtime.errors import (
     NotReadyError,
     OverloadedError,
@@ -53,7 +54,14 @@ async def detect(request: Request, services: ServicesDep) -> Response:
         if not data:
             raise RequestError("the request body is empty")
         header: list[tuple[str, str, str, str, str, str]] = []
-        future = worker.submit(data, on_open=lambda src: header.append(header_of(src)))
+
+        def keep_header(src: DicomInput) -> None:  # in the reader thread, from what it already parsed
+            try:
+                header.append(header_of(src))
+            except Exception as exc:  # the detections stand even if they cannot be kept for later
+                log.warning("result not kept for /v1/results: %s", type(exc).__name__)
+
+        future = worker.submit(data, on_open=keep_header)
         result = await asyncio.wrap_future(future)
     except RetinaEdgeError as exc:
         metrics.outcome(exc.type)
@@ -65,9 +73,9 @@ async def detect(request: Request, services: ServicesDep) -> Response:
     body = result.to_json()
     body["backend"] = worker.backend
     body["backend_reason"] = worker.backend_reason
-    sop_class, uid, study, series, evidence, identity = header[0]
-    # Kept for /v1/results by the writer thread (grouped commits), not on this response's path.
-    services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), body, evidence, identity))
+    if header:  # kept for /v1/results by the writer thread (grouped commits), off this response's path
+        sop_class, uid, study, series, evidence, identity = header[0]
+        services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), body, evidence, identity))
     body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
     log.info(
         "instance %s: %d frame(s), %d detection(s)",
