@@ -66,10 +66,12 @@ class InstanceJob:
         reader: InstanceReader,
         put: Callable[[QueuedFrame], None],
         *,
+        opened: Callable[[int], None],
         max_age_s: float,
         retry_after_s: int,
     ) -> bool:
-        """Read the instance and ``put`` each frame (blocking while the frame budget is spent).
+        """Read the instance, tell ``opened`` how many frames it declares, then ``put`` each frame
+        (blocking while the frame budget is spent).
 
         Returns True when every frame was queued (the result follows once they are all back), False when
         the job ended here (cancelled, too old, or failed: the future holds the error).
@@ -89,6 +91,7 @@ class InstanceJob:
                 self.info = inst.info
                 if self.on_open is not None:
                     self.on_open(inst.src)
+                opened(inst.info.frames)
                 queued = 0
                 for frame in inst.frames():
                     if self._failed:

@@ -86,7 +86,8 @@ class InferenceWorker:
         )
         self._lock = threading.Lock()
         self._jobs: set[InstanceJob] = set()
-        self._reading = 0  # admitted instances whose frames are not all queued yet
+        self._unopened = 0  # admitted instances whose header is not read yet
+        self._promised = 0  # frames declared by opened instances and not queued yet
         self._closing = False
         self._reader: InstanceReader | None = None
         self._thread = threading.Thread(target=self._run, name="retinaedge-inference", daemon=True)
@@ -144,13 +145,13 @@ class InferenceWorker:
                     self._retry_after,
                 )
             self._jobs.add(job)
-            self._reading += 1
+            self._unopened += 1
         job.future.add_done_callback(lambda _f: self._forget(job))
         try:
             self._pool.submit(self._read, job, self._reader)
         except RuntimeError:  # the pool is shut down: stopping
             with self._lock:
-                self._reading -= 1
+                self._unopened -= 1
             job.fail(NotReadyError("the service is shutting down"))
         return job.future
 
@@ -159,26 +160,46 @@ class InferenceWorker:
             self._jobs.discard(job)
 
     def _read(self, job: InstanceJob, reader: InstanceReader) -> None:
-        """A pool thread: read ``job`` and queue its frames."""
+        """A pool thread: read ``job`` and queue its frames, keeping count of the frames still to come."""
+        promised: int | None = None  # frames declared and not queued yet; None until the header is read
+
+        def opened(frames: int) -> None:
+            nonlocal promised
+            with self._lock:
+                self._unopened -= 1
+                self._promised += frames
+            promised = frames
+
+        def put(frame: QueuedFrame) -> None:
+            nonlocal promised
+            self._take_budget()
+            with self._lock:  # counted before it is queued: the batcher never waits for a frame it has
+                self._promised -= 1
+            promised = (promised or 1) - 1
+            frame.queued = time.monotonic()
+            self._frames.put(frame)
+
         try:
-            job.read(reader, self._put, max_age_s=self._max_age, retry_after_s=self._retry_after)
+            job.read(reader, put, opened=opened, max_age_s=self._max_age, retry_after_s=self._retry_after)
         finally:
             with self._lock:
-                self._reading -= 1
+                if promised is None:
+                    self._unopened -= 1
+                else:
+                    self._promised -= promised  # a failed instance's frames will not come
 
-    def _put(self, frame: QueuedFrame) -> None:
-        """Queue one prepared frame once the frame budget allows (bounded waits; gives up when stopping)."""
+    def _take_budget(self) -> None:
+        """One unit of the frame budget (bounded waits; gives up when the pipeline stops)."""
         while not self._budget.acquire(timeout=_BUDGET_POLL_S):
             if self._closing:
                 raise NotReadyError("the service is shutting down")
         if self._closing:
             self._budget.release()
             raise NotReadyError("the service is shutting down")
-        frame.queued = time.monotonic()
-        self._frames.put(frame)
 
     def _expecting(self) -> bool:
-        return self._reading > 0
+        """More frames are on their way: an admitted instance is not opened yet, or has frames to come."""
+        return self._unopened > 0 or self._promised > 0
 
     # -- control -----------------------------------------------------------------------------------------
     def swap(self, open_detector: Callable[[], Detector]) -> concurrent.futures.Future[bool]:
