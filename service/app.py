@@ -13,16 +13,16 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
 from retinaedge.runtime import logsafety
 from retinaedge.runtime.errors import RetinaEdgeError, UnauthorizedError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engines import Probe, default_probe
 from .problems import error_response, on_error, on_http_error, on_validation_error, problem_component
@@ -53,25 +53,52 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     services.store.close()
 
 
-async def auth_and_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Bearer token on every path but :data:`OPEN_PATHS` (when one is configured); one log line each."""
-    start = time.perf_counter()
-    token = request.app.state.services.settings.api_token
-    if token is not None and request.url.path not in OPEN_PATHS:
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {token.get_secret_value()}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return error_response(UnauthorizedError("missing or wrong bearer token"))
-    response = await call_next(request)
-    route = request.scope.get("route")
-    log.info(
-        "%s %s -> %d in %.1f ms",
-        request.method,
-        getattr(route, "path", "(unmatched)"),
-        response.status_code,
-        (time.perf_counter() - start) * 1e3,
-    )
-    return response
+class AuthAndLog:
+    """Bearer token on every path but :data:`OPEN_PATHS` (when one is configured); one log line each.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` cost a task group and a memory stream per
+    request (about 0.4 ms of a trivial request's 0.6 ms, measured in-process on this appliance's CPU).
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        token = settings.api_token
+        self.expected = None if token is None else f"Bearer {token.get_secret_value()}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(UnauthorizedError("missing or wrong bearer token"))
+                await response(scope, receive, send)
+                self._log(scope, response.status_code, start)
+                return
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._log(scope, status[0], start)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, start: float) -> None:
+        route = scope.get("route")
+        log.info(
+            "%s %s -> %d in %.1f ms",
+            scope["method"],
+            getattr(route, "path", "(unmatched)"),
+            status,
+            (time.perf_counter() - start) * 1e3,
+        )
 
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -115,7 +142,7 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     app.state.worker = services.worker
     app.state.opener = services.opener
     app.state.store = services.store
-    app.middleware("http")(auth_and_log)
+    app.add_middleware(AuthAndLog, settings=settings)
     app.add_exception_handler(RetinaEdgeError, on_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
