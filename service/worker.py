@@ -5,8 +5,8 @@ requests.
 its :class:`InstanceResult`. A pool thread (``prepare_threads``) reads the instance (parse, validate,
 decode, modality LUT and window, letterbox: :mod:`retinaedge.runtime.reader`) and queues its frames; the one
 thread that owns the backend (and, on a GPU, the CUDA context) gathers frames from every instance into
-batches (:mod:`.batching`), runs them and hands the outputs back; a pool thread then builds the result in
-frame order (:mod:`.jobs`).
+batches (:mod:`.batching`), runs them and hands the outputs back; the result is then built in
+frame order (:mod:`.jobs`) on a thread of its own (``retinaedge-finish``).
 
 Memory is bounded twice: at most ``queue_size + 1`` instances are admitted at a time, and at most
 ``max_frames_in_flight`` prepared frames wait for inference (a reader blocks until frames are run).
@@ -84,6 +84,8 @@ class InferenceWorker:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             prepare_threads or default_prepare_threads(), thread_name_prefix="retinaedge-prepare"
         )
+        # Results are built on their own thread, never behind readers waiting for frame budget.
+        self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retinaedge-finish")
         self._lock = threading.Lock()
         self._jobs: set[InstanceJob] = set()
         self._unopened = 0  # admitted instances whose header is not read yet
@@ -296,7 +298,7 @@ class InferenceWorker:
                 reader = self._reader
                 assert reader is not None
                 try:
-                    self._pool.submit(f.job.finish, reader)
+                    self._finisher.submit(f.job.finish, reader)
                 except RuntimeError:  # stopping: finish here
                     f.job.finish(reader)
         self.on_batch(len(batch))
@@ -348,6 +350,7 @@ class InferenceWorker:
             self._closing = True
             jobs = list(self._jobs)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._finisher.shutdown(wait=False, cancel_futures=True)
         while True:
             try:
                 item = self._frames.get_nowait()

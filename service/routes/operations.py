@@ -29,7 +29,11 @@ async def readyz(services: ServicesDep) -> Response:
     worker, retry = services.worker, {"Retry-After": str(services.settings.retry_after_s)}
     if worker.state != "ready":
         return problem(503, "not-ready", worker.reason, retry)
-    unwritable = await asyncio.to_thread(services.spool.unwritable_reason) or services.processor.problem
+    unwritable = (
+        await asyncio.to_thread(services.spool.unwritable_reason)
+        or services.processor.problem
+        or services.writer.problem
+    )
     if unwritable is not None:
         return problem(503, "not-ready", unwritable, retry)
     return JSONResponse(
