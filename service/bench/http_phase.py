@@ -136,7 +136,7 @@ def running_service(
     env.update(
         RETINAEDGE_DATA_DIR=str(workdir / "service-data"),
         RETINAEDGE_THREADS=str(threads),
-        RETINAEDGE_BATCH_SIZE=str(batch_size),
+        RETINAEDGE_MAX_BATCH_SIZE=str(batch_size),
         RETINAEDGE_MIN_FREE_BYTES="0",
         OMP_NUM_THREADS=str(threads),
     )
