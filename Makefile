@@ -36,6 +36,10 @@ $(VENV)/.created:
 $(VENV)/.test-deps: $(VENV)/.created pyproject.toml
 	$(PIP) install --quiet $(TORCH_PINS)
 	$(PIP) install --quiet -e ".[export,dev]"
+	# tritonserver 2.51 (python backend only) for tests/test_triton*.py, without the wheel's numpy<2 pin;
+	# its python backend stub needs numpy<2, kept apart in .venv/triton-python-env (tools/triton_local.py).
+	$(PIP) install --quiet --no-deps nvidia-pytriton==0.7.0
+	$(PIP) install --quiet --no-deps --upgrade --target $(VENV)/triton-python-env numpy==1.26.4
 	touch $@
 
 venv: $(VENV)/.test-deps

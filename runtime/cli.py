@@ -23,6 +23,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "export": ("retinaedge.export.cli", "torchvision RetinaNet checkpoint -> model bundle (ONNX, NMS fused)"),
+    "export-triton": (
+        "retinaedge.export.triton_cli",
+        "model bundle -> Triton Inference Server model repository (config.pbtxt, model or engines)",
+    ),
     "build": (
         "retinaedge.service.build_cli",
         "model bundle -> TensorRT engine for this device, validated and cached",
