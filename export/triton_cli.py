@@ -18,15 +18,21 @@ def _sizes(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"wants comma-separated batch sizes (e.g. 4,8), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"wants comma-separated batch sizes (e.g. 4,8), got {text!r}"
+        ) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="model bundle directory")
     p.add_argument("--out", type=Path, required=True, help="model repository directory (created)")
     p.add_argument("--name", help="Triton model name (default: the manifest's name)")
-    p.add_argument("--max-batch", type=int, default=8, help="max_batch_size: frames per execution (default 8)")
-    p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count; default 1)")
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="max_batch_size: frames per execution (default 8)"
+    )
+    p.add_argument(
+        "--instances", type=int, default=1, help="model instances (instance_group count; default 1)"
+    )
     p.add_argument(
         "--platform",
         choices=sorted(PLATFORMS),
@@ -54,7 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how long the dynamic batcher may hold a request to fill a batch, in microseconds (default 2000)",
     )
     p.add_argument(
-        "--threads", type=int, default=0, help="python platform: ONNX Runtime threads per instance (0: its default)"
+        "--threads",
+        type=int,
+        default=0,
+        help="python platform: ONNX Runtime threads per instance (0: its default)",
     )
     p.add_argument(
         "--engine-cache", type=Path, help="tensorrt platform: the engine cache retinaedge build wrote into"

@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from retinaedge.runtime.backends.triton import MANIFEST_PARAMETER, SHA_PARAMETER
 from retinaedge.runtime.manifest import Manifest
 
-#: ``parameters`` keys written into every exported configuration.
-SHA_PARAMETER = "retinaedge_model_sha256"
-MANIFEST_PARAMETER = "retinaedge_manifest"
+#: ``parameters`` keys written into every exported configuration (the first two are what
+#: ``backend=triton`` reads back: :mod:`retinaedge.runtime.backends.triton`).
+__all__ = ["MANIFEST_PARAMETER", "SHA_PARAMETER", "TritonModelConfig", "default_preferred"]
 VERSION_PARAMETER = "retinaedge_version"
 #: python variant only: ONNX Runtime intra-op threads per model instance (0: ONNX Runtime's default).
 THREADS_PARAMETER = "intra_op_threads"

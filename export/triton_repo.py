@@ -77,7 +77,9 @@ class ExportRequest:
         if self.platform == "python" and self.kind == "gpu":
             raise ConfigError("--platform python runs ONNX Runtime on the CPU; --kind gpu does not apply")
         if self.platform == "tensorrt" and self.engine_cache is None:
-            raise ConfigError("--platform tensorrt needs --engine-cache DIR (where retinaedge build stored the engines)")
+            raise ConfigError(
+                "--platform tensorrt needs --engine-cache DIR (where retinaedge build stored the engines)"
+            )
 
 
 def model_name(bundle: Bundle, name: str | None) -> str:

@@ -43,7 +43,7 @@ from retinaedge.device.enginecache import EngineCache, Lookup
 from retinaedge.device.errors import DeviceError
 from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.runtime.backends.base import Backend, BackendOptions
-from retinaedge.runtime.backends.registry import open_backend
+from retinaedge.runtime.backends.registry import names, open_backend
 from retinaedge.runtime.bundle import Bundle
 
 from .policy import (
@@ -163,6 +163,8 @@ def plan_backend(
     A build whose last attempt failed less than ``retry_after_s`` seconds before ``now`` (Unix s) is not
     planned again: a crash-looping container must not rebuild (minutes of a Jetson's time) every start.
     """
+    if mode not in BACKEND_MODES and mode in names():  # another registry backend (triton): no engine here
+        return BackendPlan("open", "backend-configured", f"backend={mode}: no TensorRT engine is planned here")
     if mode not in BACKEND_MODES or mode == "onnxruntime":
         return BackendPlan.of(plan_candidates(mode, Facts()))
     try:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from retinaedge.runtime.backends import BackendOptions, open_backend
+from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
 from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.dicomio import Limits
 
 from .background_build import BackgroundBuild, build_argv, failure_summary
-from .engines import BackendPlan, Probe, choose_backend, plan_backend
+from .engines import BACKEND_MODES, BackendPlan, Probe, choose_backend, plan_backend
 from .settings import Settings
 from .worker import InferenceWorker
 
@@ -38,6 +38,7 @@ class DetectorOpener:
         self.worker: InferenceWorker | None = None
         self.build: BackgroundBuild | None = None
         self.plan: BackendPlan | None = None
+        self.backend: Backend | None = None  # the last one opened (what /readyz asks about)
 
     def attach(self, worker: InferenceWorker) -> None:
         self.worker = worker
@@ -51,6 +52,8 @@ class DetectorOpener:
     def open(self, *, allow_build: bool, defer_build: bool) -> Detector:
         """Choose and open the backend (runs on the inference thread: it owns the CUDA context)."""
         s = self.settings
+        if s.backend not in BACKEND_MODES:
+            return self._open_registered(s.backend)
         plan = plan_backend(
             self.bundle,
             mode=s.backend,
@@ -72,6 +75,7 @@ class DetectorOpener:
             defer_build=defer_build,
         )
         self.plan = choice.plan
+        self.backend = choice.backend
         log.info("backend %s: %s", choice.backend.name, choice.reason)
         detector = Detector(
             self.bundle,
@@ -87,6 +91,28 @@ class DetectorOpener:
             )
             self.build.start()
         return detector
+
+    def _open_registered(self, name: str) -> Detector:
+        """A registry backend outside the TensorRT policy (e.g. ``triton``), with its ``NAME_*`` settings."""
+        s = self.settings
+        on_status = self.worker.set_status if self.worker is not None else lambda _s: None
+        extra = {**s.backend_extra(name), "on_status": on_status}
+        backend = open_backend(
+            name, self.bundle, BackendOptions(threads=s.threads, batch_size=s.batch_size, extra=extra)
+        )
+        self.backend = backend
+        return Detector(
+            self.bundle,
+            backend,
+            batch_size=s.batch_size,
+            limits=self.limits,
+            backend_reason=backend.reason,
+            self_test_criteria=backend.self_test_criteria,
+        )
+
+    def unavailable(self) -> str | None:
+        """Why the backend in use cannot run batches now (a remote server down), or None."""
+        return self.backend.unavailable() if self.backend is not None else None
 
     def _open_built(self) -> Detector:
         """The engine the child built, from the cache; anything else is refused (ONNX Runtime stays)."""
@@ -126,7 +152,9 @@ class DetectorOpener:
 
     def describe(self) -> dict[str, Any]:
         """The start-up decision for /readyz and /v1/model."""
-        return {
+        described = {
             "decision": self.plan.decision if self.plan is not None else None,
             "background_build": self.build_status,
         }
+        remote = self.backend.describe() if self.backend is not None else {}
+        return {**described, "remote": remote} if remote else described

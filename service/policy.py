@@ -32,6 +32,7 @@ DECISIONS = (
     "build-new-model",  # engines exist, none for this model and options (a model update)
     "build-fingerprint-changed",  # an engine for this model was built on another device or TensorRT
     "build-corrupt",  # the entry for this key is damaged
+    "backend-configured",  # another registry backend (backend=triton): nothing to plan on this device
 )
 
 #: Engine cache lookup status -> the build decision it leads to (anything else: ``build-new-model``).

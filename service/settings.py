@@ -112,9 +112,24 @@ class Settings(BaseSettings):
     series_min_slices: int = Field(default=2, ge=1, description="findings on fewer slices are dropped")
     series_link_iou: float = Field(default=0.2, gt=0, le=1, description="IoU linking neighbouring slices")
     series_max_gap: int = Field(default=1, ge=0, description="slices a finding may skip")
-    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+    backend: Literal["auto", "onnxruntime", "tensorrt", "triton"] = Field(
         default="auto",
-        description="auto: a valid cached TensorRT engine, else build one (engine_build), else ONNX Runtime",
+        description="auto: a valid cached TensorRT engine, else build one (engine_build), else ONNX Runtime; "
+        "triton: a Triton Inference Server (triton_* settings) runs the model",
+    )
+    # backend=triton (docs/triton.md); a backend's settings are those prefixed with its name.
+    triton_url: str = Field(default="127.0.0.1:8000", description="Triton host:port (HTTP 8000, gRPC 8001)")
+    triton_model: str | None = Field(default=None, description="Triton model name (default: the manifest's)")
+    triton_protocol: Literal["http", "grpc"] = "http"
+    triton_timeout_s: float = Field(default=60.0, gt=0, description="one batch sent to Triton")
+    triton_connect_timeout_s: float = Field(default=5.0, gt=0, description="a health or configuration call")
+    triton_start_timeout_s: float = Field(
+        default=120.0, ge=0, description="how long start-up waits for Triton and the model to be ready"
+    )
+    triton_probe_interval_s: float = Field(default=2.0, gt=0, description="Triton health probe while serving")
+    triton_unreachable: Literal["not_ready", "onnxruntime"] = Field(
+        default="not_ready",
+        description="while Triton is unreachable: not ready (instances stay pending), or local ONNX Runtime",
     )
     engine_cache_dir: Path | None = Field(default=None, description="engine cache (default data_dir/engines)")
     engine_cache_max_bytes: int = Field(default=4 * 1024**3, ge=0, description="engine cache size budget")
@@ -138,6 +153,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="the service's log level (the command line's --log-level wins)"
     )
+
+    def backend_extra(self, name: str) -> dict[str, Any]:
+        """The settings of backend ``name``: those named ``NAME_*``, with the prefix dropped."""
+        prefix = f"{name}_"
+        return {k[len(prefix) :]: v for k, v in self.model_dump().items() if k.startswith(prefix)}
 
     def build_options(self) -> BuildOptions:
         """The engine build options these settings ask for (batch profile 1 / max_batch_size / max_batch_size)."""

@@ -39,6 +39,17 @@ class Backend(ABC):
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch ``(N, C, H, W)`` float32 -> dict of contract outputs (see the module docstring)."""
 
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run batches right now (e.g. its inference server is unreachable), or
+        None. ``/readyz`` answers 503 with it; ``infer`` meanwhile raises
+        :class:`~retinaedge.runtime.errors.NotReadyError`, so queued work stays pending. Local backends
+        are always available."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Backend-specific facts for ``/readyz`` and ``/v1/model`` (a remote server's address and state)."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 (optional hook: a backend without resources keeps it)
         """Release the session/engine and its memory (idempotent; nothing to release by default)."""
 

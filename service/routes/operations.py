@@ -29,6 +29,8 @@ async def readyz(services: ServicesDep) -> Response:
     worker, retry = services.worker, {"Retry-After": str(services.settings.retry_after_s)}
     if worker.state != "ready":
         return problem(503, "not-ready", worker.reason, retry)
+    if (down := services.opener.unavailable()) is not None:
+        return problem(503, "not-ready", down, retry)
     unwritable = (
         await asyncio.to_thread(services.spool.unwritable_reason)
         or services.processor.problem
