@@ -202,7 +202,9 @@ def test_triton_stopped_while_serving(triton: LocalTriton, tmp_path: Path) -> No
             lambda: (r := readyz(base)).status_code == 503 and r, 30, "/readyz 503 after Triton stopped"
         )
         assert "Triton at" in down.json()["detail"] and triton.grpc_url in down.json()["detail"]
-        r = c.post(f"{base}/v1/detect", content=series[0].read_bytes(), headers={"Content-Type": "application/dicom"})
+        r = c.post(
+            f"{base}/v1/detect", content=series[0].read_bytes(), headers={"Content-Type": "application/dicom"}
+        )
         assert r.status_code == 503 and triton.grpc_url in r.json()["detail"], r.text
         stow, ctype = multipart([p.read_bytes() for p in series])
         r = c.post(f"{base}/dicomweb/studies", content=stow, headers={"Content-Type": ctype})

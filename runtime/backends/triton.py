@@ -99,6 +99,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
 
 
+#: gRPC status codes of a connection problem, not of the request.
+_GRPC_TRANSPORT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
+
+
+def _transport_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the request did not get through (rather than Triton refusing it)."""
+    if isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    if type(exc).__module__.startswith("aiohttp") and "Connection" in "".join(
+        c.__name__ for c in type(exc).__mro__
+    ):
+        return True
+    status = getattr(exc, "status", None)
+    code = status() if callable(status) else status
+    return isinstance(code, str) and any(code.endswith(c) for c in _GRPC_TRANSPORT)
+
+
 class _Client:
     """tritonclient's asyncio client for one protocol; create and use on the backend's loop only."""
 
@@ -314,7 +331,14 @@ class TritonBackend(Backend):
         raise NotReadyError(f"the model is not ready: {down}")
 
     def _diagnose(self, exc: Exception) -> str:
-        """After a failed batch: Triton's health decides outage (returned, marked) or model error (raised)."""
+        """After a failed batch: outage (returned, marked down) or Triton's own failure of it (raised).
+
+        A transport failure (refused, reset, timed out, gRPC UNAVAILABLE) is an outage even if Triton
+        answers again by now (the probe clears it); otherwise Triton's health decides."""
+        if _transport_failure(exc):
+            why = f"Triton at {self.opts.url} is unreachable ({_describe(exc)})"
+            self._mark_down(why)
+            return why
         try:
             self._call(self._client.config(), self.opts.connect_timeout_s)
         except (_Unreachable, TimeoutError) as health:
