@@ -164,7 +164,9 @@ def plan_backend(
     planned again: a crash-looping container must not rebuild (minutes of a Jetson's time) every start.
     """
     if mode not in BACKEND_MODES and mode in names():  # another registry backend (triton): no engine here
-        return BackendPlan("open", "backend-configured", f"backend={mode}: no TensorRT engine is planned here")
+        return BackendPlan(
+            "open", "backend-configured", f"backend={mode}: no TensorRT engine is planned here"
+        )
     if mode not in BACKEND_MODES or mode == "onnxruntime":
         return BackendPlan.of(plan_candidates(mode, Facts()))
     try:

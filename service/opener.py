@@ -98,13 +98,13 @@ class DetectorOpener:
         on_status = self.worker.set_status if self.worker is not None else lambda _s: None
         extra = {**s.backend_extra(name), "on_status": on_status}
         backend = open_backend(
-            name, self.bundle, BackendOptions(threads=s.threads, batch_size=s.batch_size, extra=extra)
+            name, self.bundle, BackendOptions(threads=s.threads, batch_size=s.max_batch_size, extra=extra)
         )
         self.backend = backend
         return Detector(
             self.bundle,
             backend,
-            batch_size=s.batch_size,
+            batch_size=s.max_batch_size,
             limits=self.limits,
             backend_reason=backend.reason,
             self_test_criteria=backend.self_test_criteria,

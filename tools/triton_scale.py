@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", default="1,2,4", help="appliance process counts (default 1,2,4)")
     p.add_argument("--rounds", type=int, default=1, help="times each appliance gets every input file")
     p.add_argument("--concurrency", type=int, default=2, help="client threads per appliance (default 2)")
-    p.add_argument("--batch-size", type=int, default=4, help="the appliances' batch_size setting")
+    p.add_argument("--batch-size", type=int, default=4, help="the appliances' max_batch_size setting")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of each local appliance")
     p.add_argument("--modes", default="onnxruntime,triton", help="which of onnxruntime,triton to run")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             http_url, grpc_url = server.http_url, server.grpc_url
         for mode in modes:
             for n in counts:
-                settings: dict[str, Any] = {"batch_size": args.batch_size, "queue_size": 64}
+                settings: dict[str, Any] = {"max_batch_size": args.batch_size, "queue_size": 64}
                 if mode == "triton":
                     url = grpc_url if args.protocol == "grpc" else http_url
                     settings.update(
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": str(args.inputs),
         "rounds": args.rounds,
         "concurrency_per_process": args.concurrency,
-        "batch_size": args.batch_size,
+        "appliance_max_batch_size": args.batch_size,
         "local_threads": args.threads,
         "triton": {"url": http_url, "model": model, "protocol": args.protocol, "local": server is not None},
         "rows": rows,
