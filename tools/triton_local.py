@@ -23,6 +23,7 @@ Use :class:`LocalTriton` (``start()``, ``stop()``, ``restart()``; a context mana
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import shutil
@@ -70,6 +71,15 @@ def wheel_paths() -> tuple[Path, Path, Path, Path]:
     for needed in (binary, libs, stub):
         if not needed.exists():
             raise TritonUnavailable(f"the nvidia-pytriton wheel has no {needed} (Python {version})")
+    soname = sysconfig.get_config_var("INSTSONAME") or f"libpython{version}.so.1.0"
+    libdir = Path(sysconfig.get_config_var("LIBDIR") or "/usr/lib")
+    try:  # the stub embeds Python: it links this version's shared libpython
+        ctypes.CDLL(str(libdir / soname) if (libdir / soname).exists() else soname)
+    except OSError:
+        raise TritonUnavailable(
+            f"the python backend stub needs {soname}, which is not installed (Debian: apt-get install "
+            f"libpython{version}; .ci/run does)"
+        ) from None
     env_dir = root.parents[3] / PYTHON_ENV_DIR  # site-packages -> lib/python3.X -> lib -> the venv
     if not (env_dir / "numpy").is_dir():
         raise TritonUnavailable(
