@@ -212,6 +212,10 @@ def test_triton_stopped_while_serving(triton: LocalTriton, tmp_path: Path) -> No
         time.sleep(1.0)  # the processor has tried them meanwhile (every 0.25 s): still pending, not failed
         assert [c.get(f"{base}/v1/results/{uid}").status_code for uid in uids] == [202] * len(uids)
         assert readyz(base).status_code == 503
+        assert (
+            'retinaedge_backend_info{backend="triton",state="unavailable"} 1.0'
+            in c.get(f"{base}/metrics").text
+        )
         triton.start(90)
         until(lambda: readyz(base).status_code == 200, 30, "/readyz 200 once Triton is back")
         results = [wait_done(c, base, uid, timeout=60) for uid in uids]

@@ -80,5 +80,7 @@ async def model(services: ServicesDep) -> Response:
 )
 async def prometheus(services: ServicesDep) -> Response:
     """Per-stage latency, queue depth, instances by outcome and the backend in use."""
-    services.metrics.set_backend(services.worker.backend, services.worker.state)
+    worker = services.worker
+    state = "unavailable" if worker.state == "ready" and services.opener.unavailable() else worker.state
+    services.metrics.set_backend(worker.backend, state)
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
