@@ -192,3 +192,19 @@ def test_tensorrt_engine_changed_in_the_cache_is_not_used(
     )
     assert code == 2 and "no engine" in refused["error"]["message"]
     assert not (tmp_path / "repo" / NAME).exists()
+
+
+def test_boot_plans_no_engine_for_backend_triton(tmp_path: Path) -> None:
+    """``retinaedge boot`` with backend=triton: no device probe, no engine planned, the decision recorded."""
+    from retinaedge.runtime.bundle import load_bundle
+    from retinaedge.service.boot import BOOT_RECORD, decide
+    from retinaedge.service.settings import load_settings
+
+    def no_probe() -> Any:
+        raise AssertionError("backend=triton must not probe the device for TensorRT")
+
+    settings = load_settings(model=DEMO, data_dir=tmp_path / "data", backend="triton", triton_url="gpu:8001")
+    report = decide(settings, load_bundle(DEMO), probe=no_probe)
+    assert report.plan.decision == "backend-configured" and "backend=triton" in report.plan.reason
+    assert json.loads((tmp_path / "data" / BOOT_RECORD).read_text())["decision"] == "backend-configured"
+    assert settings.backend_extra("triton")["url"] == "gpu:8001"
