@@ -29,6 +29,7 @@ from triton_local import LocalTriton, TritonUnavailable  # noqa: E402
 
 NAME = "retinaedge-demo-brainmr"
 OTHER = "other-bundle"
+ONE = "demo-batch-1"  # the demo bundle with max_batch_size 1: the backend splits every batch
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEMO_SHA = json.loads((DEMO / "manifest.json").read_text())["model_sha256"]
 
@@ -55,6 +56,8 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
     common = ["--out", str(repo), "--platform", "python", "--threads", "1", "--max-batch", "8"]
     assert main(["export-triton", "--model", str(DEMO), *common]) == 0
     assert main(["export-triton", "--model", str(other_bundle(root)), "--name", OTHER, *common]) == 0
+    one = ["--out", str(repo), "--platform", "python", "--threads", "1", "--max-batch", "1", "--name", ONE]
+    assert main(["export-triton", "--model", str(DEMO), *one]) == 0
     try:
         server = LocalTriton(
             repo,
@@ -114,6 +117,17 @@ def test_python_variant_serves_the_bundle_as_onnxruntime_does(triton: LocalTrito
     np.testing.assert_array_equal(result.as_numpy("labels"), labels)
     np.testing.assert_allclose(result.as_numpy("boxes"), boxes, rtol=0, atol=1e-4)
     np.testing.assert_allclose(result.as_numpy("scores"), scores, rtol=0, atol=1e-6)
+    # the registry backend splits a batch beyond the model's max_batch_size (1 here) into requests
+    from retinaedge.runtime.backends import BackendOptions, open_backend
+    from retinaedge.runtime.bundle import load_bundle
+
+    extra = {"url": triton.http_url, "model": ONE}
+    with open_backend("triton", load_bundle(DEMO), BackendOptions(extra=extra)) as backend:
+        assert backend.max_batch == 1 and backend.unavailable() is None
+        split = backend.infer(images)
+    np.testing.assert_array_equal(split["num_detections"], num)
+    np.testing.assert_allclose(split["boxes"], boxes, rtol=0, atol=1e-4)
+    assert client.get_inference_statistics(ONE)["model_stats"][0]["execution_count"] == len(images)
     stats = client.get_inference_statistics(NAME)["model_stats"][0]
     formed = sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in stats["batch_stats"])
     assert formed == int(stats["inference_count"]) >= len(images)
