@@ -16,12 +16,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from retinaedge.runtime.backends.triton import MANIFEST_PARAMETER, SHA_PARAMETER
+from retinaedge.runtime.backends.triton import CRITERIA_PARAMETER, MANIFEST_PARAMETER, SHA_PARAMETER
 from retinaedge.runtime.manifest import Manifest
 
 #: ``parameters`` keys written into every exported configuration (the first two are what
 #: ``backend=triton`` reads back: :mod:`retinaedge.runtime.backends.triton`).
-__all__ = ["MANIFEST_PARAMETER", "SHA_PARAMETER", "TritonModelConfig", "default_preferred"]
+__all__ = [
+    "CRITERIA_PARAMETER",
+    "MANIFEST_PARAMETER",
+    "SHA_PARAMETER",
+    "TritonModelConfig",
+    "default_preferred",
+]
 VERSION_PARAMETER = "retinaedge_version"
 #: python variant only: ONNX Runtime intra-op threads per model instance (0: ONNX Runtime's default).
 THREADS_PARAMETER = "intra_op_threads"

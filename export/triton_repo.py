@@ -30,7 +30,13 @@ from retinaedge.runtime.bundle import PLUGIN_MODEL_FILE, QDQ_MODEL_FILE, Bundle,
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.hashing import sha256_file
 
-from .triton_config import PLATFORMS, THREADS_PARAMETER, TritonModelConfig, default_preferred
+from .triton_config import (
+    CRITERIA_PARAMETER,
+    PLATFORMS,
+    THREADS_PARAMETER,
+    TritonModelConfig,
+    default_preferred,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +178,23 @@ def _write_version(
             "gpu": entry.manifest["fingerprint"].get("gpu_name"),
             "options": entry.manifest["options"],
         }
-    return sorted(cc_files.values()), cc_files, {"retinaedge_engines": json.dumps(engines, sort_keys=True)}
+    extra = {"retinaedge_engines": json.dumps(engines, sort_keys=True)}
+    criteria = _loosest([e.manifest.get("validation", {}).get("criteria") for e in picked.values()])
+    if criteria:  # reduced-precision engines: the criteria they were accepted with at build
+        extra[CRITERIA_PARAMETER] = json.dumps(criteria, sort_keys=True)
+    return sorted(cc_files.values()), cc_files, extra
+
+
+def _loosest(criteria: list[Any]) -> dict[str, float]:
+    """The loosest of the engines' acceptance criteria (Triton picks the engine by GPU, unknown here)."""
+    known = [c for c in criteria if isinstance(c, dict)]
+    if not known:
+        return {}
+    return {
+        "iou_min": min(float(c["iou_min"]) for c in known),
+        "score_tol": max(float(c["score_tol"]) for c in known),
+        "min_match_rate": min(float(c["min_match_rate"]) for c in known),
+    }
 
 
 def _bundle_onnx_sha256s(bundle: Bundle) -> set[str]:

@@ -127,10 +127,11 @@ def test_tensorrt_repository_takes_engines_from_the_cache(
     sha = sha256_file(DEMO / "model.onnx")
     ampere = b"A10 engine " + FAKE_ENGINE
     hopper = b"H100 engine " + FAKE_ENGINE
-    cache.store(ampere, sha, BuildOptions(batch_min=1, batch_opt=8, batch_max=8), _fingerprint("A10", "8.6"))
-    cache.store(
-        hopper, sha, BuildOptions(batch_min=1, batch_opt=8, batch_max=16), _fingerprint("H100", "9.0")
-    )
+    fp16 = {"validation": {"criteria": {"iou_min": 0.9, "score_tol": 0.02, "min_match_rate": 0.9}}}
+    fp32 = {"validation": {"criteria": {"iou_min": 0.99, "score_tol": 0.001, "min_match_rate": 0.99}}}
+    cache.store(ampere, sha, BuildOptions(batch_opt=8, batch_max=8), _fingerprint("A10", "8.6"), extra=fp32)
+    hopper_options = BuildOptions(precision="fp16", batch_opt=8, batch_max=16)
+    cache.store(hopper, sha, hopper_options, _fingerprint("H100", "9.0"), extra=fp16)
     # not taken: a profile too small for --max-batch 8, a DLA engine, another model's engine
     cache.store(b"small", sha, BuildOptions(batch_min=1, batch_opt=4, batch_max=4), _fingerprint("L4", "8.9"))
     dla = BuildOptions(precision="fp16", dla_core=0, batch_min=1, batch_opt=8, batch_max=8)
@@ -156,6 +157,9 @@ def test_tensorrt_repository_takes_engines_from_the_cache(
     assert (out / NAME / "1" / "model_sm86.plan").read_bytes() == ampere
     assert (out / NAME / "1" / "model_sm90.plan").read_bytes() == hopper
     assert cfg.parameters["retinaedge_model_sha256"].string_value == sha
+    # the loosest acceptance criteria of the engines: the appliance's golden self-test through Triton uses them
+    criteria = json.loads(cfg.parameters["retinaedge_self_test_criteria"].string_value)
+    assert criteria == fp16["validation"]["criteria"]
     engines = json.loads(cfg.parameters["retinaedge_engines"].string_value)
     assert engines["8.6"]["gpu"] == "A10" and engines["9.0"]["options"]["batch"] == [1, 8, 16]
     assert [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in cfg.instance_group] == [

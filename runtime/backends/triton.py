@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib.util
+import json
 import logging
 import threading
 import time
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 #: Model configuration ``parameters`` written by ``export-triton`` (:mod:`retinaedge.export.triton_config`).
 SHA_PARAMETER = "retinaedge_model_sha256"
 MANIFEST_PARAMETER = "retinaedge_manifest"
+#: tensorrt repositories: the golden self-test criteria the engines were accepted with (JSON), when
+#: looser than the bundle's (FP16/INT8 engines).
+CRITERIA_PARAMETER = "retinaedge_self_test_criteria"
 PROTOCOLS = ("http", "grpc")
 UNREACHABLE = ("not_ready", "onnxruntime")
 #: gRPC's 4 MiB default message limit is far below a batch of images.
@@ -253,6 +257,12 @@ class TritonBackend(Backend):
                 f"model sha256 {served}, this appliance's bundle {name} has model sha256 {self.expected_sha}; "
                 f"export the repository from this bundle (retinaedge export-triton --model ...)"
             )
+        criteria = (params.get(CRITERIA_PARAMETER) or {}).get("string_value")
+        if criteria:
+            try:
+                self.self_test_criteria = {k: float(v) for k, v in json.loads(criteria).items()}
+            except (ValueError, TypeError, AttributeError):
+                return f"Triton model {self.model!r}: parameter {CRITERIA_PARAMETER} is not a JSON object of numbers"
         max_batch = int(config.get("max_batch_size") or 0)
         if max_batch < 1:
             return f"Triton model {self.model!r} has max_batch_size {max_batch}; export-triton writes >= 1"
