@@ -127,10 +127,19 @@ def test_python_variant_serves_the_bundle_as_onnxruntime_does(triton: LocalTrito
         split = backend.infer(images)
     np.testing.assert_array_equal(split["num_detections"], num)
     np.testing.assert_allclose(split["boxes"], boxes, rtol=0, atol=1e-4)
-    assert client.get_inference_statistics(ONE)["model_stats"][0]["execution_count"] == len(images)
-    stats = client.get_inference_statistics(NAME)["model_stats"][0]
-    formed = sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in stats["batch_stats"])
-    assert formed == int(stats["inference_count"]) >= len(images)
+
+    # Triton records an execution's statistics after its responses are sent: polled, bounded
+    def stats(name: str) -> dict[str, Any]:
+        return dict(client.get_inference_statistics(name)["model_stats"][0])
+
+    until(lambda: int(stats(ONE)["execution_count"]) == len(images), 10, "two executions of batch size 1")
+
+    def batched() -> bool:
+        s = stats(NAME)
+        formed = sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in s["batch_stats"])
+        return formed == int(s["inference_count"]) >= len(images)
+
+    until(batched, 10, "batch statistics that add up to the inferences")
     client.close()
 
 
