@@ -289,3 +289,22 @@ def test_triton_unreachable_at_start(tmp_path: Path) -> None:
             f"{base}/v1/detect", content=dicom, headers={"Content-Type": "application/dicom"}, timeout=60
         )
         assert r.status_code == 200 and r.json()["frames"][0]["detections"]
+
+
+def test_detect_backend_triton_takes_the_service_variables(
+    triton: LocalTriton, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``retinaedge detect --backend triton`` reaches Triton through RETINAEDGE_TRITON_*, as the service."""
+    dicom = str(EXAMPLES / "compressed" / "study_01_IM0016_J2K.dcm")
+    capsys.readouterr()
+    assert main(["detect", "--model", str(DEMO), "--backend", "onnxruntime", "--threads", "1", dicom]) == 0
+    local = json.loads(capsys.readouterr().out)
+    monkeypatch.setenv("RETINAEDGE_TRITON_URL", triton.grpc_url)
+    monkeypatch.setenv("RETINAEDGE_TRITON_PROTOCOL", "grpc")
+    monkeypatch.setenv("RETINAEDGE_TRITON_TIMEOUT_S", "30")
+    assert main(["detect", "--model", str(DEMO), "--backend", "triton", dicom]) == 0
+    served = json.loads(capsys.readouterr().out)
+    assert frames(served) == frames(local) and frames(served)[0]
+    monkeypatch.setenv("RETINAEDGE_TRITON_TIMEOUT_S", "soon")
+    assert main(["detect", "--model", str(DEMO), "--backend", "triton", dicom]) == 2
+    assert "RETINAEDGE_TRITON_TIMEOUT_S must be a number" in capsys.readouterr().out

@@ -29,6 +29,7 @@ import concurrent.futures
 import importlib.util
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -81,7 +82,20 @@ class TritonOptions:
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any]) -> TritonOptions:
-        known = {k: extra[k] for k in cls.__dataclass_fields__ if extra.get(k) is not None}
+        """From ``extra`` (the service's ``triton_*`` settings); a field it lacks comes from the variable
+        ``RETINAEDGE_TRITON_<FIELD>`` (CLI verbs' ``--backend triton``), else its default."""
+        known: dict[str, Any] = {}
+        for name, spec in cls.__dataclass_fields__.items():
+            value = extra.get(name)
+            if value is None and (text := os.environ.get(f"RETINAEDGE_TRITON_{name.upper()}")):
+                try:
+                    value = float(text) if isinstance(spec.default, float) else text
+                except ValueError:
+                    raise ConfigError(
+                        f"RETINAEDGE_TRITON_{name.upper()} must be a number, got {text!r}"
+                    ) from None
+            if value is not None:
+                known[name] = value
         opts = cls(**known)
         if opts.protocol not in PROTOCOLS:
             raise ConfigError(f"triton_protocol must be one of {PROTOCOLS}, got {opts.protocol!r}")
