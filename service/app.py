@@ -45,8 +45,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if recovered:
         log.info("recovered %d pending instance(s) from the spool", recovered)
     services.processor.start()
+    await asyncio.to_thread(services.exporter.start)
     yield
     await services.processor.stop()
+    await asyncio.to_thread(services.exporter.stop)
     await asyncio.to_thread(services.opener.stop)
     await asyncio.to_thread(services.worker.stop)
     await asyncio.to_thread(services.writer.stop)

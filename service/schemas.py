@@ -51,7 +51,12 @@ class EngineStatus(_Open):
 class Ready(BaseModel):
     """``GET /readyz`` when the model is loaded, its golden self-test passed and the spool is writable."""
 
-    status: Literal["ready"]
+    status: Literal["ready", "degraded"]
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="why the service is degraded while it still takes instances (export destinations "
+        "failing, SRs dead-lettered); empty when status is ready",
+    )
     backend: str
     backend_reason: str
     reason: str
@@ -260,3 +265,68 @@ class StoreInstancesResponse(BaseModel):
     failed: DicomAttribute | None = Field(
         default=None, alias="00081198", description="Failed SOP Sequence, with a Failure Reason each"
     )
+
+
+class ExportAttempt(BaseModel):
+    """The last finished attempt of a destination, or one attempt of a job."""
+
+    outcome: Literal["delivered", "failed", "unknown", "interrupted", "in-flight"]
+    detail: str | None
+    at: float | None = Field(default=None, description="when it started (epoch seconds)")
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class ExportDestinationStatus(BaseModel):
+    """One configured export destination (no secret is ever shown)."""
+
+    name: str
+    type: Literal["dimse", "stowrs"]
+    target: str = Field(description="AE@host:port, or the DICOMweb URL")
+    instance_sr: bool
+    series_sr: bool
+    state: Literal["ok", "failing"] = Field(description="failing: SRs wait and the last attempt failed")
+    jobs: dict[str, int] = Field(description="jobs by state: pending, delivered, dead")
+    oldest_pending_at: float | None
+    last_attempt: ExportAttempt | None
+    last_delivered_at: float | None
+    attempts: dict[str, int] = Field(description="attempts so far by outcome (kept across restarts)")
+    duplicates: dict[str, int] = Field(
+        description="possible: delivered after an attempt that was interrupted or unanswered (the peer may "
+        "hold it twice); confirmed: the peer said it already had the SOP instance"
+    )
+    dead_lettered: int
+
+
+class ExportJob(BaseModel):
+    """One SR delivery job."""
+
+    id: int
+    destination: str
+    kind: Literal["instance", "series"]
+    subject_uid: str = Field(description="SOP Instance UID (instance) or Series Instance UID (series)")
+    sr_sop_instance_uid: str | None = Field(description="the SR's SOP Instance UID once built")
+    state: Literal["pending", "delivered", "dead"]
+    attempts: int
+    created_at: float
+    next_attempt_at: float | None
+    finished_at: float | None
+    last_error: str | None
+    possibly_delivered_before: bool = Field(
+        description="an earlier attempt was interrupted or unanswered: the peer may already hold the SR"
+    )
+    duplicate: Literal["possible", "confirmed"] | None
+    history: list[ExportAttempt] | None = Field(default=None, description="GET /v1/exports/{id} only")
+
+
+class ExportsStatus(BaseModel):
+    """``GET /v1/exports``: every destination and the jobs asked for (newest first)."""
+
+    destinations: list[ExportDestinationStatus]
+    jobs: list[ExportJob]
+
+
+class ExportsRetried(BaseModel):
+    """``POST /v1/exports/retry``: how many dead-lettered jobs are pending again."""
+
+    requeued: int

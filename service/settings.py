@@ -20,6 +20,8 @@ from retinaedge.device.buildopts import BuildOptions
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.findings import LinkParams
 
+from .export_config import ExportDestination, check_unique
+
 
 class Settings(BaseSettings):
     """Everything the service needs; sizes in bytes, times in seconds."""
@@ -150,6 +152,13 @@ class Settings(BaseSettings):
         default=None, description="PEM certificate (chain): with tls_key_file, the service speaks HTTPS only"
     )
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
+    export_destinations: list[ExportDestination] = Field(
+        default_factory=list,
+        description="where results are pushed as DICOM SR (DIMSE C-STORE or STOW-RS; docs/integration.md)",
+    )
+    export_max_attempts: int = Field(default=20, ge=1, description="an SR is dead-lettered after this many")
+    export_retry_initial_s: float = Field(default=10.0, gt=0, description="first retry delay, then doubled")
+    export_retry_max_s: float = Field(default=3600.0, gt=0, description="the longest retry delay")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="the service's log level (the command line's --log-level wins)"
     )
@@ -198,6 +207,9 @@ class Settings(BaseSettings):
                 f"refusing to bind {self.host}: beyond loopback an API token is required "
                 "(set RETINAEDGE_API_TOKEN)"
             )
+        check_unique(self.export_destinations)
+        if self.export_retry_max_s < self.export_retry_initial_s:
+            raise ValueError("export_retry_max_s must be at least export_retry_initial_s")
         if self.api_token is not None and len(self.api_token.get_secret_value()) < 16:
             raise ValueError("the API token must be at least 16 characters")
         return self

@@ -23,6 +23,7 @@ from retinaedge.runtime.dicomio import Limits
 from .batching import BatchPolicy
 from .engines import Probe
 from .evidence import IdentityFiles, migrate
+from .exporter import ExportCollector, Exporter
 from .formats import FormatRegistry, Kind, ResultFormat, default_formats
 from .metrics import Metrics
 from .opener import DetectorOpener
@@ -74,6 +75,7 @@ class Services:
     writer: ResultWriter
     formats: FormatRegistry
     admit: Callable[[], None]  # raises OverloadedError while the STOW-RS backlog is full
+    exporter: Exporter  # result export: the outbox and its delivery threads (service/exporter.py)
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
     @property
@@ -129,11 +131,18 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     prune = Pruner(
         store, identities, settings.prune_interval_s, settings.results_max_age_s, settings.results_max_bytes
     )
+    exporter = Exporter(settings, store, identities, bundle.manifest.name, str(bundle.manifest.model_sha256))
+    metrics.registry.register(ExportCollector(exporter))
+
+    def on_outcome(outcome: str) -> None:
+        metrics.outcome(outcome)
+        exporter.wake()  # the result's export jobs were enqueued with it (service/outbox.py)
+
     processor = Processor(
         store,
         spool,
         worker,
-        on_outcome=metrics.outcome,
+        on_outcome=on_outcome,
         after_each=prune,
         concurrency=settings.processing_concurrency or settings.max_batch_size,
     )
@@ -154,6 +163,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         admit=backlog_admission(
             store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s
         ),
+        exporter=exporter,
     )
 
 

@@ -69,3 +69,18 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         synthetic_count=2,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def orthanc_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Orthanc and its DICOMweb plugin unpacked from Debian's packages, once per session
+    (``peers_orthanc.py``); skipped with the reason when that cannot be done, failed instead when
+    ``REQUIRE_DICOM_PEERS=1``."""
+    from peers_orthanc import install
+
+    tree = install(tmp_path_factory.mktemp("orthanc"))
+    if isinstance(tree, str):
+        if os.environ.get("REQUIRE_DICOM_PEERS") == "1":
+            pytest.fail(f"REQUIRE_DICOM_PEERS=1 but Orthanc cannot be installed: {tree}")
+        pytest.skip(tree)
+    return tree

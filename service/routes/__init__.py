@@ -5,6 +5,7 @@
 * :mod:`.dicomweb`: ``POST /dicomweb/studies[/{study}]`` (STOW-RS, processed in the background)
 * :mod:`.results`: ``GET /v1/results/{uid}`` (JSON or any registered format)
 * :mod:`.series`: ``/v1/series/{uid}`` and ``POST /v1/series/{uid}/complete`` (3D findings)
+* :mod:`.exports`: ``GET /v1/exports[/{id}]``, ``POST /v1/exports/retry`` (result export, the outbox)
 
 A new route goes in the router of its concern (or a new module listed here), takes what it needs from
 ``ServicesDep`` (:mod:`retinaedge.service.state`), raises
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import detect, dicomweb, operations, results, series
+from . import detect, dicomweb, exports, operations, results, series
 
 ROUTERS: tuple[APIRouter, ...] = (
     operations.router,
@@ -23,6 +24,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     dicomweb.router,
     results.router,
     series.router,
+    exports.router,
 )
 
 __all__ = ["ROUTERS"]

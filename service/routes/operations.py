@@ -25,7 +25,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", response_model=Ready, responses=problem_responses(401, 503))
 async def readyz(services: ServicesDep) -> Response:
     """Ready to take instances: model loaded, golden self-test passed, spool writable, results being
-    recorded (else 503 with the reason)."""
+    recorded (else 503 with the reason); ``degraded`` (still 200) lists export problems."""
     worker, retry = services.worker, {"Retry-After": str(services.settings.retry_after_s)}
     if worker.state != "ready":
         return problem(503, "not-ready", worker.reason, retry)
@@ -38,9 +38,11 @@ async def readyz(services: ServicesDep) -> Response:
     )
     if unwritable is not None:
         return problem(503, "not-ready", unwritable, retry)
+    degraded = services.exporter.degraded()  # still takes instances; results wait in the outbox
     return JSONResponse(
         {
-            "status": "ready",
+            "status": "degraded" if degraded else "ready",
+            "degraded": degraded,
             "backend": worker.backend,
             "backend_reason": worker.backend_reason,
             "reason": worker.reason,
