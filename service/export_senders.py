@@ -62,7 +62,7 @@ class DimseSender:
         return ctx, self.dest.host
 
     def send(self, path: Path, sr: Any) -> Delivery:
-        from pynetdicom import AE
+        from pynetdicom import AE, evt
 
         d = self.dest
         try:
@@ -73,14 +73,21 @@ class DimseSender:
         ae.add_requested_context(str(sr.SOPClassUID), [EXPLICIT_LE, IMPLICIT_LE])
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = d.timeout_s
         ae.connection_timeout = d.timeout_s
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=tls_args)
+        connected: list[bool] = []
+        assoc = ae.associate(
+            d.host,
+            d.port,
+            ae_title=d.ae_title,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+        )
         if not assoc.is_established:
-            if assoc.is_rejected:
+            if not connected:
+                why = f"no connection to {d.host}:{d.port} (refused, unreachable or timed out)"
+            elif assoc.is_rejected:
                 why = "the peer rejected the association (check its AE titles and allowed callers)"
-            elif assoc.is_aborted:
-                why = "the peer aborted the association request"
             else:
-                why = "no association: connection refused, TLS failed or timed out"
+                why = "the association was aborted before it was established (TLS, or the peer)"
             return Delivery("failed", why)
         try:
             if not assoc.accepted_contexts:

@@ -88,6 +88,8 @@ class Orthanc:
     workdir: Path
     aet: str = "ORTHANC"
     modalities: dict[str, list[Any]] = field(default_factory=dict)
+    #: HTTP users (name -> password); none: no authentication. The REST calls here use the first.
+    users: dict[str, str] = field(default_factory=dict)
     dicom_port: int = 0
     http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -117,7 +119,8 @@ class Orthanc:
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "HttpServerEnabled": True,
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": False,
@@ -145,7 +148,7 @@ class Orthanc:
             if self.proc.poll() is not None:
                 raise AssertionError(f"Orthanc exited with {self.proc.returncode}: {self.log()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/system", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/system", auth=self._auth(), timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -167,10 +170,13 @@ class Orthanc:
         path = self.workdir / "orthanc.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def _auth(self) -> tuple[str, str] | None:
+        return next(iter(self.users.items()), None)
+
     def get(self, path: str) -> Any:
         import httpx
 
-        r = httpx.get(f"{self.url}{path}", timeout=30)
+        r = httpx.get(f"{self.url}{path}", auth=self._auth(), timeout=30)
         r.raise_for_status()
         return r.json() if "json" in r.headers.get("content-type", "") else r.content
 

@@ -1,0 +1,228 @@
+"""Result export to real Orthanc peers on 127.0.0.1 (Debian's packages, ``peers_orthanc.py``).
+
+Orthanc as the PACS takes the SRs by C-STORE, a second Orthanc through its DICOMweb plugin by STOW-RS
+(with basic auth); what they hold reads with highdicom and references the images sent. With the PACS
+down the SRs wait in the outbox, survive a restart of the appliance and are delivered once it is back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from helpers import DEMO, ROOT, free_port, multipart, serve, start_server, wait_done
+from peers_orthanc import Orthanc
+
+STUDY = ROOT / "examples" / "study_01"
+#: Four neighbouring slices through two lesions (examples/lesions.json): findings on several slices.
+FILES = [STUDY / f"IM{n:04d}.dcm" for n in (13, 14, 15, 16)]
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+pytestmark = pytest.mark.slow
+
+
+def stow(client: httpx.Client, base: str, files: list[Path]) -> list[str]:
+    """STOW-RS the files to the appliance; their SOP Instance UIDs."""
+    body, ctype = multipart([f.read_bytes() for f in files])
+    r = client.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    return [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+
+
+def exports(client: httpx.Client, base: str, **params: Any) -> dict[str, Any]:
+    r = client.get(f"{base}/v1/exports", params=params)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def destination(body: dict[str, Any], name: str) -> dict[str, Any]:
+    (d,) = [d for d in body["destinations"] if d["name"] == name]
+    return d
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def referenced(ds: pydicom.Dataset) -> set[str]:
+    """Every SOP Instance UID an SR's content tree references (image items and region sources)."""
+    out: set[str] = set()
+    for item in ds.get("ContentSequence", []):
+        for ref in item.get("ReferencedSOPSequence", []):
+            out.add(str(ref.ReferencedSOPInstanceUID))
+        out |= referenced(item)
+    return out
+
+
+def held_srs(orthanc: Orthanc) -> dict[str, tuple[pydicom.Dataset, Any, str]]:
+    """SR SOP Instance UID -> (dataset, highdicom SR, how it arrived) of every instance Orthanc holds."""
+    import highdicom as hd
+
+    out = {}
+    for oid in orthanc.instances():
+        data = orthanc.instance_file(oid)
+        ds = pydicom.dcmread(io.BytesIO(data))
+        assert ds.SOPClassUID == COMPREHENSIVE_3D_SR
+        out[str(ds.SOPInstanceUID)] = (ds, hd.sr.srread(io.BytesIO(data)), orthanc.origin(oid))
+    return out
+
+
+def check_instance_sr(ds: pydicom.Dataset, sr: Any, source: str, result: dict[str, Any]) -> None:
+    """An instance's SR references exactly its source image, with one planar ROI group per detection."""
+    assert {e[2] for e in sr.get_evidence()} == {source}
+    assert referenced(ds) == {source}
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == sum(len(f["detections"]) for f in result["frames"])
+
+
+def test_srs_reach_orthanc_by_c_store_and_stow_rs(orthanc_tree: Path, tmp_path: Path) -> None:
+    """Two destinations: a PACS by C-STORE (instance and series SRs), a viewer by STOW-RS with basic
+    auth (instance SRs). Both hold the same SR instances, which reference the right images."""
+    password = tmp_path / "viewer-password"
+    password.write_text("not-a-real-password\n")
+    pacs = Orthanc(orthanc_tree, tmp_path / "pacs", aet="PACS").start()
+    viewer = Orthanc(
+        orthanc_tree, tmp_path / "viewer", aet="VIEWER", users={"retinaedge": "not-a-real-password"}
+    ).start()
+    try:
+        destinations = [
+            {
+                "name": "pacs",
+                "type": "dimse",
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": pacs.dicom_port,
+                "calling_ae_title": "RETINAEDGE",
+                "series_sr": True,
+            },
+            {
+                "name": "viewer",
+                "type": "stowrs",
+                "url": viewer.dicomweb,
+                "auth": {"type": "basic", "username": "retinaedge", "secret_file": str(password)},
+            },
+        ]
+        with serve(model=DEMO, export_destinations=destinations) as base, httpx.Client(timeout=60) as c:
+            uids = stow(c, base, FILES)
+            results = {uid: wait_done(c, base, uid) for uid in uids}
+            series_uid = str(pydicom.dcmread(FILES[0], stop_before_pixels=True).SeriesInstanceUID)
+            assert c.post(f"{base}/v1/series/{series_uid}/complete").status_code == 200
+
+            def delivered() -> dict[str, Any] | None:
+                body = exports(c, base)
+                ok = destination(body, "pacs")["jobs"]["delivered"] == 5
+                ok = ok and destination(body, "viewer")["jobs"]["delivered"] == 4
+                return body if ok else None
+
+            body = wait_for(delivered, "5 SRs at the PACS and 4 at the viewer")
+            for name in ("pacs", "viewer"):
+                d = destination(body, name)
+                assert d["state"] == "ok" and d["jobs"]["pending"] == d["jobs"]["dead"] == 0
+                assert d["duplicates"] == {"possible": 0, "confirmed": 0}
+                assert d["attempts"]["failed"] == d["attempts"]["unknown"] == 0
+            assert "not-a-real-password" not in json.dumps(body)
+            jobs = {(j["destination"], j["kind"], j["subject_uid"]): j for j in body["jobs"]}
+            assert len(jobs) == 9
+            one = c.get(f"{base}/v1/exports/{jobs[('pacs', 'series', series_uid)]['id']}").json()
+            assert [a["outcome"] for a in one["history"]] == ["delivered"]
+
+            ready = c.get(f"{base}/readyz").json()
+            assert ready["status"] == "ready" and ready["degraded"] == []
+            metrics = c.get(f"{base}/metrics").text
+            assert 'retinaedge_export_jobs{destination="pacs",state="delivered"} 5.0' in metrics
+            assert 'retinaedge_export_failing{destination="viewer"} 0.0' in metrics
+
+        at_pacs, at_viewer = held_srs(pacs), held_srs(viewer)
+        assert len(at_pacs) == 5 and len(at_viewer) == 4
+        assert {o for _, _, o in at_pacs.values()} == {"DicomProtocol"}
+        by_uid = {j["sr_sop_instance_uid"]: j for j in jobs.values()}
+        for sr_uid, (ds, sr, _) in at_viewer.items():
+            assert sr_uid in at_pacs  # the same SR instance went to both destinations
+            source = by_uid[sr_uid]["subject_uid"]
+            check_instance_sr(ds, sr, source, results[source])
+        series_sr = by_uid[jobs[("pacs", "series", series_uid)]["sr_sop_instance_uid"]]
+        ds, sr, _ = at_pacs[series_sr["sr_sop_instance_uid"]]
+        assert {e[2] for e in sr.get_evidence()} == set(uids)
+        assert sr.content.get_volumetric_roi_measurement_groups()  # 3D findings across the slices
+        assert referenced(ds) <= set(uids)
+        assert ds.PatientID == pydicom.dcmread(FILES[0], stop_before_pixels=True).PatientID
+    finally:
+        pacs.stop()
+        viewer.stop()
+
+
+def test_srs_wait_for_a_pacs_that_is_down_across_a_restart(orthanc_tree: Path, tmp_path: Path) -> None:
+    """The PACS is down: the SRs wait (pending, attempts failing, /readyz degraded with the reason,
+    metrics), the appliance restarts, the PACS comes up: every SR is delivered once, none lost."""
+    pacs = Orthanc(orthanc_tree, tmp_path / "pacs", aet="PACS")  # ports chosen, not started
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "export_destinations": [
+                    {"name": "pacs", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
+                     "port": pacs.dicom_port, "timeout_s": 5},
+                ],
+                "export_retry_initial_s": 0.2,
+                "export_retry_max_s": 1.0,
+            }
+        )
+    )  # fmt: skip
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(DEMO, config, port)
+    try:
+        with httpx.Client(timeout=60) as c:
+            uids = stow(c, base, FILES[:3])
+            for uid in uids:
+                wait_done(c, base, uid)
+
+            def failing() -> dict[str, Any] | None:
+                d = destination(exports(c, base), "pacs")
+                return d if d["state"] == "failing" and d["attempts"]["failed"] >= 3 else None
+
+            d = wait_for(failing, "failed attempts while the PACS is down")
+            assert d["jobs"] == {"pending": 3, "delivered": 0, "dead": 0}
+            assert "no connection to 127.0.0.1" in d["last_attempt"]["detail"]
+            ready = c.get(f"{base}/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+            assert any("'pacs' failing: 3 SR(s) waiting" in r for r in ready.json()["degraded"])
+            assert 'retinaedge_export_jobs{destination="pacs",state="pending"} 3.0' in c.get(
+                f"{base}/metrics"
+            ).text
+        proc.terminate()
+        assert proc.wait(60) == 0
+
+        proc = start_server(DEMO, config, port)
+        with httpx.Client(timeout=60) as c:
+            d = destination(exports(c, base), "pacs")
+            assert d["jobs"]["pending"] == 3 and d["attempts"]["failed"] >= 3  # kept across the restart
+            pacs.start()
+            body = wait_for(
+                lambda: (b := exports(c, base)) and destination(b, "pacs")["jobs"]["delivered"] == 3 and b,
+                "delivery once the PACS is back",
+            )
+            d = destination(body, "pacs")
+            assert d["jobs"] == {"pending": 0, "delivered": 3, "dead": 0}
+            assert d["duplicates"] == {"possible": 0, "confirmed": 0}  # no crash between send and record
+            assert c.get(f"{base}/readyz").json()["status"] == "ready"
+        held = held_srs(pacs)
+        assert len(held) == 3
+        assert {next(iter(referenced(ds))) for ds, _, _ in held.values()} == set(uids)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        pacs.stop()
