@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,41 @@ def test_srs_reach_orthanc_by_c_store_and_stow_rs(orthanc_tree: Path, tmp_path: 
         viewer.stop()
 
 
-def test_srs_wait_for_a_pacs_that_is_down_across_a_restart(orthanc_tree: Path, tmp_path: Path) -> None:
+class HoldingPeer:
+    """A C-STORE SCP (pynetdicom) that takes Comprehensive 3D SRs and holds its answer to each until
+    released: a PACS slow to answer, so that the appliance can be killed between sending an SR and
+    recording that it was delivered."""
+
+    def __init__(self, port: int) -> None:
+        from pynetdicom import AE, evt
+
+        self.received: list[str] = []
+        self.arrived, self.release = threading.Event(), threading.Event()
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(COMPREHENSIVE_3D_SR, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+
+        def on_store(event: Any) -> int:
+            self.received.append(str(event.request.AffectedSOPInstanceUID))
+            self.arrived.set()
+            self.release.wait(60)
+            return 0x0000
+
+        self.server: Any = ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+        )
+
+    def stop(self) -> None:
+        self.release.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def test_srs_wait_for_a_pacs_that_is_down_and_survive_a_crash(orthanc_tree: Path, tmp_path: Path) -> None:
     """The PACS is down: the SRs wait (pending, attempts failing, /readyz degraded with the reason,
-    metrics), the appliance restarts, the PACS comes up: every SR is delivered once, none lost."""
+    metrics). A slow peer takes the first SR and the appliance is killed (SIGKILL) before it records the
+    delivery. After the restart the PACS is back: every SR is delivered, none lost, and the one SR sent
+    before the crash is the one duplicate, counted and reported."""
     pacs = Orthanc(orthanc_tree, tmp_path / "pacs", aet="PACS")  # ports chosen, not started
     config = tmp_path / "config.json"
     config.write_text(
@@ -174,7 +207,7 @@ def test_srs_wait_for_a_pacs_that_is_down_across_a_restart(orthanc_tree: Path, t
                 "data_dir": str(tmp_path / "data"),
                 "export_destinations": [
                     {"name": "pacs", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
-                     "port": pacs.dicom_port, "timeout_s": 5},
+                     "port": pacs.dicom_port, "timeout_s": 30},
                 ],
                 "export_retry_initial_s": 0.2,
                 "export_retry_max_s": 1.0,
@@ -184,6 +217,7 @@ def test_srs_wait_for_a_pacs_that_is_down_across_a_restart(orthanc_tree: Path, t
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_server(DEMO, config, port)
+    holding = None
     try:
         with httpx.Client(timeout=60) as c:
             uids = stow(c, base, FILES[:3])
@@ -200,16 +234,22 @@ def test_srs_wait_for_a_pacs_that_is_down_across_a_restart(orthanc_tree: Path, t
             ready = c.get(f"{base}/readyz")
             assert ready.status_code == 200 and ready.json()["status"] == "degraded"
             assert any("'pacs' failing: 3 SR(s) waiting" in r for r in ready.json()["degraded"])
-            assert 'retinaedge_export_jobs{destination="pacs",state="pending"} 3.0' in c.get(
-                f"{base}/metrics"
-            ).text
-        proc.terminate()
-        assert proc.wait(60) == 0
+            metrics = c.get(f"{base}/metrics").text
+            assert 'retinaedge_export_jobs{destination="pacs",state="pending"} 3.0' in metrics
+            assert 'retinaedge_export_failing{destination="pacs"} 1.0' in metrics
+
+            holding = HoldingPeer(pacs.dicom_port)
+            assert holding.arrived.wait(30), "the appliance did not retry"
+            proc.kill()  # SIGKILL: the SR went out, its delivery is not recorded
+            proc.wait(30)
+            holding.stop()
+            assert len(holding.received) == 1
 
         proc = start_server(DEMO, config, port)
         with httpx.Client(timeout=60) as c:
             d = destination(exports(c, base), "pacs")
-            assert d["jobs"]["pending"] == 3 and d["attempts"]["failed"] >= 3  # kept across the restart
+            assert d["jobs"]["pending"] == 3  # nothing lost in the crash
+            assert d["attempts"]["interrupted"] == 1 and d["attempts"]["failed"] >= 3
             pacs.start()
             body = wait_for(
                 lambda: (b := exports(c, base)) and destination(b, "pacs")["jobs"]["delivered"] == 3 and b,
@@ -217,12 +257,19 @@ def test_srs_wait_for_a_pacs_that_is_down_across_a_restart(orthanc_tree: Path, t
             )
             d = destination(body, "pacs")
             assert d["jobs"] == {"pending": 0, "delivered": 3, "dead": 0}
-            assert d["duplicates"] == {"possible": 0, "confirmed": 0}  # no crash between send and record
+            assert d["duplicates"] == {"possible": 1, "confirmed": 0}
+            (dup,) = [j for j in body["jobs"] if j["duplicate"]]
+            assert dup["sr_sop_instance_uid"] == holding.received[0] and dup["possibly_delivered_before"]
+            assert 'retinaedge_export_duplicates_total{destination="pacs",kind="possible"} 1.0' in c.get(
+                f"{base}/metrics"
+            ).text
             assert c.get(f"{base}/readyz").json()["status"] == "ready"
         held = held_srs(pacs)
-        assert len(held) == 3
+        assert len(held) == 3 and holding.received[0] in held  # the same SR instance, not a new one
         assert {next(iter(referenced(ds))) for ds, _, _ in held.values()} == set(uids)
     finally:
+        if holding is not None:
+            holding.stop()
         proc.terminate()
         proc.wait(60)
         pacs.stop()
