@@ -67,12 +67,17 @@ def referenced(ds: pydicom.Dataset) -> set[str]:
     return out
 
 
-def held_srs(orthanc: Orthanc) -> dict[str, tuple[pydicom.Dataset, Any, str]]:
-    """SR SOP Instance UID -> (dataset, highdicom SR, how it arrived) of every instance Orthanc holds."""
+def held_srs(
+    orthanc: Orthanc, exclude: frozenset[str] = frozenset()
+) -> dict[str, tuple[pydicom.Dataset, Any, str]]:
+    """SR SOP Instance UID -> (dataset, highdicom SR, how it arrived) of every instance Orthanc holds
+    but those whose Orthanc id is in ``exclude``."""
     import highdicom as hd
 
     out = {}
     for oid in orthanc.instances():
+        if oid in exclude:
+            continue
         data = orthanc.instance_file(oid)
         ds = pydicom.dcmread(io.BytesIO(data))
         assert ds.SOPClassUID == COMPREHENSIVE_3D_SR
@@ -260,9 +265,10 @@ def test_srs_wait_for_a_pacs_that_is_down_and_survive_a_crash(orthanc_tree: Path
             assert d["duplicates"] == {"possible": 1, "confirmed": 0}
             (dup,) = [j for j in body["jobs"] if j["duplicate"]]
             assert dup["sr_sop_instance_uid"] == holding.received[0] and dup["possibly_delivered_before"]
-            assert 'retinaedge_export_duplicates_total{destination="pacs",kind="possible"} 1.0' in c.get(
-                f"{base}/metrics"
-            ).text
+            assert (
+                'retinaedge_export_duplicates_total{destination="pacs",kind="possible"} 1.0'
+                in c.get(f"{base}/metrics").text
+            )
             assert c.get(f"{base}/readyz").json()["status"] == "ready"
         held = held_srs(pacs)
         assert len(held) == 3 and holding.received[0] in held  # the same SR instance, not a new one
@@ -273,3 +279,59 @@ def test_srs_wait_for_a_pacs_that_is_down_and_survive_a_crash(orthanc_tree: Path
         proc.terminate()
         proc.wait(60)
         pacs.stop()
+
+
+def test_orthanc_as_the_scanner_sends_a_study_and_gets_the_srs_back(
+    orthanc_tree: Path, tmp_path: Path
+) -> None:
+    """Orthanc as the scanner sends a study to the appliance's C-STORE SCP (``POST /modalities/appliance/
+    store``); the results appear in the appliance, and its SRs go back to Orthanc by C-STORE, each
+    referencing one of the images it sent."""
+    from retinaedge.service.settings import Settings
+
+    if "dimse_port" not in Settings.model_fields:
+        pytest.skip(
+            "the C-STORE SCP (settings dimse_port, dimse_ae_title, dimse_allowed_aets) is not in this tree"
+        )
+    dimse_port = free_port()
+    scanner = Orthanc(
+        orthanc_tree,
+        tmp_path / "scanner",
+        aet="SCANNER",
+        modalities={"appliance": ["RETINAEDGE", "127.0.0.1", dimse_port]},
+    ).start()
+    try:
+        sent = {}
+        for f in FILES:
+            r = httpx.post(f"{scanner.url}/instances", content=f.read_bytes(), timeout=30)
+            assert r.status_code == 200, r.text
+            sent[r.json()["ID"]] = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        back = {"name": "scanner", "type": "dimse", "ae_title": "SCANNER", "host": "127.0.0.1",
+                "port": scanner.dicom_port}  # fmt: skip
+        with (
+            serve(
+                model=DEMO,
+                dimse_port=dimse_port,
+                dimse_ae_title="RETINAEDGE",
+                dimse_allowed_aets=["SCANNER"],
+                export_destinations=[back],
+            ) as base,
+            httpx.Client(timeout=60) as c,
+        ):
+            r = httpx.post(
+                f"{scanner.url}/modalities/appliance/store",
+                json={"Resources": list(sent), "Synchronous": True},
+                timeout=120,
+            )
+            assert r.status_code == 200, r.text
+            for uid in sent.values():
+                assert wait_done(c, base, uid)["frames"]
+            wait_for(
+                lambda: destination(exports(c, base), "scanner")["jobs"]["delivered"] == len(sent),
+                "the SRs back at the scanner",
+            )
+        srs = held_srs(scanner, exclude=frozenset(sent))
+        assert len(srs) == len(sent)
+        assert {next(iter(referenced(ds))) for ds, _, _ in srs.values()} == set(sent.values())
+    finally:
+        scanner.stop()
