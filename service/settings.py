@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from retinaedge.device.buildopts import BuildOptions
 from retinaedge.runtime.errors import ConfigError
@@ -193,6 +193,12 @@ class Settings(BaseSettings):
             max_gap=self.series_max_gap,
         )
 
+    @field_validator("export_destinations")
+    @classmethod
+    def _unique_names(cls, v: list[Any]) -> list[Any]:
+        check_unique(v)
+        return v
+
     @model_validator(mode="after")
     def _loopback_or_token(self) -> Settings:
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
@@ -207,7 +213,6 @@ class Settings(BaseSettings):
                 f"refusing to bind {self.host}: beyond loopback an API token is required "
                 "(set RETINAEDGE_API_TOKEN)"
             )
-        check_unique(self.export_destinations)
         if self.export_retry_max_s < self.export_retry_initial_s:
             raise ValueError("export_retry_max_s must be at least export_retry_initial_s")
         if self.api_token is not None and len(self.api_token.get_secret_value()) < 16:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 
 from ..problems import problem, problem_responses
@@ -35,7 +35,7 @@ async def exports(
 
 
 @router.get("/v1/exports/{job_id}", response_model=ExportJob, responses=problem_responses(400, 401, 404))
-async def export_job(job_id: int, services: ServicesDep) -> Response:
+async def export_job(services: ServicesDep, job_id: int = Path(ge=1, le=2**62)) -> Response:
     """One job with every attempt."""
     outbox = services.exporter.outbox
     job = await asyncio.to_thread(outbox.job, job_id)
