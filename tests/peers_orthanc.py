@@ -157,13 +157,10 @@ class Orthanc:
         raise AssertionError(f"Orthanc did not answer within {timeout} s: {self.log()[-2000:]}")
 
     def stop(self) -> None:
+        """Kill it (a graceful stop takes Orthanc seconds; its storage is a test's temporary directory)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            self.proc.kill()
+            self.proc.wait(30)
         self.proc = None
 
     def log(self) -> str:

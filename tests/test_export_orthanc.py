@@ -95,9 +95,11 @@ def check_instance_sr(ds: pydicom.Dataset, sr: Any, source: str, result: dict[st
 
 def test_srs_reach_orthanc_by_c_store_and_stow_rs(orthanc_tree: Path, tmp_path: Path) -> None:
     """Two destinations: a PACS by C-STORE (instance and series SRs), a viewer by STOW-RS with basic
-    auth (instance SRs). Both hold the same SR instances, which reference the right images."""
-    password = tmp_path / "viewer-password"
+    auth (instance SRs). Both hold the same SR instances, which reference the right images. A third
+    destination, the viewer with a wrong password, is refused (401) and dead-lettered."""
+    password, wrong = tmp_path / "viewer-password", tmp_path / "wrong-password"
     password.write_text("not-a-real-password\n")
+    wrong.write_text("wrong-password\n")
     pacs = Orthanc(orthanc_tree, tmp_path / "pacs", aet="PACS").start()
     viewer = Orthanc(
         orthanc_tree, tmp_path / "viewer", aet="VIEWER", users={"retinaedge": "not-a-real-password"}
@@ -119,8 +121,22 @@ def test_srs_reach_orthanc_by_c_store_and_stow_rs(orthanc_tree: Path, tmp_path: 
                 "url": viewer.dicomweb,
                 "auth": {"type": "basic", "username": "retinaedge", "secret_file": str(password)},
             },
+            {
+                "name": "viewer-wrong-password",
+                "type": "stowrs",
+                "url": viewer.dicomweb,
+                "auth": {"type": "basic", "username": "retinaedge", "secret_file": str(wrong)},
+            },
         ]
-        with serve(model=DEMO, export_destinations=destinations) as base, httpx.Client(timeout=60) as c:
+        with (
+            serve(
+                model=DEMO,
+                export_destinations=destinations,
+                export_max_attempts=2,
+                export_retry_initial_s=0.1,
+            ) as base,
+            httpx.Client(timeout=60) as c,
+        ):
             uids = stow(c, base, FILES)
             results = {uid: wait_done(c, base, uid) for uid in uids}
             series_uid = str(pydicom.dcmread(FILES[0], stop_before_pixels=True).SeriesInstanceUID)
@@ -130,22 +146,31 @@ def test_srs_reach_orthanc_by_c_store_and_stow_rs(orthanc_tree: Path, tmp_path: 
                 body = exports(c, base)
                 ok = destination(body, "pacs")["jobs"]["delivered"] == 5
                 ok = ok and destination(body, "viewer")["jobs"]["delivered"] == 4
+                ok = ok and destination(body, "viewer-wrong-password")["jobs"]["dead"] == 4
                 return body if ok else None
 
-            body = wait_for(delivered, "5 SRs at the PACS and 4 at the viewer")
+            body = wait_for(delivered, "5 SRs at the PACS, 4 at the viewer, 4 refused")
+            refused = destination(body, "viewer-wrong-password")
+            assert refused["attempts"]["failed"] == 8 and refused["jobs"]["delivered"] == 0
+            assert "credentials were refused" in refused["last_attempt"]["detail"]
             for name in ("pacs", "viewer"):
                 d = destination(body, name)
                 assert d["state"] == "ok" and d["jobs"]["pending"] == d["jobs"]["dead"] == 0
                 assert d["duplicates"] == {"possible": 0, "confirmed": 0}
                 assert d["attempts"]["failed"] == d["attempts"]["unknown"] == 0
-            assert "not-a-real-password" not in json.dumps(body)
-            jobs = {(j["destination"], j["kind"], j["subject_uid"]): j for j in body["jobs"]}
+            assert "password" not in json.dumps(body).replace("viewer-wrong-password", "")
+            jobs = {
+                (j["destination"], j["kind"], j["subject_uid"]): j
+                for j in body["jobs"]
+                if j["destination"] != "viewer-wrong-password"
+            }
             assert len(jobs) == 9
             one = c.get(f"{base}/v1/exports/{jobs[('pacs', 'series', series_uid)]['id']}").json()
             assert [a["outcome"] for a in one["history"]] == ["delivered"]
 
             ready = c.get(f"{base}/readyz").json()
-            assert ready["status"] == "ready" and ready["degraded"] == []
+            assert ready["status"] == "degraded"
+            assert [r.split("'")[1] for r in ready["degraded"]] == ["viewer-wrong-password"]
             metrics = c.get(f"{base}/metrics").text
             assert 'retinaedge_export_jobs{destination="pacs",state="delivered"} 5.0' in metrics
             assert 'retinaedge_export_failing{destination="viewer"} 0.0' in metrics
