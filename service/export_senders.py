@@ -37,6 +37,15 @@ class Delivery:
     outcome: str  # delivered | failed | unknown
     detail: str
     duplicate: bool = False  # the peer said it already had this SOP instance
+    #: For a failure: it concerns the destination, not this SR (no connection, credentials refused, out
+    #: of resources, a server error, no answer), so the whole destination backs off; False when the peer
+    #: refused this SR only (a failure status for it), so only this job does.
+    destination_wide: bool = True
+
+
+def _this_sr_only(status: int) -> bool:
+    """A DIMSE status or STOW-RS Failure Reason that refuses this SR (not out of resources, 0xA7xx)."""
+    return status & 0xFF00 != 0xA700
 
 
 class Sender(Protocol):
@@ -49,6 +58,7 @@ class DimseSender:
 
     def __init__(self, dest: DimseDestination) -> None:
         self.dest = dest
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines narrate every association
 
     def _tls(self) -> tuple[ssl.SSLContext, str] | None:
         tls = self.dest.tls
@@ -95,7 +105,7 @@ class DimseSender:
             try:
                 status = assoc.send_c_store(sr)
             except (ValueError, RuntimeError) as exc:  # encoding or no matching context: nothing sent
-                return Delivery("failed", f"C-STORE not sent: {type(exc).__name__}")
+                return Delivery("failed", f"C-STORE not sent: {type(exc).__name__}", destination_wide=False)
             code = getattr(status, "Status", None) if status is not None else None
             if code is None:
                 return Delivery("unknown", "no C-STORE response (connection lost or timed out after sending)")
@@ -103,7 +113,9 @@ class DimseSender:
                 return Delivery("delivered", f"C-STORE status 0x{code:04X}")
             if code == DUPLICATE:
                 return Delivery("delivered", "the peer already holds this SOP instance", duplicate=True)
-            return Delivery("failed", f"C-STORE failure status 0x{code:04X}")
+            return Delivery(
+                "failed", f"C-STORE failure status 0x{code:04X}", destination_wide=not _this_sr_only(code)
+            )
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -178,8 +190,13 @@ def _stow_outcome(status: int, payload: bytes, sop_uid: str) -> Delivery:
     if status == 200 or (status == 202 and reason is None):
         return Delivery("delivered", f"STOW-RS HTTP {status}")
     if reason is not None:
-        return Delivery("failed", f"STOW-RS HTTP {status}, failure reason 0x{reason:04X}")
-    return Delivery("failed", f"STOW-RS HTTP {status}")
+        return Delivery(
+            "failed",
+            f"STOW-RS HTTP {status}, failure reason 0x{reason:04X}",
+            destination_wide=not _this_sr_only(reason),
+        )
+    this_sr = 400 <= status < 500 and status not in (404, 405, 408, 429)  # the request, not the service
+    return Delivery("failed", f"STOW-RS HTTP {status}", destination_wide=not this_sr)
 
 
 def _failure_reason(payload: bytes, sop_uid: str) -> int | None:

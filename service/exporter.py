@@ -9,9 +9,12 @@ Each job's SR is built once (:meth:`Exporter._document`) from the kept result, e
 (the same SR as ``GET /v1/results/{uid}`` with ``Accept: application/dicom``, or the series SR) and
 written, fsynced and owner-only, to ``<data_dir>/outbox``; every attempt and every destination sends that
 same file, so the peer always sees one SOP instance. An attempt is committed as in flight before it is
-sent; after a failure the job waits ``export_retry_initial_s`` doubling up to ``export_retry_max_s``
-(the due time is stored, so back-off carries across restarts), and after ``export_max_attempts`` it is
-dead-lettered.
+sent. Back-off is ``export_retry_initial_s`` doubling up to ``export_retry_max_s``: after a failure that
+concerns the destination (no connection, credentials refused, out of resources, no answer) the whole
+destination waits, by its count of consecutive such failures, and only one job is tried per wait (a PACS
+that is down is not hammered by every waiting SR); after a failure that concerns one SR (the peer
+refused it) that job alone waits, by its own attempts. Due times are stored, so back-off carries across
+restarts. A job is dead-lettered after ``export_max_attempts`` attempts of its own.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ class Exporter:
         self._threads: list[threading.Thread] = []
         self._summary: dict[str, dict[str, Any]] = {}
         self._last_prune = 0.0
+        #: Per destination: consecutive destination-wide failures, and no attempt before this time.
+        self._streak: dict[str, int] = {}
+        self._hold_until: dict[str, float] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +129,10 @@ class Exporter:
     def _deliver_loop(self, name: str) -> None:
         while not self._stop.is_set():
             try:
+                held = self._hold_until.get(name, 0.0) - time.time()
+                if held > 0:  # the destination failed as a whole: nothing is tried before then
+                    self._stop.wait(min(POLL_S, held))
+                    continue
                 job = self.outbox.due(name, time.time())
                 if job is None:
                     due = self.outbox.next_due_at(name)
@@ -153,12 +163,17 @@ class Exporter:
             log.exception("export to %r: the sender failed", name)
             delivery = Delivery("unknown", f"internal error while sending: {type(exc).__name__}")
         n = job.attempts + 1
-        s = self.settings
-        retry = (
-            None
-            if n >= s.export_max_attempts
-            else min(s.export_retry_initial_s * 2 ** (n - 1), s.export_retry_max_s)
-        )
+        if delivery.outcome == "delivered":
+            self._streak[name] = 0
+            retry: float | None = None
+        elif delivery.destination_wide:  # the destination is down: hold it back, not just this job
+            self._streak[name] = self._streak.get(name, 0) + 1
+            retry = self._backoff(self._streak[name])
+            self._hold_until[name] = time.time() + retry
+        else:
+            retry = self._backoff(n)
+        if delivery.outcome != "delivered" and n >= self.settings.export_max_attempts:
+            retry = None  # dead-lettered
         state = self.outbox.finish(
             job,
             attempt,
@@ -179,6 +194,11 @@ class Exporter:
                 "export job %d to %r dead-lettered after %d attempts: %s", job.id, name, n, delivery.detail
             )
         self.refresh()
+
+    def _backoff(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` consecutive failures: initial, doubling, capped."""
+        s = self.settings
+        return float(min(s.export_retry_initial_s * 2 ** min(failures - 1, 60), s.export_retry_max_s))
 
     def _document(self, job: Job) -> tuple[Path, Dataset]:
         """The job's SR file and dataset, built and recorded on first use (once for all destinations)."""
