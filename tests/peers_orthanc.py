@@ -90,6 +90,8 @@ class Orthanc:
     modalities: dict[str, list[Any]] = field(default_factory=dict)
     #: HTTP users (name -> password); none: no authentication. The REST calls here use the first.
     users: dict[str, str] = field(default_factory=dict)
+    #: More configuration options (DICOM TLS, say), over the defaults below.
+    extra: dict[str, Any] = field(default_factory=dict)
     dicom_port: int = 0
     http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -128,6 +130,7 @@ class Orthanc:
             "Plugins": [str(self.tree / "usr/share/orthanc/plugins/libOrthancDicomWeb.so")],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
             "StableAge": 1,
+            **self.extra,
         }
 
     def start(self, timeout: float = 30.0) -> Orthanc:

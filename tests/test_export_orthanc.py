@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -360,3 +362,63 @@ def test_orthanc_as_the_scanner_sends_a_study_and_gets_the_srs_back(
         assert {next(iter(referenced(ds))) for ds, _, _ in srs.values()} == set(sent.values())
     finally:
         scanner.stop()
+
+
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate and key for 127.0.0.1 (openssl)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def test_srs_reach_orthanc_over_dicom_tls(orthanc_tree: Path, tmp_path: Path) -> None:
+    """DICOM TLS with mutual authentication: Orthanc requires a client certificate it trusts and the
+    appliance verifies Orthanc's. With the certificate the SR is delivered; without it the destination
+    fails (and the SR waits)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    server_cert, server_key = self_signed(tmp_path, "pacs")
+    client_cert, client_key = self_signed(tmp_path, "appliance")
+    pacs = Orthanc(
+        orthanc_tree,
+        tmp_path / "pacs",
+        aet="PACS",
+        extra={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(server_cert),
+            "DicomTlsPrivateKey": str(server_key),
+            "DicomTlsTrustedCertificates": str(client_cert),
+            "DicomTlsRemoteCertificateRequired": True,
+        },
+    ).start()
+    tls = {"ca_file": str(server_cert), "cert_file": str(client_cert), "key_file": str(client_key)}
+    pacs_tls = {"name": "pacs-tls", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
+                "port": pacs.dicom_port, "tls": tls}  # fmt: skip
+    no_client_cert = {**pacs_tls, "name": "pacs-no-client-cert", "tls": {"ca_file": str(server_cert)}}
+    try:
+        with (
+            serve(model=DEMO, export_destinations=[pacs_tls, no_client_cert]) as base,
+            httpx.Client(timeout=60) as c,
+        ):
+            (uid,) = stow(c, base, FILES[1:2])
+            wait_done(c, base, uid)
+
+            def settled() -> dict[str, Any] | None:
+                b = exports(c, base)
+                ok = destination(b, "pacs-tls")["jobs"]["delivered"] == 1
+                return b if ok and destination(b, "pacs-no-client-cert")["attempts"]["failed"] >= 1 else None
+
+            body = wait_for(settled, "delivery over TLS, and a refusal without a client certificate")
+            assert destination(body, "pacs-tls")["target"].endswith("(TLS)")
+            refused = destination(body, "pacs-no-client-cert")
+            assert refused["state"] == "failing" and refused["jobs"]["pending"] == 1
+        (held,) = held_srs(pacs).values()
+        assert referenced(held[0]) == {uid}
+    finally:
+        pacs.stop()
