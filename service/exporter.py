@@ -113,11 +113,17 @@ class Exporter:
         thread.start()
         self._threads.append(thread)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the threads; one still waiting for a peer is left behind (a daemon): its attempt stays
+        in flight in the database and is found interrupted at the next start."""
         self._stop.set()
         self.wake()
+        deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(60)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            log.warning("an export attempt was still waiting for its peer at shutdown")
+            return  # its thread still uses the database connection
         self.outbox.close()
 
     def wake(self, _outcome: str = "") -> None:
@@ -203,14 +209,17 @@ class Exporter:
     def _document(self, job: Job) -> tuple[Path, Dataset]:
         """The job's SR file and dataset, built and recorded on first use (once for all destinations)."""
         import pydicom
+        import pydicom.errors
 
         with self._build_lock:
             current = self.outbox.job(job.id) or job
             if current.path is not None:
                 path = self.root / current.path
-                if path.exists():
+                try:
                     return path, pydicom.dcmread(path)
-                log.warning("export job %d: its SR file is missing; building it again", job.id)
+                except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
+                    log.warning("export job %d: its SR file cannot be read (%s); building it again",
+                                job.id, type(exc).__name__)  # fmt: skip
             sr = self._build(current)
             fd, part = tempfile.mkstemp(dir=self.root, prefix=f"{current.document_id}-", suffix=".dcm")
             try:
