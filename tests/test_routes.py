@@ -298,7 +298,12 @@ def test_every_route_but_healthz_needs_the_bearer_token() -> None:
     with TestClient(app) as c:
         assert c.get("/healthz").status_code == 200
         for method, path in JSON_ROUTES[1:] + [("get", "/metrics"), ("get", "/openapi.json")]:
-            url = path.replace("{study}", "1.2").replace("{uid}", "1.2").replace("{series_uid}", "1.2").replace("{job_id}", "1")
+            url = (
+                path.replace("{study}", "1.2")
+                .replace("{uid}", "1.2")
+                .replace("{series_uid}", "1.2")
+                .replace("{job_id}", "1")
+            )
             r = c.request(method, url)
             assert r.status_code == 401 and r.headers["content-type"] == PROBLEM, (method, path)
             assert r.headers["www-authenticate"].startswith("Bearer")
