@@ -102,11 +102,12 @@ class Exporter:
             if path.name not in known:
                 path.unlink(missing_ok=True)
         self.refresh()
+        if not self.destinations:
+            return  # nothing to deliver; jobs left by an earlier configuration were dead-lettered
         for d in self.destinations:
             self._spawn(f"retinaedge-export-{d.name}", self._deliver_loop, d.name)
         self._spawn("retinaedge-export-watch", self._watch_loop)
-        if self.destinations:
-            log.info("exporting results to %d destination(s)", len(self.destinations))
+        log.info("exporting results to %d destination(s)", len(self.destinations))
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)

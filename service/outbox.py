@@ -328,11 +328,14 @@ class Outbox:
     def release_documents(self) -> list[str]:
         """Files of documents every job of which is delivered: their paths are cleared and returned
         (the caller deletes the files)."""
+        query = (
+            "SELECT id, path FROM export_documents d WHERE path IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM export_jobs j WHERE j.document_id = d.id AND j.state != 'delivered')"
+        )
+        if not self._rows(query):  # the usual case: no write transaction at all
+            return []
         with self._tx() as db:
-            rows = db.execute(
-                "SELECT id, path FROM export_documents d WHERE path IS NOT NULL AND NOT EXISTS "
-                "(SELECT 1 FROM export_jobs j WHERE j.document_id = d.id AND j.state != 'delivered')"
-            ).fetchall()
+            rows = db.execute(query).fetchall()
             db.executemany("UPDATE export_documents SET path = NULL WHERE id = ?", [(r[0],) for r in rows])
         return [r[1] for r in rows]
 

@@ -136,6 +136,7 @@ def test_srs_reach_orthanc_by_c_store_and_stow_rs(orthanc_tree: Path, tmp_path: 
                 export_destinations=destinations,
                 export_max_attempts=2,
                 export_retry_initial_s=0.1,
+                export_retry_max_s=0.2,
             ) as base,
             httpx.Client(timeout=60) as c,
         ):
