@@ -101,6 +101,8 @@ class Exporter:
         for path in self.root.iterdir():  # SR files built but never recorded (a crash in between)
             if path.name not in known:
                 path.unlink(missing_ok=True)
+        for name in self.outbox.prune(self.settings.results_max_age_s):
+            (self.root / name).unlink(missing_ok=True)
         self.refresh()
         if not self.destinations:
             return  # nothing to deliver; jobs left by an earlier configuration were dead-lettered
