@@ -23,7 +23,8 @@ from retinaedge.runtime.dicomio import Limits
 from .batching import BatchPolicy
 from .engines import Probe
 from .evidence import IdentityFiles, migrate
-from .exporter import ExportCollector, Exporter
+from .export_metrics import ExportCollector
+from .exporter import Exporter
 from .formats import FormatRegistry, Kind, ResultFormat, default_formats
 from .metrics import Metrics
 from .opener import DetectorOpener
