@@ -152,13 +152,13 @@ def closed_port() -> int:
 def test_dead_letters_degrade_readiness_until_queued_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Destinations that refuse connections: each SR is tried export_max_attempts times with back-off,
-    then dead-lettered; /readyz says so (200, degraded), /metrics counts it, /v1/exports lists the jobs
+    """Destinations that refuse connections: each SR (an instance's; the series' once its quiet period is
+    over) is tried export_max_attempts times with back-off, then dead-lettered; /readyz says so (200, degraded), /metrics counts it, /v1/exports lists the jobs
     and their attempts, and POST /v1/exports/retry queues them again. The bearer token is never logged."""
     monkeypatch.setenv("TEST_STOW_TOKEN", "token-that-must-not-leak-0123")
     port = closed_port()
     destinations = [
-        {**DIMSE, "port": port},
+        {**DIMSE, "port": port, "series_sr": True},
         {
             **STOW,
             "url": f"http://127.0.0.1:{port}/dicom-web",
@@ -173,6 +173,7 @@ def test_dead_letters_degrade_readiness_until_queued_again(
             export_max_attempts=3,
             export_retry_initial_s=0.05,
             export_retry_max_s=0.1,
+            series_quiet_s=0.5,
         ) as base,
         httpx.Client(timeout=60) as c,
     ):
@@ -184,7 +185,7 @@ def test_dead_letters_degrade_readiness_until_queued_again(
 
         def dead() -> dict[str, Any] | None:
             b = c.get(f"{base}/v1/exports", params={"state": "dead"}).json()
-            return b if len(b["jobs"]) == 2 else None
+            return b if len(b["jobs"]) == 3 else None
 
         deadline = time.monotonic() + 30
         while (status := dead()) is None and time.monotonic() < deadline:
@@ -192,7 +193,9 @@ def test_dead_letters_degrade_readiness_until_queued_again(
         assert status is not None, "the jobs were not dead-lettered"
         ExportsStatus.model_validate(status)
         assert {j["attempts"] for j in status["jobs"]} == {3}
-        assert {d["name"]: d["dead_lettered"] for d in status["destinations"]} == {"pacs": 1, "web": 1}
+        assert {d["name"]: d["dead_lettered"] for d in status["destinations"]} == {"pacs": 2, "web": 1}
+        kinds = sorted((j["destination"], j["kind"]) for j in status["jobs"])
+        assert kinds == [("pacs", "instance"), ("pacs", "series"), ("web", "instance")]  # quiet period
         details = {d["name"]: d["last_attempt"]["detail"] for d in status["destinations"]}
         assert "no connection to 127.0.0.1" in details["pacs"]
         assert "ConnectionRefusedError" in details["web"]
@@ -206,9 +209,10 @@ def test_dead_letters_degrade_readiness_until_queued_again(
         Ready.model_validate(ready.json())
         assert ready.json()["status"] == "degraded"
         assert sum("dead-lettered" in reason for reason in ready.json()["degraded"]) == 2
+        assert c.get(f"{base}/v1/exports", params={"state": "bogus"}).status_code == 400
         metrics = c.get(f"{base}/metrics").text
         assert 'retinaedge_export_dead_letters_total{destination="web"} 1.0' in metrics
-        assert 'retinaedge_export_attempts_total{destination="pacs",outcome="failed"} 3.0' in metrics
+        assert 'retinaedge_export_attempts_total{destination="pacs",outcome="failed"} 6.0' in metrics
 
         assert c.post(f"{base}/v1/exports/retry", params={"destination": "nope"}).status_code == 404
         assert c.post(f"{base}/v1/exports/retry", params={"destination": "web"}).json() == {"requeued": 1}
