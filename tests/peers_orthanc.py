@@ -73,11 +73,11 @@ def install(root: Path) -> Path | str:
 
 
 def _env(tree: Path) -> dict[str, str]:
-    return {
-        "LD_LIBRARY_PATH": str(tree / ARCH_LIB),
-        "DCMDICTPATH": str(tree / "usr/share/libdcmtk17/dicom.dic"),
-        "PATH": "/usr/bin:/bin",
-    }
+    env = {"LD_LIBRARY_PATH": str(tree / ARCH_LIB), "PATH": "/usr/bin:/bin"}
+    dictionary = tree / "usr/share/libdcmtk17/dicom.dic"
+    if dictionary.exists():  # else the system's DCMTK (libdcmtk17 installed) has its own
+        env["DCMDICTPATH"] = str(dictionary)
+    return env
 
 
 @dataclass
