@@ -206,12 +206,17 @@ class HoldingPeer:
         from pynetdicom import AE, evt
 
         self.received: list[str] = []
+        self.proposed: list[tuple[str, list[str]]] = []  # the presentation contexts the SCU proposed
         self.arrived, self.release = threading.Event(), threading.Event()
         ae = AE(ae_title="PACS")
         ae.add_supported_context(COMPREHENSIVE_3D_SR, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
 
         def on_store(event: Any) -> int:
             self.received.append(str(event.request.AffectedSOPInstanceUID))
+            self.proposed = [
+                (str(c.abstract_syntax), [str(t) for t in c.transfer_syntax])
+                for c in event.assoc.requestor.requested_contexts
+            ]
             self.arrived.set()
             self.release.wait(60)
             return 0x0000
@@ -229,7 +234,8 @@ class HoldingPeer:
 
 def test_srs_wait_for_a_pacs_that_is_down_and_survive_a_crash(orthanc_tree: Path, tmp_path: Path) -> None:
     """The PACS is down: the SRs wait (pending, attempts failing, /readyz degraded with the reason,
-    metrics). A slow peer takes the first SR and the appliance is killed (SIGKILL) before it records the
+    metrics). A slow peer takes the first SR (proposed as exactly Comprehensive 3D SR, explicit and
+    implicit VR little endian) and the appliance is killed (SIGKILL) before it records the
     delivery. After the restart the PACS is back: every SR is delivered, none lost, and the one SR sent
     before the crash is the one duplicate, counted and reported."""
     pacs = Orthanc(orthanc_tree, tmp_path / "pacs", aet="PACS")  # ports chosen, not started
@@ -277,6 +283,8 @@ def test_srs_wait_for_a_pacs_that_is_down_and_survive_a_crash(orthanc_tree: Path
             proc.wait(30)
             holding.stop()
             assert len(holding.received) == 1
+            # exactly the SOP class it sends, in explicit and implicit VR little endian
+            assert holding.proposed == [(COMPREHENSIVE_3D_SR, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])]
 
         proc = start_server(DEMO, config, port)
         with httpx.Client(timeout=60) as c:
