@@ -1,16 +1,21 @@
 """The export outbox on a real SQLite database, the destination settings, and dead letters end to end.
 
 The outbox tests drive :class:`Store` and :class:`Outbox` on one database file exactly as the service
-does (two connections, the trigger between them); the last test runs the service with destinations
-that refuse connections, so every job is dead-lettered after the attempt limit and queued again.
+does (two connections, the trigger between them); then the service runs with destinations that refuse
+connections, so every job is dead-lettered after the attempt limit and queued again, and with a STOW-RS
+destination over HTTPS that is a second appliance, which refuses the SR itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +231,87 @@ def test_dead_letters_degrade_readiness_until_queued_again(
         assert job["state"] == "dead" and job["attempts"] == 3 and len(job["history"]) == 6
     assert "token-that-must-not-leak-0123" not in caplog.text
     assert uid not in caplog.text  # UIDs are hashed in logs
+
+
+@contextmanager
+def https_appliance(tmp_path: Path, token: str) -> Iterator[tuple[str, Path]]:
+    """A second appliance serving HTTPS with a bearer token (uvicorn in a thread): a real DICOMweb peer
+    for STOW-RS that refuses what it cannot analyse. Yields its DICOMweb root and its certificate."""
+    import threading
+
+    import uvicorn
+    from helpers import free_port
+    from retinaedge.service.app import create_app
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "peer.crt", tmp_path / "peer.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=peer"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    port = free_port()
+    settings = load_settings(
+        model=DEMO,
+        data_dir=tmp_path / "peer",
+        port=port,
+        api_token=token,
+        tls_cert_file=cert,
+        tls_key_file=key,
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        ssl_certfile=str(cert),
+        ssl_keyfile=str(key),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"https://127.0.0.1:{port}/dicomweb", cert
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_stow_rs_over_https_with_a_bearer_token_to_a_peer_that_refuses_the_sr(tmp_path: Path) -> None:
+    """STOW-RS over HTTPS (the peer's certificate verified by ca_file) with a bearer token from a file:
+    the peer, another appliance, takes the request but refuses the SR itself (no pixel data: Failure
+    Reason 0x0122 in a 409). That is a failure of this SR only: it backs off alone and is dead-lettered."""
+    token = "peer-token-0123456789abcdef"
+    secret = tmp_path / "token"
+    secret.write_text(token + "\n")
+    with https_appliance(tmp_path, token) as (url, cert):
+        web = {
+            **STOW,
+            "url": url,
+            "ca_file": str(cert),
+            "auth": {"type": "bearer", "secret_file": str(secret)},
+        }
+        with (
+            serve(
+                model=DEMO, export_destinations=[web], export_max_attempts=2, export_retry_initial_s=0.05
+            ) as base,
+            httpx.Client(timeout=60) as c,
+        ):
+            body, ctype = multipart([(ROOT / "examples" / "study_01" / "IM0005.dcm").read_bytes()])
+            r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                (d,) = c.get(f"{base}/v1/exports").json()["destinations"]
+                if d["jobs"]["dead"] == 1:
+                    break
+                time.sleep(0.1)
+            assert d["jobs"] == {"pending": 0, "delivered": 0, "dead": 1}
+            assert d["last_attempt"]["detail"] == "STOW-RS HTTP 409, failure reason 0x0122"
+            assert d["attempts"]["failed"] == 2
