@@ -69,68 +69,67 @@ def build_candidates(
     spec: PostprocessSpec,
     image_hw: tuple[int, int],
 ) -> Candidates:
-    """Per-level top-k, box decoding and clipping; see the module docstring."""
+    """Per-level top-k, box decoding and clipping; see the module docstring.
+
+    Cheaper than a literal transcription, with the same result (see ``masked``): scores at or below the
+    threshold are replaced by -1 before the per-level top-k (ONNX Runtime's top-k then rejects them in one
+    comparison instead of ranking them), the level offsets are added to the flat ``anchor * C + class``
+    index before one division and one modulo for all levels, and the decode works on (x, y) pairs.
+    """
     if anchors.shape != (sum(anchors_per_level), 4):
         raise ValueError(f"anchors {anchors.shape} do not match levels {anchors_per_level}")
     ks = level_topk(anchors_per_level, num_classes, spec.topk_candidates)
+    c = num_classes
     probs = b.op("Sigmoid", [cls_logits], "probs")  # (N, A, C)
-    level_scores, level_anchor, level_labels = [], [], []
+    # Scores <= score_thresh can never be kept (NonMaxSuppression's score_threshold drops them, and -1 is
+    # below any threshold >= 0); as -1 they still fill a level's k slots when fewer pass, so shapes stay
+    # static, and every score above the threshold keeps its value and its index, hence its rank and ties.
+    above = b.op("Greater", [probs, b.const(np.float32(spec.score_thresh))], "above")
+    masked = b.op("Where", [above, probs, b.const(np.float32(-1.0))], "masked")
+    flat = b.op("Reshape", [masked, b.const([0, -1], dtype=np.int64)], "flat")  # (N, A*C)
+    level_scores, level_index = [], []
     start = 0
-    c_const = b.const(np.array(num_classes, np.int64), "num_classes")
     for level, (count, k) in enumerate(zip(anchors_per_level, ks, strict=True)):
+        lo, hi = start * c, (start + count) * c
         sl = b.op(
             "Slice",
-            [
-                probs,
-                b.const([start], dtype=np.int64),
-                b.const([start + count], dtype=np.int64),
-                b.const([1], dtype=np.int64),
-            ],
-            f"l{level}_probs",
-        )  # (N, A_l, C)
-        flat = b.op("Reshape", [sl, b.const([0, -1], dtype=np.int64)], f"l{level}_flat")  # (N, A_l*C)
+            [flat, b.const([lo], dtype=np.int64), b.const([hi], dtype=np.int64), b.const([1], dtype=np.int64)],
+            f"l{level}_flat",
+        )  # (N, A_l*C)
         vals, idx = b.op(
-            "TopK", [flat, b.const([k], dtype=np.int64)], outputs=2, axis=1, largest=1, sorted=1
-        )  # (N, k_l), (N, k_l) int64; index = anchor * C + class
-        anchor_local = b.op("Div", [idx, c_const], f"l{level}_anchor")
-        anchor_global = b.op("Add", [anchor_local, b.const(np.array(start, np.int64))], f"l{level}_ganchor")
-        label = b.op("Mod", [idx, c_const], f"l{level}_label", fmod=0)
+            "TopK", [sl, b.const([k], dtype=np.int64)], outputs=2, axis=1, largest=1, sorted=1
+        )  # (N, k_l), (N, k_l) int64; index = local anchor * C + class
+        if lo:
+            idx = b.op("Add", [idx, b.const(np.array(lo, np.int64))], f"l{level}_index")  # global flat index
         level_scores.append(vals)
-        level_anchor.append(anchor_global)
-        level_labels.append(label)
+        level_index.append(idx)
         start += count
     scores = b.op("Concat", level_scores, "cand_scores", axis=1)  # (N, M)
-    anchor_idx = b.op("Concat", level_anchor, "cand_anchor", axis=1)  # (N, M) int64
-    labels = b.op("Concat", level_labels, "cand_labels", axis=1)  # (N, M) int64
+    index = b.op("Concat", level_index, "cand_index", axis=1)  # (N, M) int64, global anchor * C + class
+    c_const = b.const(np.array(c, np.int64), "num_classes")
+    anchor_idx = b.op("Div", [index, c_const], "cand_anchor")  # (N, M) int64
+    labels = b.op("Mod", [index, c_const], "cand_labels", fmod=0)  # (N, M) int64
 
-    # Regression deltas of the selected anchors: GatherElements with indices expanded to (N, M, 4).
+    # Regression deltas of the selected anchors, image by image (batch_dims=1): (N, M, 4).
     idx3 = b.op("Unsqueeze", [anchor_idx, b.const([2], dtype=np.int64)], "cand_anchor3")  # (N, M, 1)
-    idx3 = b.op("Expand", [idx3, b.const([1, 1, 4], dtype=np.int64)], "cand_anchor_x4")  # (N, M, 4)
-    deltas = b.op("GatherElements", [bbox_regression, idx3], "cand_deltas", axis=1)  # (N, M, 4)
+    deltas = b.op("GatherND", [bbox_regression, idx3], "cand_deltas", batch_dims=1)  # (N, M, 4)
     geom = b.op("Gather", [b.const(anchor_geometry(anchors), "anchor_geom"), anchor_idx], "cand_geom", axis=0)
 
-    wx, wy, ww, wh = (np.float32(w) for w in spec.box_coder_weights)
-    dx, dy, dw, dh = b.op("Split", [deltas], outputs=4, axis=2, num_outputs=4)  # each (N, M, 1)
-    aw, ah, acx, acy = b.op("Split", [geom], outputs=4, axis=2, num_outputs=4)
-    dx = b.op("Div", [dx, b.const(wx)], "dx")
-    dy = b.op("Div", [dy, b.const(wy)], "dy")
-    dw = b.op("Div", [dw, b.const(ww)], "dw")
-    dh = b.op("Div", [dh, b.const(wh)], "dh")
-    clip = b.const(np.float32(spec.bbox_xform_clip), "xform_clip")
-    dw = b.op("Min", [dw, clip], "dw_clamped")
-    dh = b.op("Min", [dh, clip], "dh_clamped")
-    pcx = b.op("Add", [b.op("Mul", [dx, aw]), acx], "pred_ctr_x")
-    pcy = b.op("Add", [b.op("Mul", [dy, ah]), acy], "pred_ctr_y")
-    pw = b.op("Mul", [b.op("Exp", [dw]), aw], "pred_w")
-    ph = b.op("Mul", [b.op("Exp", [dh]), ah], "pred_h")
-    half = b.const(np.float32(0.5), "half")
-    cw = b.op("Mul", [half, pw], "c_to_c_w")
-    ch = b.op("Mul", [half, ph], "c_to_c_h")
-    x1 = b.op("Sub", [pcx, cw])
-    y1 = b.op("Sub", [pcy, ch])
-    x2 = b.op("Add", [pcx, cw])
-    y2 = b.op("Add", [pcy, ch])
-    boxes = b.op("Concat", [x1, y1, x2, y2], "cand_boxes_raw", axis=2)  # (N, M, 4)
+    # torchvision's BoxCoder.decode_single on (x, y) pairs: the same float32 operations per element.
+    d_xy, d_wh = b.op("Split", [deltas], outputs=2, axis=2, num_outputs=2)  # (N, M, 2) each
+    a_wh, a_ctr = b.op("Split", [geom], outputs=2, axis=2, num_outputs=2)  # widths/heights, centres
+    wx, wy, ww, wh = (float(w) for w in spec.box_coder_weights)
+    if (wx, wy) != (1.0, 1.0):  # x / 1.0 is x exactly: the division is left out then
+        d_xy = b.op("Div", [d_xy, b.const(np.array([wx, wy], np.float32))], "d_xy")
+    if (ww, wh) != (1.0, 1.0):
+        d_wh = b.op("Div", [d_wh, b.const(np.array([ww, wh], np.float32))], "d_wh")
+    d_wh = b.op("Min", [d_wh, b.const(np.float32(spec.bbox_xform_clip), "xform_clip")], "d_wh_clamped")
+    ctr = b.op("Add", [b.op("Mul", [d_xy, a_wh]), a_ctr], "pred_ctr")  # (N, M, 2)
+    size = b.op("Mul", [b.op("Exp", [d_wh]), a_wh], "pred_wh")
+    half = b.op("Mul", [b.const(np.float32(0.5), "half"), size], "c_to_c")
+    lo_xy = b.op("Sub", [ctr, half], "pred_lo")
+    hi_xy = b.op("Add", [ctr, half], "pred_hi")
+    boxes = b.op("Concat", [lo_xy, hi_xy], "cand_boxes_raw", axis=2)  # (N, M, 4) x1, y1, x2, y2
     height, width = image_hw
     boxes = b.op("Max", [boxes, b.const(np.float32(0.0))], "cand_boxes_lo")
     boxes = b.op("Min", [boxes, b.const(np.array([width, height, width, height], np.float32))], "cand_boxes")
@@ -169,16 +168,12 @@ def build_onnx_nms(
         center_point_box=0,
     )  # (S, 3): batch, class, box
     pairs = b.op("Gather", [selected, b.const([0, 2], dtype=np.int64)], "nms_pairs", axis=1)  # (S, 2)
-    count = b.op(
-        "Slice",
-        [b.op("Shape", [selected]), b.const([0], dtype=np.int64), b.const([1], dtype=np.int64)],
-        "nms_count",
-    )  # (1,)
-    ones = b.op("ConstantOfShape", [count], "nms_ones", value=_scalar_tensor(1.0))
-    zeros = b.op("ConstantOfShape", [b.op("Shape", [cand.scores])], "kept_zero", value=_scalar_tensor(0.0))
-    kept = b.op("ScatterND", [zeros, pairs, ones], "kept")  # (N, M) 1.0 where NMS kept the candidate
-    kept_mask = b.op("Greater", [kept, b.const(np.float32(0.5))], "kept_mask")
-    final = b.op("Where", [kept_mask, cand.scores, b.const(np.float32(-1.0))], "final_scores")
+    # The kept candidates' scores scattered onto -1 everywhere else: (N, M).
+    kept_scores = b.op("GatherND", [cand.scores, pairs], "kept_scores")  # (S,)
+    minus_ones = b.op(
+        "ConstantOfShape", [b.op("Shape", [cand.scores])], "minus_ones", value=_scalar_tensor(-1.0)
+    )
+    final = b.op("ScatterND", [minus_ones, pairs, kept_scores], "final_scores")
 
     k_eff = min(k_out, cand.count)
     top_scores, top_idx = b.op(
