@@ -93,7 +93,12 @@ def build_candidates(
         lo, hi = start * c, (start + count) * c
         sl = b.op(
             "Slice",
-            [flat, b.const([lo], dtype=np.int64), b.const([hi], dtype=np.int64), b.const([1], dtype=np.int64)],
+            [
+                flat,
+                b.const([lo], dtype=np.int64),
+                b.const([hi], dtype=np.int64),
+                b.const([1], dtype=np.int64),
+            ],
             f"l{level}_flat",
         )  # (N, A_l*C)
         vals, idx = b.op(

@@ -11,6 +11,7 @@ from typing import Any
 
 import cv2
 import pytest
+from retinaedge.service.bench.batching import service_fields
 from retinaedge.service.bench.plot import draw_latency_plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +20,8 @@ RATIOS = (
     "postprocess_speedup_vs_python",
     "http_overhead_p50",
     "http_overhead_paired_p50",
+    "service_throughput_vs_backend",
+    "tail_ratio_p99_p50",
 )
 TOP_KEYS = {
     "schema",
@@ -50,7 +53,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedP
         "--dicom", str(REPO / "examples" / "study_01"), str(REPO / "examples" / "study_01_multiframe"),
         "--frames", "4", "--warmup", "1", "--threads", "1",
         "--batch-sizes", "1,2", "--batch-repeats", "1",
-        "--clients", "1", "--requests-per-client", "1",
+        "--clients", "1,4", "--requests-per-client", "1", "--tail-requests", "8", "--tail-seconds", "600",
         "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -90,7 +93,23 @@ def test_report_json_has_the_documented_keys(run: tuple[subprocess.CompletedProc
     assert report["inference_ms_per_frame"]["onnxruntime_fused"]["n"] == 4
     assert report["detections"]["python_equals_in_graph_counts"] is True
     assert [row["batch_size"] for row in report["throughput"]["by_batch_size"]] == [1, 2]
-    assert report["throughput"]["by_clients"][0]["clients"] == 1
+    one, four = report["throughput"]["by_clients"]
+    assert (one["clients"], one["requests"]) == (1, 1)
+    assert (four["clients"], four["requests"], four["stopped_by"]) == (4, 8, "count")
+    assert four["latency_ms"]["n"] == 8 and four["target_requests"] == 8
+    served, tail = report["ratios"]["service_throughput_vs_backend"], report["ratios"]["tail_ratio_p99_p50"]
+    assert served["value"] > 0 and served["met"] in (True, False)
+    assert served["inputs"]["backend_frames_per_s"] == max(
+        r["frames_per_s"] for r in report["throughput"]["by_batch_size"]
+    )
+    assert served["inputs"]["service_frames_per_s"] == four["frames_per_s"]
+    assert tail["value"] >= 1 and tail["inputs"]["requests"] == 8
+    batching = report["http"]["batching"]
+    assert report["context"]["service_batching"] == batching
+    if "max_batch_size" in service_fields():
+        assert batching["max_batch_size"] == batching["best_model_batch_size"] in (1, 2)
+    else:
+        assert batching["max_batch_size"] is None and "max_batch_size" in batching["not_applied"]
     rss = report["memory"]["peak_rss_bytes"]
     assert rss["onnxruntime_fused"] > 50 * 2**20 and rss["service"] > 50 * 2**20
     energy = report["energy"]
@@ -150,6 +169,8 @@ def test_without_torch_the_eager_baseline_is_skipped_with_a_reason(tmp_path: Pat
     speedup = report["ratios"]["speedup_vs_torch_eager"]
     assert speedup["value"] is None and speedup["met"] is None and "torch" in speedup["reason"]
     assert report["http"] is None and report["ratios"]["http_overhead_p50"]["reason"] == "no HTTP phase"
+    assert report["ratios"]["service_throughput_vs_backend"]["reason"] == "no HTTP phase"
+    assert report["ratios"]["tail_ratio_p99_p50"]["value"] is None
     assert report["ratios"]["postprocess_speedup_vs_python"]["value"] is not None
     assert (out / "latency.png").is_file() and (out / "report.md").is_file()
 

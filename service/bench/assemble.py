@@ -78,6 +78,8 @@ def assemble(
         "input": [manifest.input.channels, manifest.input.height, manifest.input.width],
         "model_sha256": manifest.model_sha256,
         "threads": threads,
+        # The service's batching in the HTTP phase (None without one): service/bench/batching.py.
+        "service_batching": (http or {}).get("batching"),
     }
     heads_plus_py = [h + p for h, p in zip(python["heads_ms"], python["post_ms"], strict=True)]
     report: dict[str, Any] = {
@@ -184,6 +186,7 @@ def assemble(
             "exit_code": http["exit_code"],
             "backend": http["backend"],
             "requests": len(http["round_trip_ms"]),
+            "batching": http.get("batching"),
         }
     report["ratios"] = compute_ratios(report)
     return report

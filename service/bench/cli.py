@@ -5,8 +5,10 @@ Phases, in order, each runtime in its own process with the same intra-op thread 
 1. fused ONNX Runtime (the appliance; ``--backend tensorrt`` or ``auto``: that backend from the registry): warm-up over the distinct files, then the timed ``Detector`` pass
    over N frames of real DICOM (per-stage timings), ``model.onnx`` per frame at batch 1, throughput per
    batch size (energy with ``tegrastats`` on a Jetson);
-2. ``retinaedge serve`` on a free 127.0.0.1 port: sequential ``POST /v1/detect`` of the same instances,
-   then 1, 2, 4 concurrent clients (right after phase 1, so the HTTP overhead compares close measurements);
+2. ``retinaedge serve`` on a free 127.0.0.1 port (its ``max_batch_size`` the best batch size of phase 1
+   unless ``--max-batch-size`` says otherwise): sequential ``POST /v1/detect`` of the same instances,
+   then 1, 2, 4 concurrent clients, the 4-client level for ``--tail-requests`` requests (at most
+   ``--tail-seconds``) (right after phase 1, so the HTTP overhead compares close measurements);
 3. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
 4. the in-graph post-processing alone on the same head outputs;
 5. torchvision eager on the same frames, when torch and the checkpoint are there.
@@ -28,6 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.discovery import RULE_HELP, dicom_files
+
+from .batching import AUTO, parse_max_batch_size
+from .http_phase import TAIL_CLIENTS
 
 if TYPE_CHECKING:
     from retinaedge.runtime.bundle import Bundle
@@ -68,6 +73,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-repeats", type=int, default=6, help="timed batches per batch size (default 6)")
     p.add_argument("--clients", type=_int_list, default=[1, 2, 4], help="HTTP concurrency levels")
     p.add_argument("--requests-per-client", type=int, default=8, help="requests per client per level")
+    p.add_argument(
+        "--tail-requests",
+        type=int,
+        default=240,
+        help=f"requests in all at the {TAIL_CLIENTS}-client level, whose p99 and frames/s make the serving "
+        "ratios (default 240: p99 between the 3rd and 2nd slowest)",
+    )
+    p.add_argument(
+        "--tail-seconds",
+        type=float,
+        default=90.0,
+        help=f"the {TAIL_CLIENTS}-client level stops after this many seconds even short of --tail-requests "
+        "(default 90)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=parse_max_batch_size,
+        default=AUTO,
+        help="the service's max_batch_size (RETINAEDGE_MAX_BATCH_SIZE) in the HTTP phase; auto (default): the "
+        "batch size at which model.onnx alone was fastest",
+    )
+    p.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        help="the service's batch_delay_ms (RETINAEDGE_BATCH_DELAY_MS) in the HTTP phase (default: the "
+        "service's own)",
+    )
     p.add_argument("--checkpoint", type=Path, help="torchvision checkpoint (default: the manifest's source)")
     p.add_argument("--arch", help="architecture of the checkpoint (default: the manifest's)")
     p.add_argument("--no-torch", action="store_true", help="skip the torchvision eager baseline")
@@ -116,6 +148,16 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.tail_requests < TAIL_CLIENTS:
+        raise ConfigError(
+            f"--tail-requests must be >= {TAIL_CLIENTS} (one per client), got {args.tail_requests}"
+        )
+    if not args.tail_seconds > 0:
+        raise ConfigError(f"--tail-seconds must be > 0, got {args.tail_seconds}")
+    if not args.no_http:
+        from .batching import check_options
+
+        check_options(args)
     from retinaedge.runtime.backends.registry import check_available
 
     check_available(getattr(args, "backend", "onnxruntime"))  # missing extra: one error line, no phase run
@@ -184,7 +226,12 @@ def measure(
     results["fused"] = phase("fused", lambda: run_process(WORKER_MODULE, "fused", spec, work, t, "fused"))
     # Right after the in-process pass, so that http_overhead_p50 compares measurements close in time.
     results["http"] = (
-        None if args.no_http else phase("http", lambda: http_phase(args, bundle, plan, threads, work))
+        None
+        if args.no_http
+        else phase(
+            "http",
+            lambda: http_phase(args, bundle, plan, threads, work, results["fused"]["throughput_by_batch"]),
+        )
     )
     for job in ("python", "fused_post"):
         results[job] = phase(job, lambda job=job: run_process(WORKER_MODULE, job, spec, work, t, job))
@@ -242,21 +289,36 @@ def eager_baseline(
 
 
 def http_phase(
-    args: argparse.Namespace, bundle: Bundle, plan: list[Instance], threads: int, work: Path
+    args: argparse.Namespace,
+    bundle: Bundle,
+    plan: list[Instance],
+    threads: int,
+    work: Path,
+    throughput_by_batch: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Sequential requests of the planned instances, then each concurrency level."""
+    """Sequential requests of the planned instances, then each concurrency level (the
+    :data:`~.report.TAIL_CLIENTS` level bounded by ``--tail-requests`` and ``--tail-seconds``)."""
+    from .batching import service_batching
     from .http_phase import concurrent, running_service, sequential
 
+    batching = service_batching(args, throughput_by_batch)
     bodies = [(i.path.read_bytes(), i.frames) for i in plan]
-    with running_service(bundle.root or bundle.model_path, threads, args.batch_size, work) as service:
+    with running_service(
+        bundle.root or bundle.model_path, threads, args.batch_size, work, extra_env=batching["env"]
+    ) as service:
         seq = sequential(service.port, [b for b, _ in bodies], args.warmup)
         levels = []
         for clients in args.clients:
             log.info("HTTP throughput: %d client(s)", clients)
-            levels.append(concurrent(service.port, bodies, clients, args.requests_per_client))
+            if clients == TAIL_CLIENTS:
+                bound = {"total": max(args.tail_requests, clients), "max_seconds": args.tail_seconds}
+                levels.append(concurrent(service.port, bodies, clients, args.requests_per_client, **bound))
+            else:
+                levels.append(concurrent(service.port, bodies, clients, args.requests_per_client))
     return {
         **seq,
         "levels": levels,
+        "batching": {k: v for k, v in batching.items() if k != "env"},
         "startup_s": service.startup_s,
         "peak_rss_bytes": service.peak_rss_bytes,
         "exit_code": service.exit_code,

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,9 @@ from retinaedge.runtime.progress import Progress
 log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
+#: The concurrency level that runs long (``--tail-requests``) and whose frames/s and p99/p50 make the
+#: serving ratios of the report.
+TAIL_CLIENTS = 4
 
 
 def free_port() -> int:
@@ -128,9 +131,17 @@ def _wait_ready(service: Service, server_log: Path, timeout_s: float) -> None:
 
 @contextlib.contextmanager
 def running_service(
-    model: Path, threads: int, batch_size: int, workdir: Path, startup_timeout_s: float = 180.0
+    model: Path,
+    threads: int,
+    batch_size: int,
+    workdir: Path,
+    startup_timeout_s: float = 180.0,
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[Service]:
-    """Start the service, wait for ``/readyz`` == 200, yield it; read its peak RSS, SIGTERM and wait after."""
+    """Start the service, wait for ``/readyz`` == 200, yield it; read its peak RSS, SIGTERM and wait after.
+
+    ``extra_env``: more ``RETINAEDGE_*`` settings (the batching ones, :mod:`.batching`), set as given.
+    """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAEDGE_")}
     env.update(
@@ -140,6 +151,7 @@ def running_service(
         RETINAEDGE_MIN_FREE_BYTES="0",
         OMP_NUM_THREADS=str(threads),
     )
+    env.update(extra_env or {})
     server_log = workdir / "server.log"
     with server_log.open("wb") as out:
         proc = subprocess.Popen(serve_command(model, port), env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -193,25 +205,64 @@ class _ClientRun:
     error: str | None = None
 
 
+class _Budget:
+    """Requests left to issue across all clients: at most ``total``, none after ``deadline`` (monotonic
+    seconds) except each client's first, so every client contributes at least one sample."""
+
+    def __init__(self, total: int, deadline: float) -> None:
+        self.left = total
+        self.deadline = deadline
+        self.timed_out = False
+        self._lock = threading.Lock()
+
+    def take(self, first: bool) -> bool:
+        with self._lock:
+            if self.left <= 0:
+                return False
+            if not first and time.monotonic() > self.deadline:
+                self.timed_out = True
+                return False
+            self.left -= 1
+            return True
+
+
 def concurrent(
-    port: int, bodies: Sequence[tuple[bytes, int]], clients: int, per_client: int
+    port: int,
+    bodies: Sequence[tuple[bytes, int]],
+    clients: int,
+    per_client: int,
+    *,
+    total: int | None = None,
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
     """``clients`` threads with a connection each (connected by one untimed request), released together;
-    client ``i`` posts ``per_client`` of ``bodies`` (``(data, frames)``) starting at offset ``i``.
-    Requests/s and frames/s = all of them / (last end - first start)."""
+    client ``i`` posts ``bodies`` (``(data, frames)``) starting at offset ``i``, stepping by ``clients``.
+
+    Without ``total``, each client posts ``per_client`` requests. With ``total``, the clients share a budget
+    of ``total`` requests, and stop early once ``max_seconds`` have passed since the release (each still
+    posts at least one): a run long enough for a p99 that means something, bounded in count and in time.
+    Requests/s and frames/s = all of them / (last end - first start).
+    """
+    if total is not None and total < clients:
+        raise BenchmarkError(f"{total} requests cannot be shared by {clients} clients (one each at least)")
     barrier = threading.Barrier(clients)
     runs = [_ClientRun() for _ in range(clients)]
+    budget = _Budget(total or 0, float("inf"))
 
     def work(i: int, run: _ClientRun) -> None:
         client = Client(port)
         try:
             client.detect(bodies[i % len(bodies)][0])
-            barrier.wait(timeout=300)
+            if barrier.wait(timeout=300) == 0 and max_seconds is not None:
+                budget.deadline = time.monotonic() + max_seconds
+            barrier.wait(timeout=300)  # the deadline is set before anyone reads it
             run.start = time.perf_counter()
-            for j in range(per_client):
+            j = 0
+            while budget.take(first=j == 0) if total is not None else j < per_client:
                 data, frames = bodies[(i + j * clients) % len(bodies)]
                 run.latencies.append(client.detect(data)[0])
                 run.frames += frames
+                j += 1
             run.end = time.perf_counter()
         except Exception as exc:  # reported after join; a broken barrier releases the others
             run.error = f"{type(exc).__name__}: {exc}"
@@ -229,7 +280,7 @@ def concurrent(
         raise BenchmarkError(f"{clients} concurrent client(s) failed: {errors}")
     seconds = max(r.end for r in runs) - min(r.start for r in runs)
     requests = sum(len(r.latencies) for r in runs)
-    return {
+    out = {
         "clients": clients,
         "requests": requests,
         "frames": sum(r.frames for r in runs),
@@ -238,3 +289,8 @@ def concurrent(
         "frames_per_s": round(sum(r.frames for r in runs) / seconds, 3),
         "latency_ms": [x for r in runs for x in r.latencies],
     }
+    if total is not None:
+        out.update(
+            target_requests=total, max_seconds=max_seconds, stopped_by="time" if budget.timed_out else "count"
+        )
+    return out

@@ -1,0 +1,64 @@
+"""The service's batching settings in the benchmark's HTTP phase: which variables are passed, when."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from retinaedge.runtime.errors import ConfigError
+from retinaedge.service.bench.batching import (
+    AUTO,
+    best_batch_size,
+    check_options,
+    parse_max_batch_size,
+    service_batching,
+    service_fields,
+)
+
+ROWS = [
+    {"batch_size": 1, "frames_per_s": 110.0},
+    {"batch_size": 4, "frames_per_s": 125.0},
+    {"batch_size": 8, "frames_per_s": 125.0},  # a tie: the smaller batch wins
+]
+BOTH = {"max_batch_size", "batch_delay_ms", "threads"}
+
+
+def args(max_batch_size: int | str = AUTO, batch_delay_ms: float | None = None) -> argparse.Namespace:
+    return argparse.Namespace(max_batch_size=max_batch_size, batch_delay_ms=batch_delay_ms)
+
+
+def test_auto_takes_the_best_model_batch_and_passes_it_when_the_service_has_the_setting() -> None:
+    assert best_batch_size(ROWS) == 4 and best_batch_size([]) is None
+    got = service_batching(args(batch_delay_ms=2.5), ROWS, fields=BOTH)
+    assert got["env"] == {"RETINAEDGE_MAX_BATCH_SIZE": "4", "RETINAEDGE_BATCH_DELAY_MS": "2.5"}
+    assert got["max_batch_size"] == 4 and got["batch_delay_ms"] == 2.5 and got["not_applied"] == {}
+    explicit = service_batching(args(max_batch_size=2), ROWS, fields=BOTH)
+    assert explicit["env"] == {"RETINAEDGE_MAX_BATCH_SIZE": "2"}
+    assert explicit["max_batch_size_from"] == "--max-batch-size"
+
+
+def test_a_service_without_the_settings_gets_no_variable_and_the_report_says_why() -> None:
+    got = service_batching(args(), ROWS, fields={"threads"})
+    assert got["env"] == {} and got["max_batch_size"] is None
+    assert got["not_applied"] == {"max_batch_size": "this service has no max_batch_size setting"}
+    with pytest.raises(
+        ConfigError, match="--max-batch-size was given, but this service has no max_batch_size"
+    ):
+        check_options(args(max_batch_size=4), fields={"threads"})
+    with pytest.raises(ConfigError, match="--batch-delay-ms was given"):
+        check_options(args(batch_delay_ms=1.0), fields={"threads"})
+    check_options(args(), fields={"threads"})  # auto with no setting: not an error
+
+
+def test_option_parsing_and_the_real_settings() -> None:
+    assert parse_max_batch_size("auto") == AUTO and parse_max_batch_size("8") == 8
+    for bad in ("0", "x", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_max_batch_size(bad)
+    with pytest.raises(ConfigError, match="--batch-delay-ms must be >= 0"):
+        check_options(args(batch_delay_ms=-1.0), fields=BOTH)
+    fields = service_fields()
+    assert "batch_size" in fields and "threads" in fields
+    got = service_batching(args(), ROWS)  # whatever this service accepts: only those are passed
+    assert set(got["env"]) <= {"RETINAEDGE_MAX_BATCH_SIZE", "RETINAEDGE_BATCH_DELAY_MS"}
+    assert ("RETINAEDGE_MAX_BATCH_SIZE" in got["env"]) == ("max_batch_size" in fields)
