@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 # resolves the same CPU-capable release instead of the newest CUDA build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help venv runtime demo benchmark test lint pytest clean docker docker-base docker-jetson
+.PHONY: help venv runtime demo benchmark benchmark-r50 test lint pytest clean docker docker-base docker-jetson
 
 help:
 	@echo "make demo    install the runtime (no torch) into .venv if needed, serve the demo model,"
@@ -17,6 +17,8 @@ help:
 	@echo "make benchmark  install the runtime + export extra into .venv if needed, benchmark MODEL"
 	@echo "             (default models/demo) on the example DICOM, write report.json, report.md and"
 	@echo "             latency.png to OUT (default benchmark-output); BENCH_ARGS= passes more options"
+	@echo "make benchmark-r50  the same report for a ResNet-50-FPN RetinaNet at 512 x 512 (random seeded"
+	@echo "             weights, exported into the benchmark's cache the first time) -> R50_OUT (benchmark-r50)"
 	@echo "make test    create .venv, install runtime + export + dev extras, run ruff and pytest"
 	@echo "make lint    ruff only"
 	@echo "make docker  build the x86_64 image (ONNX Runtime on CPU): retinaedge:VERSION and :latest"
@@ -70,6 +72,12 @@ BENCH_ARGS ?=
 # energy (Jetson). Another bundle: make benchmark MODEL=models/r50 BENCH_ARGS="--checkpoint r50.pth".
 benchmark: $(VENV)/.bench-deps
 	$(VENV)/bin/retinaedge benchmark --model $(MODEL) --out $(OUT) $(BENCH_ARGS)
+
+# The model size users bring: a ResNet-50-FPN RetinaNet at 512 x 512 with seeded random weights, exported
+# into the benchmark's cache the first time (minutes), then the same report (docs/operations.md).
+R50_OUT ?= benchmark-r50
+benchmark-r50: $(VENV)/.bench-deps
+	$(VENV)/bin/retinaedge benchmark --config r50-fpn-512 --out $(R50_OUT) $(BENCH_ARGS)
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check export runtime device service tests tools docker

@@ -100,6 +100,8 @@ def assemble(
             },
             "sha256": manifest.model_sha256,
             "nms": manifest.nms,
+            "config": getattr(args, "config", None),  # --config: a benchmark configuration's exported bundle
+            "source": manifest.source,
         },
         "threads": threads,
         "batch_size": args.batch_size,
