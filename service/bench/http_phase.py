@@ -206,20 +206,23 @@ class _ClientRun:
 
 
 class _Budget:
-    """Requests left to issue across all clients: at most ``total``, none after ``deadline`` (monotonic
-    seconds) except each client's first, so every client contributes at least one sample."""
+    """Requests left to issue across ``clients`` clients: ``total`` in all, each client's first one
+    reserved (every client contributes at least one sample), no other one after ``deadline``
+    (``time.monotonic`` seconds)."""
 
-    def __init__(self, total: int, deadline: float) -> None:
-        self.left = total
+    def __init__(self, total: int, clients: int, deadline: float) -> None:
+        self.left = total - clients  # beyond each client's reserved first request
         self.deadline = deadline
         self.timed_out = False
         self._lock = threading.Lock()
 
     def take(self, first: bool) -> bool:
+        if first:
+            return True
         with self._lock:
             if self.left <= 0:
                 return False
-            if not first and time.monotonic() > self.deadline:
+            if time.monotonic() > self.deadline:
                 self.timed_out = True
                 return False
             self.left -= 1
@@ -247,7 +250,7 @@ def concurrent(
         raise BenchmarkError(f"{total} requests cannot be shared by {clients} clients (one each at least)")
     barrier = threading.Barrier(clients)
     runs = [_ClientRun() for _ in range(clients)]
-    budget = _Budget(total or 0, float("inf"))
+    budget = _Budget(total or clients, clients, float("inf"))
 
     def work(i: int, run: _ClientRun) -> None:
         client = Client(port)
