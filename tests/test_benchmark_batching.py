@@ -58,7 +58,7 @@ def test_option_parsing_and_the_real_settings() -> None:
     with pytest.raises(ConfigError, match="--batch-delay-ms must be >= 0"):
         check_options(args(batch_delay_ms=-1.0), fields=BOTH)
     fields = service_fields()
-    assert "batch_size" in fields and "threads" in fields
+    assert "threads" in fields and "max_batch_size" in fields and "batch_delay_ms" in fields
     got = service_batching(args(), ROWS)  # whatever this service accepts: only those are passed
     assert set(got["env"]) <= {"RETINAEDGE_MAX_BATCH_SIZE", "RETINAEDGE_BATCH_DELAY_MS"}
     assert ("RETINAEDGE_MAX_BATCH_SIZE" in got["env"]) == ("max_batch_size" in fields)

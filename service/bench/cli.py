@@ -123,7 +123,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=60, help="timed frames per runtime (default 60)")
     p.add_argument("--warmup", type=int, default=5, help="untimed frames per baseline first (default 5)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per runtime (0: CPU affinity)")
-    p.add_argument("--batch-size", type=int, default=1, help="Detector/service batch size (default 1)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="Detector batch size in the fused phase (default 1; the service's: --max-batch-size)",
+    )
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8], help="throughput batch sizes")
     p.add_argument("--batch-repeats", type=int, default=6, help="timed batches per batch size (default 6)")
     p.add_argument("--clients", type=_int_list, default=[1, 2, 4], help="HTTP concurrency levels")

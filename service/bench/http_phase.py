@@ -140,7 +140,8 @@ def running_service(
 ) -> Iterator[Service]:
     """Start the service, wait for ``/readyz`` == 200, yield it; read its peak RSS, SIGTERM and wait after.
 
-    ``extra_env``: more ``RETINAEDGE_*`` settings (the batching ones, :mod:`.batching`), set as given.
+    ``batch_size`` is the service's ``max_batch_size`` unless ``extra_env`` (more ``RETINAEDGE_*`` settings,
+    the batching ones of :mod:`.batching`, set as given) says otherwise.
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAEDGE_")}
