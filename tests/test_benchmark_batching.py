@@ -1,4 +1,5 @@
-"""The service's batching settings in the benchmark's HTTP phase: which variables are passed, when."""
+"""The service's batching settings in the benchmark's HTTP phase (which variables are passed, when) and the
+4-client level's request budget."""
 
 from __future__ import annotations
 
@@ -62,3 +63,16 @@ def test_option_parsing_and_the_real_settings() -> None:
     got = service_batching(args(), ROWS)  # whatever this service accepts: only those are passed
     assert set(got["env"]) <= {"RETINAEDGE_MAX_BATCH_SIZE", "RETINAEDGE_BATCH_DELAY_MS"}
     assert ("RETINAEDGE_MAX_BATCH_SIZE" in got["env"]) == ("max_batch_size" in fields)
+
+
+def test_the_four_client_budget_is_bounded_in_count_and_in_time() -> None:
+    import time
+
+    from retinaedge.service.bench.http_phase import _Budget
+
+    budget = _Budget(total=6, clients=3, deadline=float("inf"))
+    taken = [budget.take(first=False) for _ in range(5)]
+    assert taken == [True, True, True, False, False]  # 6 in all: 3 reserved firsts + 3
+    assert all(budget.take(first=True) for _ in range(3)) and not budget.timed_out
+    late = _Budget(total=100, clients=2, deadline=time.monotonic() - 1.0)
+    assert late.take(first=True) and not late.take(first=False) and late.timed_out
