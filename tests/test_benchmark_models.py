@@ -63,6 +63,10 @@ def test_the_cache_is_reused_only_while_its_record_matches(tmp_path: Path) -> No
     (folder / CONFIG_FILE).write_text(json.dumps(wanted))
     (folder / BUNDLE_DIR / "model.onnx").write_bytes(b"not onnx")
     assert cached_bundle(folder, wanted) is None  # sha256 no longer the manifest's
+    from retinaedge.export.benchmodels import CONFIGS
+    from retinaedge.service.bench.configs import MODEL_CONFIGS
+
+    assert set(MODEL_CONFIGS) == set(CONFIGS)  # the benchmark's choices are the export's recipes
     with pytest.raises(ConfigError, match="unknown benchmark configuration 'r18'"):
         config("r18")
     with pytest.raises(ConfigError, match="does not exist"):

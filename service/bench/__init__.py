@@ -9,6 +9,8 @@ One module per job:
 - :mod:`.worker`: the runners that execute in their own process (fused ONNX Runtime, heads + Python);
 - :mod:`.processes`: starting a runner in a fresh process and reading its result;
 - :mod:`.http_phase`: the HTTP phase against a real ``retinaedge serve`` subprocess;
+- :mod:`.batching`: the service's batching settings for that phase (``--max-batch-size``, ``--batch-delay-ms``);
+- :mod:`.configs`: ``--config``, a benchmark configuration's bundle (exported in its own process);
 - :mod:`.assemble`: the report dictionary from the raw results;
 - :mod:`.report` and :mod:`.plot`: ``report.json``, ``report.md`` and the latency PNG;
 - :mod:`.cli`: the verb, which runs the phases in order.

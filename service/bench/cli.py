@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from retinaedge.runtime.discovery import RULE_HELP, dicom_files
 
 from .batching import AUTO, parse_max_batch_size
+from .configs import MODEL_CONFIGS, default_config_cache
 from .http_phase import TAIL_CLIENTS
 
 if TYPE_CHECKING:
@@ -43,47 +44,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DICOM = ("examples/study_01", "examples/study_01_multiframe")
 DEFAULT_MODEL = Path("models/demo")
-#: ``--config`` names (their recipes: ``retinaedge.export.benchmodels.CONFIGS``, imported only in the
-#: export's own process, where torch is).
-MODEL_CONFIGS = ("r50-fpn-512",)
-EXPORT_MODULE = "retinaedge.export.benchmodels"
-
-
-def default_config_cache() -> Path:
-    """``$XDG_CACHE_HOME/retinaedge/benchmark-models`` (``~/.cache`` when unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "retinaedge" / "benchmark-models"
-
-
-def config_bundle(args: argparse.Namespace) -> Path:
-    """The bundle of ``--config``: exported (or found in ``--config-cache``) by
-    ``python -m retinaedge.export.benchmodels`` in its own process; its directory."""
-    import subprocess
-
-    from retinaedge.runtime.errors import BenchmarkError, ConfigError
-
-    if args.model is not None:
-        raise ConfigError("give --model or --config, not both")
-    if not torch_importable():
-        raise ConfigError(
-            f"--config {args.config} exports its model with torch: install the export extra "
-            "(pip install 'retinaedge[export]', or make benchmark-r50)"
-        )
-    argv = [sys.executable, "-m", EXPORT_MODULE, args.config, "--cache", str(args.config_cache)]
-    if args.checkpoint:
-        argv += ["--checkpoint", str(args.checkpoint)]
-    log.info("benchmark configuration %s: bundle in %s", args.config, args.config_cache)
-    try:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=args.runner_timeout * 4)
-    except subprocess.TimeoutExpired as exc:
-        raise BenchmarkError(
-            f"exporting {args.config} took more than {args.runner_timeout * 4:.0f} s"
-        ) from exc
-    if proc.returncode != 0 or not proc.stdout.strip():
-        raise BenchmarkError(
-            f"exporting {args.config} failed with status {proc.returncode} (its log is above)"
-        )
-    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 def _int_list(text: str) -> list[int]:
@@ -224,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
     if args.config:
+        from .configs import config_bundle
+
         args.model = config_bundle(args)
     model_dir = (args.model or DEFAULT_MODEL).resolve()
     bundle = load_bundle(model_dir)
