@@ -54,6 +54,9 @@ class InstanceJob:
     enqueued: float  # time.monotonic() when admitted
     started: float = field(default_factory=time.perf_counter)
     on_open: OnOpen | None = None
+    #: Frames of this instance that may wait in the batch queue at once (the worker sets it): a long
+    #: instance cannot fill the queue ahead of the frames of other requests.
+    slots: threading.Semaphore | None = None
     info: ImageInfo | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     _outputs: list[_Output] = field(default_factory=list)

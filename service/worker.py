@@ -10,6 +10,8 @@ frame order (:mod:`.jobs`) on a thread of its own (``retinaedge-finish``).
 
 Memory is bounded twice: at most ``queue_size + 1`` instances are admitted at a time, and at most
 ``max_frames_in_flight`` prepared frames wait for inference (a reader blocks until frames are run).
+Fairness: one instance has at most ``max_batch_size`` frames waiting in the queue, so a long multi-frame
+instance cannot make the single-frame requests behind it wait for all of its frames.
 At start the inference thread opens the detector, runs the golden self-test, then runs every batch size
 it will see once (warm-up) before it reports ready.
 """
@@ -137,7 +139,13 @@ class InferenceWorker:
         """Admit one instance; raises :class:`NotReadyError` or :class:`OverloadedError` (503) at once."""
         if self.state != "ready" or self._reader is None:
             raise NotReadyError(f"the model is not ready: {self.reason}")
-        job = InstanceJob(data, concurrent.futures.Future(), time.monotonic(), on_open=on_open)
+        job = InstanceJob(
+            data,
+            concurrent.futures.Future(),
+            time.monotonic(),
+            on_open=on_open,
+            slots=threading.Semaphore(self.policy.max_batch_size),
+        )
         with self._lock:
             if self._closing:
                 raise NotReadyError("the service is shutting down")
@@ -174,6 +182,8 @@ class InferenceWorker:
 
         def put(frame: QueuedFrame) -> None:
             nonlocal promised
+            if job.slots is not None:
+                self._take(job.slots)
             self._take_budget()
             with self._lock:  # counted before it is queued: the batcher never waits for a frame it has
                 self._promised -= 1
@@ -192,12 +202,15 @@ class InferenceWorker:
 
     def _take_budget(self) -> None:
         """One unit of the frame budget (bounded waits; gives up when the pipeline stops)."""
-        while not self._budget.acquire(timeout=_BUDGET_POLL_S):
-            if self._closing:
-                raise NotReadyError("the service is shutting down")
+        self._take(self._budget)
         if self._closing:
             self._budget.release()
             raise NotReadyError("the service is shutting down")
+
+    def _take(self, semaphore: threading.Semaphore) -> None:
+        while not semaphore.acquire(timeout=_BUDGET_POLL_S):
+            if self._closing:
+                raise NotReadyError("the service is shutting down")
 
     def _expecting(self) -> bool:
         """More frames are on their way: an admitted instance is not opened yet, or has frames to come."""
@@ -278,6 +291,9 @@ class InferenceWorker:
     def _infer(self, detector: Detector, batch: list[QueuedFrame]) -> None:
         """Run ``batch`` and hand each frame's outputs to its instance."""
         started = time.monotonic()
+        for f in batch:  # out of the queue: each instance may queue its next frames
+            if f.job.slots is not None:
+                f.job.slots.release()
         t = time.perf_counter()
         try:
             images = np.stack([f.frame.image for f in batch]).astype(np.float32, copy=False)

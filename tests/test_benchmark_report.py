@@ -111,6 +111,17 @@ def test_a_long_tail_misses_its_goal() -> None:
     assert tail["value"] == pytest.approx(2.5) and tail["met"] is False
 
 
+def test_with_multi_frame_instances_in_the_level_the_tail_is_that_of_the_single_frame_requests() -> None:
+    """A 27-frame instance takes ~27 times a slice's latency by itself: the tail ratio reads the
+    single-frame requests of the same run, which is where waiting behind other requests shows."""
+    report = report_with([150.0])
+    level = report["throughput"]["by_clients"][1]
+    level["latency_ms"] = summarize([40.0] * 95 + [900.0] * 5)  # the multi-frame ones make p99 900
+    level["single_frame_latency_ms"] = summarize([40.0] * 90 + [60.0] * 5)  # p99 60
+    tail = compute_ratios(report)["tail_ratio_p99_p50"]
+    assert tail["value"] == pytest.approx(1.5) and tail["met"] is True and tail["inputs"]["requests"] == 95
+
+
 @pytest.mark.parametrize(
     ("http", "clients", "reason"),
     [

@@ -140,7 +140,16 @@ def assemble(
                 {**row, "batch_ms": summarize(row["batch_ms"])} for row in fused["throughput_by_batch"]
             ],
             "by_clients": [
-                {**lvl, "latency_ms": summarize(lvl["latency_ms"])} for lvl in (http or {}).get("levels", [])
+                {
+                    **lvl,
+                    "latency_ms": summarize(lvl["latency_ms"]),
+                    "single_frame_latency_ms": (
+                        summarize(lvl["single_frame_latency_ms"])
+                        if lvl.get("single_frame_latency_ms")
+                        else None
+                    ),
+                }
+                for lvl in (http or {}).get("levels", [])
             ],
         },
         "memory": {

@@ -201,6 +201,7 @@ def sequential(port: int, bodies: Sequence[bytes], warmup: int) -> dict[str, lis
 class _ClientRun:
     latencies: list[float] = field(default_factory=list)
     frames: int = 0
+    single_frame: list[float] = field(default_factory=list)  # latencies of the 1-frame requests
     start: float = 0.0
     end: float = 0.0
     error: str | None = None
@@ -264,7 +265,10 @@ def concurrent(
             j = 0
             while budget.take(first=j == 0) if total is not None else j < per_client:
                 data, frames = bodies[(i + j * clients) % len(bodies)]
-                run.latencies.append(client.detect(data)[0])
+                latency = client.detect(data)[0]
+                run.latencies.append(latency)
+                if frames == 1:
+                    run.single_frame.append(latency)
                 run.frames += frames
                 j += 1
             run.end = time.perf_counter()
@@ -292,6 +296,7 @@ def concurrent(
         "requests_per_s": round(requests / seconds, 3),
         "frames_per_s": round(sum(r.frames for r in runs) / seconds, 3),
         "latency_ms": [x for r in runs for x in r.latencies],
+        "single_frame_latency_ms": [x for r in runs for x in r.single_frame],
     }
     if total is not None:
         out.update(
