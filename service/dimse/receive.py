@@ -97,7 +97,9 @@ class Receiver:
         except OverloadedError as exc:
             outcome = Outcome(OUT_OF_RESOURCES, f"backlog full: {exc}")
         except InsufficientStorageError as exc:
-            outcome = Outcome(OUT_OF_RESOURCES, f"no room: {exc}")
+            text = str(exc)
+            why = "disk reserve reached (min_free_bytes)" if "reserve" in text else f"storage full: {text}"
+            outcome = Outcome(OUT_OF_RESOURCES, why)
         except Exception:
             log.error("C-STORE failed:\n%s", redacted_traceback(sys.exc_info()))
             outcome = Outcome(PROCESSING_FAILURE, "internal error")

@@ -1,0 +1,322 @@
+"""The C-STORE SCP against a real DICOM peer: dcmtk's echoscu and storescu (Debian's packages, unpacked by
+:mod:`peers_dcmtk`) on 127.0.0.1.
+
+C-ECHO; the sample study (27 instances) and the JPEG 2000 instance (``-xv``) acknowledged, stored as
+received and processed; calling AEs that are not allowed rejected at association; pydicom's test files
+with a status and a reason for each; A700 at the disk reserve; and SIGKILLs of the service during C-STORE
+associations, after which every instance acknowledged with Success has exactly one result.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from dicomgen import mr_instance, write
+from helpers import CORPUS, DEMO, free_port, serve, start_server, wait_done
+from peers_dcmtk import Dcmtk, dcmtk
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = sorted((ROOT / "examples" / "study_01").glob("*.dcm"))
+J2K = ROOT / "examples" / "compressed" / "study_01_IM0016_J2K.dcm"
+AET = "RETINAEDGE"
+ALLOWED = ["SCANNER1@127.0.0.1", "SCANNER2", "PINNED@10.9.9.9"]
+SUCCESS = "Received Store Response (Success)"
+
+
+@pytest.fixture(scope="session")
+def tools() -> Dcmtk:
+    return dcmtk()
+
+
+@pytest.fixture(scope="module")
+def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, Path]]:
+    """The service in this process with its SCP on a free port: (base URL, DIMSE port, data dir)."""
+    data = tmp_path_factory.mktemp("dimse-data")
+    port = free_port()
+    with serve(model=DEMO, data_dir=data, dimse_port=port, dimse_allowed_aets=ALLOWED) as base:
+        yield base, port, data
+
+
+def _uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _acknowledged(output: str) -> list[str]:
+    """The files storescu ``-v`` reports a Success status for, in order."""
+    done, current = [], None
+    for line in output.splitlines():
+        if line.startswith("I: Sending file: "):
+            current = line.removeprefix("I: Sending file: ").strip()
+        elif SUCCESS in line and current is not None:
+            done.append(current)
+            current = None
+    return done
+
+
+def test_echo_and_association_rejections(tools: Dcmtk, scp: tuple[str, int, Path]) -> None:
+    base, port, _ = scp
+    ok = tools.run("echoscu", "-v", "-aet", "SCANNER1", "-aec", AET, "127.0.0.1", str(port))
+    assert ok.returncode == 0 and "Received Echo Response (Success)" in ok.stdout, ok.stdout
+    for calling in ("INTRUDER", "PINNED"):  # not listed; listed, but only from another host
+        r = tools.run("echoscu", "-aet", calling, "-aec", AET, "127.0.0.1", str(port))
+        assert r.returncode != 0 and "Calling AE Title Not Recognized" in r.stdout, (calling, r.stdout)
+    r = tools.run("echoscu", "-aet", "SCANNER1", "-aec", "NOT-US", "127.0.0.1", str(port))
+    assert r.returncode != 0 and "Called AE Title Not Recognized" in r.stdout, r.stdout
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'retinaedge_dimse_associations_total{result="rejected"} 3.0' in metrics
+    assert "retinaedge_dimse_echoes_total 1.0" in metrics
+    ready = httpx.get(f"{base}/readyz").json()
+    assert ready["dimse"]["state"] == "listening" and ready["dimse"]["port"] == port
+
+
+def test_storescu_study_and_jpeg2000(
+    tools: Dcmtk, scp: tuple[str, int, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    base, port, data = scp
+    r = tools.run("storescu", "-v", "-aet", "SCANNER2", "-aec", AET, "127.0.0.1", str(port), *map(str, STUDY))
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert _acknowledged(r.stdout) == [str(p) for p in STUDY]  # each of the 27 acknowledged
+    r = tools.run("storescu", "-v", "-xv", "-aet", "SCANNER1", "-aec", AET, "127.0.0.1", str(port), str(J2K))
+    assert r.returncode == 0 and _acknowledged(r.stdout) == [str(J2K)], r.stdout[-2000:]
+    with httpx.Client(timeout=30) as c:
+        results = {p: wait_done(c, base, _uid(p), timeout=120) for p in [*STUDY, J2K]}
+        assert all(res["state"] == "done" for res in results.values())
+        # Stored as received: the JPEG 2000 instance was decoded from its own transfer syntax.
+        assert results[J2K]["image"]["transfer_syntax"] == "1.2.840.10008.1.2.4.90"
+        assert {results[p]["image"]["transfer_syntax"] for p in STUDY} == {"1.2.840.10008.1.2.1"}
+        series = pydicom.dcmread(STUDY[0], stop_before_pixels=True).SeriesInstanceUID
+        assert c.get(f"{base}/v1/series/{series}").json()["instances"]["done"] == 27
+        # The same instances again: idempotent (Success, the first copies stand, one row each).
+        r = tools.run(
+            "storescu", "-v", "-aet", "SCANNER2", "-aec", AET, "127.0.0.1", str(port), *map(str, STUDY[:3])
+        )
+        assert len(_acknowledged(r.stdout)) == 3, r.stdout[-2000:]
+        assert c.get(f"{base}/v1/series/{series}").json()["instances"]["received"] == 27
+    db = sqlite3.connect(data / "state.sqlite3")
+    assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 28
+    db.close()
+    patient = pydicom.dcmread(STUDY[0], stop_before_pixels=True)
+    logs = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    for value in (str(patient.PatientName), str(patient.PatientID), _uid(STUDY[0])):
+        assert value not in logs
+
+
+#: storescu's option proposing a file's own compressed transfer syntax (besides the uncompressed ones),
+#: so that it sends the file as it is.
+PROPOSE = {
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def _store_status(tools: Dcmtk, port: int, path: str) -> tuple[str, str | None, str | None]:
+    """storescu ``-d`` of one file, proposing its own transfer syntax -> (what happened, DIMSE status,
+    Error Comment)."""
+    try:
+        ts = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    except Exception:
+        ts = ""
+    propose = [PROPOSE[ts]] if ts in PROPOSE else []
+    r = tools.run(
+        "storescu", "-d", *propose, "-aet", "SCANNER2", "-aec", AET, "127.0.0.1", str(port), path, timeout=120
+    )
+    status = re.search(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", r.stdout)
+    comment = re.search(r"\(0000,0902\) LO \[(.*?)\]", r.stdout)
+    if status is not None:
+        return "status", status.group(1).upper(), comment.group(1) if comment else None
+    if "No presentation context for" in r.stdout or "No Acceptable Presentation Contexts" in r.stdout:
+        return "refused-at-negotiation", None, None
+    return "not-sent", None, None  # dcmtk could not read or convert the file itself
+
+
+@pytest.mark.slow
+def test_pydicom_corpus_by_storescu(
+    tools: Dcmtk, scp: tuple[str, int, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    base, port, _ = scp
+    files = sorted(str(p) for p in CORPUS.glob("*.dcm"))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outcomes = dict(zip(files, pool.map(lambda f: _store_status(tools, port, f), files), strict=True))
+    counts: dict[str, int] = {}
+    for path, (what, status, comment) in outcomes.items():
+        key = f"{what}:{status}" if status else what
+        counts[key] = counts.get(key, 0) + 1
+        if what == "status" and status != "0000":
+            assert comment, f"{Path(path).name}: failure status {status} without an Error Comment"
+    print("pydicom corpus by storescu:", json.dumps(dict(sorted(counts.items()))))
+    assert counts.get("status:0000", 0) >= 45
+    assert sum(n for k, n in counts.items() if k.startswith("status:") and k != "status:0000") >= 2
+    assert httpx.get(f"{base}/readyz").status_code == 200  # nothing crashed
+    ok = tools.run("echoscu", "-aet", "SCANNER1", "-aec", AET, "127.0.0.1", str(port))
+    assert ok.returncode == 0
+    bad = [r for r in caplog.records if r.exc_info or r.exc_text or "Traceback" in r.getMessage()]
+    assert not bad, [f"{r.name}: {r.getMessage()}" for r in bad]
+
+
+def test_out_of_resources_at_the_disk_reserve(tools: Dcmtk, tmp_path: Path) -> None:
+    port = free_port()
+    with serve(model=DEMO, data_dir=tmp_path, dimse_port=port, min_free_bytes=10**18) as base:
+        what, status, comment = _store_status(tools, port, str(STUDY[0]))
+        assert (what, status) == ("status", "A700"), (what, status, comment)
+        assert comment is not None and "reserve" in comment
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'retinaedge_dimse_stores_total{status="out-of-resources"} 1.0' in metrics
+    db = sqlite3.connect(tmp_path / "state.sqlite3")
+    assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+    db.close()
+    assert not list((tmp_path / "spool").glob("*"))
+
+
+def test_open_scp_beyond_loopback_is_refused() -> None:
+    from retinaedge.runtime.errors import ConfigError
+    from retinaedge.service.settings import load_settings
+
+    token = "t" * 20
+    with pytest.raises(ConfigError, match="dimse_allowed_aets"):
+        load_settings(model=DEMO, host="0.0.0.0", api_token=token, dimse_port=11112)
+    with pytest.raises(ConfigError, match="not an IP address"):
+        load_settings(model=DEMO, dimse_port=11112, dimse_allowed_aets=["SCANNER1@scanner.example"])
+    s = load_settings(model=DEMO, host="0.0.0.0", api_token=token, dimse_port=11112, dimse_allowed_aets=["A"])
+    assert s.dimse_allowed_aets == ["A"]
+
+
+# -- SIGKILL during C-STORE associations ---------------------------------------------------------------
+#: ``retinaedge serve`` with its modules imported before it starts: it waits for the file ``argv[1]``,
+#: then runs the real command. The next service process imports while the current one serves, so a
+#: restart after a SIGKILL takes a fraction of a second.
+PRELOADED_SERVE = """
+import os, sys, time
+import retinaedge.service.app, retinaedge.service.cli, retinaedge.service.dimse.scp, uvicorn, pynetdicom
+from retinaedge.runtime.cli import main
+go = sys.argv.pop(1)
+deadline = time.monotonic() + 300
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.005)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _preloaded(config: Path, http_port: int, go: Path, log: Any) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-c", PRELOADED_SERVE, str(go), "serve", "--model", str(DEMO)]
+    argv += ["--port", str(http_port), "--config", str(config)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the service exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    raise AssertionError(f"the DICOM port did not open within {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> None:
+    """Two storescu clients send while the service is SIGKILLed 30 times at random moments; every
+    instance that got a Success status has exactly one result at the end."""
+    dimse_port, http_port = free_port(), free_port()
+    config = tmp_path / "settings.json"
+    config.write_text(
+        json.dumps({"data_dir": str(tmp_path / "data"), "dimse_port": dimse_port, "batch_size": 2})
+    )
+    rng = random.Random(4321)
+    acknowledged: set[str] = set()
+    interrupted = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        local = np.random.default_rng(seed)
+        work = Path(tempfile.mkdtemp(dir=tmp_path))
+        while not stop.is_set():
+            uids: dict[str, str] = {}
+            for k in range(2):
+                ds = mr_instance(local.integers(0, 4096, size=(64, 64), dtype=np.uint16), window=(2048, 4096))
+                uids[str(write(ds, work / f"{seed}-{k}.dcm"))] = str(ds.SOPInstanceUID)
+            r = tools.run(
+                "storescu", "-v", "-aet", "SCANNER", "-aec", AET, "127.0.0.1", str(dimse_port), *uids
+            )
+            with lock:
+                acknowledged.update(uids[f] for f in _acknowledged(r.stdout))
+                if r.returncode != 0 and "Association Accepted" in r.stdout:
+                    interrupted[0] += 1  # the service died during this association
+            time.sleep(0.1 if r.returncode == 0 else 0.03)
+
+    log = open(tmp_path / "server.log", "ab")  # noqa: SIM115 (closed below)
+    go = tmp_path / "go-0"
+    proc = _preloaded(config, http_port, go, log)
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    kills = 0
+    try:
+        while kills < 30:
+            go.touch()
+            _wait_port(dimse_port, proc)
+            go = tmp_path / f"go-{kills + 1}"
+            following = _preloaded(config, http_port, go, log)  # imports while this one serves
+            time.sleep(rng.uniform(0.15, 0.7))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            kills += 1
+            proc = following
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        proc.kill()
+        proc.wait(30)
+        log.close()
+    assert interrupted[0] >= 5, f"only {interrupted[0]} kills hit an open association"
+    final = start_server(DEMO, config, http_port)
+    try:
+        with httpx.Client(timeout=60) as c:
+            for uid in sorted(acknowledged):
+                assert wait_done(c, f"http://127.0.0.1:{http_port}", uid, timeout=300)["state"] == "done"
+    finally:
+        final.send_signal(signal.SIGTERM)
+        final.wait(120)
+    db = sqlite3.connect(tmp_path / "data" / "state.sqlite3")
+    states = dict(db.execute("SELECT sop_instance_uid, state FROM instances").fetchall())
+    db.close()
+    assert all(states.get(uid) == "done" for uid in acknowledged)  # one row (one result) per UID
+    assert not list((tmp_path / "data" / "spool").glob("*"))
+    print(
+        f"C-STORE crash drill: {kills} SIGKILLs ({interrupted[0]} during an association), "
+        f"{len(acknowledged)} acknowledged instances, each with one result"
+    )
+    assert len(acknowledged) >= 30
