@@ -226,6 +226,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+#: Service processes importing ahead of their turn (an import takes longer than one kill cycle).
+AHEAD = 3
+
+
 def _preloaded(config: Path, http_port: int, go: Path, log: Any) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-c", PRELOADED_SERVE, str(go), "serve", "--model", str(DEMO)]
     argv += ["--port", str(http_port), "--config", str(config)]
@@ -277,29 +281,30 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
             time.sleep(0.1 if r.returncode == 0 else 0.03)
 
     log = open(tmp_path / "server.log", "ab")  # noqa: SIM115 (closed below)
-    go = tmp_path / "go-0"
-    proc = _preloaded(config, http_port, go, log)
+    gates = (tmp_path / f"go-{k}" for k in range(10_000))
+    ahead = [(gate, _preloaded(config, http_port, gate, log)) for gate in (next(gates) for _ in range(AHEAD))]
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
     for t in threads:
         t.start()
     kills = 0
     try:
         while kills < 30:
-            go.touch()
+            gate, proc = ahead.pop(0)
+            gate.touch()
             _wait_port(dimse_port, proc)
-            go = tmp_path / f"go-{kills + 1}"
-            following = _preloaded(config, http_port, go, log)  # imports while this one serves
-            time.sleep(rng.uniform(0.15, 0.7))
+            gate = next(gates)
+            ahead.append((gate, _preloaded(config, http_port, gate, log)))  # imports while others serve
+            time.sleep(rng.uniform(0.1, 0.6))
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
             kills += 1
-            proc = following
     finally:
         stop.set()
         for t in threads:
             t.join(60)
-        proc.kill()
-        proc.wait(30)
+        for _, waiting in ahead:
+            waiting.kill()
+            waiting.wait(30)
         log.close()
     assert interrupted[0] >= 5, f"only {interrupted[0]} kills hit an open association"
     final = start_server(DEMO, config, http_port)
