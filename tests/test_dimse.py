@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -325,3 +326,64 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
         f"{len(acknowledged)} acknowledged instances, each with one result"
     )
     assert len(acknowledged) >= 30
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_dicom_tls_with_client_certificates(
+    tools: Dcmtk, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TLS with the service's certificate; with dimse_tls_ca_file a peer without a certificate that CA
+    signed is refused at the handshake; a peer that connects and stays silent holds up no one."""
+    caplog.set_level(logging.INFO)
+    server_cert, server_key = _self_signed(tmp_path, "appliance")
+    client_cert, client_key = _self_signed(tmp_path, "scanner")
+    port = free_port()
+    with (
+        serve(
+            model=DEMO,
+            data_dir=tmp_path / "data",
+            dimse_port=port,
+            tls_cert_file=server_cert,
+            tls_key_file=server_key,
+            dimse_tls_ca_file=client_cert,
+        ) as base,
+        socket.create_connection(("127.0.0.1", port)),  # silent: never starts its handshake
+    ):
+        assert httpx.get(f"{base}/readyz", verify=str(server_cert)).json()["dimse"]["mutual_tls"] is True
+        tls = ["+tls", str(client_key), str(client_cert), "+cf", str(server_cert)]
+        ok = tools.run(
+            "echoscu", "-v", *tls, "-aet", "SCANNER1", "-aec", AET, "127.0.0.1", str(port), timeout=30
+        )
+        assert ok.returncode == 0 and "Received Echo Response (Success)" in ok.stdout, ok.stdout
+        r = tools.run(
+            "storescu", *tls, "-aet", "SCANNER1", "-aec", AET, "127.0.0.1", str(port), str(STUDY[0])
+        )
+        assert r.returncode == 0, r.stdout
+        anonymous = ["+tla", "+cf", str(server_cert)]
+        r = tools.run(
+            "echoscu", *anonymous, "-aet", "SCANNER1", "-aec", AET, "127.0.0.1", str(port), timeout=30
+        )
+        assert r.returncode != 0, r.stdout
+        r = tools.run("echoscu", "-aet", "SCANNER1", "-aec", AET, "127.0.0.1", str(port), timeout=30)
+        assert r.returncode != 0, r.stdout  # plain DICOM on the TLS port
+    bad = [r for r in caplog.records if r.exc_info or r.exc_text or "Traceback" in r.getMessage()]
+    assert not bad, [f"{r.name}: {r.getMessage()}" for r in bad]
+    print(
+        "\n".join(
+            f"{r.name} {r.levelname} {r.getMessage()}"
+            for r in caplog.records
+            if "dimse" in r.name or "pynetdicom" in r.name
+        )
+    )

@@ -39,6 +39,23 @@ log = logging.getLogger(__name__)
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)
 
 
+class DeferredHandshake(ssl.SSLContext):
+    """A server context whose ``wrap_socket`` leaves the handshake to the first read.
+
+    pynetdicom wraps each accepted socket in its one accepting thread; a handshake there would let one
+    silent peer hold up every other. Deferred, the handshake runs on the association's own thread (in
+    its first read), bounded by :attr:`timeout_s` (``dimse_acse_timeout_s``) like the association
+    request after it.
+    """
+
+    timeout_s: float = 30.0
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        sock.settimeout(self.timeout_s)
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 class DimseServer:
     """The SCP's life cycle and state; ``start(loop)`` in the lifespan, ``stop()`` at its end."""
 
@@ -139,7 +156,9 @@ class DimseServer:
         return server
 
     def _tls(self) -> ssl.SSLContext | None:
-        ctx = server_context(self.settings)
+        ctx = server_context(self.settings, DeferredHandshake)
+        if isinstance(ctx, DeferredHandshake):
+            ctx.timeout_s = self.settings.dimse_acse_timeout_s
         ca = self.settings.dimse_tls_ca_file
         if ctx is not None and ca is not None:
             ctx.verify_mode = ssl.CERT_REQUIRED
