@@ -380,10 +380,3 @@ def test_dicom_tls_with_client_certificates(
         assert r.returncode != 0, r.stdout  # plain DICOM on the TLS port
     bad = [r for r in caplog.records if r.exc_info or r.exc_text or "Traceback" in r.getMessage()]
     assert not bad, [f"{r.name}: {r.getMessage()}" for r in bad]
-    print(
-        "\n".join(
-            f"{r.name} {r.levelname} {r.getMessage()}"
-            for r in caplog.records
-            if "dimse" in r.name or "pynetdicom" in r.name
-        )
-    )
