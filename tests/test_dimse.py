@@ -198,6 +198,49 @@ def test_out_of_resources_at_the_disk_reserve(tools: Dcmtk, tmp_path: Path) -> N
     assert not list((tmp_path / "spool").glob("*"))
 
 
+def test_out_of_resources_at_the_backlog_limit(tools: Dcmtk, tmp_path: Path) -> None:
+    """Inference held by a gate: one instance acknowledged fills a backlog of one; the next get A700
+    until the backlog drains, then Success again."""
+    port = free_port()
+    config = tmp_path / "settings.json"
+    config.write_text(
+        json.dumps({"data_dir": str(tmp_path / "data"), "dimse_port": port, "max_pending_instances": 1})
+    )
+    gate = tmp_path / "gate"
+    gate.touch()
+    http_port = free_port()
+    proc = start_server(DEMO, config, http_port, gate=gate)
+    try:
+        r = tools.run(
+            "storescu",
+            "-v",
+            "-nh",
+            "-aet",
+            "SCANNER",
+            "-aec",
+            AET,
+            "127.0.0.1",
+            str(port),
+            *map(str, STUDY[:3]),
+        )
+        assert _acknowledged(r.stdout) == [str(STUDY[0])], r.stdout[-2000:]
+        assert r.stdout.count("Received Store Response (Refused: OutOfResources") == 2, r.stdout[-2000:]
+        what, status, comment = _store_status(tools, port, str(STUDY[1]))
+        assert (what, status) == ("status", "A700") and comment and comment.startswith("backlog full"), (
+            comment
+        )
+    finally:
+        gate.unlink()
+    try:
+        with httpx.Client(timeout=30) as c:
+            wait_done(c, f"http://127.0.0.1:{http_port}", _uid(STUDY[0]), timeout=60)
+        r = tools.run("storescu", "-v", "-aet", "SCANNER", "-aec", AET, "127.0.0.1", str(port), str(STUDY[1]))
+        assert _acknowledged(r.stdout) == [str(STUDY[1])], r.stdout[-2000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
 def test_open_scp_beyond_loopback_is_refused() -> None:
     from retinaedge.runtime.errors import ConfigError
     from retinaedge.service.settings import load_settings
@@ -380,3 +423,17 @@ def test_dicom_tls_with_client_certificates(
         assert r.returncode != 0, r.stdout  # plain DICOM on the TLS port
     bad = [r for r in caplog.records if r.exc_info or r.exc_text or "Traceback" in r.getMessage()]
     assert not bad, [f"{r.name}: {r.getMessage()}" for r in bad]
+
+
+def test_the_conformance_tables_list_what_the_scp_accepts() -> None:
+    from retinaedge.service.dimse.contexts import IMAGE_STORAGE, supported_contexts, transfer_syntaxes
+
+    doc = (ROOT / "docs" / "integration.md").read_text()
+    for uid, name in IMAGE_STORAGE:
+        assert f"| {name} | `{uid}` |" in doc, name
+    syntaxes = transfer_syntaxes()
+    assert "1.2.840.10008.1.2.4.90" in syntaxes  # the runtime's JPEG 2000 decoder is installed
+    for n, uid in enumerate(syntaxes, start=1):
+        assert f"| {n} |" in doc and f"`{uid}` |" in doc, uid
+    accepted = {cx.abstract_syntax for cx in supported_contexts()}
+    assert "1.2.840.10008.5.1.4.1.1.88.34" not in accepted  # Comprehensive 3D SR: not an image
