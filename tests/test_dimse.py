@@ -271,7 +271,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 #: Service processes importing ahead of their turn (an import takes longer than one kill cycle).
-AHEAD = 3
+AHEAD = 2
 
 
 def _preloaded(config: Path, http_port: int, go: Path, log: Any) -> subprocess.Popen[bytes]:
@@ -306,18 +306,21 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
     interrupted = [0]
     lock = threading.Lock()
     stop = threading.Event()
+    busy = [False, False]  # a client's storescu is running
 
     def client(seed: int) -> None:
         local = np.random.default_rng(seed)
         work = Path(tempfile.mkdtemp(dir=tmp_path))
         while not stop.is_set():
             uids: dict[str, str] = {}
-            for k in range(2):
+            for k in range(3):
                 ds = mr_instance(local.integers(0, 4096, size=(64, 64), dtype=np.uint16), window=(2048, 4096))
                 uids[str(write(ds, work / f"{seed}-{k}.dcm"))] = str(ds.SOPInstanceUID)
+            busy[seed] = True
             r = tools.run(
                 "storescu", "-v", "-aet", "SCANNER", "-aec", AET, "127.0.0.1", str(dimse_port), *uids
             )
+            busy[seed] = False
             with lock:
                 acknowledged.update(uids[f] for f in _acknowledged(r.stdout))
                 if r.returncode != 0 and "Association Accepted" in r.stdout:
@@ -339,6 +342,9 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
             gate = next(gates)
             ahead.append((gate, _preloaded(config, http_port, gate, log)))  # imports while others serve
             time.sleep(rng.uniform(0.1, 0.6))
+            deadline = time.monotonic() + 2  # then kill while a client is sending, if one starts by then
+            while not any(busy) and time.monotonic() < deadline:
+                time.sleep(0.002)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
             kills += 1
@@ -350,7 +356,7 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
             waiting.kill()
             waiting.wait(30)
         log.close()
-    assert interrupted[0] >= 5, f"only {interrupted[0]} kills hit an open association"
+    assert interrupted[0] >= 10, f"only {interrupted[0]} kills hit an open association"
     final = start_server(DEMO, config, http_port)
     try:
         with httpx.Client(timeout=60) as c:
@@ -368,7 +374,7 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
         f"C-STORE crash drill: {kills} SIGKILLs ({interrupted[0]} during an association), "
         f"{len(acknowledged)} acknowledged instances, each with one result"
     )
-    assert len(acknowledged) >= 30
+    assert len(acknowledged) >= 20
 
 
 def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
