@@ -50,6 +50,17 @@ class Dcmtk:
             timeout=timeout,
         )
 
+    def popen(self, name: str, *args: str) -> subprocess.Popen[str]:
+        """Start a dcmtk tool; its log lines (stdout and stderr) readable from ``stdout`` as they come."""
+        return subprocess.Popen(
+            [self.tool(name), *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+
 
 def unavailable(reason: str) -> Any:
     """Skip the test with ``reason``, or fail it when ``REQUIRE_DICOM_PEERS=1``."""

@@ -294,19 +294,27 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
 
 @pytest.mark.slow
 def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> None:
-    """Two storescu clients send while the service is SIGKILLed 30 times at random moments; every
-    instance that got a Success status has exactly one result at the end."""
+    """Two storescu clients send while the service is SIGKILLed at random moments until 30 kills have
+    cut open associations; every instance that got a Success status has exactly one result at the end."""
     dimse_port, http_port = free_port(), free_port()
     config = tmp_path / "settings.json"
     config.write_text(
-        json.dumps({"data_dir": str(tmp_path / "data"), "dimse_port": dimse_port, "batch_size": 2})
+        json.dumps(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "dimse_port": dimse_port,
+                "max_batch_size": 1,
+                "threads": 1,
+                "prepare_threads": 1,
+            }
+        )
     )
     rng = random.Random(4321)
     acknowledged: set[str] = set()
     interrupted = [0]
     lock = threading.Lock()
     stop = threading.Event()
-    busy = [False, False]  # a client's storescu is running
+    busy = [False, False]  # a client's association is open
 
     def client(seed: int) -> None:
         local = np.random.default_rng(seed)
@@ -316,16 +324,21 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
             for k in range(3):
                 ds = mr_instance(local.integers(0, 4096, size=(64, 64), dtype=np.uint16), window=(2048, 4096))
                 uids[str(write(ds, work / f"{seed}-{k}.dcm"))] = str(ds.SOPInstanceUID)
-            busy[seed] = True
-            r = tools.run(
+            proc = tools.popen(
                 "storescu", "-v", "-aet", "SCANNER", "-aec", AET, "127.0.0.1", str(dimse_port), *uids
             )
-            busy[seed] = False
+            assert proc.stdout is not None
+            lines = []
+            for line in proc.stdout:  # as storescu logs them: "open" from its acceptance to its end
+                lines.append(line)
+                busy[seed] = busy[seed] or "Association Accepted" in line
+            returncode = proc.wait(60)
+            output, busy[seed] = "".join(lines), False
             with lock:
-                acknowledged.update(uids[f] for f in _acknowledged(r.stdout))
-                if r.returncode != 0 and "Association Accepted" in r.stdout:
+                acknowledged.update(uids[f] for f in _acknowledged(output))
+                if returncode != 0 and "Association Accepted" in output:
                     interrupted[0] += 1  # the service died during this association
-            time.sleep(0.1 if r.returncode == 0 else 0.03)
+            time.sleep(0.1 if returncode == 0 else 0.03)
 
     log = open(tmp_path / "server.log", "ab")  # noqa: SIM115 (closed below)
     gates = (tmp_path / f"go-{k}" for k in range(10_000))
@@ -333,21 +346,26 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
     for t in threads:
         t.start()
-    kills = 0
+    kills = cutting = 0  # SIGKILLs; those that cut at least one open association
     try:
-        while kills < 30:
+        while cutting < 30 and kills < 45:
             gate, proc = ahead.pop(0)
             gate.touch()
             _wait_port(dimse_port, proc)
             gate = next(gates)
             ahead.append((gate, _preloaded(config, http_port, gate, log)))  # imports while others serve
             time.sleep(rng.uniform(0.1, 0.6))
-            deadline = time.monotonic() + 2  # then kill while a client is sending, if one starts by then
+            deadline = time.monotonic() + 3  # then kill while an association is open, if one opens by then
             while not any(busy) and time.monotonic() < deadline:
                 time.sleep(0.002)
+            before = interrupted[0]
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
             kills += 1
+            deadline = time.monotonic() + 5  # the clients' runs end at once (connection reset)
+            while any(busy) and time.monotonic() < deadline:
+                time.sleep(0.002)
+            cutting += interrupted[0] > before
     finally:
         stop.set()
         for t in threads:
@@ -356,7 +374,7 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
             waiting.kill()
             waiting.wait(30)
         log.close()
-    assert interrupted[0] >= 10, f"only {interrupted[0]} kills hit an open association"
+    assert cutting >= 30, f"only {cutting} of {kills} SIGKILLs cut an open association"
     final = start_server(DEMO, config, http_port)
     try:
         with httpx.Client(timeout=60) as c:
@@ -371,7 +389,8 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
     assert all(states.get(uid) == "done" for uid in acknowledged)  # one row (one result) per UID
     assert not list((tmp_path / "data" / "spool").glob("*"))
     print(
-        f"C-STORE crash drill: {kills} SIGKILLs ({interrupted[0]} during an association), "
+        f"C-STORE crash drill: {kills} SIGKILLs, {cutting} of them during C-STORE associations "
+        f"({interrupted[0]} associations cut), "
         f"{len(acknowledged)} acknowledged instances, each with one result"
     )
     assert len(acknowledged) >= 20
