@@ -10,6 +10,7 @@ associations, after which every instance acknowledged with Success has exactly o
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import logging
 import os
@@ -160,6 +161,7 @@ def _store_status(tools: Dcmtk, port: int, path: str) -> tuple[str, str | None, 
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the corpus' broken files
 def test_pydicom_corpus_by_storescu(
     tools: Dcmtk, scp: tuple[str, int, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -462,3 +464,44 @@ def test_the_conformance_tables_list_what_the_scp_accepts() -> None:
         assert f"| {n} |" in doc and f"`{uid}` |" in doc, uid
     accepted = {cx.abstract_syntax for cx in supported_contexts()}
     assert "1.2.840.10008.5.1.4.1.1.88.34" not in accepted  # Comprehensive 3D SR: not an image
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the broken data sets it is given
+def test_receiver_statuses_without_a_network(tmp_path: Path) -> None:
+    """The C-STORE handler's storage path on a real spool and database: a data set that is not the
+    request's is A900, garbage C000, an image-less instance of an accepted class 0122, a duplicate
+    Success with the first copy standing."""
+    from retinaedge.runtime.dicomio import Limits
+    from retinaedge.service.dimse.receive import Receiver
+    from retinaedge.service.evidence import IdentityFiles
+    from retinaedge.service.spool import Spool
+    from retinaedge.service.store import Store
+
+    store = Store(tmp_path / "state.sqlite3")
+    queued: list[str] = []
+    receiver = Receiver(
+        Spool(tmp_path / "spool", 0),
+        store,
+        Limits(),
+        IdentityFiles(tmp_path / "id"),
+        lambda: None,
+        10**8,
+        queued.append,
+    )
+    data = STUDY[0].read_bytes()
+    ds = pydicom.dcmread(STUDY[0], stop_before_pixels=True)
+    cls, uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    mismatch = receiver.receive(cls, uid + ".9", data)
+    assert (mismatch.status, mismatch.name) == (0xA900, "dataset-mismatch") and mismatch.comment
+    garbage = receiver.receive(cls, uid, b"\0" * 128 + b"DICM" + b"\x02\x00" * 50)
+    assert garbage.status == 0xC000 and garbage.comment.startswith("malformed-dicom"), garbage
+    no_pixels = pydicom.dcmread(STUDY[1])
+    del no_pixels.PixelData
+    buffer = io.BytesIO()
+    no_pixels.save_as(buffer, enforce_file_format=True)
+    empty = receiver.receive(cls, str(no_pixels.SOPInstanceUID), buffer.getvalue())
+    assert empty.status == 0x0122 and empty.comment.startswith("no-pixel-data"), empty
+    assert receiver.receive(cls, uid, data).status == 0x0000
+    assert receiver.receive(cls, uid, data).status == 0x0000  # again: idempotent
+    assert store.counts() == {"pending": 1} and len(list((tmp_path / "spool").glob("*"))) == 1
+    store.close()
