@@ -156,7 +156,11 @@ def _unpack(packages: list[str], target: Path) -> None:
         root = work / "root"
         for deb in sorted(debs.glob("*.deb")):
             _run("dpkg", "-x", str(deb), str(root))
-        os.rename(root, target)
+        try:
+            os.rename(root, target)
+        except OSError:
+            if not (target / "usr" / "bin" / "storescu").exists():  # else another run unpacked it first
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
