@@ -39,7 +39,17 @@ from .errors import DicomInputError, RequestError
 OWN_PREFIX = "retinaedge"
 
 #: Libraries that handle DICOM values: everything after the first ``:`` of their messages is a value.
-DICOM_LOGGERS = ("pydicom", "highdicom", "pylibjpeg", "openjpeg", "libjpeg", "rle", "py.warnings", "PIL")
+DICOM_LOGGERS = (
+    "pydicom",
+    "pynetdicom",
+    "highdicom",
+    "pylibjpeg",
+    "openjpeg",
+    "libjpeg",
+    "rle",
+    "py.warnings",
+    "PIL",
+)
 
 #: Exception type names that are the client's doing or the network's, never a bug of ours.
 EXPECTED = frozenset(

@@ -37,7 +37,8 @@ OPEN_PATHS = frozenset({"/healthz"})
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the inference worker and the STOW-RS processor (queueing what a restart left pending)."""
+    """Start the inference worker, the STOW-RS processor (queueing what a restart left pending) and the
+    C-STORE SCP; stop them in reverse order."""
     services: Services = app.state.services
     services.worker.start()
     services.writer.start()
@@ -46,7 +47,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("recovered %d pending instance(s) from the spool", recovered)
     services.processor.start()
     await asyncio.to_thread(services.exporter.start)
+    services.dimse.start(asyncio.get_running_loop())  # after recover: its rows are enqueued as stored
     yield
+    await asyncio.to_thread(services.dimse.stop)
     await services.processor.stop()
     await asyncio.to_thread(services.exporter.stop)
     await asyncio.to_thread(services.opener.stop)

@@ -63,6 +63,9 @@ class Ready(BaseModel):
     self_test: dict[str, Any]
     engine: EngineStatus
     model: str
+    dimse: dict[str, Any] | None = Field(
+        default=None, description="the C-STORE SCP (state, AE title, port, TLS, open associations), if on"
+    )
 
 
 class BackendInfo(BaseModel):

@@ -159,6 +159,25 @@ class Settings(BaseSettings):
     export_max_attempts: int = Field(default=20, ge=1, description="an SR is dead-lettered after this many")
     export_retry_initial_s: float = Field(default=10.0, gt=0, description="first retry delay, then doubled")
     export_retry_max_s: float = Field(default=3600.0, gt=0, description="the longest retry delay")
+    dimse_port: int = Field(
+        default=0, ge=0, le=65535, description="DICOM C-STORE SCP port on host (0: no DIMSE service)"
+    )
+    dimse_ae_title: str = Field(default="RETINAEDGE", description="the SCP's own AE title")
+    dimse_allowed_aets: list[str] = Field(
+        default_factory=list,
+        description='calling AEs accepted: "AET" or "AET@ip"; empty allows any (loopback only)',
+    )
+    dimse_max_associations: int = Field(default=8, ge=1, description="simultaneous associations")
+    dimse_max_pdu_bytes: int = Field(
+        default=131072, ge=0, description="largest P-DATA-TF PDU accepted (0: unlimited)"
+    )
+    dimse_acse_timeout_s: float = Field(default=30.0, gt=0, description="association negotiation")
+    dimse_dimse_timeout_s: float = Field(default=60.0, gt=0, description="a DIMSE message to arrive")
+    dimse_network_timeout_s: float = Field(default=60.0, gt=0, description="an idle association is closed")
+    dimse_tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle: with TLS on, peers must present a certificate it signed (mutual TLS)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="the service's log level (the command line's --log-level wins)"
     )
@@ -217,7 +236,28 @@ class Settings(BaseSettings):
             raise ValueError("export_retry_max_s must be at least export_retry_initial_s")
         if self.api_token is not None and len(self.api_token.get_secret_value()) < 16:
             raise ValueError("the API token must be at least 16 characters")
+        self._dimse_checks()
         return self
+
+    def _dimse_checks(self) -> None:
+        """The C-STORE SCP's settings (:mod:`.dimse`): titles, peers, no open SCP beyond loopback."""
+        from .dimse.peers import check_ae_title, parse_peers
+
+        check_ae_title(self.dimse_ae_title, "dimse_ae_title")
+        parse_peers(self.dimse_allowed_aets)
+        if self.dimse_port == 0:
+            return
+        if self.dimse_port == self.port:
+            raise ValueError(f"dimse_port {self.dimse_port} is the HTTP port too")
+        if not is_loopback(self.host) and not self.dimse_allowed_aets:
+            raise ValueError(
+                f"refusing to bind the DICOM port on {self.host}: beyond loopback dimse_allowed_aets must "
+                """list the calling AE titles (RETINAEDGE_DIMSE_ALLOWED_AETS='["SCANNER1"]')"""
+            )
+        if self.dimse_tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "dimse_tls_ca_file needs tls_cert_file and tls_key_file (the SCP's own certificate)"
+            )
 
 
 def is_loopback(host: str) -> bool:

@@ -21,6 +21,8 @@ from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
 
 from .batching import BatchPolicy
+from .dimse.receive import Receiver
+from .dimse.scp import DimseServer
 from .engines import Probe
 from .evidence import IdentityFiles, migrate
 from .export_metrics import ExportCollector
@@ -77,6 +79,7 @@ class Services:
     formats: FormatRegistry
     admit: Callable[[], None]  # raises OverloadedError while the STOW-RS backlog is full
     exporter: Exporter  # result export: the outbox and its delivery threads (service/exporter.py)
+    dimse: DimseServer  # the C-STORE SCP (idle when dimse_port is 0)
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
     @property
@@ -147,6 +150,12 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         after_each=prune,
         concurrency=settings.processing_concurrency or settings.max_batch_size,
     )
+    admit = backlog_admission(
+        store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s
+    )
+    receiver = Receiver(
+        spool, store, limits, identities, admit, settings.max_body_bytes, enqueue=processor.enqueue
+    )
     return Services(
         settings=settings,
         bundle=bundle,
@@ -161,10 +170,9 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         processor=processor,
         writer=ResultWriter(store, identities, prune),
         formats=default_formats(),
-        admit=backlog_admission(
-            store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s
-        ),
+        admit=admit,
         exporter=exporter,
+        dimse=DimseServer(settings, receiver, metrics.registry),
     )
 
 

@@ -13,27 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from retinaedge.runtime.dicomio import DicomInput, Limits, open_dicom, validate
-from retinaedge.runtime.errors import (
-    DicomInputError,
-    InsufficientStorageError,
-    NoPixelDataError,
-    OverBudgetError,
-    OverloadedError,
-    PayloadTooLargeError,
-    RequestError,
-)
+from retinaedge.runtime.dicomio import Limits
+from retinaedge.runtime.errors import OverloadedError, PayloadTooLargeError, RequestError
 
 from .body import idle_timeout
-from .evidence import IdentityFiles, split_dataset
+from .evidence import IdentityFiles
+from .ingest import (
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    OUT_OF_RESOURCES,
+    Failed,
+    Header,
+    store_spooled,
+)
+from .ingest import header_of as header_of  # re-exported: routes/detect.py reads headers through it
+from .ingest import inspect as inspect
 from .multipart import MultipartParser, stow_boundary
-from .spool import Spool, no_space
+from .spool import Spool
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,6 @@ log = logging.getLogger(__name__)
 #: While a part is written the reserve is checked again at least every this many bytes (and exactly
 #: when the room left at the last check runs out).
 RESERVE_CHECK_BYTES = 1024**2
-
-# Failure Reason (0008,1197) values (PS3.18 Table 10.5.3-2, after the C-STORE statuses of PS3.4 B.2.3).
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
-SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 @dataclass
@@ -92,38 +86,6 @@ class StowOutcome:
                 ],
             }
         return body
-
-
-def _reason(exc: DicomInputError) -> int:
-    if isinstance(exc, OverBudgetError):
-        return OUT_OF_RESOURCES
-    if isinstance(exc, NoPixelDataError):
-        return SOP_CLASS_NOT_SUPPORTED
-    return CANNOT_UNDERSTAND
-
-
-def inspect(source: Path | bytes, limits: Limits) -> tuple[str, str, str, str, str, str]:
-    """Header checks -> (SOP class, SOP instance, study, series UIDs, SR evidence, patient identity; the
-    last two DICOM JSON, :mod:`.evidence`); nothing decoded."""
-    with open_dicom(source, limits) as src:
-        validate(src, limits)
-        return header_of(src)
-
-
-def header_of(src: DicomInput) -> tuple[str, str, str, str, str, str]:
-    """An open, validated instance -> (SOP class, SOP instance, study, series UIDs, SR evidence, patient
-    identity), as :func:`inspect` returns them, from what is already parsed (nothing read again)."""
-    ds = src.ds
-    uids = (
-        str(ds.get("SOPClassUID", "")),
-        str(ds.get("SOPInstanceUID", "")),
-        str(ds.get("StudyInstanceUID", "")),
-        str(ds.get("SeriesInstanceUID", "")),
-    )
-    if not uids[1]:
-        raise RequestError("the instance has no SOP Instance UID")
-    evidence, identity = split_dataset(ds)
-    return (*uids, evidence, identity)
 
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -263,73 +225,30 @@ async def _finish_part(
         spool.discard(part.path, part.fh)
         outcome.failed.append(("", "", *part.problem))
         return
-    # One thread does commit, inspect, identity and row, and cleans up only its own failures: a
-    # cancellation of this coroutine (the end of a graceful shutdown) cannot delete the file of a row the
-    # thread went on to commit. A file without a row is removed by the next start (Processor.recover).
-    failed, stored = await asyncio.to_thread(_store_part, part, spool, store, limits, study_uid, identities)
-    if failed is not None:
-        outcome.failed.append(failed)
+
+    def same_study(header: Header) -> tuple[int, str] | None:
+        if study_uid is not None and header.study != study_uid:
+            return DATASET_MISMATCH, "instance belongs to another study"
+        return None
+
+    # One thread does commit, inspect, identity and row (ingest.store_spooled), and cleans up only its own
+    # failures: a cancellation of this coroutine (the end of a graceful shutdown) cannot delete the file of
+    # a row the thread went on to commit. A file without a row is removed by the next start
+    # (Processor.recover).
+    result = await asyncio.to_thread(
+        store_spooled,
+        part.path,
+        part.fh,
+        part.size,
+        spool=spool,
+        store=store,
+        limits=limits,
+        identities=identities,
+        check=same_study,
+    )
+    if isinstance(result, Failed):
+        outcome.failed.append((result.sop_class, result.sop_instance, result.reason, result.why))
         return
-    assert stored is not None
-    sop_class, uid, inserted = stored
-    if inserted:
-        enqueue(uid)
-    outcome.referenced.append((sop_class, uid))
-
-
-def _store_part(
-    part: _Part,
-    spool: Spool,
-    store: Store,
-    limits: Limits,
-    study_uid: str | None,
-    identities: IdentityFiles | None,
-) -> tuple[tuple[str, str, int, str] | None, tuple[str, str, bool] | None]:
-    """fsync + rename, header checks, identity file, pending row (in this thread) ->
-    ``(failure entry, None)`` or ``(None, (SOP class, SOP instance, inserted))``; raises after cleaning up."""
-    try:
-        final = spool.commit(part.path, part.fh)
-    except BaseException:
-        spool.discard(part.path, part.fh)
-        raise
-    try:
-        sop_class, uid, study, series, header, identity = inspect(final, limits)
-    except (DicomInputError, RequestError) as exc:
-        cls, inst = _uids_if_readable(final)
-        spool.discard(final)
-        reason = _reason(exc) if isinstance(exc, DicomInputError) else CANNOT_UNDERSTAND
-        return (cls, inst, reason, f"{exc.type}: {exc}"), None
-    except BaseException:
-        spool.discard(final)
-        raise
-    if study_uid is not None and study != study_uid:
-        spool.discard(final)
-        return (sop_class, uid, DATASET_MISMATCH, "instance belongs to another study"), None
-    try:
-        if identities is None:
-            inserted = store.add_pending(uid, sop_class, study, series, final.name, part.size, header)
-        else:
-            with identities.lock:  # before the row: an acknowledged instance has its identity on disk
-                identities.put(uid, identity, replace=False)
-                inserted = store.add_pending(uid, sop_class, study, series, final.name, part.size, header)
-    except BaseException as exc:  # not recorded, so not acknowledged: the file goes too
-        spool.discard(final)
-        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
-            raise InsufficientStorageError(f"the database cannot grow: {exc}") from exc
-        if isinstance(exc, OSError) and (full := no_space(exc, spool.root)) is not None:
-            raise full from exc
-        raise
-    if not inserted:  # the same SOP Instance UID again: idempotent, the first copy stands
-        spool.discard(final)
-    return None, (sop_class, uid, inserted)
-
-
-def _uids_if_readable(path: Path) -> tuple[str, str]:
-    """SOP Class/Instance UIDs of a rejected file for the failure list, or empty strings."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
-        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
-    except Exception:
-        return "", ""
+    if result.inserted:
+        enqueue(result.sop_instance)
+    outcome.referenced.append((result.sop_class, result.sop_instance))

@@ -20,15 +20,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def server_context(settings: Settings) -> ssl.SSLContext | None:
-    """The TLS context the settings ask for (TLS 1.2 or newer), or None for plain HTTP.
+def server_context(settings: Settings, cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext | None:
+    """The TLS context the settings ask for (TLS 1.2 or newer; an instance of ``cls``), or None for plain
+    HTTP.
 
     Raises :class:`ConfigError` when the certificate or key cannot be read or do not match.
     """
     if settings.tls_cert_file is None:
         return None
     assert settings.tls_key_file is not None  # the settings require both or neither
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = cls(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)

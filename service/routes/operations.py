@@ -36,11 +36,14 @@ async def readyz(services: ServicesDep) -> Response:
         or services.processor.problem
         or services.writer.problem
     )
+    unwritable = unwritable or services.dimse.not_ready_reason
     if unwritable is not None:
         return problem(503, "not-ready", unwritable, retry)
     degraded = services.exporter.degraded()  # still takes instances; results wait in the outbox
+    dimse = services.dimse.describe()
     return JSONResponse(
         {
+            **({"dimse": dimse} if dimse is not None else {}),
             "status": "degraded" if degraded else "ready",
             "degraded": degraded,
             "backend": worker.backend,
