@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicomgen import mr_instance, to_bytes
+from forkserver import Launcher
 from helpers import DEMO, free_port, multipart, rss_mib, serve, start_server, wait_done
 
 CORPUS = sorted(glob.glob(os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "*.dcm")))
@@ -184,46 +185,52 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path) -> None:
 
     def client(seed: int) -> None:
         local = np.random.default_rng(seed)
-        while not stop.is_set():
-            ds = mr_instance(local.integers(0, 4096, size=(96, 96), dtype=np.uint16), window=(2048, 4096))
-            body, ctype = multipart([to_bytes(ds)])
-            try:
-                r = httpx.post(url, content=body, headers={"Content-Type": ctype}, timeout=30)
-            except httpx.TransportError:
-                time.sleep(0.05)  # server down: not acknowledged, try another instance
-                continue
-            if r.status_code == 200:
-                with lock:
-                    acknowledged.add(r.json()["00081199"]["Value"][0]["00081155"]["Value"][0])
-            time.sleep(0.2)  # a steady stream, bounded so the backlog stays reasonable
+        # One httpx client per thread (a new one costs ~30 ms of CPU, taken from the booting server); no
+        # keep-alive, so every request opens its own connection as a one-shot httpx.post would.
+        with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+            while not stop.is_set():
+                pixels = local.integers(0, 4096, size=(96, 96), dtype=np.uint16)
+                body, ctype = multipart([to_bytes(mr_instance(pixels, window=(2048, 4096)))])
+                try:
+                    r = http.post(url, content=body, headers={"Content-Type": ctype})
+                except httpx.TransportError:
+                    time.sleep(0.05)  # server down: not acknowledged, try another instance
+                    continue
+                if r.status_code == 200:
+                    with lock:
+                        acknowledged.add(r.json()["00081199"]["Value"][0]["00081155"]["Value"][0])
+                time.sleep(0.2)  # a steady stream, bounded so the backlog stays reasonable
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
     for t in threads:
         t.start()
     kills = 0
-    try:
-        while kills < 50:
-            proc = start_server(DEMO, config, port)
-            time.sleep(rng.uniform(0.05, 1.0))
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-            kills += 1
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-    proc = start_server(DEMO, config, port)
-    try:
-        with httpx.Client(timeout=120) as c:
-            for uid in sorted(acknowledged):
-                assert wait_done(c, f"http://127.0.0.1:{port}", uid, timeout=600)["state"] == "done"
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    # Each server is a real `retinaedge serve` process forked from a launcher that has done the imports
+    # (tests/forkserver.py): a start costs the server's own boot, not a new interpreter's.
+    with Launcher() as launcher:
         try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+            while kills < 50:
+                proc = launcher.start_server(DEMO, config, port)
+                time.sleep(rng.uniform(0.05, 1.0))
+                os.kill(proc.pid, signal.SIGKILL)
+                assert proc.wait(30) == -signal.SIGKILL
+                kills += 1
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        proc = launcher.start_server(DEMO, config, port)
+        try:
+            with httpx.Client(timeout=120) as c:
+                for uid in sorted(acknowledged):
+                    assert wait_done(c, f"http://127.0.0.1:{port}", uid, timeout=600)["state"] == "done"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
     import sqlite3
 
     db = sqlite3.connect(tmp_path / "data" / "state.sqlite3")
