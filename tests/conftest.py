@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from forkserver import Launcher
 
 HAS_TORCH = (
     importlib.util.find_spec("torch") is not None and importlib.util.find_spec("torchvision") is not None
@@ -84,3 +86,11 @@ def orthanc_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
             pytest.fail(f"REQUIRE_DICOM_PEERS=1 but Orthanc cannot be installed: {tree}")
         pytest.skip(tree)
     return tree
+
+
+@pytest.fixture(scope="session")
+def launcher() -> Iterator[Launcher]:
+    """Starts real ``retinaedge serve`` processes without a new interpreter's imports each time
+    (tests/forkserver.py): for tests that start servers as subprocesses, configured by ``--config``."""
+    with Launcher() as launcher:
+        yield launcher

@@ -96,9 +96,17 @@ class Server:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
 
 class Launcher:
-    """``with Launcher() as launcher: server = launcher.start_server(bundle, config, port)``."""
+    """``with Launcher() as launcher: server = launcher.start_server(bundle, config, port)``; tests get the
+    session's one as the ``launcher`` fixture (tests/conftest.py).
+
+    The servers get the launcher's environment (the test process's when the launcher started), not the
+    test's at the time of the start: a test that sets ``RETINAEDGE_*`` variables for its server uses
+    :func:`helpers.start_server`. Everything else is passed as with ``start_server``: ``--config``."""
 
     def __init__(self) -> None:
         self._proc = subprocess.Popen(

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from forkserver import Launcher
 from helpers import free_port, multipart, serve, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,13 +202,13 @@ def test_the_stow_backlog_limit_answers_503_until_the_backlog_drains(tmp_path: P
         proc.wait(60)
 
 
-def test_a_connection_that_sends_its_headers_too_slowly_is_closed(tmp_path: Path) -> None:
+def test_a_connection_that_sends_its_headers_too_slowly_is_closed(tmp_path: Path, launcher: Launcher) -> None:
     """``retinaedge serve`` (its own HTTP protocol): a client sending its request line a byte at a time
     is cut off at the header deadline; a normal client on a kept-alive connection is not."""
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "request_header_timeout_s": 1.0}))
     port = free_port()
-    proc = start_server(DEMO, config, port)
+    proc = launcher.start_server(DEMO, config, port)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:  # one kept-alive connection
             assert [c.get("/healthz").status_code for _ in range(3)] == [200, 200, 200]

@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from helpers import free_port, multipart, start_server
+from forkserver import Launcher
+from helpers import free_port, multipart
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = sorted((ROOT / "examples" / "study_01").glob("*.dcm"))
@@ -53,7 +54,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def server(tmpfs: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def server(tmpfs: Path, tmp_path: Path, launcher: Launcher) -> Iterator[tuple[str, Path]]:
     data = tmpfs / "data"
     config = tmp_path / "settings.json"
     config.write_text(
@@ -68,7 +69,7 @@ def server(tmpfs: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
         )
     )
     port = free_port()
-    proc = start_server(ROOT / "models" / "demo", config, port)
+    proc = launcher.start_server(ROOT / "models" / "demo", config, port)
     try:
         yield f"http://127.0.0.1:{port}", data
     finally:

@@ -171,7 +171,7 @@ def test_overload_four_times_the_queue_memory_flat(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_crash_drill_sigkill_50_times(tmp_path: Path) -> None:
+def test_crash_drill_sigkill_50_times(tmp_path: Path, launcher: Launcher) -> None:
     """Clients stream STOW-RS while the server is SIGKILLed at random moments 50 times; every acknowledged
     instance has exactly one result at the end."""
     config = tmp_path / "settings.json"
@@ -205,32 +205,31 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path) -> None:
     for t in threads:
         t.start()
     kills = 0
-    # Each server is a real `retinaedge serve` process forked from a launcher that has done the imports
+    # Each server is a real `retinaedge serve` process forked from the launcher, which has done the imports
     # (tests/forkserver.py): a start costs the server's own boot, not a new interpreter's.
-    with Launcher() as launcher:
+    try:
+        while kills < 50:
+            proc = launcher.start_server(DEMO, config, port)
+            time.sleep(rng.uniform(0.05, 1.0))
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL
+            kills += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    proc = launcher.start_server(DEMO, config, port)
+    try:
+        with httpx.Client(timeout=120) as c:
+            for uid in sorted(acknowledged):
+                assert wait_done(c, f"http://127.0.0.1:{port}", uid, timeout=600)["state"] == "done"
+    finally:
+        proc.send_signal(signal.SIGTERM)
         try:
-            while kills < 50:
-                proc = launcher.start_server(DEMO, config, port)
-                time.sleep(rng.uniform(0.05, 1.0))
-                os.kill(proc.pid, signal.SIGKILL)
-                assert proc.wait(30) == -signal.SIGKILL
-                kills += 1
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(60)
-        proc = launcher.start_server(DEMO, config, port)
-        try:
-            with httpx.Client(timeout=120) as c:
-                for uid in sorted(acknowledged):
-                    assert wait_done(c, f"http://127.0.0.1:{port}", uid, timeout=600)["state"] == "done"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
     import sqlite3
 
     db = sqlite3.connect(tmp_path / "data" / "state.sqlite3")

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,8 @@ import pydicom
 import pytest
 from dicomgen import mr_instance, to_bytes
 from dicomweb_client.api import DICOMwebClient
-from helpers import CORPUS, DEMO, ROOT, free_port, multipart, serve, start_server, wait_done
+from forkserver import Launcher, Server
+from helpers import CORPUS, DEMO, ROOT, free_port, multipart, serve, wait_done
 from retinaedge.runtime.detector import Detector
 
 EXAMPLES = ROOT / "examples"
@@ -121,7 +121,7 @@ def test_retention_budget(small_bundle: Path, tmp_path: Path) -> None:
     assert codes[-1] == 200 and 404 in codes[:-1], codes
 
 
-def test_crash_after_acknowledgement_loses_nothing(tmp_path: Path) -> None:
+def test_crash_after_acknowledgement_loses_nothing(tmp_path: Path, launcher: Launcher) -> None:
     """SIGKILL the server right after STOW-RS acknowledged slow instances; a restart processes them all."""
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "max_batch_size": 2}))
@@ -134,8 +134,8 @@ def test_crash_after_acknowledgement_loses_nothing(tmp_path: Path) -> None:
     ]
     body, ctype = multipart([to_bytes(ds) for ds in datasets])
 
-    def start(port: int) -> subprocess.Popen[str]:
-        return start_server(DEMO, config, port)
+    def start(port: int) -> Server:
+        return launcher.start_server(DEMO, config, port)
 
     port = free_port()
     proc = start(port)
