@@ -136,7 +136,7 @@ def serve_app(app: Any, port: int, ready_timeout: float = 120.0) -> Iterator[str
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     app.state.worker.wait_ready(ready_timeout)
     try:
         yield f"http://127.0.0.1:{port}"
