@@ -12,8 +12,10 @@ non-square one whose levels go odd and round up, in both directions (224 high: 2
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -33,6 +35,13 @@ GRID = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
+def grid_model(arch: str, num_classes: int) -> Any:
+    """The biased model of ``arch`` with ``num_classes`` (seed ``num_classes``), built once for both sizes:
+    the grid runs them one after the other, and the exporter works on a copy of the model it is given."""
+    return biased_retinanet(arch, num_classes, seed=num_classes)
+
+
 @pytest.mark.parametrize(
     ("arch", "num_classes", "size"),
     GRID,
@@ -41,7 +50,7 @@ GRID = [
 def test_export_parity(tmp_path: Path, arch: str, num_classes: int, size: tuple[int, int]) -> None:
     from retinaedge.export import export_retinanet
 
-    model = biased_retinanet(arch, num_classes, seed=num_classes)
+    model = grid_model(arch, num_classes)
     names = [f"lesion_{i}" for i in range(num_classes)]
     result = export_retinanet(
         model, tmp_path / "bundle", input_size=size, class_names=names, architecture=arch, synthetic_count=4
