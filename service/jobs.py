@@ -20,6 +20,7 @@ from pathlib import Path
 from retinaedge.runtime.detections import ImageDetections
 from retinaedge.runtime.dicomio import DicomInput, ImageInfo
 from retinaedge.runtime.errors import OverloadedError
+from retinaedge.runtime.geometry import Letterbox
 from retinaedge.runtime.reader import InstanceReader, ReadFrame
 from retinaedge.runtime.results import InstanceResult, frame_result, instance_result
 
@@ -39,7 +40,9 @@ class QueuedFrame:
 
 @dataclass
 class _Output:
-    frame: ReadFrame
+    index: int
+    rule: str
+    letterbox: Letterbox  # not the frame's image: a finished frame's pixels are freed at once
     detections: ImageDetections
     inference_ms: float  # this frame's share of its batch's run
     wait_ms: float  # from queued to its batch's start
@@ -105,6 +108,8 @@ class InstanceJob:
         except BaseException as exc:  # handed to the request that caused it
             self.fail(exc)
             return False
+        finally:
+            self.source = b""  # read: the request's bytes are not kept while its frames run
         with self._lock:
             self._expected = queued
             complete = len(self._outputs) == queued
@@ -119,7 +124,9 @@ class InstanceJob:
         with self._lock:
             if self._failed:
                 return False
-            self._outputs.append(_Output(frame, detections, inference_ms, wait_ms))
+            self._outputs.append(
+                _Output(frame.index, frame.rule, frame.letterbox, detections, inference_ms, wait_ms)
+            )
             return self._expected is not None and len(self._outputs) == self._expected
 
     def finish(self, reader: InstanceReader) -> None:
@@ -129,11 +136,8 @@ class InstanceJob:
         t = time.perf_counter()
         try:
             classes = reader.bundle.manifest.class_names
-            outputs = sorted(self._outputs, key=lambda o: o.frame.index)
-            frames = [
-                frame_result(classes, o.frame.index, o.frame.rule, o.frame.letterbox, o.detections)
-                for o in outputs
-            ]
+            outputs = sorted(self._outputs, key=lambda o: o.index)
+            frames = [frame_result(classes, o.index, o.rule, o.letterbox, o.detections) for o in outputs]
             timings = {
                 **{k: self.timings_ms.get(k, 0.0) for k in ("parse", "decode", "preprocess")},
                 "queue": max((o.wait_ms for o in outputs), default=0.0),

@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,8 @@ class InferenceWorker:
                 )
             self._jobs.add(job)
             self._unopened += 1
-        job.future.add_done_callback(lambda _f: self._forget(job))
+        ref = weakref.ref(job)  # no cycle future -> callback -> job -> future: freed as soon as it is done
+        job.future.add_done_callback(lambda _f: self._forget(ref()))
         try:
             self._pool.submit(self._read, job, self._reader)
         except RuntimeError:  # the pool is shut down: stopping
@@ -165,9 +167,10 @@ class InferenceWorker:
             job.fail(NotReadyError("the service is shutting down"))
         return job.future
 
-    def _forget(self, job: InstanceJob) -> None:
-        with self._lock:
-            self._jobs.discard(job)
+    def _forget(self, job: InstanceJob | None) -> None:
+        if job is not None:
+            with self._lock:
+                self._jobs.discard(job)
 
     def _read(self, job: InstanceJob, reader: InstanceReader) -> None:
         """A pool thread: read ``job`` and queue its frames, keeping count of the frames still to come."""
