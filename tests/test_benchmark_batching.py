@@ -30,6 +30,8 @@ def args(max_batch_size: int | str = AUTO, batch_delay_ms: float | None = None) 
 
 def test_auto_takes_the_best_model_batch_and_passes_it_when_the_service_has_the_setting() -> None:
     assert best_batch_size(ROWS) == 4 and best_batch_size([]) is None
+    near = [{"batch_size": 2, "frames_per_s": 167.2}, {"batch_size": 8, "frames_per_s": 171.7}]
+    assert best_batch_size(near) == 2  # within 5 % of the most: the smaller batch, for latency
     got = service_batching(args(batch_delay_ms=2.5), ROWS, fields=BOTH)
     assert got["env"] == {"RETINAEDGE_MAX_BATCH_SIZE": "4", "RETINAEDGE_BATCH_DELAY_MS": "2.5"}
     assert got["max_batch_size"] == 4 and got["batch_delay_ms"] == 2.5 and got["not_applied"] == {}

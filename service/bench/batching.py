@@ -2,8 +2,9 @@
 
 The service batches frames from concurrent requests up to ``max_batch_size`` (env
 ``RETINAEDGE_MAX_BATCH_SIZE``) and waits at most ``batch_delay_ms`` (``RETINAEDGE_BATCH_DELAY_MS``) for a
-batch to fill. ``--max-batch-size auto`` (the default) takes the batch size at which ``model.onnx`` alone
-gave the most frames/s in the fused phase, so the service is measured at the batch the backend likes best.
+batch to fill. ``--max-batch-size auto`` (the default) takes the smallest batch size at which ``model.onnx``
+alone gave at least 95 % of its most frames/s in the fused phase: the backend's throughput without the
+latency of batches larger than it needs.
 
 A service whose :class:`~retinaedge.service.settings.Settings` has no such field (it refuses unknown
 ``RETINAEDGE_*`` variables) gets neither variable: an explicit option is then a configuration error, and
@@ -61,12 +62,19 @@ def check_options(args: argparse.Namespace, fields: set[str] | None = None) -> N
         raise ConfigError(f"--batch-delay-ms must be >= 0, got {delay}")
 
 
+#: ``auto`` takes the smallest batch size within this fraction of the most frames/s: a larger batch that
+#: is barely faster alone makes every request wait for more frames (latency grows with the batch).
+NEAR_BEST = 0.95
+
+
 def best_batch_size(throughput_by_batch: Sequence[dict[str, Any]]) -> int | None:
-    """The batch size with the most frames/s (the smaller one on a tie), or None without rows."""
+    """The smallest batch size whose frames/s is at least :data:`NEAR_BEST` of the most, or None without
+    rows."""
     if not throughput_by_batch:
         return None
-    best = max(throughput_by_batch, key=lambda row: (float(row["frames_per_s"]), -int(row["batch_size"])))
-    return int(best["batch_size"])
+    most = max(float(row["frames_per_s"]) for row in throughput_by_batch)
+    near = [int(r["batch_size"]) for r in throughput_by_batch if float(r["frames_per_s"]) >= NEAR_BEST * most]
+    return min(near)
 
 
 def service_batching(
@@ -84,7 +92,7 @@ def service_batching(
     delay = getattr(args, "batch_delay_ms", None)
     out: dict[str, Any] = {
         "max_batch_size": None,
-        "max_batch_size_from": "the best model.onnx batch size measured"
+        "max_batch_size_from": "the smallest model.onnx batch size within 5 % of the most frames/s"
         if requested == AUTO
         else "--max-batch-size",
         "best_model_batch_size": best,
