@@ -12,7 +12,7 @@ import hmac
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -176,10 +176,16 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     )
 
 
-def get_services(request: Request) -> Services:
-    """The dependency: this app's :class:`Services`."""
+def services_of(request: Request) -> Services:
+    """This app's :class:`Services`."""
     services: Services = request.app.state.services
     return services
+
+
+async def get_services(request: Request) -> Services:
+    """The dependency: this app's :class:`Services`. ``async``: FastAPI runs a plain ``def`` dependency
+    in its thread pool, a thread hop on every request for an attribute lookup."""
+    return services_of(request)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -189,15 +195,15 @@ FORMATS_EXTENSION = "x-result-formats"
 """The OpenAPI operation member naming the kind of result a route negotiates (see ``negotiated``)."""
 
 
-def negotiated(kind: Kind) -> Callable[[Request], ResultFormat]:
+def negotiated(kind: Kind) -> Callable[[Request], Awaitable[ResultFormat]]:
     """A dependency: the registered format the request's ``Accept`` asks for (406 when none fits).
 
     A route using it declares ``openapi_extra={FORMATS_EXTENSION: kind}``, so ``/openapi.json`` lists
     the formats registered when the schema is generated.
     """
 
-    def dependency(request: Request) -> ResultFormat:
-        return get_services(request).formats.select(kind, request.headers.get("accept"))
+    async def dependency(request: Request) -> ResultFormat:  # async: no thread hop (see get_services)
+        return services_of(request).formats.select(kind, request.headers.get("accept"))
 
     return dependency
 
