@@ -31,8 +31,6 @@ from .ingest import (
     Header,
     store_spooled,
 )
-from .ingest import header_of as header_of  # re-exported: routes/detect.py reads headers through it
-from .ingest import inspect as inspect
 from .multipart import MultipartParser, stow_boundary
 from .spool import Spool
 from .store import Store

@@ -22,11 +22,11 @@ from retinaedge.runtime.errors import (
 )
 
 from ..body import check_declared_length, read_body
+from ..ingest import header_of
 from ..problems import problem_responses
 from ..result_writer import KeptResult
 from ..schemas import DetectResult
 from ..state import ServicesDep
-from ..stow import header_of
 
 log = logging.getLogger(__name__)
 
