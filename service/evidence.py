@@ -19,6 +19,7 @@ result removes its identity file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -90,37 +92,71 @@ def split_header(fileobj: BinaryIO) -> tuple[str, str]:
     return split_dataset(pydicom.dcmread(fileobj, stop_before_pixels=True, force=False))
 
 
-def split_dataset(ds: Any) -> tuple[str, str]:
-    """A dataset (with its File Meta) -> ``(evidence, identity)`` as DICOM JSON text; everything else is
-    dropped. Elements pydicom cannot convert and values that do not parse are left out rather than
-    failing the instance."""
-    from pydicom.datadict import keyword_for_tag
+@functools.cache
+def _wanted_tags() -> tuple[frozenset[int], frozenset[int]]:
+    """(evidence tags, identity tags) as integers, from :data:`EVIDENCE_KEYWORDS` and
+    :data:`IDENTITY_KEYWORDS`."""
+    from pydicom.datadict import tag_for_keyword
+
+    def tags(keywords: frozenset[str]) -> frozenset[int]:
+        return frozenset(int(t) for t in map(tag_for_keyword, keywords) if t is not None)
+
+    return tags(EVIDENCE_KEYWORDS), tags(IDENTITY_KEYWORDS)
+
+
+#: The File Meta elements kept: media storage SOP class and instance, transfer syntax.
+_META_TAGS = (0x00020002, 0x00020003, 0x00020010)
+
+
+@dataclass(frozen=True)
+class KeptHeader:
+    """The parts of a header that are kept, selected but not yet encoded (:func:`select_header`):
+    ``evidence`` and ``identity`` are small pydicom Datasets, ``meta`` the kept File Meta elements. It
+    holds no pixel data, so it can wait in memory for a writer thread; :meth:`to_json` encodes it."""
+
+    evidence: Any
+    identity: Any
+    meta: Any
+
+    def to_json(self) -> tuple[str, str]:
+        """``(evidence, identity)`` as DICOM JSON text (the evidence with its File Meta)."""
+        meta = self.meta.to_json_dict(suppress_invalid_tags=True)
+        return (
+            json.dumps({"meta": meta, "dataset": self.evidence.to_json_dict(suppress_invalid_tags=True)}),
+            json.dumps(self.identity.to_json_dict(suppress_invalid_tags=True)),
+        )
+
+
+def select_header(ds: Any) -> KeptHeader:
+    """Select what is kept of a dataset (with its File Meta); everything else is dropped and never
+    converted (a deferred value such as the pixel data is not read). Elements pydicom cannot convert and
+    values that do not parse are left out rather than failing the instance."""
     from pydicom.dataset import Dataset
 
-    evidence, identity = Dataset(), Dataset()
-    for tag in list(ds.keys()):
-        if keyword_for_tag(tag) not in EVIDENCE_KEYWORDS | IDENTITY_KEYWORDS:
-            continue  # not converted at all: a deferred value (pixel data) is never read here
+    evidence_tags, identity_tags = _wanted_tags()
+    evidence, identity, meta = Dataset(), Dataset(), Dataset()
+    present = ds.keys()
+    for tag in sorted(evidence_tags.union(identity_tags).intersection(present)):
         try:
             element = ds[tag]  # converts a raw element: an unknown VR raises here
         except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
             continue
-        if element.keyword in EVIDENCE_KEYWORDS:
-            evidence.add(element)
-        elif element.keyword in IDENTITY_KEYWORDS:
-            identity.add(element)
+        (evidence if tag in evidence_tags else identity).add(element)
     file_meta = getattr(ds, "file_meta", None)
-    meta = {
-        k: v
-        for k, v in (
-            file_meta.to_json_dict(suppress_invalid_tags=True) if file_meta is not None else {}
-        ).items()
-        if k in ("00020002", "00020003", "00020010")  # media storage SOP class and instance, transfer syntax
-    }
-    return (
-        json.dumps({"meta": meta, "dataset": evidence.to_json_dict(suppress_invalid_tags=True)}),
-        json.dumps(identity.to_json_dict(suppress_invalid_tags=True)),
-    )
+    if file_meta is not None:
+        for tag in _META_TAGS:
+            if tag in file_meta:
+                try:
+                    meta.add(file_meta[tag])
+                except Exception:
+                    continue
+    return KeptHeader(evidence, identity, meta)
+
+
+def split_dataset(ds: Any) -> tuple[str, str]:
+    """A dataset (with its File Meta) -> ``(evidence, identity)`` as DICOM JSON text
+    (:func:`select_header`, then :meth:`KeptHeader.to_json`)."""
+    return select_header(ds).to_json()
 
 
 def migrate(store: Any, identities: IdentityFiles) -> int:

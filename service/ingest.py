@@ -93,9 +93,9 @@ def inspect(source: Path | bytes, limits: Limits) -> tuple[str, str, str, str, s
         return header_of(src)
 
 
-def header_of(src: DicomInput) -> tuple[str, str, str, str, str, str]:
-    """An open, validated instance -> (SOP class, SOP instance, study, series UIDs, SR evidence, patient
-    identity), as :func:`inspect` returns them, from what is already parsed (nothing read again)."""
+def header_uids(src: DicomInput) -> tuple[str, str, str, str]:
+    """An open, validated instance -> (SOP class, SOP instance, study, series UIDs); 400 without a SOP
+    Instance UID."""
     ds = src.ds
     uids = (
         str(ds.get("SOPClassUID", "")),
@@ -105,8 +105,14 @@ def header_of(src: DicomInput) -> tuple[str, str, str, str, str, str]:
     )
     if not uids[1]:
         raise RequestError("the instance has no SOP Instance UID")
-    evidence, identity = split_dataset(ds)
-    return (*uids, evidence, identity)
+    return uids
+
+
+def header_of(src: DicomInput) -> tuple[str, str, str, str, str, str]:
+    """An open, validated instance -> (SOP class, SOP instance, study, series UIDs, SR evidence, patient
+    identity), as :func:`inspect` returns them, from what is already parsed (nothing read again)."""
+    evidence, identity = split_dataset(src.ds)
+    return (*header_uids(src), evidence, identity)
 
 
 def store_spooled(

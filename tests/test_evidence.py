@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 
 import pydicom
-from retinaedge.service.evidence import IdentityFiles, header_from_json, migrate, split_header
+from retinaedge.service.evidence import (
+    IdentityFiles,
+    header_from_json,
+    migrate,
+    select_header,
+    split_dataset,
+    split_header,
+)
 from retinaedge.service.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +94,44 @@ def test_concurrent_puts_of_one_uid_do_not_fail(tmp_path: Path) -> None:
         list(pool.map(lambda k: files.put("1.2.3", f'{{"k": {k % 2}}}', replace=True), range(200)))
     assert json.loads(files.get("1.2.3") or "")["k"] in (0, 1)
     assert [p.name for p in (tmp_path / "identity").iterdir()] == [files.path("1.2.3").name]  # no .part left
+
+
+def test_the_selection_converts_only_what_is_kept_and_keeps_no_pixels() -> None:
+    """``select_header`` (the reader thread's part) holds no pixel data and skips what it cannot convert;
+    its encoding is the split's."""
+    ds = pydicom.dcmread(SOURCE)
+    ds.add(pydicom.DataElement(0x00200052, "UI", "1.2.3.4"))  # FrameOfReferenceUID, in the evidence
+    raw = pydicom.dataelem.RawDataElement(pydicom.tag.Tag(0x00201041), "XX", 2, b"ab", 0, False, True)
+    ds._dict[raw.tag] = raw  # SliceLocation (evidence) with a VR pydicom cannot convert: left out
+    ds.SliceThickness = "1.5"
+    kept = select_header(ds)
+    assert "PixelData" not in kept.evidence and "PixelData" not in kept.identity
+    assert kept.evidence.FrameOfReferenceUID == "1.2.3.4" and kept.identity.PatientID == ds.PatientID
+    assert "PatientID" not in kept.evidence and 0x00201041 not in kept.evidence
+    evidence, identity = kept.to_json()
+    assert (evidence, identity) == split_dataset(ds)
+    assert header_from_json(evidence, identity).SliceThickness == 1.5
+
+
+def test_the_writer_keeps_the_group_when_one_header_cannot_be_encoded(tmp_path: Path) -> None:
+    """A header that fails to encode in the writer thread drops that one result (logged), not its group."""
+    from retinaedge.service.result_writer import KeptResult, ResultWriter
+
+    class Broken:
+        def to_json(self) -> tuple[str, str]:
+            raise ValueError("cannot encode")
+
+    store = Store(tmp_path / "state.sqlite3")
+    files = IdentityFiles(tmp_path / "identity")
+    writer = ResultWriter(store, files, gather_s=0.0)
+    writer.start()
+    try:
+        good = select_header(pydicom.dcmread(SOURCE))
+        assert writer.keep(KeptResult("1.2.3", "1.2.840.10008.5.1.4.1.1.4", "9", "9.1", 10, {}, good))
+        assert writer.keep(KeptResult("1.2.4", "1.2.840.10008.5.1.4.1.1.4", "9", "9.1", 10, {}, Broken()))  # type: ignore[arg-type]
+        assert writer.settle(10)
+    finally:
+        writer.stop()
+    row = store.get("1.2.3")
+    assert row is not None and row.header_json is not None and files.get("1.2.3") is not None
+    assert store.get("1.2.4") is None and files.get("1.2.4") is None

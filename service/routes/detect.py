@@ -22,7 +22,8 @@ from retinaedge.runtime.errors import (
 )
 
 from ..body import check_declared_length, read_body
-from ..ingest import header_of
+from ..evidence import KeptHeader, select_header
+from ..ingest import header_uids
 from ..problems import problem_responses
 from ..result_writer import KeptResult
 from ..schemas import DetectResult
@@ -53,11 +54,11 @@ async def detect(request: Request, services: ServicesDep) -> Response:
         data = await read_body(request.stream(), limit, services.settings.request_idle_timeout_s)
         if not data:
             raise RequestError("the request body is empty")
-        header: list[tuple[str, str, str, str, str, str]] = []
+        header: list[tuple[tuple[str, str, str, str], KeptHeader]] = []
 
         def keep_header(src: DicomInput) -> None:  # in the reader thread, from what it already parsed
-            try:
-                header.append(header_of(src))
+            try:  # selected here (the pixel data is not kept), encoded by the writer thread
+                header.append((header_uids(src), select_header(src.ds)))
             except Exception as exc:  # the detections stand even if they cannot be kept for later
                 log.warning("result not kept for /v1/results: %s", type(exc).__name__)
 
@@ -74,8 +75,8 @@ async def detect(request: Request, services: ServicesDep) -> Response:
     body["backend"] = worker.backend
     body["backend_reason"] = worker.backend_reason
     if header:  # kept for /v1/results by the writer thread (grouped commits), off this response's path
-        sop_class, uid, study, series, evidence, identity = header[0]
-        services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), body, evidence, identity))
+        (sop_class, uid, study, series), kept = header[0]
+        services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), body, kept))
     body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
     log.info(
         "instance %s: %d frame(s), %d detection(s)",
