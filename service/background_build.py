@@ -19,6 +19,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+from retinaedge.runtime.threadname import name_this_thread
+
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class BackgroundBuild:
         self._thread.start()
 
     def _watch(self) -> None:
+        name_this_thread()
         assert self._proc is not None and self._proc.stdout is not None
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         for line in self._proc.stdout:

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retinaedge.runtime.threadname import name_this_thread
+
 from .evidence import IdentityFiles, header_from_json
 from .export_senders import Delivery, sender_for
 from .outbox import Job, Outbox
@@ -109,7 +111,11 @@ class Exporter:
         log.info("exporting results to %d destination(s)", len(self.destinations))
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        def named() -> None:
+            name_this_thread()
+            target(*args)
+
+        thread = threading.Thread(target=named, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from retinaedge.runtime.threadname import name_this_thread
+
 from .evidence import IdentityFiles, KeptHeader
 from .processor import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
 from .store import Store
@@ -105,6 +107,7 @@ class ResultWriter:
             return self._changed.wait_for(lambda: self._committed >= target, timeout)
 
     def _run(self) -> None:
+        name_this_thread()
         while True:
             first = self._queue.get()
             group = [] if first is _STOP else [first]

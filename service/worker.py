@@ -37,6 +37,7 @@ from retinaedge.runtime.detections import ImageDetections, split_outputs
 from retinaedge.runtime.detector import Detector, InstanceResult
 from retinaedge.runtime.errors import NotReadyError, OverloadedError
 from retinaedge.runtime.reader import InstanceReader
+from retinaedge.runtime.threadname import name_this_thread
 
 from .batching import BatchPolicy, gather
 from .jobs import InstanceJob, OnOpen, QueuedFrame
@@ -85,10 +86,14 @@ class InferenceWorker:
         self._frames: queue.Queue[Any] = queue.Queue()
         self._budget = threading.Semaphore(max_frames_in_flight or 4 * self.policy.max_batch_size)
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            prepare_threads or default_prepare_threads(), thread_name_prefix="retinaedge-prepare"
+            prepare_threads or default_prepare_threads(),
+            thread_name_prefix="retinaedge-prepare",
+            initializer=name_this_thread,
         )
         # Results are built on their own thread, never behind readers waiting for frame budget.
-        self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retinaedge-finish")
+        self._finisher = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="retinaedge-finish", initializer=name_this_thread
+        )
         self._lock = threading.Lock()
         self._jobs: set[InstanceJob] = set()
         self._unopened = 0  # admitted instances whose header is not read yet
@@ -248,6 +253,7 @@ class InferenceWorker:
         return backend.infer(images)
 
     def _run(self) -> None:
+        name_this_thread()  # before the backend opens: ONNX Runtime's threads inherit the name
         try:
             detector = self._open()
             self.backend = detector.backend.name

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..detections import OUTPUT_NAMES
 from ..errors import ConfigError, MissingDependencyError, NotReadyError
+from ..threadname import name_this_thread
 from .base import Backend, BackendOptions
 
 if TYPE_CHECKING:
@@ -203,13 +204,17 @@ class TritonBackend(Backend):
         self._down: str | None = "not connected yet"
         self.providers = (f"triton {opts.protocol}://{opts.url}/{self.model}",)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="retinaedge-triton", daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, name="retinaedge-triton", daemon=True)
         self._thread.start()
         self._client: _Client = self._call(self._make_client(), opts.connect_timeout_s)
         self._probe: concurrent.futures.Future[None] | None = None
 
     async def _make_client(self) -> _Client:
         return _Client(self.opts, self.model)
+
+    def _run_loop(self) -> None:
+        name_this_thread()
+        self._loop.run_forever()
 
     def _call(self, coro: Any, timeout: float) -> Any:
         """Run ``coro`` on the backend's loop and wait at most ``timeout`` s (+1 s for the hand-over)."""
