@@ -118,12 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests per client first")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads of the service")
     parser.add_argument("--max-batch-size", type=int, default=2)
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="RETINAEDGE_KEY=VALUE",
+        help="another service setting for the run (repeatable), e.g. RETINAEDGE_PREPARE_THREADS=1",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    extra = dict(kv.split("=", 1) for kv in args.setting)
+    if any(not k.startswith("RETINAEDGE_") for k in extra):
+        parser.error("--setting takes RETINAEDGE_KEY=VALUE")
     bodies = [p.read_bytes() for p in STUDY]
     rows = []
     with tempfile.TemporaryDirectory(prefix="serve-cpu-") as tmp:
-        with running_service(args.model, args.threads, args.max_batch_size, Path(tmp)) as service:
+        with running_service(
+            args.model, args.threads, args.max_batch_size, Path(tmp), extra_env=extra
+        ) as service:
             for think in args.think_ms:
                 row = run_pace(service.port, service.proc.pid, bodies, args, think / 1e3)
                 sys.stdout.write(json.dumps(row) + "\n")
