@@ -11,7 +11,9 @@ frame order (:mod:`.jobs`) on a thread of its own (``retinaedge-finish``).
 Memory is bounded twice: at most ``queue_size + 1`` instances are admitted at a time, and at most
 ``max_frames_in_flight`` prepared frames wait for inference (a reader blocks until frames are run).
 Fairness: one instance has at most ``max_batch_size`` frames waiting in the queue, so a long multi-frame
-instance cannot make the single-frame requests behind it wait for all of its frames.
+instance cannot make the single-frame requests behind it wait for all of its frames; while it waits for
+one of them to leave the queue, it holds no reader thread (its reading is parked and resumed), so long
+instances cannot take every reader from the requests behind them either.
 At start the inference thread opens the detector, runs the golden self-test, then runs every batch size
 it will see once (warm-up) before it reports ready.
 """
@@ -150,7 +152,7 @@ class InferenceWorker:
             concurrent.futures.Future(),
             time.monotonic(),
             on_open=on_open,
-            slots=threading.Semaphore(self.policy.max_batch_size),
+            max_waiting=self.policy.max_batch_size,
         )
         with self._lock:
             if self._closing:
@@ -166,47 +168,68 @@ class InferenceWorker:
         job.future.add_done_callback(lambda _f: self._forget(ref()))
         try:
             self._pool.submit(self._read, job, self._reader)
-        except RuntimeError:  # the pool is shut down: stopping
-            with self._lock:
-                self._unopened -= 1
+        except RuntimeError:  # the pool is shut down: stopping (its count is given back by _forget)
             job.fail(NotReadyError("the service is shutting down"))
         return job.future
 
     def _forget(self, job: InstanceJob | None) -> None:
+        """The job's future is resolved: it leaves the pipeline, and the frames it will not queue any
+        more stop counting as on their way."""
         if job is not None:
             with self._lock:
                 self._jobs.discard(job)
+                self._settle(job)
+
+    def _settle(self, job: InstanceJob) -> None:
+        """Give back what ``job`` still counts in ``_unopened`` / ``_promised`` (once; under the lock)."""
+        if job.settled:
+            return
+        job.settled = True
+        if job.promised is None:
+            self._unopened -= 1
+        else:
+            self._promised -= job.promised
+            job.promised = 0
 
     def _read(self, job: InstanceJob, reader: InstanceReader) -> None:
-        """A pool thread: read ``job`` and queue its frames, keeping count of the frames still to come."""
-        promised: int | None = None  # frames declared and not queued yet; None until the header is read
+        """A pool thread: one reading step of ``job`` (:meth:`InstanceJob.read`), keeping count of the
+        frames still to come."""
 
         def opened(frames: int) -> None:
-            nonlocal promised
             with self._lock:
-                self._unopened -= 1
-                self._promised += frames
-            promised = frames
+                if not job.settled:
+                    self._unopened -= 1
+                    self._promised += frames
+                    job.promised = frames
 
         def put(frame: QueuedFrame) -> None:
-            nonlocal promised
-            if job.slots is not None:
-                self._take(job.slots)
             self._take_budget()
             with self._lock:  # counted before it is queued: the batcher never waits for a frame it has
-                self._promised -= 1
-            promised = (promised or 1) - 1
+                if not job.settled and job.promised:
+                    self._promised -= 1
+                    job.promised -= 1
             frame.queued = time.monotonic()
             self._frames.put(frame)
 
+        outcome = None
         try:
-            job.read(reader, put, opened=opened, max_age_s=self._max_age, retry_after_s=self._retry_after)
+            outcome = job.read(
+                reader, put, opened=opened, max_age_s=self._max_age, retry_after_s=self._retry_after
+            )
         finally:
-            with self._lock:
-                if promised is None:
-                    self._unopened -= 1
-                else:
-                    self._promised -= promised  # a failed instance's frames will not come
+            if outcome is not None or job.future.done():  # the reading ended (not parked)
+                with self._lock:
+                    self._settle(job)
+
+    def _resume(self, job: InstanceJob) -> None:
+        """Run the next reading step of a parked job on the pool."""
+        reader = self._reader
+        try:
+            assert reader is not None
+            self._pool.submit(self._read, job, reader)
+        except RuntimeError:  # the pool is shut down: stopping
+            job.fail(NotReadyError("the service is shutting down"))
+            job.close_instance()
 
     def _take_budget(self) -> None:
         """One unit of the frame budget (bounded waits; gives up when the pipeline stops)."""
@@ -301,8 +324,8 @@ class InferenceWorker:
         """Run ``batch`` and hand each frame's outputs to its instance."""
         started = time.monotonic()
         for f in batch:  # out of the queue: each instance may queue its next frames
-            if f.job.slots is not None:
-                f.job.slots.release()
+            if f.job.left_queue():
+                self._resume(f.job)
         t = time.perf_counter()
         try:
             images = np.stack([f.frame.image for f in batch]).astype(np.float32, copy=False)

@@ -54,3 +54,42 @@ def test_a_slice_is_not_queued_behind_a_whole_multiframe_instance(monkeypatch: p
     # up to 31 frames the frame budget would have let that instance queue.
     assert first_with_slice == 1, batches
     assert sum(b.count(27) for b in batches) == 27
+
+
+def test_a_long_instance_waiting_for_the_queue_holds_no_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one reader thread and one frame per instance in the queue, the 27-frame instance's reading
+    waits (parked) each time its frame waits; the lone reader meanwhile reads the slice, which runs in the
+    next batch. A reader blocked in the long instance would leave the slice unread until all 27 frames
+    were queued."""
+    batches: list[list[int]] = []
+    entered, held = threading.Event(), threading.Event()
+    slice_queued_during_hold: list[bool] = []
+    real_infer = InferenceWorker._infer
+
+    def infer(self: InferenceWorker, detector: Any, batch: list[Any]) -> None:
+        if not held.is_set():  # the multi-frame's first frame waits here until the slice's frame waits
+            held.set()
+            entered.set()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if any(f.job.info is not None and f.job.info.frames == 1 for f in list(self._frames.queue)):
+                    break
+                time.sleep(0.01)
+            slice_queued_during_hold.append(time.monotonic() < deadline)
+        batches.append([f.job.info.frames for f in batch])
+        real_infer(self, detector, batch)
+
+    monkeypatch.setattr(InferenceWorker, "_infer", infer)
+    with (
+        serve(model=DEMO, max_batch_size=1, prepare_threads=1) as url,
+        httpx.Client(timeout=300) as c,
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
+    ):
+        long = pool.submit(dicom_post, c, url, MULTIFRAME.read_bytes())
+        assert entered.wait(60), "the multi-frame instance never reached inference"
+        short = pool.submit(dicom_post, c, url, SLICE.read_bytes())
+        assert short.result().status_code == 200 and long.result().status_code == 200
+        assert len(long.result().json()["frames"]) == 27
+    assert slice_queued_during_hold == [True], "the slice was not read while the long instance waited"
+    assert batches[0] == [27] and batches[1] == [1], batches[:3]
+    assert sum(b.count(27) for b in batches) == 27
