@@ -154,7 +154,17 @@ def test_registered_backend_is_a_choice_of_detect(
 VERBS = {
     "detect": ["detect", "--model", str(DEMO), str(DICOM)],
     "eval": ["eval", "--model", str(DEMO), "--annotations", str(GROUND_TRUTH), "--allow-missing", str(DICOM)],
-    "benchmark": ["benchmark", "--model", str(DEMO), "--dicom", str(DICOM), "--no-torch", "--no-http"],
+    "benchmark": [
+        "benchmark",
+        "--model",
+        str(DEMO),
+        "--dicom",
+        str(DICOM),
+        "--no-torch",
+        "--no-http",
+        "--batch-seconds",
+        "0",
+    ],  # fmt: skip
 }
 
 

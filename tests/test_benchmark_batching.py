@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import pytest
 from retinaedge.runtime.errors import ConfigError
@@ -78,3 +79,28 @@ def test_the_four_client_budget_is_bounded_in_count_and_in_time() -> None:
     assert all(budget.take(first=True) for _ in range(3)) and not budget.timed_out
     late = _Budget(total=100, clients=2, deadline=time.monotonic() - 1.0)
     assert late.take(first=True) and not late.take(first=False) and late.timed_out
+
+
+def test_model_throughput_runs_each_batch_size_for_its_count_and_its_time() -> None:
+    """``batch_throughput`` times at least ``repeats`` batches per size and at least ``min_seconds`` of
+    them (the loop's own condition: no clock is asserted), and counts the frames of the batches run."""
+    import numpy as np
+    from retinaedge.service.bench.worker import batch_throughput
+
+    tensors = np.zeros((3, 1, 4, 4), np.float32)
+    seen: list[int] = []
+
+    def infer(x: np.ndarray) -> None:
+        seen.append(len(x))
+        time.sleep(0.002)
+
+    rows = batch_throughput(infer, tensors, [1, 2], repeats=2, min_seconds=0.02)
+    for row in rows:
+        assert row["batches"] >= 2 and len(row["batch_ms"]) == row["batches"]
+        assert sum(row["batch_ms"]) >= 20.0
+        assert row["frames_per_s"] == round(
+            row["batch_size"] * row["batches"] / (sum(row["batch_ms"]) / 1e3), 3
+        )
+    assert seen.count(1) == rows[0]["batches"] + 1 and seen.count(2) == rows[1]["batches"] + 1  # + untimed
+    counted = batch_throughput(lambda x: None, tensors, [2], repeats=3, min_seconds=0.0)
+    assert counted[0]["batches"] == 3

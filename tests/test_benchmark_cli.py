@@ -52,7 +52,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedP
         "--model", str(REPO / "models" / "demo"),
         "--dicom", str(REPO / "examples" / "study_01"), str(REPO / "examples" / "study_01_multiframe"),
         "--frames", "4", "--warmup", "1", "--threads", "1",
-        "--batch-sizes", "1,2", "--batch-repeats", "1",
+        "--batch-sizes", "1,2", "--batch-repeats", "1", "--batch-seconds", "0",
         "--clients", "1,4", "--requests-per-client", "1", "--tail-requests", "8", "--tail-seconds", "600",
         "--out", str(out),
     ]  # fmt: skip
@@ -151,7 +151,7 @@ def test_without_torch_the_eager_baseline_is_skipped_with_a_reason(tmp_path: Pat
     args = [
         "benchmark", "--model", str(REPO / "models" / "demo"), "--dicom", str(REPO / "examples" / "study_01"),
         "--frames", "2", "--warmup", "0", "--threads", "1", "--batch-sizes", "1", "--batch-repeats", "1",
-        "--no-http", "--out", str(out),
+        "--batch-seconds", "0", "--no-http", "--out", str(out),
     ]  # fmt: skip
     proc = run_blocked(
         f"""

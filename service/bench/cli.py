@@ -90,7 +90,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Detector batch size in the fused phase (default 1; the service's: --max-batch-size)",
     )
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8], help="throughput batch sizes")
-    p.add_argument("--batch-repeats", type=int, default=6, help="timed batches per batch size (default 6)")
+    p.add_argument(
+        "--batch-repeats", type=int, default=6, help="timed batches per batch size, at least (default 6)"
+    )
+    p.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=1.0,
+        help="timed seconds per batch size, at least (default 1): more batches when --batch-repeats take less",
+    )
     p.add_argument("--clients", type=_int_list, default=[1, 2, 4], help="HTTP concurrency levels")
     p.add_argument("--requests-per-client", type=int, default=8, help="requests per client per level")
     p.add_argument(
@@ -168,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    if not args.batch_seconds >= 0:
+        raise ConfigError(f"--batch-seconds must be >= 0, got {args.batch_seconds}")
     if args.tail_requests < TAIL_CLIENTS:
         raise ConfigError(
             f"--tail-requests must be >= {TAIL_CLIENTS} (one per client), got {args.tail_requests}"
@@ -231,6 +241,7 @@ def measure(
         "instances": [[str(i.path.resolve()), i.frames] for i in plan],
         "batch_sizes": args.batch_sizes,
         "batch_repeats": args.batch_repeats,
+        "batch_seconds": args.batch_seconds,
         "heads": str(heads),
         "post": str(post),
         "backend": getattr(args, "backend", "onnxruntime"),

@@ -257,11 +257,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "`model.onnx` alone on preprocessed frames:",
         "",
-        "| batch size | frames/s | batch p50 ms |",
-        "|---|---|---|",
+        "| batch size | batches | frames/s | batch p50 ms |",
+        "|---|---|---|---|",
     ]
     for row in report["throughput"]["by_batch_size"]:
-        lines.append(f"| {row['batch_size']} | {row['frames_per_s']:.2f} | {row['batch_ms']['p50']:.2f} |")
+        lines.append(
+            f"| {row['batch_size']} | {row['batches']} | {row['frames_per_s']:.2f} | {row['batch_ms']['p50']:.2f} |"
+        )
     if report["throughput"]["by_clients"]:
         lines += [
             "",
