@@ -108,8 +108,9 @@ class InstanceJob:
                 with self._lock:
                     if self._failed:
                         break
-                    if self.max_waiting and self._waiting >= self.max_waiting:
-                        self._parked = True
+                    declared = self.info.frames if self.info is not None else 0
+                    if self.max_waiting and self._waiting >= self.max_waiting and self._queued < declared:
+                        self._parked = True  # frames are left to read (after the last one: no step more)
                         return None
                     self._waiting += 1  # this frame's place, taken before it is decoded
                 try:
@@ -178,7 +179,8 @@ class InstanceJob:
         self._close()
 
     def _close(self) -> None:
-        """Release the instance's file and buffers (once; from the thread that ends the reading)."""
+        """Release the instance's file and buffers. One thread at a time owns the reading (a step, or,
+        while the job is parked, whichever thread fails it), so this runs once."""
         inst, self._inst, self._frames = self._inst, None, None
         if inst is not None:
             inst.close()

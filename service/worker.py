@@ -178,7 +178,7 @@ class InferenceWorker:
         ref = weakref.ref(job)  # no cycle future -> callback -> job -> future: freed as soon as it is done
         job.future.add_done_callback(lambda _f: self._forget(ref()))
         try:
-            self._pool.submit(self._read, job, self._reader)
+            self._pool.submit(self._read, job, self._reader).add_done_callback(self._dropped(job))
         except RuntimeError:  # the pool is shut down: stopping (its count is given back by _forget)
             job.fail(NotReadyError("the service is shutting down"))
         return job.future
@@ -237,10 +237,22 @@ class InferenceWorker:
         reader = self._reader
         try:
             assert reader is not None
-            self._pool.submit(self._read, job, reader)
+            self._pool.submit(self._read, job, reader).add_done_callback(self._dropped(job))
         except RuntimeError:  # the pool is shut down: stopping
             job.fail(NotReadyError("the service is shutting down"))
             job.close_instance()
+
+    @staticmethod
+    def _dropped(job: InstanceJob) -> Callable[[concurrent.futures.Future[None]], None]:
+        """For a submitted reading step: when the pool cancels it unrun (shutdown), fail the job and
+        release its instance (a resumed job's is open)."""
+
+        def done(step: concurrent.futures.Future[None]) -> None:
+            if step.cancelled():
+                job.fail(NotReadyError("the service is shutting down"))
+                job.close_instance()
+
+        return done
 
     def _take_budget(self) -> None:
         """One unit of the frame budget (bounded waits; gives up when the pipeline stops)."""

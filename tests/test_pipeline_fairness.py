@@ -70,7 +70,7 @@ def test_a_long_instance_waiting_for_the_queue_holds_no_reader(monkeypatch: pyte
         if not held.is_set():  # the multi-frame's first frame waits here until the slice's frame waits
             held.set()
             entered.set()
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 if any(f.job.info is not None and f.job.info.frames == 1 for f in list(self._frames.queue)):
                     break
