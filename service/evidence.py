@@ -108,13 +108,21 @@ def _wanted_tags() -> tuple[frozenset[int], frozenset[int]]:
 _META_TAGS = (0x00020002, 0x00020003, 0x00020010)
 
 
+#: DICOM JSON of evidence elements already seen, by what determines it (:func:`_evidence_json`): the
+#: slices of a series repeat most of their evidence (study, frame of reference, geometry, pixel layout).
+#: Only evidence: no patient identity stays in memory beyond its request.
+_EVIDENCE_JSON: dict[tuple[Any, ...], dict[str, Any]] = {}
+_EVIDENCE_JSON_MAX = 4096
+
+
 @dataclass(frozen=True)
 class KeptHeader:
-    """The parts of a header that are kept, selected but not yet encoded (:func:`select_header`):
-    ``evidence`` and ``identity`` are small pydicom Datasets, ``meta`` the kept File Meta elements. It
-    holds no pixel data, so it can wait in memory for a writer thread; :meth:`to_json` encodes it."""
+    """The parts of a header that are kept (:func:`select_header`): ``evidence`` as DICOM JSON already
+    (``{"GGGGEEEE": element}``), ``identity`` and ``meta`` (the kept File Meta elements) as small pydicom
+    Datasets. It holds no pixel data, so it can wait in memory for a writer thread; :meth:`to_json`
+    encodes it."""
 
-    evidence: Any
+    evidence: dict[str, Any]
     identity: Any
     meta: Any
 
@@ -122,9 +130,63 @@ class KeptHeader:
         """``(evidence, identity)`` as DICOM JSON text (the evidence with its File Meta)."""
         meta = self.meta.to_json_dict(suppress_invalid_tags=True)
         return (
-            json.dumps({"meta": meta, "dataset": self.evidence.to_json_dict(suppress_invalid_tags=True)}),
+            json.dumps({"meta": meta, "dataset": self.evidence}),
             json.dumps(self.identity.to_json_dict(suppress_invalid_tags=True)),
         )
+
+
+@functools.cache
+def _plain_evidence_tags() -> frozenset[int]:
+    """Evidence tags whose dictionary VR is one VR (not ``US or SS``, whose value depends on the rest of
+    the dataset) and not a sequence."""
+    from pydicom.datadict import dictionary_VR
+
+    return frozenset(
+        t for t in _wanted_tags()[0] if " or " not in dictionary_VR(t) and dictionary_VR(t) != "SQ"
+    )
+
+
+def _simple(value: Any) -> bool:
+    """A converted value whose ``repr`` is all its JSON depends on: text, numbers, or a list of them."""
+    if isinstance(value, str | int | float):
+        return True
+    from pydicom.multival import MultiValue
+
+    return isinstance(value, MultiValue) and all(isinstance(v, str | int | float) for v in value)
+
+
+def _evidence_json(ds: Any, tag: int) -> dict[str, Any] | None:
+    """One evidence element of ``ds`` as pydicom writes it in DICOM JSON (``to_json_dict`` under strict
+    reading, as ``Dataset.to_json_dict(suppress_invalid_tags=True)`` does), or None when it cannot be
+    converted. An element of a plain VR is looked up first: a raw one by its tag, VR, bytes, encoding and
+    character set, a converted one by its tag, VR and value (:func:`_simple`), which is all its JSON
+    depends on."""
+    from pydicom import config
+    from pydicom.dataelem import RawDataElement
+
+    item = ds.get_item(tag)
+    key: tuple[Any, ...] | None = None
+    plain = tag in _plain_evidence_tags()
+    if plain and isinstance(item, RawDataElement) and item.value is not None and item.VR != "SQ":
+        charset = repr(ds.original_character_set)
+        key = (tag, item.VR, bytes(item.value), item.is_little_endian, item.is_implicit_VR, charset)
+    elif plain and not isinstance(item, RawDataElement) and _simple(item.value):
+        key = (tag, item.VR, type(item.value).__name__, repr(item.value))  # converted already (validate)
+    if key is not None:
+        cached = _EVIDENCE_JSON.get(key)
+        if cached is not None:
+            return cached
+    try:
+        element = ds[tag]  # converts a raw element: an unknown VR raises here
+        with config.strict_reading():
+            out = element.to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=1024)
+    except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
+        return None
+    if key is not None:
+        if len(_EVIDENCE_JSON) >= _EVIDENCE_JSON_MAX:
+            _EVIDENCE_JSON.clear()
+        _EVIDENCE_JSON[key] = out
+    return out
 
 
 def select_header(ds: Any) -> KeptHeader:
@@ -134,14 +196,19 @@ def select_header(ds: Any) -> KeptHeader:
     from pydicom.dataset import Dataset
 
     evidence_tags, identity_tags = _wanted_tags()
-    evidence, identity, meta = Dataset(), Dataset(), Dataset()
+    evidence: dict[str, Any] = {}
+    identity, meta = Dataset(), Dataset()
     present = ds.keys()
     for tag in sorted(evidence_tags.union(identity_tags).intersection(present)):
+        if tag in evidence_tags:
+            element_json = _evidence_json(ds, tag)
+            if element_json is not None:
+                evidence[f"{tag:08X}"] = element_json
+            continue
         try:
-            element = ds[tag]  # converts a raw element: an unknown VR raises here
+            identity.add(ds[tag])  # converts a raw element: an unknown VR raises here
         except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
             continue
-        (evidence if tag in evidence_tags else identity).add(element)
     file_meta = getattr(ds, "file_meta", None)
     if file_meta is not None:
         for tag in _META_TAGS:

@@ -105,9 +105,9 @@ def test_the_selection_converts_only_what_is_kept_and_keeps_no_pixels() -> None:
     ds._dict[raw.tag] = raw  # SliceLocation (evidence) with a VR pydicom cannot convert: left out
     ds.SliceThickness = "1.5"
     kept = select_header(ds)
-    assert "PixelData" not in kept.evidence and "PixelData" not in kept.identity
-    assert kept.evidence.FrameOfReferenceUID == "1.2.3.4" and kept.identity.PatientID == ds.PatientID
-    assert "PatientID" not in kept.evidence and 0x00201041 not in kept.evidence
+    assert "7FE00010" not in kept.evidence and "PixelData" not in kept.identity
+    assert kept.evidence["00200052"]["Value"] == ["1.2.3.4"] and kept.identity.PatientID == ds.PatientID
+    assert "00100020" not in kept.evidence and "00201041" not in kept.evidence
     evidence, identity = kept.to_json()
     assert (evidence, identity) == split_dataset(ds)
     assert header_from_json(evidence, identity).SliceThickness == 1.5
@@ -135,3 +135,25 @@ def test_the_writer_keeps_the_group_when_one_header_cannot_be_encoded(tmp_path: 
     row = store.get("1.2.3")
     assert row is not None and row.header_json is not None and files.get("1.2.3") is not None
     assert store.get("1.2.4") is None and files.get("1.2.4") is None
+
+
+def test_evidence_seen_before_is_reused_only_when_it_is_the_same_and_never_names_the_patient() -> None:
+    """The slices of a series repeat their evidence: a second slice reuses the first one's DICOM JSON
+    where the element is the same, and gets its own where it differs; no patient attribute is kept."""
+    from retinaedge.service import evidence
+
+    evidence._EVIDENCE_JSON.clear()
+    first = pydicom.dcmread(SOURCE)
+    second = pydicom.dcmread(SOURCE)
+    second.ImagePositionPatient = [1.5, -2.25, 30.0]  # converted, as validate leaves some elements
+    raw = pydicom.dataelem.RawDataElement(pydicom.tag.Tag(0x00201041), "DS", 4, b"12.5", 0, False, True)
+    second._dict[raw.tag] = raw  # SliceLocation, still raw
+    cold = split_dataset(first)
+    assert evidence._EVIDENCE_JSON  # filled by the first slice
+    kept = json.loads(split_dataset(second)[0])["dataset"]
+    assert kept["00200032"]["Value"] == [1.5, -2.25, 30.0] and kept["00201041"]["Value"] == [12.5]
+    assert kept["0020000D"] == json.loads(cold[0])["dataset"]["0020000D"]  # the study, reused
+    assert split_dataset(pydicom.dcmread(SOURCE)) == cold  # warm gives what cold gave
+    text = json.dumps(list(evidence._EVIDENCE_JSON.values()))
+    assert str(first.PatientID) not in text and str(first.PatientName) not in text
+    assert not any(key[0] in evidence._wanted_tags()[1] for key in evidence._EVIDENCE_JSON)
