@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .boxes import box_iou
+from .boxes import box_iou, pairwise_iou
 from .errors import ConfigError
 from .series import DEFAULT_TOLERANCES, FrameRef, Stack, Tolerances, group_series
 
@@ -187,6 +187,31 @@ def linkable(a: Sequence[float], b: Sequence[float], link_iou: float) -> tuple[b
     return (iou > 0.0 and _centre_inside(small, large)), iou
 
 
+def linkable_pairs(
+    last: Sequence[Sequence[float]], boxes: Sequence[Sequence[float]], link_iou: float
+) -> list[tuple[float, int, int]]:
+    """:func:`linkable` for every (track's last box, new box) at once -> ``(-iou, track, box)`` of each
+    pair that links (all pairs in one IoU matrix, float64 as :func:`linkable`; same results)."""
+    if not len(last) or not len(boxes):
+        return []
+    a = np.asarray(last, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    iou = pairwise_iou(a, b)
+    links = iou >= link_iou
+    maybe = ~links & (iou > 0.0)  # the fallback: the smaller box's centre inside the larger one
+    if maybe.any():
+        ti, di = np.nonzero(maybe)
+        pa, pb = a[ti], b[di]
+        area_a = (pa[:, 2] - pa[:, 0]) * (pa[:, 3] - pa[:, 1])
+        area_b = (pb[:, 2] - pb[:, 0]) * (pb[:, 3] - pb[:, 1])
+        a_small = (area_a <= area_b)[:, None]
+        small, large = np.where(a_small, pa, pb), np.where(a_small, pb, pa)
+        cx, cy = (small[:, 0] + small[:, 2]) / 2.0, (small[:, 1] + small[:, 3]) / 2.0
+        inside = (large[:, 0] <= cx) & (cx <= large[:, 2]) & (large[:, 1] <= cy) & (cy <= large[:, 3])
+        links[ti[inside], di[inside]] = True
+    return [(-float(iou[t, d]), int(t), int(d)) for t, d in zip(*np.nonzero(links), strict=True)]
+
+
 @dataclass
 class _Track:
     class_id: int
@@ -222,12 +247,9 @@ def link_findings(stack: Stack, detections: DetectionMap, params: LinkParams | N
                 for t in tracks
                 if t.class_id == class_id and virtual[k] - virtual[t.last[0]] - 1 <= params.max_gap
             ]
-            pairs = []
-            for ti, t in enumerate(open_tracks):
-                for di, d in enumerate(dets):
-                    ok, iou = linkable(t.last[1].box, d.box, params.link_iou)
-                    if ok:
-                        pairs.append((-iou, ti, di))
+            pairs = linkable_pairs(
+                [t.last[1].box for t in open_tracks], [d.box for d in dets], params.link_iou
+            )
             used_t, used_d = set(), set()
             for _, ti, di in sorted(pairs):
                 if ti in used_t or di in used_d:

@@ -695,3 +695,30 @@ def test_true_boxes_of_the_examples_give_one_finding_per_lesion() -> None:
         assert np.linalg.norm(np.subtract(f.centroid_mm, lesion["center_lps_mm"])) <= 5.0
         lo, hi = np.asarray(f.bbox_min_mm), np.asarray(f.bbox_max_mm)
         assert np.all(lo <= lesion["center_lps_mm"]) and np.all(lesion["center_lps_mm"] <= hi)
+
+
+def test_pairs_at_once_link_exactly_as_pair_by_pair() -> None:
+    """``linkable_pairs`` (one IoU matrix per slice and class) gives the same links and IoUs as
+    ``linkable`` pair by pair, on boxes with ties: equal areas, touching edges, empty boxes."""
+    from retinaedge.runtime.findings import linkable, linkable_pairs
+
+    rng = np.random.default_rng(0)
+    links = 0
+    for _ in range(300):
+        boxes = []
+        for n in rng.integers(0, 8, 2):
+            xy = rng.integers(0, 40, (int(n), 2)) / rng.choice([1, 2, 4])
+            wh = rng.integers(0, 20, (int(n), 2)) / rng.choice([1, 2, 4])
+            boxes.append([tuple(float(v) for v in (*p, *(p + s))) for p, s in zip(xy, wh, strict=True)])
+        last, new = boxes
+        threshold = float(rng.choice([0.1, 0.3, 0.5]))
+        expected = sorted(
+            (-iou, ti, di)
+            for ti, a in enumerate(last)
+            for di, b in enumerate(new)
+            for ok, iou in [linkable(a, b, threshold)]
+            if ok
+        )
+        assert sorted(linkable_pairs(last, new, threshold)) == expected
+        links += len(expected)
+    assert links > 100  # the cases do link
