@@ -57,6 +57,19 @@ class Spool:
                 pass
         return None
 
+    def reserve_reason(self) -> str | None:
+        """Why new instances are refused for space now (the disk is inside ``min_free_bytes``), or None."""
+        try:
+            free = self.free_bytes()
+        except OSError as exc:
+            return f"the free space of {self.root} cannot be read ({exc.strerror or type(exc).__name__})"
+        if free < self.min_free_bytes:
+            return (
+                f"the disk of {self.root} has {free} bytes free, below the {self.min_free_bytes}-byte reserve "
+                "(min_free_bytes): new instances are refused with 507"
+            )
+        return None
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 

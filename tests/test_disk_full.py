@@ -201,3 +201,23 @@ def test_disk_full_drill(server: tuple[str, Path], tmpfs: Path) -> None:
     print(
         f"disk-full drill: {len(acknowledged)} acknowledged, all done {resumed_s:.1f} s after space returned"
     )
+
+
+def test_readiness_says_when_the_disk_is_inside_its_reserve(tmp_path: Path) -> None:
+    """/readyz is 503 while the spool's disk has less than min_free_bytes free (every new instance would
+    get 507), whatever the processing is doing (the drill above shows it ready again once space returns)."""
+    import httpx
+    from helpers import DEMO, serve
+
+    with serve(model=DEMO, data_dir=tmp_path / "data", min_free_bytes=2**62) as base, httpx.Client() as c:
+
+        def reserve_reported() -> bool:
+            return "reserve" in c.get(f"{base}/readyz").text
+
+        _wait(reserve_reported, 60, "the model loaded and the reserve reported")
+        r = c.get(f"{base}/readyz")
+        assert (
+            r.status_code == 503
+            and "below the" in r.json()["detail"]
+            and "min_free_bytes" in r.json()["detail"]
+        )
