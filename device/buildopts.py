@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BuildOptionsError
-from .fingerprint import DeviceCapabilities, DeviceFingerprint
+from retinaedge.device.errors import BuildOptionsError
+from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
 
 PRECISIONS = ("fp32", "fp16", "int8")
 NMS_FLAVOURS = ("auto", "plugin", "builtin")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .collect import CommandRunner, DeviceReport, collect
+from retinaedge.device.collect import CommandRunner, DeviceReport, collect
 
 log = logging.getLogger(__name__)
 

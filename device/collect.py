@@ -18,10 +18,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .l4t import L4TRelease, parse_nv_tegra_release
-from .linux import CpuInfo, MemInfo, NvidiaGpu, parse_cpuinfo, parse_meminfo, parse_nvidia_smi
-from .module import ModuleInfo, identify_module, parse_compatible, parse_device_tree_model
-from .power import ClockState, PowerMode, parse_jetson_clocks, parse_nvpmodel
+from retinaedge.device.l4t import L4TRelease, parse_nv_tegra_release
+from retinaedge.device.linux import (
+    CpuInfo,
+    MemInfo,
+    NvidiaGpu,
+    parse_cpuinfo,
+    parse_meminfo,
+    parse_nvidia_smi,
+)
+from retinaedge.device.module import ModuleInfo, identify_module, parse_compatible, parse_device_tree_model
+from retinaedge.device.power import ClockState, PowerMode, parse_jetson_clocks, parse_nvpmodel
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from .errors import MissingExtraError, NoCudaDeviceError
+from retinaedge.device.errors import MissingExtraError, NoCudaDeviceError
 
 log = logging.getLogger(__name__)
 

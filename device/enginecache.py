@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .buildopts import BuildOptions
-from .errors import EngineCacheError
-from .fingerprint import DeviceFingerprint
+from retinaedge.device.buildopts import BuildOptions
+from retinaedge.device.errors import EngineCacheError
+from retinaedge.device.fingerprint import DeviceFingerprint
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtraError
+from retinaedge.device.errors import MissingExtraError
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def require_trt_extra() -> None:
 
 def l4t_release(root: Path = Path("/")) -> str | None:
     """L4T version string (``"36.4.4"``) from ``etc/nv_tegra_release`` under ``root``, None off Jetson."""
-    from .l4t import parse_nv_tegra_release
+    from retinaedge.device.l4t import parse_nv_tegra_release
 
     try:
         text = (root / "etc/nv_tegra_release").read_text(errors="replace")
@@ -173,7 +173,7 @@ def from_tensorrt() -> tuple[str, int, bool, bool]:
 def from_pycuda(device: int = 0) -> tuple[str, str, int, str]:
     """``(GPU name, compute capability, SM count, CUDA driver version)`` via :mod:`.cuda`."""
     require_trt_extra()
-    from .cuda import query_gpu
+    from retinaedge.device.cuda import query_gpu
 
     facts = query_gpu(device)
     return facts.name, facts.compute_capability, facts.sm_count, facts.cuda_version

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from .tegrastats import TegrastatsSample, parse_tegrastats_line
+from retinaedge.device.tegrastats import TegrastatsSample, parse_tegrastats_line
 
 log = logging.getLogger(__name__)
 

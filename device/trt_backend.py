@@ -24,9 +24,8 @@ import logging
 from types import TracebackType
 
 import numpy as np
-
-from .cuda import CudaContext, HostDeviceBuffer, Stream
-from .errors import EngineLoadError, MissingExtraError
+from retinaedge.device.cuda import CudaContext, HostDeviceBuffer, Stream
+from retinaedge.device.errors import EngineLoadError, MissingExtraError
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .buildopts import MIB, BuildOptions
-from .errors import EngineBuildError, MissingExtraError
+from retinaedge.device.buildopts import MIB, BuildOptions
+from retinaedge.device.errors import EngineBuildError, MissingExtraError
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def build_engine(
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log)")
     saved = False
     if cache_path is not None:
-        from .enginecache import atomic_write
+        from retinaedge.device.enginecache import atomic_write
 
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache_path, [memoryview(config.get_timing_cache().serialize())])

@@ -13,6 +13,6 @@ __all__ = ["export_retinanet"]
 
 def export_retinanet(model: Any, out_dir: Any, **kwargs: Any) -> Any:
     """See :func:`retinaedge.export.exporter.export_retinanet`."""
-    from .exporter import export_retinanet as _export
+    from retinaedge.export.exporter import export_retinanet as _export
 
     return _export(model, out_dir, **kwargs)

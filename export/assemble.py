@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+from retinaedge.export.graphbuilder import GraphBuilder
+from retinaedge.export.postgraph import PLUGIN_DOMAIN, build_candidates, build_onnx_nms, build_plugin_nms
 from retinaedge.runtime.manifest import METADATA_KEY, Manifest, PostprocessSpec
-
-from .graphbuilder import GraphBuilder
-from .postgraph import PLUGIN_DOMAIN, build_candidates, build_onnx_nms, build_plugin_nms
 
 OUTPUTS_SPEC: dict[str, dict[str, Any]] = {
     "num_detections": {"dtype": "int32", "shape": ["N"]},

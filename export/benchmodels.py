@@ -72,7 +72,7 @@ def config(name: str) -> BenchModel:
 
 def random_model(cfg: BenchModel) -> Any:
     """The seeded random-weight RetinaNet of ``cfg`` (BatchNorm2d in the body: eval-mode statistics 0/1)."""
-    from .torchload import build_retinanet, require_torch
+    from retinaedge.export.torchload import build_retinanet, require_torch
 
     torch, _ = require_torch()
     torch.manual_seed(cfg.seed)
@@ -86,7 +86,7 @@ def random_model(cfg: BenchModel) -> Any:
 
 def checkpoint_classes(path: Path, cfg: BenchModel) -> int:
     """Classes of a state_dict checkpoint for ``cfg``'s layout, from its classification head's shape."""
-    from .torchload import require_torch
+    from retinaedge.export.torchload import require_torch
 
     torch, _ = require_torch()
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -128,10 +128,9 @@ def cached_bundle(folder: Path, wanted: dict[str, Any]) -> Path | None:
 
 def ensure_bundle(name: str, cache: Path, checkpoint: Path | None = None) -> Path:
     """The bundle of configuration ``name`` under ``cache``, exported first when not cached."""
+    from retinaedge.export.exporter import export_retinanet
+    from retinaedge.export.torchload import checkpoint_source, load_state_dict_checkpoint, require_torch
     from retinaedge.runtime.manifest import WindowPolicy
-
-    from .exporter import export_retinanet
-    from .torchload import checkpoint_source, load_state_dict_checkpoint, require_torch
 
     cfg = config(name)
     if checkpoint is not None and not checkpoint.is_file():

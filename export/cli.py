@@ -7,10 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from retinaedge.export.torchload import ARCHITECTURES
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.manifest import WindowPolicy
-
-from .torchload import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +131,10 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 
 def _dicom_parity_inputs(args: argparse.Namespace) -> list[Any]:
     """Frames of ``--parity-dicom`` files through the runtime's preprocessing, for the export's policy."""
+    from retinaedge.export.parity import ParityInput
     from retinaedge.runtime.discovery import dicom_files
     from retinaedge.runtime.frames import model_inputs
     from retinaedge.runtime.manifest import InputSpec, Preprocessing
-
-    from .parity import ParityInput
 
     inputs: list[ParityInput] = []
     pre = Preprocessing(window=args.window)
@@ -152,10 +150,9 @@ def _dicom_parity_inputs(args: argparse.Namespace) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from retinaedge.export.exporter import export_retinanet
+    from retinaedge.export.torchload import checkpoint_source, load_pickled_model, load_state_dict_checkpoint
     from retinaedge.runtime.cli import emit
-
-    from .exporter import export_retinanet
-    from .torchload import checkpoint_source, load_pickled_model, load_state_dict_checkpoint
 
     names = _class_names(args)
     if args.pickled_model:

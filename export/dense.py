@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from retinaedge.export.torchload import require_torch
 from retinaedge.runtime.manifest import AnchorSpec
-
-from .torchload import require_torch
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,15 @@ from typing import Any
 
 import numpy as np
 import onnx
+from retinaedge.export import assemble
+from retinaedge.export.dense import OPSET, compute_anchors, export_dense_onnx, make_dense_module
+from retinaedge.export.nms_reference import emulate_efficient_nms
+from retinaedge.export.parity import ParityInput, batch_consistency, compare
+from retinaedge.export.plugin_check import validate_plugin_model
+from retinaedge.export.postgraph import PLUGIN_MAX_CANDIDATES, plugin_semantics
+from retinaedge.export.reference import reference_model, torchvision_detections
+from retinaedge.export.synthetic import synthetic_images_u8, to_float
+from retinaedge.export.torchload import require_torch, state_dict_sha256
 from retinaedge.runtime import __version__
 from retinaedge.runtime.bundle import (
     MANIFEST_FILE,
@@ -35,16 +44,6 @@ from retinaedge.runtime.errors import ConfigError, ParityError
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.manifest import InputSpec, Manifest, PostprocessSpec, Preprocessing, WindowPolicy
 from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
-
-from . import assemble
-from .dense import OPSET, compute_anchors, export_dense_onnx, make_dense_module
-from .nms_reference import emulate_efficient_nms
-from .parity import ParityInput, batch_consistency, compare
-from .plugin_check import validate_plugin_model
-from .postgraph import PLUGIN_MAX_CANDIDATES, plugin_semantics
-from .reference import reference_model, torchvision_detections
-from .synthetic import synthetic_images_u8, to_float
-from .torchload import require_torch, state_dict_sha256
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,9 @@ from typing import Any
 
 import onnx
 from onnx import helper
+from retinaedge.export.postgraph import PLUGIN_DOMAIN, PLUGIN_OP
 from retinaedge.runtime.errors import ExportError
 from retinaedge.runtime.manifest import PostprocessSpec
-
-from .postgraph import PLUGIN_DOMAIN, PLUGIN_OP
 
 _INT_ATTRS = ("background_class", "max_output_boxes", "score_activation", "class_agnostic", "box_coding")
 _FLOAT_ATTRS = ("score_threshold", "iou_threshold")

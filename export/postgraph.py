@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto
+from retinaedge.export.graphbuilder import GraphBuilder
 from retinaedge.runtime.manifest import PostprocessSpec
-
-from .graphbuilder import GraphBuilder
 
 PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_OP = "EfficientNMS_TRT"

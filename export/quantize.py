@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from retinaedge.export.assemble import embed_manifest
 from retinaedge.runtime.bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE, load_bundle
 from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits
 from retinaedge.runtime.discovery import dicom_files
@@ -36,8 +37,6 @@ from retinaedge.runtime.errors import ConfigError, DicomInputError
 from retinaedge.runtime.frames import model_inputs
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.manifest import Manifest
-
-from .assemble import embed_manifest
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from retinaedge.export.quantize import METHODS, OP_TYPES
 from retinaedge.runtime.discovery import RULE_HELP
-
-from .quantize import METHODS, OP_TYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,10 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from retinaedge.export.quantize import AccuracyCheck, quantize_bundle
     from retinaedge.runtime.cli import emit
     from retinaedge.runtime.errors import ConfigError
-
-    from .quantize import AccuracyCheck, quantize_bundle
 
     if bool(args.annotations) != bool(args.eval):
         raise ConfigError("--annotations and --eval go together (the accuracy check)")

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from retinaedge.export.torchload import require_torch
 from retinaedge.runtime.detections import ImageDetections
-
-from .torchload import require_torch
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .triton_config import PLATFORMS
+from retinaedge.export.triton_config import PLATFORMS
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -72,9 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from retinaedge.export.triton_repo import ExportRequest, export_repository
     from retinaedge.runtime.cli import emit
-
-    from .triton_repo import ExportRequest, export_repository
 
     report = export_repository(
         ExportRequest(

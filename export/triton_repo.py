@@ -26,17 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retinaedge.runtime.bundle import PLUGIN_MODEL_FILE, QDQ_MODEL_FILE, Bundle, load_bundle
-from retinaedge.runtime.errors import ConfigError
-from retinaedge.runtime.hashing import sha256_file
-
-from .triton_config import (
+from retinaedge.export.triton_config import (
     CRITERIA_PARAMETER,
     PLATFORMS,
     THREADS_PARAMETER,
     TritonModelConfig,
     default_preferred,
 )
+from retinaedge.runtime.bundle import PLUGIN_MODEL_FILE, QDQ_MODEL_FILE, Bundle, load_bundle
+from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ def _write_version(
             return ["model.onnx"], {}, {}
         shutil.copyfile(PYTHON_MODEL_SOURCE, version / "model.py")
         return ["model.onnx", "model.py"], {}, {THREADS_PARAMETER: str(req.threads)}
-    from .triton_engines import pick_engines
+    from retinaedge.export.triton_engines import pick_engines
 
     assert req.engine_cache is not None  # validate() checked
     picked = pick_engines(bundle, _bundle_onnx_sha256s(bundle), req.engine_cache, req.max_batch)

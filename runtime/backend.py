@@ -7,6 +7,6 @@
 
 from __future__ import annotations
 
-from .backends.base import Backend, BackendOptions
+from retinaedge.runtime.backends.base import Backend, BackendOptions
 
 __all__ = ["Backend", "BackendOptions"]

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from .detections import ImageDetections, split_outputs
-from .errors import BundleError, SelfTestError
-from .hashing import sha256_file
-from .manifest import METADATA_KEY, Manifest
+from retinaedge.runtime.detections import ImageDetections, split_outputs
+from retinaedge.runtime.errors import BundleError, SelfTestError
+from retinaedge.runtime.hashing import sha256_file
+from retinaedge.runtime.manifest import METADATA_KEY, Manifest
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
-from .matching import MatchReport, match_images
+    from retinaedge.runtime.backends.base import Backend
+from retinaedge.runtime.matching import MatchReport, match_images
 
 log = logging.getLogger(__name__)
 

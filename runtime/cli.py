@@ -13,8 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__, logsafety
-from .errors import ConfigError, RetinaEdgeError
+from retinaedge.runtime import __version__, logsafety
+from retinaedge.runtime.errors import ConfigError, RetinaEdgeError
 
 log = logging.getLogger("retinaedge")
 

@@ -15,15 +15,15 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .backends.registry import add_backend_arguments
-from .dicomio import Limits
-from .discovery import RULE_HELP, dicom_files
-from .errors import ConfigError, RetinaEdgeError
+from retinaedge.runtime.backends.registry import add_backend_arguments
+from retinaedge.runtime.dicomio import Limits
+from retinaedge.runtime.discovery import RULE_HELP, dicom_files
+from retinaedge.runtime.errors import ConfigError, RetinaEdgeError
 
 if TYPE_CHECKING:
-    from .detector import InstanceResult
-    from .findings import LinkParams, SeriesResult
-    from .series import FrameRef
+    from retinaedge.runtime.detector import InstanceResult
+    from retinaedge.runtime.findings import LinkParams, SeriesResult
+    from retinaedge.runtime.series import FrameRef
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -90,18 +90,18 @@ def link_params(args: argparse.Namespace) -> LinkParams | None:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise ConfigError(f"{flags} only apply with --series")
         return None
-    from .findings import LinkParams
+    from retinaedge.runtime.findings import LinkParams
 
     return LinkParams(**given)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .backends.base import BackendOptions
-    from .backends.registry import check_available
-    from .cli import emit
-    from .detector import Detector
-    from .overlay import write_png
-    from .series import read_frames
+    from retinaedge.runtime.backends.base import BackendOptions
+    from retinaedge.runtime.backends.registry import check_available
+    from retinaedge.runtime.cli import emit
+    from retinaedge.runtime.detector import Detector
+    from retinaedge.runtime.overlay import write_png
+    from retinaedge.runtime.series import read_frames
 
     params = link_params(args)
     if args.provider != "cpu" and args.backend != "onnxruntime":  # auto might not use it: not silently
@@ -165,7 +165,7 @@ def series_results(
     collected: list[tuple[InstanceResult, list[FrameRef]]], params: LinkParams
 ) -> list[SeriesResult]:
     """Per-instance results and frame geometry -> one :class:`SeriesResult` per series."""
-    from .findings import analyse_series
+    from retinaedge.runtime.findings import analyse_series
 
     frames = [f for _, refs in collected for f in refs]
     detections = {

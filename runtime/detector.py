@@ -12,14 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-from .backends.base import Backend, BackendOptions
-from .bundle import Bundle, load_bundle
-from .detections import split_outputs
-from .dicomio import DEFAULT_LIMITS, Limits
-from .errors import ConfigError
-from .reader import InstanceReader, ReadFrame
-from .results import Detection, FrameResult, InstanceResult, frame_result, instance_result
+from retinaedge.runtime.backends.base import Backend, BackendOptions
+from retinaedge.runtime.bundle import Bundle, load_bundle
+from retinaedge.runtime.detections import split_outputs
+from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits
+from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.reader import InstanceReader, ReadFrame
+from retinaedge.runtime.results import Detection, FrameResult, InstanceResult, frame_result, instance_result
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class Detector:
     ) -> Detector:
         """Open a bundle on ``backend`` (a registry name or ``auto``; ONNX Runtime on ``providers``, CPU
         by default). ``options`` replaces the options made of ``threads``/``batch_size``/``providers``."""
-        from .backends.registry import open_backend
+        from retinaedge.runtime.backends.registry import open_backend
 
         bundle = load_bundle(model)
         opts = options or BackendOptions(threads=threads, providers=providers, batch_size=batch_size)

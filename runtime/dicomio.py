@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-
-from .errors import (
+from retinaedge.runtime.errors import (
     MalformedDicomError,
     NoPixelDataError,
     OverBudgetError,
@@ -26,7 +25,7 @@ from .errors import (
     UnsupportedPhotometricError,
     UnsupportedTransferSyntaxError,
 )
-from .uids import check_uid
+from retinaedge.runtime.uids import check_uid
 
 log = logging.getLogger(__name__)
 

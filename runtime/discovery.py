@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import ConfigError
+from retinaedge.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.registry import add_backend_arguments
-from .dicomio import DEFAULT_LIMITS, Limits, open_dicom
-from .discovery import RULE_HELP, dicom_files
-from .errors import ConfigError, RetinaEdgeError
-from .evaluate import (
+from retinaedge.runtime.backends.registry import add_backend_arguments
+from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits, open_dicom
+from retinaedge.runtime.discovery import RULE_HELP, dicom_files
+from retinaedge.runtime.errors import ConfigError, RetinaEdgeError
+from retinaedge.runtime.evaluate import (
     GROUND_TRUTH_HELP,
     Annotation,
     EvalFrame,
@@ -188,10 +188,10 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .backends.base import BackendOptions
-    from .backends.registry import check_available
-    from .cli import emit
-    from .detector import Detector
+    from retinaedge.runtime.backends.base import BackendOptions
+    from retinaedge.runtime.backends.registry import check_available
+    from retinaedge.runtime.cli import emit
+    from retinaedge.runtime.detector import Detector
 
     check_options(args)
     check_available(args.backend)  # a missing extra is one error line, before any ground truth is read

@@ -50,8 +50,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
-from .errors import ConfigError, MissingDependencyError
+from retinaedge.runtime.errors import ConfigError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-
-from .boxes import box_iou, pairwise_iou
-from .errors import ConfigError
-from .series import DEFAULT_TOLERANCES, FrameRef, Stack, Tolerances, group_series
+from retinaedge.runtime.boxes import box_iou, pairwise_iou
+from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.series import DEFAULT_TOLERANCES, FrameRef, Stack, Tolerances, group_series
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from .dicomio import DEFAULT_LIMITS, Limits, iter_frames, open_dicom, validate
-from .geometry import Letterbox
-from .manifest import InputSpec, Preprocessing
-from .preprocess import match_channels, to_unit
+from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits, iter_frames, open_dicom, validate
+from retinaedge.runtime.geometry import Letterbox
+from retinaedge.runtime.manifest import InputSpec, Preprocessing
+from retinaedge.runtime.preprocess import match_channels, to_unit
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import DicomInputError, RequestError
+from retinaedge.runtime.errors import DicomInputError, RequestError
 
 #: Loggers whose records are the project's own (already free of patient data).
 OWN_PREFIX = "retinaedge"

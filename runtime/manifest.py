@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .errors import BundleError, ConfigError
+from retinaedge.runtime.errors import BundleError, ConfigError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "retinaedge.manifest"

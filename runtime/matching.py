@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from .boxes import pairwise_iou
-from .detections import ImageDetections
+from retinaedge.runtime.boxes import pairwise_iou
+from retinaedge.runtime.detections import ImageDetections
 
 DEGENERATE_TOL_PX = 0.01
 """Two zero-area boxes whose corners agree within this many pixels match (IoU 1): a box clipped flat

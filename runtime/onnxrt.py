@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from .backends.base import Backend, BackendOptions
-from .detections import OUTPUT_NAMES
-from .errors import ConfigError
+from retinaedge.runtime.backends.base import Backend, BackendOptions
+from retinaedge.runtime.detections import OUTPUT_NAMES
+from retinaedge.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .bundle import Bundle
+    from retinaedge.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from .detector import FrameResult
+from retinaedge.runtime.detector import FrameResult
 
 # Distinct BGR colours per class id (cycled).
 _PALETTE = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (230, 60, 230), (0, 90, 255), (255, 255, 0)]

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from .errors import MalformedDicomError, UnsupportedPhotometricError
-from .manifest import Preprocessing, WindowPolicy
+from retinaedge.runtime.errors import MalformedDicomError, UnsupportedPhotometricError
+from retinaedge.runtime.manifest import Preprocessing, WindowPolicy
 
 #: What pydicom's LUT and colour functions raise for header values they cannot use.
 LUT_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, ZeroDivisionError)

@@ -14,9 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE
-from .errors import ConfigError
-from .hashing import sha256_file
+from retinaedge.runtime.bundle import QDQ_MODEL_FILE, QUANTIZATION_FILE
+from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

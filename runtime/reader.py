@@ -16,12 +16,19 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-
-from .bundle import Bundle
-from .dicomio import DEFAULT_LIMITS, DicomInput, ImageInfo, Limits, iter_frames, open_dicom, validate
-from .errors import MalformedDicomError
-from .frames import prepare_frame
-from .geometry import Letterbox
+from retinaedge.runtime.bundle import Bundle
+from retinaedge.runtime.dicomio import (
+    DEFAULT_LIMITS,
+    DicomInput,
+    ImageInfo,
+    Limits,
+    iter_frames,
+    open_dicom,
+    validate,
+)
+from retinaedge.runtime.errors import MalformedDicomError
+from retinaedge.runtime.frames import prepare_frame
+from retinaedge.runtime.geometry import Letterbox
 
 #: Timing keys (ms) the CPU stages fill in; the backend's stages add ``inference`` and ``postprocess``.
 CPU_STAGES = ("parse", "decode", "preprocess")

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .detections import ImageDetections
-from .dicomio import ImageInfo
-from .geometry import Letterbox
-from .manifest import Manifest
+from retinaedge.runtime.detections import ImageDetections
+from retinaedge.runtime.dicomio import ImageInfo
+from retinaedge.runtime.geometry import Letterbox
+from retinaedge.runtime.manifest import Manifest
 
 
 @dataclass(frozen=True)

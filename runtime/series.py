@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 from pydicom.multival import MultiValue
-
-from .dicomio import DEFAULT_LIMITS, Limits, open_dicom
-from .errors import ConfigError
-from .preprocess import _group_item
+from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits, open_dicom
+from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.preprocess import _group_item
 
 log = logging.getLogger(__name__)
 

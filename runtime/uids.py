@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import MalformedDicomError
+from retinaedge.runtime.errors import MalformedDicomError
 
 MAX_UID_LENGTH = 64
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")

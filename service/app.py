@@ -21,14 +21,19 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from retinaedge.runtime import logsafety
 from retinaedge.runtime.errors import RetinaEdgeError, UnauthorizedError
+from retinaedge.service.engines import Probe, default_probe
+from retinaedge.service.problems import (
+    error_response,
+    on_error,
+    on_http_error,
+    on_validation_error,
+    problem_component,
+)
+from retinaedge.service.routes import ROUTERS
+from retinaedge.service.settings import Settings
+from retinaedge.service.state import FORMATS_EXTENSION, Services, build_services
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from .engines import Probe, default_probe
-from .problems import error_response, on_error, on_http_error, on_validation_error, problem_component
-from .routes import ROUTERS
-from .settings import Settings
-from .state import FORMATS_EXTENSION, Services, build_services
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ import threading
 from collections.abc import Callable
 
 from retinaedge.runtime.threadname import name_this_thread
-
-from .settings import Settings
+from retinaedge.service.settings import Settings
 
 log = logging.getLogger(__name__)
 

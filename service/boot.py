@@ -33,15 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime import __version__
 from retinaedge.runtime.errors import BundleError, ConfigError, RetinaEdgeError
-
-from . import cli as serve_cli
+from retinaedge.service import cli as serve_cli
 
 if TYPE_CHECKING:  # the verb's module is imported for every `retinaedge --help`: heavy imports wait
     from retinaedge.runtime.bundle import Bundle
-
-    from .engines import BackendPlan, Probe
-from .settings import Settings
-from .tls import server_context
+    from retinaedge.service.engines import BackendPlan, Probe
+from retinaedge.service.settings import Settings
+from retinaedge.service.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def unknown_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:
     """``RETINAEDGE_*`` variables that name no setting (typos), sorted."""
-    from .settings import Settings
+    from retinaedge.service.settings import Settings
 
     known = {f"RETINAEDGE_{name.upper()}" for name in Settings.model_fields} | EXTRA_VARIABLES
     return sorted(k for k in environ if k.startswith("RETINAEDGE_") and k not in known)
@@ -114,8 +112,7 @@ def decide(settings: Settings, bundle: Bundle, probe: Probe | None = None) -> Bo
     ``probe``: this device's fingerprint and capabilities (default: the real TensorRT/pycuda probe).
     """
     from retinaedge.device.enginecache import atomic_write
-
-    from .engines import default_probe, plan_backend
+    from retinaedge.service.engines import default_probe, plan_backend
 
     plan = plan_backend(
         bundle,
@@ -177,8 +174,7 @@ def changes_since(previous: dict[str, Any] | None, current: dict[str, Any]) -> l
 
 def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.cli import emit
-
-    from .cli import serve, settings_from_args
+    from retinaedge.service.cli import serve, settings_from_args
 
     try:
         unknown = unknown_variables(os.environ)

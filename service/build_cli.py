@@ -69,8 +69,13 @@ def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.bundle import load_bundle
     from retinaedge.runtime.cli import emit
     from retinaedge.runtime.errors import RetinaEdgeError
-
-    from .engines import build_validate_store, default_probe, plan_engine, timing_cache_path, to_runtime_error
+    from retinaedge.service.engines import (
+        build_validate_store,
+        default_probe,
+        plan_engine,
+        timing_cache_path,
+        to_runtime_error,
+    )
 
     bundle = load_bundle(args.model)
     options = options_from_args(args)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from retinaedge.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the environment, ``--config`` and the command line (raises ConfigError)."""
-    from .settings import load_settings
+    from retinaedge.service.settings import load_settings
 
     if args.config:
         os.environ["RETINAEDGE_CONFIG_FILE"] = str(args.config)
@@ -43,10 +43,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def serve(settings: Settings) -> int:
     """Run the service under uvicorn until SIGINT/SIGTERM (graceful: 30 s for requests in flight)."""
     import uvicorn
-
-    from .app import create_app
-    from .http_protocol import protocol_class
-    from .tls import uvicorn_options
+    from retinaedge.service.app import create_app
+    from retinaedge.service.http_protocol import protocol_class
+    from retinaedge.service.tls import uvicorn_options
 
     tls = uvicorn_options(settings)  # a certificate that cannot be used is refused before anything starts
     app = create_app(settings)

@@ -45,8 +45,7 @@ from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.runtime.backends.base import Backend, BackendOptions
 from retinaedge.runtime.backends.registry import names, open_backend
 from retinaedge.runtime.bundle import Bundle
-
-from .policy import (
+from retinaedge.service.policy import (
     BACKEND_MODES,
     DECISIONS,
     Candidate,
@@ -56,7 +55,7 @@ from .policy import (
     raise_for_tensorrt,
     to_runtime_error,
 )
-from .trt_loaders import (
+from retinaedge.service.trt_loaders import (
     PLUGIN_MARGIN,
     PRECISION_CRITERIA,
     EnginePlan,
@@ -239,7 +238,7 @@ def choose_backend(
     options). ``defer_build``: when the plan is a build, open ONNX Runtime instead and return
     ``deferred=True``; the caller builds elsewhere (``retinaedge build`` in a child process) and plans again.
     """
-    from .tensorrt_backend import open_planned
+    from retinaedge.service.tensorrt_backend import open_planned
 
     open_ort = open_onnxruntime or _registry_onnxruntime(bundle)
     if plan.action == "onnxruntime":
@@ -266,7 +265,7 @@ def choose_backend(
 def plan_for_cli(bundle: Bundle, options: BackendOptions, mode: str) -> BackendPlan:
     """:func:`plan_backend` for a CLI verb: the engine settings the service would use
     (:func:`~.tensorrt_backend.engine_settings`), the probe from ``options.extra`` or the real one."""
-    from .tensorrt_backend import engine_settings
+    from retinaedge.service.tensorrt_backend import engine_settings
 
     engine = engine_settings(bundle, options)
     return plan_backend(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from .exporter import Exporter
+    from retinaedge.service.exporter import Exporter
 
 
 class ExportCollector:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .export_config import DimseDestination, StowRsDestination
+from retinaedge.service.export_config import DimseDestination, StowRsDestination
 
 log = logging.getLogger(__name__)
 

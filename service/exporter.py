@@ -29,18 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.threadname import name_this_thread
-
-from .evidence import IdentityFiles, header_from_json
-from .export_senders import Delivery, sender_for
-from .outbox import Job, Outbox
-from .series import series_findings, series_status
-from .sr import build_series_sr, build_sr
-from .store import Store
+from retinaedge.service.evidence import IdentityFiles, header_from_json
+from retinaedge.service.export_senders import Delivery, sender_for
+from retinaedge.service.outbox import Job, Outbox
+from retinaedge.service.series import series_findings, series_status
+from retinaedge.service.sr import build_series_sr, build_sr
+from retinaedge.service.store import Store
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
-
-    from .settings import Settings
+    from retinaedge.service.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,10 @@ from typing import Any, Literal
 
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.errors import NotAcceptableError
-
-from .evidence import header_from_json
-from .problems import problem
-from .series import SeriesFindings
-from .sr import build_series_sr, build_sr
+from retinaedge.service.evidence import header_from_json
+from retinaedge.service.problems import problem
+from retinaedge.service.series import SeriesFindings
+from retinaedge.service.sr import build_series_sr, build_sr
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,9 @@ from retinaedge.runtime.errors import (
     OverBudgetError,
     RequestError,
 )
-
-from .evidence import IdentityFiles, split_dataset
-from .spool import Spool, no_space
-from .store import Store
+from retinaedge.service.evidence import IdentityFiles, split_dataset
+from retinaedge.service.spool import Spool, no_space
+from retinaedge.service.store import Store
 
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900

@@ -18,11 +18,10 @@ from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
 from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.dicomio import Limits
-
-from .background_build import BackgroundBuild, build_argv, failure_summary
-from .engines import BACKEND_MODES, BackendPlan, Probe, choose_backend, plan_backend
-from .settings import Settings
-from .worker import InferenceWorker
+from retinaedge.service.background_build import BackgroundBuild, build_argv, failure_summary
+from retinaedge.service.engines import BACKEND_MODES, BackendPlan, Probe, choose_backend, plan_backend
+from retinaedge.service.settings import Settings
+from retinaedge.service.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .outbox_schema import migrate
+from retinaedge.service.outbox_schema import migrate
 
 #: Outcomes after which the peer may hold the SR although no success was recorded.
 MAYBE_SENT = ("unknown", "interrupted")

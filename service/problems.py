@@ -13,8 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from retinaedge.runtime.errors import OverloadedError, RetinaEdgeError, UnauthorizedError
-
-from .schemas import Problem
+from retinaedge.service.schemas import Problem
 
 PROBLEM = "application/problem+json"
 PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"

@@ -22,10 +22,9 @@ from typing import TypeVar
 
 from retinaedge.runtime.errors import DicomInputError, NotReadyError, OverloadedError
 from retinaedge.runtime.logsafety import redacted_traceback
-
-from .spool import Spool
-from .store import Store
-from .worker import InferenceWorker
+from retinaedge.service.spool import Spool
+from retinaedge.service.store import Store
+from retinaedge.service.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 

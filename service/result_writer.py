@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from retinaedge.runtime.threadname import name_this_thread
-
-from .evidence import IdentityFiles, KeptHeader
-from .processor import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
-from .store import Store
+from retinaedge.service.evidence import IdentityFiles, KeptHeader
+from retinaedge.service.processor import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
+from retinaedge.service.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,8 @@ from pydicom.dataset import Dataset
 from retinaedge.runtime.detector import Detection
 from retinaedge.runtime.findings import LinkParams, SeriesResult, analyse_series
 from retinaedge.runtime.series import FrameRef, frames_from_dataset
-
-from .evidence import header_from_json
-from .store import Row
+from retinaedge.service.evidence import header_from_json
+from retinaedge.service.store import Row
 
 log = logging.getLogger(__name__)
 

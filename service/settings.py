@@ -19,8 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from retinaedge.device.buildopts import BuildOptions
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.findings import LinkParams
-
-from .export_config import ExportDestination, check_unique
+from retinaedge.service.export_config import ExportDestination, check_unique
 
 
 class Settings(BaseSettings):
@@ -241,7 +240,7 @@ class Settings(BaseSettings):
 
     def _dimse_checks(self) -> None:
         """The C-STORE SCP's settings (:mod:`.dimse`): titles, peers, no open SCP beyond loopback."""
-        from .dimse.peers import check_ae_title, parse_peers
+        from retinaedge.service.dimse.peers import check_ae_title, parse_peers
 
         check_ae_title(self.dimse_ae_title, "dimse_ae_title")
         parse_peers(self.dimse_allowed_aets)

@@ -19,24 +19,23 @@ from typing import Annotated
 from fastapi import Depends, Request
 from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
-
-from .batching import BatchPolicy
-from .dimse.receive import Receiver
-from .dimse.scp import DimseServer
-from .engines import Probe
-from .evidence import IdentityFiles, migrate
-from .export_metrics import ExportCollector
-from .exporter import Exporter
-from .formats import FormatRegistry, Kind, ResultFormat, default_formats
-from .metrics import Metrics
-from .opener import DetectorOpener
-from .processor import Processor
-from .result_writer import ResultWriter
-from .settings import Settings
-from .spool import Spool
-from .store import Store
-from .stow import backlog_admission
-from .worker import InferenceWorker
+from retinaedge.service.batching import BatchPolicy
+from retinaedge.service.dimse.receive import Receiver
+from retinaedge.service.dimse.scp import DimseServer
+from retinaedge.service.engines import Probe
+from retinaedge.service.evidence import IdentityFiles, migrate
+from retinaedge.service.export_metrics import ExportCollector
+from retinaedge.service.exporter import Exporter
+from retinaedge.service.formats import FormatRegistry, Kind, ResultFormat, default_formats
+from retinaedge.service.metrics import Metrics
+from retinaedge.service.opener import DetectorOpener
+from retinaedge.service.processor import Processor
+from retinaedge.service.result_writer import ResultWriter
+from retinaedge.service.settings import Settings
+from retinaedge.service.spool import Spool
+from retinaedge.service.store import Store
+from retinaedge.service.stow import backlog_admission
+from retinaedge.service.worker import InferenceWorker
 
 
 @dataclass

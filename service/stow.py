@@ -20,10 +20,9 @@ from typing import Any, BinaryIO
 
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import OverloadedError, PayloadTooLargeError, RequestError
-
-from .body import idle_timeout
-from .evidence import IdentityFiles
-from .ingest import (
+from retinaedge.service.body import idle_timeout
+from retinaedge.service.evidence import IdentityFiles
+from retinaedge.service.ingest import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
     OUT_OF_RESOURCES,
@@ -31,9 +30,9 @@ from .ingest import (
     Header,
     store_spooled,
 )
-from .multipart import MultipartParser, stow_boundary
-from .spool import Spool
-from .store import Store
+from retinaedge.service.multipart import MultipartParser, stow_boundary
+from retinaedge.service.spool import Spool
+from retinaedge.service.store import Store
 
 log = logging.getLogger(__name__)
 

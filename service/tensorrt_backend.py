@@ -32,7 +32,7 @@ from retinaedge.runtime.backends.base import Backend, BackendOptions
 from retinaedge.runtime.bundle import Bundle
 
 if TYPE_CHECKING:
-    from .engines import BackendPlan
+    from retinaedge.service.engines import BackendPlan
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ def check() -> None:
     """Raise :class:`~retinaedge.runtime.errors.MissingDependencyError` (naming ``retinaedge[trt]``)
     unless tensorrt and pycuda can be found (found, not imported)."""
     from retinaedge.device.fingerprint import require_trt_extra
-
-    from .policy import to_runtime_error
+    from retinaedge.service.policy import to_runtime_error
 
     try:
         require_trt_extra()
@@ -75,7 +74,7 @@ def engine_settings(bundle: Bundle, options: BackendOptions) -> EngineSettings:
     build options (precision, DLA, NMS, workspace, batch profile 1 / max_batch_size / max_batch_size) and the
     engine cache. ``options.extra["build_options"]`` and ``options.cache_dir`` override them;
     ``options.allow_build=False`` or ``engine_build=false`` forbid a build."""
-    from .settings import load_settings
+    from retinaedge.service.settings import load_settings
 
     settings = load_settings(model=bundle.root or bundle.model_path.parent)
     return EngineSettings(
@@ -96,8 +95,8 @@ def open(bundle: Bundle, options: BackendOptions) -> Backend:  # noqa: A001 (reg
     be used (missing extra: a :class:`~retinaedge.runtime.errors.MissingDependencyError` naming
     ``retinaedge[trt]``).
     """
-    from .engines import plan_for_cli
-    from .policy import to_runtime_error
+    from retinaedge.service.engines import plan_for_cli
+    from retinaedge.service.policy import to_runtime_error
 
     extra = options.extra
     on_status: Callable[[str], None] = extra.get("on_status") or (lambda _s: None)
@@ -115,8 +114,8 @@ def open(bundle: Bundle, options: BackendOptions) -> Backend:  # noqa: A001 (reg
 def open_planned(bundle: Bundle, plan: BackendPlan, on_status: Callable[[str], None]) -> TensorRTRunner:
     """Load the cached engine (``load``) or build, validate and store one (``build``); the runner's
     ``reason`` says which and why. A failed build is recorded in the cache (no retry on every start)."""
-    from .policy import describe_error
-    from .trt_loaders import build_validate_store, load_cached_engine, timing_cache_path
+    from retinaedge.service.policy import describe_error
+    from retinaedge.service.trt_loaders import build_validate_store, load_cached_engine, timing_cache_path
 
     assert plan.options is not None and plan.engine is not None and plan.lookup is not None
     assert plan.cache is not None and plan.fingerprint is not None

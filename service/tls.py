@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from retinaedge.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from retinaedge.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def server_context(settings: Settings, cls: type[ssl.SSLContext] = ssl.SSLContex
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's TLS keyword arguments (checked first by :func:`server_context`); warns about clear text
     beyond loopback."""
-    from .settings import is_loopback
+    from retinaedge.service.settings import is_loopback
 
     if server_context(settings) is None:
         if not is_loopback(settings.host):

@@ -46,8 +46,7 @@ from retinaedge.runtime.errors import ConfigError, SelfTestError
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.matching import MatchReport, match_images
 from retinaedge.runtime.quantization_record import check_recorded_accuracy
-
-from .tensorrt_backend import TensorRTRunner
+from retinaedge.service.tensorrt_backend import TensorRTRunner
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,8 @@ from retinaedge.runtime.detector import Detector, InstanceResult
 from retinaedge.runtime.errors import NotReadyError, OverloadedError
 from retinaedge.runtime.reader import InstanceReader
 from retinaedge.runtime.threadname import name_this_thread
-
-from .batching import BatchPolicy, gather
-from .jobs import InstanceJob, OnOpen, QueuedFrame
+from retinaedge.service.batching import BatchPolicy, gather
+from retinaedge.service.jobs import InstanceJob, OnOpen, QueuedFrame
 
 log = logging.getLogger(__name__)
 

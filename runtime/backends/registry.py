@@ -28,11 +28,11 @@ import pkgutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
-from .base import Backend, BackendOptions
+from retinaedge.runtime.backends.base import Backend, BackendOptions
+from retinaedge.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..bundle import Bundle
+    from retinaedge.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
 

@@ -37,14 +37,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from ..detections import OUTPUT_NAMES
-from ..errors import ConfigError, MissingDependencyError, NotReadyError
-from ..threadname import name_this_thread
-from .base import Backend, BackendOptions
+from retinaedge.runtime.backends.base import Backend, BackendOptions
+from retinaedge.runtime.detections import OUTPUT_NAMES
+from retinaedge.runtime.errors import ConfigError, MissingDependencyError, NotReadyError
+from retinaedge.runtime.threadname import name_this_thread
 
 if TYPE_CHECKING:
-    from ..bundle import Bundle
+    from retinaedge.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +396,7 @@ def open(bundle: Bundle, options: BackendOptions) -> TritonBackend:  # noqa: A00
     opts = TritonOptions.from_extra(options.extra)
     local = None
     if opts.unreachable == "onnxruntime":
-        from ..onnxrt import OnnxRuntimeBackend
+        from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
         local = OnnxRuntimeBackend(bundle.model_path, threads=options.threads)
     backend = TritonBackend(bundle, opts, local)

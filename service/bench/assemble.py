@@ -9,13 +9,12 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .report import SCHEMA, compute_ratios, stage_summaries
-from .stats import summarize
+from retinaedge.service.bench.report import SCHEMA, compute_ratios, stage_summaries
+from retinaedge.service.bench.stats import summarize
 
 if TYPE_CHECKING:
     from retinaedge.runtime.bundle import Bundle
-
-    from .frames import Instance
+    from retinaedge.service.bench.frames import Instance
 
 
 def versions() -> dict[str, str | None]:

@@ -30,15 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.discovery import RULE_HELP, dicom_files
-
-from .batching import AUTO, parse_max_batch_size
-from .configs import MODEL_CONFIGS, default_config_cache
-from .http_phase import TAIL_CLIENTS
+from retinaedge.service.bench.batching import AUTO, parse_max_batch_size
+from retinaedge.service.bench.configs import MODEL_CONFIGS, default_config_cache
+from retinaedge.service.bench.http_phase import TAIL_CLIENTS
 
 if TYPE_CHECKING:
     from retinaedge.runtime.bundle import Bundle
-
-    from .frames import Instance
+    from retinaedge.service.bench.frames import Instance
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.bundle import load_bundle
     from retinaedge.runtime.errors import ConfigError
     from retinaedge.runtime.onnxrt import affinity_threads
-
-    from .frames import plan_instances
+    from retinaedge.service.bench.frames import plan_instances
 
     for value, flag in (
         (args.frames, "--frames"),
@@ -185,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.tail_seconds > 0:
         raise ConfigError(f"--tail-seconds must be > 0, got {args.tail_seconds}")
     if not args.no_http:
-        from .batching import check_options
+        from retinaedge.service.bench.batching import check_options
 
         check_options(args)
     from retinaedge.runtime.backends.registry import check_available
@@ -194,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
     if args.config:
-        from .configs import config_bundle
+        from retinaedge.service.bench.configs import config_bundle
 
         args.model = config_bundle(args)
     model_dir = (args.model or DEFAULT_MODEL).resolve()
@@ -213,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="retinaedge-bench-") as tmp:
         work = Path(tmp)
         results = measure(args, bundle, plan, threads, work)
-    from .assemble import assemble
+    from retinaedge.service.bench.assemble import assemble
 
     report = assemble(args, bundle, plan, files, threads, results)
     report["loadavg"] = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
@@ -225,8 +222,8 @@ def measure(
     args: argparse.Namespace, bundle: Bundle, plan: list[Instance], threads: int, work: Path
 ) -> dict[str, Any]:
     """Run the runner processes and the HTTP phase; their raw results by name."""
-    from .graphs import write_heads_and_post
-    from .processes import EAGER_MODULE, WORKER_MODULE, WorkerError, run_process
+    from retinaedge.service.bench.graphs import write_heads_and_post
+    from retinaedge.service.bench.processes import EAGER_MODULE, WORKER_MODULE, WorkerError, run_process
 
     manifest = bundle.manifest
     heads, post = write_heads_and_post(
@@ -333,8 +330,8 @@ def http_phase(
 ) -> dict[str, Any]:
     """Sequential requests of the planned instances, then each concurrency level (the
     :data:`~.report.TAIL_CLIENTS` level bounded by ``--tail-requests`` and ``--tail-seconds``)."""
-    from .batching import service_batching
-    from .http_phase import concurrent, running_service, sequential
+    from retinaedge.service.bench.batching import service_batching
+    from retinaedge.service.bench.http_phase import concurrent, running_service, sequential
 
     batching = service_batching(args, throughput_by_batch)
     bodies = [(i.path.read_bytes(), i.frames) for i in plan]
@@ -364,10 +361,9 @@ def http_phase(
 def finish(report: dict[str, Any], out_dir: Path) -> int:
     """Write the three outputs and print the summary line."""
     from retinaedge.runtime.cli import emit
-
-    from .assemble import plot_rows
-    from .plot import draw_latency_plot
-    from .report import write_outputs
+    from retinaedge.service.bench.assemble import plot_rows
+    from retinaedge.service.bench.plot import draw_latency_plot
+    from retinaedge.service.bench.report import write_outputs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     draw_latency_plot(

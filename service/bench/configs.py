@@ -33,7 +33,7 @@ def default_config_cache() -> Path:
 def config_bundle(args: argparse.Namespace) -> Path:
     """The bundle of ``--config``: exported (or found in ``--config-cache``) by
     ``python -m retinaedge.export.benchmodels`` in its own process; its directory."""
-    from .cli import torch_importable
+    from retinaedge.service.bench.cli import torch_importable
 
     if args.model is not None:
         raise ConfigError("give --model or --config, not both")

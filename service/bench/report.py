@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .http_phase import TAIL_CLIENTS
-from .stats import per_frame_samples, ratio, safe_div, summarize
+from retinaedge.service.bench.http_phase import TAIL_CLIENTS
+from retinaedge.service.bench.stats import per_frame_samples, ratio, safe_div, summarize
 
 SCHEMA = "retinaedge.benchmark/1"
 STAGES: tuple[str, ...] = ("parse", "decode", "preprocess", "inference", "postprocess", "total")

@@ -271,8 +271,7 @@ def batch_throughput(
 def run_python(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """``heads.onnx`` per frame, then decode + NMS in numpy; saves the head outputs for ``fused_post``."""
     from retinaedge.runtime.bundle import load_bundle
-
-    from .pypost import PostPlan, postprocess
+    from retinaedge.service.bench.pypost import PostPlan, postprocess
 
     plan = PostPlan.from_manifest(load_bundle(spec["model"]).manifest)
     session = ort_session(Path(spec["heads"]), spec["threads"])

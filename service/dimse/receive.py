@@ -34,9 +34,8 @@ from typing import Any
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import InsufficientStorageError, OverloadedError
 from retinaedge.runtime.logsafety import redacted_traceback
-
-from ..evidence import IdentityFiles
-from ..ingest import (
+from retinaedge.service.evidence import IdentityFiles
+from retinaedge.service.ingest import (
     DATASET_MISMATCH,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
@@ -44,8 +43,8 @@ from ..ingest import (
     Header,
     store_spooled,
 )
-from ..spool import Spool
-from ..store import Store
+from retinaedge.service.spool import Spool
+from retinaedge.service.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from retinaedge.runtime.errors import ConfigError
-
-from ..settings import Settings
-from ..tls import server_context
-from .contexts import supported_contexts
-from .peers import allowed, parse_peers
-from .receive import Outcome, Receiver, status_dataset
+from retinaedge.service.dimse.contexts import supported_contexts
+from retinaedge.service.dimse.peers import allowed, parse_peers
+from retinaedge.service.dimse.receive import Outcome, Receiver, status_dataset
+from retinaedge.service.settings import Settings
+from retinaedge.service.tls import server_context
 
 log = logging.getLogger(__name__)
 

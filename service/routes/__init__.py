@@ -15,8 +15,7 @@ A new route goes in the router of its concern (or a new module listed here), tak
 from __future__ import annotations
 
 from fastapi import APIRouter
-
-from . import detect, dicomweb, exports, operations, results, series
+from retinaedge.service.routes import detect, dicomweb, exports, operations, results, series
 
 ROUTERS: tuple[APIRouter, ...] = (
     operations.router,

@@ -20,14 +20,13 @@ from retinaedge.runtime.errors import (
     RetinaEdgeError,
     UnsupportedMediaTypeError,
 )
-
-from ..body import check_declared_length, read_body
-from ..evidence import KeptHeader, select_header
-from ..ingest import header_uids
-from ..problems import problem_responses
-from ..result_writer import KeptResult
-from ..schemas import DetectResult
-from ..state import ServicesDep
+from retinaedge.service.body import check_declared_length, read_body
+from retinaedge.service.evidence import KeptHeader, select_header
+from retinaedge.service.ingest import header_uids
+from retinaedge.service.problems import problem_responses
+from retinaedge.service.result_writer import KeptResult
+from retinaedge.service.schemas import DetectResult
+from retinaedge.service.state import ServicesDep
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,12 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
+from retinaedge.service.body import check_declared_length
+from retinaedge.service.problems import problem_responses
+from retinaedge.service.schemas import StoreInstancesResponse
+from retinaedge.service.state import ServicesDep
+from retinaedge.service.stow import receive
 from starlette.requests import ClientDisconnect
-
-from ..body import check_declared_length
-from ..problems import problem_responses
-from ..schemas import StoreInstancesResponse
-from ..state import ServicesDep
-from ..stow import receive
 
 log = logging.getLogger(__name__)
 

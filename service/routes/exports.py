@@ -11,10 +11,9 @@ from typing import Literal
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
-
-from ..problems import problem, problem_responses
-from ..schemas import ExportJob, ExportsRetried, ExportsStatus
-from ..state import ServicesDep
+from retinaedge.service.problems import problem, problem_responses
+from retinaedge.service.schemas import ExportJob, ExportsRetried, ExportsStatus
+from retinaedge.service.state import ServicesDep
 
 router = APIRouter(tags=["exports"])
 

@@ -8,10 +8,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from ..problems import problem, problem_responses
-from ..schemas import Health, ModelInfo, Ready
-from ..state import ServicesDep
+from retinaedge.service.problems import problem, problem_responses
+from retinaedge.service.schemas import Health, ModelInfo, Ready
+from retinaedge.service.state import ServicesDep
 
 router = APIRouter(tags=["operations"])
 

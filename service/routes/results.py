@@ -11,11 +11,10 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
-
-from ..formats import InstanceView
-from ..problems import problem, problem_responses
-from ..schemas import ResultDone, ResultFailed, ResultPending
-from ..state import FORMATS_EXTENSION, InstanceFormat, ServicesDep
+from retinaedge.service.formats import InstanceView
+from retinaedge.service.problems import problem, problem_responses
+from retinaedge.service.schemas import ResultDone, ResultFailed, ResultPending
+from retinaedge.service.state import FORMATS_EXTENSION, InstanceFormat, ServicesDep
 
 router = APIRouter(tags=["results"])
 

@@ -13,12 +13,11 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
-
-from ..formats import ResultFormat, SeriesView
-from ..problems import problem, problem_responses
-from ..schemas import SeriesCollecting, SeriesComplete
-from ..series import SeriesFindings, SeriesStatus, series_findings, series_status
-from ..state import FORMATS_EXTENSION, SeriesFormat, Services, ServicesDep
+from retinaedge.service.formats import ResultFormat, SeriesView
+from retinaedge.service.problems import problem, problem_responses
+from retinaedge.service.schemas import SeriesCollecting, SeriesComplete
+from retinaedge.service.series import SeriesFindings, SeriesStatus, series_findings, series_status
+from retinaedge.service.state import FORMATS_EXTENSION, SeriesFormat, Services, ServicesDep
 
 log = logging.getLogger(__name__)
 
