@@ -82,8 +82,8 @@ benchmark-r50: $(VENV)/.bench-deps
 	$(VENV)/bin/retinaedge benchmark --config r50-fpn-512 --out $(R50_OUT) $(R50_ARGS) $(BENCH_ARGS)
 
 lint: $(VENV)/.test-deps
-	$(VENV)/bin/ruff check export runtime device service tests tools docker
-	$(VENV)/bin/ruff format --check export runtime device service tests tools docker
+	$(VENV)/bin/ruff check export runtime device service bench tests tools docker
+	$(VENV)/bin/ruff format --check export runtime device service bench tests tools docker
 
 pytest: $(VENV)/.test-deps
 	$(VENV)/bin/pytest

@@ -32,6 +32,7 @@ from retinaedge.export.reference import reference_model, torchvision_detections
 from retinaedge.export.synthetic import synthetic_images_u8, to_float
 from retinaedge.export.torchload import require_torch, state_dict_sha256
 from retinaedge.runtime import __version__
+from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from retinaedge.runtime.bundle import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -43,7 +44,6 @@ from retinaedge.runtime.detections import split_outputs
 from retinaedge.runtime.errors import ConfigError, ParityError
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.manifest import InputSpec, Manifest, PostprocessSpec, Preprocessing, WindowPolicy
-from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ box whose IoU with it is *greater* than the threshold.
 
 Used by detection matching (:mod:`.matching`), series linking (:mod:`.findings`), the EfficientNMS
 emulation (``export/nms_reference.py``), the benchmark's Python post-processing baseline
-(``service/bench/pypost.py``) and the development tools.
+(``bench/pypost.py``) and the development tools.
 """
 
 from __future__ import annotations

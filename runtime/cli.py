@@ -22,13 +22,16 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "export": ("retinaedge.export.cli", "torchvision RetinaNet checkpoint -> model bundle (ONNX, NMS fused)"),
+    "export": (
+        "retinaedge.export.export_cli",
+        "torchvision RetinaNet checkpoint -> model bundle (ONNX, NMS fused)",
+    ),
     "export-triton": (
-        "retinaedge.export.triton_cli",
+        "retinaedge.export.triton.export_triton_cli",
         "model bundle -> Triton Inference Server model repository (config.pbtxt, model or engines)",
     ),
     "build": (
-        "retinaedge.service.build_cli",
+        "retinaedge.runtime.backends.tensorrt.build_cli",
         "model bundle -> TensorRT engine for this device, validated and cached",
     ),
     "quantize": (
@@ -37,17 +40,17 @@ VERBS: dict[str, tuple[str, str]] = {
     ),
     "detect": ("retinaedge.runtime.detect_cli", "DICOM files -> detections, one JSON line per file"),
     "eval": ("retinaedge.runtime.eval_cli", "COCO average precision of a bundle on annotated DICOM files"),
-    "serve": ("retinaedge.service.cli", "local HTTP service: POST DICOM, get detections"),
+    "serve": ("retinaedge.service.serve_cli", "local HTTP service: POST DICOM, get detections"),
     "boot": (
-        "retinaedge.service.boot",
+        "retinaedge.service.boot_cli",
         "container entrypoint: validate the configuration, find or build the engine, serve",
     ),
     "device": (
-        "retinaedge.device.cli",
+        "retinaedge.device.device_cli",
         "what hardware, power mode and versions this runs on (JSON or --table)",
     ),
     "benchmark": (
-        "retinaedge.service.bench.cli",
+        "retinaedge.bench.benchmark_cli",
         "per-stage latency, baselines, HTTP overhead, throughput, memory, energy -> report.json/.md/.png",
     ),
 }

@@ -23,7 +23,7 @@ from retinaedge.runtime.errors import ConfigError, RetinaEdgeError
 if TYPE_CHECKING:
     from retinaedge.runtime.detector import InstanceResult
     from retinaedge.runtime.findings import LinkParams, SeriesResult
-    from retinaedge.runtime.series import FrameRef
+    from retinaedge.runtime.slices import FrameRef
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.cli import emit
     from retinaedge.runtime.detector import Detector
     from retinaedge.runtime.overlay import write_png
-    from retinaedge.runtime.series import read_frames
+    from retinaedge.runtime.slices import read_frames
 
     params = link_params(args)
     if args.provider != "cpu" and args.backend != "onnxruntime":  # auto might not use it: not silently

@@ -17,8 +17,14 @@ from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.detections import split_outputs
 from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits
 from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.instance_result import (
+    Detection,
+    FrameResult,
+    InstanceResult,
+    frame_result,
+    instance_result,
+)
 from retinaedge.runtime.reader import InstanceReader, ReadFrame
-from retinaedge.runtime.results import Detection, FrameResult, InstanceResult, frame_result, instance_result
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 from retinaedge.runtime.boxes import box_iou, pairwise_iou
 from retinaedge.runtime.errors import ConfigError
-from retinaedge.runtime.series import DEFAULT_TOLERANCES, FrameRef, Stack, Tolerances, group_series
+from retinaedge.runtime.slices import DEFAULT_TOLERANCES, FrameRef, Stack, Tolerances, group_series
 
 log = logging.getLogger(__name__)
 

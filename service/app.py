@@ -20,9 +20,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from retinaedge.runtime import logsafety
+from retinaedge.runtime.backends.auto import Probe, default_probe
 from retinaedge.runtime.errors import RetinaEdgeError, UnauthorizedError
-from retinaedge.service.engines import Probe, default_probe
-from retinaedge.service.problems import (
+from retinaedge.service.http.problems import (
     error_response,
     on_error,
     on_http_error,

@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from retinaedge.device.buildopts import BuildOptions
+from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.findings import LinkParams
-from retinaedge.service.export_config import ExportDestination, check_unique
+from retinaedge.service.outbox.destinations import ExportDestination, check_unique
 
 
 class Settings(BaseSettings):

@@ -17,25 +17,25 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+from retinaedge.runtime.backends.auto import Probe
 from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
-from retinaedge.service.batching import BatchPolicy
 from retinaedge.service.dimse.receive import Receiver
 from retinaedge.service.dimse.scp import DimseServer
-from retinaedge.service.engines import Probe
-from retinaedge.service.evidence import IdentityFiles, migrate
-from retinaedge.service.export_metrics import ExportCollector
-from retinaedge.service.exporter import Exporter
-from retinaedge.service.formats import FormatRegistry, Kind, ResultFormat, default_formats
-from retinaedge.service.metrics import Metrics
-from retinaedge.service.opener import DetectorOpener
-from retinaedge.service.processor import Processor
-from retinaedge.service.result_writer import ResultWriter
+from retinaedge.service.http.metrics import Metrics
+from retinaedge.service.intake.spool import Spool
+from retinaedge.service.intake.stow import backlog_admission
+from retinaedge.service.outbox.delivery import Exporter
+from retinaedge.service.outbox.metrics import ExportCollector
+from retinaedge.service.pipeline.batching import BatchPolicy
+from retinaedge.service.pipeline.opener import DetectorOpener
+from retinaedge.service.pipeline.processor import Processor
+from retinaedge.service.pipeline.stages import InferenceWorker
+from retinaedge.service.results.evidence import IdentityFiles, migrate
+from retinaedge.service.results.formats import FormatRegistry, Kind, ResultFormat, default_formats
+from retinaedge.service.results.store import Store
+from retinaedge.service.results.writer import ResultWriter
 from retinaedge.service.settings import Settings
-from retinaedge.service.spool import Spool
-from retinaedge.service.store import Store
-from retinaedge.service.stow import backlog_admission
-from retinaedge.service.worker import InferenceWorker
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Services:
     writer: ResultWriter
     formats: FormatRegistry
     admit: Callable[[], None]  # raises OverloadedError while the STOW-RS backlog is full
-    exporter: Exporter  # result export: the outbox and its delivery threads (service/exporter.py)
+    exporter: Exporter  # result export: the outbox and its delivery threads (service/outbox/delivery.py)
     dimse: DimseServer  # the C-STORE SCP (idle when dimse_port is 0)
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
@@ -139,7 +139,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
 
     def on_outcome(outcome: str) -> None:
         metrics.outcome(outcome)
-        exporter.wake()  # the result's export jobs were enqueued with it (service/outbox.py)
+        exporter.wake()  # the result's export jobs were enqueued with it (service/outbox/queue.py)
 
     processor = Processor(
         store,

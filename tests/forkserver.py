@@ -31,7 +31,8 @@ import json, os, sys
 from retinaedge.runtime import cli
 cli.build_parser()  # imports every verb module, as every ``retinaedge`` start does
 import uvicorn  # what ``serve`` imports when it runs
-from retinaedge.service import app, http_protocol, tls
+from retinaedge.service import app
+from retinaedge.service.http import protocol, tls
 for line in sys.stdin:
     request = json.loads(line)
     if request["op"] == "start":

@@ -32,7 +32,7 @@ def biased_retinanet(arch: str, num_classes: int, seed: int = 0, *, frozen_bn: b
 #: holds the inference thread busy for as long as a test needs, whatever the CPU's speed.
 GATED_SERVE = """
 import os, sys, time
-from retinaedge.service.worker import InferenceWorker
+from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.runtime.cli import main
 gate = sys.argv.pop(1)
 real = InferenceWorker.run_batch
@@ -271,7 +271,7 @@ DICOM = ROOT / "examples" / "compressed" / "study_01_IM0016_J2K.dcm"
 
 
 def _device_facts() -> tuple[Any, Any]:
-    from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
+    from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceCapabilities, DeviceFingerprint
 
     this = DeviceFingerprint.from_values(
         gpu_name="Orin",
@@ -304,7 +304,7 @@ def make_app(tmp_path: Path, probe: Any = this_device, **overrides: Any) -> Any:
 
 def seed(tmp_path: Path, fingerprint: Any, options: Any = None) -> Any:
     """An engine entry for the demo model as ``retinaedge build`` on ``fingerprint`` would leave it."""
-    from retinaedge.device.enginecache import EngineCache
+    from retinaedge.runtime.backends.tensorrt.cache import EngineCache
     from retinaedge.runtime.hashing import sha256_file
     from retinaedge.service.settings import load_settings
 

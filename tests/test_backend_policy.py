@@ -1,7 +1,7 @@
 """The candidate policy as a pure function: a table of facts -> ordered candidates with reasons.
 
-:func:`retinaedge.service.policy.plan_candidates` reads no clock and does no I/O; the same facts give the
-same candidates. Every decision of :data:`~retinaedge.service.policy.DECISIONS` is reached here, in
+:func:`retinaedge.runtime.backends.policy.plan_candidates` reads no clock and does no I/O; the same facts give the
+same candidates. Every decision of :data:`~retinaedge.runtime.backends.policy.DECISIONS` is reached here, in
 modes ``auto`` (TensorRT first, ONNX Runtime as the fallback) and ``tensorrt`` (raises instead).
 """
 
@@ -10,10 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from retinaedge.device.errors import BuildOptionsError, MissingExtraError, NoCudaDeviceError
+from retinaedge.runtime.backends.auto import BackendPlan, plan_backend
+from retinaedge.runtime.backends.policy import DECISIONS, FALLBACK_REASON, Candidate, Facts, plan_candidates
+from retinaedge.runtime.backends.tensorrt.errors import (
+    BuildOptionsError,
+    MissingExtraError,
+    NoCudaDeviceError,
+)
 from retinaedge.runtime.errors import ConfigError, MissingDependencyError, RetinaEdgeError
-from retinaedge.service.engines import BackendPlan, plan_backend
-from retinaedge.service.policy import DECISIONS, FALLBACK_REASON, Candidate, Facts, plan_candidates
 
 NOW = 1_800_000_000.0
 HIT = Facts(lookup_status="hit", lookup_reason="cached engine abc built for this device", usable=True)

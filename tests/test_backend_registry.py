@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import THIS, this_device
-from retinaedge.device.buildopts import BuildOptions
-from retinaedge.device.enginecache import EngineCache
 from retinaedge.runtime.backends import Backend, BackendOptions, open_backend, register, unregister
 from retinaedge.runtime.backends.registry import BACKENDS, check_available, choices
+from retinaedge.runtime.backends.tensorrt.cache import EngineCache
+from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.cli import build_parser, main
 from retinaedge.runtime.detector import Detector
@@ -97,7 +97,7 @@ def test_importing_the_registry_imports_no_backend() -> None:
     code = (
         "import sys, retinaedge.runtime.backends.registry, retinaedge.runtime.backend;"
         "heavy = [m for m in ('tensorrt', 'pycuda', 'onnxruntime', 'torch', 'retinaedge.service',"
-        " 'retinaedge.device', 'retinaedge.runtime.onnxrt') if m in sys.modules];"
+        " 'retinaedge.device', 'retinaedge.runtime.backends.onnxruntime') if m in sys.modules];"
         "assert not heavy, heavy"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -110,7 +110,7 @@ def test_onnxruntime_opens_by_name_without_the_tensorrt_module(demo: Bundle) -> 
         "from retinaedge.runtime.bundle import load_bundle;"
         f"b = open_backend('onnxruntime', load_bundle({str(DEMO)!r}));"
         "assert b.name == 'onnxruntime' and b.providers[0] == 'CPUExecutionProvider';"
-        "assert 'tensorrt' not in sys.modules and 'retinaedge.service.tensorrt_backend' not in sys.modules"
+        "assert 'tensorrt' not in sys.modules and 'retinaedge.runtime.backends.tensorrt.factory' not in sys.modules"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -242,7 +242,7 @@ def test_eval_backend_auto_reports_backend_and_reason(
 def test_engine_settings_are_the_services(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: Bundle
 ) -> None:
-    from retinaedge.service.tensorrt_backend import engine_settings
+    from retinaedge.runtime.backends.tensorrt.factory import engine_settings
 
     monkeypatch.setenv("RETINAEDGE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RETINAEDGE_ENGINE_PRECISION", "fp16")

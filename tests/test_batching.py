@@ -1,4 +1,4 @@
-"""The dynamic batching rules (service/batching.py), each with a queue and a clock built to produce it: no
+"""The dynamic batching rules (service/pipeline/batching.py), each with a queue and a clock built to produce it: no
 test depends on how fast this machine is."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass
 
 import pytest
-from retinaedge.service.batching import BatchPolicy, gather
+from retinaedge.service.pipeline.batching import BatchPolicy, gather
 
 
 @dataclass

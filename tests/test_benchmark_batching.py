@@ -7,8 +7,7 @@ import argparse
 import time
 
 import pytest
-from retinaedge.runtime.errors import ConfigError
-from retinaedge.service.bench.batching import (
+from retinaedge.bench.batch_settings import (
     AUTO,
     best_batch_size,
     check_options,
@@ -16,6 +15,7 @@ from retinaedge.service.bench.batching import (
     service_batching,
     service_fields,
 )
+from retinaedge.runtime.errors import ConfigError
 
 ROWS = [
     {"batch_size": 1, "frames_per_s": 110.0},
@@ -71,7 +71,7 @@ def test_option_parsing_and_the_real_settings() -> None:
 def test_the_four_client_budget_is_bounded_in_count_and_in_time() -> None:
     import time
 
-    from retinaedge.service.bench.http_phase import _Budget
+    from retinaedge.bench.http_phase import _Budget
 
     budget = _Budget(total=6, clients=3, deadline=float("inf"))
     taken = [budget.take(first=False) for _ in range(5)]
@@ -85,7 +85,7 @@ def test_model_throughput_runs_each_batch_size_for_its_count_and_its_time() -> N
     """``batch_throughput`` times at least ``repeats`` batches per size and at least ``min_seconds`` of
     them (the loop's own condition: no clock is asserted), and counts the frames of the batches run."""
     import numpy as np
-    from retinaedge.service.bench.worker import batch_throughput
+    from retinaedge.bench.worker import batch_throughput
 
     tensors = np.zeros((3, 1, 4, 4), np.float32)
     seen: list[int] = []

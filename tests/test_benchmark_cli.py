@@ -11,8 +11,8 @@ from typing import Any
 
 import cv2
 import pytest
-from retinaedge.service.bench.batching import service_fields
-from retinaedge.service.bench.plot import draw_latency_plot
+from retinaedge.bench.batch_settings import service_fields
+from retinaedge.bench.plot import draw_latency_plot
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = (
@@ -178,9 +178,9 @@ def test_without_torch_the_eager_baseline_is_skipped_with_a_reason(tmp_path: Pat
 def test_the_benchmark_package_imports_neither_export_nor_torch() -> None:
     """Import direction: service -> runtime, device; torch only in the eager runner's own process."""
     code = (
-        "import importlib, pkgutil, sys, retinaedge.service.bench as b\n"
+        "import importlib, pkgutil, sys, retinaedge.bench as b\n"
         "for m in pkgutil.iter_modules(b.__path__):\n"
-        "    importlib.import_module(f'retinaedge.service.bench.{m.name}')\n"
+        "    importlib.import_module(f'retinaedge.bench.{m.name}')\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'tensorrt', 'pycuda')"
         " or m.startswith('retinaedge.export')]\n"
         "print(len(list(pkgutil.iter_modules(b.__path__))), bad)\n"

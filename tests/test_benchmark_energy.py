@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from helpers import make_stand_in, recorded
+from retinaedge.bench.worker import EnergyMeter
 from retinaedge.device.tegrastats import parse_tegrastats_line
-from retinaedge.service.bench.worker import EnergyMeter
 
 
 def workload(meter: EnergyMeter, seconds: float, min_samples: int) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from retinaedge.bench.inputs import plan_instances
 from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError
-from retinaedge.service.bench.frames import plan_instances
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

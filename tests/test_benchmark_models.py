@@ -17,14 +17,14 @@ pytestmark = pytest.mark.export
 
 
 def small() -> object:
-    from retinaedge.export.benchmodels import CONFIGS
+    from retinaedge.bench.models import CONFIGS
 
     return dataclasses.replace(CONFIGS["r50-fpn-512"], architecture="resnet18_fpn", input_size=128)
 
 
 def test_the_random_weights_are_seeded_and_biased_so_most_scores_pass_the_threshold() -> None:
     import torch
-    from retinaedge.export.benchmodels import random_model
+    from retinaedge.bench.models import random_model
     from retinaedge.export.dense import make_dense_module
     from retinaedge.export.torchload import state_dict_sha256
 
@@ -37,7 +37,7 @@ def test_the_random_weights_are_seeded_and_biased_so_most_scores_pass_the_thresh
 
 
 def test_the_cache_is_reused_only_while_its_record_matches(tmp_path: Path) -> None:
-    from retinaedge.export.benchmodels import (
+    from retinaedge.bench.models import (
         BUNDLE_DIR,
         CONFIG_FILE,
         cached_bundle,
@@ -63,8 +63,8 @@ def test_the_cache_is_reused_only_while_its_record_matches(tmp_path: Path) -> No
     (folder / CONFIG_FILE).write_text(json.dumps(wanted))
     (folder / BUNDLE_DIR / "model.onnx").write_bytes(b"not onnx")
     assert cached_bundle(folder, wanted) is None  # sha256 no longer the manifest's
-    from retinaedge.export.benchmodels import CONFIGS
-    from retinaedge.service.bench.configs import MODEL_CONFIGS
+    from retinaedge.bench.configs import MODEL_CONFIGS
+    from retinaedge.bench.models import CONFIGS
 
     assert set(MODEL_CONFIGS) == set(CONFIGS)  # the benchmark's choices are the export's recipes
     with pytest.raises(ConfigError, match="unknown benchmark configuration 'r18'"):

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from retinaedge.bench.graphs import write_heads_and_post
+from retinaedge.bench.pypost import PostPlan, make_anchors, postprocess
+from retinaedge.bench.worker import TappedBackend
+from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from retinaedge.runtime.boxes import nms
 from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.detections import ImageDetections, split_outputs
 from retinaedge.runtime.detector import Detector
-from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
-from retinaedge.service.bench.graphs import write_heads_and_post
-from retinaedge.service.bench.pypost import PostPlan, make_anchors, postprocess
-from retinaedge.service.bench.worker import TappedBackend
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "demo"

@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from retinaedge.bench.processes import WorkerError
+from retinaedge.bench.report import compute_ratios
+from retinaedge.bench.stats import summarize
 from retinaedge.runtime.errors import BenchmarkError, RetinaEdgeError
-from retinaedge.service.bench.processes import WorkerError
-from retinaedge.service.bench.report import compute_ratios
-from retinaedge.service.bench.stats import summarize
 
 
 def report_with(

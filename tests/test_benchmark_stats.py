@@ -6,8 +6,8 @@ import io
 
 import numpy as np
 import pytest
+from retinaedge.bench.stats import per_frame_samples, percentile, ratio, safe_div, summarize
 from retinaedge.runtime.progress import Progress
-from retinaedge.service.bench.stats import per_frame_samples, percentile, ratio, safe_div, summarize
 
 
 def test_percentiles_of_1_to_100_interpolate_linearly() -> None:

@@ -30,14 +30,14 @@ from helpers import (
     wait_ready,
     worker_of,
 )
-from retinaedge.device.enginecache import EngineCache
+from retinaedge.runtime.backends.auto import DECISIONS
+from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from retinaedge.runtime.backends.tensorrt import build_cli
+from retinaedge.runtime.backends.tensorrt.background import build_argv, failure_summary
+from retinaedge.runtime.backends.tensorrt.cache import EngineCache
 from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.detector import Detector
-from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
-from retinaedge.service import build_cli
-from retinaedge.service.background_build import build_argv, failure_summary
-from retinaedge.service.boot import BOOT_RECORD, EX_CONFIG, EX_UNAVAILABLE, decide, unknown_variables
-from retinaedge.service.engines import DECISIONS
+from retinaedge.service.boot_cli import BOOT_RECORD, EX_CONFIG, EX_UNAVAILABLE, decide, unknown_variables
 from retinaedge.service.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def test_a_killed_background_build_is_reported_as_such(tmp_path: Path) -> None:
     """A real child process killed by SIGKILL (as the OOM killer does): the reason says so."""
     import threading
 
-    from retinaedge.service.background_build import BackgroundBuild
+    from retinaedge.runtime.backends.tensorrt.background import BackgroundBuild
 
     outcome: list[tuple[bool, str]] = []
     done = threading.Event()

@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from retinaedge.device.buildopts import BuildOptions, ModelFacts, inspect_onnx
-from retinaedge.device.errors import BuildOptionsError
-from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
+from retinaedge.runtime.backends.auto import plan_engine
+from retinaedge.runtime.backends.tensorrt.errors import BuildOptionsError
+from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceCapabilities, DeviceFingerprint
+from retinaedge.runtime.backends.tensorrt.options import BuildOptions, ModelFacts, inspect_onnx
 from retinaedge.runtime.bundle import load_bundle
-from retinaedge.service.engines import plan_engine
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 
@@ -186,7 +186,7 @@ def test_build_verb_refuses_impossible_options_before_probing(tmp_path: Path) ->
 
 def test_plugin_flavour_is_held_to_its_measured_parity(tmp_path: Path) -> None:
     """EfficientNMS_TRT differs from torchvision by design; its engine is judged by what export measured."""
-    from retinaedge.service.engines import PRECISION_CRITERIA, acceptance_criteria
+    from retinaedge.runtime.backends.auto import PRECISION_CRITERIA, acceptance_criteria
 
     copy = tmp_path / "demo"
     shutil.copytree(DEMO, copy)
@@ -205,9 +205,9 @@ def test_plugin_flavour_is_held_to_its_measured_parity(tmp_path: Path) -> None:
 
 def test_build_verb_defaults_key_the_same_engine_as_the_service_defaults(tmp_path: Path) -> None:
     """`retinaedge build --model DIR` must leave the engine a default `retinaedge serve` looks up."""
-    from retinaedge.device.enginecache import cache_key
+    from retinaedge.runtime.backends.tensorrt.build_cli import options_from_args
+    from retinaedge.runtime.backends.tensorrt.cache import cache_key
     from retinaedge.runtime.cli import build_parser
-    from retinaedge.service.build_cli import options_from_args
     from retinaedge.service.settings import load_settings
 
     args = build_parser().parse_args(["build", "--model", str(DEMO)])

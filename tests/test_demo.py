@@ -34,8 +34,8 @@ def test_demo_bundle_is_small_loads_and_self_tests() -> None:
     assert size <= 25 * 1024**2, f"demo bundle is {size / 1024**2:.1f} MiB"
     bundle = load_bundle(DEMO)
     assert bundle.manifest.class_names == ("glioma", "meningioma", "pituitary")
+    from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from retinaedge.runtime.bundle import self_test
-    from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
     with OnnxRuntimeBackend(bundle.model_path, threads=1) as backend:
         reports = self_test(backend, bundle)

@@ -10,8 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from retinaedge.device.cli import add_arguments, run
 from retinaedge.device.collect import CommandRunner, collect
+from retinaedge.device.device_cli import add_arguments, run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "device"
 ORIN_NANO = FIXTURES / "trees" / "orin_nano"

@@ -262,7 +262,7 @@ def test_open_scp_beyond_loopback_is_refused() -> None:
 #: restart after a SIGKILL takes a fraction of a second.
 PRELOADED_SERVE = """
 import os, sys, time
-import retinaedge.service.app, retinaedge.service.cli, retinaedge.service.dimse.scp, uvicorn, pynetdicom
+import retinaedge.service.app, retinaedge.service.serve_cli, retinaedge.service.dimse.scp, uvicorn, pynetdicom
 from retinaedge.runtime.cli import main
 go = sys.argv.pop(1)
 deadline = time.monotonic() + 300
@@ -473,9 +473,9 @@ def test_receiver_statuses_without_a_network(tmp_path: Path) -> None:
     Success with the first copy standing."""
     from retinaedge.runtime.dicomio import Limits
     from retinaedge.service.dimse.receive import Receiver
-    from retinaedge.service.evidence import IdentityFiles
-    from retinaedge.service.spool import Spool
-    from retinaedge.service.store import Store
+    from retinaedge.service.intake.spool import Spool
+    from retinaedge.service.results.evidence import IdentityFiles
+    from retinaedge.service.results.store import Store
 
     store = Store(tmp_path / "state.sqlite3")
     queued: list[str] = []

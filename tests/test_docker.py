@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from retinaedge.service.app import OPEN_PATHS
-from retinaedge.service.boot import EXTRA_VARIABLES, unknown_variables
+from retinaedge.service.boot_cli import EXTRA_VARIABLES, unknown_variables
 from retinaedge.service.routes import operations
 from retinaedge.service.settings import Settings, load_settings
 
@@ -365,7 +365,7 @@ def test_compose_runs_the_jetson_image_as_an_appliance() -> None:
     assert "init" not in service, "tini is the image's init"
     assert service["read_only"] is True
     assert any(str(t).split(":")[0] == "/tmp" for t in service["tmpfs"])
-    # uvicorn's graceful shutdown is 30 s (service/cli.py); Docker must wait longer before SIGKILL.
+    # uvicorn's graceful shutdown is 30 s (service/serve_cli.py); Docker must wait longer before SIGKILL.
     assert duration_s(service["stop_grace_period"]) > 30
     assert any(str(p).endswith(":8080") for p in service["ports"])
 

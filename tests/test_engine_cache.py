@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from retinaedge.device.buildopts import BuildOptions
-from retinaedge.device.enginecache import EngineCache, cache_key
-from retinaedge.device.fingerprint import DeviceFingerprint
+from retinaedge.runtime.backends.tensorrt.cache import EngineCache, cache_key
+from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceFingerprint
+from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 
 ORIN = DeviceFingerprint.from_values(
     gpu_name="Orin",
@@ -39,9 +39,9 @@ def test_key_is_pinned_and_stable_across_processes() -> None:
     assert cache_key(ONNX_SHA, OPTS, ORIN) == expected
     code = textwrap.dedent(
         f"""
-        from retinaedge.device.enginecache import cache_key
-        from retinaedge.device.buildopts import BuildOptions
-        from retinaedge.device.fingerprint import DeviceFingerprint
+        from retinaedge.runtime.backends.tensorrt.cache import cache_key
+        from retinaedge.runtime.backends.tensorrt.options import BuildOptions
+        from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceFingerprint
         fp = DeviceFingerprint.from_values(gpu_name="Orin", compute_capability="8.7", sm_count=16,
             tensorrt="10.3.0", cuda="12.6", l4t="36.4.4", dla_cores=2)
         print(cache_key({ONNX_SHA!r}, BuildOptions(precision="fp16", dla_core=0), fp))
@@ -181,9 +181,9 @@ def test_sigkill_mid_write_leaves_the_previous_entry_valid(tmp_path: Path) -> No
         f"""
         import time
         from pathlib import Path
-        from retinaedge.device.buildopts import BuildOptions
-        from retinaedge.device.enginecache import EngineCache
-        from retinaedge.device.fingerprint import DeviceFingerprint
+        from retinaedge.runtime.backends.tensorrt.options import BuildOptions
+        from retinaedge.runtime.backends.tensorrt.cache import EngineCache
+        from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceFingerprint
         fp = DeviceFingerprint.from_values(gpu_name="Orin", compute_capability="8.7", sm_count=16,
             tensorrt="10.3.0", cuda="12.6", l4t="36.4.4", dla_cores=2)
         def chunks():

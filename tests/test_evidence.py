@@ -1,4 +1,4 @@
-"""What is kept of a header after the instance is gone (service/evidence.py): the SR evidence in the
+"""What is kept of a header after the instance is gone (service/results/evidence.py): the SR evidence in the
 database without patient identity, the identity in a file per instance, both gone with the result."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pydicom
-from retinaedge.service.evidence import (
+from retinaedge.service.results.evidence import (
     IdentityFiles,
     header_from_json,
     migrate,
@@ -15,7 +15,7 @@ from retinaedge.service.evidence import (
     split_dataset,
     split_header,
 )
-from retinaedge.service.store import Store
+from retinaedge.service.results.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "examples" / "study_01" / "IM0001.dcm"
@@ -115,7 +115,7 @@ def test_the_selection_converts_only_what_is_kept_and_keeps_no_pixels() -> None:
 
 def test_the_writer_keeps_the_group_when_one_header_cannot_be_encoded(tmp_path: Path) -> None:
     """A header that fails to encode in the writer thread drops that one result (logged), not its group."""
-    from retinaedge.service.result_writer import KeptResult, ResultWriter
+    from retinaedge.service.results.writer import KeptResult, ResultWriter
 
     class Broken:
         def to_json(self) -> tuple[str, str]:
@@ -140,7 +140,7 @@ def test_the_writer_keeps_the_group_when_one_header_cannot_be_encoded(tmp_path: 
 def test_evidence_seen_before_is_reused_only_when_it_is_the_same_and_never_names_the_patient() -> None:
     """The slices of a series repeat their evidence: a second slice reuses the first one's DICOM JSON
     where the element is the same, and gets its own where it differs; no patient attribute is kept."""
-    from retinaedge.service import evidence
+    from retinaedge.service.results import evidence
 
     evidence._EVIDENCE_JSON.clear()
     first = pydicom.dcmread(SOURCE)

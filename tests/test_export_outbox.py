@@ -23,10 +23,10 @@ import httpx
 import pytest
 from helpers import DEMO, ROOT, multipart, serve, wait_done
 from retinaedge.runtime.errors import ConfigError
-from retinaedge.service.outbox import Outbox
-from retinaedge.service.schemas import ExportJob, ExportsStatus, Ready
+from retinaedge.service.http.schemas import ExportJob, ExportsStatus, Ready
+from retinaedge.service.outbox.queue import Outbox
+from retinaedge.service.results.store import Store
 from retinaedge.service.settings import load_settings
-from retinaedge.service.store import Store
 
 DIMSE = {"name": "pacs", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
 STOW = {"name": "web", "type": "stowrs", "url": "https://pacs.example/dicom-web"}

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 import pytest
 from helpers import biased_retinanet
+from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from retinaedge.runtime.bundle import load_bundle, read_embedded_manifest, self_test
 from retinaedge.runtime.hashing import sha256_file
-from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
 pytestmark = [pytest.mark.export, pytest.mark.slow]
 

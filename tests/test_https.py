@@ -116,8 +116,8 @@ def test_a_certificate_that_does_not_load_is_a_configuration_error(
     tmp_path: Path, certificate: tuple[Path, Path]
 ) -> None:
     from retinaedge.runtime.errors import ConfigError
+    from retinaedge.service.http.tls import server_context
     from retinaedge.service.settings import Settings
-    from retinaedge.service.tls import server_context
 
     key = tmp_path / "not-a-key.pem"
     key.write_text("not a key")
@@ -129,8 +129,8 @@ def test_a_certificate_that_does_not_load_is_a_configuration_error(
 
 
 def test_plain_http_beyond_loopback_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from retinaedge.service.http.tls import uvicorn_options
     from retinaedge.service.settings import Settings
-    from retinaedge.service.tls import uvicorn_options
 
     assert uvicorn_options(Settings(model=ROOT / "models" / "demo", host="0.0.0.0", api_token=TOKEN)) == {}
     assert "unencrypted" in caplog.text

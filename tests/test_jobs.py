@@ -1,4 +1,4 @@
-"""The reading steps of one admitted instance (service/jobs.py): parked at its queue limit, resumed when
+"""The reading steps of one admitted instance (service/pipeline/jobs.py): parked at its queue limit, resumed when
 a frame leaves the queue, never parked after its last frame, and its instance released exactly once
 however it ends. The reader here hands out numbered frames; the pipeline tests run the real one."""
 
@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from retinaedge.runtime.reader import ReadFrame
-from retinaedge.service.jobs import InstanceJob, QueuedFrame
+from retinaedge.service.pipeline.jobs import InstanceJob, QueuedFrame
 
 
 class _Info:

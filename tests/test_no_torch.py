@@ -35,7 +35,7 @@ def test_runtime_self_test_without_torch() -> None:
         f"""
         import sys
         from retinaedge.runtime.bundle import load_bundle, self_test
-        from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
+        from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
         from retinaedge.runtime.cli import build_parser
         build_parser()  # every verb's argument parser loads without torch
         bundle = load_bundle({str(DEMO)!r})

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import DEMO, dicom_post, serve
-from retinaedge.service.worker import InferenceWorker
+from retinaedge.service.pipeline.stages import InferenceWorker
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MULTIFRAME = EXAMPLES / "study_01_multiframe" / "MF0001.dcm"  # 27 frames

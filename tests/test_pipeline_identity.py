@@ -21,7 +21,7 @@ from helpers import DEMO, dicom_post, multipart, serve, wait_done
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.detections import ImageDetections
 from retinaedge.runtime.matching import match_detections
-from retinaedge.service.worker import InferenceWorker
+from retinaedge.service.pipeline.stages import InferenceWorker
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 STUDY = sorted((EXAMPLES / "study_01").glob("*.dcm"))

@@ -16,18 +16,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from retinaedge.device.buildopts import BuildOptions, inspect_onnx
-from retinaedge.device.errors import BuildOptionsError
-from retinaedge.device.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.export.quantize import AccuracyCheck, calibration_frames, quantize_bundle, spread
+from retinaedge.runtime.backends.auto import plan_engine
+from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from retinaedge.runtime.backends.tensorrt.errors import BuildOptionsError
+from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceCapabilities, DeviceFingerprint
+from retinaedge.runtime.backends.tensorrt.options import BuildOptions, inspect_onnx
 from retinaedge.runtime.bundle import QDQ_MODEL_FILE, load_bundle, load_golden
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.manifest import METADATA_KEY
-from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 from retinaedge.runtime.quantization_record import check_recorded_accuracy
-from retinaedge.service.engines import plan_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
@@ -210,8 +210,8 @@ def test_accuracy_gate_marks_a_degraded_qdq_model_and_int8_builds_refuse_it(
 def test_engine_validation_accepts_a_faithful_backend_and_refuses_int8_drift(tmp_path: Path) -> None:
     """The acceptance step a fresh engine goes through, run with ONNX Runtime backends standing as
     candidates: the FP32 model passes it; the Q/DQ model, judged by FP32 criteria, does not."""
+    from retinaedge.runtime.backends.auto import PRECISION_CRITERIA, compare_backends, validate_engine
     from retinaedge.runtime.errors import SelfTestError
-    from retinaedge.service.engines import PRECISION_CRITERIA, compare_backends, validate_engine
 
     bundle_dir = tmp_path / "demo"
     shutil.copytree(DEMO, bundle_dir)

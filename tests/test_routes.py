@@ -20,9 +20,9 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
-from retinaedge.service import schemas
 from retinaedge.service.app import create_app
-from retinaedge.service.formats import FormatRegistry, InstanceView, ResultFormat, negotiate
+from retinaedge.service.http import schemas
+from retinaedge.service.results.formats import FormatRegistry, InstanceView, ResultFormat, negotiate
 from retinaedge.service.routes import detect
 from retinaedge.service.settings import load_settings
 

@@ -1,4 +1,4 @@
-"""Issue #9 (runtime part): series grouping and slice-stack geometry (runtime/series.py), 2D -> 3D
+"""Issue #9 (runtime part): series grouping and slice-stack geometry (runtime/slices.py), 2D -> 3D
 linking into findings (runtime/findings.py) and ``retinaedge detect --series``.
 
 Geometry is checked on constructed header datasets (no pixel data) against an independent computation
@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.findings import LinkParams, analyse_series, box_iou, link_findings
-from retinaedge.runtime.series import (
+from retinaedge.runtime.slices import (
     Gap,
     Stack,
     build_stack,

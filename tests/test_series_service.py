@@ -18,7 +18,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.findings import LinkParams, analyse_series
-from retinaedge.runtime.series import read_frames
+from retinaedge.runtime.slices import read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -262,7 +262,7 @@ def summary_count(sr: pydicom.Dataset) -> int:
 def test_reports_with_nothing_found_are_still_reports() -> None:
     """An instance without detections and a series without findings each give a valid TID 1500 SR that
     says so (a count of 0), not an error: "nothing found" is a result."""
-    from retinaedge.service.sr import build_series_sr, build_sr
+    from retinaedge.service.results.sr import build_series_sr, build_sr
 
     ds = pydicom.dcmread(SINGLE[0], stop_before_pixels=True)
     instance = build_sr(ds, {"frames": [{"index": 0, "detections": []}]}, "m", "0" * 64)

@@ -21,8 +21,8 @@ from helpers import CORPUS, DEMO, dicom_post, serve
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.errors import ConfigError
+from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.settings import load_settings
-from retinaedge.service.worker import InferenceWorker
 
 TOKEN = "correct-horse-battery-staple"
 

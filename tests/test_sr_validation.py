@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from retinaedge.runtime.detector import Detector
-from retinaedge.service.evidence import header_from_json, split_header
-from retinaedge.service.sr import build_sr
+from retinaedge.service.results.evidence import header_from_json, split_header
+from retinaedge.service.results.sr import build_sr
 
 ROOT = Path(__file__).resolve().parents[1]
 DCIODVFY = shutil.which("dciodvfy")

@@ -34,15 +34,15 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _probe() -> Any:
-    from retinaedge.device.fingerprint import probe
+    from retinaedge.runtime.backends.tensorrt.fingerprint import probe
 
     return probe()
 
 
 def _build(bundle_dir: Path, cache_root: Path, options: Any) -> tuple[Any, dict[str, Any], Any]:
-    from retinaedge.device.enginecache import EngineCache
+    from retinaedge.runtime.backends.auto import build_validate_store, plan_engine
+    from retinaedge.runtime.backends.tensorrt.cache import EngineCache
     from retinaedge.runtime.bundle import load_bundle
-    from retinaedge.service.engines import build_validate_store, plan_engine
 
     bundle = load_bundle(bundle_dir)
     fingerprint, caps = _probe()
@@ -53,10 +53,10 @@ def _build(bundle_dir: Path, cache_root: Path, options: Any) -> tuple[Any, dict[
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_build_run_and_parity_with_onnxruntime(bundle_dir: Path, tmp_path: Path, precision: str) -> None:
-    from retinaedge.device.buildopts import BuildOptions
+    from retinaedge.runtime.backends.auto import PRECISION_CRITERIA, compare_backends
+    from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from retinaedge.runtime.backends.tensorrt.options import BuildOptions
     from retinaedge.runtime.bundle import load_bundle, load_golden
-    from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
-    from retinaedge.service.engines import PRECISION_CRITERIA, compare_backends
 
     options = BuildOptions(precision=precision, nms="builtin", timing_cache=tmp_path / "timing.cache")
     backend, manifest, plan = _build(bundle_dir, tmp_path / "engines", options)
@@ -80,11 +80,11 @@ def test_build_run_and_parity_with_onnxruntime(bundle_dir: Path, tmp_path: Path,
 
 
 def test_cached_engine_is_found_and_loads(bundle_dir: Path, tmp_path: Path) -> None:
-    from retinaedge.device.buildopts import BuildOptions
-    from retinaedge.device.enginecache import EngineCache
-    from retinaedge.device.trt_backend import TensorRTBackend
     from retinaedge.runtime.backends import Backend
-    from retinaedge.service.tensorrt_backend import TensorRTRunner
+    from retinaedge.runtime.backends.tensorrt.backend import TensorRTBackend
+    from retinaedge.runtime.backends.tensorrt.cache import EngineCache
+    from retinaedge.runtime.backends.tensorrt.factory import TensorRTRunner
+    from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 
     options = BuildOptions(nms="builtin")
     backend, manifest, plan = _build(bundle_dir, tmp_path / "engines", options)
@@ -101,10 +101,10 @@ def test_cached_engine_is_found_and_loads(bundle_dir: Path, tmp_path: Path) -> N
 def test_tensorrt_runner_through_the_registry_builds_then_loads(bundle_dir: Path, tmp_path: Path) -> None:
     """``open_backend("tensorrt")``: an empty cache is built into (validated, stored), the next open loads
     the verified entry; the runner is a Backend and runs the golden input like ONNX Runtime."""
-    from retinaedge.device.buildopts import BuildOptions
     from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
+    from retinaedge.runtime.backends.auto import PRECISION_CRITERIA, compare_backends
+    from retinaedge.runtime.backends.tensorrt.options import BuildOptions
     from retinaedge.runtime.bundle import load_bundle, load_golden
-    from retinaedge.service.engines import PRECISION_CRITERIA, compare_backends
 
     bundle = load_bundle(bundle_dir)
     options = BackendOptions(
@@ -139,18 +139,18 @@ def test_detect_cli_backend_tensorrt(
 
 
 def test_garbage_engine_bytes_are_refused_by_deserialisation() -> None:
-    from retinaedge.device.errors import EngineLoadError
-    from retinaedge.device.trt_backend import TensorRTBackend
+    from retinaedge.runtime.backends.tensorrt.backend import TensorRTBackend
+    from retinaedge.runtime.backends.tensorrt.errors import EngineLoadError
 
     with pytest.raises(EngineLoadError, match="could not deserialize"):
         TensorRTBackend(b"\x00" * 4096)
 
 
 def test_impossible_dla_core_is_refused_on_this_device(bundle_dir: Path) -> None:
-    from retinaedge.device.buildopts import BuildOptions
-    from retinaedge.device.errors import BuildOptionsError
+    from retinaedge.runtime.backends.auto import plan_engine
+    from retinaedge.runtime.backends.tensorrt.errors import BuildOptionsError
+    from retinaedge.runtime.backends.tensorrt.options import BuildOptions
     from retinaedge.runtime.bundle import load_bundle
-    from retinaedge.service.engines import plan_engine
 
     fingerprint, caps = _probe()
     options = BuildOptions(precision="int8", dla_core=fingerprint.dla_cores, nms="builtin")
@@ -159,7 +159,7 @@ def test_impossible_dla_core_is_refused_on_this_device(bundle_dir: Path) -> None
 
 
 def test_dla_build_reports_layer_placement(bundle_dir: Path, tmp_path: Path) -> None:
-    from retinaedge.device.buildopts import BuildOptions
+    from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 
     fingerprint, _ = _probe()
     if fingerprint.dla_cores == 0:

@@ -34,7 +34,7 @@ def test_names_lose_the_prefix_and_fit_linux_limit() -> None:
 def test_the_backends_threads_take_the_name_of_the_thread_that_opens_it() -> None:
     """The inference thread names itself before it opens ONNX Runtime: the intra-op threads show as
     ``inference`` too, so their CPU adds up under that name."""
-    from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
+    from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from retinaedge.runtime.threadname import name_this_thread
 
     before = set(_names())

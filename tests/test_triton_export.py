@@ -110,7 +110,7 @@ def test_bad_options_are_refused(
 
 
 def _fingerprint(gpu: str, cc: str, dla: int = 0) -> Any:
-    from retinaedge.device.fingerprint import DeviceFingerprint
+    from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceFingerprint
 
     return DeviceFingerprint.from_values(
         gpu_name=gpu, compute_capability=cc, sm_count=80, tensorrt="10.13.3", cuda="12.6", dla_cores=dla
@@ -120,8 +120,8 @@ def _fingerprint(gpu: str, cc: str, dla: int = 0) -> Any:
 def test_tensorrt_repository_takes_engines_from_the_cache(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from retinaedge.device.buildopts import BuildOptions
-    from retinaedge.device.enginecache import EngineCache
+    from retinaedge.runtime.backends.tensorrt.cache import EngineCache
+    from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 
     cache = EngineCache(tmp_path / "engines")
     sha = sha256_file(DEMO / "model.onnx")
@@ -176,8 +176,8 @@ def test_tensorrt_repository_takes_engines_from_the_cache(
 def test_tensorrt_engine_changed_in_the_cache_is_not_used(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from retinaedge.device.buildopts import BuildOptions
-    from retinaedge.device.enginecache import EngineCache
+    from retinaedge.runtime.backends.tensorrt.cache import EngineCache
+    from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 
     cache = EngineCache(tmp_path / "engines")
     entry = cache.store(
@@ -201,7 +201,7 @@ def test_tensorrt_engine_changed_in_the_cache_is_not_used(
 def test_boot_plans_no_engine_for_backend_triton(tmp_path: Path) -> None:
     """``retinaedge boot`` with backend=triton: no device probe, no engine planned, the decision recorded."""
     from retinaedge.runtime.bundle import load_bundle
-    from retinaedge.service.boot import BOOT_RECORD, decide
+    from retinaedge.service.boot_cli import BOOT_RECORD, decide
     from retinaedge.service.settings import load_settings
 
     def no_probe() -> Any:

@@ -149,7 +149,7 @@ def drain(port: int, uids: Sequence[str], timeout_s: float = 900) -> None:
 
 
 def start_service(model: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int, int]:
-    from retinaedge.service.bench.http_phase import free_port, log_tail, serve_command
+    from retinaedge.bench.http_phase import free_port, log_tail, serve_command
 
     http_port, dimse_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAEDGE_")}

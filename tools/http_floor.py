@@ -3,13 +3,13 @@ it could reach on this machine (development tooling).
 
 Three measurements on the same bodies (the example study's single-frame slices, 131 KB each), one after
 the other, each sequential on one keep-alive connection with the benchmark's client
-(:mod:`retinaedge.service.bench.http_phase`):
+(:mod:`retinaedge.bench.http_phase`):
 
 1. the in-process :class:`~retinaedge.runtime.detector.Detector` (``timings_ms.total``), as the benchmark's
    ``in-process Detector total``;
 2. ``retinaedge serve``: the round trip, keeping each answer;
 3. the *floor*: uvicorn with the service's protocol class and options and a FastAPI app whose
-   ``POST /v1/detect`` only reads the body under the service's limits (:func:`~retinaedge.service.body.read_body`)
+   ``POST /v1/detect`` only reads the body under the service's limits (:func:`~retinaedge.service.http.body.read_body`)
    and sends back the answer the service gave for that body. No parse, no model, no pipeline.
 
 A server that added nothing to the Detector but this stack would answer in ``Detector + floor``, so its
@@ -33,7 +33,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from retinaedge.service.bench.http_phase import Client, free_port, running_service
+from retinaedge.bench.http_phase import Client, free_port, running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = sorted((ROOT / "examples" / "study_01").glob("*.dcm"))
@@ -42,7 +42,7 @@ log = logging.getLogger("http_floor")
 
 def floor_app(answers_file: Path) -> Any:
     """The FastAPI app of the floor server: ``POST /v1/detect`` -> the kept answer for that body's size."""
-    from retinaedge.service.body import read_body
+    from retinaedge.service.http.body import read_body
     from retinaedge.service.settings import Settings
 
     fields = Settings.model_fields  # the service's defaults (no model needed here)
@@ -61,7 +61,7 @@ def floor_app(answers_file: Path) -> Any:
 def serve_floor(port: int, answers_file: Path) -> int:
     """Run the floor server (the service's uvicorn options and protocol class) until terminated."""
     import uvicorn
-    from retinaedge.service.http_protocol import protocol_class
+    from retinaedge.service.http.protocol import protocol_class
     from retinaedge.service.settings import Settings
 
     uvicorn.run(

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from retinaedge.runtime.bundle import QDQ_MODEL_FILE, load_bundle, load_golden
-from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
 
 log = logging.getLogger("int8_report")
 

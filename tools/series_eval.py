@@ -132,7 +132,7 @@ def evaluate(model: Path, phantoms: Path, scores: Sequence[float], margin_mm: fl
     """Run ``model`` over every series of ``phantoms`` once and match at each threshold in ``scores``."""
     from retinaedge.runtime.detector import Detector
     from retinaedge.runtime.findings import LinkParams, analyse_series
-    from retinaedge.runtime.series import read_frames
+    from retinaedge.runtime.slices import read_frames
 
     doc = json.loads((phantoms / "lesions.json").read_text())
     truth_doc = json.loads((phantoms / "ground_truth.json").read_text())

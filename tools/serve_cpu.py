@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from retinaedge.service.bench.http_phase import Client, running_service
+from retinaedge.bench.http_phase import Client, running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = sorted((ROOT / "examples" / "study_01").glob("*.dcm"))

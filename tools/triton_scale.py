@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         if "triton" in modes and http_url is None:
-            from retinaedge.export.triton_repo import ExportRequest, export_repository
+            from retinaedge.export.triton.repo import ExportRequest, export_repository
 
             repo = work / "repo"
             export_repository(

@@ -11,11 +11,11 @@ Adding a backend is one new file: a module in this package (``runtime/backends/o
 package (:func:`discovered`; nothing is imported). A module elsewhere is registered by a line in
 :data:`BACKENDS` or by ``register("name", "dotted.module")``.
 
-Placement: ``tensorrt`` lives in the service layer (:mod:`retinaedge.service.tensorrt_backend`), the one
+Placement: ``tensorrt`` lives in the service layer (:mod:`retinaedge.runtime.backends.tensorrt.factory`), the one
 layer allowed to import both ``device`` (engine cache, TensorRT runner) and ``runtime`` (bundle, golden
 self-test). The runtime refers to it only by its dotted name here, never by an import statement, so the
 import direction ``service -> runtime, device`` holds. ``auto`` is not a backend but the service's
-policy (:func:`retinaedge.service.engines.open_auto`): a verified or freshly built TensorRT engine, else
+policy (:func:`retinaedge.runtime.backends.auto.open_auto`): a verified or freshly built TensorRT engine, else
 ONNX Runtime, with the reason.
 """
 
@@ -38,13 +38,13 @@ log = logging.getLogger(__name__)
 
 #: name -> module exposing ``open(bundle, options) -> Backend`` (imported on first use).
 BACKENDS: dict[str, str] = {
-    "onnxruntime": "retinaedge.runtime.onnxrt",
-    "tensorrt": "retinaedge.service.tensorrt_backend",
+    "onnxruntime": "retinaedge.runtime.backends.onnxruntime",
+    "tensorrt": "retinaedge.runtime.backends.tensorrt.factory",
 }
 
 AUTO = "auto"
 #: The module whose ``open_auto(bundle, options) -> Backend`` implements ``auto``.
-AUTO_POLICY = "retinaedge.service.engines"
+AUTO_POLICY = "retinaedge.runtime.backends.auto"
 
 
 #: Modules of this package that are not backends.

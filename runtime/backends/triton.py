@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Model configuration ``parameters`` written by ``export-triton`` (:mod:`retinaedge.export.triton_config`).
+#: Model configuration ``parameters`` written by ``export-triton`` (:mod:`retinaedge.export.triton.config`).
 SHA_PARAMETER = "retinaedge_model_sha256"
 MANIFEST_PARAMETER = "retinaedge_manifest"
 #: tensorrt repositories: the golden self-test criteria the engines were accepted with (JSON), when
@@ -396,7 +396,7 @@ def open(bundle: Bundle, options: BackendOptions) -> TritonBackend:  # noqa: A00
     opts = TritonOptions.from_extra(options.extra)
     local = None
     if opts.unreachable == "onnxruntime":
-        from retinaedge.runtime.onnxrt import OnnxRuntimeBackend
+        from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         local = OnnxRuntimeBackend(bundle.model_path, threads=options.threads)
     backend = TritonBackend(bundle, opts, local)

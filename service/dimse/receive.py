@@ -1,7 +1,7 @@
 """One C-STORE request -> one durable instance and its status (PS3.4 B.2.3), like a STOW-RS part.
 
 Runs on the association's thread (pynetdicom calls the handler there). The success status is returned
-only after :func:`~retinaedge.service.ingest.store_spooled` has fsynced the file and committed its row;
+only after :func:`~retinaedge.service.intake.ingest.store_spooled` has fsynced the file and committed its row;
 the UID is then handed to the Processor on the event loop (``loop.call_soon_threadsafe``). A crash
 before the status leaves nothing acknowledged: the file without a row is removed at the next start.
 
@@ -34,8 +34,7 @@ from typing import Any
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import InsufficientStorageError, OverloadedError
 from retinaedge.runtime.logsafety import redacted_traceback
-from retinaedge.service.evidence import IdentityFiles
-from retinaedge.service.ingest import (
+from retinaedge.service.intake.ingest import (
     DATASET_MISMATCH,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
@@ -43,8 +42,9 @@ from retinaedge.service.ingest import (
     Header,
     store_spooled,
 )
-from retinaedge.service.spool import Spool
-from retinaedge.service.store import Store
+from retinaedge.service.intake.spool import Spool
+from retinaedge.service.results.evidence import IdentityFiles
+from retinaedge.service.results.store import Store
 
 log = logging.getLogger(__name__)
 

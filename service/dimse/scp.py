@@ -29,8 +29,8 @@ from retinaedge.runtime.errors import ConfigError
 from retinaedge.service.dimse.contexts import supported_contexts
 from retinaedge.service.dimse.peers import allowed, parse_peers
 from retinaedge.service.dimse.receive import Outcome, Receiver, status_dataset
+from retinaedge.service.http.tls import server_context
 from retinaedge.service.settings import Settings
-from retinaedge.service.tls import server_context
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ A new route goes in the router of its concern (or a new module listed here), tak
 from __future__ import annotations
 
 from fastapi import APIRouter
-from retinaedge.service.routes import detect, dicomweb, exports, operations, results, series
+from retinaedge.service.routes import deliveries, detect, dicomweb, operations, results, series
 
 ROUTERS: tuple[APIRouter, ...] = (
     operations.router,
@@ -23,7 +23,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     dicomweb.router,
     results.router,
     series.router,
-    exports.router,
+    deliveries.router,
 )
 
 __all__ = ["ROUTERS"]

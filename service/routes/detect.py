@@ -20,12 +20,12 @@ from retinaedge.runtime.errors import (
     RetinaEdgeError,
     UnsupportedMediaTypeError,
 )
-from retinaedge.service.body import check_declared_length, read_body
-from retinaedge.service.evidence import KeptHeader, select_header
-from retinaedge.service.ingest import header_uids
-from retinaedge.service.problems import problem_responses
-from retinaedge.service.result_writer import KeptResult
-from retinaedge.service.schemas import DetectResult
+from retinaedge.service.http.body import check_declared_length, read_body
+from retinaedge.service.http.problems import problem_responses
+from retinaedge.service.http.schemas import DetectResult
+from retinaedge.service.intake.ingest import header_uids
+from retinaedge.service.results.evidence import KeptHeader, select_header
+from retinaedge.service.results.writer import KeptResult
 from retinaedge.service.state import ServicesDep
 
 log = logging.getLogger(__name__)

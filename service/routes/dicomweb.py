@@ -11,11 +11,11 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
-from retinaedge.service.body import check_declared_length
-from retinaedge.service.problems import problem_responses
-from retinaedge.service.schemas import StoreInstancesResponse
+from retinaedge.service.http.body import check_declared_length
+from retinaedge.service.http.problems import problem_responses
+from retinaedge.service.http.schemas import StoreInstancesResponse
+from retinaedge.service.intake.stow import receive
 from retinaedge.service.state import ServicesDep
-from retinaedge.service.stow import receive
 from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)

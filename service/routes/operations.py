@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from retinaedge.service.problems import problem, problem_responses
-from retinaedge.service.schemas import Health, ModelInfo, Ready
+from retinaedge.service.http.problems import problem, problem_responses
+from retinaedge.service.http.schemas import Health, ModelInfo, Ready
 from retinaedge.service.state import ServicesDep
 
 router = APIRouter(tags=["operations"])

@@ -11,9 +11,9 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
-from retinaedge.service.formats import InstanceView
-from retinaedge.service.problems import problem, problem_responses
-from retinaedge.service.schemas import ResultDone, ResultFailed, ResultPending
+from retinaedge.service.http.problems import problem, problem_responses
+from retinaedge.service.http.schemas import ResultDone, ResultFailed, ResultPending
+from retinaedge.service.results.formats import InstanceView
 from retinaedge.service.state import FORMATS_EXTENSION, InstanceFormat, ServicesDep
 
 router = APIRouter(tags=["results"])

@@ -13,10 +13,10 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
-from retinaedge.service.formats import ResultFormat, SeriesView
-from retinaedge.service.problems import problem, problem_responses
-from retinaedge.service.schemas import SeriesCollecting, SeriesComplete
-from retinaedge.service.series import SeriesFindings, SeriesStatus, series_findings, series_status
+from retinaedge.service.http.problems import problem, problem_responses
+from retinaedge.service.http.schemas import SeriesCollecting, SeriesComplete
+from retinaedge.service.results.completion import SeriesFindings, SeriesStatus, series_findings, series_status
+from retinaedge.service.results.formats import ResultFormat, SeriesView
 from retinaedge.service.state import FORMATS_EXTENSION, SeriesFormat, Services, ServicesDep
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,201 @@
+"""``retinaedge boot``: the container entrypoint. Validate the configuration, decide about the engine, serve.
+
+1. **Configuration.** Every ``RETINAEDGE_*`` variable must name a setting (a misspelt variable is refused,
+   not silently ignored), the settings must validate, the model bundle must load (manifest and model
+   sha256 checked), and the data directory and the engine cache must be writable directories. Any failure
+   prints one line saying what is wrong and exits 78 (``EX_CONFIG``).
+2. **Engine.** :func:`~retinaedge.runtime.backends.auto.plan_backend` decides, from the device fingerprint and
+   the engine cache, between a cached engine (``cache-hit``), a build (``build-first`` on an empty cache,
+   ``build-new-model`` after a model update, ``build-fingerprint-changed`` after a JetPack/TensorRT
+   upgrade or on another module, ``build-corrupt``) and ONNX Runtime (with the reason: no TensorRT, options
+   refused, builds disabled, or ``onnxruntime-build-failed-earlier`` when this engine's last build failed
+   less than ``engine_build_retry_s`` ago, so a restart loop never rebuilds for ever). The decision and
+   what changed since the previous start (device, TensorRT/CUDA/L4T versions, model) are logged and kept
+   in ``<data_dir>/boot.json``. With ``backend=tensorrt`` a device that cannot use TensorRT exits 69
+   (``EX_UNAVAILABLE``).
+3. **Serve**, as ``retinaedge serve``. The build itself runs in the service: inside the model load
+   (``/healthz`` answers, ``/readyz`` is 503 "building a TensorRT engine") or, with
+   ``engine_build_while=onnxruntime``, in a child process while ONNX Runtime serves.
+
+``--check`` stops after step 2 and prints the decision as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retinaedge.runtime import __version__
+from retinaedge.runtime.errors import BundleError, ConfigError, RetinaEdgeError
+from retinaedge.service import serve_cli
+
+if TYPE_CHECKING:  # the verb's module is imported for every `retinaedge --help`: heavy imports wait
+    from retinaedge.runtime.backends.auto import BackendPlan, Probe
+    from retinaedge.runtime.bundle import Bundle
+from retinaedge.service.http.tls import server_context
+from retinaedge.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EX_CONFIG = 78
+EX_UNAVAILABLE = 69
+BOOT_RECORD = "boot.json"
+#: Variables read besides the settings' own fields.
+EXTRA_VARIABLES = frozenset({"RETINAEDGE_CONFIG_FILE", "RETINAEDGE_API_TOKEN_FILE"})
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    serve_cli.add_arguments(p)
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate and decide only; print the decision as JSON, do not serve",
+    )
+
+
+def unknown_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """``RETINAEDGE_*`` variables that name no setting (typos), sorted."""
+    from retinaedge.service.settings import Settings
+
+    known = {f"RETINAEDGE_{name.upper()}" for name in Settings.model_fields} | EXTRA_VARIABLES
+    return sorted(k for k in environ if k.startswith("RETINAEDGE_") and k not in known)
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` if needed and prove a file can be written in it (raises ConfigError)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path} is not a writable directory ({exc.strerror or exc}); mount a writable volume there"
+        ) from exc
+
+
+def validate(settings: Settings) -> Bundle:
+    """Step 1 past the settings themselves: the bundle and the writable directories."""
+    from retinaedge.runtime.bundle import load_bundle
+
+    try:
+        bundle = load_bundle(settings.model)
+    except BundleError as exc:
+        raise ConfigError(f"model bundle {settings.model}: {exc}") from exc
+    check_writable_dir(settings.data_dir, "data_dir (spool and database)")
+    check_writable_dir(settings.engine_cache_root, "engine cache")
+    server_context(settings)  # a certificate or key that cannot be used: exit 78 with the reason
+    return bundle
+
+
+@dataclass(frozen=True)
+class BootReport:
+    """The decision of one start and what changed since the previous one."""
+
+    plan: BackendPlan
+    record: dict[str, Any]
+    changes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.record, "changes": self.changes}
+
+
+def decide(settings: Settings, bundle: Bundle, probe: Probe | None = None) -> BootReport:
+    """Step 2: plan the backend, compare with ``boot.json``, write the new record (raises in mode tensorrt).
+
+    ``probe``: this device's fingerprint and capabilities (default: the real TensorRT/pycuda probe).
+    """
+    from retinaedge.runtime.backends.auto import default_probe, plan_backend
+    from retinaedge.runtime.backends.tensorrt.cache import atomic_write
+
+    plan = plan_backend(
+        bundle,
+        mode=settings.backend,
+        options=settings.build_options(),
+        cache_root=settings.engine_cache_root,
+        cache_max_bytes=settings.engine_cache_max_bytes,
+        allow_build=settings.engine_build,
+        probe=probe or default_probe,
+        retry_after_s=settings.engine_build_retry_s,
+    )
+    record = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "retinaedge": __version__,
+        "model": {"name": bundle.manifest.name, "sha256": bundle.manifest.model_sha256},
+        "engine_build_while": settings.engine_build_while,
+        **plan.to_dict(),
+    }
+    path = settings.data_dir / BOOT_RECORD
+    changes = changes_since(read_record(path), record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, [json.dumps(record, indent=2).encode()])
+    return BootReport(plan, record, changes)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The previous start's record, or None (none yet, or unreadable: then nothing is compared)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def changes_since(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """What differs from the previous start: device fingerprint fields, model, retinaedge version."""
+    if previous is None:
+        return ["first start with this data directory"]
+    changes = []
+    old_fp, new_fp = previous.get("fingerprint"), current.get("fingerprint")
+    if isinstance(old_fp, dict) and isinstance(new_fp, dict):
+        changes += [
+            f"{name}: {old_fp.get(name)} -> {new_fp.get(name)}"
+            for name in sorted(set(old_fp) | set(new_fp))
+            if old_fp.get(name) != new_fp.get(name)
+        ]
+    elif bool(old_fp) != bool(new_fp):
+        changes.append("TensorRT became usable" if new_fp else "TensorRT is no longer usable")
+    old_model, new_model = previous.get("model") or {}, current["model"]
+    if old_model.get("sha256") != new_model["sha256"]:
+        changes.append(
+            f"model {old_model.get('name')} ({str(old_model.get('sha256'))[:12]}) -> "
+            f"{new_model['name']} ({new_model['sha256'][:12]})"
+        )
+    if previous.get("retinaedge") != current["retinaedge"]:
+        changes.append(f"retinaedge {previous.get('retinaedge')} -> {current['retinaedge']}")
+    return changes
+
+
+def run(args: argparse.Namespace) -> int:
+    from retinaedge.runtime.cli import emit
+    from retinaedge.service.serve_cli import serve, settings_from_args
+
+    try:
+        unknown = unknown_variables(os.environ)
+        if unknown:
+            raise ConfigError(f"unknown variable(s) {', '.join(unknown)} (no such setting; misspelt?)")
+        settings = settings_from_args(args)
+        bundle = validate(settings)
+    except ConfigError as exc:
+        log.error("configuration refused: %s", exc)
+        emit({"error": exc.to_dict()})
+        return EX_CONFIG
+    try:
+        report = decide(settings, bundle)
+    except RetinaEdgeError as exc:  # backend=tensorrt on a device that cannot use it
+        log.error("backend=tensorrt, but TensorRT cannot be used here: %s", exc)
+        emit({"error": exc.to_dict()})
+        return EX_CONFIG if isinstance(exc, ConfigError) else EX_UNAVAILABLE
+    log.info("engine decision %s: %s", report.plan.decision, report.plan.reason)
+    for change in report.changes:
+        log.info("since the previous start: %s", change)
+    if args.check:
+        emit(report.to_dict())
+        return 0
+    return serve(settings)

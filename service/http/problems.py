@@ -1,0 +1,100 @@
+"""RFC 9457 problem documents: the one place errors become HTTP responses.
+
+Every 4xx/5xx the service sends is ``application/problem+json`` built by :func:`problem`; a
+:class:`~retinaedge.runtime.errors.RetinaEdgeError` raised anywhere in a handler is mapped by
+:func:`on_error` (installed by ``create_app``) through its own ``http_status`` and ``type``.
+:func:`problem_responses` declares those documents in ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from retinaedge.runtime.errors import OverloadedError, RetinaEdgeError, UnauthorizedError
+from retinaedge.service.http.schemas import Problem
+
+PROBLEM = "application/problem+json"
+PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"
+
+_DESCRIPTIONS = {
+    400: "Bad request (malformed DICOM, a cut file, a malformed multipart body ...)",
+    401: "Missing or wrong bearer token (when the service has one)",
+    404: "Unknown, or its result has expired",
+    406: "None of the media types this resource offers is acceptable (``offered`` lists them)",
+    408: "The request body stopped arriving for longer than the idle timeout",
+    413: "Over a size or decode budget",
+    415: "Unsupported media type, transfer syntax or photometric interpretation",
+    422: "Not an image (no pixel data)",
+    503: "Not ready or overloaded; see Retry-After",
+    507: "The spool disk is below its reserve",
+}
+
+
+def problem(
+    status: int,
+    type_: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """An RFC 9457 problem document; ``extra`` adds extension members (e.g. ``offered``)."""
+    body = {
+        "type": f"urn:retinaedge:error:{type_}",
+        "title": type_.replace("-", " "),
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def error_response(exc: RetinaEdgeError) -> JSONResponse:
+    """The problem document of an error, with ``Retry-After`` (503 overloaded) or ``WWW-Authenticate``."""
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+    if isinstance(exc, UnauthorizedError):
+        headers = {"WWW-Authenticate": 'Bearer realm="retinaedge"'}
+    extra = {"offered": list(offered)} if (offered := getattr(exc, "offered", None)) is not None else {}
+    return problem(exc.http_status, exc.type, str(exc), headers, **extra)
+
+
+async def on_error(_request: Request, exc: Exception) -> JSONResponse:
+    """The exception handler for :class:`RetinaEdgeError` (registered once, in ``create_app``)."""
+    if not isinstance(exc, RetinaEdgeError):  # registered for RetinaEdgeError only; never expected
+        raise exc
+    return error_response(exc)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries documenting a problem document for each status."""
+    return {
+        status: {
+            "description": _DESCRIPTIONS.get(status, "Error"),
+            "content": {PROBLEM: {"schema": {"$ref": PROBLEM_SCHEMA_REF}}},
+        }
+        for status in statuses
+    }
+
+
+def problem_component() -> dict[str, Any]:
+    """The ``Problem`` schema for ``components.schemas`` (referenced by :func:`problem_responses`)."""
+    return Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (an unknown route, a method not allowed) as problem documents too."""
+    status = int(getattr(exc, "status_code", 500))
+    detail = str(getattr(exc, "detail", "") or "")
+    type_ = {404: "not-found", 405: "method-not-allowed"}.get(
+        status, "bad-request" if status < 500 else "internal-error"
+    )
+    headers = getattr(exc, "headers", None)
+    return problem(status, type_, detail or type_.replace("-", " "), headers)
+
+
+async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """A request FastAPI cannot bind to a route's parameters: 400 with what did not fit."""
+    errors = getattr(exc, "errors", lambda: [])()
+    where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors[:5])
+    return problem(400, "bad-request", f"the request does not fit this route ({where or 'invalid'})")

@@ -1,0 +1,356 @@
+"""Result export: delivers the outbox's SR jobs (:mod:`.outbox`) to the configured destinations.
+
+Threads, never the event loop: one ``retinaedge-export-<name>`` per destination (so a slow or dead peer
+delays only its own jobs) and one ``retinaedge-export-watch`` that turns complete series into series SR
+jobs, frees SR files delivered everywhere, prunes old jobs and refreshes the :meth:`Exporter.summary`
+that ``/metrics``, ``/readyz`` and ``GET /v1/exports`` read (they never touch SQLite on the event loop).
+
+Each job's SR is built once (:meth:`Exporter._document`) from the kept result, evidence and identity
+(the same SR as ``GET /v1/results/{uid}`` with ``Accept: application/dicom``, or the series SR) and
+written, fsynced and owner-only, to ``<data_dir>/outbox``; every attempt and every destination sends that
+same file, so the peer always sees one SOP instance. An attempt is committed as in flight before it is
+sent. Back-off is ``export_retry_initial_s`` doubling up to ``export_retry_max_s``: after a failure that
+concerns the destination (no connection, credentials refused, out of resources, no answer) the whole
+destination waits, by its count of consecutive such failures, and only one job is tried per wait (a PACS
+that is down is not hammered by every waiting SR); after a failure that concerns one SR (the peer
+refused it) that job alone waits, by its own attempts. Due times are stored, so back-off carries across
+restarts. A job is dead-lettered after ``export_max_attempts`` attempts of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retinaedge.runtime.threadname import name_this_thread
+from retinaedge.service.outbox.queue import Job, Outbox
+from retinaedge.service.outbox.senders import Delivery, sender_for
+from retinaedge.service.results.completion import series_findings, series_status
+from retinaedge.service.results.evidence import IdentityFiles, header_from_json
+from retinaedge.service.results.sr import build_series_sr, build_sr
+from retinaedge.service.results.store import Store
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from retinaedge.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0  # how often idle threads look for due jobs and complete series (a new result wakes them)
+PRUNE_EVERY_S = 60.0
+STORAGE_ERRORS = (sqlite3.OperationalError, sqlite3.DatabaseError, OSError)
+
+
+class NoDocument(Exception):
+    """The job's SR cannot be built (its result is gone, or cannot be represented as an SR)."""
+
+
+class Exporter:
+    """The outbox's delivery threads and their state (module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        identities: IdentityFiles,
+        model_name: str,
+        model_sha256: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.identities = identities
+        self.model_name, self.model_sha256 = model_name, model_sha256
+        self.destinations = list(settings.export_destinations)
+        self.root = settings.data_dir / "outbox"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.outbox = Outbox(settings.data_dir / "state.sqlite3")
+        dropped = self.outbox.sync_targets((d.name, d.instance_sr, d.series_sr) for d in self.destinations)
+        if dropped:
+            log.warning("%d export job(s) of destinations no longer configured are dead-lettered", dropped)
+        self._senders = {d.name: sender_for(d) for d in self.destinations}
+        self._wake = {d.name: threading.Event() for d in self.destinations}
+        self._stop = threading.Event()
+        self._build_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._summary: dict[str, dict[str, Any]] = {}
+        self._last_prune = 0.0
+        #: Per destination: consecutive destination-wide failures, and no attempt before this time.
+        self._streak: dict[str, int] = {}
+        self._hold_until: dict[str, float] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover attempts a stopped process left in flight, then start the threads."""
+        interrupted = self.outbox.recover()
+        if interrupted:
+            log.warning(
+                "%d export attempt(s) were in flight when the service stopped; their SRs may reach the "
+                "peer twice (counted as possible duplicates when delivered)",
+                interrupted,
+            )
+        known = self.outbox.known_paths()
+        for path in self.root.iterdir():  # SR files built but never recorded (a crash in between)
+            if path.name not in known:
+                path.unlink(missing_ok=True)
+        for name in self.outbox.prune(self.settings.results_max_age_s):
+            (self.root / name).unlink(missing_ok=True)
+        self.refresh()
+        if not self.destinations:
+            return  # nothing to deliver; jobs left by an earlier configuration were dead-lettered
+        for d in self.destinations:
+            self._spawn(f"retinaedge-export-{d.name}", self._deliver_loop, d.name)
+        self._spawn("retinaedge-export-watch", self._watch_loop)
+        log.info("exporting results to %d destination(s)", len(self.destinations))
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        def named() -> None:
+            name_this_thread()
+            target(*args)
+
+        thread = threading.Thread(target=named, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the threads; one still waiting for a peer is left behind (a daemon): its attempt stays
+        in flight in the database and is found interrupted at the next start."""
+        self._stop.set()
+        self.wake()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            log.warning("an export attempt was still waiting for its peer at shutdown")
+            return  # its thread still uses the database connection
+        self.outbox.close()
+
+    def wake(self, _outcome: str = "") -> None:
+        """Look for due jobs now (called when a result is recorded; its jobs were enqueued with it)."""
+        for event in self._wake.values():
+            event.set()
+
+    # -- delivery ---------------------------------------------------------------------------------------
+    def _deliver_loop(self, name: str) -> None:
+        while not self._stop.is_set():
+            try:
+                held = self._hold_until.get(name, 0.0) - time.time()
+                if held > 0:  # the destination failed as a whole: nothing is tried before then
+                    self._stop.wait(min(POLL_S, held))
+                    continue
+                job = self.outbox.due(name, time.time())
+                if job is None:
+                    due = self.outbox.next_due_at(name)
+                    wait = POLL_S if due is None else min(POLL_S, max(0.01, due - time.time()))
+                    self._wake[name].wait(wait)
+                    self._wake[name].clear()
+                    continue
+                self._attempt(name, job)
+            except STORAGE_ERRORS as exc:  # the database or disk: try again later, nothing is lost
+                log.warning("export to %r paused: %s", name, type(exc).__name__)
+                self._stop.wait(POLL_S)
+            except Exception:  # a bug: keep the thread alive; the job stays as recorded
+                log.exception("export to %r: unexpected error", name)
+                self._stop.wait(POLL_S)
+
+    def _attempt(self, name: str, job: Job) -> None:
+        try:
+            path, sr = self._document(job)
+        except NoDocument as exc:
+            self.outbox.kill(job, str(exc))
+            log.error("export job %d to %r dead-lettered: %s", job.id, name, exc)
+            self.refresh()
+            return
+        attempt = self.outbox.begin(job)
+        try:
+            delivery = self._senders[name].send(path, sr)
+        except Exception as exc:  # a bug while sending: the SR may have gone out
+            log.exception("export to %r: the sender failed", name)
+            delivery = Delivery("unknown", f"internal error while sending: {type(exc).__name__}")
+        n = job.attempts + 1
+        if delivery.outcome == "delivered":
+            self._streak[name] = 0
+            retry: float | None = None
+        elif delivery.destination_wide:  # the destination is down: hold it back, not just this job
+            self._streak[name] = self._streak.get(name, 0) + 1
+            retry = self._backoff(self._streak[name])
+            self._hold_until[name] = time.time() + retry
+        else:
+            retry = self._backoff(n)
+        if delivery.outcome != "delivered" and n >= self.settings.export_max_attempts:
+            retry = None  # dead-lettered
+        state = self.outbox.finish(
+            job,
+            attempt,
+            delivery.outcome,
+            delivery.detail,
+            confirmed_duplicate=delivery.duplicate,
+            retry_in_s=retry,
+        )
+        if state == "delivered":
+            log.info("export job %d: %s SR delivered to %r (attempt %d)", job.id, job.kind, name, n)
+        elif state == "pending":
+            log.warning(
+                "export job %d to %r: attempt %d %s (%s); next in %.3g s",
+                job.id, name, n, delivery.outcome, delivery.detail, retry,
+            )  # fmt: skip
+        else:
+            log.error(
+                "export job %d to %r dead-lettered after %d attempts: %s", job.id, name, n, delivery.detail
+            )
+        self.refresh()
+
+    def _backoff(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` consecutive failures: initial, doubling, capped."""
+        s = self.settings
+        return float(min(s.export_retry_initial_s * 2 ** min(failures - 1, 60), s.export_retry_max_s))
+
+    def _document(self, job: Job) -> tuple[Path, Dataset]:
+        """The job's SR file and dataset, built and recorded on first use (once for all destinations)."""
+        import pydicom
+        import pydicom.errors
+
+        with self._build_lock:
+            current = self.outbox.job(job.id) or job
+            if current.path is not None:
+                path = self.root / current.path
+                try:
+                    return path, pydicom.dcmread(path)
+                except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
+                    log.warning("export job %d: its SR file cannot be read (%s); building it again",
+                                job.id, type(exc).__name__)  # fmt: skip
+            sr = self._build(current)
+            fd, part = tempfile.mkstemp(dir=self.root, prefix=f"{current.document_id}-", suffix=".dcm")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    sr.save_as(fh, enforce_file_format=True)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                self.outbox.set_document(current.document_id, Path(part).name, str(sr.SOPInstanceUID))
+            except BaseException:
+                Path(part).unlink(missing_ok=True)
+                raise
+            return Path(part), sr
+
+    def _build(self, job: Job) -> Dataset:
+        """The SR of an instance's result or of a series' findings (raises :class:`NoDocument`)."""
+        if job.kind == "instance":
+            row = self.store.get(job.subject_uid)
+            if row is None or row.state != "done":
+                raise NoDocument("the instance's result is no longer kept (retention) or not done")
+            if not row.header_json:
+                raise NoDocument("no source header was kept for this instance")
+            header = header_from_json(row.header_json, self.identities.get(job.subject_uid))
+            build = lambda: build_sr(header, row.result() or {}, self.model_name, self.model_sha256)  # noqa: E731
+        else:
+            rows = self.store.series_rows(job.subject_uid)
+            found = series_findings(rows, self.settings.link_params(), self.identities.get)
+            if found is None:
+                raise NoDocument("no instance of the series is kept that could be analysed")
+            build = lambda: build_series_sr(found.headers, found.result, self.model_name, self.model_sha256)  # noqa: E731
+        try:
+            return build()
+        except Exception as exc:  # e.g. an SOP class highdicom cannot reference
+            raise NoDocument(f"no DICOM SR can be built ({type(exc).__name__})") from exc
+
+    # -- series, housekeeping, state ----------------------------------------------------------------------
+    def _watch_loop(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                self._watch_series()
+                for name in self.outbox.release_documents():
+                    (self.root / name).unlink(missing_ok=True)
+                if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
+                    self._last_prune = time.monotonic()
+                    for name in self.outbox.prune(self.settings.results_max_age_s):
+                        (self.root / name).unlink(missing_ok=True)
+                self.refresh()
+            except STORAGE_ERRORS as exc:
+                log.warning("export housekeeping paused: %s", type(exc).__name__)
+            except Exception:
+                log.exception("export housekeeping: unexpected error")
+
+    def _watch_series(self) -> None:
+        """Series SR jobs for watched series that are complete now (:func:`.series.series_status`)."""
+        added = 0
+        for uid in self.outbox.watched_series():
+            rows = self.store.series_rows(uid)
+            if not rows:
+                self.outbox.unwatch(uid)
+                continue
+            status = series_status(
+                rows, time.time(), self.settings.series_quiet_s, self.store.series_requested_at(uid)
+            )
+            if status.state != "complete":
+                continue
+            if status.done == 0:  # nothing to report: every instance failed
+                self.outbox.unwatch(uid)
+                continue
+            added += self.outbox.series_complete(uid, status.last_received_at)
+        if added:
+            self.wake()
+
+    def refresh(self) -> None:
+        """Re-read the per-destination summary from the database."""
+        self._summary = self.outbox.summary()
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Each configured destination with its jobs, counters, last attempt and state (from memory)."""
+        out = []
+        for d in self.destinations:
+            s = self._summary.get(d.name) or {
+                "jobs": {"pending": 0, "delivered": 0, "dead": 0},
+                "counters": {},
+                "oldest_pending_at": None,
+                "last_attempt": None,
+                "last_delivered_at": None,
+            }
+            last = s["last_attempt"]
+            failing = s["jobs"]["pending"] > 0 and last is not None and last["outcome"] != "delivered"
+            counters = s["counters"]
+            out.append(
+                {
+                    "name": d.name,
+                    "type": d.type,
+                    "target": d.target(),
+                    "instance_sr": d.instance_sr,
+                    "series_sr": d.series_sr,
+                    "state": "failing" if failing else "ok",
+                    "jobs": dict(s["jobs"]),
+                    "oldest_pending_at": s["oldest_pending_at"],
+                    "last_attempt": last,
+                    "last_delivered_at": s["last_delivered_at"],
+                    "attempts": {
+                        k: counters.get(f"attempts_{k}", 0)
+                        for k in ("delivered", "failed", "unknown", "interrupted")
+                    },
+                    "duplicates": {
+                        "possible": counters.get("duplicates_possible", 0),
+                        "confirmed": counters.get("duplicates_confirmed", 0),
+                    },
+                    "dead_lettered": counters.get("dead", 0),
+                }
+            )
+        return out
+
+    def degraded(self) -> list[str]:
+        """Why export is degraded (for ``/readyz``): destinations failing now, dead-lettered jobs."""
+        reasons = []
+        for d in self.summary():
+            if d["state"] == "failing":
+                last = d["last_attempt"]
+                reasons.append(
+                    f"export destination {d['name']!r} failing: {d['jobs']['pending']} SR(s) waiting, "
+                    f"last attempt {last['outcome']}: {last['detail']}"
+                )
+            if d["jobs"]["dead"]:
+                reasons.append(
+                    f"export destination {d['name']!r}: {d['jobs']['dead']} SR(s) dead-lettered "
+                    "(GET /v1/exports?state=dead; POST /v1/exports/retry queues them again)"
+                )
+        return reasons

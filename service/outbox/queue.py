@@ -1,0 +1,403 @@
+"""The export outbox: durable SR delivery jobs in the service's SQLite database (WAL).
+
+Tables (created by :func:`.outbox_schema.migrate`, idempotent, next to ``instances`` of :mod:`.store`):
+
+- ``export_targets``: the configured destinations' names and what they take (rewritten at each start).
+- ``export_documents``: one SR per (kind, subject, version): ``instance`` (subject: SOP Instance UID,
+  version: when it was received) or ``series`` (subject: Series Instance UID, version: when its last
+  instance arrived, so a series re-opened by a late instance gets a new SR). ``path`` names the built
+  SR file under ``<data_dir>/outbox`` (built once, so every retry and every destination gets the same SOP
+  instance).
+- ``export_jobs``: one per (destination, document): ``pending`` until ``delivered`` or ``dead``.
+- ``export_attempts``: every attempt; ``outcome`` NULL while in flight, then ``delivered``, ``failed``,
+  ``unknown`` (the SR may have reached the peer: a time-out after sending) or ``interrupted`` (the
+  process stopped during the attempt, found at the next start).
+- ``export_counters``: cumulative counts per destination (Prometheus counters survive restarts).
+- ``export_series_watch``: series that may become complete (for destinations that take series SRs).
+
+Enqueueing is a trigger on ``instances``: the instance jobs are inserted in the very transaction that
+records the instance's result (``pending`` -> ``done``), so a crash cannot separate the two. A
+delivered job after an ``interrupted`` or ``unknown`` attempt is counted as a *possible duplicate*: the
+only way the peer can receive an SR twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retinaedge.service.outbox.schema import migrate
+
+#: Outcomes after which the peer may hold the SR although no success was recorded.
+MAYBE_SENT = ("unknown", "interrupted")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One delivery job and its document (``path`` None until the SR file is built)."""
+
+    id: int
+    destination: str
+    document_id: int
+    kind: str
+    subject_uid: str
+    version: float
+    state: str
+    created_at: float
+    next_attempt_at: float
+    attempts: int
+    possibly_delivered: bool
+    duplicate: str | None
+    last_error: str | None
+    finished_at: float | None
+    path: str | None
+    sr_sop_instance_uid: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "destination": self.destination,
+            "kind": self.kind,
+            "subject_uid": self.subject_uid,
+            "sr_sop_instance_uid": self.sr_sop_instance_uid,
+            "state": self.state,
+            "attempts": self.attempts,
+            "created_at": self.created_at,
+            "next_attempt_at": self.next_attempt_at if self.state == "pending" else None,
+            "finished_at": self.finished_at,
+            "last_error": self.last_error,
+            "possibly_delivered_before": self.possibly_delivered,
+            "duplicate": self.duplicate,
+        }
+
+
+_JOB = (
+    "SELECT j.id, j.destination, j.document_id, d.kind, d.subject_uid, d.version, j.state, j.created_at, "
+    "j.next_attempt_at, j.attempts, j.possibly_delivered, j.duplicate, j.last_error, j.finished_at, "
+    "d.path, d.sr_sop_instance_uid FROM export_jobs j JOIN export_documents d ON d.id = j.document_id"
+)
+
+
+def _job(r: tuple[Any, ...]) -> Job:
+    return Job(*r[:10], bool(r[10]), *r[11:])
+
+
+class Outbox:
+    """Thread-safe (one connection behind a lock) access to the outbox tables of ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            migrate(self._db)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One committed write transaction (rolled back on error)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- start-up ---------------------------------------------------------------------------------------
+    def sync_targets(self, targets: Iterable[tuple[str, bool, bool]]) -> int:
+        """Make ``(name, instance_sr, series_sr)`` the configured destinations; pending jobs of a
+        destination no longer configured become dead (returns how many)."""
+        targets = list(targets)
+        names = [t[0] for t in targets]
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM export_targets")
+            db.executemany(
+                "INSERT INTO export_targets (name, instance_sr, series_sr) VALUES (?, ?, ?)",
+                [(n, int(i), int(s)) for n, i, s in targets],
+            )
+            marks = ",".join("?" for _ in names) or "''"
+            cur = db.execute(
+                f"UPDATE export_jobs SET state = 'dead', finished_at = ?, "
+                f"last_error = 'the destination is no longer configured' "
+                f"WHERE state = 'pending' AND destination NOT IN ({marks})",
+                (now, *names),
+            )
+            return cur.rowcount
+
+    def recover(self) -> int:
+        """Attempts left in flight by a stopped process become ``interrupted``, their jobs possibly
+        delivered (a later delivery counts as a possible duplicate); returns how many."""
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute("SELECT id, job_id FROM export_attempts WHERE outcome IS NULL").fetchall()
+            for attempt, job in rows:
+                db.execute(
+                    "UPDATE export_attempts SET outcome = 'interrupted', finished_at = ?, "
+                    "detail = 'the service stopped during this attempt' WHERE id = ?",
+                    (now, attempt),
+                )
+                db.execute("UPDATE export_jobs SET possibly_delivered = 1 WHERE id = ?", (job,))
+                dest = db.execute("SELECT destination FROM export_jobs WHERE id = ?", (job,)).fetchone()
+                if dest:
+                    _count(db, dest[0], "attempts_interrupted")
+            return len(rows)
+
+    def known_paths(self) -> set[str]:
+        return {r[0] for r in self._rows("SELECT path FROM export_documents WHERE path IS NOT NULL")}
+
+    # -- the sender's side ------------------------------------------------------------------------------
+    def due(self, destination: str, now: float) -> Job | None:
+        """The pending job of ``destination`` that is due first (``next_attempt_at <= now``)."""
+        rows = self._rows(
+            f"{_JOB} WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? "
+            "ORDER BY j.next_attempt_at, j.id LIMIT 1",
+            (destination, now),
+        )
+        return _job(rows[0]) if rows else None
+
+    def next_due_at(self, destination: str) -> float | None:
+        rows = self._rows(
+            "SELECT MIN(next_attempt_at) FROM export_jobs WHERE destination = ? AND state = 'pending'",
+            (destination,),
+        )
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    def job(self, job_id: int) -> Job | None:
+        rows = self._rows(f"{_JOB} WHERE j.id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def set_document(self, document_id: int, path: str, sr_uid: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE export_documents SET path = ?, sr_sop_instance_uid = ?, built_at = ? WHERE id = ?",
+                (path, sr_uid, time.time(), document_id),
+            )
+
+    def begin(self, job: Job) -> int:
+        """Record an attempt as in flight (committed before anything is sent); returns its id."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO export_attempts (job_id, started_at) VALUES (?, ?)", (job.id, time.time())
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def finish(
+        self,
+        job: Job,
+        attempt: int,
+        outcome: str,
+        detail: str,
+        *,
+        confirmed_duplicate: bool = False,
+        retry_in_s: float | None = None,
+    ) -> str:
+        """Record the attempt's ``outcome`` (``delivered``, ``failed`` or ``unknown``) and the job's new
+        state; ``retry_in_s`` None after a failure means dead-lettered. Returns the job's state."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE export_attempts SET outcome = ?, detail = ?, finished_at = ? WHERE id = ?",
+                (outcome, detail[:500], now, attempt),
+            )
+            _count(db, job.destination, f"attempts_{outcome}")
+            maybe_sent = job.possibly_delivered or outcome == "unknown"
+            if outcome == "delivered":
+                duplicate = "confirmed" if confirmed_duplicate else ("possible" if maybe_sent else None)
+                db.execute(
+                    "UPDATE export_jobs SET state = 'delivered', attempts = attempts + 1, finished_at = ?, "
+                    "duplicate = ?, last_error = NULL WHERE id = ?",
+                    (now, duplicate, job.id),
+                )
+                _count(db, job.destination, "delivered")
+                if duplicate:
+                    _count(db, job.destination, f"duplicates_{duplicate}")
+                return "delivered"
+            state = "pending" if retry_in_s is not None else "dead"
+            db.execute(
+                "UPDATE export_jobs SET state = ?, attempts = attempts + 1, next_attempt_at = ?, "
+                "last_error = ?, finished_at = ?, possibly_delivered = ? WHERE id = ?",
+                (
+                    state,
+                    now + (retry_in_s or 0.0),
+                    detail[:500],
+                    None if state == "pending" else now,
+                    int(maybe_sent),
+                    job.id,
+                ),
+            )
+            if state == "dead":
+                _count(db, job.destination, "dead")
+            return state
+
+    def kill(self, job: Job, reason: str) -> None:
+        """Dead-letter ``job`` without an attempt (its SR cannot be built)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE export_jobs SET state = 'dead', finished_at = ?, last_error = ? WHERE id = ?",
+                (time.time(), reason[:500], job.id),
+            )
+            _count(db, job.destination, "dead")
+
+    def release_documents(self) -> list[str]:
+        """Files of documents every job of which is delivered: their paths are cleared and returned
+        (the caller deletes the files)."""
+        query = (
+            "SELECT id, path FROM export_documents d WHERE path IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM export_jobs j WHERE j.document_id = d.id AND j.state != 'delivered')"
+        )
+        if not self._rows(query):  # the usual case: no write transaction at all
+            return []
+        with self._tx() as db:
+            rows = db.execute(query).fetchall()
+            db.executemany("UPDATE export_documents SET path = NULL WHERE id = ?", [(r[0],) for r in rows])
+        return [r[1] for r in rows]
+
+    def requeue_dead(self, destinations: list[str]) -> int:
+        """Dead jobs of ``destinations`` become pending again, due now, with their attempts reset."""
+        marks = ",".join("?" for _ in destinations) or "''"
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE export_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                f"finished_at = NULL WHERE state = 'dead' AND destination IN ({marks})",
+                (time.time(), *destinations),
+            )
+            return cur.rowcount
+
+    # -- series -----------------------------------------------------------------------------------------
+    def watched_series(self) -> list[str]:
+        return [r[0] for r in self._rows("SELECT series_uid FROM export_series_watch ORDER BY since")]
+
+    def unwatch(self, series_uid: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM export_series_watch WHERE series_uid = ?", (series_uid,))
+
+    def series_complete(self, series_uid: str, version: float) -> int:
+        """Enqueue the series SR (``version``: its last instance's arrival) for every destination that
+        takes series SRs, and stop watching it, in one transaction; returns the jobs added."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO export_documents (kind, subject_uid, version) VALUES ('series', ?, ?)",
+                (series_uid, version),
+            )
+            cur = db.execute(
+                "INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, "
+                "next_attempt_at) SELECT t.name, d.id, 'pending', ?, ? FROM export_targets t "
+                "JOIN export_documents d ON d.kind = 'series' AND d.subject_uid = ? AND d.version = ? "
+                "WHERE t.series_sr = 1",
+                (now, now, series_uid, version),
+            )
+            db.execute("DELETE FROM export_series_watch WHERE series_uid = ?", (series_uid,))
+            return cur.rowcount
+
+    # -- reporting --------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per destination name: ``jobs`` by state, ``counters``, ``oldest_pending_at``, ``last_attempt``
+        (``at``, ``outcome``, ``detail``) and ``last_delivered_at``."""
+        out: dict[str, dict[str, Any]] = {}
+
+        def entry(name: str) -> dict[str, Any]:
+            return out.setdefault(
+                name,
+                {
+                    "jobs": {"pending": 0, "delivered": 0, "dead": 0},
+                    "counters": {},
+                    "oldest_pending_at": None,
+                    "last_attempt": None,
+                    "last_delivered_at": None,
+                },
+            )
+
+        with self._lock:
+            db = self._db
+            for name, state, n, oldest in db.execute(
+                "SELECT destination, state, COUNT(*), MIN(created_at) FROM export_jobs "
+                "GROUP BY destination, state"
+            ):
+                e = entry(name)
+                e["jobs"][state] = n
+                if state == "pending":
+                    e["oldest_pending_at"] = oldest
+            for name, key, n in db.execute("SELECT destination, key, n FROM export_counters"):
+                entry(name)["counters"][key] = n
+            for name, at, outcome, detail in db.execute(
+                "SELECT j.destination, a.started_at, a.outcome, a.detail FROM export_attempts a "
+                "JOIN export_jobs j ON j.id = a.job_id WHERE a.id IN "
+                "(SELECT MAX(a2.id) FROM export_attempts a2 JOIN export_jobs j2 ON j2.id = a2.job_id "
+                "WHERE a2.outcome IS NOT NULL GROUP BY j2.destination)"
+            ):
+                entry(name)["last_attempt"] = {"at": at, "outcome": outcome, "detail": detail}
+            for name, at in db.execute(
+                "SELECT destination, MAX(finished_at) FROM export_jobs WHERE state = 'delivered' "
+                "GROUP BY destination"
+            ):
+                entry(name)["last_delivered_at"] = at
+        return out
+
+    def jobs(self, state: str | None, destination: str | None, limit: int) -> list[Job]:
+        """Jobs, newest first, optionally of one state and destination."""
+        where, args = [], []
+        if state is not None:
+            where.append("j.state = ?")
+            args.append(state)
+        if destination is not None:
+            where.append("j.destination = ?")
+            args.append(destination)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self._rows(f"{_JOB}{clause} ORDER BY j.id DESC LIMIT ?", (*args, limit))
+        return [_job(r) for r in rows]
+
+    def attempts(self, job_id: int) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT started_at, finished_at, outcome, detail FROM export_attempts WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+        return [
+            {"started_at": s, "finished_at": f, "outcome": o or "in-flight", "detail": d}
+            for s, f, o, d in rows
+        ]
+
+    def prune(self, max_age_s: float) -> list[str]:
+        """Drop finished jobs older than ``max_age_s``, their attempts, and documents no job refers to;
+        returns the SR file names to delete."""
+        cutoff = time.time() - max_age_s
+        with self._tx() as db:
+            old = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM export_jobs WHERE state != 'pending' AND finished_at < ?", (cutoff,)
+                )
+            ]
+            db.executemany("DELETE FROM export_attempts WHERE job_id = ?", [(i,) for i in old])
+            db.executemany("DELETE FROM export_jobs WHERE id = ?", [(i,) for i in old])
+            gone = db.execute(
+                "DELETE FROM export_documents WHERE id NOT IN (SELECT document_id FROM export_jobs) "
+                "RETURNING path"
+            ).fetchall()
+        return [r[0] for r in gone if r[0]]
+
+
+def _count(db: sqlite3.Connection, destination: str, key: str) -> None:
+    db.execute(
+        "INSERT INTO export_counters (destination, key, n) VALUES (?, ?, 1) "
+        "ON CONFLICT(destination, key) DO UPDATE SET n = n + 1",
+        (destination, key),
+    )

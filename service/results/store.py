@@ -1,0 +1,272 @@
+"""SQLite (WAL) record of received instances and their results.
+
+One row per SOP Instance UID: ``pending`` until the worker has run it, then ``done`` (result JSON) or
+``failed`` (error type and message). Receiving a UID twice is idempotent: the first row stands.
+``series_requests`` records when a client asked for a series to be treated as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid    TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    spool_path       TEXT,
+    size_bytes       INTEGER NOT NULL,
+    received_at      REAL NOT NULL,
+    state            TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+    completed_at     REAL,
+    error_type       TEXT,
+    error_message    TEXT,
+    result_json      TEXT,
+    header_json      TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_state ON instances (state, received_at);
+CREATE INDEX IF NOT EXISTS instances_completed ON instances (completed_at);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
+CREATE TABLE IF NOT EXISTS series_requests (
+    series_uid   TEXT PRIMARY KEY,
+    requested_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    spool_path: str | None
+    size_bytes: int
+    received_at: float
+    state: str
+    completed_at: float | None
+    error_type: str | None
+    error_message: str | None
+    result_json: str | None
+    header_json: str | None
+
+    def result(self) -> dict[str, Any] | None:
+        return json.loads(self.result_json) if self.result_json else None
+
+
+_PUT_DONE = (
+    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, size_bytes, "
+    "received_at, state, completed_at, result_json, header_json) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?, ?) "
+    "ON CONFLICT(sop_instance_uid) DO UPDATE SET state = 'done', completed_at = excluded.completed_at, "
+    "result_json = excluded.result_json, header_json = excluded.header_json "
+    "WHERE instances.state != 'pending'"
+)
+
+
+class Store:
+    """Thread-safe (one connection behind a lock); every write is a committed transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: tuple[Any, ...]) -> Row | None:
+        with self._lock:
+            cur = self._db.execute(sql, args)
+            r = cur.fetchone()
+        return Row(*r) if r else None
+
+    def add_pending(
+        self,
+        uid: str,
+        sop_class: str,
+        study: str,
+        series: str,
+        spool_path: str,
+        size: int,
+        header_json: str | None = None,
+    ) -> bool:
+        """Insert a pending instance; False (and nothing changed) when the UID is already known.
+
+        ``header_json`` is the instance's SR evidence (DICOM JSON, no patient identity: service/results/evidence.py).
+        """
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, "
+                "spool_path, size_bytes, received_at, state, header_json) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                (uid, sop_class, study, series, spool_path, size, time.time(), header_json),
+            )
+            return cur.rowcount == 1
+
+    def put_done(
+        self,
+        uid: str,
+        sop_class: str,
+        study: str,
+        series: str,
+        size: int,
+        result: dict[str, Any],
+        header_json: str | None,
+    ) -> None:
+        """Record a synchronous (/v1/detect) result; replaces an earlier finished result of the same UID."""
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                _PUT_DONE, (uid, sop_class, study, series, size, now, now, json.dumps(result), header_json)
+            )
+
+    def put_done_many(self, rows: list[tuple[str, str, str, str, int, dict[str, Any], str | None]]) -> None:
+        """:meth:`put_done` for many ``(uid, sop_class, study, series, size, result, header_json)`` in one
+        transaction (one commit, one fsync)."""
+        now = time.time()
+        values = [(u, c, st, se, n, now, now, json.dumps(r), h) for u, c, st, se, n, r, h in rows]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(_PUT_DONE, values)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def get(self, uid: str) -> Row | None:
+        return self._one("SELECT * FROM instances WHERE sop_instance_uid = ?", (uid,))
+
+    def series_rows(self, series_uid: str) -> list[Row]:
+        """Every kept instance of one series, in order of arrival."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at, sop_instance_uid",
+                (series_uid,),
+            ).fetchall()
+        return [Row(*r) for r in rows]
+
+    def request_series_complete(self, series_uid: str, at: float | None = None) -> float:
+        """Record that the series is complete as of ``at`` (default now); returns that time."""
+        at = time.time() if at is None else at
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO series_requests (series_uid, requested_at) VALUES (?, ?) "
+                "ON CONFLICT(series_uid) DO UPDATE SET requested_at = excluded.requested_at",
+                (series_uid, at),
+            )
+        return at
+
+    def series_requested_at(self, series_uid: str) -> float | None:
+        with self._lock:
+            r = self._db.execute(
+                "SELECT requested_at FROM series_requests WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+        return float(r[0]) if r else None
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid FROM instances WHERE state = 'pending' ORDER BY received_at"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def backlog(self) -> tuple[int, int]:
+        """``(instances, bytes)`` acknowledged and not processed yet (state ``pending``)."""
+        with self._lock:
+            n, size = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM instances WHERE state = 'pending'"
+            ).fetchone()
+        return int(n), int(size)
+
+    def spool_paths(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT spool_path FROM instances WHERE spool_path IS NOT NULL"
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def done(self, uid: str, result: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE instances SET state = 'done', completed_at = ?, result_json = ?, spool_path = NULL "
+                "WHERE sop_instance_uid = ?",
+                (time.time(), json.dumps(result), uid),
+            )
+
+    def failed(self, uid: str, error_type: str, message: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE instances SET state = 'failed', completed_at = ?, error_type = ?, error_message = ?, "
+                "spool_path = NULL WHERE sop_instance_uid = ?",
+                (time.time(), error_type, message, uid),
+            )
+
+    def prune(self, max_age_s: float, max_result_bytes: int) -> list[str]:
+        """Retention: drop finished rows older than ``max_age_s``, then the oldest beyond the byte budget;
+        returns the SOP Instance UIDs dropped."""
+        with self._lock:
+            old = [
+                r[0]
+                for r in self._db.execute(
+                    "DELETE FROM instances WHERE state != 'pending' AND completed_at < ? "
+                    "RETURNING sop_instance_uid",
+                    (time.time() - max_age_s,),
+                ).fetchall()
+            ]
+            n = len(old)
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, LENGTH(COALESCE(result_json, '')) FROM instances "
+                "WHERE state != 'pending' ORDER BY completed_at DESC"
+            ).fetchall()
+            total, drop = 0, []
+            for uid, size in rows:
+                total += size
+                if total > max_result_bytes:
+                    drop.append((uid,))
+            if drop:
+                self._db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", drop)
+            if n or drop:
+                self._db.execute(
+                    "DELETE FROM series_requests WHERE series_uid NOT IN (SELECT series_uid FROM instances)"
+                )
+        return old + [uid for (uid,) in drop]
+
+    def uids(self) -> list[str]:
+        """Every SOP Instance UID the database knows."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT sop_instance_uid FROM instances").fetchall()]
+
+    def headers_with(self, keys: tuple[str, ...]) -> list[tuple[str, str]]:
+        """``(uid, header_json)`` of rows whose kept header mentions any of the DICOM JSON ``keys``."""
+        where = " OR ".join("header_json LIKE ?" for _ in keys)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT sop_instance_uid, header_json FROM instances WHERE {where}",
+                tuple(f'%"{k}"%' for k in keys),
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def set_header(self, uid: str, header_json: str | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE instances SET header_json = ? WHERE sop_instance_uid = ?", (header_json, uid)
+            )
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state").fetchall()
+        return {state: n for state, n in rows}
