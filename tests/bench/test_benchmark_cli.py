@@ -1,0 +1,191 @@
+"""``retinaedge benchmark`` end to end on the demo bundle with tiny counts (a real subprocess, real runners
+in their own processes, a real ``retinaedge serve``), and the report writer's outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+from retinaedge.bench.batch_settings import service_fields
+from retinaedge.bench.plot import draw_latency_plot
+
+REPO = Path(__file__).resolve().parents[2]
+RATIOS = (
+    "speedup_vs_torch_eager",
+    "postprocess_speedup_vs_python",
+    "http_overhead_p50",
+    "http_overhead_paired_p50",
+    "service_throughput_vs_backend",
+    "tail_ratio_p99_p50",
+)
+TOP_KEYS = {
+    "schema",
+    "context",
+    "device",
+    "versions",
+    "model",
+    "threads",
+    "frames",
+    "stages_ms_per_frame",
+    "instance_total_ms",
+    "inference_ms_per_frame",
+    "postprocess_ms_per_frame",
+    "http",
+    "throughput",
+    "memory",
+    "energy",
+    "baselines",
+    "ratios",
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path_factory.mktemp("bench") / "out"
+    argv = [
+        sys.executable, "-m", "retinaedge.runtime.cli", "benchmark",
+        "--model", str(REPO / "models" / "demo"),
+        "--dicom", str(REPO / "examples" / "study_01"), str(REPO / "examples" / "study_01_multiframe"),
+        "--frames", "4", "--warmup", "1", "--threads", "1",
+        "--batch-sizes", "1,2", "--batch-repeats", "1", "--batch-seconds", "0",
+        "--clients", "1,4", "--requests-per-client", "1", "--tail-requests", "8", "--tail-seconds", "600",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO)
+    return proc, out
+
+
+def test_writes_the_three_outputs(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(line["ratios"]) == set(RATIOS)
+    for name in ("report.json", "report.md", "latency.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    png = cv2.imread(str(out / "latency.png"))
+    assert png is not None and png.shape[0] > 200 and png.shape[1] > 500
+
+
+def test_report_json_has_the_documented_keys(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    assert TOP_KEYS <= set(report)
+    ctx = report["context"]
+    assert ctx["input"] == [1, 256, 256] and ctx["threads"] == 1 and ctx["precision"] == "fp32"
+    assert ctx["model_sha256"] == json.loads((REPO / "models/demo/manifest.json").read_text())["model_sha256"]
+    assert ctx["versions"]["onnxruntime"] and ctx["device"]
+    for name in RATIOS:
+        r = report["ratios"][name]
+        assert {"value", "goal", "met", "definition", "context"} <= set(r)
+        assert r["value"] is None or r["met"] in (True, False)
+    assert report["ratios"]["postprocess_speedup_vs_python"]["value"] > 0
+    assert report["ratios"]["http_overhead_p50"]["value"] is not None
+    for stage in ("decode", "preprocess", "inference", "postprocess"):
+        s = report["stages_ms_per_frame"][stage]
+        assert s["n"] == 4 and 0 <= s["p50"] <= s["p90"] <= s["p95"] <= s["p99"]
+    assert report["frames"]["timed"] == 4
+    assert report["inference_ms_per_frame"]["onnxruntime_fused"]["n"] == 4
+    assert report["detections"]["python_equals_in_graph_counts"] is True
+    assert [row["batch_size"] for row in report["throughput"]["by_batch_size"]] == [1, 2]
+    one, four = report["throughput"]["by_clients"]
+    assert (one["clients"], one["requests"]) == (1, 1)
+    assert (four["clients"], four["requests"], four["stopped_by"]) == (4, 8, "count")
+    assert four["latency_ms"]["n"] == 8 and four["target_requests"] == 8
+    served, tail = report["ratios"]["service_throughput_vs_backend"], report["ratios"]["tail_ratio_p99_p50"]
+    assert served["value"] > 0 and served["met"] in (True, False)
+    assert served["inputs"]["backend_frames_per_s"] == max(
+        r["frames_per_s"] for r in report["throughput"]["by_batch_size"]
+    )
+    assert served["inputs"]["service_frames_per_s"] == four["frames_per_s"]
+    assert tail["value"] >= 1 and tail["inputs"]["requests"] == 8
+    batching = report["http"]["batching"]
+    assert report["context"]["service_batching"] == batching
+    if "max_batch_size" in service_fields():
+        assert batching["max_batch_size"] == batching["best_model_batch_size"] in (1, 2)
+    else:
+        assert batching["max_batch_size"] is None and "max_batch_size" in batching["not_applied"]
+    rss = report["memory"]["peak_rss_bytes"]
+    assert rss["onnxruntime_fused"] > 50 * 2**20 and rss["service"] > 50 * 2**20
+    energy = report["energy"]
+    assert energy["available"] is False and "tegrastats" in energy["reason"]
+    eager = report["baselines"]["torchvision_eager"]
+    if eager["status"] == "measured":
+        assert report["inference_ms_per_frame"]["torchvision_eager"]["n"] == 4
+        assert report["ratios"]["speedup_vs_torch_eager"]["value"] > 0
+    else:
+        assert eager["reason"] and report["ratios"]["speedup_vs_torch_eager"]["value"] is None
+
+
+def test_report_md_states_the_ratios(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    for name in RATIOS:
+        assert f"`{name}`" in md
+    assert "| inference |" in md and "HTTP round trip" in md
+
+
+def test_plot_of_known_rows(tmp_path: Path) -> None:
+    rows = [
+        ("a", {"p50": 0.5, "p90": 0.7, "p95": 0.8, "p99": 1.0}),
+        ("b", {"p50": 120.0, "p90": 150.0, "p95": 160.0, "p99": 300.0}),
+    ]
+    path = draw_latency_plot(rows, "t", tmp_path / "p.png")
+    img = cv2.imread(str(path))
+    assert img is not None and img.shape == (70 + 34 * 2 + 60, 1100, 3)
+    with pytest.raises(ValueError):
+        draw_latency_plot([], "t", tmp_path / "q.png")
+
+
+def test_without_torch_the_eager_baseline_is_skipped_with_a_reason(tmp_path: Path) -> None:
+    """torch and torchvision blocked in the benchmark process: the report says why the ratio is missing."""
+    from helpers import run_blocked
+
+    out = tmp_path / "out"
+    args = [
+        "benchmark", "--model", str(REPO / "models" / "demo"), "--dicom", str(REPO / "examples" / "study_01"),
+        "--frames", "2", "--warmup", "0", "--threads", "1", "--batch-sizes", "1", "--batch-repeats", "1",
+        "--batch-seconds", "0", "--no-http", "--out", str(out),
+    ]  # fmt: skip
+    proc = run_blocked(
+        f"""
+        import sys
+        from retinaedge.runtime.cli import main
+        code = main({args!r})
+        assert "torch" not in sys.modules
+        sys.exit(code)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    eager = report["baselines"]["torchvision_eager"]
+    assert eager["status"] == "skipped" and "torch" in eager["reason"]
+    speedup = report["ratios"]["speedup_vs_torch_eager"]
+    assert speedup["value"] is None and speedup["met"] is None and "torch" in speedup["reason"]
+    assert report["http"] is None and report["ratios"]["http_overhead_p50"]["reason"] == "no HTTP phase"
+    assert report["ratios"]["service_throughput_vs_backend"]["reason"] == "no HTTP phase"
+    assert report["ratios"]["tail_ratio_p99_p50"]["value"] is None
+    assert report["ratios"]["postprocess_speedup_vs_python"]["value"] is not None
+    assert (out / "latency.png").is_file() and (out / "report.md").is_file()
+
+
+def test_the_benchmark_package_imports_neither_export_nor_torch() -> None:
+    """Import direction: service -> runtime, device; torch only in the eager runner's own process."""
+    code = (
+        "import importlib, pkgutil, sys, retinaedge.bench as b\n"
+        "for m in pkgutil.iter_modules(b.__path__):\n"
+        "    importlib.import_module(f'retinaedge.bench.{m.name}')\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'tensorrt', 'pycuda')"
+        " or m.startswith('retinaedge.export')]\n"
+        "print(len(list(pkgutil.iter_modules(b.__path__))), bad)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, bad = proc.stdout.split(" ", 1)
+    assert int(count) >= 10 and bad.strip() == "[]"
