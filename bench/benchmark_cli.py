@@ -363,7 +363,7 @@ def finish(report: dict[str, Any], out_dir: Path) -> int:
     from retinaedge.bench.plot import draw_latency_plot
     from retinaedge.bench.report import write_outputs
     from retinaedge.bench.summarize import plot_rows
-    from retinaedge.runtime.cli import emit
+    from retinaedge.runtime.jsonout import emit
 
     out_dir.mkdir(parents=True, exist_ok=True)
     draw_latency_plot(

@@ -152,7 +152,7 @@ def _dicom_parity_inputs(args: argparse.Namespace) -> list[Any]:
 def run(args: argparse.Namespace) -> int:
     from retinaedge.export.exporter import export_retinanet
     from retinaedge.export.torchload import checkpoint_source, load_pickled_model, load_state_dict_checkpoint
-    from retinaedge.runtime.cli import emit
+    from retinaedge.runtime.jsonout import emit
 
     names = _class_names(args)
     if args.pickled_model:

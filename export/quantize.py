@@ -259,7 +259,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """``retinaedge eval``'s figures (COCO AP per class, ``map50``) of ``model`` on annotated files."""
     from retinaedge.runtime.detector import Detector
-    from retinaedge.runtime.eval_cli import detect_all
+    from retinaedge.runtime.eval_runs import detect_all
     from retinaedge.runtime.evaluate import evaluate, evaluated_classes, load_ground_truth, split_unmatched
 
     gt = load_ground_truth(annotations)

@@ -78,8 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from retinaedge.export.quantize import AccuracyCheck, quantize_bundle
-    from retinaedge.runtime.cli import emit
     from retinaedge.runtime.errors import ConfigError
+    from retinaedge.runtime.jsonout import emit
 
     if bool(args.annotations) != bool(args.eval):
         raise ConfigError("--annotations and --eval go together (the accuracy check)")

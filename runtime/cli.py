@@ -1,20 +1,22 @@
 """The ``retinaedge`` command: one entry point, one module per verb.
 
-Each verb module provides ``add_arguments(parser)`` and ``run(args) -> int``. Verb modules are
-imported only when their verb runs, so ``retinaedge detect`` never imports torch.
+Each verb module (``<verb>_cli.py`` in the package that owns the verb) provides
+``add_arguments(parser)`` and ``run(args) -> int``. The table below names them by dotted path; only the
+module of the verb being run is imported (``retinaedge --help`` imports none, ``retinaedge detect``
+never imports torch or the service).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from retinaedge.runtime import __version__, logsafety
 from retinaedge.runtime.errors import ConfigError, RetinaEdgeError
+from retinaedge.runtime.jsonout import emit
 
 log = logging.getLogger("retinaedge")
 
@@ -56,7 +58,9 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; the arguments of ``verbs`` only (None: every verb's), the others listed
+    with their one-line help. Imports the module of each verb whose arguments it adds."""
     parser = argparse.ArgumentParser(
         prog="retinaedge",
         description="Edge inference appliance for RetinaNet detectors on medical images.",
@@ -67,22 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         help="default INFO; serve and boot take RETINAEDGE_LOG_LEVEL (the log_level setting) when not given",
     )
+    wanted = set(VERBS) if verbs is None else set(verbs)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (module, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if verb in wanted:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
-def emit(obj: object) -> None:
-    """Write one JSON object as a line on stdout (the CLI's data channel)."""
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+def chosen_verb(argv: Sequence[str]) -> str | None:
+    """The verb in ``argv`` (the first word that is not an option or ``--log-level``'s value), if known."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--log-level":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in VERBS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = chosen_verb(argv)
+    parser = build_parser([verb] if verb is not None else [])
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level or "INFO"),

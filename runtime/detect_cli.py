@@ -98,8 +98,8 @@ def link_params(args: argparse.Namespace) -> LinkParams | None:
 def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.backends.base import BackendOptions
     from retinaedge.runtime.backends.registry import check_available
-    from retinaedge.runtime.cli import emit
     from retinaedge.runtime.detector import Detector
+    from retinaedge.runtime.jsonout import emit
     from retinaedge.runtime.overlay import write_png
     from retinaedge.runtime.slices import read_frames
 

@@ -173,7 +173,7 @@ def changes_since(previous: dict[str, Any] | None, current: dict[str, Any]) -> l
 
 
 def run(args: argparse.Namespace) -> int:
-    from retinaedge.runtime.cli import emit
+    from retinaedge.runtime.jsonout import emit
     from retinaedge.service.serve_cli import serve, settings_from_args
 
     try:

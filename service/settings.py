@@ -9,21 +9,29 @@ Settings are built once and passed to :func:`retinaedge.service.app.create_app`;
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from retinaedge.runtime.backends.tensorrt.options import BuildOptions
+from pydantic_settings import SettingsConfigDict
+from retinaedge.runtime.backends.tensorrt.settings import EngineConfig
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.findings import LinkParams
+from retinaedge.runtime.settings_source import (
+    build_settings,
+    environment_names,
+    file_values_below_environment,
+)
 from retinaedge.service.outbox.destinations import ExportDestination, check_unique
 
 
-class Settings(BaseSettings):
-    """Everything the service needs; sizes in bytes, times in seconds."""
+class Settings(EngineConfig):
+    """Everything the service needs; sizes in bytes, times in seconds.
+
+    The engine settings (``max_batch_size``, ``data_dir``, ``engine_*``) are the TensorRT backend's
+    :class:`~retinaedge.runtime.backends.tensorrt.settings.EngineConfig`, extended here.
+    """
 
     model_config = SettingsConfigDict(env_prefix="RETINAEDGE_", extra="forbid", frozen=True)
 
@@ -43,12 +51,6 @@ class Settings(BaseSettings):
     )
     queue_max_age_s: float = Field(default=60.0, gt=0, description="older queued work is refused with 503")
     retry_after_s: int = Field(default=5, ge=1)
-    max_batch_size: int = Field(
-        default=4,
-        ge=1,
-        description="frames per inference batch at most, from any requests (also the TensorRT engine's "
-        "batch profile maximum)",
-    )
     batch_delay_ms: float = Field(
         default=2.0,
         ge=0,
@@ -79,7 +81,6 @@ class Settings(BaseSettings):
         description="STOW-RS instances processed at the same time (default max_batch_size), so that their "
         "frames can share batches",
     )
-    data_dir: Path = Field(default=Path("retinaedge-data"), description="spool and SQLite database")
     min_free_bytes: int = Field(
         default=1024**3, ge=0, description="disk reserve; below it new instances get 507"
     )
@@ -113,10 +114,11 @@ class Settings(BaseSettings):
     series_min_slices: int = Field(default=2, ge=1, description="findings on fewer slices are dropped")
     series_link_iou: float = Field(default=0.2, gt=0, le=1, description="IoU linking neighbouring slices")
     series_max_gap: int = Field(default=1, ge=0, description="slices a finding may skip")
-    backend: Literal["auto", "onnxruntime", "tensorrt", "triton"] = Field(
+    backend: str = Field(
         default="auto",
         description="auto: a valid cached TensorRT engine, else build one (engine_build), else ONNX Runtime; "
-        "triton: a Triton Inference Server (triton_* settings) runs the model",
+        "or any backend of the registry (onnxruntime, tensorrt, triton: a Triton Inference Server, "
+        "triton_* settings)",
     )
     # backend=triton (docs/triton.md); a backend's settings are those prefixed with its name.
     triton_url: str = Field(default="127.0.0.1:8000", description="Triton host:port (HTTP 8000, gRPC 8001)")
@@ -131,21 +133,6 @@ class Settings(BaseSettings):
     triton_unreachable: Literal["not_ready", "onnxruntime"] = Field(
         default="not_ready",
         description="while Triton is unreachable: not ready (instances stay pending), or local ONNX Runtime",
-    )
-    engine_cache_dir: Path | None = Field(default=None, description="engine cache (default data_dir/engines)")
-    engine_cache_max_bytes: int = Field(default=4 * 1024**3, ge=0, description="engine cache size budget")
-    engine_build: bool = Field(default=True, description="build a missing engine at start-up (minutes)")
-    engine_precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    engine_dla_core: int | None = Field(default=None, ge=0, description="DLA core (GPU fallback on)")
-    engine_workspace_mib: int = Field(default=1024, ge=1)
-    engine_nms: Literal["auto", "plugin", "builtin"] = "auto"
-    engine_build_while: Literal["not_ready", "onnxruntime"] = Field(
-        default="not_ready",
-        description="while an engine builds: report not ready, or serve with ONNX Runtime and build in a "
-        "child process, switching to the engine once it is built and validated",
-    )
-    engine_build_retry_s: float = Field(
-        default=24 * 3600.0, ge=0, description="a failed engine build is not retried on start-up before this"
     )
     tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate (chain): with tls_key_file, the service speaks HTTPS only"
@@ -186,22 +173,6 @@ class Settings(BaseSettings):
         prefix = f"{name}_"
         return {k[len(prefix) :]: v for k, v in self.model_dump().items() if k.startswith(prefix)}
 
-    def build_options(self) -> BuildOptions:
-        """The engine build options these settings ask for (batch profile 1 / max_batch_size / max_batch_size)."""
-        return BuildOptions(
-            precision=self.engine_precision,
-            dla_core=self.engine_dla_core,
-            batch_min=1,
-            batch_opt=self.max_batch_size,
-            batch_max=self.max_batch_size,
-            workspace_mib=self.engine_workspace_mib,
-            nms=self.engine_nms,
-        )
-
-    @property
-    def engine_cache_root(self) -> Path:
-        return self.engine_cache_dir if self.engine_cache_dir is not None else self.data_dir / "engines"
-
     def link_params(self) -> LinkParams:
         """The series linking parameters (:class:`~retinaedge.runtime.findings.LinkParams`)."""
         return LinkParams(
@@ -210,6 +181,16 @@ class Settings(BaseSettings):
             link_iou=self.series_link_iou,
             max_gap=self.series_max_gap,
         )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from retinaedge.runtime.backends.registry import choices
+
+        known = choices()
+        if v not in known:
+            raise ValueError(f"Input should be one of {', '.join(repr(k) for k in known)}")
+        return v
 
     @field_validator("export_destinations")
     @classmethod
@@ -270,34 +251,17 @@ def is_loopback(host: str) -> bool:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Defaults < config file (``RETINAEDGE_CONFIG_FILE``, JSON) < environment < ``overrides``.
+    """Defaults < config file (``RETINAEDGE_CONFIG_FILE``, JSON) < environment < ``overrides``
+    (:mod:`retinaedge.runtime.settings_source`).
 
     Raises :class:`ConfigError` with every invalid field named.
     """
-    from pydantic import ValidationError
-
-    file_values: dict[str, Any] = {}
-    config_file = os.environ.get("RETINAEDGE_CONFIG_FILE")
-    if config_file:
-        try:
-            file_values = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"config file {config_file}: {exc}") from exc
-        if not isinstance(file_values, dict):
-            raise ConfigError(f"config file {config_file} must hold a JSON object")
-    env_keys = {k[len("RETINAEDGE_") :].lower() for k in os.environ if k.startswith("RETINAEDGE_")}
-    merged = {k: v for k, v in file_values.items() if k not in env_keys}
+    merged = file_values_below_environment()
     token_file = os.environ.get("RETINAEDGE_API_TOKEN_FILE")
-    if token_file and "api_token" not in env_keys and overrides.get("api_token") is None:
+    if token_file and "api_token" not in environment_names() and overrides.get("api_token") is None:
         merged["api_token"] = read_token_file(Path(token_file))
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return Settings(**merged)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from exc
+    return build_settings(Settings, merged)
 
 
 def read_token_file(path: Path) -> str:

@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from retinaedge.export.triton.repo import ExportRequest, export_repository
-    from retinaedge.runtime.cli import emit
+    from retinaedge.runtime.jsonout import emit
 
     report = export_repository(
         ExportRequest(

@@ -2,15 +2,16 @@
 
 The structure is registry + loaders + a pure candidate policy:
 
-- backends by name: :mod:`retinaedge.runtime.backends.registry` (``onnxruntime``; ``tensorrt`` is
-  :mod:`.tensorrt_backend`, the runner and its factory);
-- TensorRT loaders (plan the ONNX file, find, build, validate, store an engine): :mod:`.trt_loaders`;
-- the policy (``auto``, fallback, reasons): :func:`.policy.plan_candidates`, a pure function.
+- backends by name: :mod:`retinaedge.runtime.backends.registry` (``onnxruntime``, ``tensorrt``,
+  ``triton``, each a module or folder of this package);
+- TensorRT loaders (plan the ONNX file, find, build, validate, store an engine):
+  :mod:`retinaedge.runtime.backends.tensorrt.loaders`;
+- the policy (``auto``, fallback, reasons): :func:`retinaedge.runtime.backends.policy.plan_candidates`,
+  a pure function.
 
 This module joins them: :func:`plan_backend` gathers the facts (device probe, build options, engine
 cache lookup; pure Python, nothing loaded or built) and asks the policy for the candidates;
-:func:`choose_backend` opens the first that works. It lives in the service, the one layer allowed to
-import both ``device`` and ``runtime``. ``retinaedge build``, ``retinaedge boot`` and the CLI verbs'
+:func:`choose_backend` opens the first that works. ``retinaedge build``, ``retinaedge boot`` and the CLI verbs'
 ``--backend auto`` (:func:`open_auto`) use the same functions.
 
 Order (mode ``auto``), each step pure Python until a usable engine is found:
@@ -41,58 +42,25 @@ from typing import Any
 from retinaedge.runtime.backends.base import Backend, BackendOptions
 from retinaedge.runtime.backends.policy import (
     BACKEND_MODES,
-    DECISIONS,
     Candidate,
     Facts,
     describe_error,
     plan_candidates,
-    raise_for_tensorrt,
-    to_runtime_error,
 )
 from retinaedge.runtime.backends.registry import names, open_backend
 from retinaedge.runtime.backends.tensorrt.cache import EngineCache, Lookup
-from retinaedge.runtime.backends.tensorrt.errors import DeviceError
+from retinaedge.runtime.backends.tensorrt.errors import TensorRTError
 from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.runtime.backends.tensorrt.loaders import (
-    PLUGIN_MARGIN,
-    PRECISION_CRITERIA,
     EnginePlan,
     acceptance_criteria,
-    build_validate_store,
-    compare_backends,
     find_engine,
     plan_engine,
-    timing_cache_path,
-    validate_engine,
 )
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 from retinaedge.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "BACKEND_MODES",
-    "DECISIONS",
-    "PLUGIN_MARGIN",
-    "PRECISION_CRITERIA",
-    "BackendPlan",
-    "Candidate",
-    "Choice",
-    "EnginePlan",
-    "Probe",
-    "acceptance_criteria",
-    "build_validate_store",
-    "choose_backend",
-    "compare_backends",
-    "default_probe",
-    "describe_error",
-    "open_auto",
-    "plan_backend",
-    "plan_engine",
-    "timing_cache_path",
-    "to_runtime_error",
-    "validate_engine",
-]
 
 Probe = Callable[[], tuple[DeviceFingerprint, DeviceCapabilities]]
 
@@ -158,7 +126,7 @@ def plan_backend(
     """Gather the facts (see the module docstring) and ask :func:`~.policy.plan_candidates`.
 
     Probes the device and reads the engine cache; loads and builds nothing. In mode ``tensorrt`` every
-    reason not to use TensorRT is raised (mapped by :func:`to_runtime_error`) instead of planned.
+    reason not to use TensorRT is raised instead of planned.
     A build whose last attempt failed less than ``retry_after_s`` seconds before ``now`` (Unix s) is not
     planned again: a crash-looping container must not rebuild (minutes of a Jetson's time) every start.
     """
@@ -175,7 +143,7 @@ def plan_backend(
     try:
         engine = plan_engine(bundle, options, fingerprint, caps)
         cache = EngineCache(cache_root, cache_max_bytes)
-    except DeviceError as exc:
+    except TensorRTError as exc:
         return BackendPlan.of(plan_candidates(mode, Facts(options_error=exc)), fingerprint=fingerprint)
     found = find_engine(cache, engine, options, fingerprint)
     common: dict[str, Any] = {
@@ -238,7 +206,7 @@ def choose_backend(
     options). ``defer_build``: when the plan is a build, open ONNX Runtime instead and return
     ``deferred=True``; the caller builds elsewhere (``retinaedge build`` in a child process) and plans again.
     """
-    from retinaedge.runtime.backends.tensorrt.factory import open_planned
+    from retinaedge.runtime.backends.tensorrt import open_planned
 
     open_ort = open_onnxruntime or _registry_onnxruntime(bundle)
     if plan.action == "onnxruntime":
@@ -256,7 +224,7 @@ def choose_backend(
         return Choice(runner, runner.reason, plan.criteria, plan)
     except Exception as exc:  # auto: any TensorRT/CUDA failure falls back, visibly, never a crash
         if mode == "tensorrt":
-            raise_for_tensorrt(exc)
+            raise
         why = describe_error(exc)
         log.warning("TensorRT not used, serving with ONNX Runtime: %s", why)
         return Choice(open_ort(), f"TensorRT not used: {why}", plan=plan)
@@ -264,8 +232,8 @@ def choose_backend(
 
 def plan_for_cli(bundle: Bundle, options: BackendOptions, mode: str) -> BackendPlan:
     """:func:`plan_backend` for a CLI verb: the engine settings the service would use
-    (:func:`~.tensorrt_backend.engine_settings`), the probe from ``options.extra`` or the real one."""
-    from retinaedge.runtime.backends.tensorrt.factory import engine_settings
+    (:func:`retinaedge.runtime.backends.tensorrt.engine_settings`), the probe from ``options.extra`` or the real one."""
+    from retinaedge.runtime.backends.tensorrt import engine_settings
 
     engine = engine_settings(bundle, options)
     return plan_backend(

@@ -7,7 +7,7 @@ candidate is followed by ONNX Runtime, used when loading or building the engine 
 
 Decisions (stable labels: ``retinaedge boot``, ``/readyz``, ``boot.json`` and tests use them) are
 :data:`DECISIONS`. Mode ``tensorrt`` raises instead of planning ONNX Runtime (the error in ``Facts``,
-mapped onto the runtime's hierarchy by :func:`to_runtime_error`); mode ``onnxruntime`` plans nothing else.
+as it is: the TensorRT backend's errors are part of the runtime's hierarchy); mode ``onnxruntime`` plans nothing else.
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from retinaedge.runtime.backends.tensorrt.errors import (
-    BuildOptionsError,
-    DeviceError,
-    EngineBuildError,
-    MissingExtraError,
-)
-from retinaedge.runtime.errors import ConfigError, MissingDependencyError, RetinaEdgeError
+from retinaedge.runtime.backends.tensorrt.errors import BuildOptionsError, EngineBuildError
+from retinaedge.runtime.errors import ConfigError, RetinaEdgeError
 
 BACKEND_MODES = ("auto", "onnxruntime", "tensorrt")
 
@@ -100,27 +95,9 @@ class Facts:
     now: float = 0.0
 
 
-def to_runtime_error(exc: DeviceError) -> RetinaEdgeError:
-    """Map a device-layer error onto the runtime's hierarchy (CLI exit codes, HTTP statuses)."""
-    if isinstance(exc, MissingExtraError):
-        err: RetinaEdgeError = MissingDependencyError(exc.what.lower(), "trt", "TensorRT engines")
-        err.args = (str(exc),)  # "TensorRT is not installed (pip install '.[trt]', ...)"
-        return err
-    if isinstance(exc, BuildOptionsError):
-        return ConfigError(str(exc))
-    return RetinaEdgeError(f"{type(exc).__name__}: {exc}")
-
-
 def describe_error(exc: BaseException) -> str:
     """An error for a reason string: our own errors by their message, anything else with its type."""
-    return str(exc) if isinstance(exc, (DeviceError, RetinaEdgeError)) else f"{type(exc).__name__}: {exc}"
-
-
-def raise_for_tensorrt(exc: BaseException) -> None:
-    """Raise ``exc`` as mode ``tensorrt`` reports it (device errors mapped by :func:`to_runtime_error`)."""
-    if isinstance(exc, DeviceError):
-        raise to_runtime_error(exc) from exc
-    raise exc
+    return str(exc) if isinstance(exc, RetinaEdgeError) else f"{type(exc).__name__}: {exc}"
 
 
 def plan_candidates(mode: str, facts: Facts) -> list[Candidate]:
@@ -171,5 +148,5 @@ def _tensorrt(mode: str, action: str, decision: str, reason: str) -> list[Candid
 def _not_tensorrt(mode: str, decision: str, exc: Exception) -> list[Candidate]:
     """ONNX Runtime with the reason (mode auto), or the error raised (mode tensorrt)."""
     if mode == "tensorrt":
-        raise_for_tensorrt(exc)
+        raise exc
     return [Candidate("onnxruntime", "open", decision, f"TensorRT not used: {describe_error(exc)}")]

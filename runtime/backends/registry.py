@@ -6,17 +6,13 @@ Each entry maps a name to a dotted module path; the module exposes a factory
 :func:`open_backend` (or :func:`factory`) asks for that name, so importing this module never imports
 onnxruntime, tensorrt or pycuda.
 
-Adding a backend is one new file: a module in this package (``runtime/backends/openvino.py``,
-``runtime/backends/triton.py``) exposing ``open`` is registered under its file name, found by listing the
-package (:func:`discovered`; nothing is imported). A module elsewhere is registered by a line in
-:data:`BACKENDS` or by ``register("name", "dotted.module")``.
+Adding a backend is one new module or folder in this package (``runtime/backends/openvino.py``,
+``runtime/backends/tensorrt/``) exposing ``open``: it is registered under its name, found by listing the
+package (:func:`discovered`; nothing is imported). A module elsewhere (a plugin, a test) is registered
+by ``register("name", "dotted.module")``.
 
-Placement: ``tensorrt`` lives in the service layer (:mod:`retinaedge.runtime.backends.tensorrt.factory`), the one
-layer allowed to import both ``device`` (engine cache, TensorRT runner) and ``runtime`` (bundle, golden
-self-test). The runtime refers to it only by its dotted name here, never by an import statement, so the
-import direction ``service -> runtime, device`` holds. ``auto`` is not a backend but the service's
-policy (:func:`retinaedge.runtime.backends.auto.open_auto`): a verified or freshly built TensorRT engine, else
-ONNX Runtime, with the reason.
+``auto`` is not a backend but a policy over them (:func:`retinaedge.runtime.backends.auto.open_auto`):
+a verified or freshly built TensorRT engine, else ONNX Runtime, with the reason.
 """
 
 from __future__ import annotations
@@ -36,11 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: name -> module exposing ``open(bundle, options) -> Backend`` (imported on first use).
-BACKENDS: dict[str, str] = {
-    "onnxruntime": "retinaedge.runtime.backends.onnxruntime",
-    "tensorrt": "retinaedge.runtime.backends.tensorrt.factory",
-}
+#: name -> module exposing ``open(bundle, options) -> Backend``, for backends outside this package
+#: (imported on first use; the package's own are :func:`discovered`).
+BACKENDS: dict[str, str] = {}
 
 AUTO = "auto"
 #: The module whose ``open_auto(bundle, options) -> Backend`` implements ``auto``.
@@ -48,7 +42,7 @@ AUTO_POLICY = "retinaedge.runtime.backends.auto"
 
 
 #: Modules of this package that are not backends.
-NOT_BACKENDS = frozenset({"base", "registry"})
+NOT_BACKENDS = frozenset({"auto", "base", "policy", "registry"})
 
 
 def discovered() -> dict[str, str]:
@@ -62,8 +56,9 @@ def discovered() -> dict[str, str]:
 
 
 def _all() -> dict[str, str]:
-    """Registered backends (in registration order), then discovered ones under other names."""
-    return {**BACKENDS, **{k: v for k, v in discovered().items() if k not in BACKENDS}}
+    """This package's backends (in name order), then registered ones under other names (a registered
+    name replaces a discovered one's module)."""
+    return {**discovered(), **BACKENDS}
 
 
 def register(name: str, module: str) -> None:

@@ -86,7 +86,7 @@ class DetectorOpener:
         )
         if choice.deferred and choice.plan is not None and self.build is None:
             self.build = BackgroundBuild(
-                build_argv(s), lambda ok, tail: self._build_done(choice.plan, ok, tail)
+                build_argv(s.model, s), lambda ok, tail: self._build_done(choice.plan, ok, tail)
             )
             self.build.start()
         return detector

@@ -122,7 +122,8 @@ def test_module_entry_point_without_heavy_imports() -> None:
     code = textwrap.dedent(
         f"""
         import json, sys, io, contextlib
-        from retinaedge.device import cli, sampler, collect
+        from retinaedge.device import collect, sampler
+        from retinaedge.device import device_cli as cli
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             status = cli.main(["--root", {str(X86)!r}, "--command-path", ""])

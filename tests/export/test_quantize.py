@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 import pytest
 from retinaedge.export.quantize import AccuracyCheck, calibration_frames, quantize_bundle, spread
-from retinaedge.runtime.backends.auto import plan_engine
 from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from retinaedge.runtime.backends.tensorrt.errors import BuildOptionsError
 from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceCapabilities, DeviceFingerprint
+from retinaedge.runtime.backends.tensorrt.loaders import plan_engine
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions, inspect_onnx
 from retinaedge.runtime.bundle import QDQ_MODEL_FILE, load_bundle, load_golden
 from retinaedge.runtime.cli import main
@@ -210,7 +210,11 @@ def test_accuracy_gate_marks_a_degraded_qdq_model_and_int8_builds_refuse_it(
 def test_engine_validation_accepts_a_faithful_backend_and_refuses_int8_drift(tmp_path: Path) -> None:
     """The acceptance step a fresh engine goes through, run with ONNX Runtime backends standing as
     candidates: the FP32 model passes it; the Q/DQ model, judged by FP32 criteria, does not."""
-    from retinaedge.runtime.backends.auto import PRECISION_CRITERIA, compare_backends, validate_engine
+    from retinaedge.runtime.backends.tensorrt.loaders import (
+        PRECISION_CRITERIA,
+        compare_backends,
+        validate_engine,
+    )
     from retinaedge.runtime.errors import SelfTestError
 
     bundle_dir = tmp_path / "demo"

@@ -14,7 +14,7 @@ from dicomgen import mr_instance, to_bytes, write
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detection, Detector, FrameResult, InstanceResult
 from retinaedge.runtime.errors import ConfigError, MalformedDicomError
-from retinaedge.runtime.eval_cli import InputRejected, detect_all
+from retinaedge.runtime.eval_runs import InputRejected, detect_all
 from retinaedge.runtime.evaluate import (
     Annotation,
     EvalFrame,

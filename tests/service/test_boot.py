@@ -30,8 +30,8 @@ from helpers import (
     wait_ready,
     worker_of,
 )
-from retinaedge.runtime.backends.auto import DECISIONS
 from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from retinaedge.runtime.backends.policy import DECISIONS
 from retinaedge.runtime.backends.tensorrt import build_cli
 from retinaedge.runtime.backends.tensorrt.background import build_argv, failure_summary
 from retinaedge.runtime.backends.tensorrt.cache import EngineCache
@@ -179,7 +179,7 @@ def test_build_argv_keys_the_same_engine_as_the_service(tmp_path: Path) -> None:
     import argparse
 
     settings = settings_for(tmp_path, max_batch_size=2, engine_precision="fp16", engine_dla_core=1)
-    argv = build_argv(settings)
+    argv = build_argv(settings.model, settings)
     assert argv[:4] == [sys.executable, "-m", "retinaedge.runtime.cli", "build"]
     parser = argparse.ArgumentParser()
     build_cli.add_arguments(parser)

@@ -1,8 +1,7 @@
 """The TensorRT backend: a deserialized engine run through pycuda on one stream.
 
-Has the runtime backend's shape (``name``, ``infer``, ``close``, context manager) without importing the
-runtime; the service's :class:`retinaedge.runtime.backends.tensorrt.factory.TensorRTRunner` makes it a runtime
-``Backend`` (the registry's ``tensorrt``). ``infer(images)`` takes float32
+The registry's ``tensorrt`` :class:`~retinaedge.runtime.backends.base.Backend` (opened by the factory in
+:mod:`retinaedge.runtime.backends.tensorrt`). ``infer(images)`` takes float32
 ``(N, C, H, W)`` in 0..1 and returns the ONNX contract outputs (docs/architecture.md): ``num_detections`` int32
 ``(N,)``, ``boxes`` float32 ``(N, K, 4)``, ``scores`` float32 ``(N, K)``, ``labels`` int32 ``(N, K)``.
 Batches larger than the engine's profile maximum are run in slices.
@@ -21,9 +20,9 @@ TensorRT API used (TensorRT 10 named I/O tensors; the 8.x binding API is gone): 
 from __future__ import annotations
 
 import logging
-from types import TracebackType
 
 import numpy as np
+from retinaedge.runtime.backends.base import Backend
 from retinaedge.runtime.backends.tensorrt.cuda import CudaContext, HostDeviceBuffer, Stream
 from retinaedge.runtime.backends.tensorrt.errors import EngineLoadError, MissingExtraError
 
@@ -39,10 +38,11 @@ OUTPUT_DTYPES: dict[str, type[np.generic]] = {
 }
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     """``infer(images (N, C, H, W) float32) -> {num_detections, boxes, scores, labels}`` on a TensorRT engine."""
 
     name = "tensorrt"
+    providers: tuple[str, ...] = ("TensorRT",)
 
     def __init__(self, engine: bytes, *, device: int = 0) -> None:
         try:
@@ -160,14 +160,3 @@ class TensorRTBackend:
         if getattr(self, "_cuda", None) is not None:
             self._release()
             self._cuda = None  # type: ignore[assignment]
-
-    def __enter__(self) -> TensorRTBackend:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

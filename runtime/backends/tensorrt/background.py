@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
+from retinaedge.runtime.backends.tensorrt.settings import EngineConfig
 from retinaedge.runtime.threadname import name_this_thread
-from retinaedge.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,11 @@ log = logging.getLogger(__name__)
 TAIL_LINES = 20
 
 
-def build_argv(settings: Settings) -> list[str]:
-    """The ``retinaedge build`` command line that builds the engine these settings ask for.
+def build_argv(model: Path, settings: EngineConfig) -> list[str]:
+    """The ``retinaedge build`` command line that builds the engine these settings ask for, for the
+    bundle in directory ``model``.
 
-    Its build options key the same cache entry as :meth:`Settings.build_options` (tested).
+    Its build options key the same cache entry as :meth:`EngineConfig.build_options` (tested).
     """
     b = settings.max_batch_size
     argv = [
@@ -40,7 +42,7 @@ def build_argv(settings: Settings) -> list[str]:
         "retinaedge.runtime.cli",
         "build",
         "--model",
-        str(settings.model),
+        str(model),
         "--precision",
         settings.engine_precision,
         "--batch",

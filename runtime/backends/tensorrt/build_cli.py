@@ -63,46 +63,41 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from retinaedge.runtime.backends.auto import (
+    from retinaedge.runtime.backends.auto import default_probe
+    from retinaedge.runtime.backends.tensorrt.cache import EngineCache
+    from retinaedge.runtime.backends.tensorrt.fingerprint import require_trt_extra
+    from retinaedge.runtime.backends.tensorrt.loaders import (
         build_validate_store,
-        default_probe,
         plan_engine,
         timing_cache_path,
-        to_runtime_error,
     )
-    from retinaedge.runtime.backends.tensorrt.cache import EngineCache
-    from retinaedge.runtime.backends.tensorrt.errors import DeviceError
-    from retinaedge.runtime.backends.tensorrt.fingerprint import require_trt_extra
     from retinaedge.runtime.bundle import load_bundle
-    from retinaedge.runtime.cli import emit
     from retinaedge.runtime.errors import RetinaEdgeError
+    from retinaedge.runtime.jsonout import emit
 
     bundle = load_bundle(args.model)
     options = options_from_args(args)
-    try:
-        options.validate()
-        require_trt_extra()
-        fingerprint, caps = default_probe()
-        plan = plan_engine(bundle, options, fingerprint, caps)
-        cache = EngineCache(args.cache_dir, args.cache_max_mib * 1024**2)
-        if options.timing_cache is None:
-            options = replace(options, timing_cache=timing_cache_path(cache.root, fingerprint))
-        found = cache.lookup(plan.onnx_sha256, options, fingerprint)
-        out: dict[str, Any] = {"fingerprint": fingerprint.to_dict(), "options": options.to_dict()}
-        if found.usable and found.entry is not None and not args.force:
-            out.update(status="cached", key=found.key, engine=str(found.entry.engine_path))
-            out["manifest"] = found.entry.manifest
-        else:
-            log.info("building: %s", found.reason)
-            try:
-                backend, manifest = build_validate_store(bundle, options, plan, fingerprint, cache)
-            except (DeviceError, RetinaEdgeError) as exc:  # remembered: start-up will not retry at once
-                cache.record_failure(found.key, f"{type(exc).__name__}: {exc}")
-                raise
-            backend.close()
-            out.update(status="built", key=manifest["key"], engine=str(cache.root / manifest["engine_file"]))
-            out["manifest"] = manifest
-    except DeviceError as exc:
-        raise to_runtime_error(exc) from exc
+    options.validate()
+    require_trt_extra()
+    fingerprint, caps = default_probe()
+    plan = plan_engine(bundle, options, fingerprint, caps)
+    cache = EngineCache(args.cache_dir, args.cache_max_mib * 1024**2)
+    if options.timing_cache is None:
+        options = replace(options, timing_cache=timing_cache_path(cache.root, fingerprint))
+    found = cache.lookup(plan.onnx_sha256, options, fingerprint)
+    out: dict[str, Any] = {"fingerprint": fingerprint.to_dict(), "options": options.to_dict()}
+    if found.usable and found.entry is not None and not args.force:
+        out.update(status="cached", key=found.key, engine=str(found.entry.engine_path))
+        out["manifest"] = found.entry.manifest
+    else:
+        log.info("building: %s", found.reason)
+        try:
+            backend, manifest = build_validate_store(bundle, options, plan, fingerprint, cache)
+        except RetinaEdgeError as exc:  # remembered: start-up will not retry at once
+            cache.record_failure(found.key, f"{type(exc).__name__}: {exc}")
+            raise
+        backend.close()
+        out.update(status="built", key=manifest["key"], engine=str(cache.root / manifest["engine_file"]))
+        out["manifest"] = manifest
     emit(out)
     return 0

@@ -1,40 +1,48 @@
-"""Errors raised by the device layer (engine builds, the engine cache, TensorRT and CUDA).
+"""Errors of the TensorRT backend (engine builds, the engine cache, TensorRT and CUDA).
 
-``device`` imports nothing from the rest of retinaedge (docs/architecture.md), so it has its own small
-hierarchy; the service and the CLI map it onto the runtime's :class:`RetinaEdgeError` types in one place
-(:func:`retinaedge.runtime.backends.policy.to_runtime_error`).
+They are part of the one hierarchy of :mod:`retinaedge.runtime.errors`: each has its ``type`` and HTTP
+status there, so the CLI and the service report them like every other error, with no mapping step.
 """
 
 from __future__ import annotations
 
-
-class DeviceError(Exception):
-    """Base class of every error the device layer raises."""
+from retinaedge.runtime.errors import ConfigError, MissingDependencyError, RetinaEdgeError
 
 
-class BuildOptionsError(DeviceError):
+class TensorRTError(RetinaEdgeError):
+    """Base class of what the TensorRT backend raises: the engine or the GPU could not be used."""
+
+    type = "tensorrt-failed"
+    http_status = 500
+
+
+class BuildOptionsError(ConfigError, TensorRTError):
     """Build options that are invalid, or that this device or model cannot honour (never rewritten)."""
 
 
-class MissingExtraError(DeviceError):
+class MissingExtraError(MissingDependencyError, TensorRTError):
     """TensorRT or pycuda is not installed; the message names the ``trt`` extra."""
 
     def __init__(self, what: str) -> None:
-        super().__init__(f"{what} is not installed (pip install '.[trt]', i.e. the retinaedge[trt] extra)")
+        RetinaEdgeError.__init__(
+            self, f"{what} is not installed (pip install '.[trt]', i.e. the retinaedge[trt] extra)"
+        )
         self.what = what
+        self.module = what.lower()
+        self.extra = "trt"
 
 
-class NoCudaDeviceError(DeviceError):
+class NoCudaDeviceError(TensorRTError):
     """CUDA is installed but no usable GPU was found (or the driver refused to initialise)."""
 
 
-class EngineBuildError(DeviceError):
+class EngineBuildError(TensorRTError):
     """TensorRT could not parse the ONNX model or build an engine from it."""
 
 
-class EngineLoadError(DeviceError):
+class EngineLoadError(TensorRTError):
     """A serialized engine could not be deserialized or does not fit the ONNX I/O contract."""
 
 
-class EngineCacheError(DeviceError):
+class EngineCacheError(TensorRTError):
     """The engine cache directory cannot be used (not writable, not a directory)."""

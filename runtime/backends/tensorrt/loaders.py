@@ -11,11 +11,8 @@ loader is pure Python up to the point where TensorRT is really needed:
 - :func:`build_validate_store`: build, golden self-test plus detection-aware comparison with ONNX Runtime
   (:func:`validate_engine`), then store in the cache.
 
-It lives in the service because validation needs ``runtime`` (bundle, golden self-test, matching) and
-the engine cache and builder are ``device``; only the service may import both. The runner is
-:class:`retinaedge.runtime.backends.tensorrt.factory.TensorRTRunner` (the device's
-:class:`~retinaedge.runtime.backends.tensorrt.backend.TensorRTBackend` as a runtime
-:class:`~retinaedge.runtime.backends.base.Backend`). TensorRT itself is imported only by a build or load.
+The runner is :class:`~retinaedge.runtime.backends.tensorrt.backend.TensorRTBackend`. TensorRT itself is
+imported only by a build or load.
 """
 
 from __future__ import annotations
@@ -29,9 +26,9 @@ from typing import Any
 
 import numpy as np
 from retinaedge.runtime.backends.base import Backend
+from retinaedge.runtime.backends.tensorrt.backend import TensorRTBackend
 from retinaedge.runtime.backends.tensorrt.cache import EngineCache, Lookup
-from retinaedge.runtime.backends.tensorrt.errors import BuildOptionsError, DeviceError, EngineLoadError
-from retinaedge.runtime.backends.tensorrt.factory import TensorRTRunner
+from retinaedge.runtime.backends.tensorrt.errors import BuildOptionsError, EngineLoadError, TensorRTError
 from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceCapabilities, DeviceFingerprint
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions, ModelFacts, inspect_onnx
 from retinaedge.runtime.bundle import (
@@ -172,14 +169,14 @@ def find_engine(
     return cache.lookup(plan.onnx_sha256, options, fingerprint)
 
 
-def load_cached_engine(bundle: Bundle, found: Lookup, criteria: dict[str, float] | None) -> TensorRTRunner:
+def load_cached_engine(bundle: Bundle, found: Lookup, criteria: dict[str, float] | None) -> TensorRTBackend:
     """Deserialise a verified entry and self-test it (every load: a cached engine that now fails is not
     used). Raises :class:`EngineLoadError` with the lookup's reason and what went wrong."""
     if found.entry is None:
         raise EngineLoadError(f"{found.reason}: no engine to load")
     try:
-        runner = TensorRTRunner(found.entry.read_engine())
-    except DeviceError as exc:
+        runner = TensorRTBackend(found.entry.read_engine())
+    except TensorRTError as exc:
         raise EngineLoadError(f"{found.reason}, but it cannot be loaded: {exc}") from exc
     try:
         self_test(runner, bundle, criteria=criteria)
@@ -196,7 +193,7 @@ def build_validate_store(
     plan: EnginePlan,
     fingerprint: DeviceFingerprint,
     cache: EngineCache,
-) -> tuple[TensorRTRunner, dict[str, Any]]:
+) -> tuple[TensorRTBackend, dict[str, Any]]:
     """Build an engine, validate it (the runner stays open) and store it; ``(runner, manifest)``."""
     from retinaedge.runtime.backends.tensorrt.build import build_engine
 
@@ -206,7 +203,7 @@ def build_validate_store(
         nms=plan.nms,
         strongly_typed=plan.facts.has_fp16,
     )
-    runner = TensorRTRunner(engine)
+    runner = TensorRTBackend(engine)
     try:
         validation = validate_engine(runner, bundle, plan, options.precision)
     except BaseException:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from helpers import THIS, this_device
 from retinaedge.runtime.backends import Backend, BackendOptions, open_backend, register, unregister
-from retinaedge.runtime.backends.registry import BACKENDS, check_available, choices
+from retinaedge.runtime.backends.registry import check_available, choices, names
 from retinaedge.runtime.backends.tensorrt.cache import EngineCache
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 from retinaedge.runtime.bundle import Bundle, load_bundle
@@ -77,7 +77,7 @@ def demo() -> Bundle:
 
 
 def test_registered_names_and_choices() -> None:
-    assert list(BACKENDS)[:2] == ["onnxruntime", "tensorrt"]
+    assert list(names())[:2] == ["onnxruntime", "tensorrt"]
     assert choices()[0] == "auto" and set(choices()) >= {"auto", "onnxruntime", "tensorrt"}
 
 
@@ -110,7 +110,7 @@ def test_onnxruntime_opens_by_name_without_the_tensorrt_module(demo: Bundle) -> 
         "from retinaedge.runtime.bundle import load_bundle;"
         f"b = open_backend('onnxruntime', load_bundle({str(DEMO)!r}));"
         "assert b.name == 'onnxruntime' and b.providers[0] == 'CPUExecutionProvider';"
-        "assert 'tensorrt' not in sys.modules and 'retinaedge.runtime.backends.tensorrt.factory' not in sys.modules"
+        "assert 'tensorrt' not in sys.modules and 'retinaedge.runtime.backends.tensorrt' not in sys.modules"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -242,7 +242,7 @@ def test_eval_backend_auto_reports_backend_and_reason(
 def test_engine_settings_are_the_services(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: Bundle
 ) -> None:
-    from retinaedge.runtime.backends.tensorrt.factory import engine_settings
+    from retinaedge.runtime.backends.tensorrt import engine_settings
 
     monkeypatch.setenv("RETINAEDGE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RETINAEDGE_ENGINE_PRECISION", "fp16")

@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from retinaedge.runtime.backends.auto import plan_engine
 from retinaedge.runtime.backends.tensorrt.errors import BuildOptionsError
 from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceCapabilities, DeviceFingerprint
+from retinaedge.runtime.backends.tensorrt.loaders import plan_engine
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions, ModelFacts, inspect_onnx
 from retinaedge.runtime.bundle import load_bundle
 
@@ -186,7 +186,7 @@ def test_build_verb_refuses_impossible_options_before_probing(tmp_path: Path) ->
 
 def test_plugin_flavour_is_held_to_its_measured_parity(tmp_path: Path) -> None:
     """EfficientNMS_TRT differs from torchvision by design; its engine is judged by what export measured."""
-    from retinaedge.runtime.backends.auto import PRECISION_CRITERIA, acceptance_criteria
+    from retinaedge.runtime.backends.tensorrt.loaders import PRECISION_CRITERIA, acceptance_criteria
 
     copy = tmp_path / "demo"
     shutil.copytree(DEMO, copy)

@@ -40,8 +40,8 @@ def _probe() -> Any:
 
 
 def _build(bundle_dir: Path, cache_root: Path, options: Any) -> tuple[Any, dict[str, Any], Any]:
-    from retinaedge.runtime.backends.auto import build_validate_store, plan_engine
     from retinaedge.runtime.backends.tensorrt.cache import EngineCache
+    from retinaedge.runtime.backends.tensorrt.loaders import build_validate_store, plan_engine
     from retinaedge.runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -53,8 +53,8 @@ def _build(bundle_dir: Path, cache_root: Path, options: Any) -> tuple[Any, dict[
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_build_run_and_parity_with_onnxruntime(bundle_dir: Path, tmp_path: Path, precision: str) -> None:
-    from retinaedge.runtime.backends.auto import PRECISION_CRITERIA, compare_backends
     from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from retinaedge.runtime.backends.tensorrt.loaders import PRECISION_CRITERIA, compare_backends
     from retinaedge.runtime.backends.tensorrt.options import BuildOptions
     from retinaedge.runtime.bundle import load_bundle, load_golden
 
@@ -82,8 +82,8 @@ def test_build_run_and_parity_with_onnxruntime(bundle_dir: Path, tmp_path: Path,
 def test_cached_engine_is_found_and_loads(bundle_dir: Path, tmp_path: Path) -> None:
     from retinaedge.runtime.backends import Backend
     from retinaedge.runtime.backends.tensorrt.backend import TensorRTBackend
+    from retinaedge.runtime.backends.tensorrt.backend import TensorRTBackend as TensorRTRunner
     from retinaedge.runtime.backends.tensorrt.cache import EngineCache
-    from retinaedge.runtime.backends.tensorrt.factory import TensorRTRunner
     from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 
     options = BuildOptions(nms="builtin")
@@ -102,7 +102,7 @@ def test_tensorrt_runner_through_the_registry_builds_then_loads(bundle_dir: Path
     """``open_backend("tensorrt")``: an empty cache is built into (validated, stored), the next open loads
     the verified entry; the runner is a Backend and runs the golden input like ONNX Runtime."""
     from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
-    from retinaedge.runtime.backends.auto import PRECISION_CRITERIA, compare_backends
+    from retinaedge.runtime.backends.tensorrt.loaders import PRECISION_CRITERIA, compare_backends
     from retinaedge.runtime.backends.tensorrt.options import BuildOptions
     from retinaedge.runtime.bundle import load_bundle, load_golden
 
@@ -147,8 +147,8 @@ def test_garbage_engine_bytes_are_refused_by_deserialisation() -> None:
 
 
 def test_impossible_dla_core_is_refused_on_this_device(bundle_dir: Path) -> None:
-    from retinaedge.runtime.backends.auto import plan_engine
     from retinaedge.runtime.backends.tensorrt.errors import BuildOptionsError
+    from retinaedge.runtime.backends.tensorrt.loaders import plan_engine
     from retinaedge.runtime.backends.tensorrt.options import BuildOptions
     from retinaedge.runtime.bundle import load_bundle
 
