@@ -1,4 +1,4 @@
-"""retinaedge device: what the appliance runs on (docs/architecture.md, packages and threads).
+"""retinaedge device: the machine's facts (docs/architecture.md, "Rooms").
 
 Pure parsers turn recorded text into frozen dataclasses:
 
@@ -10,17 +10,9 @@ Pure parsers turn recorded text into frozen dataclasses:
 
 :mod:`.collect` reads the real files (under a configurable root) and commands (with timeouts) into a
 :class:`~.collect.DeviceReport`; :mod:`.sampler` runs ``tegrastats`` in the background and integrates
-rail power into energy; :mod:`.cli` is the ``retinaedge device`` verb.
+rail power into energy; :mod:`.device_cli` is the ``retinaedge device`` verb.
 
-TensorRT engines for this device:
-
-- :mod:`.fingerprint`: :class:`~.fingerprint.DeviceFingerprint` (what an engine depends on) and
-  :class:`~.fingerprint.DeviceCapabilities`, probed through TensorRT and :mod:`.cuda`;
-- :mod:`.buildopts`: :class:`~.buildopts.BuildOptions` and their validation against device and model;
-- :mod:`.enginecache`: engines keyed by model, options and fingerprint; atomic writes, typed lookups;
-- :mod:`.trt_build` (ONNX -> engine), :mod:`.trt_backend` (engine -> ``infer``), :mod:`.cuda` (the only
-  module that imports pycuda); :mod:`.errors`, this package's exceptions.
-
-This package imports nothing from the rest of retinaedge and nothing heavy at import time (TensorRT and pycuda only inside the functions
-that need them; versions for the report come from ``importlib.metadata`` and files).
+This package imports nothing from the rest of retinaedge (the TensorRT backend,
+:mod:`retinaedge.runtime.backends.tensorrt`, reads the L4T release from here for its fingerprint) and
+nothing heavy at import time (versions for the report come from ``importlib.metadata`` and files).
 """

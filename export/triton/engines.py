@@ -41,17 +41,8 @@ def pick_engines(bundle: Bundle, onnx_shas: set[str], cache_root: Path, max_batc
             doc = json.loads(path.read_text())
             if doc.get("onnx_sha256") not in onnx_shas:
                 continue
-            opts = doc["options"]
-            lo, opt, hi = (int(b) for b in opts["batch"])
-            options = BuildOptions(
-                precision=opts["precision"],
-                dla_core=opts["dla_core"],
-                batch_min=lo,
-                batch_opt=opt,
-                batch_max=hi,
-                workspace_mib=int(opts["workspace_mib"]),
-                nms=opts["nms"],
-            )
+            options = BuildOptions.from_dict(doc["options"])
+            lo, hi = options.batch_min, options.batch_max
             fingerprint = DeviceFingerprint.from_dict(doc["fingerprint"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("engine cache entry %s skipped: %s", path.name, exc)

@@ -5,7 +5,7 @@
 * :mod:`.dicomweb`: ``POST /dicomweb/studies[/{study}]`` (STOW-RS, processed in the background)
 * :mod:`.results`: ``GET /v1/results/{uid}`` (JSON or any registered format)
 * :mod:`.series`: ``/v1/series/{uid}`` and ``POST /v1/series/{uid}/complete`` (3D findings)
-* :mod:`.exports`: ``GET /v1/exports[/{id}]``, ``POST /v1/exports/retry`` (result export, the outbox)
+* :mod:`.deliveries`: ``GET /v1/exports[/{id}]``, ``POST /v1/exports/retry`` (result delivery, the outbox)
 
 A new route goes in the router of its concern (or a new module listed here), takes what it needs from
 ``ServicesDep`` (:mod:`retinaedge.service.state`), raises

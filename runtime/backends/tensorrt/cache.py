@@ -36,6 +36,7 @@ from typing import Any
 from retinaedge.runtime.backends.tensorrt.errors import EngineCacheError
 from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceFingerprint
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions
+from retinaedge.runtime.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,6 @@ def _chunks(data: bytes | memoryview) -> Iterator[memoryview]:
     view = memoryview(data).cast("B")
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -242,7 +235,7 @@ class EngineCache:
             return f"engine file {engine_path.name} is missing"
         if size != manifest.get("engine_bytes"):
             return f"engine file {engine_path.name} has {size} bytes, the manifest says {manifest.get('engine_bytes')}"
-        if _sha256_file(engine_path) != manifest.get("engine_sha256"):
+        if sha256_file(engine_path) != manifest.get("engine_sha256"):
             return f"engine file {engine_path.name} is corrupt (sha256 differs from its manifest)"
         return None
 

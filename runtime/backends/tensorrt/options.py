@@ -162,6 +162,23 @@ class BuildOptions:
             "nms": self.nms,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BuildOptions:
+        """The options :meth:`to_dict` wrote (an engine cache manifest's ``options``); raises KeyError,
+        TypeError or ValueError for a dictionary that is not one."""
+        lo, opt, hi = (int(b) for b in d["batch"])
+        timing = d.get("timing_cache")
+        return cls(
+            precision=d["precision"],
+            dla_core=None if d["dla_core"] is None else int(d["dla_core"]),
+            batch_min=lo,
+            batch_opt=opt,
+            batch_max=hi,
+            workspace_mib=int(d["workspace_mib"]),
+            nms=d["nms"],
+            timing_cache=None if timing is None else Path(timing),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.key_dict(),

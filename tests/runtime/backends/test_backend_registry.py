@@ -95,7 +95,7 @@ def test_reserved_names_cannot_be_registered() -> None:
 
 def test_importing_the_registry_imports_no_backend() -> None:
     code = (
-        "import sys, retinaedge.runtime.backends.registry, retinaedge.runtime.backend;"
+        "import sys, retinaedge.runtime.backends.registry, retinaedge.runtime.backends.base;"
         "heavy = [m for m in ('tensorrt', 'pycuda', 'onnxruntime', 'torch', 'retinaedge.service',"
         " 'retinaedge.device', 'retinaedge.runtime.backends.onnxruntime') if m in sys.modules];"
         "assert not heavy, heavy"
