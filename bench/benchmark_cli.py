@@ -20,7 +20,6 @@ ratios) on stdout. Goals that are not met do not change the exit status (0 when 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retinaedge.bench.batch_settings import AUTO, parse_max_batch_size
-from retinaedge.bench.configs import MODEL_CONFIGS, default_config_cache
+from retinaedge.bench.configs import MODEL_CONFIGS, default_config_cache, torch_importable
 from retinaedge.bench.http_phase import TAIL_CLIENTS
 from retinaedge.runtime.discovery import RULE_HELP, dicom_files
 
@@ -277,14 +276,6 @@ def measure(
         except WorkerError as exc:
             results["torch"] = {"status": "failed", "reason": str(exc)}
     return results
-
-
-def torch_importable() -> bool:
-    """Whether torch and torchvision can be imported here (found without importing them)."""
-    try:
-        return all(importlib.util.find_spec(m) is not None for m in ("torch", "torchvision"))
-    except (ImportError, ValueError):
-        return False
 
 
 def eager_baseline(

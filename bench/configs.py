@@ -8,6 +8,7 @@ reused after (see that module for the recipes and the cache's rule).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import subprocess
@@ -33,7 +34,6 @@ def default_config_cache() -> Path:
 def config_bundle(args: argparse.Namespace) -> Path:
     """The bundle of ``--config``: exported (or found in ``--config-cache``) by
     ``python -m retinaedge.bench.models`` in its own process; its directory."""
-    from retinaedge.bench.benchmark_cli import torch_importable
 
     if args.model is not None:
         raise ConfigError("give --model or --config, not both")
@@ -57,3 +57,11 @@ def config_bundle(args: argparse.Namespace) -> Path:
             f"exporting {args.config} failed with status {proc.returncode} (its log is above)"
         )
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def torch_importable() -> bool:
+    """Whether torch and torchvision can be imported here (found without importing them)."""
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "torchvision"))
+    except (ImportError, ValueError):
+        return False

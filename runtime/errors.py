@@ -167,6 +167,13 @@ class NotAcceptableError(RequestError):
         self.offered = offered
 
 
+class NotFoundError(RequestError):
+    """What the request names does not exist here (e.g. a result document this resource does not have)."""
+
+    type = "not-found"
+    http_status = 404
+
+
 class OverloadedError(RetinaEdgeError):
     """The inference queue is full or too old; the client should retry after ``retry_after`` seconds."""
 
@@ -190,3 +197,11 @@ class InsufficientStorageError(RetinaEdgeError):
 
     type = "insufficient-storage"
     http_status = 507
+
+
+class StateVersionError(RetinaEdgeError):
+    """The service's database (``state.sqlite3``) was written by a newer version than this one: it is
+    never downgraded, so the service does not start on it."""
+
+    type = "state-too-new"
+    http_status = 500

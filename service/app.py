@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from retinaedge.runtime import logsafety
-from retinaedge.runtime.backends.auto import Probe, default_probe
+from retinaedge.runtime.backends.tensorrt.planning import Probe, default_probe
 from retinaedge.runtime.errors import RetinaEdgeError, UnauthorizedError
 from retinaedge.service.http.problems import (
     error_response,

@@ -4,7 +4,7 @@
    not silently ignored), the settings must validate, the model bundle must load (manifest and model
    sha256 checked), and the data directory and the engine cache must be writable directories. Any failure
    prints one line saying what is wrong and exits 78 (``EX_CONFIG``).
-2. **Engine.** :func:`~retinaedge.runtime.backends.auto.plan_backend` decides, from the device fingerprint and
+2. **Engine.** :func:`~retinaedge.runtime.backends.tensorrt.planning.plan_backend` decides, from the device fingerprint and
    the engine cache, between a cached engine (``cache-hit``), a build (``build-first`` on an empty cache,
    ``build-new-model`` after a model update, ``build-fingerprint-changed`` after a JetPack/TensorRT
    upgrade or on another module, ``build-corrupt``) and ONNX Runtime (with the reason: no TensorRT, options
@@ -36,7 +36,7 @@ from retinaedge.runtime.errors import BundleError, ConfigError, RetinaEdgeError
 from retinaedge.service import serve_cli
 
 if TYPE_CHECKING:  # the verb's module is imported for every `retinaedge --help`: heavy imports wait
-    from retinaedge.runtime.backends.auto import BackendPlan, Probe
+    from retinaedge.runtime.backends.tensorrt.planning import BackendPlan, Probe
     from retinaedge.runtime.bundle import Bundle
 from retinaedge.service.http.tls import server_context
 from retinaedge.service.settings import Settings
@@ -111,8 +111,8 @@ def decide(settings: Settings, bundle: Bundle, probe: Probe | None = None) -> Bo
 
     ``probe``: this device's fingerprint and capabilities (default: the real TensorRT/pycuda probe).
     """
-    from retinaedge.runtime.backends.auto import default_probe, plan_backend
     from retinaedge.runtime.backends.tensorrt.cache import atomic_write
+    from retinaedge.runtime.backends.tensorrt.planning import default_probe, plan_backend
 
     plan = plan_backend(
         bundle,

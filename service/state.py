@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
-from retinaedge.runtime.backends.auto import Probe
+from retinaedge.runtime.backends.tensorrt.planning import Probe
 from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.service.dimse.receive import Receiver

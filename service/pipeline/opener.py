@@ -15,8 +15,10 @@ import logging
 from typing import Any
 
 from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
-from retinaedge.runtime.backends.auto import BACKEND_MODES, BackendPlan, Probe, choose_backend, plan_backend
+from retinaedge.runtime.backends.auto import choose_backend
+from retinaedge.runtime.backends.policy import BACKEND_MODES
 from retinaedge.runtime.backends.tensorrt.background import BackgroundBuild, build_argv, failure_summary
+from retinaedge.runtime.backends.tensorrt.planning import BackendPlan, Probe, plan_backend
 from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.dicomio import Limits

@@ -15,7 +15,7 @@ Nothing here imports tensorrt or pycuda at import time. The folder, one module p
 - :mod:`.background`: a build in a child process while ONNX Runtime serves; :mod:`.build_cli`: the
   ``retinaedge build`` verb; :mod:`.errors`: this backend's errors (part of the runtime's hierarchy).
 
-:func:`open` plans (probe, options, cache: :func:`retinaedge.runtime.backends.auto.plan_backend` in mode
+:func:`open` plans (probe, options, cache: :func:`retinaedge.runtime.backends.tensorrt.planning.plan_backend` in mode
 ``tensorrt``, so every reason not to use TensorRT is raised) and acts: load a verified cached engine, or
 build, validate and store one. :func:`open_planned` acts on a plan made earlier (the service's start-up
 choice, :func:`retinaedge.runtime.backends.auto.choose_backend`, words its reasons from the errors).
@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from retinaedge.runtime.backends.base import Backend, BackendOptions
 from retinaedge.runtime.backends.tensorrt.errors import EngineBuildError
-from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 from retinaedge.runtime.bundle import Bundle
 
 if TYPE_CHECKING:
-    from retinaedge.runtime.backends.auto import BackendPlan
     from retinaedge.runtime.backends.tensorrt.backend import TensorRTBackend
+    from retinaedge.runtime.backends.tensorrt.planning import BackendPlan
 
 log = logging.getLogger(__name__)
 
@@ -50,46 +48,16 @@ def check() -> None:
     require_trt_extra()
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    """Which engine to use and where to find it: build options, cache directory and budget (bytes),
-    whether a missing engine may be built and how long (s) a failed build blocks another attempt."""
-
-    build_options: BuildOptions
-    cache_root: Path
-    cache_max_bytes: int | None
-    allow_build: bool
-    retry_after_s: float
-
-
-def engine_settings(bundle: Bundle, options: BackendOptions) -> EngineSettings:
-    """The engine the service would serve ``bundle`` with: the engine settings (``RETINAEDGE_*``
-    environment, ``RETINAEDGE_CONFIG_FILE``, defaults; :func:`.settings.load_engine_config`) give the
-    build options (precision, DLA, NMS, workspace, batch profile 1 / max_batch_size / max_batch_size) and the
-    engine cache. ``options.extra["build_options"]`` and ``options.cache_dir`` override them;
-    ``options.allow_build=False`` or ``engine_build=false`` forbid a build."""
-    from retinaedge.runtime.backends.tensorrt.settings import load_engine_config
-
-    settings = load_engine_config()
-    return EngineSettings(
-        build_options=options.extra.get("build_options") or settings.build_options(),
-        cache_root=options.cache_dir or settings.engine_cache_root,
-        cache_max_bytes=options.extra.get("cache_max_bytes", settings.engine_cache_max_bytes),
-        allow_build=options.allow_build and settings.engine_build,
-        retry_after_s=settings.engine_build_retry_s,
-    )
-
-
 def open(bundle: Bundle, options: BackendOptions) -> Backend:  # noqa: A001 (registry factory)
     """The registry factory: the engine for ``bundle`` on this device, from the cache or built now.
 
-    Which engine: :func:`engine_settings` (the one the service serves with). ``options.extra`` may also
-    hold ``plan`` (a :class:`~retinaedge.runtime.backends.auto.BackendPlan` made earlier: acted on as is),
+    Which engine: :func:`.settings.engine_settings` (the one the service serves with). ``options.extra`` may also
+    hold ``plan`` (a :class:`~retinaedge.runtime.backends.tensorrt.planning.BackendPlan` made earlier: acted on as is),
     ``probe`` (the device probe) and ``on_status`` (progress callback). Raises the reason TensorRT cannot
     be used (missing extra: a :class:`~retinaedge.runtime.errors.MissingDependencyError` naming
     ``retinaedge[trt]``).
     """
-    from retinaedge.runtime.backends.auto import plan_for_cli
+    from retinaedge.runtime.backends.tensorrt.planning import plan_for_cli
 
     extra = options.extra
     on_status: Callable[[str], None] = extra.get("on_status") or (lambda _s: None)

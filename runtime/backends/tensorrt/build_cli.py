@@ -63,7 +63,6 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from retinaedge.runtime.backends.auto import default_probe
     from retinaedge.runtime.backends.tensorrt.cache import EngineCache
     from retinaedge.runtime.backends.tensorrt.fingerprint import require_trt_extra
     from retinaedge.runtime.backends.tensorrt.loaders import (
@@ -71,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         plan_engine,
         timing_cache_path,
     )
+    from retinaedge.runtime.backends.tensorrt.planning import default_probe
     from retinaedge.runtime.bundle import load_bundle
     from retinaedge.runtime.errors import RetinaEdgeError
     from retinaedge.runtime.jsonout import emit

@@ -9,12 +9,15 @@ same values from the same places (:mod:`retinaedge.runtime.settings_source`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from retinaedge.runtime.backends.base import BackendOptions
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions
+from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.settings_source import build_settings, file_values_below_environment
 
 
@@ -70,3 +73,31 @@ def load_engine_config(**overrides: Any) -> EngineConfig:
     values = file_values_below_environment(set(EngineConfig.model_fields))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return build_settings(EngineConfig, values)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which engine to use and where to find it: build options, cache directory and budget (bytes),
+    whether a missing engine may be built and how long (s) a failed build blocks another attempt."""
+
+    build_options: BuildOptions
+    cache_root: Path
+    cache_max_bytes: int | None
+    allow_build: bool
+    retry_after_s: float
+
+
+def engine_settings(bundle: Bundle, options: BackendOptions) -> EngineSettings:
+    """The engine the service would serve ``bundle`` with: the engine settings (``RETINAEDGE_*``
+    environment, ``RETINAEDGE_CONFIG_FILE``, defaults; :func:`.settings.load_engine_config`) give the
+    build options (precision, DLA, NMS, workspace, batch profile 1 / max_batch_size / max_batch_size) and the
+    engine cache. ``options.extra["build_options"]`` and ``options.cache_dir`` override them;
+    ``options.allow_build=False`` or ``engine_build=false`` forbid a build."""
+    settings = load_engine_config()
+    return EngineSettings(
+        build_options=options.extra.get("build_options") or settings.build_options(),
+        cache_root=options.cache_dir or settings.engine_cache_root,
+        cache_max_bytes=options.extra.get("cache_max_bytes", settings.engine_cache_max_bytes),
+        allow_build=options.allow_build and settings.engine_build,
+        retry_after_s=settings.engine_build_retry_s,
+    )

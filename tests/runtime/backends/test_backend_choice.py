@@ -17,21 +17,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from helpers import (
-    CAPS,
-    DEMO,
-    DICOM,
-    THIS,
-    flip_a_byte,
-    free_port,
-    make_app,
-    seed,
-    serve_app,
-    this_device,
-    worker_of,
-)
 from retinaedge.service.app import create_app
 from retinaedge.service.settings import load_settings
+from support.engines import CAPS, THIS, flip_a_byte, make_app, seed, this_device, worker_of
+from support.paths import DEMO, DICOM
+from support.servers import free_port, serve_app
 
 CASES = {
     "corrupt": (lambda tmp: flip_a_byte(seed(tmp, THIS)), "is corrupt (sha256 differs from its manifest)"),

@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from retinaedge.runtime.backends.auto import BackendPlan, plan_backend
 from retinaedge.runtime.backends.policy import DECISIONS, FALLBACK_REASON, Candidate, Facts, plan_candidates
 from retinaedge.runtime.backends.tensorrt.errors import (
     BuildOptionsError,
     MissingExtraError,
     NoCudaDeviceError,
 )
+from retinaedge.runtime.backends.tensorrt.planning import BackendPlan, plan_backend
 from retinaedge.runtime.errors import ConfigError, MissingDependencyError, RetinaEdgeError
 
 NOW = 1_800_000_000.0

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import THIS, this_device
 from retinaedge.runtime.backends import Backend, BackendOptions, open_backend, register, unregister
 from retinaedge.runtime.backends.registry import check_available, choices, names
 from retinaedge.runtime.backends.tensorrt.cache import EngineCache
@@ -27,11 +26,11 @@ from retinaedge.runtime.cli import build_parser, main
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.errors import ConfigError, MissingDependencyError, RetinaEdgeError
 from retinaedge.runtime.hashing import sha256_file
+from support.engines import THIS, this_device
+from support.paths import DEMO, REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[3]
-DEMO = ROOT / "models" / "demo"
-DICOM = ROOT / "examples" / "study_01" / "IM0001.dcm"
-GROUND_TRUTH = ROOT / "examples" / "ground_truth.json"
+DICOM = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
+GROUND_TRUTH = REPO_ROOT / "examples" / "ground_truth.json"
 NO_TENSORRT = importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("pycuda") is None
 
 
@@ -242,7 +241,7 @@ def test_eval_backend_auto_reports_backend_and_reason(
 def test_engine_settings_are_the_services(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: Bundle
 ) -> None:
-    from retinaedge.runtime.backends.tensorrt import engine_settings
+    from retinaedge.runtime.backends.tensorrt.settings import engine_settings
 
     monkeypatch.setenv("RETINAEDGE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RETINAEDGE_ENGINE_PRECISION", "fp16")

@@ -18,8 +18,7 @@ from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceCapabilities,
 from retinaedge.runtime.backends.tensorrt.loaders import plan_engine
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions, ModelFacts, inspect_onnx
 from retinaedge.runtime.bundle import load_bundle
-
-DEMO = Path(__file__).resolve().parents[3] / "models" / "demo"
+from support.paths import DEMO
 
 ORIN = DeviceFingerprint.from_values(
     gpu_name="Orin", compute_capability="8.7", sm_count=16, tensorrt="10.3.0", cuda="12.6", dla_cores=2

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support.paths import DEMO, REPO_ROOT
 
 pytestmark = pytest.mark.gpu
 
-ROOT = Path(__file__).resolve().parents[3]
-DEMO = ROOT / "models" / "demo"
-CALIBRATION = ROOT / "examples" / "study_01"
+CALIBRATION = REPO_ROOT / "examples" / "study_01"
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +172,9 @@ def test_dla_build_reports_layer_placement(bundle_dir: Path, tmp_path: Path) -> 
 
 
 def test_service_auto_builds_and_serves_tensorrt(bundle_dir: Path, tmp_path: Path) -> None:
-    from helpers import free_port
     from retinaedge.service.app import create_app
     from retinaedge.service.settings import load_settings
+    from support.servers import free_port
 
     port = free_port()
     settings = load_settings(model=bundle_dir, data_dir=tmp_path / "data", port=port, engine_nms="builtin")

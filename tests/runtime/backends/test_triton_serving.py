@@ -20,17 +20,18 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from helpers import DEMO, free_port, multipart, serve, wait_done
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.hashing import sha256_file
+from support.clients import multipart, wait_done
+from support.paths import DEMO, EXAMPLES, REPO_ROOT
+from support.servers import free_port, serve
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+sys.path.insert(0, str(REPO_ROOT / "tools"))
 from triton_local import LocalTriton, TritonUnavailable  # noqa: E402
 
 NAME = "retinaedge-demo-brainmr"
 OTHER = "other-bundle"
 ONE = "demo-batch-1"  # the demo bundle with max_batch_size 1: the backend splits every batch
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 DEMO_SHA = json.loads((DEMO / "manifest.json").read_text())["model_sha256"]
 
 
