@@ -19,8 +19,8 @@ help:
 	@echo "             latency.png to OUT (default benchmark-output); BENCH_ARGS= passes more options"
 	@echo "make benchmark-r50  the same report for a ResNet-50-FPN RetinaNet at 512 x 512 (random seeded"
 	@echo "             weights, exported into the benchmark's cache the first time) -> R50_OUT (benchmark-r50)"
-	@echo "make test    create .venv, install runtime + export + dev extras, run ruff and pytest"
-	@echo "make lint    ruff only"
+	@echo "make test    create .venv, install runtime + export + dev extras, run make lint and pytest"
+	@echo "make lint    ruff, the import rules (lint-imports) and the type checker (mypy, tools/typecheck.py)"
 	@echo "make docker  build the x86_64 image (ONNX Runtime on CPU): retinaedge:VERSION and :latest"
 	@echo "             (DOCKER=podman DOCKER_BUILD_FLAGS=... PYTHON_IMAGE=...: docker/README.md)"
 	@echo "make docker-base  make a local base for the x86 image with mmdebstrap (root), print its tag"
@@ -84,6 +84,8 @@ benchmark-r50: $(VENV)/.bench-deps
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check export runtime device service bench tests tools docker
 	$(VENV)/bin/ruff format --check export runtime device service bench tests tools docker
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) tools/typecheck.py
 
 pytest: $(VENV)/.test-deps
 	$(VENV)/bin/pytest

@@ -38,7 +38,10 @@ def _extractor(model_path: Path, anchors: int, classes: int) -> Any:
             "so the heads cannot be separated from the post-processing"
         )
     known = {v.name for v in model.graph.value_info}
-    shapes = {"cls_logits": ["N", anchors, classes], "bbox_regression": ["N", anchors, 4]}
+    shapes: dict[str, list[str | int | None]] = {
+        "cls_logits": ["N", anchors, classes],
+        "bbox_regression": ["N", anchors, 4],
+    }
     for name in HEAD_OUTPUTS:
         if name not in known:
             model.graph.value_info.append(

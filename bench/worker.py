@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,7 @@ def run_fused(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     infer_ms = []
     with Progress("fused inference, batch 1", len(tensors)) as bar:
         for img in tensors:
-            infer_ms.append(timed(lambda img=img: backend.infer(img[None]))[0])
+            infer_ms.append(timed(partial(backend.infer, img[None]))[0])
             bar.update()
     throughput = batch_throughput(
         backend.infer, tensors, spec["batch_sizes"], spec["batch_repeats"], spec.get("batch_seconds", 0.0)
@@ -254,7 +255,7 @@ def batch_throughput(
             samples: list[float] = []
             while len(samples) < repeats or sum(samples) < min_seconds * 1e3:
                 x = batch(len(samples) + 1)
-                samples.append(timed(lambda x=x: infer(x))[0])
+                samples.append(timed(partial(infer, x))[0])
             seconds = sum(samples) / 1e3
             out.append(
                 {
@@ -287,8 +288,8 @@ def run_python(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     candidates: list[int] = []
     with Progress("heads + Python decode/NMS", len(tensors)) as bar:
         for img in tensors:
-            t_heads, (logits, deltas) = timed(lambda img=img: session.run(names, {"images": img[None]}))
-            t_post, dets = timed(lambda logits=logits, deltas=deltas: postprocess(logits, deltas, plan))
+            t_heads, (logits, deltas) = timed(partial(session.run, names, {"images": img[None]}))
+            t_post, dets = timed(partial(postprocess, logits, deltas, plan))
             heads_ms.append(t_heads)
             post_ms.append(t_post)
             counts.append(len(dets[0]))
@@ -319,7 +320,7 @@ def run_fused_post(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     post_ms, counts = [], []
     with Progress("in-graph post-processing", len(logits)) as bar:
         for i in range(len(logits)):
-            t, outs = timed(lambda i=i: run(i))
+            t, outs = timed(partial(run, i))
             post_ms.append(t)
             counts.append(int(outs[0][0]))
             bar.update()

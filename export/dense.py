@@ -27,7 +27,8 @@ def make_dense_module(model: Any, channels: int) -> Any:
     """
     torch, _ = require_torch()
 
-    class DenseRetinaNet(torch.nn.Module):
+    # torch is imported lazily (the export extra), so the base class is only known at run time.
+    class DenseRetinaNet(torch.nn.Module):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.backbone = model.backbone

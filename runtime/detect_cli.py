@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.backends.registry import add_backend_arguments
 from retinaedge.runtime.dicomio import Limits
@@ -83,7 +83,7 @@ SERIES_OPTIONS = ("min_score", "min_slices", "link_iou", "max_gap")
 def link_params(args: argparse.Namespace) -> LinkParams | None:
     """The linking parameters with ``--series`` (defaults where not given), else None; series options
     without ``--series`` are refused."""
-    given = {name: getattr(args, name, None) for name in SERIES_OPTIONS}
+    given: dict[str, Any] = {name: getattr(args, name, None) for name in SERIES_OPTIONS}
     given = {name: value for name, value in given.items() if value is not None}
     if not getattr(args, "series", False):
         if given:

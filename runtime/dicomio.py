@@ -457,7 +457,7 @@ def iter_frames(src: DicomInput, info: ImageInfo) -> Iterator[tuple[np.ndarray, 
     from its fragments. YBR is converted to RGB by the decoder where it can; the returned photometric says
     what the array holds. Decoder failures are typed; a missing plugin names what to install.
     """
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels.decoders.base import get_decoder
 
     try:
         decoder = get_decoder(info.transfer_syntax)

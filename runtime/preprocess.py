@@ -84,7 +84,7 @@ def frame_params(ds: Any, frame: int) -> FrameParams:
 def modality_lut(arr: np.ndarray, ds: Any, params: FrameParams) -> np.ndarray:
     """Stored values -> modality values (PS3.3 C.11.1): Modality LUT Sequence, else rescale; float64."""
     if ds.get("ModalityLUTSequence"):
-        from pydicom.pixels import apply_modality_lut
+        from pydicom.pixels.processing import apply_modality_lut
 
         return _apply("Modality LUT Sequence", apply_modality_lut, arr, ds).astype(np.float64)
     out = arr.astype(np.float64)
@@ -187,7 +187,7 @@ def voi(
             )
             return np.clip(window(values, params.center, params.width, func), 0.0, 1.0), "file-window"
         if ds.get("VOILUTSequence"):
-            from pydicom.pixels import apply_voi_lut
+            from pydicom.pixels.processing import apply_voi_lut
 
             item = ds.VOILUTSequence[0]
             try:
@@ -202,13 +202,13 @@ def voi(
 def colour_to_unit(arr: np.ndarray, photometric: str, ds: Any, bits_stored: int) -> np.ndarray:
     """Colour frame -> RGB float64 ``(rows, cols, 3)`` in 0..1 (PALETTE COLOR through its LUTs)."""
     if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
+        from pydicom.pixels.processing import apply_color_lut
 
         rgb = _apply("palette colour lookup table", apply_color_lut, arr, ds)
         depth = 16 if rgb.dtype.itemsize > 1 else 8
         return rgb.astype(np.float64) / float(2**depth - 1)
     if photometric in ("YBR_FULL", "YBR_FULL_422"):
-        from pydicom.pixels import convert_color_space
+        from pydicom.pixels.processing import convert_color_space
 
         arr = _apply(f"{photometric} to RGB conversion", convert_color_space, arr, photometric, "RGB")
     elif photometric not in ("RGB", "YBR_ICT", "YBR_RCT"):

@@ -8,7 +8,6 @@ Settings are built once and passed to :func:`retinaedge.service.app.create_app`;
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from retinaedge.runtime.settings_source import (
     environment_names,
     file_values_below_environment,
 )
+from retinaedge.service.http.addresses import is_loopback
 from retinaedge.service.outbox.destinations import ExportDestination, check_unique
 
 
@@ -238,16 +238,6 @@ class Settings(EngineConfig):
             raise ValueError(
                 "dimse_tls_ca_file needs tls_cert_file and tls_key_file (the SCP's own certificate)"
             )
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_settings(**overrides: Any) -> Settings:

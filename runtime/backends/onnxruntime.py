@@ -99,7 +99,7 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         """Drop the session (its memory goes with it)."""
-        self._session = None  # type: ignore[assignment]
+        self._session = None
 
 
 def open(bundle: Bundle, options: BackendOptions) -> OnnxRuntimeBackend:  # noqa: A001 (registry factory)

@@ -145,8 +145,8 @@ class _Client:
 
             self.client: Any = aio.InferenceServerClient(opts.url, conn_timeout=opts.timeout_s)
         else:
-            import tritonclient.grpc as api  # type: ignore[no-redef]
-            import tritonclient.grpc.aio as aio  # type: ignore[no-redef]
+            import tritonclient.grpc as api
+            import tritonclient.grpc.aio as aio
 
             self.client = aio.InferenceServerClient(opts.url, channel_args=_GRPC_CHANNEL)
         self.api = api

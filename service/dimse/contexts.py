@@ -108,7 +108,7 @@ CANDIDATE_TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 def transfer_syntaxes() -> list[str]:
     """The candidates whose pydicom pixel decoder is available in this installation, in order."""
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels.decoders.base import get_decoder
 
     available = []
     for uid in CANDIDATE_TRANSFER_SYNTAXES:

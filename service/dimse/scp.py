@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from retinaedge.runtime.errors import ConfigError
@@ -30,7 +30,9 @@ from retinaedge.service.dimse.contexts import supported_contexts
 from retinaedge.service.dimse.peers import allowed, parse_peers
 from retinaedge.service.dimse.receive import Outcome, Receiver, status_dataset
 from retinaedge.service.http.tls import server_context
-from retinaedge.service.settings import Settings
+
+if TYPE_CHECKING:
+    from retinaedge.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class DeferredHandshake(ssl.SSLContext):
 
     timeout_s: float = 30.0
 
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         sock.settimeout(self.timeout_s)
         kwargs["do_handshake_on_connect"] = False
         return super().wrap_socket(sock, *args, **kwargs)
@@ -141,7 +143,7 @@ class DimseServer:
         ae.require_called_aet = True
         if self.peers:
             ae.require_calling_aet = sorted({p.ae_title for p in self.peers})
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -226,7 +228,7 @@ class DimseServer:
             0x03: "calling AE title not allowed",
             0x02: "too many associations",
         }
-        log.warning("association refused: %s", why.get(diagnostic, f"diagnostic {diagnostic}"))
+        log.warning("association refused: %s", why.get(int(diagnostic or 0), f"diagnostic {diagnostic}"))
         self.associations.labels(result="rejected").inc()
 
     def _on_echo(self, event: Any) -> int:

@@ -95,6 +95,6 @@ async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
     """A request FastAPI cannot bind to a route's parameters: 400 with what did not fit."""
-    errors = getattr(exc, "errors", lambda: [])()
+    errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
     where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors[:5])
     return problem(400, "bad-request", f"the request does not fit this route ({where or 'invalid'})")

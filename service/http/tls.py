@@ -44,7 +44,7 @@ def server_context(settings: Settings, cls: type[ssl.SSLContext] = ssl.SSLContex
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's TLS keyword arguments (checked first by :func:`server_context`); warns about clear text
     beyond loopback."""
-    from retinaedge.service.settings import is_loopback
+    from retinaedge.service.http.addresses import is_loopback
 
     if server_context(settings) is None:
         if not is_loopback(settings.host):

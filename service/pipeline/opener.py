@@ -12,7 +12,7 @@ thread). With ``not_ready`` (the default) the build runs inside the load and ``/
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
 from retinaedge.runtime.backends.auto import choose_backend
@@ -23,7 +23,9 @@ from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.service.pipeline.stages import InferenceWorker
-from retinaedge.service.settings import Settings
+
+if TYPE_CHECKING:
+    from retinaedge.service.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ restart every pending row is queued again. The spool file is removed only after 
 
 A storage error while reading a row or recording an outcome (SQLite's "database or disk is full", an I/O
 error) never ends the task: the outcome is kept in memory and recorded again with exponential back-off
-(:data:`STORAGE_RETRY_S` up to :data:`STORAGE_RETRY_MAX_S`); :attr:`Processor.problem` says why meanwhile
+(:data:`~retinaedge.service.results.storage.STORAGE_RETRY_S` up to ``STORAGE_RETRY_MAX_S``); :attr:`Processor.problem` says why meanwhile
 (``/readyz`` reports it) and clears once a write succeeds, so processing resumes by itself when space
 returns.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,13 +23,11 @@ from retinaedge.runtime.errors import DicomInputError, NotReadyError, Overloaded
 from retinaedge.runtime.logsafety import redacted_traceback
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.pipeline.stages import InferenceWorker
+from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
 from retinaedge.service.results.store import Store
 
 log = logging.getLogger(__name__)
 
-STORAGE_RETRY_S = 0.25
-STORAGE_RETRY_MAX_S = 5.0
-STORAGE_ERRORS = (sqlite3.OperationalError, sqlite3.DatabaseError, OSError)
 
 T = TypeVar("T")
 

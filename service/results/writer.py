@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from retinaedge.runtime.threadname import name_this_thread
-from retinaedge.service.pipeline.processor import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
 from retinaedge.service.results.evidence import IdentityFiles, KeptHeader
+from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
 from retinaedge.service.results.store import Store
 
 log = logging.getLogger(__name__)

@@ -130,7 +130,8 @@ def _configure(trt: Any, builder: Any, network: Any, options: BuildOptions, stro
 
 def _dla_split(trt: Any, network: Any, config: Any, options: BuildOptions) -> tuple[list[str], list[str]]:
     """Layer names the builder will place on the DLA and on the GPU (``can_run_on_DLA`` per layer)."""
-    dla, gpu = [], []
+    dla: list[str] = []
+    gpu: list[str] = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         on_dla = options.dla_core is not None and bool(config.can_run_on_DLA(layer))
