@@ -1,7 +1,7 @@
 """Shared fixtures: the exported session bundle (a real torchvision model, a real export) and the GPU marks.
 
-Shared helpers (servers, ports, clients, stand-ins) are in ``helpers.py``; test modules do not import
-each other."""
+Shared helpers (servers, ports, clients, polling, certificates, stand-ins, DICOM peers) are in the
+``support`` package (tests/support/); test modules do not import each other."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from forkserver import Launcher
+from support.forkserver import Launcher
 
 HAS_TORCH = (
     importlib.util.find_spec("torch") is not None and importlib.util.find_spec("torchvision") is not None
@@ -55,11 +55,11 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ResNet-18 FPN bundle (3 classes, 3 channels, 256x320, biased heads: hundreds of candidates on any
     image), exported once per session through the Python API. Only for tests that need what an export
     gives (the current exporter's manifest, many detections, export options); service and DICOM tests use
-    the committed demo bundle, ``helpers.DEMO`` (no torch needed)."""
+    the committed demo bundle, ``support.paths.DEMO`` (no torch needed)."""
     if not HAS_TORCH:
         pytest.skip("needs the export extra (torch, torchvision)")
-    from helpers import biased_retinanet
     from retinaedge.export import export_retinanet
+    from support.models import biased_retinanet
 
     out = tmp_path_factory.mktemp("bundles") / "r18"
     export_retinanet(
@@ -76,9 +76,9 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def orthanc_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Orthanc and its DICOMweb plugin unpacked from Debian's packages, once per session
-    (``peers_orthanc.py``); skipped with the reason when that cannot be done, failed instead when
+    (``support/peers_orthanc.py``); skipped with the reason when that cannot be done, failed instead when
     ``REQUIRE_DICOM_PEERS=1``."""
-    from peers_orthanc import install
+    from support.peers_orthanc import install
 
     tree = install(tmp_path_factory.mktemp("orthanc"))
     if isinstance(tree, str):
@@ -91,6 +91,7 @@ def orthanc_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def launcher() -> Iterator[Launcher]:
     """Starts real ``retinaedge serve`` processes without a new interpreter's imports each time
-    (tests/forkserver.py): for tests that start servers as subprocesses, configured by ``--config``."""
+    (tests/support/forkserver.py): for tests that start servers as subprocesses, configured by
+    ``--config``."""
     with Launcher() as launcher:
         yield launcher

@@ -13,8 +13,8 @@ import cv2
 import pytest
 from retinaedge.bench.batch_settings import service_fields
 from retinaedge.bench.plot import draw_latency_plot
+from support.paths import DEMO, EXAMPLES, REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 RATIOS = (
     "speedup_vs_torch_eager",
     "postprocess_speedup_vs_python",
@@ -49,14 +49,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedP
     out = tmp_path_factory.mktemp("bench") / "out"
     argv = [
         sys.executable, "-m", "retinaedge.runtime.cli", "benchmark",
-        "--model", str(REPO / "models" / "demo"),
-        "--dicom", str(REPO / "examples" / "study_01"), str(REPO / "examples" / "study_01_multiframe"),
+        "--model", str(DEMO),
+        "--dicom", str(EXAMPLES / "study_01"), str(EXAMPLES / "study_01_multiframe"),
         "--frames", "4", "--warmup", "1", "--threads", "1",
         "--batch-sizes", "1,2", "--batch-repeats", "1", "--batch-seconds", "0",
         "--clients", "1,4", "--requests-per-client", "1", "--tail-requests", "8", "--tail-seconds", "600",
         "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     return proc, out
 
 
@@ -78,7 +78,7 @@ def test_report_json_has_the_documented_keys(run: tuple[subprocess.CompletedProc
     assert TOP_KEYS <= set(report)
     ctx = report["context"]
     assert ctx["input"] == [1, 256, 256] and ctx["threads"] == 1 and ctx["precision"] == "fp32"
-    assert ctx["model_sha256"] == json.loads((REPO / "models/demo/manifest.json").read_text())["model_sha256"]
+    assert ctx["model_sha256"] == json.loads((DEMO / "manifest.json").read_text())["model_sha256"]
     assert ctx["versions"]["onnxruntime"] and ctx["device"]
     for name in RATIOS:
         r = report["ratios"][name]
@@ -145,11 +145,11 @@ def test_plot_of_known_rows(tmp_path: Path) -> None:
 
 def test_without_torch_the_eager_baseline_is_skipped_with_a_reason(tmp_path: Path) -> None:
     """torch and torchvision blocked in the benchmark process: the report says why the ratio is missing."""
-    from helpers import run_blocked
+    from support.blocked import run_blocked
 
     out = tmp_path / "out"
     args = [
-        "benchmark", "--model", str(REPO / "models" / "demo"), "--dicom", str(REPO / "examples" / "study_01"),
+        "benchmark", "--model", str(DEMO), "--dicom", str(EXAMPLES / "study_01"),
         "--frames", "2", "--warmup", "0", "--threads", "1", "--batch-sizes", "1", "--batch-repeats", "1",
         "--batch-seconds", "0", "--no-http", "--out", str(out),
     ]  # fmt: skip

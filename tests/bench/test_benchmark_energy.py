@@ -6,21 +6,22 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_stand_in, recorded
 from retinaedge.bench.worker import EnergyMeter
 from retinaedge.device.tegrastats import parse_tegrastats_line
+from support.polling import wait_until
+from support.tegrastats import make_stand_in, recorded
 
 
 def workload(meter: EnergyMeter, seconds: float, min_samples: int) -> None:
     """At least ``seconds`` of "work", and on until the stand-in's lines reached ``min_samples`` inside the
     window (a loaded machine starts the stand-in late: waited for, not assumed)."""
     time.sleep(seconds)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if sum(t >= meter.window[0] for t, _ in meter.sampler.samples) >= min_samples:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"fewer than {min_samples} tegrastats lines in 60 s")
+    wait_until(
+        lambda: sum(t >= meter.window[0] for t, _ in meter.sampler.samples) >= min_samples,
+        f"{min_samples} tegrastats lines in the window",
+        timeout=60,
+        interval=0.01,
+    )
 
 
 @pytest.mark.parametrize(("fixture", "rail"), [("orin_nx", "VDD_IN"), ("nano", "POM_5V_IN")])

@@ -8,8 +8,7 @@ import pytest
 from retinaedge.bench.inputs import plan_instances
 from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from support.paths import EXAMPLES
 
 
 def test_files_in_order_then_repeated_until_enough_frames() -> None:

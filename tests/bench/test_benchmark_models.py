@@ -10,8 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import DEMO, run_blocked
 from retinaedge.runtime.errors import ConfigError
+from support.blocked import run_blocked
+from support.paths import DEMO
 
 pytestmark = pytest.mark.export
 

@@ -16,9 +16,8 @@ from retinaedge.runtime.boxes import nms
 from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.detections import ImageDetections, split_outputs
 from retinaedge.runtime.detector import Detector
+from support.paths import DEMO, REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "models" / "demo"
 # Frames with lesions of several classes, one without, and the JPEG 2000 instance.
 FRAMES = ["study_01/IM0005.dcm", "study_01/IM0014.dcm", "study_01/IM0015.dcm", "study_01/IM0001.dcm"]
 
@@ -60,7 +59,7 @@ def demo_frames() -> np.ndarray:
     tap = TappedBackend(OnnxRuntimeBackend(bundle.model_path, threads=1))
     with Detector(bundle, tap, batch_size=1) as detector:  # type: ignore[arg-type]
         for name in [*FRAMES, "compressed/study_01_IM0016_J2K.dcm"]:
-            detector.detect(REPO / "examples" / name)
+            detector.detect(REPO_ROOT / "examples" / name)
     return np.concatenate(tap.batches)
 
 

@@ -41,11 +41,11 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from support.paths import DEMO, REPO_ROOT
+from support.polling import poll
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "models" / "demo"
-STUDY = ROOT / "examples" / "study_01"
-J2K = ROOT / "examples" / "compressed" / "study_01_IM0016_J2K.dcm"
+STUDY = REPO_ROOT / "examples" / "study_01"
+J2K = REPO_ROOT / "examples" / "compressed" / "study_01_IM0016_J2K.dcm"
 TOKEN = "container-test-token-0123456789"
 REQUIRED = os.environ.get("REQUIRE_CONTAINER") == "1"
 
@@ -154,9 +154,9 @@ def ensure_base() -> str:
 def tracked_copy(dest: Path) -> Path:
     """The tracked files as they are in the working tree (a fresh clone's content plus uncommitted edits
     of tracked files; untracked files stay out)."""
-    listing = _run(["git", "ls-files", "-z"], timeout=60, cwd=ROOT).stdout
+    listing = _run(["git", "ls-files", "-z"], timeout=60, cwd=REPO_ROOT).stdout
     for name in listing.split("\0"):
-        source = ROOT / name
+        source = REPO_ROOT / name
         if not name or not source.is_file():  # deleted in the working tree
             continue
         target = dest / name
@@ -216,16 +216,14 @@ class Container:
 
     def wait_healthy(self, timeout: float = 120) -> None:
         """Bounded: `podman healthcheck run` (the image's HEALTHCHECK) until it passes."""
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout * 2) + 1):
+
+        def healthy() -> bool:
             if not self.state().get("Running"):
                 pytest.fail(f"{self.name} is not running: {self.state()}\n{self.logs()}")
-            if podman("healthcheck", "run", self.name, check=False, timeout=30).returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        pytest.fail(f"{self.name} not healthy within {timeout} s:\n{self.logs()}")
+            return podman("healthcheck", "run", self.name, check=False, timeout=30).returncode == 0
+
+        if not poll(healthy, timeout=timeout, interval=0.5):
+            pytest.fail(f"{self.name} not healthy within {timeout} s:\n{self.logs()}")
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -328,17 +326,17 @@ def renumbered(path: Path, series_uid: str) -> tuple[str, bytes]:
 
 def wait_results(c: Container, uids: list[str], timeout: float = 180) -> dict[str, dict[str, object]]:
     """Bounded: GET /v1/results/{uid} until none is pending."""
-    deadline = time.monotonic() + timeout
     results: dict[str, dict[str, object]] = {}
-    for _ in range(int(timeout * 2) + 1):
+
+    def all_done() -> bool:
         for uid in [u for u in uids if u not in results]:
             r = httpx.get(f"{c.base}/v1/results/{uid}", headers=AUTH, timeout=30)
             assert r.status_code in (200, 202), (uid, r.status_code, r.text[:500])
             if r.status_code == 200:
                 results[uid] = r.json()
-        if len(results) == len(uids) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        return len(results) == len(uids)
+
+    poll(all_done, timeout=timeout, interval=0.5)
     missing = sorted(set(uids) - set(results))
     assert not missing, f"{len(missing)} result(s) still pending after {timeout} s:\n{c.logs()}"
     return results
@@ -366,9 +364,9 @@ def test_image_has_the_working_tree_code(image: str) -> None:
     installed = json.loads(out.splitlines()[-1])
     packages = {"export": "export", "runtime": "runtime", "device": "device", "service": "service"}
     local = {
-        f"{name}/{p.relative_to(ROOT / src)}": hashlib.sha256(p.read_bytes()).hexdigest()
+        f"{name}/{p.relative_to(REPO_ROOT / src)}": hashlib.sha256(p.read_bytes()).hexdigest()
         for name, src in packages.items()
-        for p in sorted((ROOT / src).rglob("*.py"))
+        for p in sorted((REPO_ROOT / src).rglob("*.py"))
         if "__pycache__" not in p.parts
     }
     assert {k: installed.get(k) for k in local} == local
@@ -469,9 +467,7 @@ def test_kill_during_stow_then_start(service: Container) -> None:
 
     thread = threading.Thread(target=sender, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while len(acknowledged) < 2 * PER_REQUEST and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.005)
+    poll(lambda: len(acknowledged) >= 2 * PER_REQUEST or not thread.is_alive(), timeout=60, interval=0.005)
     assert len(acknowledged) >= 2 * PER_REQUEST, (errors, service.logs())
     before = httpx.get(f"{service.base}/v1/series/{series_uid}", headers=AUTH, timeout=30).json()
     podman("kill", "-s", "KILL", service.name)
@@ -492,15 +488,14 @@ def test_kill_during_stow_then_start(service: Container) -> None:
     results = wait_results(service, acked)
     assert all(r["state"] == "done" for r in results.values()), results
     assert {r["sop_instance_uid"] for r in results.values()} == set(acked)
+
     # Nothing pending or failed in the series after the restart; besides the acknowledged instances at
     # most those of the one request in flight, none twice.
-    deadline = time.monotonic() + 120
-    for _ in range(240):
-        counts = httpx.get(f"{service.base}/v1/series/{series_uid}", headers=AUTH, timeout=30).json()
-        counts = counts["instances"]
-        if counts["pending"] == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    def series_counts() -> dict[str, int]:
+        body = httpx.get(f"{service.base}/v1/series/{series_uid}", headers=AUTH, timeout=30).json()
+        return dict(body["instances"])
+
+    counts = poll(series_counts, lambda counts: counts["pending"] == 0, timeout=120, interval=0.5)
     assert counts["pending"] == 0 and counts["failed"] == 0, counts
     assert len(acked) <= counts["received"] == counts["done"] <= len(acked) + PER_REQUEST, (
         counts,
@@ -579,13 +574,16 @@ def test_serve_sigterm_exits_0(tmp_path: Path) -> None:
             stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        up = False
-        while not up and time.monotonic() < deadline and proc.poll() is None:
+
+        def ready() -> bool | None:
+            if proc.poll() is not None:
+                return None  # exited: the assertion below shows its log
             try:
-                up = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
             except httpx.TransportError:
-                time.sleep(0.2)
+                return False
+
+        up = poll(ready, lambda up: up is not False, timeout=120, interval=0.2)
         assert up, log.read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=STOP_GRACE_S)

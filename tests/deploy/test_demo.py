@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.hashing import sha256_file
+from support.paths import DEMO, EXAMPLES, REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "models" / "demo"
-CHECKPOINT = ROOT / "models" / "demo_checkpoint.pt"
-EXAMPLES = ROOT / "examples"
+CHECKPOINT = REPO_ROOT / "models" / "demo_checkpoint.pt"
 HELDOUT_SEED = 100000
 HELDOUT_STUDIES = 20
 # mAP50 on those studies as measured for models/demo/MODEL_CARD.md (same command, deterministic data).
@@ -52,7 +50,7 @@ def test_checkpoint_beside_the_bundle_is_its_source() -> None:
 def test_demo_driver_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo-output"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "demo.py"), "--out", str(out)],
+        [sys.executable, str(REPO_ROOT / "tools" / "demo.py"), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -93,7 +91,7 @@ def make_heldout(data: Path) -> list[Path]:
         with open(data / f"{out.name}.log", "wb") as log:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(ROOT / "tools" / "make_phantoms.py"), *argv],
+                    [sys.executable, str(REPO_ROOT / "tools" / "make_phantoms.py"), *argv],
                     stdout=subprocess.PIPE,
                     stderr=log,
                 )

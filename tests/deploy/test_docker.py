@@ -2,7 +2,8 @@
 that the Dockerfiles, docker/compose.yaml and .dockerignore agree with the code (settings, routes, paths).
 
 The images themselves are built and run by ``make docker`` / ``make docker-jetson`` on a machine with an
-engine; tests/test_docker_wheel.py installs the runtime the way the images do and serves the demo bundle.
+engine; tests/deploy/test_docker_wheel.py installs the runtime the way the images do and serves the demo
+bundle.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from retinaedge.service.app import OPEN_PATHS
 from retinaedge.service.boot_cli import EXTRA_VARIABLES, unknown_variables
 from retinaedge.service.routes import operations
 from retinaedge.service.settings import Settings, load_settings
+from support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCKER = ROOT / "docker"
+DOCKER = REPO_ROOT / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 COMPOSE = DOCKER / "compose.yaml"
 HADOLINT_CONFIG = DOCKER / ".hadolint.yaml"
@@ -316,7 +317,7 @@ def test_x86_image_serves_with_onnxruntime() -> None:
 
 
 def dockerignore() -> list[str]:
-    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
@@ -391,7 +392,9 @@ def test_compose_token_comes_from_a_secret() -> None:
     (name,) = [s if isinstance(s, str) else s["source"] for s in service["secrets"]]
     assert env["RETINAEDGE_API_TOKEN_FILE"] == f"/run/secrets/{name}"
     assert "file" in top["secrets"][name]
-    assert (ROOT / ".gitignore").read_text().count("/docker/secrets/") == 1, "token files are never committed"
+    assert (REPO_ROOT / ".gitignore").read_text().count("/docker/secrets/") == 1, (
+        "token files are never committed"
+    )
 
 
 def test_compose_volumes_match_the_image() -> None:
@@ -438,7 +441,7 @@ def test_healthcheck_token_and_url(tmp_path: Path) -> None:
 
 
 def test_healthcheck_fails_without_a_server(tmp_path: Path) -> None:
-    from helpers import free_port
+    from support.servers import free_port
 
     port = free_port()
     env = {"PATH": "/usr/bin:/bin", "RETINAEDGE_HOST": "0.0.0.0", "RETINAEDGE_PORT": str(port)}
@@ -448,7 +451,7 @@ def test_healthcheck_fails_without_a_server(tmp_path: Path) -> None:
     assert result.returncode == 1, result
 
 
-# ---- docker/install-runtime.sh argument handling (its installing is tests/test_docker_wheel.py) ------
+# ---- docker/install-runtime.sh argument handling (its installing is tests/deploy/test_docker_wheel.py) ---
 
 
 def test_install_runtime_refuses_bad_input(tmp_path: Path) -> None:

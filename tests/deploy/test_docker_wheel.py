@@ -22,11 +22,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import free_port, wait_ready
+from support.paths import DEMO, REPO_ROOT
+from support.servers import free_port, wait_ready
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "models" / "demo"
-EXAMPLE = ROOT / "examples" / "study_01" / "IM0015.dcm"  # a glioma and a meningioma (examples/README.md)
+EXAMPLE = REPO_ROOT / "examples" / "study_01" / "IM0015.dcm"  # a glioma and a meningioma (examples/README.md)
 TOKEN = "wheel-test-token-0123456789"
 
 pytestmark = pytest.mark.slow
@@ -36,14 +35,14 @@ def tracked_copy(dest: Path) -> Path:
     """The repository's tracked files (as they are in the working tree), so untracked files stay out."""
     try:
         listing = subprocess.run(
-            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60
+            ["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True, timeout=60
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"not a git checkout: {exc}")
     for name in listing.decode().split("\0"):
         if not name:
             continue
-        source = ROOT / name
+        source = REPO_ROOT / name
         if not source.is_file():  # deleted in the working tree
             continue
         target = dest / name
@@ -73,7 +72,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert [p.name.split("-")[0] for p in wheels.glob("*.whl")] == ["retinaedge"]
     target = tmp / "venv"
     result = subprocess.run(
-        ["sh", str(ROOT / "docker" / "install-runtime.sh"), str(wheels), str(target)],
+        ["sh", str(REPO_ROOT / "docker" / "install-runtime.sh"), str(wheels), str(target)],
         env=clean_env(PYTHON=sys.executable),
         capture_output=True,
         text=True,
@@ -186,7 +185,7 @@ def test_serves_the_demo_bundle(venv: Path, tmp_path: Path) -> None:
         def healthcheck(**extra: str) -> subprocess.CompletedProcess[str]:
             hc_env = clean_env(RETINAEDGE_HOST="0.0.0.0", RETINAEDGE_PORT=str(port), **extra)
             return subprocess.run(
-                [str(venv / "bin" / "python"), str(ROOT / "docker" / "healthcheck.py")],
+                [str(venv / "bin" / "python"), str(REPO_ROOT / "docker" / "healthcheck.py")],
                 env=hc_env,
                 capture_output=True,
                 text=True,

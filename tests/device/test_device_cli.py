@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from retinaedge.device.collect import CommandRunner, collect
 from retinaedge.device.device_cli import add_arguments, run
+from support.paths import DEVICE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "device"
-ORIN_NANO = FIXTURES / "trees" / "orin_nano"
-X86 = FIXTURES / "trees" / "x86"
+ORIN_NANO = DEVICE_FIXTURES / "trees" / "orin_nano"
+X86 = DEVICE_FIXTURES / "trees" / "x86"
 NOT_ROOT = "Error: Run this script(/usr/bin/jetson_clocks) as a root user\n"
 
 
@@ -43,7 +43,7 @@ def namespace(root: Path, bin_dir: Path, *extra: str) -> argparse.Namespace:
 
 def test_orin_nano_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bin_dir = tmp_path / "bin"
-    stand_in(bin_dir, "nvpmodel", recorded_output(FIXTURES / "nvpmodel" / "nano_maxn.txt"))
+    stand_in(bin_dir, "nvpmodel", recorded_output(DEVICE_FIXTURES / "nvpmodel" / "nano_maxn.txt"))
     stand_in(bin_dir, "jetson_clocks", NOT_ROOT, exit_code=1)
     stand_in(bin_dir, "nvidia-smi", "must not be asked on a Jetson, 1 MiB, 0\n")
     assert run(namespace(ORIN_NANO, bin_dir)) == 0
@@ -67,8 +67,8 @@ def test_orin_nano_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 def test_orin_nano_pinned_clocks_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bin_dir = tmp_path / "bin"
-    stand_in(bin_dir, "nvpmodel", recorded_output(FIXTURES / "nvpmodel" / "nano_maxn.txt"))
-    stand_in(bin_dir, "jetson_clocks", recorded_output(FIXTURES / "jetson_clocks" / "tx1_pinned.txt"))
+    stand_in(bin_dir, "nvpmodel", recorded_output(DEVICE_FIXTURES / "nvpmodel" / "nano_maxn.txt"))
+    stand_in(bin_dir, "jetson_clocks", recorded_output(DEVICE_FIXTURES / "jetson_clocks" / "tx1_pinned.txt"))
     assert run(namespace(ORIN_NANO, bin_dir, "--table")) == 0
     out = capsys.readouterr().out
     assert "L4T / JetPack  36.4.4 / 6.2.1" in out

@@ -10,10 +10,10 @@ from retinaedge.device.linux import parse_cpuinfo, parse_meminfo, parse_nvidia_s
 from retinaedge.device.module import identify_module, parse_compatible, parse_device_tree_model
 from retinaedge.device.power import parse_jetson_clocks, parse_nvpmodel
 from retinaedge.device.tegrastats import TegrastatsSample, parse_tegrastats_line
+from support.paths import DEVICE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "device"
-TEGRASTATS = FIXTURES / "tegrastats"
-TREES = FIXTURES / "trees"
+TEGRASTATS = DEVICE_FIXTURES / "tegrastats"
+TREES = DEVICE_FIXTURES / "trees"
 
 
 def recorded_lines(name: str) -> list[str]:
@@ -182,7 +182,7 @@ def test_offline_cores_and_non_tegrastats_lines() -> None:
 
 
 def test_l4t_r32_nano() -> None:
-    release = parse_nv_tegra_release(recorded_output(FIXTURES / "nv_tegra_release" / "r32_5_1.txt"))
+    release = parse_nv_tegra_release(recorded_output(DEVICE_FIXTURES / "nv_tegra_release" / "r32_5_1.txt"))
     assert release is not None
     assert (release.version, release.major, release.revision) == ("32.5.1", 32, "5.1")
     assert (release.board, release.gcid, release.jetpack) == ("t210ref", "26202423", "4.5.1")
@@ -190,8 +190,8 @@ def test_l4t_r32_nano() -> None:
 
 
 def test_l4t_r36_orin_and_r38_thor() -> None:
-    orin = parse_nv_tegra_release(recorded_output(FIXTURES / "nv_tegra_release" / "r36_4_4.txt"))
-    thor = parse_nv_tegra_release(recorded_output(FIXTURES / "nv_tegra_release" / "r38_4_0.txt"))
+    orin = parse_nv_tegra_release(recorded_output(DEVICE_FIXTURES / "nv_tegra_release" / "r36_4_4.txt"))
+    thor = parse_nv_tegra_release(recorded_output(DEVICE_FIXTURES / "nv_tegra_release" / "r38_4_0.txt"))
     assert orin is not None and thor is not None
     assert (orin.version, orin.board, orin.gcid, orin.jetpack) == ("36.4.4", "generic", "41062509", "6.2.1")
     assert (thor.version, thor.jetpack) == ("38.4.0", "7.1")
@@ -303,14 +303,14 @@ def test_module_table(
 
 
 def test_nvpmodel_with_warning_line() -> None:
-    mode = parse_nvpmodel(recorded_output(FIXTURES / "nvpmodel" / "nano_maxn.txt"))
+    mode = parse_nvpmodel(recorded_output(DEVICE_FIXTURES / "nvpmodel" / "nano_maxn.txt"))
     assert mode is not None and (mode.name, mode.id) == ("MAXN", 0)
     assert parse_nvpmodel("NV Power Mode: 15W\n2\n") is not None
     assert parse_nvpmodel("nvpmodel: command not found") is None
 
 
 def test_jetson_clocks_pinned_tx1() -> None:
-    state = parse_jetson_clocks(recorded_output(FIXTURES / "jetson_clocks" / "tx1_pinned.txt"))
+    state = parse_jetson_clocks(recorded_output(DEVICE_FIXTURES / "jetson_clocks" / "tx1_pinned.txt"))
     assert state is not None
     assert (state.soc_family, state.machine, state.pinned, state.emc_override) == (
         "tegra210",
@@ -326,7 +326,7 @@ def test_jetson_clocks_pinned_tx1() -> None:
 
 
 def test_jetson_clocks_not_pinned_tx2() -> None:
-    state = parse_jetson_clocks(recorded_output(FIXTURES / "jetson_clocks" / "tx2.txt"))
+    state = parse_jetson_clocks(recorded_output(DEVICE_FIXTURES / "jetson_clocks" / "tx2.txt"))
     assert state is not None
     assert (state.soc_family, state.machine, state.pinned, state.emc_override) == (
         "tegra186",

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_stand_in, recorded
 from retinaedge.device.sampler import TegrastatsSampler, summarize
 from retinaedge.device.tegrastats import TegrastatsSample, parse_tegrastats_line
+from support.polling import poll
+from support.tegrastats import make_stand_in, recorded
 
 
 def sample(line: str) -> TegrastatsSample:
@@ -50,9 +51,8 @@ def test_sampler_runs_a_real_subprocess_and_integrates(tmp_path: Path) -> None:
     script, pidfile = make_stand_in(tmp_path, "agx_orin_r36")
     sampler = TegrastatsSampler(interval_ms=20, command=[str(script)])
     with sampler:
-        deadline = time.monotonic() + 60.0  # only a failing run waits this long
-        while len(sampler.samples) < 6 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # only a failing run waits this long
+        poll(lambda: len(sampler.samples) >= 6, timeout=60.0, interval=0.01)
     summary = sampler.summary
     assert summary is not None
     samples = sampler.samples

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pydicom
 import pytest
-from helpers import biased_retinanet
 from retinaedge.runtime.bundle import PLUGIN_MODEL_FILE, load_bundle
+from support.models import biased_retinanet
+from support.paths import CORPUS
 
 pytestmark = pytest.mark.export
-
-CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

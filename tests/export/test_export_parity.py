@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from helpers import biased_retinanet
 from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from retinaedge.runtime.bundle import load_bundle, read_embedded_manifest, self_test
 from retinaedge.runtime.hashing import sha256_file
+from support.models import biased_retinanet
 
 pytestmark = [pytest.mark.export, pytest.mark.slow]
 

@@ -28,11 +28,10 @@ from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.manifest import METADATA_KEY
 from retinaedge.runtime.quantization_record import check_recorded_accuracy
+from support.paths import DEMO, REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "models" / "demo"
-STUDY = ROOT / "examples" / "study_01"
-GROUND_TRUTH = ROOT / "examples" / "ground_truth.json"
+STUDY = REPO_ROOT / "examples" / "study_01"
+GROUND_TRUTH = REPO_ROOT / "examples" / "ground_truth.json"
 #: Annotated example frames with every class (pituitary 4-7, glioma and meningioma 14-16).
 EVAL_FILES = tuple(STUDY / f"IM{n:04d}.dcm" for n in (4, 5, 6, 7, 14, 15, 16))
 FINGERPRINT = dict(gpu_name="RTX", compute_capability="8.9", sm_count=60, tensorrt="10.13.3", cuda="12.9")

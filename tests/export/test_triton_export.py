@@ -1,6 +1,7 @@
 """``retinaedge export-triton``: the repository's ``config.pbtxt`` read back as Triton's own ``ModelConfig``
 protobuf (shipped in tritonclient), the model files checked by sha256, TensorRT engines taken from a real
-engine cache. No server here: tests/test_triton_serving.py loads the python variant in a real tritonserver.
+engine cache. No server here: tests/runtime/backends/test_triton_serving.py loads the python variant in a
+real tritonserver.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import DEMO, FAKE_ENGINE
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.hashing import sha256_file
+from support.engines import FAKE_ENGINE
+from support.paths import DEMO
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DEMO
 from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from retinaedge.runtime.boxes import pairwise_iou
 from retinaedge.runtime.bundle import load_bundle, self_test
@@ -16,6 +15,7 @@ from retinaedge.runtime.detections import ImageDetections
 from retinaedge.runtime.errors import BundleError, ConfigError, SelfTestError
 from retinaedge.runtime.manifest import InputSpec, Manifest, PostprocessSpec, WindowPolicy
 from retinaedge.runtime.matching import match_detections
+from support.paths import DEMO
 
 
 def test_manifest_round_trip(small_bundle: Path) -> None:

@@ -4,10 +4,8 @@ lying headers rejected before allocation."""
 from __future__ import annotations
 
 import collections
-import glob
 import io
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -15,13 +13,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import DEMO
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.dicomio import open_dicom, validate
 from retinaedge.runtime.errors import DicomInputError, OverBudgetError, RetinaEdgeError
+from support.paths import CORPUS_FILES, DEMO
 
-CORPUS = sorted(glob.glob(os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "*.dcm")))
 COMPRESSED = {
     "1.2.840.10008.1.2.4.50": "JPEG baseline",
     "1.2.840.10008.1.2.4.70": "JPEG lossless",
@@ -34,16 +31,15 @@ COMPRESSED = {
 
 
 def test_corpus_is_there() -> None:
-    assert len(CORPUS) >= 70
+    assert len(CORPUS_FILES) >= 70
 
 
 @pytest.mark.slow
 def test_corpus_through_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
-        ["--log-level", "WARNING", "detect", "--model", str(DEMO), "--overlay", str(tmp_path / "ov"), *CORPUS]
-    )
+    options = ["--model", str(DEMO), "--overlay", str(tmp_path / "ov")]
+    code = main(["--log-level", "WARNING", "detect", *options, *CORPUS_FILES])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["file"] for line in lines] == CORPUS  # one line per file, in order
+    assert [line["file"] for line in lines] == CORPUS_FILES  # one line per file, in order
     outcomes = collections.Counter(line["error"]["type"] if "error" in line else "ok" for line in lines)
     assert "internal-error" not in outcomes, [
         line for line in lines if "error" in line and line["error"]["type"] == "internal-error"
@@ -71,7 +67,7 @@ def test_corpus_through_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def _valid_images() -> list[str]:
     good = []
-    for path in CORPUS:
+    for path in CORPUS_FILES:
         try:
             with open_dicom(path) as src:
                 validate(src)
@@ -126,7 +122,7 @@ def _lying(path: str, **attrs: int) -> bytes:
 
 def test_lying_headers_rejected_before_allocation(tmp_path: Path) -> None:
     """Rows/columns/frames far beyond the bytes present: rejected from the header; RSS barely moves."""
-    test_files = Path(CORPUS[0]).parent
+    test_files = Path(CORPUS_FILES[0]).parent
     cases = {
         "native_65535x65535x1000": _lying(
             str(test_files / "CT_small.dcm"), Rows=65535, Columns=65535, NumberOfFrames=1000
@@ -176,7 +172,7 @@ print(json.dumps({{"outcomes": out, "peak_increase_kib": after - before}}))
 
 def test_budget_errors_say_what_is_wrong() -> None:
     data = _lying(
-        str(Path(CORPUS[0]).parent / "CT_small.dcm"), Rows=65535, Columns=65535, NumberOfFrames=1000
+        str(Path(CORPUS_FILES[0]).parent / "CT_small.dcm"), Rows=65535, Columns=65535, NumberOfFrames=1000
     )
     with open_dicom(data) as src, pytest.raises(OverBudgetError, match="65535 x 65535"):
         validate(src)
@@ -185,7 +181,7 @@ def test_budget_errors_say_what_is_wrong() -> None:
 @pytest.mark.parametrize("name", ["JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEGLSNearLossless_16.dcm"])
 def test_codestream_larger_than_header_is_refused_before_decoding(name: str) -> None:
     """Decoders allocate from the codestream's own SOF/SIZ size: it must not exceed the DICOM header's."""
-    path = Path(CORPUS[0]).parent / name
+    path = Path(CORPUS_FILES[0]).parent / name
     if not path.exists():
         pytest.skip(f"{name} not in this pydicom's corpus")
     data = _lying(str(path), Rows=8, Columns=8)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from retinaedge.runtime.discovery import dicom_files, has_dicom_header
 from retinaedge.runtime.errors import ConfigError
+from support.paths import EXAMPLES
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 HEADER = bytes(128) + b"DICM"
 
 

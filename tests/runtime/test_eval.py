@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from dicomgen import mr_instance, to_bytes, write
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detection, Detector, FrameResult, InstanceResult
 from retinaedge.runtime.errors import ConfigError, MalformedDicomError
@@ -26,6 +25,7 @@ from retinaedge.runtime.evaluate import (
     to_coco,
     xyxy_to_xywh,
 )
+from support.dicomgen import mr_instance, to_bytes, write
 
 CLASSES = ("glioma", "meningioma", "pituitary")
 GT_CLASSES = ("glioma", "pituitary")  # meningioma gets no ground truth

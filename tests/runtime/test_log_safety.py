@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from retinaedge.runtime import logsafety
 from retinaedge.runtime.errors import MalformedDicomError
-
-ROOT = Path(__file__).resolve().parents[2]
+from support.paths import DEMO, REPO_ROOT
+from support.polling import poll
 
 #: Invalid values, one per VR pydicom validates, each carrying a marker that must never be logged.
 CANARY_VALUES = {
@@ -123,7 +123,7 @@ def test_an_unexpected_error_keeps_a_redacted_traceback(
 
 
 def _canary_file(tmp_path: Path, values: dict[str, tuple[str, str]] = CANARY_VALUES) -> Path:
-    ds = pydicom.dcmread(ROOT / "examples" / "study_01" / "IM0001.dcm")
+    ds = pydicom.dcmread(REPO_ROOT / "examples" / "study_01" / "IM0001.dcm")
     with warnings.catch_warnings():  # pydicom warns here too; this test's own output is not the point
         warnings.simplefilter("ignore")
         for keyword, (vr, value) in values.items():
@@ -147,10 +147,9 @@ def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path) -
     values in every VR pydicom validates, through /v1/detect and STOW-RS; its log holds none of them."""
     import os
     import signal
-    import time
 
     import httpx
-    from helpers import free_port, start_server
+    from support.servers import free_port, start_server
 
     path = _canary_file(tmp_path)
     refused = _canary_file(tmp_path, {**CANARY_VALUES, **BAD_UIDS})
@@ -159,7 +158,7 @@ def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path) -
     port = free_port()
     os.environ["RETINAEDGE_LOG_LEVEL"] = "DEBUG"
     try:
-        proc = start_server(ROOT / "models" / "demo", config, port)
+        proc = start_server(DEMO, config, port)
     finally:
         del os.environ["RETINAEDGE_LOG_LEVEL"]
     base = f"http://127.0.0.1:{port}"
@@ -183,9 +182,7 @@ def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path) -
             r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
             assert r.status_code == 202, r.text  # one stored, one failed
             assert len(r.json()["00081198"]["Value"]) == 1
-            deadline = time.monotonic() + 60
-            while c.get(f"{base}/v1/results/{uid}").status_code != 200 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            poll(lambda: c.get(f"{base}/v1/results/{uid}").status_code == 200, timeout=60, interval=0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

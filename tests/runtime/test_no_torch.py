@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import DEMO, run_blocked
+from support.blocked import run_blocked
+from support.paths import DEMO
 
 
 def test_bare_model_onnx_runs_with_onnxruntime_and_numpy_only() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -16,9 +15,9 @@ from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.errors import MalformedDicomError
 from retinaedge.runtime.manifest import Preprocessing, WindowPolicy
 from retinaedge.runtime.preprocess import to_unit
+from support.paths import DEMO, REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "examples" / "study_01" / "IM0001.dcm"
+SOURCE = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
 
 
 def _bytes(ds: Dataset) -> bytes:
@@ -29,7 +28,7 @@ def _bytes(ds: Dataset) -> bytes:
 
 @pytest.fixture(scope="module")
 def detector() -> Detector:
-    with Detector.open(ROOT / "models" / "demo", threads=1) as det:
+    with Detector.open(DEMO, threads=1) as det:
         yield det
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
@@ -13,21 +12,20 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicomgen import mr_instance, to_bytes, write
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from retinaedge.runtime.dicomio import iter_frames, open_dicom, validate
 from retinaedge.runtime.errors import DicomInputError
 from retinaedge.runtime.geometry import Letterbox
 from retinaedge.runtime.manifest import Preprocessing, WindowPolicy
 from retinaedge.runtime.preprocess import to_unit
-
-CORPUS = sorted(glob.glob(os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "*.dcm")))
+from support.dicomgen import mr_instance, to_bytes, write
+from support.paths import CORPUS_FILES
 
 
 def _windowed_corpus() -> list[str]:
     out = []
     warnings.simplefilter("ignore")
-    for path in CORPUS:
+    for path in CORPUS_FILES:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:

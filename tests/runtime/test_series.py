@@ -29,10 +29,7 @@ from retinaedge.runtime.slices import (
     group_series,
     read_frames,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-DEMO = ROOT / "models" / "demo"
+from support.paths import DEMO, EXAMPLES, REPO_ROOT
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
@@ -314,7 +311,7 @@ def test_enhanced_multiframe_from_shuffled_oblique_slices(tmp_path: Path) -> Non
     Dimension Index): the per-frame Plane Position / shared Plane Orientation and Pixel Measures give
     the same stack as the single-frame instances."""
     pytest.importorskip("highdicom")
-    sys.path.insert(0, str(ROOT / "tools"))
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
     from phantom import dicomwrite as dw
     from phantom.study import Pose, SyntheticSeries
 
@@ -532,7 +529,7 @@ def test_series_result_json_shape() -> None:
 
 def _write_series(out: Path, offsets: list[float], iop: tuple[float, ...], seed: int) -> list[Path]:
     """Real single-frame MR files (64 x 64, a bright square on every slice) of one series."""
-    from dicomgen import mr_instance, write
+    from support.dicomgen import mr_instance, write
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

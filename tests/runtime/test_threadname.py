@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from retinaedge.runtime.threadname import os_thread_name
+from support.paths import DEMO
 
-ROOT = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names via /proc")
 
 
@@ -42,7 +42,7 @@ def test_the_backends_threads_take_the_name_of_the_thread_that_opens_it() -> Non
 
     def run() -> None:
         name_this_thread("retinaedge-inference")
-        opened.append(OnnxRuntimeBackend(ROOT / "models" / "demo" / "model.onnx", threads=2))
+        opened.append(OnnxRuntimeBackend(DEMO / "model.onnx", threads=2))
 
     t = threading.Thread(target=run, name="retinaedge-inference")
     t.start()

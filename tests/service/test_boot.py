@@ -18,18 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import (
-    DEMO,
-    DICOM,
-    THIS,
-    flip_a_byte,
-    free_port,
-    make_app,
-    seed,
-    this_device,
-    wait_ready,
-    worker_of,
-)
 from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from retinaedge.runtime.backends.policy import DECISIONS
 from retinaedge.runtime.backends.tensorrt import build_cli
@@ -39,8 +27,10 @@ from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.detector import Detector
 from retinaedge.service.boot_cli import BOOT_RECORD, EX_CONFIG, EX_UNAVAILABLE, decide, unknown_variables
 from retinaedge.service.settings import Settings, load_settings
+from support.engines import THIS, flip_a_byte, make_app, seed, this_device, worker_of
+from support.paths import DEMO, DICOM
+from support.servers import free_port, wait_ready
 
-ROOT = Path(__file__).resolve().parents[2]
 UPGRADED = dataclasses.replace(THIS, tensorrt="10.13.3", cuda="12.6", l4t="36.4.4")
 BEFORE_UPGRADE = dataclasses.replace(THIS, tensorrt="10.3.0", cuda="12.2", l4t="36.3.0")
 

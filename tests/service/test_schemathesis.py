@@ -28,13 +28,15 @@ import httpx
 import pytest
 import requests
 import schemathesis
-from helpers import CORPUS, DEMO, serve
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
+from support.paths import CORPUS, DEMO
+from support.polling import poll
+from support.servers import serve
 
 # Fuzzed DICOM headers make pydicom warn (e.g. a UI value longer than 64 characters); that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
@@ -148,9 +150,7 @@ def _assert_no_server_error(
     if status >= 500:
         # uvicorn logs the unhandled exception only after the 500 has been sent: wait for its traceback
         # (and let the server thread finish logging it before the failure is reported).
-        deadline = time.monotonic() + 5
-        while not any(r.exc_info for r in server_log[since:]) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll(lambda: any(r.exc_info for r in server_log[since:]), timeout=5, interval=0.05)
         time.sleep(0.2)
     errors = _internal_errors(server_log[since:])
     assert status < 500 and not errors, f"{detail}\nserver log:\n" + "\n".join(errors)
@@ -312,16 +312,22 @@ def test_no_server_error_on_raw_bodies(
 
         # Instances stored through STOW-RS are processed in the background: wait for them, make sure none
         # failed with an internal error, and that fetching the result (JSON and SR) is not a 5xx either.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30  # for all of them
+
+        def fetch(uid: str) -> Any:
+            before = len(server_log)
+            r = client.get(f"/v1/results/{uid}")
+            detail = _describe("GET", r.url.path, {}, None, r.status_code, r.text)
+            _assert_no_server_error(detail, r.status_code, server_log, before)
+            return r
+
         for uid in sorted(stored):
-            while True:
-                before = len(server_log)
-                r = client.get(f"/v1/results/{uid}")
-                detail = _describe("GET", r.url.path, {}, None, r.status_code, r.text)
-                _assert_no_server_error(detail, r.status_code, server_log, before)
-                if r.status_code != 202 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
+            r = poll(
+                lambda uid=uid: fetch(uid),
+                lambda r: r.status_code != 202,
+                timeout=deadline - time.monotonic(),
+                interval=0.1,
+            )
             tally[f"GET /v1/results/{{uid}} (stored, {kind}) -> {r.status_code}"] += 1
             assert r.json().get("error", {}).get("type") != "internal-error", r.text
             before = len(server_log)
@@ -412,9 +418,7 @@ def test_no_server_error_on_malformed_header_values(
         _assert_no_server_error(detail, r.status_code, server_log, before)
         if r.status_code >= 300:
             return  # refused: nothing stored, nothing to fetch
-        deadline = time.monotonic() + 30
-        while client.get(f"/v1/results/{uid}").status_code == 202 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        poll(lambda: client.get(f"/v1/results/{uid}").status_code != 202, timeout=30, interval=0.1)
         for accept in ("application/json", "application/dicom"):
             before = len(server_log)
             got = client.get(f"/v1/results/{uid}", headers={"Accept": accept})

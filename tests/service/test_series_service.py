@@ -5,7 +5,6 @@ on the demo model and the sample studies, over a real uvicorn server and real cl
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import httpx
@@ -13,16 +12,15 @@ import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from helpers import serve
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.findings import LinkParams, analyse_series
 from retinaedge.runtime.slices import read_frames
+from support.paths import DEMO, EXAMPLES
+from support.polling import wait_until
+from support.servers import serve
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-DEMO = ROOT / "models" / "demo"
 SINGLE = sorted((EXAMPLES / "study_01").glob("*.dcm"))
 MULTI = EXAMPLES / "study_01_multiframe" / "MF0001.dcm"
 
@@ -41,26 +39,29 @@ def stow(base: str, paths: list[Path]) -> None:
 
 def poll_series(client: httpx.Client, base: str, uid: str, timeout: float = 240) -> dict:
     """GET /v1/series/{uid} until it is complete (200)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def complete() -> dict | None:  # type: ignore[type-arg]
         r = client.get(f"{base}/v1/series/{uid}")
         if r.status_code == 200:
             return r.json()
         assert r.status_code == 202, r.text
         assert int(r.headers["retry-after"]) >= 1
-        time.sleep(0.25)
-    raise AssertionError(f"series not complete after {timeout} s")
+        return None
+
+    return wait_until(
+        complete, f"series {uid} complete", lambda body: body is not None, timeout=timeout, interval=0.25
+    )
 
 
 def wait_processed(client: httpx.Client, base: str, uid: str, timeout: float = 240) -> dict:
     """GET /v1/series/{uid} until no instance is pending (the body of the last answer)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"{base}/v1/series/{uid}").json()
-        if body["instances"]["pending"] == 0:
-            return body
-        time.sleep(0.25)
-    raise AssertionError("instances still pending")
+    return wait_until(
+        lambda: client.get(f"{base}/v1/series/{uid}").json(),
+        "no instance pending",
+        lambda body: body["instances"]["pending"] == 0,
+        timeout=timeout,
+        interval=0.25,
+    )
 
 
 def key(f: dict) -> tuple:  # type: ignore[type-arg]

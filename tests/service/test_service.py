@@ -7,7 +7,6 @@ import io
 import json
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,16 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from dicomgen import mr_instance, to_bytes
-from helpers import CORPUS, DEMO, dicom_post, serve
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.settings import load_settings
+from support.clients import dicom_post
+from support.dicomgen import mr_instance, to_bytes
+from support.paths import CORPUS, DEMO
+from support.polling import poll
+from support.servers import serve
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -138,9 +140,7 @@ def test_overload_gives_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) ->
                 first = pool.submit(dicom_post, c, url, data)
                 assert entered.wait(60), "the worker never started the first request"
                 rest = [pool.submit(dicom_post, c, url, data) for _ in range(5)]
-                deadline = time.monotonic() + 120
-                while sum(f.done() for f in rest) < 4 and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                poll(lambda: sum(f.done() for f in rest) >= 4, timeout=120, interval=0.05)
                 assert sum(f.done() for f in rest) == 4 and not first.done()  # 4 refused, 2 held
             finally:
                 gate.set()

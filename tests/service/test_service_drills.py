@@ -4,7 +4,6 @@ figures, and a SIGKILL crash drill while clients stream STOW-RS requests."""
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import json
 import logging
 import os
@@ -19,11 +18,13 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from dicomgen import mr_instance, to_bytes
-from forkserver import Launcher
-from helpers import DEMO, free_port, multipart, rss_mib, serve, start_server, wait_done
+from support.clients import multipart, wait_done
+from support.dicomgen import mr_instance, to_bytes
+from support.forkserver import Launcher
+from support.paths import CORPUS_FILES, DEMO
+from support.polling import poll
+from support.servers import free_port, rss_mib, serve, start_server
 
-CORPUS = sorted(glob.glob(os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "*.dcm")))
 CONTRACT_4XX = {400, 413, 415, 422}
 
 
@@ -31,7 +32,7 @@ CONTRACT_4XX = {400, 413, 415, 422}
 def test_corpus_on_both_endpoints(tmp_path: Path) -> None:
     statuses: dict[str, dict[int, int]] = {"detect": {}, "stow": {}}
     with serve(model=DEMO, data_dir=tmp_path) as base, httpx.Client(timeout=300) as c:
-        for path in CORPUS:
+        for path in CORPUS_FILES:
             data = Path(path).read_bytes()
             r = c.post(f"{base}/v1/detect", content=data, headers={"Content-Type": "application/dicom"})
             assert r.status_code == 200 or r.status_code in CONTRACT_4XX, (path, r.status_code, r.text[:300])
@@ -139,15 +140,15 @@ def test_overload_four_times_the_queue_memory_flat(tmp_path: Path) -> None:
             with concurrent.futures.ThreadPoolExecutor(clients) as pool:
                 try:
                     first = pool.submit(post, 0)
-                    deadline = time.monotonic() + 60
-                    while not entered.exists() and time.monotonic() < deadline:
-                        time.sleep(0.01)
+                    poll(entered.exists, timeout=60, interval=0.01)
                     assert entered.exists(), "the worker never started the first request"
                     rest = [pool.submit(post, k) for k in range(1, clients)]
                     refused = clients - 1 - queue_size
-                    deadline = time.monotonic() + 120
-                    while sum(f.done() for f in rest) < refused and time.monotonic() < deadline:
-                        time.sleep(0.02)
+                    poll(
+                        lambda rest=rest, refused=refused: sum(f.done() for f in rest) >= refused,
+                        timeout=120,
+                        interval=0.02,
+                    )
                 finally:
                     gate.unlink()
                 rs = [first.result(), *(f.result() for f in rest)]
@@ -206,7 +207,7 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path, launcher: Launcher) -> Non
         t.start()
     kills = 0
     # Each server is a real `retinaedge serve` process forked from the launcher, which has done the imports
-    # (tests/forkserver.py): a start costs the server's own boot, not a new interpreter's.
+    # (tests/support/forkserver.py): a start costs the server's own boot, not a new interpreter's.
     try:
         while kills < 50:
             proc = launcher.start_server(DEMO, config, port)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.paths import REPO_ROOT
 
 pytest.importorskip("nilearn")
 pytest.importorskip("highdicom")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 from phantom import dicomwrite as dw  # noqa: E402
 from phantom.study import SyntheticSeries, make_series  # noqa: E402

@@ -4,12 +4,12 @@ constructed findings, lesions and boxes (the command itself runs in the model ca
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from support.paths import REPO_ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 from series_eval import Lesion, markdown, match_detections, match_findings  # noqa: E402
 

@@ -18,6 +18,7 @@ import pytest
 from retinaedge.runtime.backends.tensorrt.cache import EngineCache, cache_key
 from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceFingerprint
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions
+from support.polling import wait_until
 
 ORIN = DeviceFingerprint.from_values(
     gpu_name="Orin",
@@ -196,11 +197,12 @@ def test_sigkill_mid_write_leaves_the_previous_entry_valid(tmp_path: Path) -> No
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
+
+        def started() -> bool:
             assert proc.poll() is None, "writer exited early"
-            assert time.monotonic() < deadline, "writer never started"
-            time.sleep(0.05)
+            return marker.exists()
+
+        wait_until(started, "the writer started", timeout=60, interval=0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:

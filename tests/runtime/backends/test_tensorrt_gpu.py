@@ -8,13 +8,13 @@ the sample study.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from support.paths import DEMO, REPO_ROOT
+from support.polling import poll
 
 pytestmark = pytest.mark.gpu
 
@@ -213,9 +213,7 @@ def test_background_build_swaps_onnxruntime_for_the_engine(bundle_dir: Path, tmp
         assert "built in the background" in worker.backend_reason
         assert opener.build.wait(1800), "the background build never ended"
         assert opener.build_status == "succeeded", worker.backend_reason
-        deadline = time.monotonic() + 600
-        while worker.backend != "tensorrt" and time.monotonic() < deadline:
-            time.sleep(1)
+        poll(lambda: worker.backend == "tensorrt", timeout=600, interval=1)
         assert worker.backend == "tensorrt", worker.backend_reason
         assert worker.self_test["passed"] and opener.describe()["decision"] == "cache-hit"
     finally:

@@ -24,6 +24,7 @@ from retinaedge.runtime.cli import main
 from retinaedge.runtime.hashing import sha256_file
 from support.clients import multipart, wait_done
 from support.paths import DEMO, EXAMPLES, REPO_ROOT
+from support.polling import wait_until
 from support.servers import free_port, serve
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -80,17 +81,6 @@ def readyz(base: str) -> httpx.Response:
     return httpx.get(f"{base}/readyz", timeout=10)
 
 
-def until(check: Any, timeout: float, what: str) -> Any:
-    """Poll ``check()`` every 0.1 s until it returns something truthy (returned), at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")
-
-
 def frames(result: dict[str, Any]) -> list[list[dict[str, Any]]]:
     return [f["detections"] for f in result["frames"]]
 
@@ -133,14 +123,19 @@ def test_python_variant_serves_the_bundle_as_onnxruntime_does(triton: LocalTrito
     def stats(name: str) -> dict[str, Any]:
         return dict(client.get_inference_statistics(name)["model_stats"][0])
 
-    until(lambda: int(stats(ONE)["execution_count"]) == len(images), 10, "two executions of batch size 1")
+    wait_until(
+        lambda: int(stats(ONE)["execution_count"]) == len(images),
+        "two executions of batch size 1",
+        timeout=10,
+        interval=0.1,
+    )
 
     def batched() -> bool:
         s = stats(NAME)
         formed = sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in s["batch_stats"])
         return formed == int(s["inference_count"]) >= len(images)
 
-    until(batched, 10, "batch statistics that add up to the inferences")
+    wait_until(batched, "batch statistics that add up to the inferences", timeout=10, interval=0.1)
     client.close()
 
 
@@ -222,8 +217,11 @@ def test_triton_stopped_while_serving(triton: LocalTriton, tmp_path: Path) -> No
     with serve(model=DEMO, **settings) as base, httpx.Client(timeout=60) as c:
         assert readyz(base).status_code == 200
         triton.stop()
-        down = until(
-            lambda: (r := readyz(base)).status_code == 503 and r, 30, "/readyz 503 after Triton stopped"
+        down = wait_until(
+            lambda: (r := readyz(base)).status_code == 503 and r,
+            "/readyz 503 after Triton stopped",
+            timeout=30,
+            interval=0.1,
         )
         assert "Triton at" in down.json()["detail"] and triton.grpc_url in down.json()["detail"]
         r = c.post(
@@ -241,7 +239,12 @@ def test_triton_stopped_while_serving(triton: LocalTriton, tmp_path: Path) -> No
             in c.get(f"{base}/metrics").text
         )
         triton.start(90)
-        until(lambda: readyz(base).status_code == 200, 30, "/readyz 200 once Triton is back")
+        wait_until(
+            lambda: readyz(base).status_code == 200,
+            "/readyz 200 once Triton is back",
+            timeout=30,
+            interval=0.1,
+        )
         results = [wait_done(c, base, uid, timeout=60) for uid in uids]
     assert [r["sop_instance_uid"] for r in results] == uids
     assert all(len(r["frames"]) == 1 for r in results)

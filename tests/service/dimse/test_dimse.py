@@ -1,5 +1,5 @@
 """The C-STORE SCP against a real DICOM peer: dcmtk's echoscu and storescu (Debian's packages, unpacked by
-:mod:`peers_dcmtk`) on 127.0.0.1.
+:mod:`support.peers_dcmtk`) on 127.0.0.1.
 
 C-ECHO; the sample study (27 instances) and the JPEG 2000 instance (``-xv``) acknowledged, stored as
 received and processed; calling AEs that are not allowed rejected at association; pydicom's test files
@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import sqlite3
@@ -33,13 +32,16 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from dicomgen import mr_instance, write
-from helpers import CORPUS, DEMO, free_port, serve, start_server, wait_done
-from peers_dcmtk import Dcmtk, dcmtk
+from support.certs import self_signed
+from support.clients import wait_done
+from support.dicomgen import mr_instance, write
+from support.paths import CORPUS, DEMO, REPO_ROOT
+from support.peers_dcmtk import Dcmtk, dcmtk
+from support.polling import poll, wait_until
+from support.servers import free_port, serve, start_server
 
-ROOT = Path(__file__).resolve().parents[3]
-STUDY = sorted((ROOT / "examples" / "study_01").glob("*.dcm"))
-J2K = ROOT / "examples" / "compressed" / "study_01_IM0016_J2K.dcm"
+STUDY = sorted((REPO_ROOT / "examples" / "study_01").glob("*.dcm"))
+J2K = REPO_ROOT / "examples" / "compressed" / "study_01_IM0016_J2K.dcm"
 AET = "RETINAEDGE"
 ALLOWED = ["SCANNER1@127.0.0.1", "SCANNER2", "PINNED@10.9.9.9"]
 SUCCESS = "Received Store Response (Success)"
@@ -283,15 +285,15 @@ def _preloaded(config: Path, http_port: int, go: Path, log: Any) -> subprocess.P
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def accepts() -> bool:
         assert proc.poll() is None, "the service exited"
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
         except OSError:
-            time.sleep(0.01)
-    raise AssertionError(f"the DICOM port did not open within {timeout} s")
+            return False
+        return True
+
+    wait_until(accepts, "the DICOM port open", timeout=timeout, interval=0.01)
 
 
 @pytest.mark.slow
@@ -357,16 +359,14 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
             gate = next(gates)
             ahead.append((gate, _preloaded(config, http_port, gate, log)))  # imports while others serve
             time.sleep(rng.uniform(0.1, 0.6))
-            deadline = time.monotonic() + 3  # then kill while an association is open, if one opens by then
-            while not any(busy) and time.monotonic() < deadline:
-                time.sleep(0.002)
+            # then kill while an association is open, if one opens by then
+            poll(lambda: any(busy), timeout=3, interval=0.002)
             before = interrupted[0]
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
             kills += 1
-            deadline = time.monotonic() + 5  # the clients' runs end at once (connection reset)
-            while any(busy) and time.monotonic() < deadline:
-                time.sleep(0.002)
+            # the clients' runs end at once (connection reset)
+            poll(lambda: not any(busy), timeout=5, interval=0.002)
             cutting += interrupted[0] > before
     finally:
         stop.set()
@@ -398,27 +398,14 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
     assert len(acknowledged) >= 20
 
 
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make test certificates")
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 def test_dicom_tls_with_client_certificates(
     tools: Dcmtk, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """TLS with the service's certificate; with dimse_tls_ca_file a peer without a certificate that CA
     signed is refused at the handshake; a peer that connects and stays silent holds up no one."""
     caplog.set_level(logging.INFO)
-    server_cert, server_key = _self_signed(tmp_path, "appliance")
-    client_cert, client_key = _self_signed(tmp_path, "scanner")
+    server_cert, server_key = self_signed(tmp_path, "appliance")
+    client_cert, client_key = self_signed(tmp_path, "scanner")
     port = free_port()
     with (
         serve(
@@ -455,7 +442,7 @@ def test_dicom_tls_with_client_certificates(
 def test_the_conformance_tables_list_what_the_scp_accepts() -> None:
     from retinaedge.service.dimse.contexts import IMAGE_STORAGE, supported_contexts, transfer_syntaxes
 
-    doc = (ROOT / "docs" / "integration.md").read_text()
+    doc = (REPO_ROOT / "docs" / "integration.md").read_text()
     for uid, name in IMAGE_STORAGE:
         assert f"| {name} | `{uid}` |" in doc, name
     syntaxes = transfer_syntaxes()

@@ -15,12 +15,13 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from forkserver import Launcher
-from helpers import free_port, multipart, serve, start_server
+from support.clients import multipart
+from support.forkserver import Launcher
+from support.paths import DEMO, REPO_ROOT
+from support.polling import wait_until
+from support.servers import free_port, serve, start_server
 
-ROOT = Path(__file__).resolve().parents[3]
-DEMO = ROOT / "models" / "demo"
-SOURCE = ROOT / "examples" / "study_01" / "IM0001.dcm"
+SOURCE = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
 PROBLEM = "application/problem+json"
 
 
@@ -191,10 +192,12 @@ def test_the_stow_backlog_limit_answers_503_until_the_backlog_drains(tmp_path: P
                     assert "backlog limit" in r.json()["detail"]
             os.unlink(gate)
             for uid in stored:
-                deadline = time.monotonic() + 60
-                while c.get(f"{url}/v1/results/{uid}").status_code != 200:
-                    assert time.monotonic() < deadline, "the backlog did not drain"
-                    time.sleep(0.1)
+                wait_until(
+                    lambda uid=uid: c.get(f"{url}/v1/results/{uid}").status_code == 200,
+                    "the backlog drained",
+                    timeout=60,
+                    interval=0.1,
+                )
             r = c.post(f"{url}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
             assert r.status_code == 200, r.text
     finally:

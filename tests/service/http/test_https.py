@@ -3,39 +3,28 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-from helpers import free_port
+from support.certs import self_signed
+from support.paths import DEMO, REPO_ROOT
+from support.polling import wait_until
+from support.servers import free_port
 
-ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "a-test-token-of-sufficient-length"
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 made by openssl (the client trusts exactly it)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-        + ["-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"), "cert", common_name="127.0.0.1")
 
 
 @pytest.fixture(scope="module")
@@ -47,25 +36,24 @@ def https_server(certificate: tuple[Path, Path], tmp_path_factory: pytest.TempPa
     config.write_text(json.dumps(settings | {"api_token": TOKEN}))
     port = free_port()
     log = open(d / "server.log", "wb")  # noqa: SIM115 (closed below)
-    argv = [sys.executable, "-m", "retinaedge.runtime.cli", "serve", "--model", str(ROOT / "models" / "demo")]
+    argv = [sys.executable, "-m", "retinaedge.runtime.cli", "serve", "--model", str(DEMO)]
     proc = subprocess.Popen(argv + ["--port", str(port), "--config", str(config)], stderr=log)
     base = f"https://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+
+    def ready() -> bool:
+        assert proc.poll() is None, (d / "server.log").read_text()[-2000:]
+        try:
+            r = httpx.get(
+                f"{base}/readyz",
+                verify=ssl.create_default_context(cafile=cert),
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+        except httpx.TransportError:
+            return False
+        return r.status_code == 200
+
     try:
-        while True:
-            assert proc.poll() is None, (d / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the HTTPS server did not become ready"
-            try:
-                r = httpx.get(
-                    f"{base}/readyz",
-                    verify=ssl.create_default_context(cafile=cert),
-                    headers={"Authorization": f"Bearer {TOKEN}"},
-                )
-                if r.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_until(ready, "the HTTPS server ready", timeout=60, interval=0.1)
         yield base
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -87,7 +75,7 @@ def test_a_verifying_client_stores_a_study_over_https(
     session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides verify
     session.headers["Authorization"] = f"Bearer {TOKEN}"
     client = DICOMwebClient(url=f"{https_server}/dicomweb", session=session)
-    study = sorted((ROOT / "examples" / "study_01").glob("*.dcm"))[:5]
+    study = sorted((REPO_ROOT / "examples" / "study_01").glob("*.dcm"))[:5]
     with session:  # closes its pooled connection: the server's graceful stop need not wait for it
         response = client.store_instances([pydicom.dcmread(p) for p in study])
     stored = [item.ReferencedSOPInstanceUID for item in response.ReferencedSOPSequence]
@@ -95,10 +83,12 @@ def test_a_verifying_client_stores_a_study_over_https(
     with httpx.Client(
         verify=ssl.create_default_context(cafile=certificate[0]), headers={"Authorization": f"Bearer {TOKEN}"}
     ) as c:
-        deadline = time.monotonic() + 60
-        while any(c.get(f"{https_server}/v1/results/{u}").status_code != 200 for u in stored):
-            assert time.monotonic() < deadline, "results did not appear"
-            time.sleep(0.2)
+        wait_until(
+            lambda: all(c.get(f"{https_server}/v1/results/{u}").status_code == 200 for u in stored),
+            "the results of the stored instances",
+            timeout=60,
+            interval=0.2,
+        )
 
 
 def test_an_unverified_certificate_is_refused_by_the_client(https_server: str) -> None:
@@ -121,18 +111,18 @@ def test_a_certificate_that_does_not_load_is_a_configuration_error(
 
     key = tmp_path / "not-a-key.pem"
     key.write_text("not a key")
-    s = Settings(model=ROOT / "models" / "demo", tls_cert_file=certificate[0], tls_key_file=key)
+    s = Settings(model=DEMO, tls_cert_file=certificate[0], tls_key_file=key)
     with pytest.raises(ConfigError, match="cannot be used"):
         server_context(s)
     with pytest.raises(ValueError, match="go together"):
-        Settings(model=ROOT / "models" / "demo", tls_cert_file=certificate[0])
+        Settings(model=DEMO, tls_cert_file=certificate[0])
 
 
 def test_plain_http_beyond_loopback_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     from retinaedge.service.http.tls import uvicorn_options
     from retinaedge.service.settings import Settings
 
-    assert uvicorn_options(Settings(model=ROOT / "models" / "demo", host="0.0.0.0", api_token=TOKEN)) == {}
+    assert uvicorn_options(Settings(model=DEMO, host="0.0.0.0", api_token=TOKEN)) == {}
     assert "unencrypted" in caplog.text
 
 
@@ -147,7 +137,7 @@ def test_the_image_healthcheck_speaks_https_when_a_certificate_is_set(
         "RETINAEDGE_TLS_CERT_FILE": str(certificate[0]),
     }
     probe = subprocess.run(
-        [sys.executable, str(ROOT / "docker" / "healthcheck.py")],
+        [sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py")],
         env=env,
         capture_output=True,
         text=True,

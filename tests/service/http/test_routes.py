@@ -25,10 +25,9 @@ from retinaedge.service.http import schemas
 from retinaedge.service.results.formats import FormatRegistry, InstanceView, ResultFormat, negotiate
 from retinaedge.service.routes import detect
 from retinaedge.service.settings import load_settings
+from support.paths import CORPUS, DEMO
 
-ROOT = Path(__file__).resolve().parents[3]
-DEMO = ROOT / "models" / "demo"
-CT_SMALL = (Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm").read_bytes()
+CT_SMALL = (CORPUS / "CT_small.dcm").read_bytes()
 CT_SMALL_UID = "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
 CT_SMALL_SERIES = "1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322"
 PROBLEM = "application/problem+json"

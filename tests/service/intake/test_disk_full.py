@@ -22,11 +22,13 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from forkserver import Launcher
-from helpers import free_port, multipart
+from support.clients import multipart
+from support.forkserver import Launcher
+from support.paths import DEMO, REPO_ROOT
+from support.polling import wait_until
+from support.servers import free_port
 
-ROOT = Path(__file__).resolve().parents[3]
-STUDY = sorted((ROOT / "examples" / "study_01").glob("*.dcm"))
+STUDY = sorted((REPO_ROOT / "examples" / "study_01").glob("*.dcm"))
 RESERVE = 4 * 1024**2
 CTYPE = multipart([])[1]
 
@@ -69,7 +71,7 @@ def server(tmpfs: Path, tmp_path: Path, launcher: Launcher) -> Iterator[tuple[st
         )
     )
     port = free_port()
-    proc = launcher.start_server(ROOT / "models" / "demo", config, port)
+    proc = launcher.start_server(DEMO, config, port)
     try:
         yield f"http://127.0.0.1:{port}", data
     finally:
@@ -101,15 +103,6 @@ def _raw_upload(base: str, body: bytes, declared: int, *, wait_reply: bool) -> b
         if not wait_reply:
             return b""
         return s.recv(65536)
-
-
-def _wait(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def _instances(copies: int) -> tuple[list[bytes], list[str]]:
@@ -153,12 +146,16 @@ def test_disk_full_drill(server: tuple[str, Path], tmpfs: Path) -> None:
     # 3. Aborted uploads: the connection closed mid-part leaves nothing.
     for _ in range(4):
         _raw_upload(base, _multipart([os.urandom(2 * 1024**2)])[: 1024**2], 3 * 1024**2, wait_reply=False)
-    _wait(lambda: not _parts_left(data), 10, "the aborted uploads' parts are discarded")
+    wait_until(
+        lambda: not _parts_left(data), "the aborted uploads' parts are discarded", timeout=10, interval=0.1
+    )
 
     # 4. A stalled upload: 408 after the idle timeout, the part discarded.
     reply = _raw_upload(base, _multipart([os.urandom(300_000)])[:200_000], 300_000 + 200, wait_reply=True)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
-    _wait(lambda: not _parts_left(data), 10, "the stalled upload's part is discarded")
+    wait_until(
+        lambda: not _parts_left(data), "the stalled upload's part is discarded", timeout=10, interval=0.1
+    )
     assert c.get(f"{base}/readyz").status_code == 200  # all of that left the service ready
 
     # 5. Acknowledged instances, then the disk filled from outside while they are processed.
@@ -189,9 +186,16 @@ def test_disk_full_drill(server: tuple[str, Path], tmpfs: Path) -> None:
     def all_done() -> bool:
         return all(c.get(f"{base}/v1/results/{uid}").status_code == 200 for uid in sorted(acknowledged))
 
-    _wait(all_done, 30, "every acknowledged instance is processed once space has returned")
+    wait_until(
+        all_done, "every acknowledged instance is processed once space has returned", timeout=30, interval=0.1
+    )
     resumed_s = time.monotonic() - started
-    _wait(lambda: c.get(f"{base}/readyz").status_code == 200, 10, "the service is ready again")
+    wait_until(
+        lambda: c.get(f"{base}/readyz").status_code == 200,
+        "the service is ready again",
+        timeout=10,
+        interval=0.1,
+    )
     assert not list((data / "spool").glob("*"))
     db = sqlite3.connect(data / "state.sqlite3")
     rows = db.execute("SELECT sop_instance_uid, state FROM instances").fetchall()
@@ -207,14 +211,15 @@ def test_readiness_says_when_the_disk_is_inside_its_reserve(tmp_path: Path) -> N
     """/readyz is 503 while the spool's disk has less than min_free_bytes free (every new instance would
     get 507), whatever the processing is doing (the drill above shows it ready again once space returns)."""
     import httpx
-    from helpers import DEMO, serve
+    from support.paths import DEMO
+    from support.servers import serve
 
     with serve(model=DEMO, data_dir=tmp_path / "data", min_free_bytes=2**62) as base, httpx.Client() as c:
 
         def reserve_reported() -> bool:
             return "reserve" in c.get(f"{base}/readyz").text
 
-        _wait(reserve_reported, 60, "the model loaded and the reserve reported")
+        wait_until(reserve_reported, "the model loaded and the reserve reported", timeout=60, interval=0.1)
         r = c.get(f"{base}/readyz")
         assert (
             r.status_code == 503

@@ -12,13 +12,13 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from dicomgen import mr_instance, to_bytes
 from dicomweb_client.api import DICOMwebClient
-from forkserver import Launcher, Server
-from helpers import CORPUS, DEMO, ROOT, free_port, multipart, serve, wait_done
 from retinaedge.runtime.detector import Detector
-
-EXAMPLES = ROOT / "examples"
+from support.clients import multipart, wait_done
+from support.dicomgen import mr_instance, to_bytes
+from support.forkserver import Launcher, Server
+from support.paths import CORPUS, DEMO, EXAMPLES
+from support.servers import free_port, serve
 
 
 def test_dicomweb_client_store_and_results(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Result export to real Orthanc peers on 127.0.0.1 (Debian's packages, ``peers_orthanc.py``).
+"""Result delivery to real Orthanc peers on 127.0.0.1 (Debian's packages, ``support/peers_orthanc.py``).
 
 Orthanc as the PACS takes the SRs by C-STORE, a second Orthanc through its DICOMweb plugin by STOW-RS
 (with basic auth); what they hold reads with highdicom and references the images sent. With the PACS
@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pydicom
 import pytest
-from helpers import DEMO, ROOT, free_port, multipart, serve, start_server, wait_done
-from peers_orthanc import Orthanc
+from support.certs import self_signed
+from support.clients import multipart, wait_done
+from support.paths import DEMO, REPO_ROOT
+from support.peers_orthanc import Orthanc
+from support.polling import wait_until
+from support.servers import free_port, serve, start_server
 
-STUDY = ROOT / "examples" / "study_01"
+STUDY = REPO_ROOT / "examples" / "study_01"
 #: Four neighbouring slices through two lesions (examples/lesions.json): findings on several slices.
 FILES = [STUDY / f"IM{n:04d}.dcm" for n in (13, 14, 15, 16)]
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -47,16 +48,6 @@ def exports(client: httpx.Client, base: str, **params: Any) -> dict[str, Any]:
 def destination(body: dict[str, Any], name: str) -> dict[str, Any]:
     (d,) = [d for d in body["destinations"] if d["name"] == name]
     return d
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def referenced(ds: pydicom.Dataset) -> set[str]:
@@ -152,7 +143,9 @@ def test_srs_reach_orthanc_by_c_store_and_stow_rs(orthanc_tree: Path, tmp_path: 
                 ok = ok and destination(body, "viewer-wrong-password")["jobs"]["dead"] == 4
                 return body if ok else None
 
-            body = wait_for(delivered, "5 SRs at the PACS, 4 at the viewer, 4 refused")
+            body = wait_until(
+                delivered, "5 SRs at the PACS, 4 at the viewer, 4 refused", timeout=60, interval=0.2
+            )
             refused = destination(body, "viewer-wrong-password")
             assert refused["attempts"]["failed"] == 8 and refused["jobs"]["delivered"] == 0
             assert "credentials were refused" in refused["last_attempt"]["detail"]
@@ -267,7 +260,7 @@ def test_srs_wait_for_a_pacs_that_is_down_and_survive_a_crash(orthanc_tree: Path
                 d = destination(exports(c, base), "pacs")
                 return d if d["state"] == "failing" and d["attempts"]["failed"] >= 3 else None
 
-            d = wait_for(failing, "failed attempts while the PACS is down")
+            d = wait_until(failing, "failed attempts while the PACS is down", timeout=60, interval=0.2)
             assert d["jobs"] == {"pending": 3, "delivered": 0, "dead": 0}
             assert "no connection to 127.0.0.1" in d["last_attempt"]["detail"]
             ready = c.get(f"{base}/readyz")
@@ -292,9 +285,11 @@ def test_srs_wait_for_a_pacs_that_is_down_and_survive_a_crash(orthanc_tree: Path
             assert d["jobs"]["pending"] == 3  # nothing lost in the crash
             assert d["attempts"]["interrupted"] == 1 and d["attempts"]["failed"] >= 3
             pacs.start()
-            body = wait_for(
+            body = wait_until(
                 lambda: (b := exports(c, base)) and destination(b, "pacs")["jobs"]["delivered"] == 3 and b,
                 "delivery once the PACS is back",
+                timeout=60,
+                interval=0.2,
             )
             d = destination(body, "pacs")
             assert d["jobs"] == {"pending": 0, "delivered": 3, "dead": 0}
@@ -362,9 +357,11 @@ def test_orthanc_as_the_scanner_sends_a_study_and_gets_the_srs_back(
             assert r.status_code == 200, r.text
             for uid in sent.values():
                 assert wait_done(c, base, uid)["frames"]
-            wait_for(
+            wait_until(
                 lambda: destination(exports(c, base), "scanner")["jobs"]["delivered"] == len(sent),
                 "the SRs back at the scanner",
+                timeout=60,
+                interval=0.2,
             )
         srs = held_srs(scanner, exclude=frozenset(sent))
         assert len(srs) == len(sent)
@@ -373,25 +370,10 @@ def test_orthanc_as_the_scanner_sends_a_study_and_gets_the_srs_back(
         scanner.stop()
 
 
-def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate and key for 127.0.0.1 (openssl)."""
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 def test_srs_reach_orthanc_over_dicom_tls(orthanc_tree: Path, tmp_path: Path) -> None:
     """DICOM TLS with mutual authentication: Orthanc requires a client certificate it trusts and the
     appliance verifies Orthanc's. With the certificate the SR is delivered; without it the destination
     fails (and the SR waits)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make test certificates")
     server_cert, server_key = self_signed(tmp_path, "pacs")
     client_cert, client_key = self_signed(tmp_path, "appliance")
     pacs = Orthanc(
@@ -423,7 +405,12 @@ def test_srs_reach_orthanc_over_dicom_tls(orthanc_tree: Path, tmp_path: Path) ->
                 ok = destination(b, "pacs-tls")["jobs"]["delivered"] == 1
                 return b if ok and destination(b, "pacs-no-client-cert")["attempts"]["failed"] >= 1 else None
 
-            body = wait_for(settled, "delivery over TLS, and a refusal without a client certificate")
+            body = wait_until(
+                settled,
+                "delivery over TLS, and a refusal without a client certificate",
+                timeout=60,
+                interval=0.2,
+            )
             assert destination(body, "pacs-tls")["target"].endswith("(TLS)")
             refused = destination(body, "pacs-no-client-cert")
             assert refused["state"] == "failing" and refused["jobs"]["pending"] == 1

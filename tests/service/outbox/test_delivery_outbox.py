@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,12 +19,16 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import DEMO, ROOT, multipart, serve, wait_done
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.service.http.schemas import ExportJob, ExportsStatus, Ready
 from retinaedge.service.outbox.queue import Outbox
 from retinaedge.service.results.store import Store
 from retinaedge.service.settings import load_settings
+from support.certs import self_signed
+from support.clients import multipart, wait_done
+from support.paths import DEMO, REPO_ROOT
+from support.polling import poll
+from support.servers import serve
 
 DIMSE = {"name": "pacs", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
 STOW = {"name": "web", "type": "stowrs", "url": "https://pacs.example/dicom-web"}
@@ -182,7 +184,7 @@ def test_dead_letters_degrade_readiness_until_queued_again(
         ) as base,
         httpx.Client(timeout=60) as c,
     ):
-        body, ctype = multipart([(ROOT / "examples" / "study_01" / "IM0005.dcm").read_bytes()])
+        body, ctype = multipart([(REPO_ROOT / "examples" / "study_01" / "IM0005.dcm").read_bytes()])
         r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
         assert r.status_code == 200, r.text
         uid = r.json()["00081199"]["Value"][0]["00081155"]["Value"][0]
@@ -192,9 +194,7 @@ def test_dead_letters_degrade_readiness_until_queued_again(
             b = c.get(f"{base}/v1/exports", params={"state": "dead"}).json()
             return b if len(b["jobs"]) == 3 else None
 
-        deadline = time.monotonic() + 30
-        while (status := dead()) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+        status = poll(dead, lambda status: status is not None, timeout=30, interval=0.1)
         assert status is not None, "the jobs were not dead-lettered"
         ExportsStatus.model_validate(status)
         assert {j["attempts"] for j in status["jobs"]} == {3}
@@ -222,12 +222,12 @@ def test_dead_letters_degrade_readiness_until_queued_again(
         assert c.post(f"{base}/v1/exports/retry", params={"destination": "nope"}).status_code == 404
         assert c.post(f"{base}/v1/exports/retry", params={"destination": "web"}).json() == {"requeued": 1}
         (web,) = [j for j in status["jobs"] if j["destination"] == "web"]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # tried again from attempt 1, then dead again
-            job = c.get(f"{base}/v1/exports/{web['id']}").json()
-            if job["state"] == "dead" and len(job["history"]) == 6:
-                break
-            time.sleep(0.1)
+        job = poll(  # tried again from attempt 1, then dead again
+            lambda: c.get(f"{base}/v1/exports/{web['id']}").json(),
+            lambda job: job["state"] == "dead" and len(job["history"]) == 6,
+            timeout=30,
+            interval=0.1,
+        )
         assert job["state"] == "dead" and job["attempts"] == 3 and len(job["history"]) == 6
     assert "token-that-must-not-leak-0123" not in caplog.text
     assert uid not in caplog.text  # UIDs are hashed in logs
@@ -240,19 +240,10 @@ def https_appliance(tmp_path: Path, token: str) -> Iterator[tuple[str, Path]]:
     import threading
 
     import uvicorn
-    from helpers import free_port
     from retinaedge.service.app import create_app
+    from support.servers import free_port
 
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    cert, key = tmp_path / "peer.crt", tmp_path / "peer.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=peer"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = self_signed(tmp_path, "peer")
     port = free_port()
     settings = load_settings(
         model=DEMO,
@@ -273,9 +264,7 @@ def https_appliance(tmp_path: Path, token: str) -> Iterator[tuple[str, Path]]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll(lambda: server.started, timeout=60, interval=0.05)
     try:
         yield f"https://127.0.0.1:{port}/dicomweb", cert
     finally:
@@ -303,15 +292,15 @@ def test_stow_rs_over_https_with_a_bearer_token_to_a_peer_that_refuses_the_sr(tm
             ) as base,
             httpx.Client(timeout=60) as c,
         ):
-            body, ctype = multipart([(ROOT / "examples" / "study_01" / "IM0005.dcm").read_bytes()])
+            body, ctype = multipart([(REPO_ROOT / "examples" / "study_01" / "IM0005.dcm").read_bytes()])
             r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
             assert r.status_code == 200, r.text
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
+
+            def web_destination() -> dict[str, Any]:
                 (d,) = c.get(f"{base}/v1/exports").json()["destinations"]
-                if d["jobs"]["dead"] == 1:
-                    break
-                time.sleep(0.1)
+                return dict(d)
+
+            d = poll(web_destination, lambda d: d["jobs"]["dead"] == 1, timeout=30, interval=0.1)
             assert d["jobs"] == {"pending": 0, "delivered": 0, "dead": 1}
             assert d["last_attempt"]["detail"] == "STOW-RS HTTP 409, failure reason 0x0122"
             assert d["attempts"]["failed"] == 2

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import DEMO, dicom_post, serve
 from retinaedge.service.pipeline.stages import InferenceWorker
+from support.clients import dicom_post
+from support.paths import DEMO, EXAMPLES
+from support.polling import poll
+from support.servers import serve
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 MULTIFRAME = EXAMPLES / "study_01_multiframe" / "MF0001.dcm"  # 27 frames
 SLICE = EXAMPLES / "study_01" / "IM0003.dcm"
 
@@ -34,12 +34,14 @@ def _long_then_slice(monkeypatch: pytest.MonkeyPatch, **settings: Any) -> tuple[
         if not held.is_set():  # the first batch (the multi-frame's) waits until the slice's frame waits
             held.set()
             entered.set()
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if any(f.job.info is not None and f.job.info.frames == 1 for f in list(self._frames.queue)):
-                    break
-                time.sleep(0.01)
-            queued_during_hold.append(time.monotonic() < deadline)
+            queued = poll(
+                lambda: any(
+                    f.job.info is not None and f.job.info.frames == 1 for f in list(self._frames.queue)
+                ),
+                timeout=60,
+                interval=0.01,
+            )
+            queued_during_hold.append(queued)
         batches.append([f.job.info.frames for f in batch])
         real_infer(self, detector, batch)
 

@@ -9,7 +9,6 @@ import concurrent.futures
 import io
 import json
 import threading
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,15 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-from helpers import DEMO, dicom_post, multipart, serve, wait_done
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.detections import ImageDetections
 from retinaedge.runtime.matching import match_detections
 from retinaedge.service.pipeline.stages import InferenceWorker
+from support.clients import dicom_post, multipart, wait_done
+from support.paths import DEMO, EXAMPLES
+from support.polling import poll
+from support.servers import serve
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 STUDY = sorted((EXAMPLES / "study_01").glob("*.dcm"))
 MULTIFRAME = EXAMPLES / "study_01_multiframe" / "MF0001.dcm"
 J2K = EXAMPLES / "compressed" / "study_01_IM0016_J2K.dcm"
@@ -74,9 +75,7 @@ def test_batched_service_matches_detect(
     def infer(self: InferenceWorker, detector: Any, batch: list[Any]) -> None:
         if not held.is_set():  # the first batch waits (bounded) until frames of several instances wait
             held.set()
-            deadline = time.monotonic() + 60
-            while self._frames.qsize() < 6 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            poll(lambda: self._frames.qsize() >= 6, timeout=60, interval=0.01)
         batches.append({id(f.job) for f in batch})
         real_infer(self, detector, batch)
 

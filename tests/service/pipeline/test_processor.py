@@ -8,11 +8,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import DEMO, free_port, multipart, serve_app, wait_done
 from retinaedge.service.app import create_app
 from retinaedge.service.settings import load_settings
+from support.clients import multipart, wait_done
+from support.paths import DEMO, EXAMPLES
+from support.servers import free_port, serve_app
 
-STUDY = sorted((Path(__file__).resolve().parents[3] / "examples" / "study_01").glob("*.dcm"))[:3]
+STUDY = sorted((EXAMPLES / "study_01").glob("*.dcm"))[:3]
 
 
 @pytest.mark.parametrize(

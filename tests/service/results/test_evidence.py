@@ -16,9 +16,9 @@ from retinaedge.service.results.evidence import (
     split_header,
 )
 from retinaedge.service.results.store import Store
+from support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[3]
-SOURCE = ROOT / "examples" / "study_01" / "IM0001.dcm"
+SOURCE = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
 
 
 def _header() -> tuple[pydicom.Dataset, str, str]:

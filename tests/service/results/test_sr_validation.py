@@ -15,16 +15,16 @@ import pytest
 from retinaedge.runtime.detector import Detector
 from retinaedge.service.results.evidence import header_from_json, split_header
 from retinaedge.service.results.sr import build_sr
+from support.paths import DEMO, REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[3]
 DCIODVFY = shutil.which("dciodvfy")
 pytestmark = pytest.mark.skipif(DCIODVFY is None, reason="needs dicom3tools' dciodvfy (installed by .ci/run)")
 
 
 @pytest.mark.parametrize("name", ["study_01/IM0015.dcm", "study_01_multiframe/MF0001.dcm"])
 def test_instance_sr_has_no_finding_but_the_private_scheme(tmp_path: Path, name: str) -> None:
-    source = ROOT / "examples" / name
-    with Detector.open(ROOT / "models" / "demo", threads=1) as det:
+    source = REPO_ROOT / "examples" / name
+    with Detector.open(DEMO, threads=1) as det:
         result = det.detect(source).to_json()
         manifest = det.bundle.manifest
     assert sum(len(f["detections"]) for f in result["frames"]) > 0  # the SR has measurements to check

@@ -1,6 +1,6 @@
 """A pre-imported launcher of real ``retinaedge serve`` processes, for tests that start many servers.
 
-A plain start (``helpers.start_server``) spends most of its time before the server does anything: a new
+A plain start (``support.servers.start_server``) spends most of its time before the server does anything: a new
 interpreter imports the CLI, every verb module, numpy, pydicom, onnxruntime and uvicorn (~0.5 s of ~0.8 s
 here). :class:`Launcher` starts one Python that does those imports once and then, per start, forks a child
 that runs the same ``retinaedge.runtime.cli.main(["serve", ...])`` as ``python -m retinaedge.runtime.cli
@@ -17,11 +17,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from helpers import wait_ready
+from support.polling import poll
+from support.servers import wait_ready
 
 #: The launcher's program: imports, then one JSON request per stdin line, one JSON reply per stdout line.
 #: {"op": "start", "argv": [...], "log": path} -> {"pid": n}; {"op": "poll", "pid": n} -> {"code": n|None}
@@ -82,13 +82,10 @@ class Server:
 
     def wait(self, timeout: float) -> int:
         """Wait for the exit (polled every 10 ms), or raise :class:`subprocess.TimeoutExpired`."""
-        deadline = time.monotonic() + timeout
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"retinaedge serve (pid {self.pid})", timeout)
-            time.sleep(0.01)
-        assert self.returncode is not None
-        return self.returncode
+        code = poll(self.poll, lambda code: code is not None, timeout=timeout, interval=0.01)
+        if code is None:
+            raise subprocess.TimeoutExpired(f"retinaedge serve (pid {self.pid})", timeout)
+        return code
 
     def send_signal(self, signum: int) -> None:
         if self.returncode is None:  # not reaped yet: the pid is still this process (maybe a zombie)
@@ -107,7 +104,7 @@ class Launcher:
 
     The servers get the launcher's environment (the test process's when the launcher started), not the
     test's at the time of the start: a test that sets ``RETINAEDGE_*`` variables for its server uses
-    :func:`helpers.start_server`. Everything else is passed as with ``start_server``: ``--config``."""
+    :func:`support.servers.start_server`. Everything else is passed as with ``start_server``: ``--config``."""
 
     def __init__(self) -> None:
         self._proc = subprocess.Popen(
@@ -131,7 +128,7 @@ class Launcher:
         return reply
 
     def start_server(self, bundle: Any, config: Any, port: int, timeout: float = 120.0) -> Server:
-        """As :func:`helpers.start_server`: ``retinaedge serve`` on 127.0.0.1:``port`` with ``--config``,
+        """As :func:`support.servers.start_server`: ``retinaedge serve`` on 127.0.0.1:``port`` with ``--config``,
         its log appended to ``server-<port>.log`` beside the config; returned once /readyz is 200."""
         log_path = Path(config).parent / f"server-{port}.log"
         argv = ["serve", "--model", str(bundle), "--port", str(port), "--config", str(config)]

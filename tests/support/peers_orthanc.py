@@ -8,7 +8,7 @@ DICOM and HTTP ports, storage in a temporary directory, no authentication, the D
 from the tree, and ``DicomModalities`` naming the peers it may send to.
 
 :func:`install` returns the tree or the reason it cannot be had (no apt, no package lists, no network);
-the ``orthanc_tree`` fixture (``conftest.py``) skips with that reason, or fails when
+the ``orthanc_tree`` fixture (``tests/conftest.py``) skips with that reason, or fails when
 ``REQUIRE_DICOM_PEERS=1`` (``.ci/run`` sets it).
 """
 
@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from support.polling import poll
 
 PACKAGES = ("orthanc", "orthanc-dicomweb")
 ARCH_LIB = "usr/lib/x86_64-linux-gnu"
@@ -97,7 +98,7 @@ class Orthanc:
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
-        from helpers import free_port
+        from support.servers import free_port
 
         self.dicom_port = self.dicom_port or free_port()
         self.http_port = self.http_port or free_port()
@@ -146,16 +147,18 @@ class Orthanc:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"Orthanc exited with {self.proc.returncode}: {self.log()[-2000:]}")
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"Orthanc exited with {proc.returncode}: {self.log()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/system", auth=self._auth(), timeout=2).status_code == 200:
-                    return self
+                return httpx.get(f"{self.url}/system", auth=self._auth(), timeout=2).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+                return False
+
+        if poll(answers, timeout=timeout, interval=0.1):
+            return self
         self.stop()
         raise AssertionError(f"Orthanc did not answer within {timeout} s: {self.log()[-2000:]}")
 
