@@ -38,8 +38,9 @@ $(VENV)/.created:
 $(VENV)/.test-deps: $(VENV)/.created pyproject.toml
 	$(PIP) install --quiet $(TORCH_PINS)
 	$(PIP) install --quiet -e ".[export,dev]"
-	# tritonserver 2.51 (python backend only) for tests/test_triton*.py, without the wheel's numpy<2 pin;
-	# its python backend stub needs numpy<2, kept apart in .venv/triton-python-env (tools/triton_local.py).
+	# tritonserver 2.51 (python backend only) for tests/runtime/backends/test_triton_serving.py, without the
+	# wheel's numpy<2 pin; its python backend stub needs numpy<2, kept apart in .venv/triton-python-env
+	# (tools/triton_local.py).
 	$(PIP) install --quiet --no-deps nvidia-pytriton==0.7.0
 	$(PIP) install --quiet --no-deps --upgrade --target $(VENV)/triton-python-env numpy==1.26.4
 	touch $@
@@ -112,7 +113,8 @@ docker:
 		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
 		-t $(IMAGE):$(VERSION) -t $(IMAGE):latest .
 
-# The same recipe and tag as tests/test_container.py (BASE_RECIPE), so either one reuses the other's base.
+# The same recipe and tag as tests/deploy/test_container.py (BASE_RECIPE), so either one reuses the other's
+# base.
 BASE_RECIPE := mmdebstrap --variant=minbase --dpkgopt=path-exclude=/usr/share/man/* --dpkgopt=path-exclude=/usr/share/locale/* --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt=path-include=/usr/share/doc/*/copyright --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates bookworm
 BASE_TAG    := localhost/retinaedge-base:$(shell printf '%s' "$(BASE_RECIPE)" | sha256sum | cut -c1-24)
 

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install the retinaedge runtime into a fresh virtual environment, the one way the images and the
-# wheel-install test (tests/test_docker_wheel.py) both do it.
+# wheel-install test (tests/deploy/test_docker_wheel.py) both do it.
 #
 #   docker/install-runtime.sh [--system-site-packages] [--require MODULE]... WHEEL_DIR VENV
 #
