@@ -29,6 +29,8 @@ from retinaedge.service.http.problems import (
     on_validation_error,
     problem_component,
 )
+from retinaedge.service.outbox.destinations import TYPE_NAMES
+from retinaedge.service.results.documents import DocumentRegistry
 from retinaedge.service.routes import ROUTERS
 from retinaedge.service.settings import Settings
 from retinaedge.service.state import FORMATS_EXTENSION, Services, build_services
@@ -112,8 +114,9 @@ class AuthAndLog:
 
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """FastAPI's schema plus the ``Problem`` component and, on each negotiating route, the media types
-    of the formats registered (in ``app.state.services.formats``) when it is first generated."""
+    """FastAPI's schema plus the ``Problem`` component, on each negotiating route the media types of the
+    formats registered (in ``app.state.services.formats``) when it is first generated, and the names the
+    registries hold (destination types, document kinds) as enums of the members that carry them."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -130,10 +133,27 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 content = operation["responses"]["200"].setdefault("content", {})
                 for media in formats.offered(kind):
                     content.setdefault(media, {"schema": {"type": "string", "format": "binary"}})
+        _registry_enums(schema["components"]["schemas"], app.state.services.documents)
         app.openapi_schema = schema
         return schema
 
     return openapi
+
+
+def _registry_enums(components: dict[str, Any], documents: DocumentRegistry) -> None:
+    """The response models (service/http/schemas.py, below the rooms) type these members as strings;
+    their values come from the registries: destination types and document kinds."""
+    enums = {
+        ("ExportDestinationStatus", "type"): list(TYPE_NAMES),
+        ("ExportJob", "document"): documents.kinds(),
+    }
+    for (model, member), values in enums.items():
+        prop = components.get(model, {}).get("properties", {}).get(member)
+        if prop is not None:
+            prop["enum"] = values
+    items = components.get("ExportDestinationStatus", {}).get("properties", {}).get("documents", {})
+    if isinstance(items.get("items"), dict):
+        items["items"]["enum"] = documents.exportable()
 
 
 def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:

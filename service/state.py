@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from retinaedge.runtime.backends.tensorrt.planning import Probe
 from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
@@ -31,9 +31,11 @@ from retinaedge.service.pipeline.batching import BatchPolicy
 from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.processor import Processor
 from retinaedge.service.pipeline.stages import InferenceWorker
+from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles, migrate
-from retinaedge.service.results.formats import FormatRegistry, Kind, ResultFormat, default_formats
+from retinaedge.service.results.formats import FormatRegistry, ResultFormat, default_formats, document_format
 from retinaedge.service.results.store import Store
+from retinaedge.service.results.views import Scope
 from retinaedge.service.results.writer import ResultWriter
 from retinaedge.service.settings import Settings
 
@@ -75,7 +77,8 @@ class Services:
     prune: Pruner
     processor: Processor
     writer: ResultWriter
-    formats: FormatRegistry
+    formats: FormatRegistry  # media type -> renderer, for Accept (service/results/formats.py)
+    documents: DocumentRegistry  # the result documents by kind (service/results/documents.py)
     admit: Callable[[], None]  # raises OverloadedError while the STOW-RS backlog is full
     exporter: Exporter  # result export: the outbox and its delivery threads (service/outbox/delivery.py)
     dimse: DimseServer  # the C-STORE SCP (idle when dimse_port is 0)
@@ -134,7 +137,10 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     prune = Pruner(
         store, identities, settings.prune_interval_s, settings.results_max_age_s, settings.results_max_bytes
     )
-    exporter = Exporter(settings, store, identities, bundle.manifest.name, str(bundle.manifest.model_sha256))
+    documents = DOCUMENTS
+    exporter = Exporter(
+        settings, store, identities, bundle.manifest.name, str(bundle.manifest.model_sha256), documents
+    )
     metrics.registry.register(ExportCollector(exporter))
 
     def on_outcome(outcome: str) -> None:
@@ -168,7 +174,8 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         prune=prune,
         processor=processor,
         writer=ResultWriter(store, identities, prune),
-        formats=default_formats(),
+        formats=default_formats(documents),
+        documents=documents,
         admit=admit,
         exporter=exporter,
         dimse=DimseServer(settings, receiver, metrics.registry),
@@ -191,18 +198,33 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 FORMATS_EXTENSION = "x-result-formats"
-"""The OpenAPI operation member naming the kind of result a route negotiates (see ``negotiated``)."""
+"""The OpenAPI operation member naming the scope of result a route negotiates (see ``negotiated``)."""
 
 
-def negotiated(kind: Kind) -> Callable[[Request], Awaitable[ResultFormat]]:
-    """A dependency: the registered format the request's ``Accept`` asks for (406 when none fits).
+def negotiated(scope: Scope) -> Callable[..., Awaitable[ResultFormat]]:
+    """A dependency: the registered format the request's ``Accept`` asks for (406 when none fits), or,
+    with ``?document=KIND``, that result document (400 unknown kind, 404 not one of this ``scope``, 406
+    its media type not accepted).
 
-    A route using it declares ``openapi_extra={FORMATS_EXTENSION: kind}``, so ``/openapi.json`` lists
+    A route using it declares ``openapi_extra={FORMATS_EXTENSION: scope}``, so ``/openapi.json`` lists
     the formats registered when the schema is generated.
     """
+    kinds = ", ".join(DOCUMENTS.kinds(scope))
+    described = Query(
+        default=None,
+        max_length=64,
+        description=f"this result document ({kinds}) in its own media type, instead of the format "
+        "negotiated from Accept",
+    )
 
-    async def dependency(request: Request) -> ResultFormat:  # async: no thread hop (see get_services)
-        return services_of(request).formats.select(kind, request.headers.get("accept"))
+    async def dependency(  # async: no thread hop (see get_services)
+        request: Request, document: str | None = described
+    ) -> ResultFormat:
+        services = services_of(request)
+        accept = request.headers.get("accept")
+        if document is None:
+            return services.formats.select(scope, accept)
+        return document_format(services.documents, scope, document, accept)
 
     return dependency
 

@@ -284,10 +284,17 @@ class ExportDestinationStatus(BaseModel):
     """One configured export destination (no secret is ever shown)."""
 
     name: str
-    type: Literal["dimse", "stowrs"]
+    type: str = Field(
+        description="the destination type: one of the destination types' registry "
+        "(service/outbox/destinations.py), listed in /openapi.json as this member's enum"
+    )
     target: str = Field(description="AE@host:port, or the DICOMweb URL")
-    instance_sr: bool
-    series_sr: bool
+    instance_sr: bool = Field(description='it receives each instance\'s SR ("sr" in documents)')
+    series_sr: bool = Field(description='it receives each complete series\' SR ("series-sr" in documents)')
+    documents: list[str] = Field(
+        description="the result documents it receives, by kind (service/results/documents.py: sr, "
+        "series-sr, ...)"
+    )
     state: Literal["ok", "failing"] = Field(description="failing: SRs wait and the last attempt failed")
     jobs: dict[str, int] = Field(description="jobs by state: pending, delivered, dead")
     oldest_pending_at: float | None
@@ -302,13 +309,16 @@ class ExportDestinationStatus(BaseModel):
 
 
 class ExportJob(BaseModel):
-    """One SR delivery job."""
+    """One delivery job of a result document."""
 
     id: int
     destination: str
-    kind: Literal["instance", "series"]
+    kind: Literal["instance", "series"] = Field(description="what the document is made of (its scope)")
+    document: str = Field(
+        description="the document's kind (service/results/documents.py: sr, series-sr, ...)"
+    )
     subject_uid: str = Field(description="SOP Instance UID (instance) or Series Instance UID (series)")
-    sr_sop_instance_uid: str | None = Field(description="the SR's SOP Instance UID once built")
+    sr_sop_instance_uid: str | None = Field(description="the document's SOP Instance UID once built")
     state: Literal["pending", "delivered", "dead"]
     attempts: int
     created_at: float

@@ -1,14 +1,16 @@
-"""Result export: delivers the outbox's SR jobs (:mod:`.outbox`) to the configured destinations.
+"""Result export: delivers the outbox's document jobs (:mod:`.queue`) to the configured destinations.
 
 Threads, never the event loop: one ``retinaedge-export-<name>`` per destination (so a slow or dead peer
-delays only its own jobs) and one ``retinaedge-export-watch`` that turns complete series into series SR
-jobs, frees SR files delivered everywhere, prunes old jobs and refreshes the :meth:`Exporter.summary`
-that ``/metrics``, ``/readyz`` and ``GET /v1/exports`` read (they never touch SQLite on the event loop).
+delays only its own jobs) and one ``retinaedge-export-watch`` that turns complete series into jobs of
+the series' documents (``series-sr``), frees files delivered everywhere, prunes old jobs and refreshes
+the :meth:`Exporter.summary` that ``/metrics``, ``/readyz`` and ``GET /v1/exports`` read (they never
+touch SQLite on the event loop).
 
-Each job's SR is built once (:meth:`Exporter._document`) from the kept result, evidence and identity
-(the same SR as ``GET /v1/results/{uid}`` with ``Accept: application/dicom``, or the series SR) and
-written, fsynced and owner-only, to ``<data_dir>/outbox``; every attempt and every destination sends that
-same file, so the peer always sees one SOP instance. An attempt is committed as in flight before it is
+Each job's document is built once (:meth:`Exporter._document`) by the builder its kind has in the
+registry (:mod:`retinaedge.service.results.documents`) from the kept result, evidence and identity (the
+same SR as ``GET /v1/results/{uid}`` with ``Accept: application/dicom`` for ``sr``, the series SR for
+``series-sr``) and written, fsynced and owner-only, to ``<data_dir>/outbox``; every attempt and every
+destination sends that same file, so the peer always sees one SOP instance. An attempt is committed as in flight before it is
 sent. Back-off is ``export_retry_initial_s`` doubling up to ``export_retry_max_s``: after a failure that
 concerns the destination (no connection, credentials refused, out of resources, no answer) the whole
 destination waits, by its count of consecutive such failures, and only one job is tried per wait (a PACS
@@ -25,6 +27,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +35,10 @@ from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.outbox.queue import Job, Outbox
 from retinaedge.service.outbox.senders import Delivery, sender_for
 from retinaedge.service.results.completion import series_findings, series_status
-from retinaedge.service.results.evidence import IdentityFiles, header_from_json
-from retinaedge.service.results.sr import build_series_sr, build_sr
+from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
+from retinaedge.service.results.evidence import IdentityFiles
 from retinaedge.service.results.store import Store
+from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -48,7 +52,7 @@ STORAGE_ERRORS = (sqlite3.OperationalError, sqlite3.DatabaseError, OSError)
 
 
 class NoDocument(Exception):
-    """The job's SR cannot be built (its result is gone, or cannot be represented as an SR)."""
+    """The job's document cannot be built (its result is gone, or cannot be represented)."""
 
 
 class Exporter:
@@ -61,16 +65,18 @@ class Exporter:
         identities: IdentityFiles,
         model_name: str,
         model_sha256: str,
+        documents: DocumentRegistry = DOCUMENTS,
     ) -> None:
         self.settings = settings
         self.store = store
         self.identities = identities
         self.model_name, self.model_sha256 = model_name, model_sha256
+        self.documents = documents
         self.destinations = list(settings.export_destinations)
         self.root = settings.data_dir / "outbox"
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.outbox = Outbox(settings.data_dir / "state.sqlite3")
-        dropped = self.outbox.sync_targets((d.name, d.instance_sr, d.series_sr) for d in self.destinations)
+        self.outbox = Outbox(settings.data_dir / "state.sqlite3", documents)
+        dropped = self.outbox.sync_targets((d.name, d.documents) for d in self.destinations)
         if dropped:
             log.warning("%d export job(s) of destinations no longer configured are dead-lettered", dropped)
         self._senders = {d.name: sender_for(d) for d in self.destinations}
@@ -95,7 +101,7 @@ class Exporter:
                 interrupted,
             )
         known = self.outbox.known_paths()
-        for path in self.root.iterdir():  # SR files built but never recorded (a crash in between)
+        for path in self.root.iterdir():  # document files built but never recorded (a crash in between)
             if path.name not in known:
                 path.unlink(missing_ok=True)
         for name in self.outbox.prune(self.settings.results_max_age_s):
@@ -169,7 +175,7 @@ class Exporter:
         attempt = self.outbox.begin(job)
         try:
             delivery = self._senders[name].send(path, sr)
-        except Exception as exc:  # a bug while sending: the SR may have gone out
+        except Exception as exc:  # a bug while sending: the document may have gone out
             log.exception("export to %r: the sender failed", name)
             delivery = Delivery("unknown", f"internal error while sending: {type(exc).__name__}")
         n = job.attempts + 1
@@ -193,7 +199,7 @@ class Exporter:
             retry_in_s=retry,
         )
         if state == "delivered":
-            log.info("export job %d: %s SR delivered to %r (attempt %d)", job.id, job.kind, name, n)
+            log.info("export job %d: %s delivered to %r (attempt %d)", job.id, job.document_kind, name, n)
         elif state == "pending":
             log.warning(
                 "export job %d to %r: attempt %d %s (%s); next in %.3g s",
@@ -211,7 +217,7 @@ class Exporter:
         return float(min(s.export_retry_initial_s * 2 ** min(failures - 1, 60), s.export_retry_max_s))
 
     def _document(self, job: Job) -> tuple[Path, Dataset]:
-        """The job's SR file and dataset, built and recorded on first use (once for all destinations)."""
+        """The job's document file and dataset, built and recorded on first use (once for all destinations)."""
         import pydicom
         import pydicom.errors
 
@@ -222,7 +228,7 @@ class Exporter:
                 try:
                     return path, pydicom.dcmread(path)
                 except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
-                    log.warning("export job %d: its SR file cannot be read (%s); building it again",
+                    log.warning("export job %d: its document file cannot be read (%s); building it again",
                                 job.id, type(exc).__name__)  # fmt: skip
             sr = self._build(current)
             fd, part = tempfile.mkstemp(dir=self.root, prefix=f"{current.document_id}-", suffix=".dcm")
@@ -238,25 +244,37 @@ class Exporter:
             return Path(part), sr
 
     def _build(self, job: Job) -> Dataset:
-        """The SR of an instance's result or of a series' findings (raises :class:`NoDocument`)."""
-        if job.kind == "instance":
+        """The job's document, by its kind's builder, from an instance's result or a series' findings
+        (raises :class:`NoDocument`)."""
+        doc = self.documents.get(job.document_kind)
+        if doc is None:  # written by another version of the service
+            raise NoDocument(f"this service cannot build a {job.document_kind!r} document")
+        if doc.scope == "instance":
             row = self.store.get(job.subject_uid)
             if row is None or row.state != "done":
                 raise NoDocument("the instance's result is no longer kept (retention) or not done")
-            if not row.header_json:
-                raise NoDocument("no source header was kept for this instance")
-            header = header_from_json(row.header_json, self.identities.get(job.subject_uid))
-            build = lambda: build_sr(header, row.result() or {}, self.model_name, self.model_sha256)  # noqa: E731
+            view = InstanceView(
+                uid=job.subject_uid,
+                result=row.result() or {},
+                header_json=row.header_json,
+                model_name=self.model_name,
+                model_sha256=self.model_sha256,
+                identity=self.identities.get(job.subject_uid),
+            )
+            build: Callable[[], Dataset] = lambda: doc.build_instance(view)  # noqa: E731
         else:
             rows = self.store.series_rows(job.subject_uid)
             found = series_findings(rows, self.settings.link_params(), self.identities.get)
             if found is None:
                 raise NoDocument("no instance of the series is kept that could be analysed")
-            build = lambda: build_series_sr(found.headers, found.result, self.model_name, self.model_sha256)  # noqa: E731
+            series = SeriesView(job.subject_uid, {}, found, self.model_name, self.model_sha256)
+            build = lambda: doc.build_series(series)  # noqa: E731
         try:
             return build()
+        except Unavailable as exc:
+            raise NoDocument(str(exc)) from exc
         except Exception as exc:  # e.g. an SOP class highdicom cannot reference
-            raise NoDocument(f"no DICOM SR can be built ({type(exc).__name__})") from exc
+            raise NoDocument(f"no {doc.title} can be built ({type(exc).__name__})") from exc
 
     # -- series, housekeeping, state ----------------------------------------------------------------------
     def _watch_loop(self) -> None:
@@ -276,7 +294,8 @@ class Exporter:
                 log.exception("export housekeeping: unexpected error")
 
     def _watch_series(self) -> None:
-        """Series SR jobs for watched series that are complete now (:func:`.series.series_status`)."""
+        """Jobs of the series' documents for watched series that are complete now
+        (:func:`retinaedge.service.results.completion.series_status`)."""
         added = 0
         for uid in self.outbox.watched_series():
             rows = self.store.series_rows(uid)
@@ -320,6 +339,7 @@ class Exporter:
                     "target": d.target(),
                     "instance_sr": d.instance_sr,
                     "series_sr": d.series_sr,
+                    "documents": list(d.documents),
                     "state": "failing" if failing else "ok",
                     "jobs": dict(s["jobs"]),
                     "oldest_pending_at": s["oldest_pending_at"],

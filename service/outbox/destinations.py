@@ -1,6 +1,7 @@
-"""Export destinations (setting ``export_destinations``): where results are pushed as DICOM SR.
+"""Export destinations (setting ``export_destinations``): where result documents (DICOM SR) are pushed.
 
-Each destination is a JSON object with a unique ``name`` and a ``type``:
+Each destination is a JSON object with a unique ``name`` and a ``type``, one of the destination types
+(:data:`DESTINATION_TYPES`, the one list of them: the settings, ``/v1/exports`` and the senders read it):
 
 - ``dimse``: a DICOM C-STORE SCP (a PACS, a viewer): ``ae_title``, ``host``, ``port``, the calling AE
   title ``calling_ae_title`` and optional ``tls`` (the DICOM TLS profile: CA file, client certificate
@@ -9,8 +10,11 @@ Each destination is a JSON object with a unique ``name`` and a ``type``:
   optional ``auth`` (``bearer`` or ``basic``) whose secret is read from a file or an environment
   variable when a request is made, never from the settings themselves, and optional ``ca_file``.
 
-Both take ``instance_sr`` (each instance's SR, default true) and ``series_sr`` (the series SR once the
-series is complete, default false). Secrets never appear in the settings, in logs or in ``/v1/exports``.
+Both take ``documents``: the result documents the destination receives, by kind (default ``["sr"]``;
+the kinds result export delivers: ``sr``, each instance's SR, and ``series-sr``, the series SR once the
+series is complete; :mod:`retinaedge.service.results.documents`). The older members ``instance_sr``
+(default true) and ``series_sr`` (default false) are still accepted instead of ``documents`` and mean
+``sr`` and ``series-sr``. Secrets never appear in the settings, in logs or in ``/v1/exports``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,21 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from retinaedge.service.results.documents import DOCUMENTS
 
 #: A destination name: it appears in metrics labels, logs and ``/v1/exports``.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -33,11 +48,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The older spelling of ``documents``: each flag and the kind it means (with its default).
+OLDER_FLAGS = {"instance_sr": ("sr", True), "series_sr": ("series-sr", False)}
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
+
+
 class _Common(_Strict):
     name: str = Field(description="unique name (metrics label, logs, /v1/exports)")
-    instance_sr: bool = Field(default=True, description="send each instance's SR")
-    series_sr: bool = Field(default=False, description="send the series SR once the series is complete")
+    documents: list[str] = Field(
+        default_factory=lambda: ["sr"],
+        description=f"the result documents it receives, by kind ({', '.join(DOCUMENTS.exportable())})",
+    )
     timeout_s: float = Field(default=30.0, gt=0, le=600, description="connect and response timeout")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_flags(cls, data: Any) -> Any:
+        """``instance_sr`` / ``series_sr`` (the settings before ``documents``) -> ``documents``."""
+        if not isinstance(data, dict) or not OLDER_FLAGS.keys() & data.keys():
+            return data
+        if "documents" in data:
+            raise ValueError(
+                "give documents, or instance_sr/series_sr (its older spelling), not both: "
+                'instance_sr is "sr" in documents, series_sr "series-sr"'
+            )
+        data = dict(data)
+        kinds = []
+        for flag, (kind, default) in OLDER_FLAGS.items():
+            try:
+                on = _BOOL.validate_python(data.pop(flag, default))
+            except ValidationError:
+                raise ValueError(f"{flag} must be true or false") from None
+            if on:
+                kinds.append(kind)
+        data["documents"] = kinds
+        return data
 
     @field_validator("name")
     @classmethod
@@ -46,11 +91,37 @@ class _Common(_Strict):
             raise ValueError("a destination name is 1-64 letters, digits, '_', '.' or '-'")
         return v
 
+    @field_validator("documents")
+    @classmethod
+    def _documents(cls, v: list[str]) -> list[str]:
+        exportable = DOCUMENTS.exportable()
+        for kind in v:
+            if kind not in exportable:
+                known = "" if kind not in DOCUMENTS else f" ({kind!r} is not delivered by result export)"
+                raise ValueError(
+                    f"{kind!r} is not a result document that export delivers{known}; "
+                    f"it delivers: {', '.join(exportable)}"
+                )
+        return list(dict.fromkeys(v))
+
     @model_validator(mode="after")
     def _something(self) -> _Common:
-        if not (self.instance_sr or self.series_sr):
-            raise ValueError(f"destination {self.name!r} sends nothing: set instance_sr or series_sr")
+        if not self.documents:
+            raise ValueError(
+                f"destination {self.name!r} sends nothing: list the documents it receives "
+                f"({', '.join(DOCUMENTS.exportable())}), or set instance_sr or series_sr"
+            )
         return self
+
+    @property
+    def instance_sr(self) -> bool:
+        """It receives each instance's SR (``sr``): the older flag, derived."""
+        return "sr" in self.documents
+
+    @property
+    def series_sr(self) -> bool:
+        """It receives each complete series' SR (``series-sr``): the older flag, derived."""
+        return "series-sr" in self.documents
 
 
 class DimseTls(_Strict):
@@ -155,10 +226,28 @@ class StowRsDestination(_Common):
         return self.url
 
 
-ExportDestination = Annotated[DimseDestination | StowRsDestination, Field(discriminator="type")]
+Destination = DimseDestination | StowRsDestination
+"""The destination types: one class each, named by its ``type`` member. A new type is a class here,
+added to this union, plus its sender (:data:`retinaedge.service.outbox.senders.SENDERS`)."""
+DESTINATION_TYPES: tuple[type[DimseDestination] | type[StowRsDestination], ...] = get_args(Destination)
+#: The ``type`` names, in the order of :data:`DESTINATION_TYPES`.
+TYPE_NAMES: tuple[str, ...] = tuple(get_args(c.model_fields["type"].annotation)[0] for c in DESTINATION_TYPES)
+ExportDestination = Annotated[Destination, Field(discriminator="type")]
 
 
-def check_unique(destinations: list[DimseDestination | StowRsDestination]) -> None:
+def _known_type(v: str) -> str:
+    if v not in TYPE_NAMES:
+        raise ValueError(f"not a destination type: {', '.join(TYPE_NAMES)}")
+    return v
+
+
+#: A destination type's name, as a response member (its JSON schema an enum of :data:`TYPE_NAMES`).
+TypeName = Annotated[
+    str, AfterValidator(_known_type), WithJsonSchema({"type": "string", "enum": list(TYPE_NAMES)})
+]
+
+
+def check_unique(destinations: list[Destination]) -> None:
     """Raise ``ValueError`` when two destinations share a name."""
     seen: set[str] = set()
     for d in destinations:

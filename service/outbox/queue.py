@@ -1,24 +1,32 @@
-"""The export outbox: durable SR delivery jobs in the service's SQLite database (WAL).
+"""The export outbox: durable delivery jobs of result documents in the service's SQLite database (WAL).
 
-Tables (created by :func:`.outbox_schema.migrate`, idempotent, next to ``instances`` of :mod:`.store`):
+Tables (:mod:`.schema`; created and migrated with the results' tables by
+:func:`retinaedge.service.database.prepare` when an :class:`Outbox` or a ``Store`` opens the database):
 
-- ``export_targets``: the configured destinations' names and what they take (rewritten at each start).
-- ``export_documents``: one SR per (kind, subject, version): ``instance`` (subject: SOP Instance UID,
-  version: when it was received) or ``series`` (subject: Series Instance UID, version: when its last
-  instance arrived, so a series re-opened by a late instance gets a new SR). ``path`` names the built
-  SR file under ``<data_dir>/outbox`` (built once, so every retry and every destination gets the same SOP
-  instance).
+- ``export_targets``: one row per configured destination and document kind it receives (``kind``: a
+  kind of :mod:`retinaedge.service.results.documents`, ``sr`` or ``series-sr``, with its ``scope``),
+  rewritten at each start from the settings (:meth:`Outbox.sync_targets`).
+- ``export_documents``: one document per (kind, subject, version): scope ``instance`` (subject: SOP
+  Instance UID, version: when it was received) or ``series`` (subject: Series Instance UID, version:
+  when its last instance arrived, so a series re-opened by a late instance gets a new document). ``path``
+  names the built file under ``<data_dir>/outbox`` (built once, so every retry and every destination gets
+  the same SOP instance, ``sop_instance_uid``).
 - ``export_jobs``: one per (destination, document): ``pending`` until ``delivered`` or ``dead``.
 - ``export_attempts``: every attempt; ``outcome`` NULL while in flight, then ``delivered``, ``failed``,
-  ``unknown`` (the SR may have reached the peer: a time-out after sending) or ``interrupted`` (the
+  ``unknown`` (the document may have reached the peer: a time-out after sending) or ``interrupted`` (the
   process stopped during the attempt, found at the next start).
 - ``export_counters``: cumulative counts per destination (Prometheus counters survive restarts).
-- ``export_series_watch``: series that may become complete (for destinations that take series SRs).
+- ``export_series_watch``: series that may become complete (while a destination takes a series-scope
+  document such as ``series-sr``).
 
-Enqueueing is a trigger on ``instances``: the instance jobs are inserted in the very transaction that
-records the instance's result (``pending`` -> ``done``), so a crash cannot separate the two. A
-delivered job after an ``interrupted`` or ``unknown`` attempt is counted as a *possible duplicate*: the
-only way the peer can receive an SR twice.
+Enqueueing is a trigger on ``instances``: the jobs of every instance-scope kind the destinations receive
+are inserted in the very transaction that records the instance's result (``pending`` -> ``done``), so a
+crash cannot separate the two; series-scope jobs are inserted when the series is complete
+(:meth:`Outbox.series_complete`). A delivered job after an ``interrupted`` or ``unknown`` attempt is
+counted as a *possible duplicate*: the only way the peer can receive a document twice.
+
+``GET /v1/exports`` shows a job's ``kind`` as its scope (``instance``, ``series``: what it has always
+said) and its document kind as ``document``.
 """
 
 from __future__ import annotations
@@ -26,25 +34,29 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retinaedge.service.outbox.schema import migrate
+from retinaedge.service import database
+from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 
-#: Outcomes after which the peer may hold the SR although no success was recorded.
+#: Outcomes after which the peer may hold the document although no success was recorded.
 MAYBE_SENT = ("unknown", "interrupted")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One delivery job and its document (``path`` None until the SR file is built)."""
+    """One delivery job and its document: ``document_kind`` its kind (``sr``, ``series-sr``), ``kind``
+    its scope (``instance`` or ``series``, as ``/v1/exports`` names it); ``path`` and
+    ``sop_instance_uid`` None until the document's file is built."""
 
     id: int
     destination: str
     document_id: int
+    document_kind: str
     kind: str
     subject_uid: str
     version: float
@@ -57,15 +69,16 @@ class Job:
     last_error: str | None
     finished_at: float | None
     path: str | None
-    sr_sop_instance_uid: str | None
+    sop_instance_uid: str | None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "destination": self.destination,
             "kind": self.kind,
+            "document": self.document_kind,
             "subject_uid": self.subject_uid,
-            "sr_sop_instance_uid": self.sr_sop_instance_uid,
+            "sr_sop_instance_uid": self.sop_instance_uid,
             "state": self.state,
             "attempts": self.attempts,
             "created_at": self.created_at,
@@ -78,26 +91,33 @@ class Job:
 
 
 _JOB = (
-    "SELECT j.id, j.destination, j.document_id, d.kind, d.subject_uid, d.version, j.state, j.created_at, "
-    "j.next_attempt_at, j.attempts, j.possibly_delivered, j.duplicate, j.last_error, j.finished_at, "
-    "d.path, d.sr_sop_instance_uid FROM export_jobs j JOIN export_documents d ON d.id = j.document_id"
+    "SELECT j.id, j.destination, j.document_id, d.kind, d.scope, d.subject_uid, d.version, j.state, "
+    "j.created_at, j.next_attempt_at, j.attempts, j.possibly_delivered, j.duplicate, j.last_error, "
+    "j.finished_at, d.path, d.sop_instance_uid FROM export_jobs j JOIN export_documents d ON d.id = j.document_id"
 )
 
 
 def _job(r: tuple[Any, ...]) -> Job:
-    return Job(*r[:10], bool(r[10]), *r[11:])
+    (id_, destination, document_id, document_kind, kind, subject_uid, version, state, created_at) = r[:9]
+    (next_attempt_at, attempts, possibly, duplicate, last_error, finished_at, path, uid) = r[9:]
+    return Job(
+        id_, destination, document_id, document_kind, kind, subject_uid, version, state, created_at,
+        next_attempt_at, attempts, bool(possibly), duplicate, last_error, finished_at, path, uid,
+    )  # fmt: skip
 
 
 class Outbox:
-    """Thread-safe (one connection behind a lock) access to the outbox tables of ``path``."""
+    """Thread-safe (one connection behind a lock) access to the outbox tables of ``path``; ``documents``
+    says each document kind's scope."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, documents: DocumentRegistry = DOCUMENTS) -> None:
+        self.documents = documents
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            migrate(self._db)
+            database.prepare(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -120,18 +140,23 @@ class Outbox:
             return self._db.execute(sql, args).fetchall()
 
     # -- start-up ---------------------------------------------------------------------------------------
-    def sync_targets(self, targets: Iterable[tuple[str, bool, bool]]) -> int:
-        """Make ``(name, instance_sr, series_sr)`` the configured destinations; pending jobs of a
-        destination no longer configured become dead (returns how many)."""
+    def sync_targets(self, targets: Iterable[tuple[str, Collection[str]]]) -> int:
+        """Make ``(name, document kinds)`` the configured destinations; pending jobs of a destination no
+        longer configured become dead (returns how many). A kind the registry does not know is a
+        ``ValueError`` (the settings check them first)."""
         targets = list(targets)
         names = [t[0] for t in targets]
+        rows = []
+        for name, kinds in targets:
+            for kind in dict.fromkeys(kinds):
+                doc = self.documents.get(kind)
+                if doc is None:
+                    raise ValueError(f"destination {name!r}: no result document is called {kind!r}")
+                rows.append((name, kind, doc.scope))
         now = time.time()
         with self._tx() as db:
             db.execute("DELETE FROM export_targets")
-            db.executemany(
-                "INSERT INTO export_targets (name, instance_sr, series_sr) VALUES (?, ?, ?)",
-                [(n, int(i), int(s)) for n, i, s in targets],
-            )
+            db.executemany("INSERT INTO export_targets (name, kind, scope) VALUES (?, ?, ?)", rows)
             marks = ",".join("?" for _ in names) or "''"
             cur = db.execute(
                 f"UPDATE export_jobs SET state = 'dead', finished_at = ?, "
@@ -183,11 +208,12 @@ class Outbox:
         rows = self._rows(f"{_JOB} WHERE j.id = ?", (job_id,))
         return _job(rows[0]) if rows else None
 
-    def set_document(self, document_id: int, path: str, sr_uid: str) -> None:
+    def set_document(self, document_id: int, path: str, sop_instance_uid: str) -> None:
+        """Record the built file (a name under ``<data_dir>/outbox``) of a document and its SOP Instance UID."""
         with self._tx() as db:
             db.execute(
-                "UPDATE export_documents SET path = ?, sr_sop_instance_uid = ?, built_at = ? WHERE id = ?",
-                (path, sr_uid, time.time(), document_id),
+                "UPDATE export_documents SET path = ?, sop_instance_uid = ?, built_at = ? WHERE id = ?",
+                (path, sop_instance_uid, time.time(), document_id),
             )
 
     def begin(self, job: Job) -> int:
@@ -248,7 +274,7 @@ class Outbox:
             return state
 
     def kill(self, job: Job, reason: str) -> None:
-        """Dead-letter ``job`` without an attempt (its SR cannot be built)."""
+        """Dead-letter ``job`` without an attempt (its document cannot be built)."""
         with self._tx() as db:
             db.execute(
                 "UPDATE export_jobs SET state = 'dead', finished_at = ?, last_error = ? WHERE id = ?",
@@ -290,19 +316,21 @@ class Outbox:
             db.execute("DELETE FROM export_series_watch WHERE series_uid = ?", (series_uid,))
 
     def series_complete(self, series_uid: str, version: float) -> int:
-        """Enqueue the series SR (``version``: its last instance's arrival) for every destination that
-        takes series SRs, and stop watching it, in one transaction; returns the jobs added."""
+        """Enqueue the series' documents (each series-scope kind a destination receives, e.g.
+        ``series-sr``; ``version``: its last instance's arrival) for the destinations that receive them,
+        and stop watching it, in one transaction; returns the jobs added."""
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO export_documents (kind, subject_uid, version) VALUES ('series', ?, ?)",
+                "INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version) "
+                "SELECT DISTINCT kind, 'series', ?, ? FROM export_targets WHERE scope = 'series'",
                 (series_uid, version),
             )
             cur = db.execute(
                 "INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, "
                 "next_attempt_at) SELECT t.name, d.id, 'pending', ?, ? FROM export_targets t "
-                "JOIN export_documents d ON d.kind = 'series' AND d.subject_uid = ? AND d.version = ? "
-                "WHERE t.series_sr = 1",
+                "JOIN export_documents d ON d.kind = t.kind AND d.subject_uid = ? AND d.version = ? "
+                "WHERE t.scope = 'series'",
                 (now, now, series_uid, version),
             )
             db.execute("DELETE FROM export_series_watch WHERE series_uid = ?", (series_uid,))
@@ -377,7 +405,7 @@ class Outbox:
 
     def prune(self, max_age_s: float) -> list[str]:
         """Drop finished jobs older than ``max_age_s``, their attempts, and documents no job refers to;
-        returns the SR file names to delete."""
+        returns the file names to delete (under ``<data_dir>/outbox``)."""
         cutoff = time.time() - max_age_s
         with self._tx() as db:
             old = [

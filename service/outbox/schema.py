@@ -1,31 +1,35 @@
-"""The outbox's tables and triggers in the service's SQLite database (:mod:`.outbox` describes them).
+"""The outbox's tables and triggers in the service's SQLite database (``state.sqlite3``), as the latest
+schema version has them (:mod:`retinaedge.service.database` creates them with the results' tables and
+migrates older databases; :mod:`.queue` describes what each table holds).
 
-:func:`migrate` creates what is missing (``IF NOT EXISTS``, so it runs at every start); it needs the
-``instances`` table of :mod:`.store`, on which the triggers enqueue export jobs in the transaction that
-records a result.
+Document kinds (``sr``, ``series-sr``, ...: :mod:`retinaedge.service.results.documents`) are plain text
+here, never a list in SQL: a new kind needs no schema change. ``scope`` (``instance`` or ``series``) says
+what ``subject_uid`` is (a SOP Instance UID or a Series Instance UID) and which trigger or step enqueues
+it. The triggers need the ``instances`` table of :mod:`retinaedge.service.results.schema`: an instance's
+jobs are inserted in the transaction that records its result.
 """
 
 from __future__ import annotations
 
-import sqlite3
-
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS export_targets (
-    name        TEXT PRIMARY KEY,
-    instance_sr INTEGER NOT NULL,
-    series_sr   INTEGER NOT NULL
+CREATE TABLE export_targets (
+    name  TEXT NOT NULL,
+    kind  TEXT NOT NULL,
+    scope TEXT NOT NULL CHECK (scope IN ('instance', 'series')),
+    PRIMARY KEY (name, kind)
 );
-CREATE TABLE IF NOT EXISTS export_documents (
-    id                  INTEGER PRIMARY KEY,
-    kind                TEXT NOT NULL CHECK (kind IN ('instance', 'series')),
-    subject_uid         TEXT NOT NULL,
-    version             REAL NOT NULL,
-    path                TEXT,
-    sr_sop_instance_uid TEXT,
-    built_at            REAL,
+CREATE TABLE export_documents (
+    id               INTEGER PRIMARY KEY,
+    kind             TEXT NOT NULL,
+    scope            TEXT NOT NULL CHECK (scope IN ('instance', 'series')),
+    subject_uid      TEXT NOT NULL,
+    version          REAL NOT NULL,
+    path             TEXT,
+    sop_instance_uid TEXT,
+    built_at         REAL,
     UNIQUE (kind, subject_uid, version)
 );
-CREATE TABLE IF NOT EXISTS export_jobs (
+CREATE TABLE export_jobs (
     id                 INTEGER PRIMARY KEY,
     destination        TEXT NOT NULL,
     document_id        INTEGER NOT NULL,
@@ -39,9 +43,9 @@ CREATE TABLE IF NOT EXISTS export_jobs (
     finished_at        REAL,
     UNIQUE (destination, document_id)
 );
-CREATE INDEX IF NOT EXISTS export_jobs_due ON export_jobs (destination, state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS export_jobs_document ON export_jobs (document_id);
-CREATE TABLE IF NOT EXISTS export_attempts (
+CREATE INDEX export_jobs_due ON export_jobs (destination, state, next_attempt_at);
+CREATE INDEX export_jobs_document ON export_jobs (document_id);
+CREATE TABLE export_attempts (
     id          INTEGER PRIMARY KEY,
     job_id      INTEGER NOT NULL,
     started_at  REAL NOT NULL,
@@ -49,38 +53,33 @@ CREATE TABLE IF NOT EXISTS export_attempts (
     outcome     TEXT,
     detail      TEXT
 );
-CREATE INDEX IF NOT EXISTS export_attempts_job ON export_attempts (job_id);
-CREATE TABLE IF NOT EXISTS export_counters (
+CREATE INDEX export_attempts_job ON export_attempts (job_id);
+CREATE TABLE export_counters (
     destination TEXT NOT NULL,
     key         TEXT NOT NULL,
     n           INTEGER NOT NULL,
     PRIMARY KEY (destination, key)
 );
-CREATE TABLE IF NOT EXISTS export_series_watch (
+CREATE TABLE export_series_watch (
     series_uid TEXT PRIMARY KEY,
     since      REAL NOT NULL
 );
-CREATE TRIGGER IF NOT EXISTS export_instance_done AFTER UPDATE OF state ON instances
+CREATE TRIGGER export_instance_done AFTER UPDATE OF state ON instances
 WHEN OLD.state = 'pending' AND NEW.state = 'done'
 BEGIN
-    INSERT OR IGNORE INTO export_documents (kind, subject_uid, version)
-        SELECT 'instance', NEW.sop_instance_uid, NEW.received_at
-        WHERE EXISTS (SELECT 1 FROM export_targets WHERE instance_sr = 1);
+    INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version)
+        SELECT DISTINCT kind, 'instance', NEW.sop_instance_uid, NEW.received_at
+        FROM export_targets WHERE scope = 'instance';
     INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, next_attempt_at)
         SELECT t.name, d.id, 'pending', NEW.completed_at, NEW.completed_at
         FROM export_targets t JOIN export_documents d
-          ON d.kind = 'instance' AND d.subject_uid = NEW.sop_instance_uid AND d.version = NEW.received_at
-        WHERE t.instance_sr = 1;
+          ON d.kind = t.kind AND d.subject_uid = NEW.sop_instance_uid AND d.version = NEW.received_at
+        WHERE t.scope = 'instance';
 END;
-CREATE TRIGGER IF NOT EXISTS export_series_touched AFTER UPDATE OF state ON instances
+CREATE TRIGGER export_series_touched AFTER UPDATE OF state ON instances
 WHEN OLD.state = 'pending' AND NEW.state IN ('done', 'failed')
-     AND EXISTS (SELECT 1 FROM export_targets WHERE series_sr = 1)
+     AND EXISTS (SELECT 1 FROM export_targets WHERE scope = 'series')
 BEGIN
     INSERT OR IGNORE INTO export_series_watch (series_uid, since) VALUES (NEW.series_uid, NEW.completed_at);
 END;
 """
-
-
-def migrate(db: sqlite3.Connection) -> None:
-    """Create the outbox tables and triggers if missing (the ``instances`` table must exist)."""
-    db.executescript(SCHEMA)

@@ -16,11 +16,12 @@ import secrets
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from retinaedge.service.outbox.destinations import DimseDestination, StowRsDestination
+from retinaedge.service.outbox.destinations import Destination, DimseDestination, StowRsDestination
 
 log = logging.getLogger(__name__)
 
@@ -217,5 +218,12 @@ def _failure_reason(payload: bytes, sop_uid: str) -> int | None:
     return None
 
 
-def sender_for(dest: DimseDestination | StowRsDestination) -> Sender:
-    return DimseSender(dest) if isinstance(dest, DimseDestination) else StowRsSender(dest)
+#: The sender of each destination type (:data:`.destinations.DESTINATION_TYPES`).
+SENDERS: dict[type[Destination], Callable[[Any], Sender]] = {
+    DimseDestination: DimseSender,
+    StowRsDestination: StowRsSender,
+}
+
+
+def sender_for(dest: Destination) -> Sender:
+    return SENDERS[type(dest)](dest)

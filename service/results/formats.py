@@ -1,10 +1,13 @@
 """Result formats: one registry (media type -> renderer) and one Accept negotiation.
 
-A finished result is served in any format registered for its kind: ``instance`` (``GET
-/v1/results/{uid}``) or ``series`` (``/v1/series/{uid}``). The defaults are JSON (first: the format when
-the client states no preference) and DICOM SR. A new format (a GSPS, say) is one :class:`ResultFormat`
-passed to :meth:`FormatRegistry.register` on ``app.state.services.formats``; no route changes, and
-``/openapi.json`` lists it under the negotiating routes.
+A finished result is served in any format registered for its scope: ``instance`` (``GET
+/v1/results/{uid}``) or ``series`` (``/v1/series/{uid}``). The defaults (:func:`default_formats`) are JSON
+(first: the format when the client states no preference) and, for each media type that has a default
+result document (:mod:`.documents`: DICOM SR for ``application/dicom``), that document. Another media
+type (a CSV, say) is one :class:`ResultFormat` passed to :meth:`FormatRegistry.register` on
+``app.state.services.formats``; no route changes, and ``/openapi.json`` lists it under the negotiating
+routes. A document that is not the default of its media type is asked for by kind
+(``?document=KIND``, :func:`document_format`).
 
 :func:`negotiate` is the only Accept parsing in the service; :meth:`FormatRegistry.select` raises
 :class:`~retinaedge.runtime.errors.NotAcceptableError` (406, listing what is offered) when nothing fits.
@@ -17,46 +20,29 @@ import io
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi.responses import JSONResponse, Response
-from retinaedge.runtime.errors import NotAcceptableError
+from retinaedge.runtime.errors import NotAcceptableError, NotFoundError, RequestError
 from retinaedge.service.http.problems import problem
-from retinaedge.service.results.completion import SeriesFindings
-from retinaedge.service.results.evidence import header_from_json
-from retinaedge.service.results.sr import build_series_sr, build_sr
+from retinaedge.service.results.documents import DICOM, DOCUMENTS, Document, DocumentRegistry
+from retinaedge.service.results.views import InstanceView, Scope, SeriesView, Unavailable
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["instance", "series"]
+__all__ = [
+    "DICOM",
+    "JSON",
+    "FormatRegistry",
+    "InstanceView",
+    "ResultFormat",
+    "SeriesView",
+    "default_formats",
+    "document_format",
+    "negotiate",
+]
+
 JSON = "application/json"
-DICOM = "application/dicom"
-
-
-@dataclass(frozen=True)
-class InstanceView:
-    """A done instance: its stored ``/v1/detect`` body, its SR evidence and patient identity (DICOM
-    JSON, :mod:`.evidence`; None when not kept)."""
-
-    uid: str
-    result: dict[str, Any]
-    header_json: str | None
-    model_name: str
-    model_sha256: str
-    identity: str | None = None
-
-
-@dataclass(frozen=True)
-class SeriesView:
-    """A complete series: ``status`` is the JSON of its state (``series_instance_uid``, ``state``,
-    ``completed_by``, ``instances``); ``found`` its findings, None when no instance could be used."""
-
-    uid: str
-    status: dict[str, Any]
-    found: SeriesFindings | None
-    model_name: str
-    model_sha256: str
-
 
 InstanceRenderer = Callable[[InstanceView], Awaitable[Response]]
 SeriesRenderer = Callable[[SeriesView], Awaitable[Response]]
@@ -71,8 +57,8 @@ class ResultFormat:
     series: SeriesRenderer | None = None
     description: str = ""
 
-    def renders(self, kind: Kind) -> bool:
-        return (self.instance if kind == "instance" else self.series) is not None
+    def renders(self, scope: Scope) -> bool:
+        return (self.instance if scope == "instance" else self.series) is not None
 
 
 def _ranges(accept: str) -> list[tuple[str, str, float]]:
@@ -146,16 +132,16 @@ class FormatRegistry:
     def __iter__(self) -> Iterator[ResultFormat]:
         return iter(list(self._formats.values()))
 
-    def offered(self, kind: Kind) -> list[str]:
-        return [f.media_type for f in self._formats.values() if f.renders(kind)]
+    def offered(self, scope: Scope) -> list[str]:
+        return [f.media_type for f in self._formats.values() if f.renders(scope)]
 
-    def select(self, kind: Kind, accept: str | None) -> ResultFormat:
+    def select(self, scope: Scope, accept: str | None) -> ResultFormat:
         """The format to answer ``accept`` with; 406 (:class:`NotAcceptableError`) when there is none."""
-        offered = self.offered(kind)
+        offered = self.offered(scope)
         chosen = negotiate(accept, offered)
         if chosen is None:
             raise NotAcceptableError(
-                f"none of the media types offered for this {kind} is acceptable: {', '.join(offered)}",
+                f"none of the media types offered for this {scope} is acceptable: {', '.join(offered)}",
                 tuple(offered),
             )
         return self._formats[chosen.lower()]
@@ -177,9 +163,9 @@ async def _json_series(view: SeriesView) -> Response:
     return JSONResponse(body)
 
 
-async def sr_response(build: Callable[[], Any], what: str) -> Response:
-    """``build()`` (a pydicom SR dataset, built in a thread) as ``application/dicom``; 406 when the
-    source headers cannot be represented in an SR (e.g. an unknown SOP class)."""
+async def _document_response(doc: Document, build: Callable[[], Any], scope: Scope, status: int) -> Response:
+    """``build()`` (a pydicom dataset, built in a thread) as ``doc.media_type``; a problem document with
+    ``status`` when it cannot be made (406 through Accept, 404 when asked for by kind)."""
 
     def encode() -> bytes:
         buf = io.BytesIO()
@@ -187,42 +173,76 @@ async def sr_response(build: Callable[[], Any], what: str) -> Response:
         return buf.getvalue()
 
     try:
-        return Response(await asyncio.to_thread(encode), media_type=DICOM)
+        return Response(await asyncio.to_thread(encode), media_type=doc.media_type)
+    except Unavailable as exc:
+        return problem(status, _STATUS_TYPES[status], str(exc))
     except Exception as exc:
-        log.warning("DICOM SR of a %s not built: %s", what, type(exc).__name__)
+        log.warning("%s of a %s not built: %s", doc.kind, scope, type(exc).__name__)
         return problem(
-            406,
-            "not-acceptable",
-            f"no DICOM SR can be built for this {what} ({type(exc).__name__}); the JSON result is available",
+            status,
+            _STATUS_TYPES[status],
+            f"no {doc.title} can be built for this {scope} ({type(exc).__name__}); the JSON result is available",
         )
 
 
-async def _sr_instance(view: InstanceView) -> Response:
-    if not view.header_json:
-        return problem(406, "not-acceptable", "no source header was kept for this instance")
-    header_json = view.header_json
-    return await sr_response(
-        lambda: build_sr(
-            header_from_json(header_json, view.identity), view.result, view.model_name, view.model_sha256
-        ),
-        "instance",
+_STATUS_TYPES = {404: "not-found", 406: "not-acceptable"}
+_A: dict[Scope, str] = {"instance": "an instance", "series": "a series"}
+
+
+def _instance_renderer(doc: Document, status: int) -> InstanceRenderer:
+    async def render(view: InstanceView) -> Response:
+        return await _document_response(doc, lambda: doc.build_instance(view), "instance", status)
+
+    return render
+
+
+def _series_renderer(doc: Document, status: int) -> SeriesRenderer:
+    async def render(view: SeriesView) -> Response:
+        return await _document_response(doc, lambda: doc.build_series(view), "series", status)
+
+    return render
+
+
+def _format_of(instance: Document | None, series: Document | None, status: int) -> ResultFormat:
+    """The format serving ``instance`` for instances and ``series`` for series (one media type)."""
+    some = instance or series
+    assert some is not None
+    return ResultFormat(
+        some.media_type,
+        instance=_instance_renderer(instance, status) if instance is not None else None,
+        series=_series_renderer(series, status) if series is not None else None,
+        description=some.description,
     )
 
 
-async def _sr_series(view: SeriesView) -> Response:
-    found = view.found
-    if found is None:
-        return problem(406, "not-acceptable", "no instance of this series could be analysed")
-    return await sr_response(
-        lambda: build_series_sr(found.headers, found.result, view.model_name, view.model_sha256), "series"
-    )
+def document_format(documents: DocumentRegistry, scope: Scope, kind: str, accept: str | None) -> ResultFormat:
+    """The format of ``?document=kind`` on a ``scope`` resource: 400 for a kind no document has, 404
+    for a document of the other scope (and, when rendered, for one this result cannot have), 406 when
+    ``accept`` excludes its media type."""
+    doc = documents.get(kind)
+    if doc is None:
+        raise RequestError(
+            f"no result document is called {kind!r}; {_A[scope]} has: {', '.join(documents.kinds(scope))}"
+        )
+    if doc.scope != scope:
+        raise NotFoundError(
+            f"{kind!r} is a document of {_A[doc.scope]}, not of {_A[scope]}; "
+            f"{_A[scope]} has: {', '.join(documents.kinds(scope))}"
+        )
+    if negotiate(accept, [doc.media_type]) is None:
+        raise NotAcceptableError(
+            f"the {kind} document is {doc.media_type}, which this request does not accept", (doc.media_type,)
+        )
+    if scope == "instance":
+        return _format_of(doc, None, 404)
+    return _format_of(None, doc, 404)
 
 
-def default_formats() -> FormatRegistry:
-    """JSON (the default) and DICOM SR (TID 1500, Comprehensive 3D SR) for instances and series."""
-    return FormatRegistry(
-        [
-            ResultFormat(JSON, _json_instance, _json_series, "the result as JSON"),
-            ResultFormat(DICOM, _sr_instance, _sr_series, "a DICOM SR (TID 1500 Measurement Report)"),
-        ]
-    )
+def default_formats(documents: DocumentRegistry = DOCUMENTS) -> FormatRegistry:
+    """JSON (the default) for instances and series, then each media type's default document (DICOM SR
+    for ``application/dicom``: ``sr`` for instances, ``series-sr`` for series)."""
+    formats = FormatRegistry([ResultFormat(JSON, _json_instance, _json_series, "the result as JSON")])
+    for media in documents.default_media_types():
+        instance, series = documents.default("instance", media), documents.default("series", media)
+        formats.register(_format_of(instance, series, 406))
+    return formats

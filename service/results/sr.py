@@ -13,6 +13,9 @@ group of every 2D box it links, tracked as ``finding N slice K``.
 
 Class and score codes use the private coding scheme ``99RETINAEDGE`` (there are no standard codes for a
 model's own classes).
+
+:func:`instance_sr` and :func:`series_sr` are the builders of the result documents ``sr`` and
+``series-sr`` (:mod:`.documents`): a view of a done instance or a complete series -> the SR.
 """
 
 from __future__ import annotations
@@ -23,8 +26,28 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from retinaedge.runtime.findings import SeriesResult
+from retinaedge.service.results.evidence import header_from_json
+from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable
 
 SCHEME = "99RETINAEDGE"
+
+
+def instance_sr(view: InstanceView) -> Dataset:
+    """The document ``sr``: the instance's TID 1500 SR from its kept header (evidence and identity)
+    and result; :class:`Unavailable` when no header was kept."""
+    if not view.header_json:
+        raise Unavailable("no source header was kept for this instance")
+    header = header_from_json(view.header_json, view.identity)
+    return build_sr(header, view.result, view.model_name, view.model_sha256)
+
+
+def series_sr(view: SeriesView) -> Dataset:
+    """The document ``series-sr``: the complete series' 3D findings; :class:`Unavailable` when no
+    instance of it could be analysed."""
+    found = view.found
+    if found is None:
+        raise Unavailable("no instance of this series could be analysed")
+    return build_series_sr(found.headers, found.result, view.model_name, view.model_sha256)
 
 
 def build_sr(image: Dataset, result: dict[str, Any], model_name: str, model_sha256: str) -> Dataset:

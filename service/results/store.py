@@ -2,7 +2,9 @@
 
 One row per SOP Instance UID: ``pending`` until the worker has run it, then ``done`` (result JSON) or
 ``failed`` (error type and message). Receiving a UID twice is idempotent: the first row stands.
-``series_requests`` records when a client asked for a series to be treated as complete.
+``series_requests`` records when a client asked for a series to be treated as complete. The tables are
+defined in :mod:`.schema`; opening a :class:`Store` brings the database to the schema version this code
+knows (:func:`retinaedge.service.database.prepare`).
 """
 
 from __future__ import annotations
@@ -15,30 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    sop_class_uid    TEXT NOT NULL,
-    study_uid        TEXT NOT NULL,
-    series_uid       TEXT NOT NULL,
-    spool_path       TEXT,
-    size_bytes       INTEGER NOT NULL,
-    received_at      REAL NOT NULL,
-    state            TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
-    completed_at     REAL,
-    error_type       TEXT,
-    error_message    TEXT,
-    result_json      TEXT,
-    header_json      TEXT
-);
-CREATE INDEX IF NOT EXISTS instances_state ON instances (state, received_at);
-CREATE INDEX IF NOT EXISTS instances_completed ON instances (completed_at);
-CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
-CREATE TABLE IF NOT EXISTS series_requests (
-    series_uid   TEXT PRIMARY KEY,
-    requested_at REAL NOT NULL
-);
-"""
+from retinaedge.service import database
 
 
 @dataclass(frozen=True)
@@ -81,7 +60,7 @@ class Store:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            database.prepare(self._db)
 
     def close(self) -> None:
         with self._lock:

@@ -1,7 +1,8 @@
 """``GET /v1/results/{uid}``: the result of an instance received by ``/v1/detect`` or STOW-RS.
 
 Pending and failed instances are answered in JSON whatever the client accepts; a done one in the format
-negotiated from ``Accept`` among the registered ones (:mod:`..formats`).
+negotiated from ``Accept`` among the registered ones (:mod:`..results.formats`), or as the result
+document ``?document=KIND`` names (:mod:`..results.documents`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import ResultDone, ResultFailed, ResultPending
-from retinaedge.service.results.formats import InstanceView
+from retinaedge.service.results.views import InstanceView
 from retinaedge.service.state import FORMATS_EXTENSION, InstanceFormat, ServicesDep
 
 router = APIRouter(tags=["results"])

@@ -1,7 +1,8 @@
 """Series findings: ``GET /v1/series/{uid}`` and ``POST /v1/series/{uid}/complete``.
 
 While a series is collecting (instances pending, or its quiet period not over) both answer 202 with its
-status; once complete, its 3D findings in the format negotiated from ``Accept`` (:mod:`..formats`).
+status; once complete, its 3D findings in the format negotiated from ``Accept`` (:mod:`..results.formats`),
+or as the result document ``?document=KIND`` names (:mod:`..results.documents`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import SeriesCollecting, SeriesComplete
 from retinaedge.service.results.completion import SeriesFindings, SeriesStatus, series_findings, series_status
-from retinaedge.service.results.formats import ResultFormat, SeriesView
+from retinaedge.service.results.formats import ResultFormat
+from retinaedge.service.results.views import SeriesView
 from retinaedge.service.state import FORMATS_EXTENSION, SeriesFormat, Services, ServicesDep
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ router = APIRouter(tags=["series"])
 NOT_FOUND = "no instance of this Series Instance UID (or its results have expired)"
 _RESPONSES = {
     202: {"model": SeriesCollecting, "description": "Still collecting; see Retry-After"},
-    **problem_responses(401, 404, 406),
+    **problem_responses(400, 401, 404, 406),
 }
 
 

@@ -35,9 +35,11 @@ STOW = {"name": "web", "type": "stowrs", "url": "https://pacs.example/dicom-web"
 
 
 def open_db(tmp_path: Path, targets: list[tuple[str, bool, bool]]) -> tuple[Store, Outbox]:
+    """``targets``: (name, takes instance SRs, takes series SRs), as the document kinds ``sr`` and
+    ``series-sr``."""
     store = Store(tmp_path / "state.sqlite3")
     outbox = Outbox(tmp_path / "state.sqlite3")
-    outbox.sync_targets(targets)
+    outbox.sync_targets((n, ["sr"] * i + ["series-sr"] * s) for n, i, s in targets)
     return store, outbox
 
 

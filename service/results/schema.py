@@ -1,0 +1,36 @@
+"""The results' tables in the service's SQLite database (``state.sqlite3``), as the latest schema version
+has them (:mod:`retinaedge.service.database` creates them and migrates older databases).
+
+- ``instances``: one row per SOP Instance UID received (STOW-RS, C-STORE) or detected (``/v1/detect``):
+  ``pending`` (its spooled file, ``spool_path``, waits for the worker), then ``done`` (``result_json``,
+  the ``/v1/detect`` body) or ``failed`` (``error_type``, ``error_message``). ``header_json`` is the SR
+  evidence (DICOM JSON, :mod:`.evidence`); times are epoch seconds, sizes bytes.
+- ``series_requests``: when a client asked for a series to be treated as complete (epoch seconds).
+"""
+
+from __future__ import annotations
+
+SCHEMA = """
+CREATE TABLE instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid    TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    spool_path       TEXT,
+    size_bytes       INTEGER NOT NULL,
+    received_at      REAL NOT NULL,
+    state            TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+    completed_at     REAL,
+    error_type       TEXT,
+    error_message    TEXT,
+    result_json      TEXT,
+    header_json      TEXT
+);
+CREATE INDEX instances_state ON instances (state, received_at);
+CREATE INDEX instances_completed ON instances (completed_at);
+CREATE INDEX instances_series ON instances (series_uid);
+CREATE TABLE series_requests (
+    series_uid   TEXT PRIMARY KEY,
+    requested_at REAL NOT NULL
+);
+"""
