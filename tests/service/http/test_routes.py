@@ -22,7 +22,15 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from retinaedge.service.app import create_app
 from retinaedge.service.http import schemas
-from retinaedge.service.results.formats import FormatRegistry, InstanceView, ResultFormat, negotiate
+from retinaedge.service.results.documents import DICOM, Document, DocumentRegistry
+from retinaedge.service.results.formats import (
+    FormatRegistry,
+    InstanceView,
+    ResultFormat,
+    default_formats,
+    negotiate,
+)
+from retinaedge.service.results.sr import instance_sr
 from retinaedge.service.routes import detect
 from retinaedge.service.settings import load_settings
 from support.paths import CORPUS, DEMO
@@ -270,6 +278,58 @@ def test_a_registered_format_is_served_without_touching_the_router(
     doc = client.get("/openapi.json").json()
     assert "text/csv" in doc["paths"]["/v1/results/{uid}"]["get"]["responses"]["200"]["content"]
     assert "text/csv" not in doc["paths"]["/v1/series/{series_uid}"]["get"]["responses"]["200"]["content"]
+
+
+def test_a_result_document_is_asked_for_by_kind(client: TestClient, detected: dict[str, Any]) -> None:
+    """``?document=KIND``: that document in its media type; 400 for a kind no document has, 404 for a
+    document of the other scope, 406 when Accept excludes its media type."""
+    uid = detected["sop_instance_uid"]
+    r = client.get(f"/v1/results/{uid}", params={"document": "sr"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom", r.text
+    assert pydicom.dcmread(io.BytesIO(r.content)).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    series = client.post(f"/v1/series/{CT_SMALL_SERIES}/complete", params={"document": "series-sr"})
+    assert series.status_code == 200 and series.headers["content-type"] == "application/dicom"
+    for path, kind, status in [
+        (f"/v1/results/{uid}", "gsps-of-nothing", 400),
+        (f"/v1/results/{uid}", "series-sr", 404),
+        (f"/v1/series/{CT_SMALL_SERIES}", "sr", 404),
+    ]:
+        r = client.get(path, params={"document": kind})
+        assert r.status_code == status and r.headers["content-type"] == PROBLEM, (path, kind, r.text)
+        conforms(schemas.Problem, r.json())
+        assert repr(kind) in r.json()["detail"]
+    r = client.get(f"/v1/results/{uid}", params={"document": "sr"}, headers={"Accept": "application/json"})
+    assert r.status_code == 406 and r.json()["offered"] == ["application/dicom"]
+    doc = client.get("/openapi.json").json()
+    for path in ("/v1/results/{uid}", "/v1/series/{series_uid}"):
+        assert "document" in [p["name"] for p in doc["paths"][path]["get"]["parameters"]]
+
+
+def test_a_second_dicom_document_does_not_replace_the_sr(
+    app: FastAPI, client: TestClient, detected: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second ``application/dicom`` document of an instance is one registry entry: ``Accept:
+    application/dicom`` still answers with the SR (its media type's default), the new one by kind."""
+
+    def relabelled(view: InstanceView) -> pydicom.Dataset:
+        ds = instance_sr(view)
+        ds.SeriesDescription = "a second DICOM document"
+        return ds
+
+    services = app.state.services
+    second = Document("relabelled-sr", "instance", DICOM, relabelled, "DICOM SR", "the SR, relabelled")
+    documents = DocumentRegistry([*services.documents, second])
+    monkeypatch.setattr(services, "documents", documents)
+    monkeypatch.setattr(services, "formats", default_formats(documents))
+    uid = detected["sop_instance_uid"]
+    sr = client.get(f"/v1/results/{uid}", headers={"Accept": "application/dicom"})
+    assert pydicom.dcmread(io.BytesIO(sr.content)).SeriesDescription.startswith("retinaedge detections")
+    other = client.get(f"/v1/results/{uid}", params={"document": "relabelled-sr"})
+    assert other.status_code == 200, other.text
+    assert pydicom.dcmread(io.BytesIO(other.content)).SeriesDescription == "a second DICOM document"
+    assert services.formats.offered("instance") == OFFERED
+    with pytest.raises(ValueError, match="two default application/dicom documents"):
+        documents.register(Document("another-sr", "instance", DICOM, relabelled, "DICOM SR", default=True))
 
 
 def test_detect_hot_path_is_not_validated_twice(detected: dict[str, Any]) -> None:

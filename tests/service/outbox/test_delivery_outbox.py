@@ -137,6 +137,37 @@ def test_export_settings_are_validated(tmp_path: Path, destinations: list[Any], 
     assert message in str(info.value)
 
 
+def test_destinations_list_the_documents_they_receive(tmp_path: Path) -> None:
+    """``documents`` names the result documents a destination receives (default ``["sr"]``); the older
+    ``instance_sr``/``series_sr`` mean the same kinds; a kind export does not deliver, a destination that
+    receives nothing and both spellings at once are refused, saying why."""
+    settings = load_settings(
+        model=DEMO,
+        data_dir=tmp_path,
+        export_destinations=[
+            {**DIMSE, "documents": ["series-sr", "sr", "sr"]},
+            {**STOW, "series_sr": True},
+            {**STOW, "name": "series-only", "instance_sr": False, "series_sr": "true"},
+            {**DIMSE, "name": "plain", "port": 105},
+        ],
+    )
+    assert [(d.documents, d.instance_sr, d.series_sr) for d in settings.export_destinations] == [
+        (["series-sr", "sr"], True, True),
+        (["sr", "series-sr"], True, True),
+        (["series-sr"], False, True),
+        (["sr"], True, False),
+    ]
+    for given, message in [
+        ({"documents": ["gsps"]}, "'gsps' is not a result document that export delivers"),
+        ({"documents": []}, "sends nothing"),
+        ({"documents": ["sr"], "series_sr": True}, "not both"),
+        ({"instance_sr": "sometimes"}, "instance_sr must be true or false"),
+    ]:
+        with pytest.raises(ConfigError, match="export_destinations") as info:
+            load_settings(model=DEMO, data_dir=tmp_path, export_destinations=[{**DIMSE, **given}])
+        assert message in str(info.value)
+
+
 def test_export_destinations_come_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
