@@ -1,6 +1,7 @@
 """The outbox's tables and triggers in the service's SQLite database (``state.sqlite3``), as the latest
-schema version has them (:mod:`retinaedge.service.database` creates them with the results' tables and
-migrates older databases; :mod:`.queue` describes what each table holds).
+schema version has them: the description of record (:mod:`.queue` says what each table holds). The
+migration steps of :mod:`retinaedge.service.database` are what creates and changes them, and must produce
+exactly this (tests/service/test_state_migrations.py).
 
 Document kinds (``sr``, ``series-sr``, ...: :mod:`retinaedge.service.results.documents`) are plain text
 here, never a list in SQL: a new kind needs no schema change. ``scope`` (``instance`` or ``series``) says

@@ -1,5 +1,6 @@
 """The results' tables in the service's SQLite database (``state.sqlite3``), as the latest schema version
-has them (:mod:`retinaedge.service.database` creates them and migrates older databases).
+has them: the description of record. The migration steps of :mod:`retinaedge.service.database` are what
+creates and changes them, and must produce exactly this (tests/service/test_state_migrations.py).
 
 - ``instances``: one row per SOP Instance UID received (STOW-RS, C-STORE) or detected (``/v1/detect``):
   ``pending`` (its spooled file, ``spool_path``, waits for the worker), then ``done`` (``result_json``,

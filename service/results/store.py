@@ -3,7 +3,7 @@
 One row per SOP Instance UID: ``pending`` until the worker has run it, then ``done`` (result JSON) or
 ``failed`` (error type and message). Receiving a UID twice is idempotent: the first row stands.
 ``series_requests`` records when a client asked for a series to be treated as complete. The tables are
-defined in :mod:`.schema`; opening a :class:`Store` brings the database to the schema version this code
+described in :mod:`.schema`; opening a :class:`Store` brings the database to the schema version this code
 knows (:func:`retinaedge.service.database.prepare`).
 """
 
