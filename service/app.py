@@ -53,12 +53,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if recovered:
         log.info("recovered %d pending instance(s) from the spool", recovered)
     services.processor.start()
-    await asyncio.to_thread(services.exporter.start)
+    await asyncio.to_thread(services.dispatcher.start)
     services.dimse.start(asyncio.get_running_loop())  # after recover: its rows are enqueued as stored
     yield
     await asyncio.to_thread(services.dimse.stop)
     await services.processor.stop()
-    await asyncio.to_thread(services.exporter.stop)
+    await asyncio.to_thread(services.dispatcher.stop)
     await asyncio.to_thread(services.opener.stop)
     await asyncio.to_thread(services.worker.stop)
     await asyncio.to_thread(services.writer.stop)

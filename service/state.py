@@ -25,8 +25,8 @@ from retinaedge.service.dimse.scp import DimseServer
 from retinaedge.service.http.metrics import Metrics
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.intake.stow import backlog_admission
-from retinaedge.service.outbox.delivery import Exporter
-from retinaedge.service.outbox.metrics import ExportCollector
+from retinaedge.service.outbox.delivery import Dispatcher
+from retinaedge.service.outbox.metrics import DeliveryCollector
 from retinaedge.service.pipeline.batching import BatchPolicy
 from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.processor import Processor
@@ -80,7 +80,9 @@ class Services:
     formats: FormatRegistry  # media type -> renderer, for Accept (service/results/formats.py)
     documents: DocumentRegistry  # the result documents by kind (service/results/documents.py)
     admit: Callable[[], None]  # raises OverloadedError while the STOW-RS backlog is full
-    exporter: Exporter  # result export: the outbox and its delivery threads (service/outbox/delivery.py)
+    dispatcher: (
+        Dispatcher  # result delivery: the outbox and its delivery threads (service/outbox/delivery.py)
+    )
     dimse: DimseServer  # the C-STORE SCP (idle when dimse_port is 0)
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
@@ -138,14 +140,14 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         store, identities, settings.prune_interval_s, settings.results_max_age_s, settings.results_max_bytes
     )
     documents = DOCUMENTS
-    exporter = Exporter(
+    dispatcher = Dispatcher(
         settings, store, identities, bundle.manifest.name, str(bundle.manifest.model_sha256), documents
     )
-    metrics.registry.register(ExportCollector(exporter))
+    metrics.registry.register(DeliveryCollector(dispatcher))
 
     def on_outcome(outcome: str) -> None:
         metrics.outcome(outcome)
-        exporter.wake()  # the result's export jobs were enqueued with it (service/outbox/queue.py)
+        dispatcher.wake()  # the result's export jobs were enqueued with it (service/outbox/queue.py)
 
     processor = Processor(
         store,
@@ -177,7 +179,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         formats=default_formats(documents),
         documents=documents,
         admit=admit,
-        exporter=exporter,
+        dispatcher=dispatcher,
         dimse=DimseServer(settings, receiver, metrics.registry),
     )
 

@@ -3,10 +3,10 @@
 Threads, never the event loop: one ``retinaedge-export-<name>`` per destination (so a slow or dead peer
 delays only its own jobs) and one ``retinaedge-export-watch`` that turns complete series into jobs of
 the series' documents (``series-sr``), frees files delivered everywhere, prunes old jobs and refreshes
-the :meth:`Exporter.summary` that ``/metrics``, ``/readyz`` and ``GET /v1/exports`` read (they never
+the :meth:`Dispatcher.summary` that ``/metrics``, ``/readyz`` and ``GET /v1/exports`` read (they never
 touch SQLite on the event loop).
 
-Each job's document is built once (:meth:`Exporter._document`) by the builder its kind has in the
+Each job's document is built once (:meth:`Dispatcher._document`) by the builder its kind has in the
 registry (:mod:`retinaedge.service.results.documents`) from the kept result, evidence and identity (the
 same SR as ``GET /v1/results/{uid}`` with ``Accept: application/dicom`` for ``sr``, the series SR for
 ``series-sr``) and written, fsynced and owner-only, to ``<data_dir>/outbox``; every attempt and every
@@ -55,7 +55,7 @@ class NoDocument(Exception):
     """The job's document cannot be built (its result is gone, or cannot be represented)."""
 
 
-class Exporter:
+class Dispatcher:
     """The outbox's delivery threads and their state (module docstring)."""
 
     def __init__(

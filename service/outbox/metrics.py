@@ -1,4 +1,4 @@
-"""Prometheus metrics of result export, read from the exporter's in-memory summary (never SQLite on a
+"""Prometheus metrics of result delivery, read from the dispatcher's in-memory summary (never SQLite on a
 scrape): jobs by state, attempts by outcome, dead letters, duplicates, failing destinations and the age
 of the oldest waiting SR, per destination. The counters are kept in the database (``export_counters``),
 so they survive restarts."""
@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from retinaedge.service.outbox.delivery import Exporter
+    from retinaedge.service.outbox.delivery import Dispatcher
 
 
-class ExportCollector:
-    """Prometheus metrics of the export, from :meth:`Exporter.summary` (memory only)."""
+class DeliveryCollector:
+    """Prometheus metrics of result delivery, from :meth:`Dispatcher.summary` (memory only)."""
 
-    def __init__(self, exporter: Exporter) -> None:
-        self.exporter = exporter
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
 
     def describe(self) -> list[Any]:
         return []  # unchecked collector: collect() is only called on scrape
@@ -51,7 +51,7 @@ class ExportCollector:
             labels=["destination"],
         )
         now = time.time()
-        for d in self.exporter.summary():
+        for d in self.dispatcher.summary():
             name = d["name"]
             for state, n in d["jobs"].items():
                 jobs.add_metric([name, state], n)

@@ -1,7 +1,7 @@
 """Result export: ``GET /v1/exports`` (destinations and jobs), ``GET /v1/exports/{id}`` (one job and
 its attempts), ``POST /v1/exports/retry`` (dead-lettered jobs queued again).
 
-Destinations' state comes from the exporter's summary in memory; jobs are read from SQLite in a thread.
+Destinations' state comes from the dispatcher's summary in memory; jobs are read from SQLite in a thread.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ async def exports(
     limit: int = Query(default=100, ge=0, le=1000, description="at most this many jobs"),
 ) -> Response:
     """The export destinations (state, jobs by state, attempts, duplicates) and the newest jobs."""
-    exporter = services.exporter
-    jobs = await asyncio.to_thread(exporter.outbox.jobs, state, destination, limit)
-    return JSONResponse({"destinations": exporter.summary(), "jobs": [j.to_json() for j in jobs]})
+    dispatcher = services.dispatcher
+    jobs = await asyncio.to_thread(dispatcher.outbox.jobs, state, destination, limit)
+    return JSONResponse({"destinations": dispatcher.summary(), "jobs": [j.to_json() for j in jobs]})
 
 
 @router.get("/v1/exports/{job_id}", response_model=ExportJob, responses=problem_responses(400, 401, 404))
 async def export_job(services: ServicesDep, job_id: int = Path(ge=1, le=2**62)) -> Response:
     """One job with every attempt."""
-    outbox = services.exporter.outbox
+    outbox = services.dispatcher.outbox
     job = await asyncio.to_thread(outbox.job, job_id)
     if job is None:
         return problem(404, "not-found", "no export job with this id (or it has expired)")
@@ -50,13 +50,13 @@ async def retry_dead(
     destination: str | None = Query(default=None, description="only this destination's dead jobs"),
 ) -> Response:
     """Queue dead-lettered jobs again (attempts reset), e.g. once a destination's configuration is fixed."""
-    exporter = services.exporter
-    names = [d.name for d in exporter.destinations]
+    dispatcher = services.dispatcher
+    names = [d.name for d in dispatcher.destinations]
     if destination is not None:
         if destination not in names:
             return problem(404, "not-found", "no export destination of this name is configured")
         names = [destination]
-    n = await asyncio.to_thread(exporter.outbox.requeue_dead, names)
-    await asyncio.to_thread(exporter.refresh)
-    exporter.wake()
+    n = await asyncio.to_thread(dispatcher.outbox.requeue_dead, names)
+    await asyncio.to_thread(dispatcher.refresh)
+    dispatcher.wake()
     return JSONResponse({"requeued": n})

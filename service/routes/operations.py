@@ -40,7 +40,7 @@ async def readyz(services: ServicesDep) -> Response:
     unwritable = unwritable or services.dimse.not_ready_reason
     if unwritable is not None:
         return problem(503, "not-ready", unwritable, retry)
-    degraded = services.exporter.degraded()  # still takes instances; results wait in the outbox
+    degraded = services.dispatcher.degraded()  # still takes instances; results wait in the outbox
     dimse = services.dimse.describe()
     return JSONResponse(
         {
