@@ -31,6 +31,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from retinaedge.runtime.errors import StateVersionError
 
@@ -219,6 +220,18 @@ LATEST = len(STEPS)
 def version(db: sqlite3.Connection) -> int:
     """The database's schema version (``PRAGMA user_version``)."""
     return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def connect(path: Path, *, timeout_s: float = 5.0) -> sqlite3.Connection:
+    """A connection to the database at ``path`` as every room opens it: autocommit (transactions are
+    explicit), usable from any thread (each room guards it with its own lock), write-ahead log with
+    ``synchronous=FULL`` (a committed row survives a power cut), waiting up to ``timeout_s`` seconds for
+    a lock, and brought to :data:`LATEST` by :func:`prepare`."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout_s)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    prepare(db)
+    return db
 
 
 def prepare(db: sqlite3.Connection) -> None:

@@ -112,12 +112,8 @@ class Outbox:
 
     def __init__(self, path: Path, documents: DocumentRegistry = DOCUMENTS) -> None:
         self.documents = documents
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = database.connect(path, timeout_s=30)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            database.prepare(self._db)
 
     def close(self) -> None:
         with self._lock:
