@@ -125,7 +125,14 @@ class Detector:
         t = time.perf_counter()
         out = []
         for frame, dets in zip(batch, split_outputs(outputs), strict=True):
-            result = frame_result(self._classes, frame.index, frame.rule, frame.letterbox, dets)
+            result = frame_result(
+                self._classes,
+                frame.index,
+                frame.rule,
+                frame.letterbox,
+                dets,
+                self.bundle.manifest.operating_point,
+            )
             out.append(result)
             if on_frame is not None and frame.unit is not None:
                 on_frame(frame.index, frame.unit, result)

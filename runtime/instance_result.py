@@ -16,16 +16,21 @@ from retinaedge.runtime.detections import ImageDetections
 from retinaedge.runtime.dicomio import ImageInfo
 from retinaedge.runtime.geometry import Letterbox
 from retinaedge.runtime.manifest import Manifest
+from retinaedge.runtime.operating_point import OperatingPoint, findings_flags
 
 
 @dataclass(frozen=True)
 class Detection:
-    """One box in the original frame's pixel grid: x1, y1, x2, y2 (column, row), edges in pixels."""
+    """One box in the original frame's pixel grid: x1, y1, x2, y2 (column, row), edges in pixels.
+
+    ``finding``: the score is at or above the model's operating point for the class
+    (:mod:`retinaedge.runtime.operating_point`); every detection is one when the bundle has none."""
 
     label: str
     class_id: int
     score: float
     box: tuple[float, float, float, float]
+    finding: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -33,6 +38,7 @@ class Detection:
             "class_id": self.class_id,
             "score": round(self.score, 6),
             "box": [round(v, 3) for v in self.box],
+            "finding": self.finding,
         }
 
 
@@ -70,21 +76,33 @@ class InstanceResult:
 
 
 def frame_result(
-    classes: Sequence[str], index: int, rule: str, letterbox: Letterbox, dets: ImageDetections
+    classes: Sequence[str],
+    index: int,
+    rule: str,
+    letterbox: Letterbox,
+    dets: ImageDetections,
+    point: OperatingPoint | None = None,
 ) -> FrameResult:
-    """One image's detections (model-input pixels) -> :class:`FrameResult` in the frame's pixels."""
+    """One image's detections (model-input pixels) -> :class:`FrameResult` in the frame's pixels, each
+    marked a finding or not by the operating point ``point`` (None: every detection is one)."""
     frame_boxes = letterbox.to_frame(dets.boxes)
+    labels = [classes[int(c)] if 0 <= int(c) < len(classes) else str(int(c)) for c in dets.labels.tolist()]
+    scores = [float(s) for s in dets.scores.tolist()]
+    flags = findings_flags(labels, scores, point)
     return FrameResult(
         index=index,
         voi=rule,
         detections=[
             Detection(
-                label=classes[int(c)] if 0 <= int(c) < len(classes) else str(int(c)),
+                label=label,
                 class_id=int(c),
-                score=float(s),
+                score=score,
                 box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+                finding=flag,
             )
-            for b, s, c in zip(frame_boxes.tolist(), dets.scores.tolist(), dets.labels.tolist(), strict=True)
+            for b, label, score, c, flag in zip(
+                frame_boxes.tolist(), labels, scores, dets.labels.tolist(), flags, strict=True
+            )
         ],
     )
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from retinaedge.runtime.errors import BundleError, ConfigError
+from retinaedge.runtime.operating_point import OperatingPoint
 
 FORMAT_VERSION = 1
 METADATA_KEY = "retinaedge.manifest"
@@ -143,6 +144,9 @@ class Manifest:
     nms: str = "onnx-nonmaxsuppression"
     model_sha256: str | None = None
     format_version: int = FORMAT_VERSION
+    #: Score thresholds per class at which the model is read (:mod:`retinaedge.runtime.operating_point`);
+    #: None: every detection is a finding.
+    operating_point: OperatingPoint | None = None
 
     @property
     def num_classes(self) -> int:
@@ -157,12 +161,22 @@ class Manifest:
             raise ConfigError("class_names must not be empty")
         if len(set(self.class_names)) != len(self.class_names):
             raise ConfigError(f"class names must be unique, got {list(self.class_names)}")
+        if self.operating_point is not None:
+            self.operating_point.validate(self.class_names)
 
     def with_model_sha256(self, sha: str | None) -> Manifest:
         return replace(self, model_sha256=sha)
 
+    def with_operating_point(self, point: OperatingPoint | None) -> Manifest:
+        return replace(self, operating_point=point)
+
     def to_dict(self) -> dict[str, Any]:
-        return _lists(asdict(self))
+        data = _lists(asdict(self))
+        if self.operating_point is None:
+            del data["operating_point"]  # a manifest without one reads as it did before there was one
+        else:
+            data["operating_point"] = self.operating_point.to_dict()
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -194,10 +208,15 @@ class Manifest:
                 nms=str(data.get("nms", "onnx-nonmaxsuppression")),
                 model_sha256=data.get("model_sha256"),
                 format_version=version,
+                operating_point=(
+                    OperatingPoint.from_dict(data["operating_point"])
+                    if data.get("operating_point") is not None
+                    else None
+                ),
             )
         except BundleError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise BundleError(f"manifest is invalid: {type(exc).__name__}: {exc}") from exc
         try:
             manifest.validate()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import math
 import secrets
 import time
@@ -20,6 +21,7 @@ from fastapi import Depends, Query, Request
 from retinaedge.runtime.backends.tensorrt.planning import Probe
 from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
+from retinaedge.runtime.manifest import Manifest
 from retinaedge.service.dimse.receive import Receiver
 from retinaedge.service.dimse.scp import DimseServer
 from retinaedge.service.http.metrics import Metrics
@@ -38,6 +40,8 @@ from retinaedge.service.results.store import Store
 from retinaedge.service.results.views import Scope
 from retinaedge.service.results.writer import ResultWriter
 from retinaedge.service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,9 +109,26 @@ class Services:
         return hmac.new(self.uid_key, uid.encode(), hashlib.sha256).hexdigest()[:12]
 
 
+def log_operating_point(manifest: Manifest) -> None:
+    """Say at start-up at which operating point the model is read (docs/models.md, "Operating point")."""
+    point = manifest.operating_point
+    if point is None:
+        log.info(
+            "model %s has no operating point: every detection (down to its score threshold %.2f) is a "
+            "finding and every result document shows it; set one with retinaedge eval "
+            "--choose-operating-point",
+            manifest.name,
+            manifest.postprocess.score_thresh,
+        )
+        return
+    thresholds = ", ".join(f"{c} {t:.3f}" for c, t in point.score_thresholds.items())
+    log.info("model %s: findings at its operating point (%s)", manifest.name, thresholds)
+
+
 def build_services(settings: Settings, probe: Probe) -> Services:
     """Load the bundle and wire the worker, spool, store and processor (nothing is started here)."""
     bundle = load_bundle(settings.model)
+    log_operating_point(bundle.manifest)
     limits = Limits(
         max_frames=settings.max_frames,
         max_frame_bytes=settings.max_frame_bytes,

@@ -96,12 +96,15 @@ class ModelRef(BaseModel):
 
 
 class Detection(BaseModel):
-    """One box: ``box`` is ``[x1, y1, x2, y2]`` in the frame's pixel-edge coordinates."""
+    """One box: ``box`` is ``[x1, y1, x2, y2]`` in the frame's pixel-edge coordinates. ``finding``:
+    at or above the model's operating point for its class (every detection when the bundle has none);
+    results kept before there was a flag do not carry it."""
 
     label: str
     class_id: int
     score: float
     box: list[float] = Field(min_length=4, max_length=4)
+    finding: bool | None = None
 
 
 class Frame(BaseModel):

@@ -203,9 +203,14 @@ class InstanceJob:
             return
         t = time.perf_counter()
         try:
-            classes = reader.bundle.manifest.class_names
+            manifest = reader.bundle.manifest
             outputs = sorted(self._outputs, key=lambda o: o.index)
-            frames = [frame_result(classes, o.index, o.rule, o.letterbox, o.detections) for o in outputs]
+            frames = [
+                frame_result(
+                    manifest.class_names, o.index, o.rule, o.letterbox, o.detections, manifest.operating_point
+                )
+                for o in outputs
+            ]
             timings = {
                 **{k: self.timings_ms.get(k, 0.0) for k in ("parse", "decode", "preprocess")},
                 "queue": max((o.wait_ms for o in outputs), default=0.0),
