@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from retinaedge.export.torchload import ARCHITECTURES
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.manifest import WindowPolicy
+from retinaedge.runtime.operating_point import OperatingPoint
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--name", help="model name recorded in the manifest")
     p.add_argument(
+        "--operating-point",
+        type=Path,
+        metavar="FILE",
+        help='JSON {"score_thresholds": {class: threshold 0..1, ...}, "method": "how they were chosen"}: '
+        "the score per class at which the model is read (documents show detections at or above it; "
+        "default none: every detection; retinaedge eval --choose-operating-point can set it later)",
+    )
+    p.add_argument(
         "--trt-plugin",
         action="store_true",
         help="also write the EfficientNMS_TRT variant (TensorRT before the built-in NMS layer)",
@@ -149,6 +159,20 @@ def _dicom_parity_inputs(args: argparse.Namespace) -> list[Any]:
     return inputs
 
 
+def _operating_point(path: Path | None) -> OperatingPoint | None:
+    """The ``--operating-point`` file, read and checked (ConfigError naming the file)."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--operating-point {path}: {exc}") from exc
+    try:
+        return OperatingPoint.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"--operating-point {path}: {exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from retinaedge.export.exporter import export_retinanet
     from retinaedge.export.torchload import checkpoint_source, load_pickled_model, load_state_dict_checkpoint
@@ -196,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         parity_threshold=args.parity_threshold,
         source=source,
         overwrite=args.force,
+        operating_point=_operating_point(args.operating_point),
     )
     emit(
         {

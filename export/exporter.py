@@ -44,6 +44,7 @@ from retinaedge.runtime.detections import split_outputs
 from retinaedge.runtime.errors import ConfigError, ParityError
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.manifest import InputSpec, Manifest, PostprocessSpec, Preprocessing, WindowPolicy
+from retinaedge.runtime.operating_point import OperatingPoint
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +151,16 @@ def export_retinanet(
     parity_threshold: float = DEFAULT_PARITY_THRESHOLD,
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
+    operating_point: OperatingPoint | None = None,
 ) -> ExportResult:
     """Export ``model`` (any constructed torchvision RetinaNet) to a bundle in ``out_dir``.
 
     ``input_size`` is (height, width) in pixels, multiples of 32. ``parity_inputs`` are extra images
     (e.g. preprocessed DICOM frames) checked besides ``synthetic_count`` synthetic ones. Raises
     :class:`ParityError` when fewer than ``parity_threshold`` of PyTorch's detections are reproduced; the
-    rejected bundle is then left in ``<out_dir>.rejected`` for inspection.
+    rejected bundle is then left in ``<out_dir>.rejected`` for inspection. ``operating_point``: the
+    score threshold per class at which the model is read (:mod:`retinaedge.runtime.operating_point`;
+    None: every detection is a finding until ``retinaedge eval --choose-operating-point`` sets one).
     """
     torch, _ = require_torch()
     height, width = (int(v) for v in input_size)
@@ -209,6 +213,7 @@ def export_retinanet(
         source=source or {"kind": "in-memory", "sha256": state_dict_sha256(work)},
         exporter={"name": "retinaedge", "version": __version__},
         versions=_versions(),
+        operating_point=operating_point,
     )
     manifest.validate()
 

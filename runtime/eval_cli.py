@@ -17,6 +17,7 @@ from typing import Any
 from retinaedge.runtime.backends.registry import add_backend_arguments
 from retinaedge.runtime.discovery import RULE_HELP, dicom_files
 from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.eval_operating_point import operating_point_report, write_operating_point
 from retinaedge.runtime.eval_runs import InputRejected, detect_all, peek_uid
 from retinaedge.runtime.evaluate import (
     GROUND_TRUTH_HELP,
@@ -34,7 +35,10 @@ OUTPUT_HELP = """
 output: one JSON object on stdout (and in --out): model {name, sha256, path}, backend, images
 (frames), instances (files), classes {name: {ap50, ap, ap75, ar100, ground_truth, difficult,
 detections}}, map50 and map (means over classes with ground truth), iou_thresholds,
-max_detections, rejected_files, unmatched_annotations and, with --min-map50, gate {min_map50, passed}.
+max_detections, rejected_files, unmatched_annotations, operating_point (null, or per class: threshold,
+true_positives, false_positives, false_negatives, sensitivity, precision at IoU 0.5; at the bundle's
+operating point, or at the one --choose-operating-point chose) and, with --min-map50, gate {min_map50,
+passed}.
 
 exit status: 0 done; 1 the --min-map50 gate failed or an input file was rejected (without
 --skip-rejected); 2 invalid options or ground truth.
@@ -62,6 +66,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="quality gate: exit 1 when mAP@0.5 (0..1) is below X or undefined",
     )
     p.add_argument("--out", type=Path, help="also write the report, indented, to this file")
+    p.add_argument(
+        "--choose-operating-point",
+        metavar="RULE",
+        help="choose a score threshold per evaluated class on these files: max-f1, or sensitivity>=X "
+        "(the highest threshold reaching sensitivity X); reported under operating_point",
+    )
+    p.add_argument(
+        "--write-operating-point",
+        action="store_true",
+        help="with --choose-operating-point: write the chosen thresholds into the bundle's manifest.json "
+        "(documents then show findings at or above them)",
+    )
     p.add_argument(
         "--allow-missing",
         action="store_true",
@@ -118,6 +134,17 @@ def check_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {args.out}: directory {args.out.parent} does not exist")
 
 
+def check_operating_point_options(args: argparse.Namespace) -> None:
+    """Refuse ``--write-operating-point`` without a rule, and a malformed rule, before any inference."""
+    from retinaedge.runtime.operating_point import RULE
+
+    rule = getattr(args, "choose_operating_point", None)
+    if getattr(args, "write_operating_point", False) and rule is None:
+        raise ConfigError("--write-operating-point needs --choose-operating-point RULE")
+    if rule is not None and not RULE.match(rule):
+        raise ConfigError(f"--choose-operating-point {rule!r}: use max-f1 or sensitivity>=X with 0 < X <= 1")
+
+
 def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.backends.base import BackendOptions
     from retinaedge.runtime.backends.registry import check_available
@@ -125,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.jsonout import emit
 
     check_options(args)
+    check_operating_point_options(args)
     check_available(args.backend)  # a missing extra is one error line, before any ground truth is read
     gt = load_ground_truth(args.annotations)
     files = dicom_files(args.files, exclude=[args.annotations])
@@ -173,6 +201,17 @@ def run(args: argparse.Namespace) -> int:
         "rejected_files": detected.rejected,
         "unmatched_annotations": len(unmatched),
     }
+    section, chosen = operating_point_report(
+        manifest,
+        detected.frames,
+        matched,
+        classes,
+        rule=getattr(args, "choose_operating_point", None),
+        files=detected.instances,
+    )
+    report["operating_point"] = section
+    if chosen is not None and getattr(args, "write_operating_point", False):
+        section["written"] = str(write_operating_point(args.model, manifest, chosen))
     status = 0
     map50 = report["map50"]
     log.info(

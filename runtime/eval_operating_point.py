@@ -1,0 +1,108 @@
+"""``retinaedge eval``'s operating point: the sensitivity and precision per class at the bundle's
+thresholds, or at thresholds chosen on the evaluated files, optionally written into the bundle.
+
+The counting and the choice are :mod:`retinaedge.runtime.operating_point`; this module adapts the
+evaluation's frames and annotations to them, builds the report section and writes ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.evaluate import Annotation, EvalFrame
+from retinaedge.runtime.manifest import Manifest
+from retinaedge.runtime.operating_point import (
+    OperatingPoint,
+    Outcomes,
+    ScoredBox,
+    TruthBox,
+    choose,
+    counts_at,
+    outcomes,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+
+
+def evaluation_outcomes(
+    frames: Sequence[EvalFrame], annotations: Sequence[Annotation], class_names: Sequence[str]
+) -> Outcomes:
+    """Every detection's outcome (true or false positive, or ignored) per class, at IoU 0.5."""
+    dets = [
+        ScoredBox(
+            (f.sop_instance_uid, f.index),
+            class_names[d.class_id] if 0 <= d.class_id < len(class_names) else str(d.class_id),
+            float(d.score),
+            (float(d.box[0]), float(d.box[1]), float(d.box[2]), float(d.box[3])),
+        )
+        for f in frames
+        if f.sop_instance_uid
+        for d in f.detections
+    ]
+    truths = [TruthBox((a.sop_instance_uid, a.frame), a.label, a.box, a.difficult) for a in annotations]
+    return outcomes(dets, truths, class_names)
+
+
+def operating_point_report(
+    manifest: Manifest,
+    frames: Sequence[EvalFrame],
+    annotations: Sequence[Annotation],
+    classes: Sequence[str],
+    *,
+    rule: str | None,
+    files: int,
+) -> tuple[dict[str, Any] | None, OperatingPoint | None]:
+    """The report's ``operating_point`` section and, with ``rule``, the operating point chosen by it
+    on these files (thresholds for the evaluated ``classes``; the others keep the bundle's own, or the
+    model's score threshold). Without ``rule`` and without a bundle operating point: ``(None, None)``."""
+    result = evaluation_outcomes(frames, annotations, manifest.class_names)
+    current = manifest.operating_point
+    if rule is None:
+        if current is None:
+            return None, None
+        section = {
+            "source": "bundle",
+            "method": current.method,
+            "classes": {c: counts_at(result, c, current.score_thresholds[c]) for c in classes},
+        }
+        return section, None
+    floor = manifest.postprocess.score_thresh
+    chosen = choose(result, classes, rule, floor)
+    thresholds = {
+        c: chosen.get(c, current.score_thresholds[c] if current is not None else floor)
+        for c in manifest.class_names
+    }
+    boxes = sum(result.positives[c] for c in classes)
+    method = (
+        f"{rule} per class at IoU 0.5 on {len(frames)} frame(s) of {files} file(s) with {boxes} "
+        f"annotated box(es) (retinaedge eval)"
+    )
+    measured = {c: counts_at(result, c, thresholds[c]) for c in classes}
+    point = OperatingPoint(thresholds, method, measured)
+    point.validate(manifest.class_names)
+    return {"source": "chosen", "rule": rule, "method": method, "classes": measured}, point
+
+
+def write_operating_point(bundle_dir: Path, manifest: Manifest, point: OperatingPoint) -> Path:
+    """Write ``point`` into the bundle's ``manifest.json`` (atomically; ``model.onnx`` and its sha256
+    are unchanged: the operating point is read from the manifest file). Returns the file written."""
+    if not bundle_dir.is_dir():
+        raise ConfigError(
+            f"--write-operating-point needs a bundle directory, not {bundle_dir} (a bare model.onnx "
+            "carries its manifest inside)"
+        )
+    path = bundle_dir / MANIFEST_FILE
+    tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
+    try:
+        tmp.write_text(manifest.with_operating_point(point).to_json() + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    log.info("operating point written to %s", path)
+    return path
