@@ -5,8 +5,10 @@ built later from the source instance's header. Two parts of it are kept, each on
 result (retention, ``results_max_age_s`` / ``results_max_bytes``):
 
 - the **evidence** (:data:`EVIDENCE_KEYWORDS`: SOP, study, series and frame-of-reference UIDs, study
-  date and time, modality, the image geometry and pixel layout, multi-frame functional groups), as DICOM
-  JSON in the SQLite database (``header_json``). Nothing that names the patient.
+  date and time, modality, body part and laterality, the image geometry and pixel layout, the image's
+  own grey-scale pipeline (rescale, window, Presentation LUT Shape: what a presentation state repeats so
+  that the image shows as the site reads it), multi-frame functional groups), as DICOM JSON in the
+  SQLite database (``header_json``). Nothing that names the patient.
 - the **identity** (:data:`IDENTITY_KEYWORDS`: patient name, ID and its issuer, birth date, sex,
   accession number, referring physician; what the SR's patient and study modules repeat so that a PACS
   files it with its images), in one small file per instance under ``<data_dir>/identity/`` named by a
@@ -33,7 +35,8 @@ from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
-#: Non-identifying attributes the SRs need (copied into them, or used for geometry and references).
+#: Non-identifying attributes the result documents need (copied into them, or used for geometry,
+#: references and the presentation state's grey-scale pipeline: PS3.3 C.11.1, C.11.2, C.11.6).
 EVIDENCE_KEYWORDS = frozenset(
     {
         "SpecificCharacterSet",
@@ -47,6 +50,9 @@ EVIDENCE_KEYWORDS = frozenset(
         "SeriesInstanceUID",
         "SeriesNumber",
         "Modality",
+        "BodyPartExamined",
+        "Laterality",
+        "ImageLaterality",
         "FrameOfReferenceUID",
         "PositionReferenceIndicator",
         "ImagePositionPatient",
@@ -64,6 +70,14 @@ EVIDENCE_KEYWORDS = frozenset(
         "BitsStored",
         "HighBit",
         "PixelRepresentation",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "WindowCenter",
+        "WindowWidth",
+        "WindowCenterWidthExplanation",
+        "VOILUTFunction",
+        "PresentationLUTShape",
         "SharedFunctionalGroupsSequence",
         "PerFrameFunctionalGroupsSequence",
     }

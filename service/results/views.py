@@ -1,24 +1,55 @@
-"""What a result is rendered and built from: a done instance, or a complete series.
+"""What a result is rendered and built from: a done instance, a complete series, or a study so far.
 
 The routes render these (JSON, or a document of :mod:`.documents`); the document builders and the outbox
-build DICOM objects from them. A document's *scope* says which of the two it is made of.
+build DICOM objects from them. A document's *scope* says which of the three it is made of.
+
+Documents show *findings*, not every detection: a stored detection carries ``"finding": true|false``
+(the model's operating point, :mod:`retinaedge.runtime.operating_point`); one stored without the key is a
+finding (a bundle without an operating point). :func:`frame_findings` is the one place that rule lives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from retinaedge.service.results.completion import SeriesFindings
 
-#: What a document or format is made of: one instance's result, or one complete series' findings.
-Scope = Literal["instance", "series"]
-SCOPES: tuple[Scope, ...] = ("instance", "series")
+if TYPE_CHECKING:
+    from retinaedge.service.results.studies import StudyImages
+
+#: What a document or format is made of: one instance's result, one complete series' findings, or the
+#: images with findings of one study so far.
+Scope = Literal["instance", "series", "study"]
+SCOPES: tuple[Scope, ...] = ("instance", "series", "study")
 
 
 class Unavailable(Exception):
     """The document cannot be made for this subject: what it needs is not kept (a source header) or
     there is nothing to report. The message says why (it is shown to clients)."""
+
+
+class NothingToReport(Unavailable):
+    """The subject has nothing this document shows (no findings): not a failure. A route answers it as
+    any :class:`Unavailable` (404); the outbox drops the document instead of dead-lettering it."""
+
+
+def frame_findings(frame: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The findings of one frame of a stored result (``frames[i]`` of a ``/v1/detect`` body): its
+    detections whose ``finding`` is true, or missing (module docstring), in their stored order."""
+    return [d for d in frame.get("detections", ()) if d.get("finding", True) is not False]
+
+
+def findings_by_frame(result: Mapping[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """Frame index (0-based, the result's ``frames[].index``) -> its findings, for the frames that have
+    any (:func:`frame_findings`), in frame order."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for frame in result.get("frames", ()):
+        found = frame_findings(frame)
+        if found:
+            out[int(frame["index"])] = found
+    return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -43,5 +74,16 @@ class SeriesView:
     uid: str
     status: dict[str, Any]
     found: SeriesFindings | None
+    model_name: str
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class StudyView:
+    """A study as far as it has been received: ``images`` its done instances with findings and their
+    kept headers (:mod:`.studies`)."""
+
+    uid: str
+    images: StudyImages
     model_name: str
     model_sha256: str
