@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -450,12 +450,15 @@ def _native_file_options(src: DicomInput, info: ImageInfo) -> dict[str, Any] | N
     return opts
 
 
-def iter_frames(src: DicomInput, info: ImageInfo) -> Iterator[tuple[np.ndarray, str]]:
+def iter_frames(
+    src: DicomInput, info: ImageInfo, indices: Sequence[int] | None = None
+) -> Iterator[tuple[np.ndarray, str]]:
     """Decode one frame at a time -> ``(array (rows, cols) or (rows, cols, 3), photometric after decoding)``.
 
     Native pixel data is read from the file one frame at a time; encapsulated data is decoded per frame
     from its fragments. YBR is converted to RGB by the decoder where it can; the returned photometric says
-    what the array holds. Decoder failures are typed; a missing plugin names what to install.
+    what the array holds. Decoder failures are typed; a missing plugin names what to install. With
+    ``indices`` (0-based, in the order given) only those frames are decoded; the others are skipped.
     """
     from pydicom.pixels.decoders.base import get_decoder
 
@@ -472,10 +475,11 @@ def iter_frames(src: DicomInput, info: ImageInfo) -> Iterator[tuple[np.ndarray, 
         )
     try:
         opts = _native_file_options(src, info)
+        wanted = None if indices is None else list(indices)
         frames = (
-            decoder.iter_array(src.fileobj, as_rgb=True, **opts)
+            decoder.iter_array(src.fileobj, indices=wanted, as_rgb=True, **opts)
             if opts is not None
-            else decoder.iter_array(src.ds, as_rgb=True)
+            else decoder.iter_array(src.ds, indices=wanted, as_rgb=True)
         )
         for arr, props in frames:
             yield arr, str(props.get("photometric_interpretation", info.photometric))
