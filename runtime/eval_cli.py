@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         files=detected.instances,
     )
     report["operating_point"] = section
-    if chosen is not None and getattr(args, "write_operating_point", False):
+    if section is not None and chosen is not None and getattr(args, "write_operating_point", False):
         section["written"] = str(write_operating_point(args.model, manifest, chosen))
     status = 0
     map50 = report["map50"]

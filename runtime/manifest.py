@@ -126,6 +126,26 @@ class AnchorSpec:
 
 
 @dataclass(frozen=True)
+class ClassCode:
+    """A standard code for a model class (SNOMED CT ``SCT``, RadLex ``RADLEX``, DICOM ``DCM``): what a
+    result document names the class with instead of the model's private one (``value``: the code,
+    ``scheme``: the coding scheme designator, ``meaning``: its code meaning, at most 64 characters)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def validate(self, name: str) -> None:
+        if not (self.value and self.scheme and self.meaning):
+            raise ConfigError(f"class_codes[{name!r}] needs a value, a scheme and a meaning")
+        if len(self.meaning) > 64 or len(self.scheme) > 16 or len(self.value) > 64:
+            raise ConfigError(
+                f"class_codes[{name!r}]: DICOM limits a code meaning to 64, a scheme designator to 16 "
+                "and a code value to 64 characters"
+            )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What ``model.onnx`` is and how to feed it. Serialised as JSON (see :meth:`to_json`)."""
 
@@ -147,6 +167,9 @@ class Manifest:
     #: Score thresholds per class at which the model is read (:mod:`retinaedge.runtime.operating_point`);
     #: None: every detection is a finding.
     operating_point: OperatingPoint | None = None
+    #: Standard codes of the classes that have one (class name -> code); the others keep the private
+    #: coding scheme in result documents.
+    class_codes: dict[str, ClassCode] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -163,6 +186,11 @@ class Manifest:
             raise ConfigError(f"class names must be unique, got {list(self.class_names)}")
         if self.operating_point is not None:
             self.operating_point.validate(self.class_names)
+        foreign = [c for c in self.class_codes if c not in self.class_names]
+        if foreign:
+            raise ConfigError(f"class_codes name {foreign}, which are not classes of the model")
+        for name, code in self.class_codes.items():
+            code.validate(name)
 
     def with_model_sha256(self, sha: str | None) -> Manifest:
         return replace(self, model_sha256=sha)
@@ -176,6 +204,8 @@ class Manifest:
             del data["operating_point"]  # a manifest without one reads as it did before there was one
         else:
             data["operating_point"] = self.operating_point.to_dict()
+        if not self.class_codes:
+            del data["class_codes"]
         return data
 
     def to_json(self) -> str:
@@ -208,6 +238,10 @@ class Manifest:
                 nms=str(data.get("nms", "onnx-nonmaxsuppression")),
                 model_sha256=data.get("model_sha256"),
                 format_version=version,
+                class_codes={
+                    str(k): ClassCode(str(v["value"]), str(v["scheme"]), str(v["meaning"]))
+                    for k, v in (data.get("class_codes") or {}).items()
+                },
                 operating_point=(
                     OperatingPoint.from_dict(data["operating_point"])
                     if data.get("operating_point") is not None

@@ -162,7 +162,13 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     )
     documents = DOCUMENTS
     dispatcher = Dispatcher(
-        settings, store, identities, bundle.manifest.name, str(bundle.manifest.model_sha256), documents
+        settings,
+        store,
+        identities,
+        bundle.manifest.name,
+        str(bundle.manifest.model_sha256),
+        documents,
+        manifest=bundle.manifest,
     )
     metrics.registry.register(DeliveryCollector(dispatcher))
 
@@ -254,3 +260,4 @@ def negotiated(scope: Scope) -> Callable[..., Awaitable[ResultFormat]]:
 
 InstanceFormat = Annotated[ResultFormat, Depends(negotiated("instance"))]
 SeriesFormat = Annotated[ResultFormat, Depends(negotiated("series"))]
+StudyFormat = Annotated[ResultFormat, Depends(negotiated("study"))]

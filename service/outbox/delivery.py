@@ -2,14 +2,19 @@
 
 Threads, never the event loop: one ``retinaedge-export-<name>`` per destination (so a slow or dead peer
 delays only its own jobs) and one ``retinaedge-export-watch`` that turns complete series into jobs of
-the series' documents (``series-sr``), frees files delivered everywhere, prunes old jobs and refreshes
+the series' documents (``series-sr``) and of a new version of their study's (``kos``: each time one of a
+study's series completes, the study's images with findings so far), frees files delivered everywhere,
+prunes old jobs and refreshes
 the :meth:`Dispatcher.summary` that ``/metrics``, ``/readyz`` and ``GET /v1/exports`` read (they never
 touch SQLite on the event loop).
 
 Each job's document is built once (:meth:`Dispatcher._document`) by the builder its kind has in the
 registry (:mod:`retinaedge.service.results.documents`) from the kept result, evidence and identity (the
 same SR as ``GET /v1/results/{uid}`` with ``Accept: application/dicom`` for ``sr``, the series SR for
-``series-sr``) and written, fsynced and owner-only, to ``<data_dir>/outbox``; every attempt and every
+``series-sr``, the study's KOS as ``GET /v1/studies/{uid}?document=kos`` for ``kos``) and written, fsynced
+and owner-only, to ``<data_dir>/outbox``; a document whose subject has nothing to show (no findings:
+:class:`~retinaedge.service.results.views.NothingToReport`) is dropped with its jobs, not dead-lettered,
+and counted as ``skipped``; every attempt and every
 destination sends that same file, so the peer always sees one SOP instance. An attempt is committed as in flight before it is
 sent. Back-off is ``export_retry_initial_s`` doubling up to ``export_retry_max_s``: after a failure that
 concerns the destination (no connection, credentials refused, out of resources, no answer) the whole
@@ -31,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.outbox.queue import Job, Outbox
 from retinaedge.service.outbox.senders import Delivery, sender_for
@@ -38,7 +44,8 @@ from retinaedge.service.results.completion import series_findings, series_status
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles
 from retinaedge.service.results.store import Store
-from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable
+from retinaedge.service.results.studies import study_images
+from retinaedge.service.results.views import InstanceView, NothingToReport, SeriesView, StudyView, Unavailable
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -55,6 +62,10 @@ class NoDocument(Exception):
     """The job's document cannot be built (its result is gone, or cannot be represented)."""
 
 
+class NothingToSend(NoDocument):
+    """The job's document has nothing to show (its subject has no findings): dropped, not dead."""
+
+
 class Dispatcher:
     """The outbox's delivery threads and their state (module docstring)."""
 
@@ -66,8 +77,11 @@ class Dispatcher:
         model_name: str,
         model_sha256: str,
         documents: DocumentRegistry = DOCUMENTS,
+        *,
+        manifest: Manifest | None = None,
     ) -> None:
         self.settings = settings
+        self.manifest = manifest  # the model's (class codes, ...) for the documents it builds
         self.store = store
         self.identities = identities
         self.model_name, self.model_sha256 = model_name, model_sha256
@@ -167,6 +181,12 @@ class Dispatcher:
     def _attempt(self, name: str, job: Job) -> None:
         try:
             path, sr = self._document(job)
+        except NothingToSend as exc:
+            dropped = self.outbox.discard(job.document_id)
+            log.info("export job %d: no %s to send (%s); skipped for %d destination(s)",
+                     job.id, job.document_kind, exc, len(dropped))  # fmt: skip
+            self.refresh()
+            return
         except NoDocument as exc:
             self.outbox.kill(job, str(exc))
             log.error("export job %d to %r dead-lettered: %s", job.id, name, exc)
@@ -260,17 +280,29 @@ class Dispatcher:
                 model_name=self.model_name,
                 model_sha256=self.model_sha256,
                 identity=self.identities.get(job.subject_uid),
+                manifest=self.manifest,
             )
             build: Callable[[], Dataset] = lambda: doc.build_instance(view)  # noqa: E731
+        elif doc.scope == "study":
+            rows = self.store.study_rows(job.subject_uid)
+            if not rows:
+                raise NoDocument("no instance of the study is kept (retention)")
+            images = study_images(job.subject_uid, rows, self.identities.get)
+            study = StudyView(job.subject_uid, images, self.model_name, self.model_sha256)
+            build = lambda: doc.build_study(study)  # noqa: E731
         else:
             rows = self.store.series_rows(job.subject_uid)
             found = series_findings(rows, self.settings.link_params(), self.identities.get)
             if found is None:
                 raise NoDocument("no instance of the series is kept that could be analysed")
-            series = SeriesView(job.subject_uid, {}, found, self.model_name, self.model_sha256)
+            series = SeriesView(
+                job.subject_uid, {}, found, self.model_name, self.model_sha256, manifest=self.manifest
+            )
             build = lambda: doc.build_series(series)  # noqa: E731
         try:
             return build()
+        except NothingToReport as exc:
+            raise NothingToSend(str(exc)) from exc
         except Unavailable as exc:
             raise NoDocument(str(exc)) from exc
         except Exception as exc:  # e.g. an SOP class highdicom cannot reference
@@ -294,7 +326,7 @@ class Dispatcher:
                 log.exception("export housekeeping: unexpected error")
 
     def _watch_series(self) -> None:
-        """Jobs of the series' documents for watched series that are complete now
+        """Jobs of the series' documents, and of their study's, for watched series that are complete now
         (:func:`retinaedge.service.results.completion.series_status`)."""
         added = 0
         for uid in self.outbox.watched_series():
@@ -310,7 +342,7 @@ class Dispatcher:
             if status.done == 0:  # nothing to report: every instance failed
                 self.outbox.unwatch(uid)
                 continue
-            added += self.outbox.series_complete(uid, status.last_received_at)
+            added += self.outbox.series_complete(uid, status.last_received_at, rows[0].study_uid)
         if added:
             self.wake()
 
@@ -354,6 +386,7 @@ class Dispatcher:
                         "confirmed": counters.get("duplicates_confirmed", 0),
                     },
                     "dead_lettered": counters.get("dead", 0),
+                    "skipped": counters.get("skipped", 0),
                 }
             )
         return out

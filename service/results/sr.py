@@ -11,8 +11,16 @@ series' Frame of Reference; one polygon per detected slice, or the two faces of 
 detected on one slice only), with its volume (mm3) and maximum and mean score; beside it the Planar ROI
 group of every 2D box it links, tracked as ``finding N slice K``.
 
-Class and score codes use the private coding scheme ``99RETINAEDGE`` (there are no standard codes for a
-model's own classes).
+Documents show findings (the model's operating point; :func:`.views.frame_findings`), not every detection.
+
+Codes, as IHE AI Results asks of a creator: a class is named by the standard code the bundle's manifest
+gives it (``class_codes``: SNOMED CT, RadLex), and by the private coding scheme ``99RETINAEDGE`` only when
+it has none (the scheme is then declared in the Coding Scheme Identification Sequence); the score is
+(111012, DCM, "Certainty of Finding"), unitless 0..1 (a series finding's maximum and mean carry the
+derivations Maximum and Mean); the count of findings is (246206008, SCT, "Number of lesions"). The
+algorithm is identified in each group (TID 4019: the model's name, and its sha256 as the version) and in
+the Contributing Equipment Sequence (purpose Processing Equipment: the manufacturer, the model's name,
+retinaedge's version and the model's sha256 as software versions, and this device's identity).
 
 :func:`instance_sr` and :func:`series_sr` are the builders of the result documents ``sr`` and
 ``series-sr`` (:mod:`.documents`): a view of a done instance or a complete series -> the SR.
@@ -20,14 +28,18 @@ model's own classes).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from retinaedge.runtime import __version__
 from retinaedge.runtime.findings import SeriesResult
+from retinaedge.runtime.manifest import ClassCode
+from retinaedge.service.results.device import MANUFACTURER, device_identity
 from retinaedge.service.results.evidence import header_from_json
-from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable
+from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable, frame_findings
 
 SCHEME = "99RETINAEDGE"
 
@@ -38,7 +50,7 @@ def instance_sr(view: InstanceView) -> Dataset:
     if not view.header_json:
         raise Unavailable("no source header was kept for this instance")
     header = header_from_json(view.header_json, view.identity)
-    return build_sr(header, view.result, view.model_name, view.model_sha256)
+    return build_sr(header, view.result, view.model_name, view.model_sha256, codes=_class_codes(view))
 
 
 def series_sr(view: SeriesView) -> Dataset:
@@ -47,33 +59,59 @@ def series_sr(view: SeriesView) -> Dataset:
     found = view.found
     if found is None:
         raise Unavailable("no instance of this series could be analysed")
-    return build_series_sr(found.headers, found.result, view.model_name, view.model_sha256)
+    return build_series_sr(
+        found.headers, found.result, view.model_name, view.model_sha256, codes=_class_codes(view)
+    )
 
 
-def build_sr(image: Dataset, result: dict[str, Any], model_name: str, model_sha256: str) -> Dataset:
-    """``image`` is the source instance's header (no pixel data needed); ``result`` is a /v1/detect body."""
+def _class_codes(view: Any) -> Mapping[str, ClassCode]:
+    """The standard class codes of the model that made the view's result (none: the private scheme)."""
+    manifest = getattr(view, "manifest", None)
+    return manifest.class_codes if manifest is not None else {}
+
+
+def build_sr(
+    image: Dataset,
+    result: dict[str, Any],
+    model_name: str,
+    model_sha256: str,
+    *,
+    codes: Mapping[str, ClassCode] | None = None,
+) -> Dataset:
+    """``image`` is the source instance's header (no pixel data needed); ``result`` is a /v1/detect body;
+    ``codes`` the standard codes of the model's classes (module docstring). Only findings are reported."""
     from highdicom.sr import AlgorithmIdentification
 
     image = _with_type2(image)
+    codes = codes or {}
     algorithm = AlgorithmIdentification(name=model_name[:64], version=model_sha256[:16])
     groups = [
-        _planar_group(image, frame["index"], det, algorithm, f"frame {frame['index'] + 1} detection {k + 1}")
+        _planar_group(
+            image, frame["index"], det, algorithm, f"frame {frame['index'] + 1} finding {k + 1}", codes
+        )
         for frame in result.get("frames", [])
-        for k, det in enumerate(frame["detections"])
+        for k, det in enumerate(frame_findings(frame))
     ]
-    summary = _summary(algorithm, "detections", "Number of detections", len(groups), [image])
-    return _report([image], [summary, *groups], model_name, f"retinaedge detections ({model_name})")
+    summary = _summary(algorithm, len(groups), [image])
+    private = any(str(g["label"]) not in codes for f in result.get("frames", []) for g in frame_findings(f))
+    return _report(
+        [image], [summary, *groups], model_name, model_sha256, f"retinaedge findings ({model_name})", private
+    )
 
 
 def build_series_sr(
-    images: dict[str, Dataset], series: SeriesResult, model_name: str, model_sha256: str
+    images: dict[str, Dataset],
+    series: SeriesResult,
+    model_name: str,
+    model_sha256: str,
+    *,
+    codes: Mapping[str, ClassCode] | None = None,
 ) -> Dataset:
     """The series' 3D findings (module docstring). ``images``: SOP Instance UID -> header of every
     instance of the series that went into ``series`` (the SR's evidence); ``series`` is consistent or
     has no findings."""
     from highdicom.sr import (
         AlgorithmIdentification,
-        CodedConcept,
         GraphicTypeValues3D,
         Measurement,
         SourceImageForSegmentation,
@@ -81,9 +119,10 @@ def build_series_sr(
         VolumeSurface,
         VolumetricROIMeasurementsAndQualitativeEvaluations,
     )
-    from pydicom.sr.codedict import codes
+    from pydicom.sr.codedict import codes as codes_module
 
     evidence = {uid: _with_type2(ds) for uid, ds in images.items()}
+    codes = codes or {}
     algorithm = AlgorithmIdentification(name=model_name[:64], version=model_sha256[:16])
     stack = series.stack
     frames = {f.key: f for f in stack.frames}
@@ -105,9 +144,7 @@ def build_series_sr(
             _source(SourceImageForSegmentation, evidence[uid], None)
             for uid in dict.fromkeys(r.sop_instance_uid for r in finding.detections)
         ]
-        finding_type = CodedConcept(
-            value=str(finding.class_id), scheme_designator=SCHEME, meaning=finding.label[:64]
-        )
+        finding_type = _finding_type(finding.class_id, finding.label, codes)
         groups.append(
             VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=f"finding {number}"),
@@ -121,13 +158,13 @@ def build_series_sr(
                 algorithm_id=algorithm,
                 measurements=[
                     Measurement(
-                        name=codes.SCT.Volume,
+                        name=codes_module.SCT.Volume,
                         value=round(finding.volume_mm3, 3),
-                        unit=codes.UCUM.CubicMillimeter,
+                        unit=codes_module.UCUM.CubicMillimeter,
                         algorithm_id=algorithm,
                     ),
-                    _score(finding.max_score, algorithm, "max-score", "Maximum detection score"),
-                    _score(finding.mean_score, algorithm, "mean-score", "Mean detection score"),
+                    _score(finding.max_score, algorithm, codes_module.SCT.Maximum),
+                    _score(finding.mean_score, algorithm, codes_module.SCT.Mean),
                 ],
             )
         )
@@ -140,22 +177,24 @@ def build_series_sr(
                     det,
                     algorithm,
                     f"finding {number} slice {ref.slice + 1}",
+                    codes,
                 )
             )
-    summary = _summary(
-        algorithm, "findings", "Number of findings", len(series.findings), list(evidence.values())
-    )
+    summary = _summary(algorithm, len(series.findings), list(evidence.values()))
+    private = any(f.label not in codes for f in series.findings)
     return _report(
         list(evidence.values()),
         [summary, *groups],
         model_name,
+        model_sha256,
         f"retinaedge series findings ({model_name})",
+        private,
     )
 
 
-def _summary(algorithm: Any, code: str, meaning: str, count: int, images: list[Dataset]) -> Any:
-    """TID 1501 group stating how many detections or findings there are (also when there are none:
-    a TID 1500 report needs at least one measurement group, and "nothing found" is a result)."""
+def _summary(algorithm: Any, count: int, images: list[Dataset]) -> Any:
+    """TID 1501 group stating how many findings there are (also when there are none: a TID 1500 report
+    needs at least one measurement group, and "nothing found" is a result)."""
     from highdicom.sr import (
         CodedConcept,
         Measurement,
@@ -169,7 +208,7 @@ def _summary(algorithm: Any, code: str, meaning: str, count: int, images: list[D
         algorithm_id=algorithm,
         measurements=[
             Measurement(
-                name=CodedConcept(value=code, scheme_designator=SCHEME, meaning=meaning),
+                name=CodedConcept(value="246206008", scheme_designator="SCT", meaning="Number of lesions"),
                 value=count,
                 unit=CodedConcept(value="{count}", scheme_designator="UCUM", meaning="count"),
                 algorithm_id=algorithm,
@@ -179,23 +218,41 @@ def _summary(algorithm: Any, code: str, meaning: str, count: int, images: list[D
     )
 
 
-def _score(value: float, algorithm: Any, code: str = "score", meaning: str = "Detection score") -> Any:
-    """A unitless score measurement (private code)."""
+def _score(value: float, algorithm: Any, derivation: Any = None) -> Any:
+    """The detection score as (111012, DCM, "Certainty of Finding"), unitless 0..1; ``derivation``
+    (Maximum, Mean) for a series finding's summary of its boxes' scores."""
     from highdicom.sr import CodedConcept, Measurement
 
     return Measurement(
-        name=CodedConcept(value=code, scheme_designator=SCHEME, meaning=meaning),
+        name=CodedConcept(value="111012", scheme_designator="DCM", meaning="Certainty of Finding"),
         value=float(value),
         unit=CodedConcept(value="1", scheme_designator="UCUM", meaning="no units"),
         algorithm_id=algorithm,
+        derivation=derivation,
     )
 
 
-def _planar_group(image: Dataset, frame_index: int, det: dict[str, Any], algorithm: Any, name: str) -> Any:
+def _finding_type(class_id: int, label: str, codes: Mapping[str, ClassCode]) -> Any:
+    """The class as a coded finding type: its standard code, else the private scheme."""
+    from highdicom.sr import CodedConcept
+
+    code = codes.get(label)
+    if code is not None:
+        return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+    return CodedConcept(value=str(class_id), scheme_designator=SCHEME, meaning=label[:64])
+
+
+def _planar_group(
+    image: Dataset,
+    frame_index: int,
+    det: dict[str, Any],
+    algorithm: Any,
+    name: str,
+    codes: Mapping[str, ClassCode],
+) -> Any:
     """TID 1410 for one 2D box ``det`` (``class_id``, ``label``, ``score``, ``box``) on frame
     ``frame_index`` (0-based) of ``image``."""
     from highdicom.sr import (
-        CodedConcept,
         GraphicTypeValues,
         ImageRegion,
         PlanarROIMeasurementsAndQualitativeEvaluations,
@@ -210,16 +267,23 @@ def _planar_group(image: Dataset, frame_index: int, det: dict[str, Any], algorit
     return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=name),
         referenced_region=ImageRegion(GraphicTypeValues.POLYLINE, polyline, source),
-        finding_type=CodedConcept(
-            value=str(det["class_id"]), scheme_designator=SCHEME, meaning=str(det["label"])[:64]
-        ),
+        finding_type=_finding_type(int(det["class_id"]), str(det["label"]), codes),
         algorithm_id=algorithm,
         measurements=[_score(float(det["score"]), algorithm)],
     )
 
 
-def _report(evidence: list[Dataset], groups: list[Any], model_name: str, description: str) -> Dataset:
-    """The Comprehensive 3D SR around the measurement ``groups`` (at least one)."""
+def _report(
+    evidence: list[Dataset],
+    groups: list[Any],
+    model_name: str,
+    model_sha256: str,
+    description: str,
+    private: bool,
+) -> Dataset:
+    """The Comprehensive 3D SR around the measurement ``groups`` (at least one); ``private``: a class
+    without a standard code was named in the private scheme, which is then declared."""
+    from highdicom import ContributingEquipment
     from highdicom.sr import (
         Comprehensive3DSR,
         DeviceObserverIdentifyingAttributes,
@@ -229,16 +293,26 @@ def _report(evidence: list[Dataset], groups: list[Any], model_name: str, descrip
     )
     from pydicom.sr.codedict import codes
 
+    device = device_identity()
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(), name="retinaedge", model_name=model_name[:64]
+            uid=device.uid, name=device.name, manufacturer_name=MANUFACTURER, model_name=model_name[:64]
         ),
     )
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ImagingProcedure,  # SNOMED CT 363679005, a standard code
         imaging_measurements=groups,
+    )
+    equipment = ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model_name[:64],
+        software_versions=[f"retinaedge {__version__}", model_sha256[:64]],
+        device_serial_number=device.serial,
+        station_name=device.name[:16],
+        contribution_description=f"detections by the model {model_name}"[:64],
     )
     sr = Comprehensive3DSR(
         evidence=evidence,
@@ -247,18 +321,22 @@ def _report(evidence: list[Dataset], groups: list[Any], model_name: str, descrip
         series_number=9001,
         sop_instance_uid=generate_uid(),
         instance_number=1,
-        manufacturer="retinaedge",
+        manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
         series_description=description[:64],
+        contributing_equipment=[equipment],
     )
-    # The private scheme of the model's own class and score codes, declared (PS3.3 C.12.1.1.5).
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = SCHEME
-    scheme.CodingSchemeName = "retinaedge model classes and scores"
-    scheme.CodingSchemeResponsibleOrganization = "retinaedge"
-    sr.CodingSchemeIdentificationSequence = [scheme]
+    sr.ManufacturerModelName = model_name[:64]
+    sr.SoftwareVersions = f"retinaedge {__version__}"
+    sr.DeviceSerialNumber = device.serial
+    if private:  # the private scheme of classes without a standard code, declared (PS3.3 C.12.1.1.5)
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = SCHEME
+        scheme.CodingSchemeName = "retinaedge model classes"
+        scheme.CodingSchemeResponsibleOrganization = "retinaedge"
+        sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from retinaedge.service.results.completion import SeriesFindings
 
 if TYPE_CHECKING:
+    from retinaedge.runtime.manifest import Manifest
     from retinaedge.service.results.studies import StudyImages
 
 #: What a document or format is made of: one instance's result, one complete series' findings, or the
@@ -63,6 +64,7 @@ class InstanceView:
     model_name: str
     model_sha256: str
     identity: str | None = None
+    manifest: Manifest | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class SeriesView:
     found: SeriesFindings | None
     model_name: str
     model_sha256: str
+    manifest: Manifest | None = None
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,4 @@ class StudyView:
     images: StudyImages
     model_name: str
     model_sha256: str
+    manifest: Manifest | None = None

@@ -56,5 +56,6 @@ async def result(uid: str, services: ServicesDep, fmt: InstanceFormat) -> Respon
         identity=await asyncio.to_thread(services.identities.get, uid),
         model_name=services.model_name,
         model_sha256=services.model_sha256,
+        manifest=services.bundle.manifest,
     )
     return await fmt.instance(view)

@@ -55,7 +55,9 @@ async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:
         body["quiet_period_s"] = services.settings.series_quiet_s
         return JSONResponse(body, status_code=202, headers={"Retry-After": str(status.retry_after_s)})
     assert fmt.series is not None  # the registry offers only formats that render series
-    view = SeriesView(uid, body, found, services.model_name, services.model_sha256)
+    view = SeriesView(
+        uid, body, found, services.model_name, services.model_sha256, manifest=services.bundle.manifest
+    )
     response = await fmt.series(view)
     log.info(
         "series %s: complete (%s), %d finding(s), as %s",

@@ -14,12 +14,15 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
+from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.findings import LinkParams, analyse_series
 from retinaedge.runtime.slices import read_frames
 from support.paths import DEMO, EXAMPLES
 from support.polling import wait_until
 from support.servers import serve
+
+CLASS_CODES = load_bundle(DEMO).manifest.class_codes
 
 SINGLE = sorted((EXAMPLES / "study_01").glob("*.dcm"))
 MULTI = EXAMPLES / "study_01_multiframe" / "MF0001.dcm"
@@ -178,13 +181,33 @@ def check_series_sr(sr: pydicom.Dataset, body: dict, sources: set[str]) -> None:
             pts = np.asarray(s.GraphicData, dtype=np.float64).reshape(-1, 3)
             assert len(pts) == 5 and np.allclose(pts[0], pts[-1])
             assert np.all(pts >= lo) and np.all(pts <= hi)
-        assert items["Finding"].ConceptCodeSequence[0].CodeMeaning == finding["label"]
+        code = CLASS_CODES.get(finding["label"])  # the class's standard code, else the private one
+        assert items["Finding"].ConceptCodeSequence[0].CodeMeaning == (
+            code.meaning if code else finding["label"]
+        )
         volume = items["Volume"].MeasuredValueSequence[0]
         assert float(volume.NumericValue) == pytest.approx(finding["volume_mm3"], rel=1e-4)
         assert volume.MeasurementUnitsCodeSequence[0].CodeValue == "mm3"
-        assert float(items["Maximum detection score"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        maximum = certainty(group, "Maximum")  # (111012, DCM, "Certainty of Finding"), derivation Maximum
+        assert float(maximum.MeasuredValueSequence[0].NumericValue) == pytest.approx(
             finding["max_score"], abs=1e-5
         )
+        mean = certainty(group, "Mean")
+        assert float(mean.MeasuredValueSequence[0].NumericValue) == pytest.approx(
+            finding["mean_score"], abs=1e-5
+        )
+
+
+def certainty(group: pydicom.Dataset, derivation: str) -> pydicom.Dataset:
+    """The group's score item (111012, DCM, "Certainty of Finding") with the given derivation (121401)."""
+    for item in group.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue != "111012":
+            continue
+        for mod in item.get("ContentSequence", []):
+            code = mod.ConceptNameCodeSequence[0].CodeValue
+            if code == "121401" and mod.ConceptCodeSequence[0].CodeMeaning == derivation:
+                return item
+    raise AssertionError(f"no {derivation} certainty of finding in the group")
 
 
 def test_multiframe_instance_gives_the_same_findings_as_the_single_frames(tmp_path: Path) -> None:

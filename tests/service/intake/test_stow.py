@@ -13,12 +13,17 @@ import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.detector import Detector
+from retinaedge.service.results.views import frame_findings
 from support.clients import multipart, wait_done
 from support.dicomgen import mr_instance, to_bytes
 from support.forkserver import Launcher, Server
 from support.paths import CORPUS, DEMO, EXAMPLES
 from support.servers import free_port, serve
+
+#: The demo model's classes that have a standard code (the others are named in the private scheme).
+CLASS_CODES = load_bundle(DEMO).manifest.class_codes
 
 
 def test_dicomweb_client_store_and_results(tmp_path: Path) -> None:
@@ -198,14 +203,15 @@ def test_results_as_dicom_sr(tmp_path: Path) -> None:
                 if item.ConceptNameCodeSequence[0].CodeValue == "121058"  # Procedure reported
             ]
             assert [(c.CodeValue, c.CodingSchemeDesignator) for c in procedure] == [("363679005", "SCT")]
-            assert [i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence] == [
-                "99RETINAEDGE"
-            ]
+            findings = [d for f in result["frames"] for d in frame_findings(f)]
+            private = sorted({d["label"] for d in findings} - set(CLASS_CODES))
+            # The private scheme is declared only when a class without a standard code is reported.
+            schemes = [i.CodingSchemeDesignator for i in sr.get("CodingSchemeIdentificationSequence", [])]
+            assert schemes == (["99RETINAEDGE"] if private else [])
             parsed = hd.sr.srread(io.BytesIO(r.content))
             groups = parsed.content.get_planar_roi_measurement_groups()
-            n = sum(len(f["detections"]) for f in result["frames"])
-            assert len(groups) == n > 0
-            first = next(d for f in result["frames"] for d in f["detections"])
+            assert len(groups) == len(findings) > 0
+            first = findings[0]
             assert np.allclose(groups[0].roi.value[0], first["box"][:2], atol=1e-3)
             scores = [m.value for m in groups[0].get_measurements()]
             assert scores and abs(float(scores[0]) - first["score"]) < 1e-5

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+from retinaedge.service.results.views import frame_findings
 from support.certs import self_signed
 from support.clients import multipart, wait_done
 from support.paths import DEMO, REPO_ROOT
@@ -79,11 +80,11 @@ def held_srs(
 
 
 def check_instance_sr(ds: pydicom.Dataset, sr: Any, source: str, result: dict[str, Any]) -> None:
-    """An instance's SR references exactly its source image, with one planar ROI group per detection."""
+    """An instance's SR references exactly its source image, with one planar ROI group per finding."""
     assert {e[2] for e in sr.get_evidence()} == {source}
     assert referenced(ds) == {source}
     groups = sr.content.get_planar_roi_measurement_groups()
-    assert len(groups) == sum(len(f["detections"]) for f in result["frames"])
+    assert len(groups) == sum(len(frame_findings(f)) for f in result["frames"])
 
 
 def test_srs_reach_orthanc_by_c_store_and_stow_rs(orthanc_tree: Path, tmp_path: Path) -> None:
