@@ -17,6 +17,10 @@ Versions:
 - **1**: the outbox stores result document kinds (:mod:`.results.documents`): ``export_targets`` has one
   row per destination and kind it receives, ``export_documents`` the document's ``kind`` (``sr``,
   ``series-sr``) and ``scope`` (``instance``, ``series``), and ``sop_instance_uid`` for the built object.
+- **2**: documents of a study (the Key Object Selection, ``kos``): ``export_targets.scope`` and
+  ``export_documents.scope`` may be ``study`` (subject: the Study Instance UID), a series is watched for
+  completion while a destination takes a series- or study-scope document, and ``instances`` has an index
+  on ``study_uid``.
 
 :func:`prepare`, called by every connection that opens the database (:class:`.results.store.Store`,
 :class:`.outbox.queue.Outbox`), brings it to :data:`LATEST` in one ``BEGIN IMMEDIATE`` transaction: every
@@ -199,6 +203,63 @@ END;
     )
 
 
+def _v2_study_documents(db: sqlite3.Connection) -> None:
+    """1 -> 2: the outbox's scopes gain ``study``. ``export_targets`` and ``export_documents`` are made
+    again with the wider CHECK (rows and ids kept: jobs refer to the documents' ids); the trigger that
+    watches series fires for series- and study-scope targets; ``instances`` gets ``instances_study``.
+    The triggers are dropped first (renaming a table rewrites the triggers that name it)."""
+    script(
+        db,
+        """
+DROP TRIGGER export_instance_done;
+DROP TRIGGER export_series_touched;
+ALTER TABLE export_targets RENAME TO export_targets_v1;
+CREATE TABLE export_targets (
+    name  TEXT NOT NULL,
+    kind  TEXT NOT NULL,
+    scope TEXT NOT NULL CHECK (scope IN ('instance', 'series', 'study')),
+    PRIMARY KEY (name, kind)
+);
+INSERT INTO export_targets (name, kind, scope) SELECT name, kind, scope FROM export_targets_v1;
+DROP TABLE export_targets_v1;
+ALTER TABLE export_documents RENAME TO export_documents_v1;
+CREATE TABLE export_documents (
+    id               INTEGER PRIMARY KEY,
+    kind             TEXT NOT NULL,
+    scope            TEXT NOT NULL CHECK (scope IN ('instance', 'series', 'study')),
+    subject_uid      TEXT NOT NULL,
+    version          REAL NOT NULL,
+    path             TEXT,
+    sop_instance_uid TEXT,
+    built_at         REAL,
+    UNIQUE (kind, subject_uid, version)
+);
+INSERT INTO export_documents (id, kind, scope, subject_uid, version, path, sop_instance_uid, built_at)
+    SELECT id, kind, scope, subject_uid, version, path, sop_instance_uid, built_at FROM export_documents_v1;
+DROP TABLE export_documents_v1;
+CREATE INDEX instances_study ON instances (study_uid);
+CREATE TRIGGER export_instance_done AFTER UPDATE OF state ON instances
+WHEN OLD.state = 'pending' AND NEW.state = 'done'
+BEGIN
+    INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version)
+        SELECT DISTINCT kind, 'instance', NEW.sop_instance_uid, NEW.received_at
+        FROM export_targets WHERE scope = 'instance';
+    INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, next_attempt_at)
+        SELECT t.name, d.id, 'pending', NEW.completed_at, NEW.completed_at
+        FROM export_targets t JOIN export_documents d
+          ON d.kind = t.kind AND d.subject_uid = NEW.sop_instance_uid AND d.version = NEW.received_at
+        WHERE t.scope = 'instance';
+END;
+CREATE TRIGGER export_series_touched AFTER UPDATE OF state ON instances
+WHEN OLD.state = 'pending' AND NEW.state IN ('done', 'failed')
+     AND EXISTS (SELECT 1 FROM export_targets WHERE scope IN ('series', 'study'))
+BEGIN
+    INSERT OR IGNORE INTO export_series_watch (series_uid, since) VALUES (NEW.series_uid, NEW.completed_at);
+END;
+""",
+    )
+
+
 @dataclass(frozen=True)
 class Step:
     """One migration: ``apply`` takes the database from ``version - 1`` to ``version`` (inside the
@@ -212,7 +273,10 @@ class Step:
 #: Every migration, in order: ``STEPS[n]`` takes version n to n + 1. A schema change is a new step here
 #: plus the new description in its room's schema module (tests/service/test_state_migrations.py checks
 #: that they agree). Steps are history: never edit one.
-STEPS: tuple[Step, ...] = (Step(1, "the outbox stores result document kinds", _v1_document_kinds),)
+STEPS: tuple[Step, ...] = (
+    Step(1, "the outbox stores result document kinds", _v1_document_kinds),
+    Step(2, "the outbox takes documents of a study", _v2_study_documents),
+)
 #: The version this code writes.
 LATEST = len(STEPS)
 

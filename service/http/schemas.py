@@ -165,7 +165,7 @@ class ResultPending(BaseModel):
 
 
 class InstanceCounts(BaseModel):
-    """The instances of a series received so far, by state."""
+    """The instances of a series (or a study) received so far, by state."""
 
     received: int
     pending: int
@@ -224,10 +224,33 @@ class Finding(BaseModel):
 
 
 class LeftOut(BaseModel):
-    """An instance of the series not used for the findings, and why."""
+    """An instance of the series (or study) not used for the findings (or key images), and why."""
 
     sop_instance_uid: str
     reason: str
+
+
+class KeyImage(BaseModel):
+    """A done instance of the study with findings (what the study's Key Object Selection lists)."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    frames: list[int] = Field(
+        description="the frames with findings: indexes (0-based) as in frames[].index of the instance's result"
+    )
+    findings: int = Field(description="how many findings the instance has")
+
+
+class StudyResult(BaseModel):
+    """``GET /v1/studies/{uid}``: the study so far (a study has no complete state): its instances by
+    state and those with findings (``key_images``, in order of arrival); ``left_out``: instances with
+    findings that no document can reference (no header kept)."""
+
+    study_instance_uid: str
+    instances: InstanceCounts
+    key_images: list[KeyImage]
+    left_out: list[LeftOut]
+    model: ModelRef
 
 
 class SeriesComplete(BaseModel):
@@ -309,6 +332,11 @@ class ExportDestinationStatus(BaseModel):
         "hold it twice); confirmed: the peer said it already had the SOP instance"
     )
     dead_lettered: int
+    skipped: int = Field(
+        default=0,
+        description="documents not sent because their subject had nothing to show (an instance without "
+        "findings has no GSPS, a study without any no KOS)",
+    )
 
 
 class ExportJob(BaseModel):
@@ -316,11 +344,15 @@ class ExportJob(BaseModel):
 
     id: int
     destination: str
-    kind: Literal["instance", "series"] = Field(description="what the document is made of (its scope)")
+    kind: Literal["instance", "series", "study"] = Field(
+        description="what the document is made of (its scope)"
+    )
     document: str = Field(
         description="the document's kind (service/results/documents.py: sr, series-sr, ...)"
     )
-    subject_uid: str = Field(description="SOP Instance UID (instance) or Series Instance UID (series)")
+    subject_uid: str = Field(
+        description="SOP Instance UID (instance), Series Instance UID (series) or Study Instance UID (study)"
+    )
     sr_sop_instance_uid: str | None = Field(description="the document's SOP Instance UID once built")
     state: Literal["pending", "delivered", "dead"]
     attempts: int

@@ -4,11 +4,13 @@ Tables (:mod:`.schema`; created and migrated with the results' tables by
 :func:`retinaedge.service.database.prepare` when an :class:`Outbox` or a ``Store`` opens the database):
 
 - ``export_targets``: one row per configured destination and document kind it receives (``kind``: a
-  kind of :mod:`retinaedge.service.results.documents`, ``sr`` or ``series-sr``, with its ``scope``),
-  rewritten at each start from the settings (:meth:`Outbox.sync_targets`).
+  kind of :mod:`retinaedge.service.results.documents`, ``sr``, ``series-sr``, ``gsps``, ``kos``, with its
+  ``scope``), rewritten at each start from the settings (:meth:`Outbox.sync_targets`).
 - ``export_documents``: one document per (kind, subject, version): scope ``instance`` (subject: SOP
-  Instance UID, version: when it was received) or ``series`` (subject: Series Instance UID, version:
-  when its last instance arrived, so a series re-opened by a late instance gets a new document). ``path``
+  Instance UID, version: when it was received), ``series`` (subject: Series Instance UID, version: when
+  its last instance arrived, so a series re-opened by a late instance gets a new document) or ``study``
+  (subject: Study Instance UID, version: when the last instance of the series whose completion issued
+  it arrived: a new version each time one of the study's series completes). ``path``
   names the built file under ``<data_dir>/outbox`` (built once, so every retry and every destination gets
   the same SOP instance, ``sop_instance_uid``).
 - ``export_jobs``: one per (destination, document): ``pending`` until ``delivered`` or ``dead``.
@@ -16,17 +18,19 @@ Tables (:mod:`.schema`; created and migrated with the results' tables by
   ``unknown`` (the document may have reached the peer: a time-out after sending) or ``interrupted`` (the
   process stopped during the attempt, found at the next start).
 - ``export_counters``: cumulative counts per destination (Prometheus counters survive restarts).
-- ``export_series_watch``: series that may become complete (while a destination takes a series-scope
-  document such as ``series-sr``).
+- ``export_series_watch``: series that may become complete (while a destination takes a series- or
+  study-scope document such as ``series-sr`` or ``kos``).
 
 Enqueueing is a trigger on ``instances``: the jobs of every instance-scope kind the destinations receive
 are inserted in the very transaction that records the instance's result (``pending`` -> ``done``), so a
-crash cannot separate the two; series-scope jobs are inserted when the series is complete
+crash cannot separate the two; series- and study-scope jobs are inserted when a series is complete
 (:meth:`Outbox.series_complete`). A delivered job after an ``interrupted`` or ``unknown`` attempt is
-counted as a *possible duplicate*: the only way the peer can receive a document twice.
+counted as a *possible duplicate*: the only way the peer can receive a document twice. A document whose
+subject has nothing to show (an instance without findings has no GSPS) is dropped with its jobs
+(:meth:`Outbox.discard`), counted per destination as ``skipped``.
 
-``GET /v1/exports`` shows a job's ``kind`` as its scope (``instance``, ``series``: what it has always
-said) and its document kind as ``document``.
+``GET /v1/exports`` shows a job's ``kind`` as its scope (``instance``, ``series``, ``study``) and its
+document kind as ``document``.
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ MAYBE_SENT = ("unknown", "interrupted")
 
 @dataclass(frozen=True)
 class Job:
-    """One delivery job and its document: ``document_kind`` its kind (``sr``, ``series-sr``), ``kind``
-    its scope (``instance`` or ``series``, as ``/v1/exports`` names it); ``path`` and
+    """One delivery job and its document: ``document_kind`` its kind (``sr``, ``series-sr``, ...),
+    ``kind`` its scope (``instance``, ``series`` or ``study``, as ``/v1/exports`` names it); ``path`` and
     ``sop_instance_uid`` None until the document's file is built."""
 
     id: int
@@ -278,6 +282,27 @@ class Outbox:
             )
             _count(db, job.destination, "dead")
 
+    def discard(self, document_id: int) -> list[str]:
+        """Drop a document that has nothing to show: its pending jobs are deleted (each counted as
+        ``skipped`` for its destination), and the document with them when no other job refers to it.
+        Returns the destinations whose job was dropped."""
+        with self._tx() as db:
+            names = [
+                r[0]
+                for r in db.execute(
+                    "DELETE FROM export_jobs WHERE document_id = ? AND state = 'pending' RETURNING destination",
+                    (document_id,),
+                ).fetchall()
+            ]
+            for name in names:
+                _count(db, name, "skipped")
+            db.execute(
+                "DELETE FROM export_documents WHERE id = ? AND path IS NULL AND NOT EXISTS "
+                "(SELECT 1 FROM export_jobs WHERE document_id = ?)",
+                (document_id, document_id),
+            )
+        return names
+
     def release_documents(self) -> list[str]:
         """Files of documents every job of which is delivered: their paths are cleared and returned
         (the caller deletes the files)."""
@@ -311,26 +336,31 @@ class Outbox:
         with self._tx() as db:
             db.execute("DELETE FROM export_series_watch WHERE series_uid = ?", (series_uid,))
 
-    def series_complete(self, series_uid: str, version: float) -> int:
-        """Enqueue the series' documents (each series-scope kind a destination receives, e.g.
-        ``series-sr``; ``version``: its last instance's arrival) for the destinations that receive them,
-        and stop watching it, in one transaction; returns the jobs added."""
+    def series_complete(self, series_uid: str, version: float, study_uid: str | None = None) -> int:
+        """Enqueue the documents a complete series issues for the destinations that receive them: the
+        series' own (each series-scope kind, e.g. ``series-sr``) and, given its ``study_uid``, a new
+        version of its study's (each study-scope kind, e.g. ``kos``); ``version`` is the series' last
+        instance's arrival for both. Stops watching the series; one transaction; returns the jobs added."""
         now = time.time()
+        subjects = [("series", series_uid)] + ([("study", study_uid)] if study_uid is not None else [])
+        added = 0
         with self._tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version) "
-                "SELECT DISTINCT kind, 'series', ?, ? FROM export_targets WHERE scope = 'series'",
-                (series_uid, version),
-            )
-            cur = db.execute(
-                "INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, "
-                "next_attempt_at) SELECT t.name, d.id, 'pending', ?, ? FROM export_targets t "
-                "JOIN export_documents d ON d.kind = t.kind AND d.subject_uid = ? AND d.version = ? "
-                "WHERE t.scope = 'series'",
-                (now, now, series_uid, version),
-            )
+            for scope, subject in subjects:
+                db.execute(
+                    "INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version) "
+                    "SELECT DISTINCT kind, ?, ?, ? FROM export_targets WHERE scope = ?",
+                    (scope, subject, version, scope),
+                )
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, "
+                    "next_attempt_at) SELECT t.name, d.id, 'pending', ?, ? FROM export_targets t "
+                    "JOIN export_documents d ON d.kind = t.kind AND d.subject_uid = ? AND d.version = ? "
+                    "WHERE t.scope = ?",
+                    (now, now, subject, version, scope),
+                )
+                added += cur.rowcount
             db.execute("DELETE FROM export_series_watch WHERE series_uid = ?", (series_uid,))
-            return cur.rowcount
+            return added
 
     # -- reporting --------------------------------------------------------------------------------------
     def summary(self) -> dict[str, dict[str, Any]]:

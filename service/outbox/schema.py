@@ -4,9 +4,9 @@ migration steps of :mod:`retinaedge.service.database` are what creates and chang
 exactly this (tests/service/test_state_migrations.py).
 
 Document kinds (``sr``, ``series-sr``, ...: :mod:`retinaedge.service.results.documents`) are plain text
-here, never a list in SQL: a new kind needs no schema change. ``scope`` (``instance`` or ``series``) says
-what ``subject_uid`` is (a SOP Instance UID or a Series Instance UID) and which trigger or step enqueues
-it. The triggers need the ``instances`` table of :mod:`retinaedge.service.results.schema`: an instance's
+here, never a list in SQL: a new kind needs no schema change. ``scope`` (``instance``, ``series`` or
+``study``) says what ``subject_uid`` is (a SOP Instance UID, a Series Instance UID or a Study Instance
+UID) and which trigger or step enqueues it. The triggers need the ``instances`` table of :mod:`retinaedge.service.results.schema`: an instance's
 jobs are inserted in the transaction that records its result.
 """
 
@@ -16,13 +16,13 @@ SCHEMA = """
 CREATE TABLE export_targets (
     name  TEXT NOT NULL,
     kind  TEXT NOT NULL,
-    scope TEXT NOT NULL CHECK (scope IN ('instance', 'series')),
+    scope TEXT NOT NULL CHECK (scope IN ('instance', 'series', 'study')),
     PRIMARY KEY (name, kind)
 );
 CREATE TABLE export_documents (
     id               INTEGER PRIMARY KEY,
     kind             TEXT NOT NULL,
-    scope            TEXT NOT NULL CHECK (scope IN ('instance', 'series')),
+    scope            TEXT NOT NULL CHECK (scope IN ('instance', 'series', 'study')),
     subject_uid      TEXT NOT NULL,
     version          REAL NOT NULL,
     path             TEXT,
@@ -79,7 +79,7 @@ BEGIN
 END;
 CREATE TRIGGER export_series_touched AFTER UPDATE OF state ON instances
 WHEN OLD.state = 'pending' AND NEW.state IN ('done', 'failed')
-     AND EXISTS (SELECT 1 FROM export_targets WHERE scope = 'series')
+     AND EXISTS (SELECT 1 FROM export_targets WHERE scope IN ('series', 'study'))
 BEGIN
     INSERT OR IGNORE INTO export_series_watch (series_uid, since) VALUES (NEW.series_uid, NEW.completed_at);
 END;

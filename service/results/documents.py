@@ -3,10 +3,14 @@
 A *document* is one kind of object built from a finished result, named by its ``kind``:
 
 - ``sr``: the instance's TID 1500 Measurement Report (Comprehensive 3D SR, :func:`.sr.instance_sr`);
-- ``series-sr``: the complete series' 3D findings as a TID 1500 SR (:func:`.sr.series_sr`).
+- ``series-sr``: the complete series' 3D findings as a TID 1500 SR (:func:`.sr.series_sr`);
+- ``gsps``: the instance's findings drawn over its image, a Grayscale Softcopy Presentation State
+  (:func:`.gsps.instance_gsps`);
+- ``kos``: the study's images with findings so far, a Key Object Selection (:func:`.kos.study_kos`).
 
 Each :class:`Document` says what it is built from (``scope``: ``instance`` for ``GET
-/v1/results/{uid}``, ``series`` for ``GET /v1/series/{uid}``), its media type, whether it is the one
+/v1/results/{uid}``, ``series`` for ``GET /v1/series/{uid}``, ``study`` for ``GET /v1/studies/{uid}``),
+its media type, whether it is the one
 served for that media type through ``Accept`` (``default``: at most one per scope and media type, so a
 second ``application/dicom`` document is served by ``?document=KIND`` and does not replace the SR), and
 whether result export may deliver it (``exportable``: a destination's ``documents`` names such kinds,
@@ -16,9 +20,11 @@ Adding a document (a GSPS, a Secondary Capture, a Key Object Selection: ``gsps``
 entry in :data:`DOCUMENTS` plus its builder module; the routes, the Accept negotiation
 (:mod:`.formats`), the destination settings and the outbox's tables take it from here.
 
-A builder turns a view (:class:`.views.InstanceView` or :class:`.views.SeriesView`, as its scope says)
-into a pydicom Dataset; it runs in a worker thread and raises :class:`.views.Unavailable` when the
-subject lacks what it needs. Any other exception means the document cannot be represented (e.g. a SOP
+A builder turns a view (:class:`.views.InstanceView`, :class:`.views.SeriesView` or
+:class:`.views.StudyView`, as its scope says) into a pydicom Dataset; it runs in a worker thread and
+raises :class:`.views.Unavailable` when the subject lacks what it needs, :class:`.views.NothingToReport`
+(a kind of it) when the subject has nothing the document shows (no findings: a route answers 404, the
+outbox drops the document). Any other exception means the document cannot be represented (e.g. a SOP
 class highdicom cannot reference).
 """
 
@@ -29,8 +35,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from retinaedge.service.results.gsps import instance_gsps
+from retinaedge.service.results.kos import study_kos
 from retinaedge.service.results.sr import instance_sr, series_sr
-from retinaedge.service.results.views import InstanceView, Scope, SeriesView
+from retinaedge.service.results.views import InstanceView, Scope, SeriesView, StudyView
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -46,7 +54,8 @@ class Document:
     """One kind of result document (module docstring).
 
     ``build`` takes an :class:`InstanceView` when ``scope`` is ``instance``, a :class:`SeriesView` when
-    it is ``series`` (use :meth:`build_instance` / :meth:`build_series`, which check it).
+    it is ``series``, a :class:`StudyView` when it is ``study`` (use :meth:`build_instance` /
+    :meth:`build_series` / :meth:`build_study`, which check it).
     """
 
     kind: str
@@ -66,6 +75,11 @@ class Document:
     def build_series(self, view: SeriesView) -> Dataset:
         if self.scope != "series":
             raise ValueError(f"{self.kind} is built from a {self.scope}, not a series")
+        return self.build(view)
+
+    def build_study(self, view: StudyView) -> Dataset:
+        if self.scope != "study":
+            raise ValueError(f"{self.kind} is built from a {self.scope}, not a study")
         return self.build(view)
 
 
@@ -138,6 +152,25 @@ DOCUMENTS = DocumentRegistry(
             build=series_sr,
             title="DICOM SR",
             description="a DICOM SR (TID 1500 Measurement Report) of the series' 3D findings",
+            default=True,
+            exportable=True,
+        ),
+        Document(
+            kind="gsps",
+            scope="instance",
+            media_type=DICOM,
+            build=instance_gsps,
+            title="DICOM Grayscale Softcopy Presentation State",
+            description="a DICOM Grayscale Softcopy Presentation State: the findings over the image",
+            exportable=True,
+        ),
+        Document(
+            kind="kos",
+            scope="study",
+            media_type=DICOM,
+            build=study_kos,
+            title="DICOM Key Object Selection",
+            description="a DICOM Key Object Selection (TID 2010) of the study's images with findings",
             default=True,
             exportable=True,
         ),

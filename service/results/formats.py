@@ -1,9 +1,10 @@
 """Result formats: one registry (media type -> renderer) and one Accept negotiation.
 
 A finished result is served in any format registered for its scope: ``instance`` (``GET
-/v1/results/{uid}``) or ``series`` (``/v1/series/{uid}``). The defaults (:func:`default_formats`) are JSON
-(first: the format when the client states no preference) and, for each media type that has a default
-result document (:mod:`.documents`: DICOM SR for ``application/dicom``), that document. Another media
+/v1/results/{uid}``), ``series`` (``/v1/series/{uid}``) or ``study`` (``/v1/studies/{uid}``). The defaults
+(:func:`default_formats`) are JSON (first: the format when the client states no preference) and, for each
+media type that has a default result document (:mod:`.documents`: for ``application/dicom`` the DICOM SR
+of an instance or a series, the Key Object Selection of a study), that document. Another media
 type (a CSV, say) is one :class:`ResultFormat` passed to :meth:`FormatRegistry.register` on
 ``app.state.services.formats``; no route changes, and ``/openapi.json`` lists it under the negotiating
 routes. A document that is not the default of its media type is asked for by kind
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.errors import NotAcceptableError, NotFoundError, RequestError
 from retinaedge.service.http.problems import problem
 from retinaedge.service.results.documents import DICOM, DOCUMENTS, Document, DocumentRegistry
-from retinaedge.service.results.views import InstanceView, Scope, SeriesView, Unavailable
+from retinaedge.service.results.views import SCOPES, InstanceView, Scope, SeriesView, StudyView, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ __all__ = [
     "InstanceView",
     "ResultFormat",
     "SeriesView",
+    "StudyView",
     "default_formats",
     "document_format",
     "negotiate",
@@ -46,19 +48,23 @@ JSON = "application/json"
 
 InstanceRenderer = Callable[[InstanceView], Awaitable[Response]]
 SeriesRenderer = Callable[[SeriesView], Awaitable[Response]]
+StudyRenderer = Callable[[StudyView], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
 class ResultFormat:
-    """One media type and how it renders an instance result and/or a series result (None: not offered)."""
+    """One media type and how it renders an instance result, a series result and/or a study (None: not
+    offered for that scope)."""
 
     media_type: str
     instance: InstanceRenderer | None = None
     series: SeriesRenderer | None = None
     description: str = ""
+    study: StudyRenderer | None = None
 
     def renders(self, scope: Scope) -> bool:
-        return (self.instance if scope == "instance" else self.series) is not None
+        renderer = {"instance": self.instance, "series": self.series, "study": self.study}[scope]
+        return renderer is not None
 
 
 def _ranges(accept: str) -> list[tuple[str, str, float]]:
@@ -163,6 +169,12 @@ async def _json_series(view: SeriesView) -> Response:
     return JSONResponse(body)
 
 
+async def _json_study(view: StudyView) -> Response:
+    return JSONResponse(
+        {**view.images.to_json(), "model": {"name": view.model_name, "sha256": view.model_sha256}}
+    )
+
+
 async def _document_response(doc: Document, build: Callable[[], Any], scope: Scope, status: int) -> Response:
     """``build()`` (a pydicom dataset, built in a thread) as ``doc.media_type``; a problem document with
     ``status`` when it cannot be made (406 through Accept, 404 when asked for by kind)."""
@@ -186,7 +198,7 @@ async def _document_response(doc: Document, build: Callable[[], Any], scope: Sco
 
 
 _STATUS_TYPES = {404: "not-found", 406: "not-acceptable"}
-_A: dict[Scope, str] = {"instance": "an instance", "series": "a series"}
+_A: dict[Scope, str] = {"instance": "an instance", "series": "a series", "study": "a study"}
 
 
 def _instance_renderer(doc: Document, status: int) -> InstanceRenderer:
@@ -203,15 +215,23 @@ def _series_renderer(doc: Document, status: int) -> SeriesRenderer:
     return render
 
 
-def _format_of(instance: Document | None, series: Document | None, status: int) -> ResultFormat:
-    """The format serving ``instance`` for instances and ``series`` for series (one media type)."""
-    some = instance or series
-    assert some is not None
+def _study_renderer(doc: Document, status: int) -> StudyRenderer:
+    async def render(view: StudyView) -> Response:
+        return await _document_response(doc, lambda: doc.build_study(view), "study", status)
+
+    return render
+
+
+def _format_of(docs: dict[Scope, Document | None], status: int) -> ResultFormat:
+    """The format serving ``docs[scope]`` for each scope that has one (one media type)."""
+    some = next(d for d in docs.values() if d is not None)
+    instance, series, study = docs.get("instance"), docs.get("series"), docs.get("study")
     return ResultFormat(
         some.media_type,
         instance=_instance_renderer(instance, status) if instance is not None else None,
         series=_series_renderer(series, status) if series is not None else None,
         description=some.description,
+        study=_study_renderer(study, status) if study is not None else None,
     )
 
 
@@ -233,16 +253,15 @@ def document_format(documents: DocumentRegistry, scope: Scope, kind: str, accept
         raise NotAcceptableError(
             f"the {kind} document is {doc.media_type}, which this request does not accept", (doc.media_type,)
         )
-    if scope == "instance":
-        return _format_of(doc, None, 404)
-    return _format_of(None, doc, 404)
+    return _format_of({scope: doc}, 404)
 
 
 def default_formats(documents: DocumentRegistry = DOCUMENTS) -> FormatRegistry:
-    """JSON (the default) for instances and series, then each media type's default document (DICOM SR
-    for ``application/dicom``: ``sr`` for instances, ``series-sr`` for series)."""
-    formats = FormatRegistry([ResultFormat(JSON, _json_instance, _json_series, "the result as JSON")])
+    """JSON (the default) for instances, series and studies, then each media type's default document
+    (for ``application/dicom``: ``sr`` for instances, ``series-sr`` for series, ``kos`` for studies)."""
+    formats = FormatRegistry(
+        [ResultFormat(JSON, _json_instance, _json_series, "the result as JSON", study=_json_study)]
+    )
     for media in documents.default_media_types():
-        instance, series = documents.default("instance", media), documents.default("series", media)
-        formats.register(_format_of(instance, series, 406))
+        formats.register(_format_of({scope: documents.default(scope, media) for scope in SCOPES}, 406))
     return formats

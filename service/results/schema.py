@@ -30,6 +30,7 @@ CREATE TABLE instances (
 CREATE INDEX instances_state ON instances (state, received_at);
 CREATE INDEX instances_completed ON instances (completed_at);
 CREATE INDEX instances_series ON instances (series_uid);
+CREATE INDEX instances_study ON instances (study_uid);
 CREATE TABLE series_requests (
     series_uid   TEXT PRIMARY KEY,
     requested_at REAL NOT NULL

@@ -133,6 +133,15 @@ class Store:
             ).fetchall()
         return [Row(*r) for r in rows]
 
+    def study_rows(self, study_uid: str) -> list[Row]:
+        """Every kept instance of one study, in order of arrival."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at, sop_instance_uid",
+                (study_uid,),
+            ).fetchall()
+        return [Row(*r) for r in rows]
+
     def request_series_complete(self, series_uid: str, at: float | None = None) -> float:
         """Record that the series is complete as of ``at`` (default now); returns that time."""
         at = time.time() if at is None else at

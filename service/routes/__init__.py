@@ -5,6 +5,7 @@
 * :mod:`.dicomweb`: ``POST /dicomweb/studies[/{study}]`` (STOW-RS, processed in the background)
 * :mod:`.results`: ``GET /v1/results/{uid}`` (JSON or any registered format)
 * :mod:`.series`: ``/v1/series/{uid}`` and ``POST /v1/series/{uid}/complete`` (3D findings)
+* :mod:`.studies`: ``GET /v1/studies/{uid}`` (the study so far: its images with findings, the KOS)
 * :mod:`.deliveries`: ``GET /v1/exports[/{id}]``, ``POST /v1/exports/retry`` (result delivery, the outbox)
 
 A new route goes in the router of its concern (or a new module listed here), takes what it needs from
@@ -15,7 +16,7 @@ A new route goes in the router of its concern (or a new module listed here), tak
 from __future__ import annotations
 
 from fastapi import APIRouter
-from retinaedge.service.routes import deliveries, detect, dicomweb, operations, results, series
+from retinaedge.service.routes import deliveries, detect, dicomweb, operations, results, series, studies
 
 ROUTERS: tuple[APIRouter, ...] = (
     operations.router,
@@ -23,6 +24,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     dicomweb.router,
     results.router,
     series.router,
+    studies.router,
     deliveries.router,
 )
 

@@ -1,0 +1,50 @@
+"""A study so far: ``GET /v1/studies/{uid}``.
+
+A study has no complete state (its series do, :mod:`.series`): the answer is always what has been
+received so far (200 while instances are still pending): its instances by state and the images with
+findings (JSON, :mod:`..results.studies`), or in the format negotiated from ``Accept``
+(:mod:`..results.formats`; ``application/dicom``: the Key Object Selection of those images), or as the
+result document ``?document=KIND`` names (``kos``; :mod:`..results.documents`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from retinaedge.runtime.uids import check_uid
+from retinaedge.service.http.problems import problem, problem_responses
+from retinaedge.service.http.schemas import StudyResult
+from retinaedge.service.results.studies import StudyImages, study_images
+from retinaedge.service.results.views import StudyView
+from retinaedge.service.state import FORMATS_EXTENSION, Services, ServicesDep, StudyFormat
+
+router = APIRouter(tags=["studies"])
+
+NOT_FOUND = "no instance of this Study Instance UID (or its results have expired)"
+
+
+def _study(services: Services, uid: str) -> StudyImages | None:
+    """The study's key images so far; None for an unknown study."""
+    rows = services.store.study_rows(uid)
+    if not rows:
+        return None
+    return study_images(uid, rows, services.identities.get)
+
+
+@router.get(
+    "/v1/studies/{study_uid}",
+    response_model=StudyResult,
+    responses=problem_responses(400, 401, 404, 406),
+    openapi_extra={FORMATS_EXTENSION: "study"},
+)
+async def study(study_uid: str, services: ServicesDep, fmt: StudyFormat) -> Response:
+    """The study's instances so far and those with findings."""
+    check_uid(study_uid, "the Study Instance UID in the path")
+    await services.settled()
+    images = await asyncio.to_thread(_study, services, study_uid)
+    if images is None:
+        return problem(404, "not-found", NOT_FOUND)
+    assert fmt.study is not None  # the registry offers only formats that render studies
+    return await fmt.study(StudyView(study_uid, images, services.model_name, services.model_sha256))
