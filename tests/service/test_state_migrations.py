@@ -113,7 +113,7 @@ def test_a_database_of_the_landed_code_is_migrated_on_start_and_nothing_is_lost(
     store = Store(path)  # as build_services opens it: the store first, then the exporter's outbox
     outbox = Outbox(path)
     try:
-        assert user_version(path) == database.LATEST == 1
+        assert user_version(path) == database.LATEST == 2
         after = snapshot(path)
         for table in UNCHANGED:
             assert after[table] == before[table], table
@@ -166,6 +166,42 @@ def test_a_database_of_the_landed_code_is_migrated_on_start_and_nothing_is_lost(
     finally:
         outbox.close()
         store.close()
+
+
+def test_a_version_1_database_takes_study_documents_and_keeps_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1 -> 2 (the scope ``study``, for the KOS): the outbox's targets, documents (with their ids) and
+    jobs stay as they were; afterwards a destination may take ``kos``, a series is watched for it, and
+    its completion enqueues a study-scope document of its study."""
+    path = tmp_path / "state.sqlite3"
+    with monkeypatch.context() as m:  # the code of version 1: its one step
+        m.setattr(database, "STEPS", database.STEPS[:1])
+        m.setattr(database, "LATEST", 1)
+        store, outbox = Store(path), Outbox(path)
+        assert user_version(path) == 1
+        outbox.sync_targets([("pacs", ["sr"]), ("archive", ["series-sr"])])
+        assert store.add_pending("1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", "1.2.3.4", "x.dcm", 10)
+        store.done("1.2.3.4.1", {"frames": []})
+        assert outbox.series_complete("1.2.3.4", 5.0) == 1
+        store.close()
+        outbox.close()
+    before = snapshot(path)
+    store, outbox = Store(path), Outbox(path)
+    try:
+        assert user_version(path) == database.LATEST == 2
+        assert snapshot(path) == before
+        outbox.sync_targets([("pacs", ["sr", "kos"])])
+        assert store.add_pending("1.2.3.5.1", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", "1.2.3.5", "y.dcm", 10)
+        store.done("1.2.3.5.1", {"frames": []})
+        assert outbox.watched_series() == ["1.2.3.5"]  # watched for the study's kos alone
+        assert outbox.series_complete("1.2.3.5", 7.0, "1.2.3") == 1
+        (job,) = [j for j in outbox.jobs(None, "pacs", 100) if j.document_kind == "kos"]
+        assert (job.kind, job.subject_uid, job.version) == ("study", "1.2.3", 7.0)
+        assert [r.sop_instance_uid for r in store.study_rows("1.2.3")] == ["1.2.3.4.1", "1.2.3.5.1"]
+    finally:
+        store.close()
+        outbox.close()
 
 
 @pytest.fixture
