@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import uuid
 from typing import TYPE_CHECKING
 
 from retinaedge.runtime import __version__
@@ -41,12 +42,11 @@ TYPE2 = (
 
 def document_series_uid(kind: str, study_uid: str, model_sha256: str) -> str:
     """The Series Instance UID of the documents of ``kind`` in one study made by one model: the same on
-    every call and every appliance (a ``2.25`` UID derived from the three, PS3.5 B.2)."""
-    from pydicom.uid import generate_uid
-
-    return str(
-        generate_uid(prefix=None, entropy_srcs=["retinaedge document series", kind, study_uid, model_sha256])
-    )
+    every call and every appliance (a ``2.25`` UID derived from the three, PS3.5 B.2: the integer of a
+    name-based UUID, RFC 9562 version 5; pydicom's ``generate_uid(prefix=None)`` would ignore the
+    three and return a random one)."""
+    name = "/".join(["retinaedge document series", kind, study_uid, model_sha256])
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def equipment(model_name: str, model_sha256: str) -> dict[str, str | list[str]]:
