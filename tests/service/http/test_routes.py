@@ -323,7 +323,7 @@ def test_a_second_dicom_document_does_not_replace_the_sr(
     monkeypatch.setattr(services, "formats", default_formats(documents))
     uid = detected["sop_instance_uid"]
     sr = client.get(f"/v1/results/{uid}", headers={"Accept": "application/dicom"})
-    assert pydicom.dcmread(io.BytesIO(sr.content)).SeriesDescription.startswith("retinaedge detections")
+    assert pydicom.dcmread(io.BytesIO(sr.content)).SeriesDescription.startswith("retinaedge findings")
     other = client.get(f"/v1/results/{uid}", params={"document": "relabelled-sr"})
     assert other.status_code == 200, other.text
     assert pydicom.dcmread(io.BytesIO(other.content)).SeriesDescription == "a second DICOM document"

@@ -158,7 +158,7 @@ def test_destinations_list_the_documents_they_receive(tmp_path: Path) -> None:
         (["sr"], True, False),
     ]
     for given, message in [
-        ({"documents": ["gsps"]}, "'gsps' is not a result document that export delivers"),
+        ({"documents": ["pdf"]}, "'pdf' is not a result document that export delivers"),
         ({"documents": []}, "sends nothing"),
         ({"documents": ["sr"], "series_sr": True}, "not both"),
         ({"instance_sr": "sometimes"}, "instance_sr must be true or false"),
