@@ -33,11 +33,12 @@ from retinaedge.service.results.formats import (
 from retinaedge.service.results.sr import instance_sr
 from retinaedge.service.routes import detect
 from retinaedge.service.settings import load_settings
-from support.paths import CORPUS, DEMO
+from support.paths import CORPUS, DEMO, EXAMPLES
 
 CT_SMALL = (CORPUS / "CT_small.dcm").read_bytes()
 CT_SMALL_UID = "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
 CT_SMALL_SERIES = "1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322"
+EXAMPLE = EXAMPLES / "study_01" / "IM0015.dcm"
 PROBLEM = "application/problem+json"
 JSON_ROUTES = [
     ("get", "/healthz"),
@@ -49,6 +50,7 @@ JSON_ROUTES = [
     ("get", "/v1/results/{uid}"),
     ("get", "/v1/series/{series_uid}"),
     ("post", "/v1/series/{series_uid}/complete"),
+    ("get", "/v1/studies/{study_uid}"),
     ("get", "/v1/exports"),
     ("get", "/v1/exports/{job_id}"),
     ("post", "/v1/exports/retry"),
@@ -183,6 +185,69 @@ def test_stow_body_matches_its_model(client: TestClient) -> None:
     parsed = schemas.StoreInstancesResponse.model_validate(r.json())
     assert parsed.referenced is not None and parsed.failed is not None
     assert set(r.json()) == {"00081199", "00081198"}
+
+
+@pytest.fixture(scope="module")
+def with_findings(client: TestClient) -> dict[str, Any]:
+    """An example slice on which the demo model has findings, through /v1/detect."""
+    r = client.post("/v1/detect", content=EXAMPLE.read_bytes(), headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 200, r.text
+    body = dict(r.json())
+    assert any(d["finding"] for f in body["frames"] for d in f["detections"])
+    return body
+
+
+def test_the_gsps_and_the_kos_are_served_by_kind(client: TestClient, with_findings: dict[str, Any]) -> None:
+    """``?document=gsps`` on an instance with findings, 404 on one without (CT_small has none here);
+    a study answers in JSON (its images with findings so far), its KOS by ``Accept: application/dicom``
+    or ``?document=kos``; kinds of another scope are 404 there."""
+    uid = with_findings["sop_instance_uid"]
+    source = pydicom.dcmread(EXAMPLE, stop_before_pixels=True)
+    r = client.get(f"/v1/results/{uid}", params={"document": "gsps"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom", r.text
+    gsps = pydicom.dcmread(io.BytesIO(r.content))
+    assert gsps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
+    assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == uid
+    study = client.get(f"/v1/studies/{source.StudyInstanceUID}")
+    assert study.status_code == 200, study.text
+    conforms(schemas.StudyResult, study.json())
+    assert [i["sop_instance_uid"] for i in study.json()["key_images"]] == [uid]
+    for params, headers in (({"document": "kos"}, {}), ({}, {"Accept": "application/dicom"})):
+        r = client.get(f"/v1/studies/{source.StudyInstanceUID}", params=params, headers=headers)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/dicom", r.text
+        kos = pydicom.dcmread(io.BytesIO(r.content))
+        assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
+        assert [
+            i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for i in kos.ContentSequence
+            if i.ValueType == "IMAGE"
+        ] == [uid]
+    for path, kind in [
+        (f"/v1/results/{uid}", "kos"),
+        (f"/v1/studies/{source.StudyInstanceUID}", "gsps"),
+        (f"/v1/series/{source.SeriesInstanceUID}", "kos"),
+    ]:
+        r = client.get(path, params={"document": kind})
+        assert r.status_code == 404 and r.headers["content-type"] == PROBLEM, (path, kind, r.text)
+    assert client.get("/v1/studies/1.2.3.404").status_code == 404
+    doc = client.get("/openapi.json").json()
+    op = doc["paths"]["/v1/studies/{study_uid}"]["get"]
+    assert {"application/json", "application/dicom"} <= set(op["responses"]["200"]["content"])
+    assert "document" in [p["name"] for p in op["parameters"]]
+
+
+def test_an_instance_or_study_without_findings_has_no_gsps_or_kos(
+    client: TestClient, detected: dict[str, Any]
+) -> None:
+    if any(d["finding"] for f in detected["frames"] for d in f["detections"]):
+        pytest.skip("the demo model has a finding on CT_small")
+    r = client.get(f"/v1/results/{detected['sop_instance_uid']}", params={"document": "gsps"})
+    assert r.status_code == 404 and r.headers["content-type"] == PROBLEM
+    assert "no findings" in r.json()["detail"]
+    study = pydicom.dcmread(io.BytesIO(CT_SMALL), stop_before_pixels=True).StudyInstanceUID
+    assert client.get(f"/v1/studies/{study}").json()["key_images"] == []
+    r = client.get(f"/v1/studies/{study}", headers={"Accept": "application/dicom"})
+    assert r.status_code == 406 and r.headers["content-type"] == PROBLEM
 
 
 # --- negotiation and the format registry --------------------------------------------------------------
@@ -361,6 +426,7 @@ def test_every_route_but_healthz_needs_the_bearer_token() -> None:
                 path.replace("{study}", "1.2")
                 .replace("{uid}", "1.2")
                 .replace("{series_uid}", "1.2")
+                .replace("{study_uid}", "1.2")
                 .replace("{job_id}", "1")
             )
             r = c.request(method, url)
