@@ -21,6 +21,7 @@ from fastapi import Depends, Query, Request
 from retinaedge.runtime.backends.tensorrt.planning import Probe
 from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
+from retinaedge.runtime.errors import RequestError
 from retinaedge.runtime.manifest import Manifest
 from retinaedge.service.dimse.receive import Receiver
 from retinaedge.service.dimse.scp import DimseServer
@@ -33,6 +34,7 @@ from retinaedge.service.pipeline.batching import BatchPolicy
 from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.processor import Processor
 from retinaedge.service.pipeline.stages import InferenceWorker
+from retinaedge.service.results.captures import CAPTURES, CaptureFiles, CaptureMaker
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles, migrate
 from retinaedge.service.results.formats import FormatRegistry, ResultFormat, default_formats, document_format
@@ -54,6 +56,7 @@ class Pruner:
     interval_s: float
     max_age_s: float
     max_bytes: int
+    captures: CaptureFiles | None = None  # removed with their results
     last: float = -math.inf  # time.monotonic() of the last pass
 
     def __call__(self) -> None:
@@ -62,7 +65,10 @@ class Pruner:
             return
         self.last = now
         with self.identities.lock:  # no identity is written and its row inserted meanwhile
-            self.identities.delete(self.store.prune(self.max_age_s, self.max_bytes))
+            gone = self.store.prune(self.max_age_s, self.max_bytes)
+            self.identities.delete(gone)
+            if self.captures is not None:
+                self.captures.delete(gone)
 
 
 @dataclass
@@ -88,6 +94,7 @@ class Services:
         Dispatcher  # result delivery: the outbox and its delivery threads (service/outbox/delivery.py)
     )
     dimse: DimseServer  # the C-STORE SCP (idle when dimse_port is 0)
+    captures: CaptureFiles  # the secondary captures and overlay PNGs (service/results/captures.py)
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
     @property
@@ -157,8 +164,16 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     identities = IdentityFiles(settings.data_dir / "identity")
     migrate(store, identities)
     identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
+    captures = CaptureFiles(settings.data_dir / CAPTURES)
+    captures.keep_only(store.uids())  # likewise, and makings a crash interrupted
+    drawing = CaptureMaker(captures, bundle.manifest, limits, identities)
     prune = Pruner(
-        store, identities, settings.prune_interval_s, settings.results_max_age_s, settings.results_max_bytes
+        store,
+        identities,
+        settings.prune_interval_s,
+        settings.results_max_age_s,
+        settings.results_max_bytes,
+        captures,
     )
     documents = DOCUMENTS
     dispatcher = Dispatcher(
@@ -183,6 +198,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         on_outcome=on_outcome,
         after_each=prune,
         concurrency=settings.processing_concurrency or settings.max_batch_size,
+        captures=drawing,
     )
     admit = backlog_admission(
         store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s
@@ -202,7 +218,11 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         identities=identities,
         prune=prune,
         processor=processor,
-        writer=ResultWriter(store, identities, prune),
+        # Request bodies waiting to be drawn: at most one of the largest accepted.
+        writer=ResultWriter(
+            store, identities, prune, captures=drawing, max_source_bytes=settings.max_body_bytes
+        ),
+        captures=captures,
         formats=default_formats(documents),
         documents=documents,
         admit=admit,
@@ -246,16 +266,35 @@ def negotiated(scope: Scope) -> Callable[..., Awaitable[ResultFormat]]:
         "negotiated from Accept",
     )
 
-    async def dependency(  # async: no thread hop (see get_services)
-        request: Request, document: str | None = described
-    ) -> ResultFormat:
+    def choose(request: Request, document: str | None, frame: int | None) -> ResultFormat:
         services = services_of(request)
         accept = request.headers.get("accept")
         if document is None:
+            if frame is not None:
+                raise RequestError("frame goes with ?document=KIND (a document made per frame: sc)")
             return services.formats.select(scope, accept)
-        return document_format(services.documents, scope, document, accept)
+        return document_format(
+            services.documents, scope, document, accept, data_dir=services.settings.data_dir, frame=frame
+        )
 
-    return dependency
+    async def dependency(  # async: no thread hop (see get_services)
+        request: Request, document: str | None = described
+    ) -> ResultFormat:
+        return choose(request, document, None)
+
+    async def per_frame(
+        request: Request,
+        document: str | None = described,
+        frame: int | None = Query(
+            default=None,
+            ge=1,
+            le=2**31 - 1,
+            description="with a document made per frame (sc): the frame's, by its number from 1",
+        ),
+    ) -> ResultFormat:
+        return choose(request, document, frame)
+
+    return per_frame if scope == "instance" else dependency
 
 
 InstanceFormat = Annotated[ResultFormat, Depends(negotiated("instance"))]

@@ -353,7 +353,13 @@ class ExportJob(BaseModel):
     subject_uid: str = Field(
         description="SOP Instance UID (instance), Series Instance UID (series) or Study Instance UID (study)"
     )
-    sr_sop_instance_uid: str | None = Field(description="the document's SOP Instance UID once built")
+    sr_sop_instance_uid: str | None = Field(
+        description="the document's SOP Instance UID once built (its first, for one of several instances)"
+    )
+    sop_instance_uids: list[str] = Field(
+        default_factory=list,
+        description="the document's SOP Instance UIDs once built: one, or one per frame for sc",
+    )
     state: Literal["pending", "delivered", "dead"]
     attempts: int
     created_at: float

@@ -15,7 +15,10 @@ same SR as ``GET /v1/results/{uid}`` with ``Accept: application/dicom`` for ``sr
 and owner-only, to ``<data_dir>/outbox``; a document whose subject has nothing to show (no findings:
 :class:`~retinaedge.service.results.views.NothingToReport`) is dropped with its jobs, not dead-lettered,
 and counted as ``skipped``; every attempt and every
-destination sends that same file, so the peer always sees one SOP instance. An attempt is committed as in flight before it is
+destination sends that same file, so the peer always sees one SOP instance. A stored document (``sc``:
+the secondary captures made when the result was recorded, one per frame with findings) is not built:
+its files are linked (or copied) into a folder of ``<data_dir>/outbox`` instead, and every attempt sends
+all of them (one association, or one STOW-RS request). An attempt is committed as in flight before it is
 sent. Back-off is ``export_retry_initial_s`` doubling up to ``export_retry_max_s``: after a failure that
 concerns the destination (no connection, credentials refused, out of resources, no answer) the whole
 destination waits, by its count of consecutive such failures, and only one job is tried per wait (a PACS
@@ -27,9 +30,7 @@ restarts. A job is dead-lettered after ``export_max_attempts`` attempts of its o
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.threadname import name_this_thread
+from retinaedge.service.outbox.files import DocumentFiles
 from retinaedge.service.outbox.queue import Job, Outbox
-from retinaedge.service.outbox.senders import Delivery, sender_for
+from retinaedge.service.outbox.senders import Delivery, Instance, sender_for
 from retinaedge.service.results.completion import series_findings, series_status
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles
@@ -88,7 +90,7 @@ class Dispatcher:
         self.documents = documents
         self.destinations = list(settings.export_destinations)
         self.root = settings.data_dir / "outbox"
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.files = DocumentFiles(self.root)
         self.outbox = Outbox(settings.data_dir / "state.sqlite3", documents)
         dropped = self.outbox.sync_targets((d.name, d.documents) for d in self.destinations)
         if dropped:
@@ -115,11 +117,11 @@ class Dispatcher:
                 interrupted,
             )
         known = self.outbox.known_paths()
-        for path in self.root.iterdir():  # document files built but never recorded (a crash in between)
-            if path.name not in known:
-                path.unlink(missing_ok=True)
+        for name in self.files.names():  # document files built but never recorded (a crash in between)
+            if name not in known:
+                self.files.remove(name)
         for name in self.outbox.prune(self.settings.results_max_age_s):
-            (self.root / name).unlink(missing_ok=True)
+            self.files.remove(name)
         self.refresh()
         if not self.destinations:
             return  # nothing to deliver; jobs left by an earlier configuration were dead-lettered
@@ -180,7 +182,7 @@ class Dispatcher:
 
     def _attempt(self, name: str, job: Job) -> None:
         try:
-            path, sr = self._document(job)
+            instances = self._document(job)
         except NothingToSend as exc:
             dropped = self.outbox.discard(job.document_id)
             log.info("export job %d: no %s to send (%s); skipped for %d destination(s)",
@@ -194,7 +196,7 @@ class Dispatcher:
             return
         attempt = self.outbox.begin(job)
         try:
-            delivery = self._senders[name].send(path, sr)
+            delivery = self._senders[name].send(instances)
         except Exception as exc:  # a bug while sending: the document may have gone out
             log.exception("export to %r: the sender failed", name)
             delivery = Delivery("unknown", f"internal error while sending: {type(exc).__name__}")
@@ -236,36 +238,38 @@ class Dispatcher:
         s = self.settings
         return float(min(s.export_retry_initial_s * 2 ** min(failures - 1, 60), s.export_retry_max_s))
 
-    def _document(self, job: Job) -> tuple[Path, Dataset]:
-        """The job's document file and dataset, built and recorded on first use (once for all destinations)."""
-        import pydicom
+    def _document(self, job: Job) -> list[Instance]:
+        """The job's document, its SOP instances' files, built (or a stored document's linked) and
+        recorded on first use (once for all destinations)."""
         import pydicom.errors
 
         with self._build_lock:
             current = self.outbox.job(job.id) or job
             if current.path is not None:
-                path = self.root / current.path
                 try:
-                    return path, pydicom.dcmread(path)
-                except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
+                    return self.files.instances(current.path)
+                except (OSError, pydicom.errors.InvalidDicomError, ValueError, AttributeError) as exc:
                     log.warning("export job %d: its document file cannot be read (%s); building it again",
                                 job.id, type(exc).__name__)  # fmt: skip
-            sr = self._build(current)
-            fd, part = tempfile.mkstemp(dir=self.root, prefix=f"{current.document_id}-", suffix=".dcm")
+            built = self._build(current)
+            if isinstance(built, dict):  # a stored document's files
+                try:
+                    name, instances = self.files.link(current.document_id, built)
+                except FileNotFoundError as exc:  # removed meanwhile (retention, a newer result)
+                    raise NoDocument("the stored document's files are no longer kept") from exc
+            else:
+                name, instances = self.files.write(current.document_id, built)
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    sr.save_as(fh, enforce_file_format=True)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                self.outbox.set_document(current.document_id, Path(part).name, str(sr.SOPInstanceUID))
+                uids = "\\".join(i.sop_instance_uid for i in instances)  # DICOM's multi-value separator
+                self.outbox.set_document(current.document_id, name, uids)
             except BaseException:
-                Path(part).unlink(missing_ok=True)
+                self.files.remove(name)
                 raise
-            return Path(part), sr
+            return instances
 
-    def _build(self, job: Job) -> Dataset:
-        """The job's document, by its kind's builder, from an instance's result or a series' findings
-        (raises :class:`NoDocument`)."""
+    def _build(self, job: Job) -> Dataset | dict[int, Path]:
+        """The job's document, by its kind's builder, from an instance's result or a series' findings,
+        or a stored document's files by part (raises :class:`NoDocument`)."""
         doc = self.documents.get(job.document_kind)
         if doc is None:  # written by another version of the service
             raise NoDocument(f"this service cannot build a {job.document_kind!r} document")
@@ -282,7 +286,10 @@ class Dispatcher:
                 identity=self.identities.get(job.subject_uid),
                 manifest=self.manifest,
             )
-            build: Callable[[], Dataset] = lambda: doc.build_instance(view)  # noqa: E731
+            data_dir = self.settings.data_dir
+            build: Callable[[], Dataset | dict[int, Path]] = (
+                (lambda: doc.parts(view, data_dir)) if doc.stored else (lambda: doc.build_instance(view))
+            )
         elif doc.scope == "study":
             rows = self.store.study_rows(job.subject_uid)
             if not rows:
@@ -314,11 +321,11 @@ class Dispatcher:
             try:
                 self._watch_series()
                 for name in self.outbox.release_documents():
-                    (self.root / name).unlink(missing_ok=True)
+                    self.files.remove(name)
                 if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
                     self._last_prune = time.monotonic()
                     for name in self.outbox.prune(self.settings.results_max_age_s):
-                        (self.root / name).unlink(missing_ok=True)
+                        self.files.remove(name)
                 self.refresh()
             except STORAGE_ERRORS as exc:
                 log.warning("export housekeeping paused: %s", type(exc).__name__)

@@ -11,8 +11,9 @@ Tables (:mod:`.schema`; created and migrated with the results' tables by
   its last instance arrived, so a series re-opened by a late instance gets a new document) or ``study``
   (subject: Study Instance UID, version: when the last instance of the series whose completion issued
   it arrived: a new version each time one of the study's series completes). ``path``
-  names the built file under ``<data_dir>/outbox`` (built once, so every retry and every destination gets
-  the same SOP instance, ``sop_instance_uid``).
+  names the built file under ``<data_dir>/outbox``, built once, so every retry and every destination gets
+  the same SOP instance, ``sop_instance_uid`` (for a stored document such as ``sc``: the folder of its
+  files, :mod:`.files`, and their SOP Instance UIDs joined by ``\\``).
 - ``export_jobs``: one per (destination, document): ``pending`` until ``delivered`` or ``dead``.
 - ``export_attempts``: every attempt; ``outcome`` NULL while in flight, then ``delivered``, ``failed``,
   ``unknown`` (the document may have reached the peer: a time-out after sending) or ``interrupted`` (the
@@ -75,6 +76,12 @@ class Job:
     path: str | None
     sop_instance_uid: str | None
 
+    @property
+    def sop_instance_uids(self) -> list[str]:
+        """The SOP Instance UIDs of the document once built: one, or one per part of a stored document
+        (kept joined by ``\\``, DICOM's multi-value separator)."""
+        return self.sop_instance_uid.split("\\") if self.sop_instance_uid else []
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -82,7 +89,8 @@ class Job:
             "kind": self.kind,
             "document": self.document_kind,
             "subject_uid": self.subject_uid,
-            "sr_sop_instance_uid": self.sop_instance_uid,
+            "sr_sop_instance_uid": self.sop_instance_uids[0] if self.sop_instance_uids else None,
+            "sop_instance_uids": self.sop_instance_uids,
             "state": self.state,
             "attempts": self.attempts,
             "created_at": self.created_at,

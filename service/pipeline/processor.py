@@ -2,6 +2,9 @@
 
 The SQLite row is the truth: a pending row is processed until it is done or failed; after a crash or a
 restart every pending row is queued again. The spool file is removed only after the outcome is committed.
+Before a done result is committed, the secondary captures of its frames with findings are made from the
+spool file (:class:`~retinaedge.service.results.captures.CaptureMaker`: the frames are read again, one at a
+time), so they exist once the result and its export jobs do.
 
 A storage error while reading a row or recording an outcome (SQLite's "database or disk is full", an I/O
 error) never ends the task: the outcome is kept in memory and recorded again with exponential back-off
@@ -17,12 +20,13 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from retinaedge.runtime.errors import DicomInputError, NotReadyError, OverloadedError
 from retinaedge.runtime.logsafety import redacted_traceback
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.pipeline.stages import InferenceWorker
+from retinaedge.service.results.captures import CaptureMaker
 from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
 from retinaedge.service.results.store import Store
 
@@ -45,8 +49,10 @@ class Processor:
         on_outcome: Callable[[str], None] = lambda _o: None,
         after_each: Callable[[], None] = lambda: None,
         concurrency: int = 1,
+        captures: CaptureMaker | None = None,
     ) -> None:
         self.store = store
+        self.captures = captures
         self.spool = spool
         self.worker = worker
         self.retry_s = retry_s
@@ -138,7 +144,7 @@ class Processor:
         if row is None or row.state != "pending" or row.spool_path is None:
             return
         path: Path = self.spool.root / row.spool_path
-        outcome, record = await self._infer(path, uid)
+        outcome, record = await self._infer(path, uid, row.header_json)
         await self._stored("recording an outcome", record)
         self.on_outcome(outcome)
         try:
@@ -147,8 +153,9 @@ class Processor:
             log.warning("a processed spool file could not be removed (%s)", type(exc).__name__)
         await self._stored("retention", self.after_each)  # off the event loop; retried like any write
 
-    async def _infer(self, path: Path, uid: str) -> tuple[str, Callable[[], None]]:
-        """Run one spooled instance -> ``(outcome, the store call that records it)``."""
+    async def _infer(self, path: Path, uid: str, evidence: str | None) -> tuple[str, Callable[[], None]]:
+        """Run one spooled instance -> ``(outcome, the call that records it)``; ``evidence`` is its kept
+        header (for the captures)."""
         while True:
             try:
                 result = await asyncio.wrap_future(self.worker.submit_path(path))
@@ -166,7 +173,18 @@ class Processor:
             body = result.to_json()
             body["backend"] = self.worker.backend
             body["backend_reason"] = self.worker.backend_reason
-            return "ok", _call(self.store.done, uid, body)
+            return "ok", self._done(uid, path, body, evidence)
+
+    def _done(self, uid: str, path: Path, body: dict[str, Any], evidence: str | None) -> Callable[[], None]:
+        """The call that records a done result: its captures from the spool file, then the row (retried
+        together while storage fails)."""
+
+        def record() -> None:
+            if self.captures is not None:
+                self.captures.keep(uid, path, body, evidence)
+            self.store.done(uid, body)
+
+        return record
 
 
 def _call(func: Callable[..., None], *args: object) -> Callable[[], None]:

@@ -36,7 +36,9 @@ from retinaedge.runtime.frames import seen_frames
 from retinaedge.runtime.instance_result import Detection
 from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.overlay import burn_in, png_bytes
+from retinaedge.service.results.evidence import IdentityFiles, header_from_json
 from retinaedge.service.results.sc import NOTICE, build_sc
+from retinaedge.service.results.storage import STORAGE_ERRORS
 from retinaedge.service.results.views import InstanceView, NothingToReport, Unavailable, findings_by_frame
 
 if TYPE_CHECKING:
@@ -75,10 +77,33 @@ def _fsync_dir(path: Path) -> None:
 class CaptureMaker:
     """Makes captures (:meth:`make`) for ``manifest``'s model within ``limits``, into ``files``."""
 
-    def __init__(self, files: CaptureFiles, manifest: Manifest, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        files: CaptureFiles,
+        manifest: Manifest,
+        limits: Limits = DEFAULT_LIMITS,
+        identities: IdentityFiles | None = None,
+    ) -> None:
         self.files = files
         self.manifest = manifest
         self.limits = limits
+        self.identities = identities
+
+    def keep(self, uid: str, source: bytes | Path, result: dict[str, Any], evidence: str | None) -> None:
+        """Make and install the captures of the result ``result`` of ``uid`` (:meth:`make`), its header
+        the kept ``evidence`` (DICOM JSON) with the identity file of ``uid``. Storage errors
+        (:data:`.storage.STORAGE_ERRORS`) are raised, for the caller to retry; any other failure is logged
+        and the result goes without captures (they are not made, and earlier ones are removed)."""
+        made = None
+        try:
+            if evidence is not None and findings_by_frame(result):
+                identity = self.identities.get(uid) if self.identities is not None else None
+                made = self.make(source, result, header_from_json(evidence, identity))
+        except STORAGE_ERRORS:
+            raise
+        except Exception as exc:  # the result stands without its captures
+            log.warning("secondary captures not made: %s", type(exc).__name__)
+        self.files.install(uid, made)
 
     def make(self, source: bytes | Path, result: dict[str, Any], header: Dataset) -> Path | None:
         """The captures of one instance, in a new temporary directory for :meth:`CaptureFiles.install`;
@@ -123,10 +148,12 @@ class CaptureFiles:
         return self.root / hashlib.sha256(uid.encode()).hexdigest()[:40]
 
     def install(self, uid: str, made: Path | None) -> None:
-        """Make ``made`` (from :meth:`CaptureMaker.make`) the captures of ``uid``, replacing any it had; None removes
-        them (the new result has no findings)."""
+        """Make ``made`` (from :meth:`CaptureMaker.make`) the captures of ``uid``, replacing any it had;
+        None removes them (the new result has no findings)."""
         final = self.path(uid)
         old = None
+        if made is None and not final.exists():
+            return
         with self._installing:
             if final.exists():
                 old = Path(tempfile.mkdtemp(dir=self.root, prefix=".old-"))

@@ -6,7 +6,9 @@ A *document* is one kind of object built from a finished result, named by its ``
 - ``series-sr``: the complete series' 3D findings as a TID 1500 SR (:func:`.sr.series_sr`);
 - ``gsps``: the instance's findings drawn over its image, a Grayscale Softcopy Presentation State
   (:func:`.gsps.instance_gsps`);
-- ``kos``: the study's images with findings so far, a Key Object Selection (:func:`.kos.study_kos`).
+- ``kos``: the study's images with findings so far, a Key Object Selection (:func:`.kos.study_kos`);
+- ``sc``: a DICOM Secondary Capture per frame with findings, the frame with its boxes and labels burned
+  in (:mod:`.sc`, :mod:`.captures`): a *stored* document (below).
 
 Each :class:`Document` says what it is built from (``scope``: ``instance`` for ``GET
 /v1/results/{uid}``, ``series`` for ``GET /v1/series/{uid}``, ``study`` for ``GET /v1/studies/{uid}``),
@@ -26,6 +28,13 @@ raises :class:`.views.Unavailable` when the subject lacks what it needs, :class:
 (a kind of it) when the subject has nothing the document shows (no findings: a route answers 404, the
 outbox drops the document). Any other exception means the document cannot be represented (e.g. a SOP
 class highdicom cannot reference).
+
+A *stored* document (``stored`` instead of ``build``; instance scope, asked for by kind only) needs the
+frames' pixels, so it cannot be built from a view later: its files are made once, when the result is
+recorded, and kept under the data directory. ``stored(view, data_dir)`` finds them: part number -> file
+(for ``sc`` the frame number, from 1). A route serves one part (``?document=sc&frame=N``; the only one
+without ``frame``); result export delivers all of them as one job. It raises
+:class:`.views.NothingToReport` and :class:`.views.Unavailable` as a builder does.
 """
 
 from __future__ import annotations
@@ -33,8 +42,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retinaedge.service.results.captures import sc_files
 from retinaedge.service.results.gsps import instance_gsps
 from retinaedge.service.results.kos import study_kos
 from retinaedge.service.results.sr import instance_sr, series_sr
@@ -55,32 +66,50 @@ class Document:
 
     ``build`` takes an :class:`InstanceView` when ``scope`` is ``instance``, a :class:`SeriesView` when
     it is ``series``, a :class:`StudyView` when it is ``study`` (use :meth:`build_instance` /
-    :meth:`build_series` / :meth:`build_study`, which check it).
+    :meth:`build_series` / :meth:`build_study`, which check it). A stored document has ``build`` None
+    and ``stored`` instead (:meth:`parts`).
     """
 
     kind: str
     scope: Scope
     media_type: str
-    build: Callable[[Any], Dataset]
+    build: Callable[[Any], Dataset] | None
     title: str  # what it is, for people: "DICOM SR" ("no DICOM SR can be built ...")
     description: str = ""
     default: bool = False
     exportable: bool = False
+    stored: Callable[[InstanceView, Path], dict[int, Path]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.build is None) == (self.stored is None):
+            raise ValueError(f"document {self.kind!r}: give build or stored, one of them")
+        if self.stored is not None and (self.scope != "instance" or self.default):
+            raise ValueError(f"stored document {self.kind!r}: of an instance, asked for by kind only")
+
+    def parts(self, view: InstanceView, data_dir: Path) -> dict[int, Path]:
+        """A stored document's files by part number (module docstring)."""
+        if self.stored is None:
+            raise ValueError(f"{self.kind} is built, not stored")
+        return self.stored(view, data_dir)
+
+    def _built(self, scope: Scope, view: Any) -> Dataset:
+        if self.scope != scope:
+            raise ValueError(f"{self.kind} is built from a {self.scope}, not {_A[scope]}")
+        if self.build is None:
+            raise ValueError(f"{self.kind} is stored, not built")
+        return self.build(view)
 
     def build_instance(self, view: InstanceView) -> Dataset:
-        if self.scope != "instance":
-            raise ValueError(f"{self.kind} is built from a {self.scope}, not an instance")
-        return self.build(view)
+        return self._built("instance", view)
 
     def build_series(self, view: SeriesView) -> Dataset:
-        if self.scope != "series":
-            raise ValueError(f"{self.kind} is built from a {self.scope}, not a series")
-        return self.build(view)
+        return self._built("series", view)
 
     def build_study(self, view: StudyView) -> Dataset:
-        if self.scope != "study":
-            raise ValueError(f"{self.kind} is built from a {self.scope}, not a study")
-        return self.build(view)
+        return self._built("study", view)
+
+
+_A: dict[Scope, str] = {"instance": "an instance", "series": "a series", "study": "a study"}
 
 
 class DocumentRegistry:
@@ -172,6 +201,17 @@ DOCUMENTS = DocumentRegistry(
             title="DICOM Key Object Selection",
             description="a DICOM Key Object Selection (TID 2010) of the study's images with findings",
             default=True,
+            exportable=True,
+        ),
+        Document(
+            kind="sc",
+            scope="instance",
+            media_type=DICOM,
+            build=None,
+            stored=sc_files,
+            title="DICOM Secondary Capture",
+            description="a DICOM Secondary Capture of one frame with findings, its boxes and labels burned "
+            "in (?document=sc&frame=N, N the frame number from 1)",
             exportable=True,
         ),
     ]

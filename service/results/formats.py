@@ -21,6 +21,7 @@ import io
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
@@ -235,10 +236,46 @@ def _format_of(docs: dict[Scope, Document | None], status: int) -> ResultFormat:
     )
 
 
-def document_format(documents: DocumentRegistry, scope: Scope, kind: str, accept: str | None) -> ResultFormat:
+def _stored_renderer(doc: Document, data_dir: Path, frame: int | None) -> InstanceRenderer:
+    """Serve the stored document ``doc``'s file of part ``frame`` (the only one when None) as is."""
+
+    async def render(view: InstanceView) -> Response:
+        try:
+            parts = await asyncio.to_thread(doc.parts, view, data_dir)
+        except Unavailable as exc:
+            return problem(404, "not-found", str(exc))
+        listed = ", ".join(map(str, parts))
+        if frame is None and len(parts) != 1:
+            return problem(
+                400,
+                "bad-request",
+                f"this instance has a {doc.title} of each of frames {listed}: ask for one with &frame=N",
+            )
+        path = parts.get(frame) if frame is not None else next(iter(parts.values()))
+        if path is None:
+            return problem(404, "not-found", f"frame {frame} has no {doc.title}; frames with one: {listed}")
+        try:
+            return Response(await asyncio.to_thread(path.read_bytes), media_type=doc.media_type)
+        except FileNotFoundError:  # removed meanwhile (retention, or a newer result)
+            return problem(404, "not-found", f"the {doc.title} of frame {frame} is no longer kept")
+
+    return render
+
+
+def document_format(
+    documents: DocumentRegistry,
+    scope: Scope,
+    kind: str,
+    accept: str | None,
+    *,
+    data_dir: Path | None = None,
+    frame: int | None = None,
+) -> ResultFormat:
     """The format of ``?document=kind`` on a ``scope`` resource: 400 for a kind no document has, 404
     for a document of the other scope (and, when rendered, for one this result cannot have), 406 when
-    ``accept`` excludes its media type."""
+    ``accept`` excludes its media type. A stored document (:mod:`.documents`) is served from its files
+    under ``data_dir``: part ``frame`` (``?frame=N``), or its only one; ``frame`` with a built document
+    is a 400."""
     doc = documents.get(kind)
     if doc is None:
         raise RequestError(
@@ -253,6 +290,12 @@ def document_format(documents: DocumentRegistry, scope: Scope, kind: str, accept
         raise NotAcceptableError(
             f"the {kind} document is {doc.media_type}, which this request does not accept", (doc.media_type,)
         )
+    if doc.stored is not None:
+        if data_dir is None:
+            raise ValueError(f"{kind} is served from the data directory's files: give data_dir")
+        return ResultFormat(doc.media_type, instance=_stored_renderer(doc, data_dir, frame))
+    if frame is not None:
+        raise RequestError(f"frame selects one frame's document; {kind} is one document for {_A[scope]}")
     return _format_of({scope: doc}, 404)
 
 

@@ -16,11 +16,11 @@ What it says about itself:
   Compression ``01`` when the source's transfer syntax is lossy; Instance Number the source's for a
   single-frame source, the frame number for a multi-frame one.
 - General Series (C.7.3.1): its own series, Modality ``OT``, Series Number :data:`SERIES_NUMBER`: one per
-  study and model (the UID is derived from both, so every SC of a study's findings lands in one series),
-  described as not for diagnosis; Laterality the source's (Type 2C: absent when the source names an
+  study and model, like every document's (:func:`.dicomdoc.document_series_uid`), so every SC of a
+  study's findings lands in one series, described as not for diagnosis; Laterality the source's (Type 2C: absent when the source names an
   unpaired body part, empty when it is unknown).
-- SC Equipment (C.8.6.1): Conversion Type ``WSD`` (made by a workstation); the manufacturer
-  ``retinaedge`` and the model's name and hash.
+- SC Equipment (C.8.6.1): Conversion Type ``WSD`` (made by a workstation); General Equipment
+  (C.7.5.1) as every document's (:func:`.dicomdoc.equipment`: the appliance, the model's name and hash).
 - Patient, General Study: copied from the kept header (:mod:`.evidence`: the evidence and the patient
   identity), so that a PACS files the SC with its images; Patient Orientation (C.7.6.1.1.1) from the
   source's Image Orientation (Patient), empty when it has none.
@@ -28,14 +28,15 @@ What it says about itself:
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from retinaedge.service.results.dicomdoc import document_series_uid, equipment
 
+KIND = "sc"
 #: Burned into every capture and written in its Derivation Description and Image Comments.
 NOTICE = "NOT FOR PRIMARY DIAGNOSIS"
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
@@ -61,13 +62,6 @@ _COPIED_TYPE2 = (
     "StudyID",
     "AccessionNumber",
 )
-
-
-def series_uid(study_uid: str, model_sha256: str) -> str:
-    """The SC series of a study and a model: ``2.25.`` and a name-based UUID (RFC 9562 v5) of both, the
-    same on every call, so that every capture of one study's findings by one model is in one series."""
-    name = f"retinaedge secondary captures/{study_uid}/{model_sha256}"
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def patient_orientation(header: Dataset, frame_index: int) -> list[str]:
@@ -142,22 +136,24 @@ def build_sc(
     frame_number = frame_index + 1
     source_number = header.get("InstanceNumber")
     spacing = _pixel_spacing(header)
+    eq = equipment(model_name, model_sha256)
     sc = SCImage(
         pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8),
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
         study_instance_uid=str(header.StudyInstanceUID),
-        series_instance_uid=series_uid(str(header.StudyInstanceUID), model_sha256),
+        series_instance_uid=document_series_uid(KIND, str(header.StudyInstanceUID), model_sha256),
         series_number=SERIES_NUMBER,
         sop_instance_uid=generate_uid(),
         instance_number=frame_number if multiframe or source_number in (None, "") else int(source_number),
-        manufacturer="retinaedge",
+        manufacturer=str(eq["Manufacturer"]),
         patient_orientation=("L", "P"),  # replaced below: highdicom takes single letters only
         pixel_spacing=spacing,
         series_description=f"retinaedge findings, {NOTICE.lower()}"[:64],
-        manufacturer_model_name=model_name[:64],
-        software_versions=model_sha256[:16],
+        manufacturer_model_name=str(eq["ManufacturerModelName"]),
+        software_versions=eq["SoftwareVersions"],  # type: ignore[arg-type]  # LO, multi-valued
+        device_serial_number=str(eq["DeviceSerialNumber"]),
     )
     sc.PatientOrientation = patient_orientation(header, frame_index)
     if "SpecificCharacterSet" in header:

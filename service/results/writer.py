@@ -10,6 +10,12 @@ retries with back-off; ``problem`` says why meanwhile. A route reading results (
 ``/v1/series``) first waits until what was kept before it arrived is committed (:meth:`ResultWriter.settle`),
 so a client reads its own results.
 
+A result with findings comes with the request's bytes (``source``): before its group is committed the
+writer makes its secondary captures from them (:class:`.captures.CaptureMaker`, one frame at a time) and
+lets go of them. The bytes waiting here are bounded by ``max_source_bytes``: a result that would go beyond
+is kept without its bytes, hence without captures (logged and counted by ``not_drawn``); the client has
+its detections, its other documents are made as usual.
+
 STOW-RS does not come here: its rows are committed before the instance is acknowledged.
 """
 
@@ -21,10 +27,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from retinaedge.runtime.threadname import name_this_thread
-from retinaedge.service.results.evidence import IdentityFiles, KeptHeader
+from retinaedge.service.results.captures import CaptureMaker
+from retinaedge.service.results.evidence import IdentityFiles, KeptHeader, header_from_json
 from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
 from retinaedge.service.results.store import Store
 
@@ -36,7 +44,8 @@ _STOP = object()
 @dataclass(eq=False)
 class KeptResult:
     """One ``/v1/detect`` result to keep: the row's columns and what is kept of the header (encoded as
-    DICOM JSON by the writer thread: the SR evidence for the row, the patient identity for its file)."""
+    DICOM JSON by the writer thread: the SR evidence for the row, the patient identity for its file);
+    ``source``: the instance's bytes when its captures are to be made (it has findings)."""
 
     uid: str
     sop_class: str
@@ -45,12 +54,14 @@ class KeptResult:
     size: int
     body: dict[str, Any]
     header: KeptHeader
+    source: bytes | None = None
     seq: int = 0  # the order it was kept in (set by ResultWriter.keep)
 
 
 class ResultWriter:
     """A thread committing :class:`KeptResult` groups of up to ``max_group``; at most ``max_waiting`` wait
-    (beyond, a result is not kept, logged and counted by ``dropped``: the client has its detections)."""
+    (beyond, a result is not kept, logged and counted by ``dropped``: the client has its detections), with
+    at most ``max_source_bytes`` of their sources (module docstring); ``captures`` makes the captures."""
 
     def __init__(
         self,
@@ -61,9 +72,14 @@ class ResultWriter:
         max_group: int = 64,
         max_waiting: int = 1024,
         gather_s: float = 0.02,
+        captures: CaptureMaker | None = None,
+        max_source_bytes: int = 256 * 1024**2,
     ) -> None:
         self.store = store
         self.identities = identities
+        self.captures = captures
+        self.max_source_bytes = max_source_bytes
+        self._source_bytes = 0  # of the sources waiting (under _changed)
         self.after_group = after_group
         self.max_group = max_group
         self.gather_s = gather_s
@@ -75,6 +91,7 @@ class ResultWriter:
         #: Why results cannot be kept now (a storage error), or None.
         self.problem: str | None = None
         self.dropped = 0
+        self.not_drawn = 0  # results kept without their source: too many bytes waited
         self.groups = 0
 
     def start(self) -> None:
@@ -87,14 +104,28 @@ class ResultWriter:
             self._thread.join(timeout)
 
     def keep(self, item: KeptResult) -> bool:
-        """Queue ``item`` for the next group; False (not kept) when too many wait already."""
+        """Queue ``item`` for the next group; False (not kept) when too many wait already. Its source is
+        let go at once when there is no capture maker or the sources waiting would pass
+        ``max_source_bytes``."""
         with self._changed:
+            if item.source is not None:
+                if self.captures is None:
+                    item.source = None
+                elif self._source_bytes + len(item.source) > self.max_source_bytes:
+                    item.source = None
+                    self.not_drawn += 1
+                    log.warning(
+                        "a /v1/detect result is kept without secondary captures: %d bytes wait to be drawn",
+                        self._source_bytes,
+                    )
             try:
                 self._queue.put_nowait(item)
             except queue.Full:
                 self.dropped += 1
                 log.warning("a /v1/detect result was not kept: %d wait to be written", self._queue.maxsize)
                 return False
+            if item.source is not None:
+                self._source_bytes += len(item.source)
             self._kept += 1
             item.seq = self._kept
         return True
@@ -104,6 +135,32 @@ class ResultWriter:
         with self._changed:
             target = self._kept
             return self._changed.wait_for(lambda: self._committed >= target, timeout)
+
+    def _draw(self, encoded: list[tuple[KeptResult, str, str]]) -> dict[str, Path]:
+        """The captures of the group's results that came with their source (``uid`` -> the folder made),
+        each source let go once drawn. A failure leaves that result without captures (logged)."""
+        made: dict[str, Path] = {}
+        for item, evidence, identity in encoded:
+            source = item.source
+            if source is None or self.captures is None:
+                continue
+            try:
+                folder = self.captures.make(source, item.body, header_from_json(evidence, identity))
+            except Exception as exc:  # the result is kept without them
+                log.warning("secondary captures not made: %s", type(exc).__name__)
+                folder = None
+            finally:
+                self._let_go(item)
+            if folder is not None:
+                made[item.uid] = folder
+        return made
+
+    def _let_go(self, item: KeptResult) -> None:
+        """Drop ``item``'s source and give its bytes back to the budget."""
+        source, item.source = item.source, None
+        if source is not None:
+            with self._changed:
+                self._source_bytes -= len(source)
 
     def _run(self) -> None:
         name_this_thread()
@@ -134,10 +191,18 @@ class ResultWriter:
                 encoded.append((item, *item.header.to_json()))
             except Exception as exc:  # the client has its detections; this one is not kept for later
                 log.warning("a /v1/detect result was not kept: its header: %s", type(exc).__name__)
+                self._let_go(item)
+        made = self._draw(encoded)
+        # Each result's captures replace the earlier result's (or remove them), once.
+        installs = {i.uid: made.get(i.uid) for i, _e, _i in encoded} if self.captures is not None else {}
         delay = STORAGE_RETRY_S
         while True:
             try:
                 with self.identities.lock:  # no retention pass between an identity and its row
+                    for uid, folder in list(installs.items()):
+                        assert self.captures is not None
+                        self.captures.files.install(uid, folder)
+                        del installs[uid]
                     for item, _evidence, identity in encoded:
                         self.identities.put(item.uid, identity, replace=True)
                     self.store.put_done_many(

@@ -1,7 +1,8 @@
 """``POST /v1/detect``: one DICOM instance in, its detections out (synchronously, through the pipeline).
 
 The result is also kept for ``GET /v1/results/{uid}``, from the header the pipeline already parsed, by the
-background writer (:mod:`..result_writer`): nothing on the response path waits for storage.
+background writer (:mod:`..results.writer`): nothing on the response path waits for storage. A result with
+findings hands the writer the request's bytes too, for its secondary captures (drawn after the response).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from retinaedge.service.http.problems import problem_responses
 from retinaedge.service.http.schemas import DetectResult
 from retinaedge.service.intake.ingest import header_uids
 from retinaedge.service.results.evidence import KeptHeader, select_header
+from retinaedge.service.results.views import findings_by_frame
 from retinaedge.service.results.writer import KeptResult
 from retinaedge.service.state import ServicesDep
 
@@ -75,7 +77,8 @@ async def detect(request: Request, services: ServicesDep) -> Response:
     body["backend_reason"] = worker.backend_reason
     if header:  # kept for /v1/results by the writer thread (grouped commits), off this response's path
         (sop_class, uid, study, series), kept = header[0]
-        services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), body, kept))
+        source = data if findings_by_frame(body) else None  # drawn by the writer (its captures)
+        services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), body, kept, source))
     body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
     log.info(
         "instance %s: %d frame(s), %d detection(s)",
