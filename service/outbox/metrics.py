@@ -34,6 +34,11 @@ class DeliveryCollector:
         dead = CounterMetricFamily(
             "retinaedge_export_dead_letters", "Export jobs dead-lettered", labels=["destination"]
         )
+        skipped = CounterMetricFamily(
+            "retinaedge_export_skipped",
+            "Documents not sent because their subject had nothing to show (no findings)",
+            labels=["destination"],
+        )
         dups = CounterMetricFamily(
             "retinaedge_export_duplicates",
             "Deliveries the peer may have received twice (possible: after an interrupted or unanswered "
@@ -58,9 +63,10 @@ class DeliveryCollector:
             for outcome, n in d["attempts"].items():
                 attempts.add_metric([name, outcome], n)
             dead.add_metric([name], d["dead_lettered"])
+            skipped.add_metric([name], d["skipped"])
             for kind, n in d["duplicates"].items():
                 dups.add_metric([name, kind], n)
             failing.add_metric([name], 1.0 if d["state"] == "failing" else 0.0)
             at = d["oldest_pending_at"]
             oldest.add_metric([name], max(0.0, now - at) if at is not None else 0.0)
-        yield from (jobs, attempts, dead, dups, failing, oldest)
+        yield from (jobs, attempts, dead, skipped, dups, failing, oldest)

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from prometheus_client import CollectorRegistry, generate_latest
 from pydicom.dataset import Dataset
 from retinaedge.runtime.detector import Detector
 from retinaedge.service.outbox.delivery import Dispatcher
+from retinaedge.service.outbox.metrics import DeliveryCollector
 from retinaedge.service.outbox.senders import Delivery, Instance
 from retinaedge.service.results.evidence import IdentityFiles, split_header
 from retinaedge.service.results.store import Store
@@ -136,6 +138,9 @@ def test_gsps_per_instance_with_findings_and_a_kos_per_completed_series(tmp_path
     assert listed(first) == [results["IM0015.dcm"]["sop_instance_uid"]]
     assert listed(second) == [results["IM0015.dcm"]["sop_instance_uid"], mf["sop_instance_uid"]]
     assert status["dead_lettered"] == 0 and status["jobs"]["dead"] == 0 and status["skipped"] == 1
+    registry = CollectorRegistry()
+    registry.register(DeliveryCollector(dispatcher))
+    assert 'retinaedge_export_skipped_total{destination="pacs"} 1.0' in generate_latest(registry).decode()
     assert sorted((j["kind"], j["document"]) for j in jobs) == sorted(
         [("instance", "gsps"), ("instance", "gsps"), ("study", "kos"), ("study", "kos")]
     )
