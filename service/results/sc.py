@@ -12,13 +12,16 @@ What it says about itself:
 - General Image (C.7.6.1): Image Type ``DERIVED\\SECONDARY\\OTHER``; Burned In Annotation ``YES``;
   Derivation Description and Image Comments both start with :data:`NOTICE`; Source Image Sequence
   (0008,2112) names the source's SOP class and instance, with Referenced Frame Number when the source is
-  multi-frame, and the purpose (DCM 121322, "Source image for image processing operation"); Lossy Image
-  Compression ``01`` when the source's transfer syntax is lossy; Instance Number the source's for a
-  single-frame source, the frame number for a multi-frame one.
+  multi-frame, Spatial Locations Preserved ``YES`` (the frame's own pixel grid) and the purpose (DCM
+  121322, "Source image for image processing operation"); Lossy Image Compression ``01`` when the
+  source's transfer syntax is lossy; Instance Number the source's for a single-frame source, the frame
+  number for a multi-frame one.
 - General Series (C.7.3.1): its own series, Modality ``OT``, Series Number :data:`SERIES_NUMBER`: one per
   study and model, like every document's (:func:`.dicomdoc.document_series_uid`), so every SC of a
-  study's findings lands in one series, described as not for diagnosis; Laterality the source's (Type 2C: absent when the source names an
-  unpaired body part, empty when it is unknown).
+  study's findings lands in one series, described as not for diagnosis; Body Part Examined and
+  Laterality the source's (Laterality is Type 2C: absent when the source names its body part without
+  one, taken as unpaired; empty when it says neither, unknown).
+- Common Instance Reference (C.12.2): the source's series and instance (Referenced Series Sequence).
 - SC Equipment (C.8.6.1): Conversion Type ``WSD`` (made by a workstation); General Equipment
   (C.7.5.1) as every document's (:func:`.dicomdoc.equipment`: the appliance, the model's name and hash).
 - Patient, General Study: copied from the kept header (:mod:`.evidence`: the evidence and the patient
@@ -152,7 +155,7 @@ def build_sc(
         pixel_spacing=spacing,
         series_description=f"retinaedge findings, {NOTICE.lower()}"[:64],
         manufacturer_model_name=str(eq["ManufacturerModelName"]),
-        software_versions=eq["SoftwareVersions"],  # type: ignore[arg-type]  # LO, multi-valued
+        software_versions=eq["SoftwareVersions"],  # LO, multi-valued
         device_serial_number=str(eq["DeviceSerialNumber"]),
     )
     sc.PatientOrientation = patient_orientation(header, frame_index)
@@ -160,6 +163,8 @@ def build_sc(
         sc.SpecificCharacterSet = header.SpecificCharacterSet
     for keyword in _COPIED_TYPE2:
         setattr(sc, keyword, header.get(keyword, ""))
+    if header.get("BodyPartExamined"):
+        sc.BodyPartExamined = header.BodyPartExamined
     laterality = _laterality(header)
     if laterality is not None:
         sc.Laterality = laterality
@@ -178,11 +183,20 @@ def build_sc(
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID
     if multiframe:
         source.ReferencedFrameNumber = frame_number
+    source.SpatialLocationsPreserved = "YES"  # the frame's own pixel grid (C.7.6.1.1.3)
     purpose = codes.DCM.SourceImageForImageProcessingOperation
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = purpose.value, "DCM", purpose.meaning
     source.PurposeOfReferenceCodeSequence = [code]
     sc.SourceImageSequence = [source]
+    # Common Instance Reference (C.12.2): the source's series, so that readers find the source's place.
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = header.SOPClassUID
+    instance.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = header.SeriesInstanceUID
+    series.ReferencedInstanceSequence = [instance]
+    sc.ReferencedSeriesSequence = [series]
     method = _LOSSY.get(str(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "")))
     if method is not None:
         sc.LossyImageCompression = "01"
