@@ -132,8 +132,19 @@ def log_operating_point(manifest: Manifest) -> None:
     log.info("model %s: findings at its operating point (%s)", manifest.name, thresholds)
 
 
+def import_document_libraries() -> None:
+    """Import what the result documents and the captures import lazily (highdicom, OpenCV, pydicom's
+    encoders), on this thread, before the threads that build them run: the first import of one package
+    from several threads at once can fail (importlib's ``_DeadlockError``, or an ``ImportError`` from a
+    partly initialised module), seen with the export threads and the processor making captures."""
+    import cv2  # noqa: F401
+    import highdicom  # noqa: F401
+    import pydicom.pixels.encoders  # noqa: F401
+
+
 def build_services(settings: Settings, probe: Probe) -> Services:
     """Load the bundle and wire the worker, spool, store and processor (nothing is started here)."""
+    import_document_libraries()
     bundle = load_bundle(settings.model)
     log_operating_point(bundle.manifest)
     limits = Limits(

@@ -419,3 +419,131 @@ def test_srs_reach_orthanc_over_dicom_tls(orthanc_tree: Path, tmp_path: Path) ->
         assert referenced(held[0]) == {uid}
     finally:
         pacs.stop()
+
+
+MULTIFRAME = REPO_ROOT / "examples" / "study_01_multiframe" / "MF0001.dcm"  # the same study, another series
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+DOCUMENT_KINDS = ["sr", "gsps", "sc", "kos"]
+
+
+def held_documents(
+    orthanc: Orthanc, sources: frozenset[str]
+) -> dict[str, list[tuple[pydicom.Dataset, bytes, str]]]:
+    """SOP Class UID -> (dataset, file, Orthanc id) of every instance Orthanc holds but the ``sources``
+    (their Orthanc ids)."""
+    out: dict[str, list[tuple[pydicom.Dataset, bytes, str]]] = {}
+    for oid in orthanc.instances():
+        if oid not in sources:
+            data = orthanc.instance_file(oid)
+            ds = pydicom.dcmread(io.BytesIO(data))
+            out.setdefault(str(ds.SOPClassUID), []).append((ds, data, oid))
+    return out
+
+
+def test_every_document_reaches_orthanc_by_c_store_and_stow_rs(orthanc_tree: Path, tmp_path: Path) -> None:
+    """The PACS (C-STORE) and the viewer (STOW-RS) each take ``documents: ["sr", "gsps", "sc", "kos"]``;
+    the demo study (four slices and a multi-frame series) goes to the appliance by STOW-RS, its images
+    to both Orthancs as a scanner would. Each Orthanc holds an SR per instance, a GSPS per instance with
+    findings, a secondary capture per frame with findings (the same bytes the appliance serves, which
+    Orthanc renders as an image) and a KOS per completed series, all of the study, each kind in its own
+    new series beside the images' (``/studies/{id}/series``)."""
+    from retinaedge.service.results.documents import DOCUMENTS
+    from retinaedge.service.results.views import findings_by_frame
+
+    assert set(DOCUMENT_KINDS) <= set(DOCUMENTS.exportable())
+    sources = [*FILES, MULTIFRAME]
+    password = tmp_path / "viewer-password"
+    password.write_text("not-a-real-password\n")
+    pacs = Orthanc(orthanc_tree, tmp_path / "pacs", aet="PACS").start()
+    viewer = Orthanc(
+        orthanc_tree, tmp_path / "viewer", aet="VIEWER", users={"retinaedge": "not-a-real-password"}
+    ).start()
+    try:
+        images: dict[str, frozenset[str]] = {}
+        for name, orthanc in (("pacs", pacs), ("viewer", viewer)):
+            ids = set()
+            for f in sources:  # the images, as the scanner sent them
+                r = httpx.post(
+                    f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc._auth(), timeout=30
+                )
+                assert r.status_code == 200, r.text
+                ids.add(r.json()["ID"])
+            images[name] = frozenset(ids)
+        destinations = [
+            {"name": "pacs", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port,
+             "documents": DOCUMENT_KINDS},
+            {"name": "viewer", "type": "stowrs", "url": viewer.dicomweb, "documents": DOCUMENT_KINDS,
+             "auth": {"type": "basic", "username": "retinaedge", "secret_file": str(password)}},
+        ]  # fmt: skip
+        with (
+            serve(model=DEMO, export_destinations=destinations, series_quiet_s=3600.0) as base,
+            httpx.Client(timeout=60) as c,
+        ):
+            uids = stow(c, base, sources)
+            results = {uid: wait_done(c, base, uid) for uid in uids}
+            for f in (FILES[0], MULTIFRAME):
+                series_uid = pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID
+                assert c.post(f"{base}/v1/series/{series_uid}/complete").status_code == 200
+            findings = {uid: findings_by_frame(r) for uid, r in results.items()}
+            with_findings = [uid for uid in uids if findings[uid]]
+            assert 0 < len(with_findings) < len(uids)  # an instance without findings: no GSPS, no SC
+            expected = {
+                COMPREHENSIVE_3D_SR: len(uids),
+                GSPS: len(with_findings),
+                SECONDARY_CAPTURE: sum(len(f) for f in findings.values()),
+                KOS: 2,  # one version per completed series
+            }
+            jobs = len(uids) + 2 * len(with_findings) + 2
+
+            def settled() -> dict[str, Any] | None:
+                body = exports(c, base, limit=500)
+                done = all(destination(body, n)["jobs"]["delivered"] == jobs for n in ("pacs", "viewer"))
+                return body if done else None
+
+            body = wait_until(settled, "every document at both Orthancs", timeout=120, interval=0.25)
+            for name in ("pacs", "viewer"):
+                d = destination(body, name)
+                assert d["jobs"] == {"pending": 0, "delivered": jobs, "dead": 0}, d
+                assert d["attempts"]["failed"] == d["attempts"]["unknown"] == 0
+            sc_jobs = [j for j in body["jobs"] if j["document"] == "sc" and j["destination"] == "pacs"]
+            served = {}  # SOP Instance UID of each SC -> the file the appliance serves
+            for job in sc_jobs:
+                numbers = [i + 1 for i in findings[job["subject_uid"]]]
+                assert len(job["sop_instance_uids"]) == len(numbers)
+                for n, sc_uid in zip(numbers, job["sop_instance_uids"], strict=True):
+                    r = c.get(
+                        f"{base}/v1/results/{job['subject_uid']}", params={"document": "sc", "frame": n}
+                    )
+                    assert r.status_code == 200
+                    served[sc_uid] = r.content
+
+        study_uid = str(pydicom.dcmread(FILES[0], stop_before_pixels=True).StudyInstanceUID)
+        for name, orthanc in (("pacs", pacs), ("viewer", viewer)):
+            held = held_documents(orthanc, images[name])
+            assert {k: len(v) for k, v in held.items()} == expected, name
+            for ds, data, oid in held[SECONDARY_CAPTURE]:
+                # The SC as the appliance made it, pixels and all (the File Meta is the peer's own).
+                assert ds == pydicom.dcmread(io.BytesIO(served[str(ds.SOPInstanceUID)]))
+                preview = httpx.get(
+                    f"{orthanc.url}/instances/{oid}/preview", auth=orthanc._auth(), timeout=30
+                )
+                assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
+            origins = {orthanc.origin(oid) for docs in held.values() for _, _, oid in docs}
+            assert origins == ({"DicomProtocol"} if name == "pacs" else {"Plugins"}), (name, origins)
+            assert all(ds.StudyInstanceUID == study_uid for docs in held.values() for ds, _, _ in docs)
+            (study,) = orthanc.get("/studies")
+            series = orthanc.get(f"/studies/{study}/series")
+            modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
+            # The images' two MR series, and one new series per document kind (the SRs: one each).
+            assert modalities == sorted(["MR", "MR", "OT", "PR", "KO", *["SR"] * len(uids)]), (
+                name,
+                modalities,
+            )
+            documents = {str(ds.SeriesInstanceUID) for docs in held.values() for ds, _, _ in docs}
+            listed = {s["MainDicomTags"]["SeriesInstanceUID"] for s in series}
+            assert documents <= listed
+    finally:
+        pacs.stop()
+        viewer.stop()
