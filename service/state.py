@@ -229,10 +229,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         identities=identities,
         prune=prune,
         processor=processor,
-        # Request bodies waiting to be drawn: at most one of the largest accepted.
-        writer=ResultWriter(
-            store, identities, prune, captures=drawing, max_source_bytes=settings.max_body_bytes
-        ),
+        writer=ResultWriter(store, identities, prune, captures=drawing),
         captures=captures,
         formats=default_formats(documents),
         documents=documents,

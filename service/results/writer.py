@@ -12,9 +12,10 @@ so a client reads its own results.
 
 A result with findings comes with the request's bytes (``source``): before its group is committed the
 writer makes its secondary captures from them (:class:`.captures.CaptureMaker`, one frame at a time) and
-lets go of them. The bytes waiting here are bounded by ``max_source_bytes``: a result that would go beyond
-is kept without its bytes, hence without captures (logged and counted by ``not_drawn``); the client has
-its detections, its other documents are made as usual.
+lets go of them. The bytes waiting here are bounded by ``max_source_bytes`` (64 MiB), or one body of any
+size when none waits: a result that would go beyond is kept without its bytes, hence without captures
+(logged and counted by ``not_drawn``); the client has its detections, its other documents are made as
+usual.
 
 STOW-RS does not come here: its rows are committed before the instance is acknowledged.
 """
@@ -73,7 +74,7 @@ class ResultWriter:
         max_waiting: int = 1024,
         gather_s: float = 0.02,
         captures: CaptureMaker | None = None,
-        max_source_bytes: int = 256 * 1024**2,
+        max_source_bytes: int = 64 * 1024**2,
     ) -> None:
         self.store = store
         self.identities = identities
@@ -105,13 +106,13 @@ class ResultWriter:
 
     def keep(self, item: KeptResult) -> bool:
         """Queue ``item`` for the next group; False (not kept) when too many wait already. Its source is
-        let go at once when there is no capture maker or the sources waiting would pass
-        ``max_source_bytes``."""
+        let go at once when there is no capture maker, or when other sources wait and with it they would
+        pass ``max_source_bytes``."""
         with self._changed:
             if item.source is not None:
                 if self.captures is None:
                     item.source = None
-                elif self._source_bytes + len(item.source) > self.max_source_bytes:
+                elif self._source_bytes and self._source_bytes + len(item.source) > self.max_source_bytes:
                     item.source = None
                     self.not_drawn += 1
                     log.warning(

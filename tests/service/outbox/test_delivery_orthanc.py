@@ -428,17 +428,14 @@ KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 DOCUMENT_KINDS = ["sr", "gsps", "sc", "kos"]
 
 
-def held_documents(
-    orthanc: Orthanc, sources: frozenset[str]
-) -> dict[str, list[tuple[pydicom.Dataset, bytes, str]]]:
-    """SOP Class UID -> (dataset, file, Orthanc id) of every instance Orthanc holds but the ``sources``
+def held_documents(orthanc: Orthanc, sources: frozenset[str]) -> dict[str, list[tuple[pydicom.Dataset, str]]]:
+    """SOP Class UID -> (dataset, Orthanc id) of every instance Orthanc holds but the ``sources``
     (their Orthanc ids)."""
-    out: dict[str, list[tuple[pydicom.Dataset, bytes, str]]] = {}
+    out: dict[str, list[tuple[pydicom.Dataset, str]]] = {}
     for oid in orthanc.instances():
         if oid not in sources:
-            data = orthanc.instance_file(oid)
-            ds = pydicom.dcmread(io.BytesIO(data))
-            out.setdefault(str(ds.SOPClassUID), []).append((ds, data, oid))
+            ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(oid)))
+            out.setdefault(str(ds.SOPClassUID), []).append((ds, oid))
     return out
 
 
@@ -523,16 +520,16 @@ def test_every_document_reaches_orthanc_by_c_store_and_stow_rs(orthanc_tree: Pat
         for name, orthanc in (("pacs", pacs), ("viewer", viewer)):
             held = held_documents(orthanc, images[name])
             assert {k: len(v) for k, v in held.items()} == expected, name
-            for ds, data, oid in held[SECONDARY_CAPTURE]:
+            for ds, oid in held[SECONDARY_CAPTURE]:
                 # The SC as the appliance made it, pixels and all (the File Meta is the peer's own).
                 assert ds == pydicom.dcmread(io.BytesIO(served[str(ds.SOPInstanceUID)]))
                 preview = httpx.get(
                     f"{orthanc.url}/instances/{oid}/preview", auth=orthanc._auth(), timeout=30
                 )
                 assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
-            origins = {orthanc.origin(oid) for docs in held.values() for _, _, oid in docs}
+            origins = {orthanc.origin(oid) for docs in held.values() for _, oid in docs}
             assert origins == ({"DicomProtocol"} if name == "pacs" else {"Plugins"}), (name, origins)
-            assert all(ds.StudyInstanceUID == study_uid for docs in held.values() for ds, _, _ in docs)
+            assert all(ds.StudyInstanceUID == study_uid for docs in held.values() for ds, _ in docs)
             (study,) = orthanc.get("/studies")
             series = orthanc.get(f"/studies/{study}/series")
             modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
@@ -541,7 +538,7 @@ def test_every_document_reaches_orthanc_by_c_store_and_stow_rs(orthanc_tree: Pat
                 name,
                 modalities,
             )
-            documents = {str(ds.SeriesInstanceUID) for docs in held.values() for ds, _, _ in docs}
+            documents = {str(ds.SeriesInstanceUID) for docs in held.values() for ds, _ in docs}
             listed = {s["MainDicomTags"]["SeriesInstanceUID"] for s in series}
             assert documents <= listed
     finally:
