@@ -1,6 +1,6 @@
 """Secondary captures and overlay PNGs: made once when a result is recorded, kept as files, served as is.
 
-For every frame of a done instance that has findings (:func:`.views.findings_by_frame`) the service keeps
+For every frame of a done instance that has findings (:func:`.selection.findings_by_frame`) the service keeps
 two files: the DICOM Secondary Capture of the frame with its findings burned in (:func:`.sc.build_sc`, the
 result document ``sc``) and the same pixels as a PNG (``GET /v1/results/{uid}/frames/{n}/overlay.png``).
 They are made where the frame's pixels can still be had, by :meth:`CaptureMaker.make`, which reads the
@@ -38,8 +38,9 @@ from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.overlay import burn_in, png_bytes
 from retinaedge.service.results.evidence import IdentityFiles, header_from_json
 from retinaedge.service.results.sc import NOTICE, build_sc
+from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.storage import STORAGE_ERRORS
-from retinaedge.service.results.views import InstanceView, NothingToReport, Unavailable, findings_by_frame
+from retinaedge.service.results.views import InstanceView, NothingToReport, Unavailable
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset

@@ -25,6 +25,7 @@ from retinaedge.runtime.detector import Detection
 from retinaedge.runtime.findings import LinkParams, SeriesResult, analyse_series
 from retinaedge.runtime.slices import FrameRef, frames_from_dataset
 from retinaedge.service.results.evidence import header_from_json
+from retinaedge.service.results.selection import frame_findings
 from retinaedge.service.results.store import Row
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class SeriesFindings:
 
 
 def _detections(result: dict[str, Any]) -> dict[int, list[Detection]]:
-    """Frame index -> detections of a stored ``/v1/detect``-shaped result."""
+    """Frame index -> the findings of a stored ``/v1/detect``-shaped result (the detections at or above
+    the model's operating point, :mod:`.selection`): series findings link findings only."""
     out: dict[int, list[Detection]] = {}
     for frame in result.get("frames", []):
         out[int(frame["index"])] = [
@@ -107,7 +109,7 @@ def _detections(result: dict[str, Any]) -> dict[int, list[Detection]]:
                 score=float(d["score"]),
                 box=(float(d["box"][0]), float(d["box"][1]), float(d["box"][2]), float(d["box"][3])),
             )
-            for d in frame.get("detections", [])
+            for d in frame_findings(frame)
         ]
     return out
 

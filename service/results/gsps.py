@@ -25,7 +25,7 @@ What it holds (:func:`build_gsps`):
 - **General Equipment** and the series of :mod:`.dicomdoc` (Modality PR, one series per study and model);
   Presentation Creation Date/Time (C.11.10: a presentation state's content date and time).
 
-Only *findings* are drawn (:func:`.views.findings_by_frame`); an instance without any has no GSPS
+Only *findings* are drawn (:func:`.selection.findings_by_frame`); an instance without any has no GSPS
 (:class:`.views.NothingToReport`).
 """
 
@@ -40,7 +40,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from retinaedge.service.results.dicomdoc import document_series_uid, equipment, with_type2
 from retinaedge.service.results.evidence import header_from_json
-from retinaedge.service.results.views import InstanceView, NothingToReport, Unavailable, findings_by_frame
+from retinaedge.service.results.selection import findings_by_frame
+from retinaedge.service.results.views import InstanceView, NothingToReport, Unavailable
 
 KIND = "gsps"
 SERIES_NUMBER = 9003  # the SRs are 9001, the SCs 9002

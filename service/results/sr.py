@@ -39,7 +39,8 @@ from retinaedge.runtime.findings import SeriesResult
 from retinaedge.runtime.manifest import ClassCode
 from retinaedge.service.results.device import MANUFACTURER, device_identity
 from retinaedge.service.results.evidence import header_from_json
-from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable, frame_findings
+from retinaedge.service.results.selection import frame_findings
+from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable
 
 SCHEME = "99RETINAEDGE"
 

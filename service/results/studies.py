@@ -2,7 +2,7 @@
 
 A study has no "complete" event (its series do: :mod:`.completion`), so what is said of a study is
 always *so far*: the done instances kept now. :func:`study_images` reads them from the stored rows alone:
-each done instance whose stored result has findings (:func:`.views.findings_by_frame`) is a *key image*,
+each done instance whose stored result has findings (:func:`.selection.findings_by_frame`) is a *key image*,
 with its kept header (evidence and patient identity, :mod:`.evidence`) for the documents that reference
 it (the Key Object Selection, :mod:`.kos`). A done instance with findings whose header was not kept is
 left out, with the reason.
@@ -16,8 +16,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from retinaedge.service.results.evidence import header_from_json
+from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.store import Row
-from retinaedge.service.results.views import findings_by_frame
 
 
 @dataclass(frozen=True)

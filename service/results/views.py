@@ -3,14 +3,11 @@
 The routes render these (JSON, or a document of :mod:`.documents`); the document builders and the outbox
 build DICOM objects from them. A document's *scope* says which of the three it is made of.
 
-Documents show *findings*, not every detection: a stored detection carries ``"finding": true|false``
-(the model's operating point, :mod:`retinaedge.runtime.operating_point`); one stored without the key is a
-finding (a bundle without an operating point). :func:`frame_findings` is the one place that rule lives.
+Documents show *findings*, not every detection (:mod:`.selection` holds that rule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,23 +31,6 @@ class Unavailable(Exception):
 class NothingToReport(Unavailable):
     """The subject has nothing this document shows (no findings): not a failure. A route answers it as
     any :class:`Unavailable` (404); the outbox drops the document instead of dead-lettering it."""
-
-
-def frame_findings(frame: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The findings of one frame of a stored result (``frames[i]`` of a ``/v1/detect`` body): its
-    detections whose ``finding`` is true, or missing (module docstring), in their stored order."""
-    return [d for d in frame.get("detections", ()) if d.get("finding", True) is not False]
-
-
-def findings_by_frame(result: Mapping[str, Any]) -> dict[int, list[dict[str, Any]]]:
-    """Frame index (0-based, the result's ``frames[].index``) -> its findings, for the frames that have
-    any (:func:`frame_findings`), in frame order."""
-    out: dict[int, list[dict[str, Any]]] = {}
-    for frame in result.get("frames", ()):
-        found = frame_findings(frame)
-        if found:
-            out[int(frame["index"])] = found
-    return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from retinaedge.service.http.problems import problem_responses
 from retinaedge.service.http.schemas import DetectResult
 from retinaedge.service.intake.ingest import header_uids
 from retinaedge.service.results.evidence import KeptHeader, select_header
-from retinaedge.service.results.views import findings_by_frame
+from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.writer import KeptResult
 from retinaedge.service.state import ServicesDep
 

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import ResultDone, ResultFailed, ResultPending
-from retinaedge.service.results.views import InstanceView, findings_by_frame
+from retinaedge.service.results.selection import findings_by_frame
+from retinaedge.service.results.views import InstanceView
 from retinaedge.service.state import FORMATS_EXTENSION, InstanceFormat, ServicesDep
 
 router = APIRouter(tags=["results"])

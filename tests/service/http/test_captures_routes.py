@@ -22,8 +22,8 @@ from fastapi.testclient import TestClient
 from retinaedge.runtime.overlay import COLOURS, outline_width
 from retinaedge.service.app import create_app
 from retinaedge.service.results.evidence import IdentityFiles
+from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.store import Store
-from retinaedge.service.results.views import findings_by_frame
 from retinaedge.service.results.writer import KeptResult, ResultWriter
 from retinaedge.service.settings import load_settings
 from support.clients import multipart, wait_done

@@ -15,7 +15,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.detector import Detector
-from retinaedge.service.results.views import frame_findings
+from retinaedge.service.results.selection import frame_findings
 from support.clients import multipart, wait_done
 from support.dicomgen import mr_instance, to_bytes
 from support.forkserver import Launcher, Server

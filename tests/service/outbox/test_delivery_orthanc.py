@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-from retinaedge.service.results.views import frame_findings
+from retinaedge.service.results.selection import frame_findings
 from support.certs import self_signed
 from support.clients import multipart, wait_done
 from support.paths import DEMO, REPO_ROOT
@@ -447,7 +447,7 @@ def test_every_document_reaches_orthanc_by_c_store_and_stow_rs(orthanc_tree: Pat
     Orthanc renders as an image) and a KOS per completed series, all of the study, each kind in its own
     new series beside the images' (``/studies/{id}/series``)."""
     from retinaedge.service.results.documents import DOCUMENTS
-    from retinaedge.service.results.views import findings_by_frame
+    from retinaedge.service.results.selection import findings_by_frame
 
     assert set(DOCUMENT_KINDS) <= set(DOCUMENTS.exportable())
     sources = [*FILES, MULTIFRAME]

@@ -35,8 +35,8 @@ from retinaedge.service.outbox.senders import (
 )
 from retinaedge.service.results.captures import CaptureFiles, CaptureMaker
 from retinaedge.service.results.evidence import IdentityFiles, split_header
+from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.store import Store
-from retinaedge.service.results.views import findings_by_frame
 from retinaedge.service.settings import load_settings
 from support.paths import DEMO, EXAMPLES
 from support.polling import wait_until

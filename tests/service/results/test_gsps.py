@@ -23,13 +23,8 @@ from retinaedge.runtime.detector import Detector
 from retinaedge.service.results.dicomdoc import document_series_uid
 from retinaedge.service.results.evidence import header_from_json, split_header
 from retinaedge.service.results.gsps import build_gsps, instance_gsps
-from retinaedge.service.results.views import (
-    InstanceView,
-    NothingToReport,
-    Unavailable,
-    findings_by_frame,
-    frame_findings,
-)
+from retinaedge.service.results.selection import findings_by_frame, frame_findings
+from retinaedge.service.results.views import InstanceView, NothingToReport, Unavailable
 from support.paths import DEMO, EXAMPLES
 from support.peers_dcmtk import dcmtk
 

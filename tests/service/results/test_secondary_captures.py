@@ -27,7 +27,7 @@ from retinaedge.runtime.overlay import COLOURS, BurnedIn, burn_in, outline_width
 from retinaedge.service.results.captures import CaptureFiles, CaptureMaker
 from retinaedge.service.results.evidence import header_from_json, split_header
 from retinaedge.service.results.sc import NOTICE, SC_IMAGE_STORAGE
-from retinaedge.service.results.views import findings_by_frame
+from retinaedge.service.results.selection import findings_by_frame
 from support.paths import DEMO, EXAMPLES
 
 SINGLE = EXAMPLES / "study_01" / "IM0015.dcm"

@@ -17,8 +17,8 @@ import pytest
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.manifest import ClassCode
 from retinaedge.service.results.evidence import header_from_json, split_header
+from retinaedge.service.results.selection import frame_findings
 from retinaedge.service.results.sr import build_sr
-from retinaedge.service.results.views import frame_findings
 from support.paths import DEMO, REPO_ROOT
 
 DCIODVFY = shutil.which("dciodvfy")
