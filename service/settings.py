@@ -138,6 +138,12 @@ class Settings(EngineConfig):
         default=None, description="PEM certificate (chain): with tls_key_file, the service speaks HTTPS only"
     )
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
+    captures: Literal["always", "never"] = Field(
+        default="always",
+        description="secondary captures (document sc) and overlay PNGs of the frames with findings: made "
+        "when a result is recorded (always), or not at all (never: saves their CPU, about an inference's "
+        "worth per frame with findings; no destination may then take sc)",
+    )
     export_destinations: list[ExportDestination] = Field(
         default_factory=list,
         description="where results are pushed as DICOM SR (DIMSE C-STORE or STOW-RS; docs/integration.md)",
@@ -200,6 +206,12 @@ class Settings(EngineConfig):
 
     @model_validator(mode="after")
     def _loopback_or_token(self) -> Settings:
+        takes_sc = [d.name for d in self.export_destinations if "sc" in d.documents]
+        if self.captures == "never" and takes_sc:
+            raise ValueError(
+                f"captures=never, but destination(s) {takes_sc} take sc (secondary captures): make them "
+                "(captures=always) or take sc out of their documents"
+            )
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if bad:
             raise ValueError(

@@ -177,7 +177,10 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
     captures = CaptureFiles(settings.data_dir / CAPTURES)
     captures.keep_only(store.uids())  # likewise, and makings a crash interrupted
-    drawing = CaptureMaker(captures, bundle.manifest, limits, identities)
+    # Secondary captures cost about an inference per frame with findings: made only when asked for.
+    drawing = (
+        CaptureMaker(captures, bundle.manifest, limits, identities) if settings.captures == "always" else None
+    )
     prune = Pruner(
         store,
         identities,

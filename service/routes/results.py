@@ -107,6 +107,8 @@ async def overlay(
         return problem(404, "not-found", f"there is no frame {n}: the instance has {frames} frame(s)")
     if n - 1 not in findings_by_frame(result):
         return problem(404, "not-found", f"frame {n} has no findings, so no overlay")
+    if services.settings.captures == "never":
+        return problem(404, "not-found", "overlays are not made here (the setting captures is never)")
     path = services.captures.png(uid, n)
     try:
         if path is None:

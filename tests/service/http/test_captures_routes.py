@@ -209,3 +209,38 @@ def test_request_bodies_waiting_to_be_drawn_are_bounded(tmp_path: Path, detected
     assert list(files.frames(str(ds.SOPInstanceUID))) == [1] and files.frames("1.2.3.4.5") == {}
     assert store.get("1.2.3.4.5") is not None and writer._source_bytes == 0
     store.close()
+
+
+def test_captures_never_makes_none_and_says_so(tmp_path: Path) -> None:
+    """captures=never: no capture files for a result with findings (by /v1/detect and STOW-RS), the
+    overlay route says why it has none, and a destination taking sc is refused at start."""
+    from retinaedge.runtime.errors import ConfigError
+
+    sc_destination = {"name": "pacs", "type": "dimse", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}
+    with pytest.raises(ConfigError, match="captures=never, but destination"):
+        load_settings(
+            model=DEMO,
+            data_dir=tmp_path / "refused",
+            captures="never",
+            export_destinations=[{**sc_destination, "documents": ["sr", "sc"]}],
+        )
+    settings = load_settings(model=DEMO, data_dir=tmp_path / "data", captures="never")
+    app = create_app(settings)
+    with TestClient(app) as c:
+        assert app.state.worker.wait_ready(120), app.state.worker.reason
+        r = c.post("/v1/detect", content=SINGLE.read_bytes(), headers={"Content-Type": "application/dicom"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        frame = min(findings_by_frame(body)) + 1  # a frame with findings
+        data, content_type = multipart([BY_STOW.read_bytes()])
+        stowed = c.post("/dicomweb/studies", content=data, headers={"Content-Type": content_type})
+        assert stowed.status_code == 200, stowed.text
+        uid = pydicom.dcmread(BY_STOW, stop_before_pixels=True).SOPInstanceUID
+        wait_done(c, "", uid)
+        overlay = c.get(f"/v1/results/{body['sop_instance_uid']}/frames/{frame}/overlay.png")
+        assert overlay.status_code == 404 and overlay.headers["content-type"] == PROBLEM
+        assert "captures is never" in overlay.json()["detail"]
+        sc = c.get(f"/v1/results/{body['sop_instance_uid']}?document=sc")
+        assert sc.status_code == 404, sc.text
+    captures = tmp_path / "data" / "captures"
+    assert not captures.exists() or not any(p.is_file() for p in captures.rglob("*"))
