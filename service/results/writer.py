@@ -180,7 +180,17 @@ class ResultWriter:
                 else:
                     group.append(item)
             if group:
-                self._write(group)
+                try:
+                    self._write(group)
+                except Exception as exc:  # a bug must not end the thread: later results are still kept
+                    log.error(
+                        "%d /v1/detect result(s) not kept: %s (a bug: please report it)",
+                        len(group),
+                        type(exc).__name__,
+                    )
+                    with self._changed:  # nobody waits for them any longer
+                        self._committed = max(self._committed, group[-1].seq)
+                        self._changed.notify_all()
             if stop:
                 return
 

@@ -78,7 +78,9 @@ async def detect(request: Request, services: ServicesDep) -> Response:
     if header:  # kept for /v1/results by the writer thread (grouped commits), off this response's path
         (sop_class, uid, study, series), kept = header[0]
         source = data if findings_by_frame(body) else None  # drawn by the writer (its captures)
-        services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), body, kept, source))
+        # The writer encodes its own copy on its thread: this handler still adds the request's time below.
+        stored = {**body, "timings_ms": dict(body["timings_ms"])}
+        services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), stored, kept, source))
     body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
     log.info(
         "instance %s: %d frame(s), %d detection(s)",
