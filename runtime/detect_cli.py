@@ -21,8 +21,8 @@ from retinaedge.runtime.discovery import RULE_HELP, dicom_files
 from retinaedge.runtime.errors import ConfigError, RetinaEdgeError
 
 if TYPE_CHECKING:
-    from retinaedge.runtime.detector import InstanceResult
     from retinaedge.runtime.findings import LinkParams, SeriesResult
+    from retinaedge.runtime.instance_result import InstanceResult
     from retinaedge.runtime.slices import FrameRef
 
 PROVIDERS = {

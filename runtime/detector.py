@@ -18,7 +18,6 @@ from retinaedge.runtime.detections import split_outputs
 from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.instance_result import (
-    Detection,
     FrameResult,
     InstanceResult,
     frame_result,
@@ -27,8 +26,6 @@ from retinaedge.runtime.instance_result import (
 from retinaedge.runtime.reader import InstanceReader, ReadFrame
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Detection", "Detector", "FrameCallback", "FrameResult", "InstanceResult"]
 
 FrameCallback = Callable[[int, np.ndarray, "FrameResult"], None]
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from retinaedge.runtime.detector import FrameResult
-from retinaedge.runtime.instance_result import Detection
+from retinaedge.runtime.instance_result import Detection, FrameResult
 
 # Distinct BGR colours per class id (cycled).
 _PALETTE = [(0, 200, 255), (255, 120, 0), (80, 220, 80), (230, 60, 230), (0, 90, 255), (255, 255, 0)]

@@ -153,7 +153,7 @@ def _registry_enums(components: dict[str, Any], documents: DocumentRegistry) -> 
             prop["enum"] = values
     items = components.get("ExportDestinationStatus", {}).get("properties", {}).get("documents", {})
     if isinstance(items.get("items"), dict):
-        items["items"]["enum"] = documents.exportable()
+        items["items"]["enum"] = documents.deliverable()
 
 
 def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:

@@ -23,7 +23,7 @@ from retinaedge.runtime.settings_source import (
     file_values_below_environment,
 )
 from retinaedge.service.http.addresses import is_loopback
-from retinaedge.service.outbox.destinations import ExportDestination, check_unique
+from retinaedge.service.outbox.destinations import DeliveryDestination, check_unique
 
 
 class Settings(EngineConfig):
@@ -144,7 +144,7 @@ class Settings(EngineConfig):
         "when a result is recorded (always), or not at all (never: saves their CPU, about an inference's "
         "worth per frame with findings; no destination may then take sc)",
     )
-    export_destinations: list[ExportDestination] = Field(
+    export_destinations: list[DeliveryDestination] = Field(
         default_factory=list,
         description="where results are pushed as DICOM SR (DIMSE C-STORE or STOW-RS; docs/integration.md)",
     )

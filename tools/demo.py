@@ -366,8 +366,8 @@ def print_series(series: dict[str, dict[str, Any]], instances: list[Instance], l
 def write_overlays(instances: list[Instance], manifest: dict[str, Any], out: Path, min_score: float) -> int:
     """One PNG per frame with a finding or a truth box; returns how many were written."""
     import cv2
-    from retinaedge.runtime.detector import Detection, FrameResult
     from retinaedge.runtime.dicomio import iter_frames, open_dicom, validate
+    from retinaedge.runtime.instance_result import Detection, FrameResult
     from retinaedge.runtime.manifest import Manifest
     from retinaedge.runtime.overlay import render
     from retinaedge.runtime.preprocess import to_unit
@@ -404,7 +404,7 @@ def write_overlays(instances: list[Instance], manifest: dict[str, Any], out: Pat
 
 
 def _scaled(frame: Any, s: float) -> Any:
-    from retinaedge.runtime.detector import Detection, FrameResult
+    from retinaedge.runtime.instance_result import Detection, FrameResult
 
     return FrameResult(
         index=frame.index,

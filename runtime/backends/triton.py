@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from retinaedge.runtime.backends.base import Backend, BackendOptions
 from retinaedge.runtime.detections import OUTPUT_NAMES
-from retinaedge.runtime.errors import ConfigError, MissingDependencyError, NotReadyError
+from retinaedge.runtime.errors import ConfigError, MissingDependencyError, NotReadyError, RetinaEdgeError
 from retinaedge.runtime.threadname import name_this_thread
 
 if TYPE_CHECKING:
@@ -59,8 +59,11 @@ UNREACHABLE = ("not_ready", "onnxruntime")
 _GRPC_CHANNEL = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
-class TritonInferError(RuntimeError):
+class TritonInferError(RetinaEdgeError):
     """Triton was ready but failed the batch itself (a model error, not an outage)."""
+
+    type = "inference-failed"
+    http_status = 500
 
 
 class _Unreachable(Exception):

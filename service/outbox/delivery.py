@@ -1,4 +1,4 @@
-"""Result export: delivers the outbox's document jobs (:mod:`.queue`) to the configured destinations.
+"""Result delivery: delivers the outbox's document jobs (:mod:`.queue`) to the configured destinations.
 
 Threads, never the event loop: one ``retinaedge-export-<name>`` per destination (so a slow or dead peer
 delays only its own jobs) and one ``retinaedge-export-watch`` that turns complete series into jobs of
@@ -30,7 +30,6 @@ restarts. A job is dead-lettered after ``export_max_attempts`` attempts of its o
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -45,8 +44,9 @@ from retinaedge.service.outbox.senders import Delivery, Instance, sender_for
 from retinaedge.service.results.completion import series_findings, series_status
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles
+from retinaedge.service.results.key_images import study_images
+from retinaedge.service.results.storage import STORAGE_ERRORS
 from retinaedge.service.results.store import Store
-from retinaedge.service.results.studies import study_images
 from retinaedge.service.results.views import InstanceView, NothingToReport, SeriesView, StudyView, Unavailable
 
 if TYPE_CHECKING:
@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often idle threads look for due jobs and complete series (a new result wakes them)
 PRUNE_EVERY_S = 60.0
-STORAGE_ERRORS = (sqlite3.OperationalError, sqlite3.DatabaseError, OSError)
 
 
 class NoDocument(Exception):

@@ -11,7 +11,7 @@ Each destination is a JSON object with a unique ``name`` and a ``type``, one of 
   variable when a request is made, never from the settings themselves, and optional ``ca_file``.
 
 Both take ``documents``: the result documents the destination receives, by kind (default ``["sr"]``;
-the kinds result export delivers: ``sr``, each instance's SR, and ``series-sr``, the series SR once the
+the kinds result delivery sends: ``sr``, each instance's SR, and ``series-sr``, the series SR once the
 series is complete; :mod:`retinaedge.service.results.documents`). The older members ``instance_sr``
 (default true) and ``series_sr`` (default false) are still accepted instead of ``documents`` and mean
 ``sr`` and ``series-sr``. Secrets never appear in the settings, in logs or in ``/v1/exports``.
@@ -57,7 +57,7 @@ class _Common(_Strict):
     name: str = Field(description="unique name (metrics label, logs, /v1/exports)")
     documents: list[str] = Field(
         default_factory=lambda: ["sr"],
-        description=f"the result documents it receives, by kind ({', '.join(DOCUMENTS.exportable())})",
+        description=f"the result documents it receives, by kind ({', '.join(DOCUMENTS.deliverable())})",
     )
     timeout_s: float = Field(default=30.0, gt=0, le=600, description="connect and response timeout")
 
@@ -94,13 +94,13 @@ class _Common(_Strict):
     @field_validator("documents")
     @classmethod
     def _documents(cls, v: list[str]) -> list[str]:
-        exportable = DOCUMENTS.exportable()
+        deliverable = DOCUMENTS.deliverable()
         for kind in v:
-            if kind not in exportable:
+            if kind not in deliverable:
                 known = "" if kind not in DOCUMENTS else f" ({kind!r} is not delivered by result export)"
                 raise ValueError(
                     f"{kind!r} is not a result document that export delivers{known}; "
-                    f"it delivers: {', '.join(exportable)}"
+                    f"it delivers: {', '.join(deliverable)}"
                 )
         return list(dict.fromkeys(v))
 
@@ -109,7 +109,7 @@ class _Common(_Strict):
         if not self.documents:
             raise ValueError(
                 f"destination {self.name!r} sends nothing: list the documents it receives "
-                f"({', '.join(DOCUMENTS.exportable())}), or set instance_sr or series_sr"
+                f"({', '.join(DOCUMENTS.deliverable())}), or set instance_sr or series_sr"
             )
         return self
 
@@ -232,7 +232,7 @@ added to this union, plus its sender (:data:`retinaedge.service.outbox.senders.S
 DESTINATION_TYPES: tuple[type[DimseDestination] | type[StowRsDestination], ...] = get_args(Destination)
 #: The ``type`` names, in the order of :data:`DESTINATION_TYPES`.
 TYPE_NAMES: tuple[str, ...] = tuple(get_args(c.model_fields["type"].annotation)[0] for c in DESTINATION_TYPES)
-ExportDestination = Annotated[Destination, Field(discriminator="type")]
+DeliveryDestination = Annotated[Destination, Field(discriminator="type")]
 
 
 def _known_type(v: str) -> str:

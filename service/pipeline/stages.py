@@ -37,8 +37,9 @@ import numpy as np
 from retinaedge.runtime.backends.base import Backend
 from retinaedge.runtime.bundle import self_test
 from retinaedge.runtime.detections import ImageDetections, split_outputs
-from retinaedge.runtime.detector import Detector, InstanceResult
+from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.errors import NotReadyError, OverloadedError
+from retinaedge.runtime.instance_result import InstanceResult
 from retinaedge.runtime.reader import InstanceReader
 from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.pipeline.batching import BatchPolicy, gather

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
-from retinaedge.runtime.detector import Detection
 from retinaedge.runtime.findings import LinkParams, SeriesResult, analyse_series
+from retinaedge.runtime.instance_result import Detection
 from retinaedge.runtime.slices import FrameRef, frames_from_dataset
 from retinaedge.service.results.evidence import header_from_json
 from retinaedge.service.results.selection import frame_findings

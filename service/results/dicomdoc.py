@@ -20,7 +20,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from retinaedge.runtime import __version__
-from retinaedge.service.results.device import MANUFACTURER, device_identity
+from retinaedge.service.results.appliance import MANUFACTURER, device_identity
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset

@@ -15,7 +15,7 @@ Each :class:`Document` says what it is built from (``scope``: ``instance`` for `
 its media type, whether it is the one
 served for that media type through ``Accept`` (``default``: at most one per scope and media type, so a
 second ``application/dicom`` document is served by ``?document=KIND`` and does not replace the SR), and
-whether result export may deliver it (``exportable``: a destination's ``documents`` names such kinds,
+whether result delivery may send it (``deliverable``: a destination's ``documents`` names such kinds,
 :mod:`..outbox.destinations`; the outbox stores the kind of each document it delivers).
 
 Adding a document (a GSPS, a Secondary Capture, a Key Object Selection: ``gsps``, ``sc``, ``kos``) is one
@@ -33,7 +33,7 @@ A *stored* document (``stored`` instead of ``build``; instance scope, asked for 
 frames' pixels, so it cannot be built from a view later: its files are made once, when the result is
 recorded, and kept under the data directory. ``stored(view, data_dir)`` finds them: part number -> file
 (for ``sc`` the frame number, from 1). A route serves one part (``?document=sc&frame=N``; the only one
-without ``frame``); result export delivers all of them as one job. It raises
+without ``frame``); result delivery sends all of them as one job. It raises
 :class:`.views.NothingToReport` and :class:`.views.Unavailable` as a builder does.
 """
 
@@ -77,7 +77,7 @@ class Document:
     title: str  # what it is, for people: "DICOM SR" ("no DICOM SR can be built ...")
     description: str = ""
     default: bool = False
-    exportable: bool = False
+    deliverable: bool = False
     stored: Callable[[InstanceView, Path], dict[int, Path]] | None = None
 
     def __post_init__(self) -> None:
@@ -144,9 +144,9 @@ class DocumentRegistry:
         """Every kind, or those of one scope."""
         return [d.kind for d in self._documents.values() if scope is None or d.scope == scope]
 
-    def exportable(self) -> list[str]:
-        """The kinds result export may deliver (what a destination's ``documents`` may list)."""
-        return [d.kind for d in self._documents.values() if d.exportable]
+    def deliverable(self) -> list[str]:
+        """The kinds result delivery may send (what a destination's ``documents`` may list)."""
+        return [d.kind for d in self._documents.values() if d.deliverable]
 
     def default(self, scope: Scope, media_type: str) -> Document | None:
         """The document served for ``media_type`` through ``Accept`` on a ``scope`` resource, if any."""
@@ -172,7 +172,7 @@ DOCUMENTS = DocumentRegistry(
             title="DICOM SR",
             description="a DICOM SR (TID 1500 Measurement Report)",
             default=True,
-            exportable=True,
+            deliverable=True,
         ),
         Document(
             kind="series-sr",
@@ -182,7 +182,7 @@ DOCUMENTS = DocumentRegistry(
             title="DICOM SR",
             description="a DICOM SR (TID 1500 Measurement Report) of the series' 3D findings",
             default=True,
-            exportable=True,
+            deliverable=True,
         ),
         Document(
             kind="gsps",
@@ -191,7 +191,7 @@ DOCUMENTS = DocumentRegistry(
             build=instance_gsps,
             title="DICOM Grayscale Softcopy Presentation State",
             description="a DICOM Grayscale Softcopy Presentation State: the findings over the image",
-            exportable=True,
+            deliverable=True,
         ),
         Document(
             kind="kos",
@@ -201,7 +201,7 @@ DOCUMENTS = DocumentRegistry(
             title="DICOM Key Object Selection",
             description="a DICOM Key Object Selection (TID 2010) of the study's images with findings",
             default=True,
-            exportable=True,
+            deliverable=True,
         ),
         Document(
             kind="sc",
@@ -212,7 +212,7 @@ DOCUMENTS = DocumentRegistry(
             title="DICOM Secondary Capture",
             description="a DICOM Secondary Capture of one frame with findings, its boxes and labels burned "
             "in (?document=sc&frame=N, N the frame number from 1)",
-            exportable=True,
+            deliverable=True,
         ),
     ]
 )

@@ -27,9 +27,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from retinaedge.service.results.device import MANUFACTURER, device_identity
+from retinaedge.service.results.appliance import MANUFACTURER, device_identity
 from retinaedge.service.results.dicomdoc import document_series_uid, equipment, with_type2
-from retinaedge.service.results.studies import KeyImage
+from retinaedge.service.results.key_images import KeyImage
 from retinaedge.service.results.views import NothingToReport, StudyView
 
 KIND = "kos"

@@ -37,7 +37,7 @@ from pydicom.uid import generate_uid
 from retinaedge.runtime import __version__
 from retinaedge.runtime.findings import SeriesResult
 from retinaedge.runtime.manifest import ClassCode
-from retinaedge.service.results.device import MANUFACTURER, device_identity
+from retinaedge.service.results.appliance import MANUFACTURER, device_identity
 from retinaedge.service.results.evidence import header_from_json
 from retinaedge.service.results.selection import frame_findings
 from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable

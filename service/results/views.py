@@ -15,7 +15,7 @@ from retinaedge.service.results.completion import SeriesFindings
 
 if TYPE_CHECKING:
     from retinaedge.runtime.manifest import Manifest
-    from retinaedge.service.results.studies import StudyImages
+    from retinaedge.service.results.key_images import StudyImages
 
 #: What a document or format is made of: one instance's result, one complete series' findings, or the
 #: images with findings of one study so far.

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import StudyResult
-from retinaedge.service.results.studies import StudyImages, study_images
+from retinaedge.service.results.key_images import StudyImages, study_images
 from retinaedge.service.results.views import StudyView
 from retinaedge.service.state import FORMATS_EXTENSION, Services, ServicesDep, StudyFormat
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from retinaedge.runtime.cli import main
-from retinaedge.runtime.detector import Detection, Detector, FrameResult, InstanceResult
+from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.errors import ConfigError, MalformedDicomError
 from retinaedge.runtime.eval_runs import InputRejected, detect_all
 from retinaedge.runtime.evaluate import (
@@ -25,6 +25,7 @@ from retinaedge.runtime.evaluate import (
     to_coco,
     xyxy_to_xywh,
 )
+from retinaedge.runtime.instance_result import Detection, FrameResult, InstanceResult
 from support.dicomgen import mr_instance, to_bytes, write
 
 CLASSES = ("glioma", "meningioma", "pituitary")

@@ -449,7 +449,7 @@ def test_every_document_reaches_orthanc_by_c_store_and_stow_rs(orthanc_tree: Pat
     from retinaedge.service.results.documents import DOCUMENTS
     from retinaedge.service.results.selection import findings_by_frame
 
-    assert set(DOCUMENT_KINDS) <= set(DOCUMENTS.exportable())
+    assert set(DOCUMENT_KINDS) <= set(DOCUMENTS.deliverable())
     sources = [*FILES, MULTIFRAME]
     password = tmp_path / "viewer-password"
     password.write_text("not-a-real-password\n")

@@ -21,10 +21,10 @@ from pydicom.multival import MultiValue
 from retinaedge.runtime.detector import Detector
 from retinaedge.service.results.dicomdoc import document_series_uid
 from retinaedge.service.results.evidence import IdentityFiles, split_header
+from retinaedge.service.results.key_images import StudyImages, study_images
 from retinaedge.service.results.kos import study_kos
 from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.store import Store
-from retinaedge.service.results.studies import StudyImages, study_images
 from retinaedge.service.results.views import NothingToReport, StudyView
 from support.paths import DEMO, EXAMPLES
 
