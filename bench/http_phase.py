@@ -141,7 +141,7 @@ def running_service(
     """Start the service, wait for ``/readyz`` == 200, yield it; read its peak RSS, SIGTERM and wait after.
 
     ``batch_size`` is the service's ``max_batch_size`` unless ``extra_env`` (more ``RETINAEDGE_*`` settings,
-    the batching ones of :mod:`.batching`, set as given) says otherwise.
+    the batching ones of :mod:`.batch_settings`, set as given) says otherwise.
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAEDGE_")}

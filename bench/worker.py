@@ -1,6 +1,6 @@
 """Runners that each execute in a fresh process: ``python -m retinaedge.bench.worker JOB SPEC OUT``.
 
-``SPEC`` is a JSON file (see :class:`~.processes.WorkerSpec`), ``OUT`` the JSON file the runner writes.
+``SPEC`` is a JSON file (written by :mod:`.benchmark_cli`), ``OUT`` the JSON file the runner writes.
 Times are milliseconds (``time.perf_counter``), memory bytes. Jobs:
 
 - ``fused``: ``Detector`` on the DICOM instances (untimed warm-up pass over the distinct files, which also

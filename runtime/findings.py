@@ -1,4 +1,4 @@
-"""2D detections on the slices of a consistent :class:`~.series.Stack` -> 3D findings in patient space.
+"""2D detections on the slices of a consistent :class:`~.slices.Stack` -> 3D findings in patient space.
 
 Linking rule (per class, slice by slice in stack order): a detection scoring at least ``min_score`` joins
 a finding whose last detection is at most ``max_gap`` slices before it (``max_gap`` slices skipped;
@@ -10,7 +10,7 @@ taken greedily by decreasing IoU, one detection per finding per slice; an unlink
 new finding. Findings with fewer than ``min_slices`` detected slices are dropped.
 
 Quantities (LPS mm; a box is extruded along the normal into a slab of the stack's median spacing,
-:attr:`~.series.Stack.slab_mm`):
+:attr:`~.slices.Stack.slab_mm`):
 
 - ``bbox_lps_mm``: the axis-aligned patient-space box around all corners of all slabs;
 - ``centroid_lps_mm``: the box centres in patient space, weighted by box area;
@@ -351,7 +351,7 @@ def analyse_series(
     params: LinkParams | None = None,
     tolerances: Tolerances = DEFAULT_TOLERANCES,
 ) -> list[SeriesResult]:
-    """Group ``frames`` into series (:func:`~.series.group_series`) and link each one's detections."""
+    """Group ``frames`` into series (:func:`~.slices.group_series`) and link each one's detections."""
     params = params or LinkParams()
     out = []
     for stack in group_series(frames, tolerances):

@@ -36,7 +36,7 @@ from retinaedge.runtime.errors import ConfigError
 #: IoU at which a detection matches a ground-truth box (the AP50 criterion).
 MATCH_IOU = 0.5
 #: ``max-f1`` or ``sensitivity>=X`` (0 < X <= 1): how :func:`choose` picks a threshold per class.
-RULE = re.compile(r"^(max-f1|sensitivity>=(0(\.\d+)?|1(\.0+)?))$")
+RULE = re.compile(r"^(max-f1|sensitivity>=(0\.\d*[1-9]\d*|1(\.0+)?))$")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 It builds the app's :class:`~retinaedge.service.state.Services` (model bundle, worker, spool, store,
 processor, result formats) onto ``app.state``, a lifespan that starts and stops them, the bearer-token and
-request-log middleware, the one exception handler (problem documents, :mod:`.problems`), and includes the
+request-log middleware, the one exception handler (problem documents, :mod:`.http.problems`), and includes the
 routers of :mod:`.routes`. Transport, limits, auth, metrics and error mapping live in the service; image
 logic stays in the runtime.
 """

@@ -1,6 +1,6 @@
 """``retinaedge export-triton --model DIR --out REPO``: a Triton Inference Server model repository.
 
-Writes ``REPO/NAME/config.pbtxt`` and ``REPO/NAME/1/`` (:mod:`.triton_repo`) and prints one JSON object
+Writes ``REPO/NAME/config.pbtxt`` and ``REPO/NAME/1/`` (:mod:`.repo`) and prints one JSON object
 (paths, platform, model sha256, batching). The appliance then serves with ``backend=triton``
 (``RETINAEDGE_TRITON_URL``, ``RETINAEDGE_TRITON_MODEL``=NAME) and checks at start that Triton serves this
 very bundle. See docs/triton.md.

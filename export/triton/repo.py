@@ -2,7 +2,7 @@
 
 Layout written under ``REPO`` (one model directory; a repository may hold several)::
 
-    REPO/NAME/config.pbtxt              ModelConfig (:mod:`.triton_config`)
+    REPO/NAME/config.pbtxt              ModelConfig (:mod:`.config`)
     REPO/NAME/1/model.onnx              onnxruntime and python platforms: the bundle's model.onnx, as is
     REPO/NAME/1/model.py                python platform: ONNX Runtime inside Triton's python backend
     REPO/NAME/1/model_smXY.plan         tensorrt platform: engines from the engine cache, one per GPU

@@ -86,7 +86,7 @@ def reason_for(exc: DicomInputError | RequestError) -> int:
 
 def inspect(source: Path | bytes, limits: Limits) -> tuple[str, str, str, str, str, str]:
     """Header checks -> (SOP class, SOP instance, study, series UIDs, SR evidence, patient identity; the
-    last two DICOM JSON, :mod:`.evidence`); nothing decoded."""
+    last two DICOM JSON, :mod:`..results.evidence`); nothing decoded."""
     with open_dicom(source, limits) as src:
         validate(src, limits)
         return header_of(src)

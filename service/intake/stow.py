@@ -143,7 +143,7 @@ async def receive(
 
     ``admit()`` raises :class:`OverloadedError` while the backlog is full; it runs (in a thread) before
     anything is read and before each part. ``idle_timeout_s``: 408 when the client stops sending.
-    ``identities`` keeps each stored instance's patient identity apart from the database (:mod:`.evidence`).
+    ``identities`` keeps each stored instance's patient identity apart from the database (:mod:`..results.evidence`).
     """
     parser = MultipartParser(stow_boundary(content_type))
     spool.check_reserve()  # 507 before anything is written

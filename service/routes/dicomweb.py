@@ -1,6 +1,6 @@
 """DICOMweb STOW-RS (``POST /dicomweb/studies[/{study}]``): acknowledge durably, process later.
 
-The semantics (spool, fsync, SQLite commit before acknowledgement) live in :mod:`..stow`; this router is
+The semantics (spool, fsync, SQLite commit before acknowledgement) live in :mod:`..intake.stow`; this router is
 the HTTP side: limits from the settings, metrics and logs per rejected part, the DICOM JSON response.
 """
 

@@ -1,4 +1,4 @@
-"""service/bench statistics and the progress line, on known data."""
+"""bench/ statistics and the progress line, on known data."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Engine build options and their validation against the device and the model.
 
-:class:`BuildOptions` lives in ``device`` because the builder (:mod:`.trt_build`) and the engine cache
-(:mod:`.enginecache`, which keys on the options) both need it and ``device`` may import nothing else
-from retinaedge; the service and the ``build`` verb construct it from their settings/arguments.
+:class:`BuildOptions` is shared by the builder (:mod:`.build`) and the engine cache (:mod:`.cache`, which
+keys on the options); the engine settings (:mod:`.settings`) and the ``build`` verb construct it.
 
 Options are never rewritten: an option the device or the model cannot honour is refused with a
 :class:`~.errors.BuildOptionsError` that says what is wrong and what to do instead (a silently

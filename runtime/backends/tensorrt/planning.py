@@ -67,7 +67,7 @@ def default_probe() -> tuple[DeviceFingerprint, DeviceCapabilities]:
 class BackendPlan:
     """What :func:`choose_backend` will do, decided without loading or building anything.
 
-    ``candidates``: the policy's ordered list (:class:`~.policy.Candidate`). ``action`` (``onnxruntime``,
+    ``candidates``: the policy's ordered list (:class:`~retinaedge.runtime.backends.policy.Candidate`). ``action`` (``onnxruntime``,
     ``load`` a verified cache entry or ``build``), ``decision`` (one of :data:`DECISIONS`) and ``reason``
     (for people) are the first candidate's. The other fields are set once the device was probed and the
     options accepted.
@@ -114,7 +114,7 @@ def plan_backend(
     retry_after_s: float = 86400.0,
     now: float | None = None,
 ) -> BackendPlan:
-    """Gather the facts (see the module docstring) and ask :func:`~.policy.plan_candidates`.
+    """Gather the facts (see the module docstring) and ask :func:`~retinaedge.runtime.backends.policy.plan_candidates`.
 
     Probes the device and reads the engine cache; loads and builds nothing. In mode ``tensorrt`` every
     reason not to use TensorRT is raised instead of planned.

@@ -81,13 +81,12 @@ def test_build_run_and_parity_with_onnxruntime(bundle_dir: Path, tmp_path: Path,
 def test_cached_engine_is_found_and_loads(bundle_dir: Path, tmp_path: Path) -> None:
     from retinaedge.runtime.backends import Backend
     from retinaedge.runtime.backends.tensorrt.backend import TensorRTBackend
-    from retinaedge.runtime.backends.tensorrt.backend import TensorRTBackend as TensorRTRunner
     from retinaedge.runtime.backends.tensorrt.cache import EngineCache
     from retinaedge.runtime.backends.tensorrt.options import BuildOptions
 
     options = BuildOptions(nms="builtin")
     backend, manifest, plan = _build(bundle_dir, tmp_path / "engines", options)
-    assert isinstance(backend, TensorRTRunner) and isinstance(backend, Backend)
+    assert isinstance(backend, TensorRTBackend) and isinstance(backend, Backend)
     assert backend.self_test_criteria == manifest["validation"]["criteria"]
     backend.close()
     fingerprint, _ = _probe()
