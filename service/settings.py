@@ -144,6 +144,12 @@ class Settings(EngineConfig):
         "when a result is recorded (always), or not at all (never: saves their CPU, about an inference's "
         "worth per frame with findings; no destination may then take sc)",
     )
+    captures_max_bytes: int = Field(
+        default=1024**3,
+        ge=0,
+        description="disk budget of the secondary captures kept; the oldest instances' beyond it are removed "
+        "(their results stay)",
+    )
     export_destinations: list[DeliveryDestination] = Field(
         default_factory=list,
         description="where results are pushed as DICOM SR (DIMSE C-STORE or STOW-RS; docs/integration.md)",

@@ -57,6 +57,7 @@ class Pruner:
     max_age_s: float
     max_bytes: int
     captures: CaptureFiles | None = None  # removed with their results
+    captures_max_bytes: int | None = None  # and the oldest beyond this budget
     last: float = -math.inf  # time.monotonic() of the last pass
 
     def __call__(self) -> None:
@@ -69,6 +70,8 @@ class Pruner:
             self.identities.delete(gone)
             if self.captures is not None:
                 self.captures.delete(gone)
+        if self.captures is not None and self.captures_max_bytes is not None:
+            self.captures.trim(self.captures_max_bytes)
 
 
 @dataclass
@@ -188,6 +191,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         settings.results_max_age_s,
         settings.results_max_bytes,
         captures,
+        settings.captures_max_bytes,
     )
     documents = DOCUMENTS
     dispatcher = Dispatcher(

@@ -185,6 +185,33 @@ class CaptureFiles:
         for uid in uids:
             shutil.rmtree(self.path(uid), ignore_errors=True)
 
+    def trim(self, max_bytes: int) -> int:
+        """Remove the oldest instances' captures (by when they were made) until those kept take at most
+        ``max_bytes`` of disk; returns how many instances lost theirs. Their results and other documents
+        stay (``?document=sc`` and the overlay route then answer 404)."""
+        kept: list[tuple[float, int, Path]] = []
+        for path in self.root.iterdir():
+            if path.name.startswith(".") or not path.is_dir():
+                continue  # a making or a replacement under way
+            try:
+                files = [f.stat() for f in path.iterdir()]
+                made = path.stat().st_mtime
+            except FileNotFoundError:  # replaced or removed meanwhile
+                continue
+            kept.append((made, sum(s.st_size for s in files), path))
+        total = sum(size for _made, size, _path in kept)
+        removed = 0
+        for _made, size, path in sorted(kept, key=lambda k: k[0]):
+            if total <= max_bytes:
+                break
+            with self._installing:
+                shutil.rmtree(path, ignore_errors=True)
+            total -= size
+            removed += 1
+        if removed:
+            log.info("captures of %d instance(s) removed: over captures_max_bytes", removed)
+        return removed
+
     def keep_only(self, uids: Iterable[str]) -> int:
         """Remove the captures of instances the database no longer knows, and unfinished makings."""
         known = {self.path(uid).name for uid in uids}

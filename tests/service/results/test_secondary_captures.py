@@ -278,3 +278,23 @@ def test_a_new_result_replaces_the_captures_and_retention_removes_them(
     make(maker, MULTI, result)
     (maker.files.root / ".made-left-by-a-crash").mkdir()
     assert maker.files.keep_only([]) == 2 and list(maker.files.root.iterdir()) == []
+
+
+def test_captures_are_trimmed_to_their_budget_oldest_first(tmp_path: Path) -> None:
+    """captures_max_bytes: the oldest instances' captures go first; makings under way are left alone."""
+    import os
+
+    from retinaedge.service.results.captures import CaptureFiles
+
+    files = CaptureFiles(tmp_path / "captures")
+    for k, uid in enumerate(["1.2.3.1", "1.2.3.2", "1.2.3.3"]):
+        folder = files.path(uid)
+        folder.mkdir()
+        (folder / "1.dcm").write_bytes(b"\0" * 1000)
+        (folder / "1.png").write_bytes(b"\0" * 500)
+        os.utime(folder, (1_000_000 + k, 1_000_000 + k))  # made in this order
+    (tmp_path / "captures" / ".made-x").mkdir()  # a making under way
+    assert files.trim(10_000) == 0
+    assert files.trim(3000) == 1  # 4500 bytes kept -> the oldest goes, 3000 are left
+    assert files.frames("1.2.3.1") == {} and set(files.frames("1.2.3.2")) == {1}
+    assert files.trim(0) == 2 and (tmp_path / "captures" / ".made-x").is_dir()
