@@ -78,7 +78,8 @@ def build_gsps(
     )
 
     if int(image.get("SamplesPerPixel", 1) or 1) != 1:
-        raise Unavailable("a colour image has no grayscale softcopy presentation state")
+        # Not a failure: a destination taking gsps skips colour images (counted), never dead-letters them.
+        raise NothingToReport("a colour image has no grayscale softcopy presentation state")
     image = with_type2(image)
     multiframe = int(image.get("NumberOfFrames", 1) or 1) > 1
     rows, columns = float(image.Rows), float(image.Columns)
