@@ -19,10 +19,26 @@ from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import ResultDone, ResultFailed, ResultPending
 from retinaedge.service.results.selection import findings_by_frame
+from retinaedge.service.results.store import Row
 from retinaedge.service.results.views import InstanceView
 from retinaedge.service.state import FORMATS_EXTENSION, InstanceFormat, ServicesDep
 
 router = APIRouter(tags=["results"])
+
+
+async def kept_row(uid: str, services: ServicesDep) -> Row | Response:
+    """The stored row of instance ``uid`` once this client's own results are kept, or the answer when
+    there is none yet: 404 unknown or expired, 202 (with ``Retry-After``) while it is pending."""
+    check_uid(uid, "the SOP Instance UID in the path")
+    await services.settled()
+    row = await asyncio.to_thread(services.store.get, uid)
+    if row is None:
+        return problem(404, "not-found", "no instance with this SOP Instance UID (or its result has expired)")
+    if row.state == "pending":
+        return JSONResponse(
+            {"sop_instance_uid": uid, "state": "pending"}, status_code=202, headers={"Retry-After": "1"}
+        )
+    return row
 
 
 @router.get(
@@ -36,15 +52,9 @@ router = APIRouter(tags=["results"])
 )
 async def result(uid: str, services: ServicesDep, fmt: InstanceFormat) -> Response:
     """The detections of the instance with SOP Instance UID ``uid``."""
-    check_uid(uid, "the SOP Instance UID in the path")
-    await services.settled()
-    row = await asyncio.to_thread(services.store.get, uid)
-    if row is None:
-        return problem(404, "not-found", "no instance with this SOP Instance UID (or its result has expired)")
-    if row.state == "pending":
-        return JSONResponse(
-            {"sop_instance_uid": uid, "state": "pending"}, status_code=202, headers={"Retry-After": "1"}
-        )
+    row = await kept_row(uid, services)
+    if isinstance(row, Response):
+        return row
     if row.state == "failed":
         return JSONResponse(
             {
@@ -88,15 +98,9 @@ async def overlay(
 ) -> Response:
     """Frame ``n`` of the instance ``uid`` with its findings' boxes and labels burned in, as a PNG; 404
     when the frame does not exist or has no findings."""
-    check_uid(uid, "the SOP Instance UID in the path")
-    await services.settled()
-    row = await asyncio.to_thread(services.store.get, uid)
-    if row is None:
-        return problem(404, "not-found", "no instance with this SOP Instance UID (or its result has expired)")
-    if row.state == "pending":
-        return JSONResponse(
-            {"sop_instance_uid": uid, "state": "pending"}, status_code=202, headers={"Retry-After": "1"}
-        )
+    row = await kept_row(uid, services)
+    if isinstance(row, Response):
+        return row
     if row.state == "failed":
         return problem(
             404, "not-found", f"the instance was not processed ({row.error_type}): it has no overlay"

@@ -136,3 +136,24 @@ def serve(**overrides: Any) -> Iterator[str]:
     settings = load_settings(port=free_port(), **overrides)
     with serve_app(create_app(settings), settings.port) as url:
         yield url
+
+
+def demo_app(prefix: str, **overrides: Any) -> Any:
+    """An app on the committed demo bundle with a fresh data directory (``prefix`` names it), not started."""
+    from retinaedge.service.app import create_app
+    from retinaedge.service.settings import load_settings
+
+    from support.paths import DEMO
+
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    return create_app(load_settings(model=DEMO, data_dir=data_dir, **overrides))
+
+
+@contextmanager
+def ready_client(app: Any, timeout: float = 120.0) -> Iterator[Any]:
+    """FastAPI's TestClient on ``app`` (its lifespan runs), once the model is loaded and self-tested."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        assert app.state.worker.wait_ready(timeout), app.state.worker.reason
+        yield client

@@ -8,7 +8,6 @@ In process (FastAPI's TestClient, which runs the lifespan) on the committed demo
 from __future__ import annotations
 
 import io
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from retinaedge.service.results.writer import KeptResult, ResultWriter
 from retinaedge.service.settings import load_settings
 from support.clients import multipart, wait_done
 from support.paths import DEMO, EXAMPLES
+from support.servers import demo_app, ready_client
 
 SINGLE = EXAMPLES / "study_01" / "IM0015.dcm"
 MULTI = EXAMPLES / "study_01_multiframe" / "MF0001.dcm"
@@ -38,14 +38,12 @@ PROBLEM = "application/problem+json"
 
 @pytest.fixture(scope="module")
 def app() -> FastAPI:
-    settings = load_settings(model=DEMO, data_dir=Path(tempfile.mkdtemp(prefix="retinaedge-captures-")))
-    return create_app(settings)
+    return demo_app("retinaedge-captures-")
 
 
 @pytest.fixture(scope="module")
 def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as c:
-        assert app.state.worker.wait_ready(120), app.state.worker.reason
+    with ready_client(app) as c:
         yield c
 
 

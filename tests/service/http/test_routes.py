@@ -34,6 +34,7 @@ from retinaedge.service.results.sr import instance_sr
 from retinaedge.service.routes import detect
 from retinaedge.service.settings import load_settings
 from support.paths import CORPUS, DEMO, EXAMPLES
+from support.servers import demo_app, ready_client
 
 CT_SMALL = (CORPUS / "CT_small.dcm").read_bytes()
 CT_SMALL_UID = "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
@@ -59,14 +60,12 @@ JSON_ROUTES = [
 
 @pytest.fixture(scope="module")
 def app() -> FastAPI:
-    settings = load_settings(model=DEMO, data_dir=Path(tempfile.mkdtemp(prefix="retinaedge-routes-")))
-    return create_app(settings)
+    return demo_app("retinaedge-routes-")
 
 
 @pytest.fixture(scope="module")
 def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as c:
-        assert app.state.worker.wait_ready(120), app.state.worker.reason
+    with ready_client(app) as c:
         yield c
 
 
