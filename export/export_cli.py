@@ -10,7 +10,7 @@ from typing import Any
 
 from retinaedge.export.torchload import ARCHITECTURES
 from retinaedge.runtime.errors import ConfigError
-from retinaedge.runtime.manifest import WindowPolicy
+from retinaedge.runtime.manifest import ClassCode, WindowPolicy, class_codes_from_dict
 from retinaedge.runtime.operating_point import OperatingPoint
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "default none: every detection; retinaedge eval --choose-operating-point can set it later)",
     )
     p.add_argument(
+        "--class-codes",
+        type=Path,
+        metavar="FILE",
+        help='JSON {class: {"value": "...", "scheme": "SCT|RADLEX|DCM", "meaning": "..."}}: the standard code '
+        "result documents name each class by (a class without one gets the private scheme 99RETINAEDGE)",
+    )
+    p.add_argument(
         "--trt-plugin",
         action="store_true",
         help="also write the EfficientNMS_TRT variant (TensorRT before the built-in NMS layer)",
@@ -173,12 +180,27 @@ def _operating_point(path: Path | None) -> OperatingPoint | None:
         raise ConfigError(f"--operating-point {path}: {exc}") from exc
 
 
+def _class_codes(path: Path | None) -> dict[str, ClassCode]:
+    """The ``--class-codes`` file, read and checked (ConfigError naming the file)."""
+    if path is None:
+        return {}
+    try:
+        codes = class_codes_from_dict(json.loads(path.read_text()))
+        for name, code in codes.items():
+            code.validate(name)
+    except (OSError, ValueError, ConfigError) as exc:
+        raise ConfigError(f"--class-codes {path}: {exc}") from exc
+    return codes
+
+
 def run(args: argparse.Namespace) -> int:
     from retinaedge.export.exporter import export_retinanet
     from retinaedge.export.torchload import checkpoint_source, load_pickled_model, load_state_dict_checkpoint
     from retinaedge.runtime.jsonout import emit
 
     names = _class_names(args)
+    codes = _class_codes(args.class_codes)  # a malformed file: refused before the checkpoint is read
+    point = _operating_point(args.operating_point)
     if args.pickled_model:
         if args.anchor_sizes or args.aspect_ratios:
             raise ConfigError(
@@ -220,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         parity_threshold=args.parity_threshold,
         source=source,
         overwrite=args.force,
-        operating_point=_operating_point(args.operating_point),
+        operating_point=point,
+        class_codes=codes,
     )
     emit(
         {

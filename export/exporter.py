@@ -15,7 +15,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,14 @@ from retinaedge.runtime.bundle import (
 from retinaedge.runtime.detections import split_outputs
 from retinaedge.runtime.errors import ConfigError, ParityError
 from retinaedge.runtime.hashing import sha256_file
-from retinaedge.runtime.manifest import InputSpec, Manifest, PostprocessSpec, Preprocessing, WindowPolicy
+from retinaedge.runtime.manifest import (
+    ClassCode,
+    InputSpec,
+    Manifest,
+    PostprocessSpec,
+    Preprocessing,
+    WindowPolicy,
+)
 from retinaedge.runtime.operating_point import OperatingPoint
 
 log = logging.getLogger(__name__)
@@ -152,6 +159,7 @@ def export_retinanet(
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
     operating_point: OperatingPoint | None = None,
+    class_codes: Mapping[str, ClassCode] | None = None,
 ) -> ExportResult:
     """Export ``model`` (any constructed torchvision RetinaNet) to a bundle in ``out_dir``.
 
@@ -161,6 +169,8 @@ def export_retinanet(
     rejected bundle is then left in ``<out_dir>.rejected`` for inspection. ``operating_point``: the
     score threshold per class at which the model is read (:mod:`retinaedge.runtime.operating_point`;
     None: every detection is a finding until ``retinaedge eval --choose-operating-point`` sets one).
+    ``class_codes``: a standard code per class (SNOMED CT, RadLex, DICOM) that result documents name it
+    by; a class without one is named by the private scheme ``99RETINAEDGE``.
     """
     torch, _ = require_torch()
     height, width = (int(v) for v in input_size)
@@ -214,6 +224,7 @@ def export_retinanet(
         exporter={"name": "retinaedge", "version": __version__},
         versions=_versions(),
         operating_point=operating_point,
+        class_codes=dict(class_codes or {}),
     )
     manifest.validate()
 

@@ -53,9 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     series.add_argument(
         "--series",
         action="store_true",
-        help="group the files into series and print one object per series with its 3D findings",
+        help="group the files into series and print one object per series with its 3D findings, linked "
+        "from the findings of each frame (the detections at or above the model's operating point)",
     )
-    series.add_argument("--min-score", type=float, help="ignore detections scoring below this (default 0.5)")
+    series.add_argument(
+        "--min-score",
+        type=float,
+        help="also ignore findings scoring below this (default: none beyond the operating point; 0.5 for a "
+        "bundle without one)",
+    )
     series.add_argument("--min-slices", type=int, help="drop findings on fewer slices than this (default 2)")
     series.add_argument(
         "--link-iou", type=float, help="box IoU that links detections on neighbouring slices (default 0.2)"
@@ -80,19 +86,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 SERIES_OPTIONS = ("min_score", "min_slices", "link_iou", "max_gap")
 
 
-def link_params(args: argparse.Namespace) -> LinkParams | None:
-    """The linking parameters with ``--series`` (defaults where not given), else None; series options
-    without ``--series`` are refused."""
+def link_params(args: argparse.Namespace, has_operating_point: bool) -> LinkParams | None:
+    """The linking parameters with ``--series`` (defaults where not given: ``--min-score`` from
+    :func:`~retinaedge.runtime.findings.default_min_score`), else None; series options without
+    ``--series`` are refused."""
+    given = series_options(args)
+    if not getattr(args, "series", False):
+        return None
+    from retinaedge.runtime.findings import LinkParams, default_min_score
+
+    given.setdefault("min_score", default_min_score(has_operating_point))
+    return LinkParams(**given)
+
+
+def series_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The series options given on the command line; ConfigError when any is given without ``--series``."""
     given: dict[str, Any] = {name: getattr(args, name, None) for name in SERIES_OPTIONS}
     given = {name: value for name, value in given.items() if value is not None}
-    if not getattr(args, "series", False):
-        if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise ConfigError(f"{flags} only apply with --series")
-        return None
-    from retinaedge.runtime.findings import LinkParams
-
-    return LinkParams(**given)
+    if given and not getattr(args, "series", False):
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(f"{flags} only apply with --series")
+    return given
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.overlay import write_png
     from retinaedge.runtime.slices import read_frames
 
-    params = link_params(args)
+    series_options(args)  # misplaced series options: refused before any file is read
     if args.provider != "cpu" and args.backend != "onnxruntime":  # auto might not use it: not silently
         raise ConfigError(
             f"--provider {args.provider} applies to ONNX Runtime, not to --backend {args.backend} "
@@ -125,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     with Detector.open(
         args.model, backend=args.backend, batch_size=args.batch_size, limits=limits, options=options
     ) as det:
+        params = link_params(args, det.bundle.manifest.operating_point is not None)
         for number, path in enumerate(dicom_files(args.files)):
             on_frame = None
             if args.overlay:
@@ -168,8 +183,10 @@ def series_results(
     from retinaedge.runtime.findings import analyse_series
 
     frames = [f for _, refs in collected for f in refs]
-    detections = {
-        (result.sop_instance_uid, fr.index): fr.detections for result, _ in collected for fr in result.frames
+    detections = {  # findings only: the detections at or above the model's operating point
+        (result.sop_instance_uid, fr.index): [d for d in fr.detections if d.finding]
+        for result, _ in collected
+        for fr in result.frames
     }
     results = analyse_series(frames, detections, params)
     log.info(

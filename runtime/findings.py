@@ -56,13 +56,26 @@ class DetectionLike(Protocol):
 DetectionMap = Mapping[tuple[str, int], Sequence[DetectionLike]]
 
 
+#: ``min_score`` of a bundle without an operating point, whose detections are all findings down to the
+#: model's own score threshold (0.05 for torchvision's RetinaNet): what series linking used before bundles
+#: had an operating point.
+FALLBACK_MIN_SCORE = 0.5
+
+
+def default_min_score(has_operating_point: bool) -> float:
+    """The ``min_score`` where none is given: 0 for a bundle with an operating point (the callers link its
+    findings only, so the operating point is the floor), :data:`FALLBACK_MIN_SCORE` for one without."""
+    return 0.0 if has_operating_point else FALLBACK_MIN_SCORE
+
+
 @dataclass(frozen=True)
 class LinkParams:
-    """``min_score``: detections below are ignored; ``min_slices``: fewest detected slices a finding
+    """``min_score``: detections below are ignored (callers pass findings only, the detections at or above
+    the model's operating point, so this is a further floor; :func:`default_min_score`); ``min_slices``: fewest detected slices a finding
     needs; ``link_iou``: IoU that links boxes on neighbouring slices; ``max_gap``: most slices a finding
     may skip between two detections."""
 
-    min_score: float = 0.5
+    min_score: float = FALLBACK_MIN_SCORE
     min_slices: int = 2
     link_iou: float = 0.2
     max_gap: int = 1

@@ -145,6 +145,21 @@ class ClassCode:
             )
 
 
+def class_codes_from_dict(data: Any) -> dict[str, ClassCode]:
+    """``{class: {"value", "scheme", "meaning"}}`` (the manifest's ``class_codes``, or a file holding it)
+    -> codes; raises ConfigError naming what is malformed (each code is validated with the manifest)."""
+    if not isinstance(data, dict):
+        raise ConfigError('class codes are an object {class: {"value", "scheme", "meaning"}}')
+    out: dict[str, ClassCode] = {}
+    for name, code in data.items():
+        if not isinstance(code, dict) or set(code) != {"value", "scheme", "meaning"}:
+            raise ConfigError(
+                f'class_codes[{name!r}] must be an object with exactly "value", "scheme", "meaning"'
+            )
+        out[str(name)] = ClassCode(str(code["value"]), str(code["scheme"]), str(code["meaning"]))
+    return out
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What ``model.onnx`` is and how to feed it. Serialised as JSON (see :meth:`to_json`)."""
@@ -238,10 +253,7 @@ class Manifest:
                 nms=str(data.get("nms", "onnx-nonmaxsuppression")),
                 model_sha256=data.get("model_sha256"),
                 format_version=version,
-                class_codes={
-                    str(k): ClassCode(str(v["value"]), str(v["scheme"]), str(v["meaning"]))
-                    for k, v in (data.get("class_codes") or {}).items()
-                },
+                class_codes=class_codes_from_dict(data.get("class_codes") or {}),
                 operating_point=(
                     OperatingPoint.from_dict(data["operating_point"])
                     if data.get("operating_point") is not None

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from retinaedge.runtime.backends.tensorrt.settings import EngineConfig
 from retinaedge.runtime.errors import ConfigError
-from retinaedge.runtime.findings import LinkParams
+from retinaedge.runtime.findings import LinkParams, default_min_score
 from retinaedge.runtime.settings_source import (
     build_settings,
     environment_names,
@@ -110,7 +110,13 @@ class Settings(EngineConfig):
     series_quiet_s: float = Field(
         default=30.0, gt=0, description="a series is complete once no instance has arrived for this long"
     )
-    series_min_score: float = Field(default=0.5, ge=0, le=1, description="detections below are not linked")
+    series_min_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="findings scoring below are not linked (default: none beyond the model's operating "
+        "point; 0.5 for a bundle without one)",
+    )
     series_min_slices: int = Field(default=2, ge=1, description="findings on fewer slices are dropped")
     series_link_iou: float = Field(default=0.2, gt=0, le=1, description="IoU linking neighbouring slices")
     series_max_gap: int = Field(default=1, ge=0, description="slices a finding may skip")
@@ -185,10 +191,15 @@ class Settings(EngineConfig):
         prefix = f"{name}_"
         return {k[len(prefix) :]: v for k, v in self.model_dump().items() if k.startswith(prefix)}
 
-    def link_params(self) -> LinkParams:
-        """The series linking parameters (:class:`~retinaedge.runtime.findings.LinkParams`)."""
+    def link_params(self, has_operating_point: bool) -> LinkParams:
+        """The series linking parameters (:class:`~retinaedge.runtime.findings.LinkParams`) for a bundle
+        with or without an operating point (:func:`~retinaedge.runtime.findings.default_min_score`)."""
         return LinkParams(
-            min_score=self.series_min_score,
+            min_score=(
+                default_min_score(has_operating_point)
+                if self.series_min_score is None
+                else self.series_min_score
+            ),
             min_slices=self.series_min_slices,
             link_iou=self.series_link_iou,
             max_gap=self.series_max_gap,

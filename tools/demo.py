@@ -5,10 +5,11 @@
 2. sends every single-frame series under ``examples/`` by DICOMweb STOW-RS (one
    ``multipart/related`` request per series), then polls ``GET /v1/results/{uid}`` until each is done;
 3. sends every other instance (the multi-frame and the compressed one) to ``POST /v1/detect``;
-4. prints a table of findings per instance and frame (scores >= ``--min-score``), each checked against
+4. prints a table of findings per instance and frame (the detections at or above the model's operating
+   point, ``"finding": true``; ``--min-score`` raises the floor), each checked against
    ``examples/ground_truth.json`` when it is there (IoU >= 0.5 and the same class = hit), and the misses;
-   then asks for each series' 3D findings (``POST /v1/series/{uid}/complete``, detections from
-   ``--min-score`` linked across slices) and prints them, each checked against ``examples/lesions.json``
+   then asks for each series' 3D findings (``POST /v1/series/{uid}/complete``, the findings linked
+   across slices) and prints them, each checked against ``examples/lesions.json``
    (same kind, centroid within the tumour's largest radius + 5 mm = hit);
 5. writes one overlay PNG per frame with a finding or a truth box (the frame as the model saw it, findings
    in colour, ground truth in thin white) into ``--out``;
@@ -148,14 +149,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def service(model: Path, out: Path, min_score: float) -> Iterator[str]:
+def service(model: Path, out: Path, min_score: float | None) -> Iterator[str]:
     """``retinaedge serve`` in a subprocess on a free loopback port; yields its base URL. Series
-    findings link detections from ``min_score``."""
+    findings link the findings (scoring at least ``min_score`` where one is given)."""
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="retinaedge-demo-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAEDGE_")}
     env["RETINAEDGE_DATA_DIR"] = str(data_dir)
-    env["RETINAEDGE_SERIES_MIN_SCORE"] = str(min_score)
+    if min_score is not None:
+        env["RETINAEDGE_SERIES_MIN_SCORE"] = str(min_score)
     cmd = [
         sys.executable,
         "-m",
@@ -243,9 +245,19 @@ class Tally:
     missed_difficult: int = 0
 
 
-def frame_rows(inst: Instance, frame: dict[str, Any], min_score: float, tally: Tally) -> list[str]:
+def shown(frame: dict[str, Any], min_score: float | None) -> list[dict[str, Any]]:
+    """The findings of a result frame: detections marked ``"finding": true`` (at or above the model's
+    operating point), scoring at least ``min_score`` where one is given."""
+    return [
+        d
+        for d in frame["detections"]
+        if d.get("finding", True) and (min_score is None or d["score"] >= min_score)
+    ]
+
+
+def frame_rows(inst: Instance, frame: dict[str, Any], min_score: float | None, tally: Tally) -> list[str]:
     """Table rows of one frame: findings (hit / no truth) then truth boxes nobody found."""
-    dets = [d for d in frame["detections"] if d["score"] >= min_score]
+    dets = shown(frame, min_score)
     truths = inst.truth.get(int(frame["index"]), [])
     used: set[int] = set()
     rows = []
@@ -279,7 +291,7 @@ def frame_rows(inst: Instance, frame: dict[str, Any], min_score: float, tally: T
     return rows
 
 
-def print_table(instances: list[Instance], min_score: float) -> Tally:
+def print_table(instances: list[Instance], min_score: float | None) -> Tally:
     out = sys.stdout
     tally = Tally()
     out.write(
@@ -305,7 +317,7 @@ def print_table(instances: list[Instance], min_score: float) -> Tally:
         1
         for i in instances
         for f in i.result["frames"]  # type: ignore[index]
-        if not any(d["score"] >= min_score for d in f["detections"]) and not i.truth.get(int(f["index"]))
+        if not shown(f, min_score) and not i.truth.get(int(f["index"]))
     )
     out.write("-" * 118 + "\n")
     out.write(
@@ -363,7 +375,9 @@ def print_series(series: dict[str, dict[str, Any]], instances: list[Instance], l
                     )
 
 
-def write_overlays(instances: list[Instance], manifest: dict[str, Any], out: Path, min_score: float) -> int:
+def write_overlays(
+    instances: list[Instance], manifest: dict[str, Any], out: Path, min_score: float | None
+) -> int:
     """One PNG per frame with a finding or a truth box; returns how many were written."""
     import cv2
     from retinaedge.runtime.dicomio import iter_frames, open_dicom, validate
@@ -380,7 +394,7 @@ def write_overlays(instances: list[Instance], manifest: dict[str, Any], out: Pat
         with open_dicom(inst.path) as src:
             info = validate(src)
             for index, (arr, photometric) in enumerate(iter_frames(src, info)):
-                dets = [d for d in frames[index]["detections"] if d["score"] >= min_score]
+                dets = shown(frames[index], min_score)
                 truths = inst.truth.get(index, [])
                 if not dets and not truths:
                     continue
@@ -469,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=ROOT / "models" / "demo")
     p.add_argument("--examples", type=Path, default=ROOT / "examples")
     p.add_argument("--out", type=Path, default=ROOT / "demo-output")
-    p.add_argument("--min-score", type=float, default=0.3, help="findings below this score are not shown")
+    p.add_argument(
+        "--min-score",
+        type=float,
+        help="also hide findings scoring below this (default: every finding at the model's operating point)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)

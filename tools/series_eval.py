@@ -2,7 +2,9 @@
 
 Runs a bundle over phantom studies written by ``tools/make_phantoms.py`` (their ``lesions.json`` gives
 every tumour's kind, centre in patient coordinates, radii and the frames it appears on;
-``ground_truth.json`` its box on each frame), then compares, at each ``--min-score``:
+``ground_truth.json`` its box on each frame), then compares, at each ``--min-score`` (a number, or
+``operating-point``: the detections the bundle's operating point makes findings, what the service links
+by default):
 
 - **raw per-slice detections** (what a client sees without series linking): a detection is a *hit* when
   its box overlaps a truth box of its class on its frame with IoU >= 0.5 (difficult boxes included: a cut
@@ -20,7 +22,8 @@ Reports per-lesion recall and false findings (or false detections) per series fo
 class, as JSON (``--out``) and as a Markdown table on stdout. Usage::
 
     .venv/bin/python tools/make_phantoms.py /tmp/heldout --seed 100000 --studies 20
-    .venv/bin/python tools/series_eval.py --model models/demo --phantoms /tmp/heldout --min-score 0.3 0.5
+    .venv/bin/python tools/series_eval.py --model models/demo --phantoms /tmp/heldout \
+        --min-score operating-point 0.3 0.5
 """
 
 from __future__ import annotations
@@ -128,7 +131,16 @@ def match_detections(
     return found, false
 
 
-def evaluate(model: Path, phantoms: Path, scores: Sequence[float], margin_mm: float) -> dict[str, Any]:
+#: ``--min-score`` value that stands for the bundle's operating point.
+OPERATING_POINT = "operating-point"
+
+
+def _kept(d: Any, t: float | str) -> bool:
+    """Whether detection ``d`` counts at threshold ``t`` (a score, or :data:`OPERATING_POINT`)."""
+    return bool(d.finding) if t == OPERATING_POINT else bool(d.score >= float(t))
+
+
+def evaluate(model: Path, phantoms: Path, scores: Sequence[float | str], margin_mm: float) -> dict[str, Any]:
     """Run ``model`` over every series of ``phantoms`` once and match at each threshold in ``scores``."""
     from retinaedge.runtime.detector import Detector
     from retinaedge.runtime.findings import LinkParams, analyse_series
@@ -160,18 +172,19 @@ def evaluate(model: Path, phantoms: Path, scores: Sequence[float], margin_mm: fl
         "thresholds": [],
     }
     for t in scores:
-        params = LinkParams(min_score=t)
+        params = LinkParams(min_score=0.0 if t == OPERATING_POINT else float(t))
         tally = {c: {"lesions": 0, "found_raw": 0, "found_3d": 0} for c in classes}
         false_raw = false_3d = duplicates = findings_total = 0
         for series, frames, detections, geometry in per_series:
             lesions = lesions_of(series)
-            (linked,) = analyse_series(frames, detections, params)
+            kept = {key: [d for d in dets if _kept(d, t)] for key, dets in detections.items()}
+            (linked,) = analyse_series(frames, kept, params)
             findings = [f.to_json() for f in linked.findings]
             findings_total += len(findings)
             m3 = match_findings(findings, lesions, margin_mm)
             raw = {
-                key: [(d.label, d.score, d.box, _centre(geometry[key], d.box)) for d in dets if d.score >= t]
-                for key, dets in detections.items()
+                key: [(d.label, d.score, d.box, _centre(geometry[key], d.box)) for d in dets]
+                for key, dets in kept.items()
             }
             found_raw, false = match_detections(raw, truth, lesions)
             false_raw += false
@@ -239,11 +252,26 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _threshold(text: str) -> float | str:
+    if text == OPERATING_POINT:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a score or {OPERATING_POINT}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="model bundle directory")
     p.add_argument("--phantoms", type=Path, required=True, help="output directory of make_phantoms.py")
-    p.add_argument("--min-score", type=float, nargs="+", default=[0.3, 0.5], help="thresholds to report")
+    p.add_argument(
+        "--min-score",
+        type=_threshold,
+        nargs="+",
+        default=[OPERATING_POINT, 0.3, 0.5],
+        help=f"thresholds to report: scores, or {OPERATING_POINT} (the bundle's findings)",
+    )
     p.add_argument("--margin-mm", type=float, default=5.0, help="matching margin beyond the lesion radius")
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)

@@ -298,7 +298,10 @@ class Dispatcher:
             build = lambda: doc.build_study(study)  # noqa: E731
         else:
             rows = self.store.series_rows(job.subject_uid)
-            found = series_findings(rows, self.settings.link_params(), self.identities.get)
+            params = self.settings.link_params(
+                self.manifest is not None and self.manifest.operating_point is not None
+            )
+            found = series_findings(rows, params, self.identities.get)
             if found is None:
                 raise NoDocument("no instance of the series is kept that could be analysed")
             series = SeriesView(

@@ -41,7 +41,8 @@ def _series_state(services: Services, uid: str) -> tuple[SeriesStatus, SeriesFin
     status = series_status(rows, time.time(), settings.series_quiet_s, store.series_requested_at(uid))
     if status.state != "complete":
         return status, None
-    return status, series_findings(rows, settings.link_params(), services.identities.get)
+    params = settings.link_params(services.bundle.manifest.operating_point is not None)
+    return status, series_findings(rows, params, services.identities.get)
 
 
 async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:

@@ -46,6 +46,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_cli_export_state_dict_grey_nonsquare_with_plugin(tmp_path: Path, checkpoint: Path) -> None:
     out = tmp_path / "bundle"
+    codes = tmp_path / "codes.json"
+    codes.write_text(json.dumps({"cyst": {"value": "441457006", "scheme": "SCT", "meaning": "Cyst"}}))
     proc = cli(
         "export",
         str(checkpoint),
@@ -53,6 +55,8 @@ def test_cli_export_state_dict_grey_nonsquare_with_plugin(tmp_path: Path, checkp
         "resnet34_fpn",
         "--out",
         str(out),
+        "--class-codes",
+        str(codes),
         # Non-square and small (no check needs pixels; PyTorch and ONNX Runtime run each image about four
         # times): the width's pyramid goes odd and rounds up (36, 18, 9, 5, 3) as 416 did (52, 26, 13, 7, 4).
         "--input-size",
@@ -83,6 +87,9 @@ def test_cli_export_state_dict_grey_nonsquare_with_plugin(tmp_path: Path, checkp
         and len(m.source["sha256"]) == 64
     )
     assert m.architecture == "resnet34_fpn" and m.class_names == ("tumour", "cyst")
+    assert {k: (c.value, c.scheme, c.meaning) for k, c in m.class_codes.items()} == {
+        "cyst": ("441457006", "SCT", "Cyst")
+    }
 
     # The plugin variant: checker passes, one EfficientNMS_TRT node, semantics stated in parity.json.
     plugin = onnx.load(str(out / PLUGIN_MODEL_FILE))
@@ -103,6 +110,39 @@ def test_cli_export_state_dict_grey_nonsquare_with_plugin(tmp_path: Path, checkp
         for d in onnx.load(str(bundle.model_path)).graph.input[0].type.tensor_type.shape.dim
     ]
     assert dims == ["N", 1, 192, 288]
+
+
+@pytest.mark.parametrize(
+    ("codes", "message"),
+    [
+        ({"cyst": {"value": "1", "scheme": "SCT"}}, 'exactly "value", "scheme", "meaning"'),
+        ({"cyst": {"value": "1", "scheme": "SCT", "meaning": "x" * 65}}, "code meaning to 64"),
+        (["cyst"], "class codes are an object"),
+    ],
+)
+def test_cli_refuses_malformed_class_codes_before_reading_the_checkpoint(
+    tmp_path: Path, codes: object, message: str
+) -> None:
+    path = tmp_path / "codes.json"
+    path.write_text(json.dumps(codes))
+    proc = cli(
+        "export",
+        str(tmp_path / "absent.pth"),
+        "--arch",
+        "resnet34_fpn",
+        "--input-size",
+        "256",
+        "--class-names",
+        "tumour,cyst",
+        "--out",
+        str(tmp_path / "b"),
+        "--class-codes",
+        str(path),
+    )
+    assert proc.returncode == 2
+    err = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
+    assert err["message"].startswith(f"--class-codes {path}: ") and message in err["message"]
+    assert not (tmp_path / "b").exists()
 
 
 def test_cli_reports_mismatched_keys(tmp_path: Path, checkpoint: Path) -> None:

@@ -658,6 +658,37 @@ def test_demo_single_and_multiframe_give_the_same_findings(capsys: pytest.Captur
     assert found, "no lesion kind of examples/lesions.json was found"
 
 
+@pytest.mark.skipif(not (DEMO / "model.onnx").exists(), reason="models/demo is not trained yet")
+def test_cli_series_links_the_findings_at_the_operating_point(capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo bundle has an operating point: --series links exactly the detections it makes findings
+    (no further floor), so every linked box is at or above its class's threshold, and a finding below the
+    old fixed floor of 0.5 (the demo's meningioma threshold is 0.256) is linked."""
+    from retinaedge.runtime.bundle import load_bundle
+
+    thresholds = load_bundle(DEMO).manifest.operating_point.score_thresholds  # type: ignore[union-attr]
+    line = _series_cli(EXAMPLES / "study_01", capsys)
+    assert line["parameters"]["min_score"] == 0.0  # type: ignore[index]
+    linked = [(f["label"], d["score"]) for f in line["findings"] for d in f["detections"]]  # type: ignore[attr-defined]
+    assert linked and all(score >= thresholds[label] for label, score in linked)
+    assert any(score < 0.5 for _, score in linked)
+    raised = main(
+        [
+            "--log-level",
+            "WARNING",
+            "detect",
+            "--series",
+            "--min-score",
+            "0.5",
+            "--model",
+            str(DEMO),
+            str(EXAMPLES / "study_01"),
+        ]
+    )
+    (again,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert raised == 0 and again["parameters"]["min_score"] == 0.5
+    assert all(d["score"] >= 0.5 for f in again["findings"] for d in f["detections"])
+
+
 def test_true_boxes_of_the_examples_give_one_finding_per_lesion() -> None:
     """examples/ground_truth.json's boxes as perfect detections: the single-frame and the multi-frame
     instance of study_01 give the same findings, one per tumour, centred near its true centre."""

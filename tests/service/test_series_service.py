@@ -88,15 +88,20 @@ def test_quiet_period_completes_a_series_with_the_runtime_findings(tmp_path: Pat
     assert body["state"] == "complete" and body["completed_by"] == "quiet-period"
     assert body["instances"] == {"received": 27, "pending": 0, "done": 27, "failed": 0}
     assert body["stack"]["consistent"] and body["stack"]["slices"] == 27
-    assert body["parameters"] == LinkParams().to_json()
+    # The demo bundle has an operating point: its findings are linked, with no further score floor.
+    assert body["parameters"] == LinkParams(min_score=0.0).to_json()
     assert body["model"]["name"] == "retinaedge-demo-brainmr"
     with Detector.open(DEMO) as det:
         results = [det.detect(p) for p in SINGLE]
     frames = [f for p in SINGLE for f in read_frames(p)]
-    detections = {(r.sop_instance_uid, fr.index): fr.detections for r in results for fr in r.frames}
-    (expected,) = analyse_series(frames, detections, LinkParams())
+    detections = {
+        (r.sop_instance_uid, fr.index): [d for d in fr.detections if d.finding]
+        for r in results
+        for fr in r.frames
+    }
+    (expected,) = analyse_series(frames, detections, LinkParams(min_score=0.0))
     want = [f for f in expected.to_json()["findings"]]
-    assert want, "the demo model finds no tumour in examples/study_01 at the default threshold"
+    assert want, "the demo model finds no tumour in examples/study_01 at its operating point"
     assert [key(f) for f in body["findings"]] == [key(f) for f in want]
     for got, exp in zip(body["findings"], want, strict=True):
         np.testing.assert_allclose(got["bbox_lps_mm"]["min"], exp["bbox_lps_mm"]["min"], atol=1e-3)
