@@ -34,6 +34,7 @@ from retinaedge.service.pipeline.batching import BatchPolicy
 from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.processor import Processor
 from retinaedge.service.pipeline.stages import InferenceWorker
+from retinaedge.service.results.built import BUILT, BuiltDocuments
 from retinaedge.service.results.captures import CAPTURES, CaptureFiles, CaptureMaker
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles, migrate
@@ -58,6 +59,7 @@ class Pruner:
     max_bytes: int
     captures: CaptureFiles | None = None  # removed with their results
     captures_max_bytes: int | None = None  # and the oldest beyond this budget
+    built: BuiltDocuments | None = None  # removed with their results
     last: float = -math.inf  # time.monotonic() of the last pass
 
     def __call__(self) -> None:
@@ -70,6 +72,8 @@ class Pruner:
             self.identities.delete(gone)
             if self.captures is not None:
                 self.captures.delete(gone)
+            if self.built is not None:
+                self.built.delete(gone)
         if self.captures is not None and self.captures_max_bytes is not None:
             self.captures.trim(self.captures_max_bytes)
 
@@ -98,6 +102,7 @@ class Services:
     )
     dimse: DimseServer  # the C-STORE SCP (idle when dimse_port is 0)
     captures: CaptureFiles  # the secondary captures and overlay PNGs (service/results/captures.py)
+    built: BuiltDocuments  # the SRs and GSPSs built once per result (service/results/built.py)
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
     @property
@@ -180,6 +185,8 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
     captures = CaptureFiles(settings.data_dir / CAPTURES)
     captures.keep_only(store.uids())  # likewise, and makings a crash interrupted
+    built = BuiltDocuments(settings.data_dir / BUILT)
+    built.keep_only(store.uids())
     # Secondary captures cost about an inference per frame with findings: made only when asked for.
     drawing = (
         CaptureMaker(captures, bundle.manifest, limits, identities) if settings.captures == "always" else None
@@ -192,6 +199,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         settings.results_max_bytes,
         captures,
         settings.captures_max_bytes,
+        built,
     )
     documents = DOCUMENTS
     dispatcher = Dispatcher(
@@ -202,6 +210,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         str(bundle.manifest.model_sha256),
         documents,
         manifest=bundle.manifest,
+        built=built,
     )
     metrics.registry.register(DeliveryCollector(dispatcher))
 
@@ -238,7 +247,8 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         processor=processor,
         writer=ResultWriter(store, identities, prune, captures=drawing),
         captures=captures,
-        formats=default_formats(documents),
+        built=built,
+        formats=default_formats(documents, built),
         documents=documents,
         admit=admit,
         dispatcher=dispatcher,
@@ -289,7 +299,13 @@ def negotiated(scope: Scope) -> Callable[..., Awaitable[ResultFormat]]:
                 raise RequestError("frame goes with ?document=KIND (a document made per frame: sc)")
             return services.formats.select(scope, accept)
         return document_format(
-            services.documents, scope, document, accept, data_dir=services.settings.data_dir, frame=frame
+            services.documents,
+            scope,
+            document,
+            accept,
+            data_dir=services.settings.data_dir,
+            frame=frame,
+            built=services.built,
         )
 
     async def dependency(  # async: no thread hop (see get_services)

@@ -41,6 +41,7 @@ from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.outbox.files import DocumentFiles
 from retinaedge.service.outbox.queue import Job, Outbox
 from retinaedge.service.outbox.senders import Delivery, Instance, sender_for
+from retinaedge.service.results.built import BuiltDocuments, result_version
 from retinaedge.service.results.completion import series_findings, series_status
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles
@@ -80,9 +81,11 @@ class Dispatcher:
         documents: DocumentRegistry = DOCUMENTS,
         *,
         manifest: Manifest | None = None,
+        built: BuiltDocuments | None = None,
     ) -> None:
         self.settings = settings
         self.manifest = manifest  # the model's (class codes, ...) for the documents it builds
+        self.built = built  # an instance's documents, built once and shared with the routes
         self.store = store
         self.identities = identities
         self.model_name, self.model_sha256 = model_name, model_sha256
@@ -276,19 +279,29 @@ class Dispatcher:
             row = self.store.get(job.subject_uid)
             if row is None or row.state != "done":
                 raise NoDocument("the instance's result is no longer kept (retention) or not done")
+            identity = self.identities.get(job.subject_uid)
             view = InstanceView(
                 uid=job.subject_uid,
                 result=row.result() or {},
                 header_json=row.header_json,
                 model_name=self.model_name,
                 model_sha256=self.model_sha256,
-                identity=self.identities.get(job.subject_uid),
+                identity=identity,
                 manifest=self.manifest,
+                version=result_version(row.result_json, row.header_json, identity),
             )
-            data_dir = self.settings.data_dir
-            build: Callable[[], Dataset | dict[int, Path]] = (
-                (lambda: doc.parts(view, data_dir)) if doc.stored else (lambda: doc.build_instance(view))
-            )
+            data_dir, built = self.settings.data_dir, self.built
+            build: Callable[[], Dataset | dict[int, Path]]
+            if doc.stored:
+                build = lambda: doc.parts(view, data_dir)  # noqa: E731
+            elif built is not None:  # the file the routes serve too: one SOP instance, built once
+                kept = built
+
+                def build() -> dict[int, Path]:
+                    return {1: kept.file(view.uid, doc.kind, view.version, lambda: doc.build_instance(view))}
+
+            else:
+                build = lambda: doc.build_instance(view)  # noqa: E731
         elif doc.scope == "study":
             rows = self.store.study_rows(job.subject_uid)
             if not rows:
@@ -314,6 +327,8 @@ class Dispatcher:
             raise NothingToSend(str(exc)) from exc
         except Unavailable as exc:
             raise NoDocument(str(exc)) from exc
+        except OSError:  # writing the built file: storage, retried as writing the outbox's file is
+            raise
         except Exception as exc:  # e.g. an SOP class highdicom cannot reference
             raise NoDocument(f"no {doc.title} can be built ({type(exc).__name__})") from exc
 

@@ -27,6 +27,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.errors import NotAcceptableError, NotFoundError, RequestError
 from retinaedge.service.http.problems import problem
+from retinaedge.service.results.built import BuiltDocuments
 from retinaedge.service.results.documents import DICOM, DOCUMENTS, Document, DocumentRegistry
 from retinaedge.service.results.views import SCOPES, InstanceView, Scope, SeriesView, StudyView, Unavailable
 
@@ -184,24 +185,42 @@ async def _document_response(doc: Document, build: Callable[[], Any], scope: Sco
 
     try:
         return Response(await asyncio.to_thread(encode), media_type=doc.media_type)
-    except Unavailable as exc:
-        return problem(status, _STATUS_TYPES[status], str(exc))
     except Exception as exc:
-        log.warning("%s of a %s not built: %s", doc.kind, scope, type(exc).__name__)
-        return problem(
-            status,
-            _STATUS_TYPES[status],
-            f"no {doc.title} can be built for this {scope} ({type(exc).__name__}); the JSON result is available",
-        )
+        return _not_built(doc, scope, status, exc)
+
+
+def _not_built(doc: Document, scope: Scope, status: int, exc: Exception) -> Response:
+    """The problem answer for a document that cannot be made: :class:`Unavailable` says why; any other
+    exception (an SOP class highdicom cannot reference, a disk error) is logged by type."""
+    if isinstance(exc, Unavailable):
+        return problem(status, _STATUS_TYPES[status], str(exc))
+    log.warning("%s of a %s not built: %s", doc.kind, scope, type(exc).__name__)
+    return problem(
+        status,
+        _STATUS_TYPES[status],
+        f"no {doc.title} can be built for this {scope} ({type(exc).__name__}); the JSON result is available",
+    )
 
 
 _STATUS_TYPES = {404: "not-found", 406: "not-acceptable"}
 _A: dict[Scope, str] = {"instance": "an instance", "series": "a series", "study": "a study"}
 
 
-def _instance_renderer(doc: Document, status: int) -> InstanceRenderer:
+def _instance_renderer(doc: Document, status: int, built: BuiltDocuments | None) -> InstanceRenderer:
+    """Serve ``doc`` of an instance: from its file in ``built`` (built there once per result version,
+    :mod:`.built`), or built for this response alone when there is no store or the view no version."""
+
     async def render(view: InstanceView) -> Response:
-        return await _document_response(doc, lambda: doc.build_instance(view), "instance", status)
+        if built is None or not view.version:
+            return await _document_response(doc, lambda: doc.build_instance(view), "instance", status)
+        try:
+            path = await built.file_async(view.uid, doc.kind, view.version, lambda: doc.build_instance(view))
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:  # removed meanwhile (retention, a newer result): build this one
+            return await _document_response(doc, lambda: doc.build_instance(view), "instance", status)
+        except Exception as exc:
+            return _not_built(doc, "instance", status, exc)
+        return Response(data, media_type=doc.media_type)
 
     return render
 
@@ -220,13 +239,16 @@ def _study_renderer(doc: Document, status: int) -> StudyRenderer:
     return render
 
 
-def _format_of(docs: dict[Scope, Document | None], status: int) -> ResultFormat:
-    """The format serving ``docs[scope]`` for each scope that has one (one media type)."""
+def _format_of(
+    docs: dict[Scope, Document | None], status: int, built: BuiltDocuments | None = None
+) -> ResultFormat:
+    """The format serving ``docs[scope]`` for each scope that has one (one media type); an instance's
+    document is kept in ``built`` once made."""
     some = next(d for d in docs.values() if d is not None)
     instance, series, study = docs.get("instance"), docs.get("series"), docs.get("study")
     return ResultFormat(
         some.media_type,
-        instance=_instance_renderer(instance, status) if instance is not None else None,
+        instance=_instance_renderer(instance, status, built) if instance is not None else None,
         series=_series_renderer(series, status) if series is not None else None,
         description=some.description,
         study=_study_renderer(study, status) if study is not None else None,
@@ -267,12 +289,13 @@ def document_format(
     *,
     data_dir: Path | None = None,
     frame: int | None = None,
+    built: BuiltDocuments | None = None,
 ) -> ResultFormat:
     """The format of ``?document=kind`` on a ``scope`` resource: 400 for a kind no document has, 404
     for a document of the other scope (and, when rendered, for one this result cannot have), 406 when
     ``accept`` excludes its media type. A stored document (:mod:`.documents`) is served from its files
     under ``data_dir``: part ``frame`` (``?frame=N``), or its only one; ``frame`` with a built document
-    is a 400."""
+    is a 400. A built document of an instance is kept in ``built`` once made (:mod:`.built`)."""
     doc = documents.get(kind)
     if doc is None:
         raise RequestError(
@@ -293,15 +316,17 @@ def document_format(
         return ResultFormat(doc.media_type, instance=_stored_renderer(doc, data_dir, frame))
     if frame is not None:
         raise RequestError(f"frame selects one frame's document; {kind} is one document for {_A[scope]}")
-    return _format_of({scope: doc}, 404)
+    return _format_of({scope: doc}, 404, built)
 
 
-def default_formats(documents: DocumentRegistry = DOCUMENTS) -> FormatRegistry:
+def default_formats(
+    documents: DocumentRegistry = DOCUMENTS, built: BuiltDocuments | None = None
+) -> FormatRegistry:
     """JSON (the default) for instances, series and studies, then each media type's default document
     (for ``application/dicom``: ``sr`` for instances, ``series-sr`` for series, ``kos`` for studies)."""
     formats = FormatRegistry(
         [ResultFormat(JSON, _json_instance, _json_series, "the result as JSON", study=_json_study)]
     )
     for media in documents.default_media_types():
-        formats.register(_format_of({scope: documents.default(scope, media) for scope in SCOPES}, 406))
+        formats.register(_format_of({scope: documents.default(scope, media) for scope in SCOPES}, 406, built))
     return formats

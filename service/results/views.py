@@ -36,7 +36,9 @@ class NothingToReport(Unavailable):
 @dataclass(frozen=True)
 class InstanceView:
     """A done instance: its stored ``/v1/detect`` body, its SR evidence and patient identity (DICOM
-    JSON, :mod:`.evidence`; None when not kept)."""
+    JSON, :mod:`.evidence`; None when not kept). ``version``: the digest of those three
+    (:func:`.built.result_version`) under which its built documents are kept on disk; empty: build
+    without keeping (a view made outside the service)."""
 
     uid: str
     result: dict[str, Any]
@@ -45,6 +47,7 @@ class InstanceView:
     model_sha256: str
     identity: str | None = None
     manifest: Manifest | None = None
+    version: str = ""
 
 
 @dataclass(frozen=True)

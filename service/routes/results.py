@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import ResultDone, ResultFailed, ResultPending
+from retinaedge.service.results.built import result_version
 from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.store import Row
 from retinaedge.service.results.views import InstanceView
@@ -64,14 +65,16 @@ async def result(uid: str, services: ServicesDep, fmt: InstanceFormat) -> Respon
             }
         )
     assert fmt.instance is not None  # the registry offers only formats that render instances
+    identity = await asyncio.to_thread(services.identities.get, uid)
     view = InstanceView(
         uid=uid,
         result=row.result() or {},
         header_json=row.header_json,
-        identity=await asyncio.to_thread(services.identities.get, uid),
+        identity=identity,
         model_name=services.model_name,
         model_sha256=services.model_sha256,
         manifest=services.bundle.manifest,
+        version=result_version(row.result_json, row.header_json, identity),
     )
     return await fmt.instance(view)
 
