@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.outbox.files import DocumentFiles
+from retinaedge.service.outbox.presence import ASKABLE, holds
 from retinaedge.service.outbox.queue import Job, Outbox
 from retinaedge.service.outbox.senders import Delivery, Instance, sender_for
 from retinaedge.service.results.built import BuiltDocuments, result_version
@@ -98,6 +99,7 @@ class Dispatcher:
         if dropped:
             log.warning("%d export job(s) of destinations no longer configured are dead-lettered", dropped)
         self._senders = {d.name: sender_for(d) for d in self.destinations}
+        self._destination = {d.name: d for d in self.destinations}
         self._wake = {d.name: threading.Event() for d in self.destinations}
         self._stop = threading.Event()
         self._build_lock = threading.Lock()
@@ -196,12 +198,24 @@ class Dispatcher:
             log.error("export job %d to %r dead-lettered: %s", job.id, name, exc)
             self.refresh()
             return
+        found_after, timeout_s = self._ask_first(name, job, instances)
+        if found_after == 0 and job.attempts >= self.settings.export_max_attempts:
+            # Past its limit only after an unanswered last attempt, kept to be asked once: not sent again.
+            self.outbox.kill(job, f"no answer to the last attempt, and {name!r} cannot confirm it holds it")
+            log.error("export job %d to %r dead-lettered: no answer to its last attempt", job.id, name)
+            self.refresh()
+            return
         attempt = self.outbox.begin(job)
-        try:
-            delivery = self._senders[name].send(instances)
-        except Exception as exc:  # a bug while sending: the document may have gone out
-            log.exception("export to %r: the sender failed", name)
-            delivery = Delivery("unknown", f"internal error while sending: {type(exc).__name__}")
+        if found_after:
+            delivery = Delivery(
+                "delivered", f"the peer holds it: a late success of {found_after} unanswered attempt(s)"
+            )
+        else:
+            try:
+                delivery = self._senders[name].send(instances, timeout_s=timeout_s)
+            except Exception as exc:  # a bug while sending: the document may have gone out
+                log.exception("export to %r: the sender failed", name)
+                delivery = Delivery("unknown", f"internal error while sending: {type(exc).__name__}")
         n = job.attempts + 1
         if delivery.outcome == "delivered":
             self._streak[name] = 0
@@ -213,7 +227,8 @@ class Dispatcher:
         else:
             retry = self._backoff(n)
         if delivery.outcome != "delivered" and n >= self.settings.export_max_attempts:
-            retry = None  # dead-lettered
+            # Dead-lettered, but an unanswered attempt may have stored it: the peer is asked once more.
+            retry = retry if delivery.outcome == "unknown" and self._askable(name) else None
         state = self.outbox.finish(
             job,
             attempt,
@@ -221,6 +236,7 @@ class Dispatcher:
             delivery.detail,
             confirmed_duplicate=delivery.duplicate,
             retry_in_s=retry,
+            found_after=found_after,
         )
         if state == "delivered":
             log.info("export job %d: %s delivered to %r (attempt %d)", job.id, job.document_kind, name, n)
@@ -234,6 +250,26 @@ class Dispatcher:
                 "export job %d to %r dead-lettered after %d attempts: %s", job.id, name, n, delivery.detail
             )
         self.refresh()
+
+    def _askable(self, name: str) -> bool:
+        """Whether ``name``'s protocol lets the dispatcher ask it for a document (:mod:`.presence`)."""
+        return type(self._destination[name]) in ASKABLE
+
+    def _ask_first(self, name: str, job: Job, instances: list[Instance]) -> tuple[int, float]:
+        """For a job an attempt of which went unanswered: (how many, when the peer says it holds the
+        document, else 0; the timeout of the next attempt). The timeout doubles with each unanswered
+        attempt (up to 16 times ``timeout_s``, at most 600 s), so a peer slower than ``timeout_s`` is
+        answered in the end instead of being sent the document again and again."""
+        dest = self._destination[name]
+        if not job.possibly_delivered:
+            return 0, dest.timeout_s
+        unanswered = self.outbox.unanswered(job.id)
+        timeout_s = min(dest.timeout_s * 2 ** min(unanswered, 4), max(dest.timeout_s, 600.0))
+        held = holds(dest, instances, timeout_s)
+        log.info("export job %d: %r %s after %d unanswered attempt(s)", job.id, name,
+                 {True: "holds the document", False: "does not hold the document",
+                  None: "cannot be asked whether it holds the document"}[held], unanswered)  # fmt: skip
+        return (max(unanswered, 1) if held else 0), timeout_s
 
     def _backoff(self, failures: int) -> float:
         """Seconds to wait after ``failures`` consecutive failures: initial, doubling, capped."""

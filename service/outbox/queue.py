@@ -242,9 +242,13 @@ class Outbox:
         *,
         confirmed_duplicate: bool = False,
         retry_in_s: float | None = None,
+        found_after: int = 0,
     ) -> str:
         """Record the attempt's ``outcome`` (``delivered``, ``failed`` or ``unknown``) and the job's new
-        state; ``retry_in_s`` None after a failure means dead-lettered. Returns the job's state."""
+        state; ``retry_in_s`` None after a failure means dead-lettered. ``found_after``: the peer was
+        asked instead of sent to and holds the document, after that many unanswered attempts (one of
+        them stored it; more than one may have stored it twice: a possible duplicate). Returns the job's
+        state."""
         now = time.time()
         with self._tx() as db:
             db.execute(
@@ -253,6 +257,8 @@ class Outbox:
             )
             _count(db, job.destination, f"attempts_{outcome}")
             maybe_sent = job.possibly_delivered or outcome == "unknown"
+            if found_after:
+                maybe_sent = found_after > 1
             if outcome == "delivered":
                 duplicate = "confirmed" if confirmed_duplicate else ("possible" if maybe_sent else None)
                 db.execute(
@@ -280,6 +286,17 @@ class Outbox:
             if state == "dead":
                 _count(db, job.destination, "dead")
             return state
+
+    def unanswered(self, job_id: int) -> int:
+        """How many attempts of the job may have reached the peer without an answer (``unknown`` or
+        ``interrupted``)."""
+        marks = ", ".join("?" for _ in MAYBE_SENT)
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT COUNT(*) FROM export_attempts WHERE job_id = ? AND outcome IN ({marks})",
+                (job_id, *MAYBE_SENT),
+            ).fetchone()
+        return int(row[0])
 
     def kill(self, job: Job, reason: str) -> None:
         """Dead-letter ``job`` without an attempt (its document cannot be built)."""

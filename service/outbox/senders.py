@@ -62,7 +62,9 @@ def _this_sr_only(status: int) -> bool:
 
 
 class Sender(Protocol):
-    def send(self, instances: Sequence[Instance]) -> Delivery: ...
+    def send(self, instances: Sequence[Instance], timeout_s: float | None = None) -> Delivery:
+        """Send ``instances``; ``timeout_s`` overrides the destination's (a slow peer's longer wait)."""
+        ...
 
 
 def _partial(stored: int, total: int, failure: Delivery) -> Delivery:
@@ -77,6 +79,33 @@ def _partial(stored: int, total: int, failure: Delivery) -> Delivery:
     )
 
 
+def client_tls(dest: DimseDestination) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``dest`` (None without TLS); raises ``OSError``/``ssl.SSLError`` when
+    its files cannot be used."""
+    tls = dest.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = tls.check_hostname
+    if tls.cert_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx, dest.host
+
+
+def basic_or_bearer(dest: StowRsDestination) -> dict[str, str]:
+    """The ``Authorization`` header of ``dest``'s credentials (none without them); raises ``ValueError``
+    when its secret cannot be read."""
+    auth = dest.auth
+    if auth is None:
+        return {}
+    secret = auth.secret()
+    if auth.type == "bearer":
+        return {"Authorization": f"Bearer {secret}"}
+    pair = f"{auth.username}:{secret}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+
+
 class DimseSender:
     """C-STORE SCU: one association per document, proposing exactly the SOP class of each of its
     instances (Comprehensive 3D SR, Secondary Capture, ...) in explicit and implicit VR little endian,
@@ -86,30 +115,20 @@ class DimseSender:
         self.dest = dest
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines narrate every association
 
-    def _tls(self) -> tuple[ssl.SSLContext, str] | None:
-        tls = self.dest.tls
-        if tls is None:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.check_hostname = tls.check_hostname
-        if tls.cert_file is not None:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        return ctx, self.dest.host
-
-    def send(self, instances: Sequence[Instance]) -> Delivery:
+    def send(self, instances: Sequence[Instance], timeout_s: float | None = None) -> Delivery:
         from pynetdicom import AE, evt
 
         d = self.dest
+        timeout = timeout_s or d.timeout_s
         try:
-            tls_args = self._tls()
+            tls_args = client_tls(d)
         except (OSError, ssl.SSLError) as exc:
             return Delivery("failed", f"the TLS files cannot be used: {type(exc).__name__}")
         ae = AE(ae_title=d.calling_ae_title)
         for sop_class in dict.fromkeys(i.sop_class_uid for i in instances):
             ae.add_requested_context(sop_class, [EXPLICIT_LE, IMPLICIT_LE])
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = d.timeout_s
-        ae.connection_timeout = d.timeout_s
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.connection_timeout = timeout
         connected: list[bool] = []
         assoc = ae.associate(
             d.host,
@@ -183,21 +202,13 @@ class StowRsSender:
         self.dest = dest
 
     def _headers(self, boundary: str) -> dict[str, str]:
-        headers = {
+        return {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
+            **basic_or_bearer(self.dest),
         }
-        auth = self.dest.auth
-        if auth is not None:
-            secret = auth.secret()
-            if auth.type == "bearer":
-                headers["Authorization"] = f"Bearer {secret}"
-            else:
-                pair = f"{auth.username}:{secret}".encode()
-                headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        return headers
 
-    def send(self, instances: Sequence[Instance]) -> Delivery:
+    def send(self, instances: Sequence[Instance], timeout_s: float | None = None) -> Delivery:
         d = self.dest
         boundary = "retinaedge-" + secrets.token_hex(12)
         try:
@@ -214,7 +225,9 @@ class StowRsSender:
             context = ssl.create_default_context(cafile=str(d.ca_file) if d.ca_file else None)
         uids = [i.sop_instance_uid for i in instances]
         try:
-            with urllib.request.urlopen(request, timeout=d.timeout_s, context=context) as response:
+            with urllib.request.urlopen(
+                request, timeout=timeout_s or d.timeout_s, context=context
+            ) as response:
                 return _stow_outcome(response.status, response.read(), uids)
         except urllib.error.HTTPError as exc:
             try:

@@ -36,7 +36,7 @@ class Keeper:
     def __init__(self) -> None:
         self.sent: list[Dataset] = []
 
-    def send(self, instances: Sequence[Instance]) -> Delivery:
+    def send(self, instances: Sequence[Instance], timeout_s: float | None = None) -> Delivery:
         self.sent += [pydicom.dcmread(i.path) for i in instances]
         return Delivery("delivered", "kept")
 

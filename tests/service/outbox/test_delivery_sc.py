@@ -59,7 +59,7 @@ class Keeper:
         self.sent: list[list[Dataset]] = []
         self.tried = threading.Event()
 
-    def send(self, instances: Sequence[Instance]) -> Delivery:
+    def send(self, instances: Sequence[Instance], timeout_s: float | None = None) -> Delivery:
         self.tried.set()
         if self.refuse:
             self.refuse -= 1
