@@ -10,6 +10,7 @@ from typing import Any
 
 from retinaedge.export.torchload import ARCHITECTURES
 from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.intended_use_cli import read_intended_use
 from retinaedge.runtime.manifest import ClassCode, WindowPolicy, class_codes_from_dict
 from retinaedge.runtime.operating_point import OperatingPoint
 
@@ -107,6 +108,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "result documents name each class by (a class without one gets the private scheme 99RETINAEDGE)",
     )
     p.add_argument(
+        "--intended-use",
+        type=Path,
+        metavar="FILE",
+        help="JSON of the images the model is made for (modalities, SOP classes, image types, body parts, "
+        "orientation, ...; docs/models.md); default none: every image",
+    )
+    p.add_argument(
         "--trt-plugin",
         action="store_true",
         help="also write the EfficientNMS_TRT variant (TensorRT before the built-in NMS layer)",
@@ -201,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     names = _class_names(args)
     codes = _class_codes(args.class_codes)  # a malformed file: refused before the checkpoint is read
     point = _operating_point(args.operating_point)
+    use = read_intended_use(args.intended_use, "--intended-use") if args.intended_use else None
     if args.pickled_model:
         if args.anchor_sizes or args.aspect_ratios:
             raise ConfigError(
@@ -244,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.force,
         operating_point=point,
         class_codes=codes,
+        intended_use=use,
     )
     emit(
         {

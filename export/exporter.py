@@ -43,6 +43,7 @@ from retinaedge.runtime.bundle import (
 from retinaedge.runtime.detections import split_outputs
 from retinaedge.runtime.errors import ConfigError, ParityError
 from retinaedge.runtime.hashing import sha256_file
+from retinaedge.runtime.intended_use import IntendedUse
 from retinaedge.runtime.manifest import (
     ClassCode,
     InputSpec,
@@ -160,6 +161,7 @@ def export_retinanet(
     overwrite: bool = False,
     operating_point: OperatingPoint | None = None,
     class_codes: Mapping[str, ClassCode] | None = None,
+    intended_use: IntendedUse | None = None,
 ) -> ExportResult:
     """Export ``model`` (any constructed torchvision RetinaNet) to a bundle in ``out_dir``.
 
@@ -170,7 +172,8 @@ def export_retinanet(
     score threshold per class at which the model is read (:mod:`retinaedge.runtime.operating_point`;
     None: every detection is a finding until ``retinaedge eval --choose-operating-point`` sets one).
     ``class_codes``: a standard code per class (SNOMED CT, RadLex, DICOM) that result documents name it
-    by; a class without one is named by the private scheme ``99RETINAEDGE``.
+    by; a class without one is named by the private scheme ``99RETINAEDGE``. ``intended_use``: the
+    images the model is made for (:mod:`retinaedge.runtime.intended_use`; None: every image).
     """
     torch, _ = require_torch()
     height, width = (int(v) for v in input_size)
@@ -225,6 +228,7 @@ def export_retinanet(
         versions=_versions(),
         operating_point=operating_point,
         class_codes=dict(class_codes or {}),
+        intended_use=intended_use,
     )
     manifest.validate()
 

@@ -41,6 +41,14 @@ VERBS: dict[str, tuple[str, str]] = {
         "model bundle -> Q/DQ INT8 model calibrated on DICOM files (ONNX Runtime and TensorRT)",
     ),
     "detect": ("retinaedge.runtime.detect_cli", "DICOM files -> detections, one JSON line per file"),
+    "route": (
+        "retinaedge.runtime.route_cli",
+        "which models' intended use takes each DICOM file (header only, no server)",
+    ),
+    "intended-use": (
+        "retinaedge.runtime.intended_use_cli",
+        "show or set the images a bundle's model is made for (its intended_use section)",
+    ),
     "eval": ("retinaedge.runtime.eval_cli", "COCO average precision of a bundle on annotated DICOM files"),
     "serve": ("retinaedge.service.serve_cli", "local HTTP service: POST DICOM, get detections"),
     "boot": (

@@ -19,6 +19,7 @@ from retinaedge.runtime.backends.registry import add_backend_arguments
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.discovery import RULE_HELP, dicom_files
 from retinaedge.runtime.errors import ConfigError, RetinaEdgeError
+from retinaedge.runtime.intended_use import NotApplicableError
 
 if TYPE_CHECKING:
     from retinaedge.runtime.findings import LinkParams, SeriesResult
@@ -155,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     collected.append((result, read_frames(path, limits)))
                     files.setdefault(result.sop_instance_uid, str(path))
+            except NotApplicableError as exc:  # not the model's image: said, but not a rejected input
+                log.info("input #%d is outside the model's intended use", number)
+                emit({"file": str(path), "error": exc.to_dict()})
             except RetinaEdgeError as exc:
                 rejected += 1
                 log.warning("rejected input #%d: %s", number, exc.type)

@@ -7,14 +7,13 @@ evaluation's frames and annotations to them, builds the report section and write
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.evaluate import Annotation, EvalFrame
 from retinaedge.runtime.manifest import Manifest
+from retinaedge.runtime.manifest_file import write_manifest
 from retinaedge.runtime.operating_point import (
     OperatingPoint,
     Outcomes,
@@ -24,10 +23,6 @@ from retinaedge.runtime.operating_point import (
     counts_at,
     outcomes,
 )
-
-log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "manifest.json"
 
 
 def evaluation_outcomes(
@@ -90,19 +85,6 @@ def operating_point_report(
 
 
 def write_operating_point(bundle_dir: Path, manifest: Manifest, point: OperatingPoint) -> Path:
-    """Write ``point`` into the bundle's ``manifest.json`` (atomically; ``model.onnx`` and its sha256
-    are unchanged: the operating point is read from the manifest file). Returns the file written."""
-    if not bundle_dir.is_dir():
-        raise ConfigError(
-            f"--write-operating-point needs a bundle directory, not {bundle_dir} (a bare model.onnx "
-            "carries its manifest inside)"
-        )
-    path = bundle_dir / MANIFEST_FILE
-    tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
-    try:
-        tmp.write_text(manifest.with_operating_point(point).to_json() + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    log.info("operating point written to %s", path)
-    return path
+    """Write ``point`` into the bundle's ``manifest.json`` (:func:`~.manifest_file.write_manifest`:
+    ``model.onnx`` and its sha256 are unchanged). Returns the file written."""
+    return write_manifest(bundle_dir, manifest.with_operating_point(point), "operating point")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from retinaedge.runtime.errors import BundleError, ConfigError
+from retinaedge.runtime.intended_use import IntendedUse
 from retinaedge.runtime.operating_point import OperatingPoint
 
 FORMAT_VERSION = 1
@@ -185,6 +186,8 @@ class Manifest:
     #: Standard codes of the classes that have one (class name -> code); the others keep the private
     #: coding scheme in result documents.
     class_codes: dict[str, ClassCode] = field(default_factory=dict)
+    #: The images the model was made for (:mod:`retinaedge.runtime.intended_use`); None: every image.
+    intended_use: IntendedUse | None = None
 
     @property
     def num_classes(self) -> int:
@@ -213,6 +216,9 @@ class Manifest:
     def with_operating_point(self, point: OperatingPoint | None) -> Manifest:
         return replace(self, operating_point=point)
 
+    def with_intended_use(self, use: IntendedUse | None) -> Manifest:
+        return replace(self, intended_use=use)
+
     def to_dict(self) -> dict[str, Any]:
         data = _lists(asdict(self))
         if self.operating_point is None:
@@ -221,6 +227,10 @@ class Manifest:
             data["operating_point"] = self.operating_point.to_dict()
         if not self.class_codes:
             del data["class_codes"]
+        if self.intended_use is None:
+            del data["intended_use"]  # likewise: every image
+        else:
+            data["intended_use"] = self.intended_use.to_dict()
         return data
 
     def to_json(self) -> str:
@@ -257,6 +267,11 @@ class Manifest:
                 operating_point=(
                     OperatingPoint.from_dict(data["operating_point"])
                     if data.get("operating_point") is not None
+                    else None
+                ),
+                intended_use=(
+                    IntendedUse.from_dict(data["intended_use"])
+                    if data.get("intended_use") is not None
                     else None
                 ),
             )

@@ -1,6 +1,7 @@
 """One instance in, model inputs out: the CPU stages of detection, frame by frame.
 
-parse + validate (:func:`~.dicomio.open_dicom`, :func:`~.dicomio.validate`), then for each frame decode
+parse, the model's intended use (:mod:`~.intended_use`, on the header) and validate
+(:func:`~.dicomio.open_dicom`, :func:`~.dicomio.validate`), then for each frame decode
 (:func:`~.dicomio.iter_frames`) and prepare (modality LUT, window, channels, letterbox:
 :func:`~.frames.prepare_frame`). Nothing here touches a backend, so the service runs it in a pool of
 threads while one thread owns the backend; the sequential :class:`~.detector.Detector` runs it inline.
@@ -29,6 +30,7 @@ from retinaedge.runtime.dicomio import (
 from retinaedge.runtime.errors import MalformedDicomError
 from retinaedge.runtime.frames import prepare_frame
 from retinaedge.runtime.geometry import Letterbox
+from retinaedge.runtime.intended_use import NotApplicableError
 
 #: Timing keys (ms) the CPU stages fill in; the backend's stages add ``inference`` and ``postprocess``.
 CPU_STAGES = ("parse", "decode", "preprocess")
@@ -107,11 +109,17 @@ class InstanceReader:
         self.limits = limits
 
     def open(self, source: bytes | str | Path) -> OpenInstance:
-        """Parse and validate ``source`` (PS3.10 bytes or a file); raises the runtime's DICOM errors."""
+        """Parse and validate ``source`` (PS3.10 bytes or a file); raises the runtime's DICOM errors, and
+        :class:`~.intended_use.NotApplicableError` for an instance outside the model's intended use (its
+        header alone is read: nothing is decoded)."""
         timings = {"parse": 0.0, "decode": 0.0, "preprocess": 0.0}
         t = time.perf_counter()
         src = open_dicom(source, self.limits)
         try:
+            use = self.bundle.manifest.intended_use
+            failures = use.check(src.ds) if use is not None else []
+            if failures:
+                raise NotApplicableError(self.bundle.manifest.name, failures)
             info = validate(src, self.limits)
         except BaseException:
             src.close()

@@ -241,7 +241,7 @@ def _round(values: Iterable[float], digits: int = 4) -> list[float]:
     return [round(float(v), digits) + 0.0 for v in values]  # + 0.0: no "-0.0" in the JSON
 
 
-def _floats(value: Any, count: int) -> tuple[float, ...] | None:
+def ds_floats(value: Any, count: int) -> tuple[float, ...] | None:
     """A multi-valued DS as ``count`` finite floats, else None."""
     if value is None:
         return None
@@ -255,7 +255,7 @@ def _floats(value: Any, count: int) -> tuple[float, ...] | None:
     return out
 
 
-def _plane_source(ds: Any, frame: int, sequence: str, keyword: str) -> Any:
+def frame_attribute(ds: Any, frame: int, sequence: str, keyword: str) -> Any:
     """``keyword`` for ``frame`` from the per-frame, else shared functional group ``sequence``, else the
     top level of ``ds``."""
     item = _group_item(ds, frame, sequence)
@@ -266,10 +266,10 @@ def _plane_source(ds: Any, frame: int, sequence: str, keyword: str) -> Any:
 
 def _geometry(ds: Any, frame: int) -> tuple[PlaneGeometry | None, float | None, str]:
     """Plane geometry, slice thickness and (when the geometry is None) why, for ``frame`` of ``ds``."""
-    ipp = _floats(_plane_source(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3)
-    iop = _floats(_plane_source(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-    spacing = _floats(_plane_source(ds, frame, "PixelMeasuresSequence", "PixelSpacing"), 2)
-    thickness = _floats(_plane_source(ds, frame, "PixelMeasuresSequence", "SliceThickness"), 1)
+    ipp = ds_floats(frame_attribute(ds, frame, "PlanePositionSequence", "ImagePositionPatient"), 3)
+    iop = ds_floats(frame_attribute(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+    spacing = ds_floats(frame_attribute(ds, frame, "PixelMeasuresSequence", "PixelSpacing"), 2)
+    thickness = ds_floats(frame_attribute(ds, frame, "PixelMeasuresSequence", "SliceThickness"), 1)
     thick = thickness[0] if thickness and thickness[0] > 0 else None
     missing = [
         name

@@ -140,6 +140,20 @@ def log_operating_point(manifest: Manifest) -> None:
     log.info("model %s: findings at its operating point (%s)", manifest.name, thresholds)
 
 
+def log_intended_use(manifest: Manifest) -> None:
+    """Say once at start-up which images the model is run on (docs/models.md, "Intended use")."""
+    use = manifest.intended_use
+    if use is None:
+        log.info(
+            "model %s declares no intended use: it infers every image it can read; set one with "
+            "retinaedge intended-use --set",
+            manifest.name,
+        )
+        return
+    log.info("model %s takes only images within its intended use (%s)", manifest.name,
+             ", ".join(r.name for r in use.rules))  # fmt: skip
+
+
 def import_document_libraries() -> None:
     """Import what the result documents and the captures import lazily (highdicom, OpenCV, pydicom's
     encoders), on this thread, before the threads that build them run: the first import of one package
@@ -155,6 +169,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     import_document_libraries()
     bundle = load_bundle(settings.model)
     log_operating_point(bundle.manifest)
+    log_intended_use(bundle.manifest)
     limits = Limits(
         max_frames=settings.max_frames,
         max_frame_bytes=settings.max_frame_bytes,
@@ -226,6 +241,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         after_each=prune,
         concurrency=settings.processing_concurrency or settings.max_batch_size,
         captures=drawing,
+        on_not_applicable=lambda exc: metrics.not_applicable_to(exc.model, [f.rule for f in exc.failures]),
     )
     admit = backlog_admission(
         store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s

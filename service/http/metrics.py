@@ -24,6 +24,13 @@ class Metrics:
         self.instances = Counter(
             "retinaedge_instances", "Instances received, by outcome", ["outcome"], registry=self.registry
         )
+        self.not_applicable = Counter(
+            "retinaedge_not_applicable",
+            "Instances outside a model's intended use, by model and by failed rule (an instance counts "
+            "once for each rule it fails)",
+            ["model", "rule"],
+            registry=self.registry,
+        )
         self.backend = Gauge(
             "retinaedge_backend_info",
             "The inference backend in use (1) and its state",
@@ -50,6 +57,11 @@ class Metrics:
 
     def outcome(self, outcome: str) -> None:
         self.instances.labels(outcome=outcome).inc()
+
+    def not_applicable_to(self, model: str, rules: list[str]) -> None:
+        """Count an instance ``model``'s intended use refused, once per failed rule."""
+        for rule in rules:
+            self.not_applicable.labels(model=model, rule=rule).inc()
 
     def observe(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

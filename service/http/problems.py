@@ -26,7 +26,7 @@ _DESCRIPTIONS = {
     408: "The request body stopped arriving for longer than the idle timeout",
     413: "Over a size or decode budget",
     415: "Unsupported media type, transfer syntax or photometric interpretation",
-    422: "Not an image (no pixel data)",
+    422: "Not an image (no pixel data), or outside the model's intended use (not-applicable, with the rules)",
     503: "Not ready or overloaded; see Retry-After",
     507: "The spool disk is below its reserve",
 }
@@ -56,6 +56,9 @@ def error_response(exc: RetinaEdgeError) -> JSONResponse:
     if isinstance(exc, UnauthorizedError):
         headers = {"WWW-Authenticate": 'Bearer realm="retinaedge"'}
     extra = {"offered": list(offered)} if (offered := getattr(exc, "offered", None)) is not None else {}
+    members = getattr(exc, "problem_members", None)  # extension members an error adds (rules, model)
+    if callable(members):
+        extra.update(members())
     return problem(exc.http_status, exc.type, str(exc), headers, **extra)
 
 

@@ -157,6 +157,25 @@ class ResultFailed(BaseModel):
     error: ResultError
 
 
+class FailedRule(BaseModel):
+    """One rule of a model's intended use that an instance fails: what it expects and the value seen
+    (never patient data; ``missing`` when absent)."""
+
+    rule: str
+    expected: str
+    seen: str
+
+
+class ResultNotApplicable(BaseModel):
+    """``GET /v1/results/{uid}`` of an instance outside the model's intended use: stored and acknowledged,
+    never inferred, nothing exported; ``rules`` says why."""
+
+    sop_instance_uid: str
+    state: Literal["not-applicable"]
+    model: str
+    rules: list[FailedRule]
+
+
 class ResultPending(BaseModel):
     """``GET /v1/results/{uid}`` (202) while the instance waits to be processed; ask again later."""
 
@@ -171,6 +190,7 @@ class InstanceCounts(BaseModel):
     pending: int
     done: int
     failed: int
+    not_applicable: int = 0  # outside the model's intended use: stored, never inferred
 
 
 class SeriesCollecting(BaseModel):

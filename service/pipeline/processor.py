@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from retinaedge.runtime.errors import DicomInputError, NotReadyError, OverloadedError
+from retinaedge.runtime.intended_use import NotApplicableError
 from retinaedge.runtime.logsafety import redacted_traceback
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.pipeline.stages import InferenceWorker
@@ -50,8 +51,10 @@ class Processor:
         after_each: Callable[[], None] = lambda: None,
         concurrency: int = 1,
         captures: CaptureMaker | None = None,
+        on_not_applicable: Callable[[NotApplicableError], None] = lambda _e: None,
     ) -> None:
         self.store = store
+        self.on_not_applicable = on_not_applicable  # counts it (metrics) by model and rule
         self.captures = captures
         self.spool = spool
         self.worker = worker
@@ -164,6 +167,10 @@ class Processor:
                     log.error("processing paused: the backend failed (%s)", self.worker.reason)
                 await asyncio.sleep(self.retry_s)  # stays pending: nothing is lost
                 continue
+            except NotApplicableError as exc:  # stored and acknowledged; recorded, never exported
+                self.on_not_applicable(exc)
+                outcome = {"model": exc.model, "rules": [f.to_json() for f in exc.failures]}
+                return exc.type, _call(self.store.not_applicable, uid, outcome, str(exc))
             except DicomInputError as exc:
                 return exc.type, _call(self.store.failed, uid, exc.type, str(exc))
             except Exception as exc:  # a bug: record it against the instance, keep serving

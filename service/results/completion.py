@@ -26,7 +26,7 @@ from retinaedge.runtime.instance_result import Detection
 from retinaedge.runtime.slices import FrameRef, frames_from_dataset
 from retinaedge.service.results.evidence import header_from_json
 from retinaedge.service.results.selection import frame_findings
-from retinaedge.service.results.store import Row
+from retinaedge.service.results.store import Row, state_of
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class SeriesStatus:
     last_received_at: float
     completed_by: str | None
     retry_after_s: int
+    not_applicable: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,15 +58,16 @@ class SeriesStatus:
                 "pending": self.pending,
                 "done": self.done,
                 "failed": self.failed,
+                "not_applicable": self.not_applicable,
             },
         }
 
 
 def series_status(rows: list[Row], now: float, quiet_s: float, requested_at: float | None) -> SeriesStatus:
     """Completion of a series from its rows (at least one) and the last completion request."""
-    counts = {"pending": 0, "done": 0, "failed": 0}
+    counts = {"pending": 0, "done": 0, "failed": 0, "not_applicable": 0}
     for r in rows:
-        counts[r.state] += 1
+        counts[state_of(r)] += 1
     last = max(r.received_at for r in rows)
     quiet_left = last + quiet_s - now
     by: str | None = None
@@ -81,6 +83,7 @@ def series_status(rows: list[Row], now: float, quiet_s: float, requested_at: flo
         pending=counts["pending"],
         done=counts["done"],
         failed=counts["failed"],
+        not_applicable=counts["not_applicable"],
         last_received_at=last,
         completed_by=by,
         retry_after_s=retry,
@@ -124,6 +127,8 @@ def series_findings(
     headers: dict[str, Dataset] = {}
     left_out: list[dict[str, str]] = []
     for r in rows:
+        if state_of(r) == "not_applicable":  # not the model's image: neither used nor a missing slice
+            continue
         if r.state == "failed":
             left_out.append(
                 {"sop_instance_uid": r.sop_instance_uid, "reason": f"failed: {r.error_type or 'error'}"}

@@ -17,7 +17,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from retinaedge.service.results.evidence import header_from_json
 from retinaedge.service.results.selection import findings_by_frame
-from retinaedge.service.results.store import Row
+from retinaedge.service.results.store import Row, state_of
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,11 @@ def study_images(
 ) -> StudyImages:
     """The study's key images from its ``rows`` (every kept instance of it, in order of arrival);
     ``identity(uid)`` gives an instance's kept patient identity."""
-    counts = {"received": len(rows), "pending": 0, "done": 0, "failed": 0}
+    counts = {"received": len(rows), "pending": 0, "done": 0, "failed": 0, "not_applicable": 0}
     images: list[KeyImage] = []
     left_out: list[dict[str, str]] = []
     for r in rows:
-        counts[r.state] += 1
+        counts[state_of(r)] += 1
         result = r.result() if r.state == "done" else None
         if result is None:
             continue

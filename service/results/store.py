@@ -39,6 +39,12 @@ class Row:
         return json.loads(self.result_json) if self.result_json else None
 
 
+def state_of(row: Row) -> str:
+    """A row's state for counting: ``pending``, ``done``, ``failed`` or ``not_applicable`` (recorded as a
+    failed row of error type ``not-applicable``: outside the model's intended use, never inferred)."""
+    return "not_applicable" if row.state == "failed" and row.error_type == "not-applicable" else row.state
+
+
 _PUT_DONE = (
     "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, size_bytes, "
     "received_at, state, completed_at, result_json, header_json) "
@@ -196,6 +202,17 @@ class Store:
                 "UPDATE instances SET state = 'failed', completed_at = ?, error_type = ?, error_message = ?, "
                 "spool_path = NULL WHERE sop_instance_uid = ?",
                 (time.time(), error_type, message, uid),
+            )
+
+    def not_applicable(self, uid: str, outcome: dict[str, Any], message: str) -> None:
+        """Record that no model takes the instance: a ``failed`` row of error type ``not-applicable``
+        whose ``result_json`` holds ``outcome`` (the model and the rules it failed, for ``GET
+        /v1/results``); like a failure it enqueues nothing to export and releases its spool file."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE instances SET state = 'failed', completed_at = ?, error_type = 'not-applicable', "
+                "error_message = ?, result_json = ?, spool_path = NULL WHERE sop_instance_uid = ?",
+                (time.time(), message, json.dumps(outcome), uid),
             )
 
     def prune(self, max_age_s: float, max_result_bytes: int) -> list[str]:

@@ -21,6 +21,7 @@ from retinaedge.runtime.errors import (
     RetinaEdgeError,
     UnsupportedMediaTypeError,
 )
+from retinaedge.runtime.intended_use import NotApplicableError
 from retinaedge.service.http.body import check_declared_length, read_body
 from retinaedge.service.http.problems import problem_responses
 from retinaedge.service.http.schemas import DetectResult
@@ -67,6 +68,8 @@ async def detect(request: Request, services: ServicesDep) -> Response:
         result = await asyncio.wrap_future(future)
     except RetinaEdgeError as exc:
         metrics.outcome(exc.type)
+        if isinstance(exc, NotApplicableError):  # 422 with the rules; nothing is kept
+            metrics.not_applicable_to(exc.model, [f.rule for f in exc.failures])
         if isinstance(exc, (NotReadyError, OverloadedError)):
             log.warning("refused: %s", exc.type)
         raise

@@ -17,7 +17,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
-from retinaedge.service.http.schemas import ResultDone, ResultFailed, ResultPending
+from retinaedge.service.http.schemas import ResultDone, ResultFailed, ResultNotApplicable, ResultPending
 from retinaedge.service.results.built import result_version
 from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.store import Row
@@ -44,7 +44,7 @@ async def kept_row(uid: str, services: ServicesDep) -> Row | Response:
 
 @router.get(
     "/v1/results/{uid}",
-    response_model=ResultDone | ResultFailed,
+    response_model=ResultDone | ResultFailed | ResultNotApplicable,
     responses={
         202: {"model": ResultPending, "description": "Not processed yet; see Retry-After"},
         **problem_responses(400, 401, 404, 406),
@@ -56,6 +56,16 @@ async def result(uid: str, services: ServicesDep, fmt: InstanceFormat) -> Respon
     row = await kept_row(uid, services)
     if isinstance(row, Response):
         return row
+    if row.state == "failed" and row.error_type == "not-applicable":
+        outcome = row.result() or {}
+        return JSONResponse(
+            {
+                "sop_instance_uid": uid,
+                "state": "not-applicable",
+                "model": outcome.get("model", services.model_name),
+                "rules": outcome.get("rules", []),
+            }
+        )
     if row.state == "failed":
         return JSONResponse(
             {
