@@ -227,19 +227,18 @@ def _absent(rule: Rule, expected: str) -> Failure | None:
 
 
 def _check_allowed(keyword: str, rule: Rule, ds: Any) -> Failure | None:
+    from pydicom.uid import UID
+
     allowed = rule.spec["allow"]
-    expected = " or ".join(allowed)
+    uids = rule.name == "sop_classes"
+    expected = " or ".join(UID(u).name for u in allowed) if uids else " or ".join(allowed)
     value = _text(ds, keyword)
     if value is None:
         return _absent(rule, expected)
-    if rule.name == "sop_classes":
+    if uids:
         if value in allowed:
             return None
-        from pydicom.uid import UID
-
-        return Failure(
-            rule.name, expected, f"{UID(value).name} ({value})" if UID(value).is_valid else "not a UID"
-        )
+        return Failure(rule.name, expected, UID(value).name if UID(value).is_valid else "not a UID")
     return None if value.upper() in allowed else Failure(rule.name, expected, value.upper()[:64])
 
 
