@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from retinaedge.runtime.detections import ImageDetections, split_outputs
 from retinaedge.runtime.errors import BundleError, SelfTestError
 from retinaedge.runtime.hashing import sha256_file
 from retinaedge.runtime.manifest import METADATA_KEY, Manifest
+from retinaedge.runtime.signing import TrustedKey, trusted_keys_from_environment, verify_bundle
 
 if TYPE_CHECKING:
     from retinaedge.runtime.backends.base import Backend
@@ -31,6 +33,8 @@ GOLDEN_FILE = "golden.json"
 PLUGIN_MODEL_FILE = "model.efficientnms_trt.onnx"
 QDQ_MODEL_FILE = "model.int8.qdq.onnx"
 QUANTIZATION_FILE = "quantization.json"
+#: ``load_bundle``'s default for ``trusted``: the keys ``RETINAEDGE_TRUSTED_KEYS`` names, if any.
+FROM_ENVIRONMENT = object()
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,19 @@ def read_embedded_manifest(model_path: str | Path) -> Manifest:
     return Manifest.from_json(props[METADATA_KEY]).with_model_sha256(sha256_file(path))
 
 
-def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
-    """Open a bundle directory or a bare ``model.onnx``; with ``verify``, check the model's sha256."""
+def load_bundle(
+    path: str | Path, *, verify: bool = True, trusted: Sequence[TrustedKey] | None | object = FROM_ENVIRONMENT
+) -> Bundle:
+    """Open a bundle directory or a bare ``model.onnx``; with ``verify``, check the model's sha256.
+
+    ``trusted``: the public keys a bundle must be signed by (:mod:`.signing`; a
+    :class:`~.signing.SignatureError` otherwise, before anything of it is used); None: signatures are not
+    checked; by default the keys ``RETINAEDGE_TRUSTED_KEYS`` names, when it is set."""
     p = Path(path)
+    keys = trusted_keys_from_environment() if trusted is FROM_ENVIRONMENT else trusted
+    assert keys is None or isinstance(keys, Sequence)
+    if keys:
+        verify_bundle(p if p.is_dir() else None, keys, str(p))
     if p.is_file():
         if p.suffix != ".onnx":
             raise BundleError(f"{p} is neither a bundle directory nor an .onnx file")

@@ -45,6 +45,8 @@ VERBS: dict[str, tuple[str, str]] = {
         "retinaedge.runtime.route_cli",
         "which models' intended use takes each DICOM file (header only, no server)",
     ),
+    "keygen": ("retinaedge.runtime.keygen_cli", "a new Ed25519 key pair for signing model bundles"),
+    "sign": ("retinaedge.runtime.sign_cli", "sign a model bundle (signature.json) with an Ed25519 key"),
     "intended-use": (
         "retinaedge.runtime.intended_use_cli",
         "show or set the images a bundle's model is made for (its intended_use section)",

@@ -85,7 +85,7 @@ def validate(settings: Settings) -> Bundle:
     from retinaedge.runtime.bundle import load_bundle
 
     try:
-        bundle = load_bundle(settings.model)
+        bundle = load_bundle(settings.model, trusted=settings.trusted())
     except BundleError as exc:
         raise ConfigError(f"model bundle {settings.model}: {exc}") from exc
     check_writable_dir(settings.data_dir, "data_dir (spool and database)")

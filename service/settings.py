@@ -22,6 +22,7 @@ from retinaedge.runtime.settings_source import (
     environment_names,
     file_values_below_environment,
 )
+from retinaedge.runtime.signing import TrustedKey
 from retinaedge.service.http.addresses import is_loopback
 from retinaedge.service.outbox.destinations import DeliveryDestination, check_unique
 
@@ -39,6 +40,11 @@ class Settings(EngineConfig):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     api_token: SecretStr | None = Field(default=None, description="bearer token; required beyond loopback")
+    trusted_keys: str | None = Field(
+        default=None,
+        description="Ed25519 public keys (PEM) a model bundle must be signed by: a directory of *.pem files "
+        "or key files, separated by ':' or as a JSON list; none: signatures are not checked",
+    )
     max_body_bytes: int = Field(default=512 * 1024**2, ge=1024)
     max_frames: int = Field(default=2000, ge=1)
     max_frame_bytes: int = Field(default=256 * 1024**2, ge=1024)
@@ -190,6 +196,13 @@ class Settings(EngineConfig):
         """The settings of backend ``name``: those named ``NAME_*``, with the prefix dropped."""
         prefix = f"{name}_"
         return {k[len(prefix) :]: v for k, v in self.model_dump().items() if k.startswith(prefix)}
+
+    def trusted(self) -> list[TrustedKey] | None:
+        """The keys of ``trusted_keys`` (:mod:`retinaedge.runtime.signing`), None when it is not set;
+        ConfigError naming a key that cannot be read."""
+        from retinaedge.runtime.signing import parse_trusted_keys
+
+        return parse_trusted_keys(self.trusted_keys)
 
     def link_params(self, has_operating_point: bool) -> LinkParams:
         """The series linking parameters (:class:`~retinaedge.runtime.findings.LinkParams`) for a bundle

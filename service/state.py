@@ -23,6 +23,7 @@ from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import RequestError
 from retinaedge.runtime.manifest import Manifest
+from retinaedge.runtime.signing import TrustedKey
 from retinaedge.service.dimse.receive import Receiver
 from retinaedge.service.dimse.scp import DimseServer
 from retinaedge.service.http.metrics import Metrics
@@ -140,6 +141,15 @@ def log_operating_point(manifest: Manifest) -> None:
     log.info("model %s: findings at its operating point (%s)", manifest.name, thresholds)
 
 
+def log_signatures(trusted: list[TrustedKey] | None) -> None:
+    """Say once at start-up whether model bundles must be signed (docs/models.md, "Signed bundles")."""
+    if not trusted:
+        log.info("model signatures are not checked (no trusted_keys): any bundle in the models volume runs")
+        return
+    log.info("the model bundle's signature verified; bundles must be signed by one of %d trusted key(s): %s",
+             len(trusted), ", ".join(k.fingerprint for k in trusted))  # fmt: skip
+
+
 def log_intended_use(manifest: Manifest) -> None:
     """Say once at start-up which images the model is run on (docs/models.md, "Intended use")."""
     use = manifest.intended_use
@@ -167,7 +177,9 @@ def import_document_libraries() -> None:
 def build_services(settings: Settings, probe: Probe) -> Services:
     """Load the bundle and wire the worker, spool, store and processor (nothing is started here)."""
     import_document_libraries()
-    bundle = load_bundle(settings.model)
+    trusted = settings.trusted()
+    bundle = load_bundle(settings.model, trusted=trusted)
+    log_signatures(trusted)
     log_operating_point(bundle.manifest)
     log_intended_use(bundle.manifest)
     limits = Limits(
