@@ -37,4 +37,11 @@ def write_manifest(bundle_dir: Path, manifest: Manifest, what: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
     log.info("%s written to %s", what, path)
+    from retinaedge.runtime.signing import SIGNATURE_FILE
+
+    if (bundle_dir / SIGNATURE_FILE).exists():
+        log.warning(
+            "%s was signed: sign it again (retinaedge sign) or a device with trusted_keys refuses it",
+            bundle_dir,
+        )
     return path
