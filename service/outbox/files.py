@@ -16,18 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from retinaedge.runtime.durable import fsync_path
 from retinaedge.service.outbox.senders import Instance
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DocumentFiles:
@@ -66,8 +59,8 @@ class DocumentFiles:
                     raise
                 except OSError:  # another file system, or no hard links there
                     shutil.copyfile(source, target)
-                    _fsync(target)
-            _fsync(folder)
+                    fsync_path(target)
+            fsync_path(folder)
             return folder.name, self.instances(folder.name)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from retinaedge.runtime.durable import fsync_path
+
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
@@ -55,14 +57,6 @@ def result_version(result_json: str | None, header_json: str | None, identity: s
         h.update(len(data).to_bytes(8, "big"))
         h.update(data)
     return h.hexdigest()[:16]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BuiltDocuments:
@@ -129,7 +123,7 @@ class BuiltDocuments:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
     def _drop_other_versions(self, keep: Path, kind: str) -> None:
         """Remove the files of ``kind`` built from earlier results of the instance."""

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits
+from retinaedge.runtime.durable import fsync_path
 from retinaedge.runtime.frames import seen_frames
 from retinaedge.runtime.instance_result import Detection
 from retinaedge.runtime.manifest import Manifest
@@ -62,14 +63,6 @@ def _write(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -129,7 +122,7 @@ class CaptureMaker:
                 sc.save_as(buf, enforce_file_format=True)
                 _write(made / f"{index + 1}.dcm", buf.getvalue())
                 _write(made / f"{index + 1}.png", png_bytes(drawn.image))
-            _fsync_dir(made)
+            fsync_path(made)
         except BaseException:
             shutil.rmtree(made, ignore_errors=True)
             raise
@@ -161,7 +154,7 @@ class CaptureFiles:
                 os.replace(final, old / "captures")
             if made is not None:
                 os.replace(made, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

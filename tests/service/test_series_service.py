@@ -86,7 +86,7 @@ def test_quiet_period_completes_a_series_with_the_runtime_findings(tmp_path: Pat
         assert early.status_code == 202 and early.json()["state"] == "collecting"
         body = poll_series(c, base, uid)
     assert body["state"] == "complete" and body["completed_by"] == "quiet-period"
-    assert body["instances"] == {"received": 27, "pending": 0, "done": 27, "failed": 0}
+    assert body["instances"] == {"received": 27, "pending": 0, "done": 27, "failed": 0, "not_applicable": 0}
     assert body["stack"]["consistent"] and body["stack"]["slices"] == 27
     # The demo bundle has an operating point: its findings are linked, with no further score floor.
     assert body["parameters"] == LinkParams(min_score=0.0).to_json()

@@ -36,6 +36,7 @@ from typing import Any
 from retinaedge.runtime.backends.tensorrt.errors import EngineCacheError
 from retinaedge.runtime.backends.tensorrt.fingerprint import DeviceFingerprint
 from retinaedge.runtime.backends.tensorrt.options import BuildOptions
+from retinaedge.runtime.durable import fsync_path
 from retinaedge.runtime.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -62,15 +63,6 @@ def cache_key(onnx_sha256: str, options: BuildOptions, fingerprint: DeviceFinger
     return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> tuple[str, int]:
     """Write ``chunks`` to ``path`` atomically; return ``(sha256, size)`` of what was written.
 
@@ -92,7 +84,7 @@ def atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> tuple[str,
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     return digest.hexdigest(), size
 
 
@@ -287,7 +279,7 @@ class EngineCache:
             sha, size = atomic_write(staging, chunks)
             engine_path = self.root / f"{key}.{sha[:16]}.engine"
             os.replace(staging, engine_path)
-            fsync_dir(self.root)
+            fsync_path(self.root)
             manifest = {
                 "format": FORMAT,
                 "key": key,
@@ -380,7 +372,7 @@ class EngineCache:
             with contextlib.suppress(OSError):
                 path.unlink()  # manifest first: an entry without its manifest is never read
                 engine.unlink()
-            fsync_dir(self.root)
+            fsync_path(self.root)
             total -= size
             evicted.append(key)
         return evicted

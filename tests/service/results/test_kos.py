@@ -142,7 +142,13 @@ def test_a_study_without_findings_has_no_kos_and_what_cannot_be_referenced_is_le
     partial = study_images(kept.study, headless, kept.identities.get)
     assert len(partial.images) == len(with_findings) - 1
     assert [x["reason"] for x in partial.left_out] == ["no header was kept"]
-    assert partial.counts == {"received": len(SOURCES), "pending": 0, "done": len(SOURCES), "failed": 0}
+    assert partial.counts == {
+        "received": len(SOURCES),
+        "pending": 0,
+        "done": len(SOURCES),
+        "failed": 0,
+        "not_applicable": 0,
+    }
 
 
 DCIODVFY = shutil.which("dciodvfy")
