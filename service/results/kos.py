@@ -33,7 +33,7 @@ from retinaedge.service.results.key_images import KeyImage
 from retinaedge.service.results.views import NothingToReport, StudyView
 
 KIND = "kos"
-SERIES_NUMBER = 9004  # the SRs are 9001, the SCs 9002, the GSPSs 9003
+SERIES_NUMBER = 9004  # the SRs are 9001 (series SRs 9005), the SCs 9002, the GSPSs 9003
 #: The Document Title (CID 7010 Key Object Selection Document Title).
 TITLE = ("113000", "DCM", "Of Interest")
 

@@ -38,6 +38,7 @@ from retinaedge.runtime import __version__
 from retinaedge.runtime.findings import SeriesResult
 from retinaedge.runtime.manifest import ClassCode
 from retinaedge.service.results.appliance import MANUFACTURER, device_identity
+from retinaedge.service.results.dicomdoc import document_series_uid
 from retinaedge.service.results.evidence import header_from_json
 from retinaedge.service.results.selection import frame_findings
 from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable
@@ -96,7 +97,13 @@ def build_sr(
     summary = _summary(algorithm, len(groups), [image])
     private = any(str(g["label"]) not in codes for f in result.get("frames", []) for g in frame_findings(f))
     return _report(
-        [image], [summary, *groups], model_name, model_sha256, f"retinaedge findings ({model_name})", private
+        [image],
+        [summary, *groups],
+        model_name,
+        model_sha256,
+        f"retinaedge findings ({model_name})",
+        private,
+        kind="sr",
     )
 
 
@@ -190,6 +197,7 @@ def build_series_sr(
         model_sha256,
         f"retinaedge series findings ({model_name})",
         private,
+        kind="series-sr",
     )
 
 
@@ -281,9 +289,13 @@ def _report(
     model_sha256: str,
     description: str,
     private: bool,
+    *,
+    kind: str,
 ) -> Dataset:
     """The Comprehensive 3D SR around the measurement ``groups`` (at least one); ``private``: a class
-    without a standard code was named in the private scheme, which is then declared."""
+    without a standard code was named in the private scheme, which is then declared. Its series is the
+    study's series of ``kind`` documents by this model (:func:`.dicomdoc.document_series_uid`), so a
+    viewer shows one SR series per study and model, not one series per SR."""
     from highdicom import ContributingEquipment
     from highdicom.sr import (
         Comprehensive3DSR,
@@ -318,8 +330,8 @@ def _report(
     sr = Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=generate_uid(),
-        series_number=9001,
+        series_instance_uid=document_series_uid(kind, str(evidence[0].StudyInstanceUID), model_sha256),
+        series_number=9001 if kind == "sr" else 9005,  # SCs 9002, GSPSs 9003, KOSs 9004
         sop_instance_uid=generate_uid(),
         instance_number=1,
         manufacturer=MANUFACTURER,

@@ -141,3 +141,26 @@ def test_versions_retention_and_start_up_clean_up(tmp_path: Path) -> None:
     assert built.keep_only(["1.2.5"]) == 1  # at start: results no longer kept
     assert list((tmp_path / "documents").iterdir()) == []
     built.close()
+
+
+def test_the_srs_of_a_study_form_one_series_per_model() -> None:
+    """Every instance SR of a study by one model is in one SR series (not one series per SR), the same on
+    every build; another model makes another series."""
+    from retinaedge.runtime.detector import Detector
+    from retinaedge.service.results.evidence import header_from_json, split_header
+    from retinaedge.service.results.sr import build_sr
+    from support.paths import DEMO
+
+    srs = []
+    with Detector.open(DEMO, threads=1) as det:
+        for name in ("IM0015.dcm", "IM0016.dcm"):
+            source = EXAMPLES / "study_01" / name
+            result = det.detect(source).to_json()
+            with open(source, "rb") as fh:
+                evidence, identity = split_header(fh)
+            header = header_from_json(evidence, identity)
+            srs.append(build_sr(header, result, "demo", "a" * 64))
+        other = build_sr(header, result, "demo", "b" * 64)
+    assert srs[0].SeriesInstanceUID == srs[1].SeriesInstanceUID != header.SeriesInstanceUID
+    assert srs[0].SOPInstanceUID != srs[1].SOPInstanceUID
+    assert other.SeriesInstanceUID != srs[0].SeriesInstanceUID
