@@ -62,6 +62,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(services.opener.stop)
     await asyncio.to_thread(services.worker.stop)
     await asyncio.to_thread(services.writer.stop)
+    services.clock.close()
     services.store.close()
 
 

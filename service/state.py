@@ -23,6 +23,7 @@ from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import RequestError
 from retinaedge.runtime.manifest import Manifest
+from retinaedge.service.clock import CLOCK_FILE, ServiceClock
 from retinaedge.service.dimse.receive import Receiver
 from retinaedge.service.dimse.scp import DimseServer
 from retinaedge.service.http.metrics import Metrics
@@ -98,6 +99,7 @@ class Services:
     )
     dimse: DimseServer  # the C-STORE SCP (idle when dimse_port is 0)
     captures: CaptureFiles  # the secondary captures and overlay PNGs (service/results/captures.py)
+    clock: ServiceClock  # service time: retention, back-off, series quiet periods (service/clock.py)
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
     @property
@@ -175,6 +177,9 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     worker.on_batch = metrics.batch_frames.observe
     spool = Spool(settings.data_dir / "spool", settings.min_free_bytes)
     store = Store(settings.data_dir / "state.sqlite3")
+    floor = store.latest_time()
+    clock = ServiceClock(settings.data_dir / CLOCK_FILE, floor=floor if floor is not None else -math.inf)
+    store.clock = clock
     identities = IdentityFiles(settings.data_dir / "identity")
     migrate(store, identities)
     identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
@@ -202,6 +207,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         str(bundle.manifest.model_sha256),
         documents,
         manifest=bundle.manifest,
+        clock=clock,
     )
     metrics.registry.register(DeliveryCollector(dispatcher))
 
@@ -243,6 +249,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         admit=admit,
         dispatcher=dispatcher,
         dimse=DimseServer(settings, receiver, metrics.registry),
+        clock=clock,
     )
 
 

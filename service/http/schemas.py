@@ -66,6 +66,12 @@ class Ready(BaseModel):
     dimse: dict[str, Any] | None = Field(
         default=None, description="the C-STORE SCP (state, AE title, port, TLS, open associations), if on"
     )
+    clock: dict[str, Any] | None = Field(
+        default=None,
+        description="the system clock: synchronised (true, false, or null when it cannot be read), the "
+        "offset of service time from it (s) and the wall-clock jumps seen since start (jumps, last_jump); "
+        "a jump is shown, never acted on",
+    )
 
 
 class BackendInfo(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,30 @@ _PUT_DONE = (
 
 
 class Store:
-    """Thread-safe (one connection behind a lock); every write is a committed transaction."""
+    """Thread-safe (one connection behind a lock); every write is a committed transaction.
 
-    def __init__(self, path: Path) -> None:
+    ``clock`` gives the timestamps it writes and retention compares (epoch seconds): the service passes
+    its :class:`~retinaedge.service.clock.ServiceClock`, which does not jump with the wall clock.
+    """
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = database.connect(path)
         self._lock = threading.Lock()
+        self.clock = clock
+
+    def latest_time(self) -> float | None:
+        """The newest timestamp the database holds (a floor for service time at start), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(t) FROM (SELECT MAX(received_at) AS t FROM instances "
+                "UNION ALL SELECT MAX(completed_at) FROM instances "
+                "UNION ALL SELECT MAX(requested_at) FROM series_requests "
+                "UNION ALL SELECT MAX(created_at) FROM export_jobs "
+                "UNION ALL SELECT MAX(finished_at) FROM export_jobs "
+                "UNION ALL SELECT MAX(started_at) FROM export_attempts)"
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def close(self) -> None:
         with self._lock:
@@ -86,7 +105,7 @@ class Store:
                 "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, "
                 "spool_path, size_bytes, received_at, state, header_json) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                (uid, sop_class, study, series, spool_path, size, time.time(), header_json),
+                (uid, sop_class, study, series, spool_path, size, self.clock(), header_json),
             )
             return cur.rowcount == 1
 
@@ -101,7 +120,7 @@ class Store:
         header_json: str | None,
     ) -> None:
         """Record a synchronous (/v1/detect) result; replaces an earlier finished result of the same UID."""
-        now = time.time()
+        now = self.clock()
         with self._lock:
             self._db.execute(
                 _PUT_DONE, (uid, sop_class, study, series, size, now, now, json.dumps(result), header_json)
@@ -110,7 +129,7 @@ class Store:
     def put_done_many(self, rows: list[tuple[str, str, str, str, int, dict[str, Any], str | None]]) -> None:
         """:meth:`put_done` for many ``(uid, sop_class, study, series, size, result, header_json)`` in one
         transaction (one commit, one fsync)."""
-        now = time.time()
+        now = self.clock()
         values = [(u, c, st, se, n, now, now, json.dumps(r), h) for u, c, st, se, n, r, h in rows]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -144,7 +163,7 @@ class Store:
 
     def request_series_complete(self, series_uid: str, at: float | None = None) -> float:
         """Record that the series is complete as of ``at`` (default now); returns that time."""
-        at = time.time() if at is None else at
+        at = self.clock() if at is None else at
         with self._lock:
             self._db.execute(
                 "INSERT INTO series_requests (series_uid, requested_at) VALUES (?, ?) "
@@ -187,7 +206,7 @@ class Store:
             self._db.execute(
                 "UPDATE instances SET state = 'done', completed_at = ?, result_json = ?, spool_path = NULL "
                 "WHERE sop_instance_uid = ?",
-                (time.time(), json.dumps(result), uid),
+                (self.clock(), json.dumps(result), uid),
             )
 
     def failed(self, uid: str, error_type: str, message: str) -> None:
@@ -195,7 +214,7 @@ class Store:
             self._db.execute(
                 "UPDATE instances SET state = 'failed', completed_at = ?, error_type = ?, error_message = ?, "
                 "spool_path = NULL WHERE sop_instance_uid = ?",
-                (time.time(), error_type, message, uid),
+                (self.clock(), error_type, message, uid),
             )
 
     def prune(self, max_age_s: float, max_result_bytes: int) -> list[str]:
@@ -207,7 +226,7 @@ class Store:
                 for r in self._db.execute(
                     "DELETE FROM instances WHERE state != 'pending' AND completed_at < ? "
                     "RETURNING sop_instance_uid",
-                    (time.time() - max_age_s,),
+                    (self.clock() - max_age_s,),
                 ).fetchall()
             ]
             n = len(old)

@@ -53,6 +53,7 @@ async def readyz(services: ServicesDep) -> Response:
             "self_test": worker.self_test,
             "engine": services.opener.describe(),
             "model": services.model_name,
+            "clock": services.clock.describe(),
         }
     )
 

@@ -1,0 +1,42 @@
+"""A faked wall clock and monotonic clock for service time (:mod:`retinaedge.service.clock`).
+
+Both follow the real clocks, shifted: :meth:`FakeTime.jump` moves the wall clock only (what NTP or a
+person setting the clock does), :meth:`FakeTime.elapse` moves both (time passing). The machine's clock
+is never touched: only the two functions service time reads are replaced, in this process.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+class FakeTime:
+    """``wall_shift`` and ``mono_shift`` in seconds, added to the real clocks."""
+
+    def __init__(self, wall_shift: float = 0.0) -> None:
+        self.wall_shift = wall_shift
+        self.mono_shift = 0.0
+
+    def wall(self) -> float:
+        return time.time() + self.wall_shift
+
+    def mono(self) -> float:
+        return time.monotonic() + self.mono_shift
+
+    def jump(self, seconds: float) -> None:
+        """The wall clock is set by ``seconds`` (positive: forward); no time passes."""
+        self.wall_shift += seconds
+
+    def elapse(self, seconds: float) -> None:
+        """``seconds`` pass (both clocks advance)."""
+        self.wall_shift += seconds
+        self.mono_shift += seconds
+
+    def install(self, monkeypatch: Any) -> FakeTime:
+        """Make service time read these clocks (for the test's duration)."""
+        from retinaedge.service import clock
+
+        monkeypatch.setattr(clock, "wall_time", self.wall)
+        monkeypatch.setattr(clock, "monotonic_time", self.mono)
+        return self
