@@ -223,6 +223,8 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         after_each=prune,
         concurrency=settings.processing_concurrency or settings.max_batch_size,
         captures=drawing,
+        limits=limits,
+        identities=identities,
     )
     admit = backlog_admission(
         store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s

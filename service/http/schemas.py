@@ -72,6 +72,11 @@ class Ready(BaseModel):
         "offset of service time from it (s) and the wall-clock jumps seen since start (jumps, last_jump); "
         "a jump is shown, never acted on",
     )
+    database: dict[str, Any] | None = Field(
+        default=None,
+        description="present when the state database was found damaged at start: why, where it was moved "
+        "(damaged, moved_to) and how many result rows were salvaged (salvaged_rows)",
+    )
 
 
 class BackendInfo(BaseModel):

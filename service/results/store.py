@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retinaedge.service import database
+from retinaedge.service import repair
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,9 @@ class Store:
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = database.connect(path)
+        #: Set when the database was found damaged at start and rebuilt (:mod:`retinaedge.service.repair`).
+        self.damage: repair.Damage | None
+        self._db, self.damage = repair.open_state(path)
         self._lock = threading.Lock()
         self.clock = clock
 

@@ -41,6 +41,9 @@ async def readyz(services: ServicesDep) -> Response:
     if unwritable is not None:
         return problem(503, "not-ready", unwritable, retry)
     degraded = services.dispatcher.degraded()  # still takes instances; results wait in the outbox
+    damage = services.store.damage
+    if damage is not None:  # found at start, rebuilt: said until the next start
+        degraded = [damage.describe(), *degraded]
     dimse = services.dimse.describe()
     return JSONResponse(
         {
@@ -54,6 +57,7 @@ async def readyz(services: ServicesDep) -> Response:
             "engine": services.opener.describe(),
             "model": services.model_name,
             "clock": services.clock.describe(),
+            **({"database": damage.to_json()} if damage is not None else {}),
         }
     )
 
