@@ -5,7 +5,9 @@ and hands the part to :func:`store_spooled`, which in the calling thread fsyncs 
 the header (nothing decoded), writes the patient identity file and commits the ``pending`` row. Only
 after it returns ``Stored`` may the receiver acknowledge the instance; it then enqueues the UID on the
 :class:`~retinaedge.service.pipeline.processor.Processor` when the row is new (``inserted``). Receiving the same
-SOP Instance UID again is idempotent: the first copy stands, the new file is removed.
+SOP Instance UID again is idempotent: the first copy stands, the new file is removed; unless the first copy
+failed (a corrupt file, say): then the new copy is a correction and replaces it (:meth:`Store.add_pending`),
+as ``/v1/detect`` replaces a result.
 
 Failures are reported with a Failure Reason / C-STORE status code (PS3.4 B.2.3, reused by PS3.18 Table
 10.5.3-2): :data:`OUT_OF_RESOURCES` (A700), :data:`DATASET_MISMATCH` (A900), :data:`CANNOT_UNDERSTAND`
@@ -172,7 +174,7 @@ def store_spooled(
         if isinstance(exc, OSError):
             raise storage_error(exc, spool.root) from exc
         raise
-    if not inserted:  # the same SOP Instance UID again: idempotent, the first copy stands
+    if not inserted:  # the same SOP Instance UID again, pending or done: idempotent, the first copy stands
         spool.discard(final)
     return Stored(header.sop_class, uid, inserted)
 

@@ -50,6 +50,17 @@ _PUT_DONE = (
 )
 
 
+_ADD_PENDING = (
+    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, spool_path, size_bytes, "
+    "received_at, state, header_json) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) "
+    "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid = excluded.sop_class_uid, "
+    "study_uid = excluded.study_uid, series_uid = excluded.series_uid, spool_path = excluded.spool_path, "
+    "size_bytes = excluded.size_bytes, received_at = excluded.received_at, state = 'pending', "
+    "completed_at = NULL, error_type = NULL, error_message = NULL, result_json = NULL, "
+    "header_json = excluded.header_json WHERE instances.state = 'failed'"
+)
+
+
 class Store:
     """Thread-safe (one connection behind a lock); every write is a committed transaction.
 
@@ -98,16 +109,15 @@ class Store:
         size: int,
         header_json: str | None = None,
     ) -> bool:
-        """Insert a pending instance; False (and nothing changed) when the UID is already known.
+        """Insert a pending instance; False (and nothing changed) when the UID is already known, pending or
+        done. A ``failed`` row is replaced (a corrected copy of an instance that failed, as
+        ``/v1/detect`` replaces it): pending again, with this copy's file, header and arrival time.
 
         ``header_json`` is the instance's SR evidence (DICOM JSON, no patient identity: service/results/evidence.py).
         """
         with self._lock:
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, "
-                "spool_path, size_bytes, received_at, state, header_json) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                (uid, sop_class, study, series, spool_path, size, self.clock(), header_json),
+                _ADD_PENDING, (uid, sop_class, study, series, spool_path, size, self.clock(), header_json)
             )
             return cur.rowcount == 1
 
