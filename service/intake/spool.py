@@ -122,12 +122,14 @@ class Spool:
             raise storage_error(exc, self.root) from exc
 
     def commit(self, part: Path, fh: BinaryIO) -> Path:
-        """fsync and rename ``part`` to its final name; return it (507 when the disk is full)."""
+        """fsync and rename ``part`` to its final name; return it (507 when the disk is full, 503 for any
+        other storage error: then neither the part, which the caller discards, nor the final name is
+        left, since nothing was acknowledged)."""
+        final = part.with_suffix(".dcm")
         try:
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
-            final = part.with_suffix(".dcm")
             os.replace(part, final)
             dir_fd = os.open(self.root, os.O_RDONLY)
             try:
@@ -135,6 +137,7 @@ class Spool:
             finally:
                 os.close(dir_fd)
         except OSError as exc:
+            self.discard(final)
             raise storage_error(exc, self.root) from exc
         return final
 

@@ -10,6 +10,7 @@ knows (:func:`retinaedge.service.database.prepare`).
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retinaedge.service import repair
+from retinaedge.service import database, repair
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,17 @@ class Store:
         self._db, self.damage = repair.open_state(path)
         self._lock = threading.Lock()
         self.clock = clock
+
+    def unwritable_reason(self) -> str | None:
+        """Why the database cannot be written now (for ``/readyz``), or None: a real, committed write of
+        the schema version it already has (one page to the WAL), not a permission check."""
+        try:
+            with self._lock:
+                found = database.version(self._db)
+                self._db.execute(f"PRAGMA user_version = {found:d}")
+        except sqlite3.Error as exc:
+            return f"the state database cannot be written ({type(exc).__name__}: {exc})"
+        return None
 
     def latest_time(self) -> float | None:
         """The newest timestamp the database holds (a floor for service time at start), or None."""

@@ -161,15 +161,23 @@ def test_an_io_error_while_spooling_is_503_and_a700(tmp_path: Path, monkeypatch:
         def locked(*_args: object, **_kwargs: object) -> bool:
             raise sqlite3.OperationalError("disk I/O error")
 
-        with monkeypatch.context() as m:
-            m.setattr(services.store, "add_pending", locked)
+        services.store._db.execute("PRAGMA query_only = ON")  # the database cannot be written
+        try:
             r = stow(client, instance()[0])
             assert r.status_code == 503 and r.headers["Retry-After"], r.text
+            assert "database cannot be written" in r.json()["detail"]
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and "state database cannot be written" in ready.json()["detail"]
             receiver = Receiver(
                 spool, services.store, Limits(), services.identities, lambda: None, 1 << 30, lambda _u: None
             )
             data_bytes, sop_class, sop_instance = instance()
-            assert receiver.receive(sop_class, sop_instance, data_bytes).status == 0xA700
+            outcome = receiver.receive(sop_class, sop_instance, data_bytes)
+            assert outcome.status == 0xA700 and "storage unavailable" in outcome.comment, outcome
+        finally:
+            services.store._db.execute("PRAGMA query_only = OFF")
+        assert client.get("/readyz").status_code == 200
+        with monkeypatch.context() as m:
             m.setattr(services.store, "get", locked)
             r = client.get("/v1/results/1.2.3.4")  # any route: a storage error is 503, not 500
             assert r.status_code == 503 and r.headers["Retry-After"], r.text

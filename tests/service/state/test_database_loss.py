@@ -29,7 +29,7 @@ from support.dicomgen import mr_instance, to_bytes
 from support.paths import DEMO
 from support.servers import ready_client
 
-N = 8
+N = 48  # as in the drill
 
 
 def acknowledge(data_dir: Path, n: int) -> list[str]:
