@@ -29,6 +29,7 @@ from retinaedge.device.linux import (
 )
 from retinaedge.device.module import ModuleInfo, identify_module, parse_compatible, parse_device_tree_model
 from retinaedge.device.power import ClockState, PowerMode, parse_jetson_clocks, parse_nvpmodel
+from retinaedge.device.timesync import TimeSync, time_sync
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class DeviceReport:
     jetson: JetsonInfo | None
     nvidia_gpus: tuple[NvidiaGpu, ...]
     versions: SoftwareVersions
+    #: Whether the system clock is synchronised (read-only, :mod:`.timesync`); None for another ``root``.
+    time_sync: TimeSync | None = None
 
 
 def _read(root: Path, relative: str) -> bytes | None:
@@ -203,4 +206,5 @@ def collect(root: Path | str = "/", runner: Runner | None = None, *, timeout_s: 
             onnxruntime=distribution_version(_DISTRIBUTIONS["onnxruntime"]),
             pycuda=distribution_version(_DISTRIBUTIONS["pycuda"]),
         ),
+        time_sync=time_sync() if live else None,
     )

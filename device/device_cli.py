@@ -68,6 +68,8 @@ def _rows(report: DeviceReport) -> list[tuple[str, str]]:
         rows.append(
             ("clocks pinned", {True: "yes", False: "no", None: "? (jetson_clocks --show needs root)"}[pinned])
         )
+    sync = None if report.time_sync is None else report.time_sync.synchronised
+    rows.append(("clock in sync", {True: "yes", False: "no", None: "?"}[sync]))
     for i, gpu in enumerate(report.nvidia_gpus):
         rows.append(
             (f"gpu {i}", f"{gpu.name}, {_mib(gpu.memory_total_mb)}, driver {gpu.driver_version or '?'}")

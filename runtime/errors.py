@@ -199,6 +199,18 @@ class InsufficientStorageError(RetinaEdgeError):
     http_status = 507
 
 
+class StorageUnavailableError(RetinaEdgeError):
+    """The spool or the database cannot be written or read now (a read-only remount after an I/O error,
+    an I/O error, a lock): nothing is lost, the client should retry after ``retry_after`` seconds."""
+
+    type = "storage-unavailable"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class StateVersionError(RetinaEdgeError):
     """The service's database (``state.sqlite3``) was written by a newer version than this one: it is
     never downgraded, so the service does not start on it."""

@@ -12,23 +12,28 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from retinaedge.runtime import logsafety
 from retinaedge.runtime.backends.tensorrt.planning import Probe, default_probe
 from retinaedge.runtime.errors import RetinaEdgeError, UnauthorizedError
 from retinaedge.service.http.problems import (
+    STORAGE_RETRY_AFTER_S,
     error_response,
     on_error,
     on_http_error,
+    on_storage_error,
     on_validation_error,
+    problem,
     problem_component,
 )
+from retinaedge.service.intake.spool import Spool
 from retinaedge.service.outbox.destinations import TYPE_NAMES
 from retinaedge.service.results.documents import DocumentRegistry
 from retinaedge.service.routes import ROUTERS
@@ -48,13 +53,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     C-STORE SCP; stop them in reverse order."""
     services: Services = app.state.services
     services.worker.start()
-    services.writer.start()
-    recovered = services.processor.recover()
-    if recovered:
-        log.info("recovered %d pending instance(s) from the spool", recovered)
-    services.processor.start()
-    await asyncio.to_thread(services.dispatcher.start)
-    services.dimse.start(asyncio.get_running_loop())  # after recover: its rows are enqueued as stored
+    try:
+        services.writer.start()
+        recovered = services.processor.recover()
+        if recovered:
+            log.info("recovered %d pending instance(s) from the spool", recovered)
+        services.processor.start()
+        await asyncio.to_thread(services.dispatcher.start)
+        services.dimse.start(asyncio.get_running_loop())  # after recover: its rows are enqueued as stored
+    except BaseException:
+        # Start-up failed: no thread of ours may outlive the interpreter (the inference thread alive at
+        # exit ended in SIGABRT), so everything started is stopped before the error goes on.
+        await services.processor.stop()
+        await asyncio.to_thread(services.dispatcher.stop)
+        await asyncio.to_thread(services.opener.stop)
+        await asyncio.to_thread(services.worker.stop)
+        await asyncio.to_thread(services.writer.stop)
+        raise
     yield
     await asyncio.to_thread(services.dimse.stop)
     await services.processor.stop()
@@ -63,6 +78,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(services.worker.stop)
     await asyncio.to_thread(services.writer.stop)
     await asyncio.to_thread(services.built.close)
+    services.clock.close()
     services.store.close()
 
 
@@ -157,6 +173,31 @@ def _registry_enums(components: dict[str, Any], documents: DocumentRegistry) -> 
         items["items"]["enum"] = documents.deliverable()
 
 
+def unavailable_app(settings: Settings, reason: str) -> FastAPI:
+    """The app served when the data volume cannot be used at start (read-only, I/O errors): ``/healthz``
+    answers (the process is alive), ``/readyz`` and every other path 503 with the ``reason`` and
+    ``Retry-After``, as docs/operations.md says; nothing is stored, nothing crashes in a loop."""
+    app = FastAPI(title="retinaedge (storage unavailable)", openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.unavailable = reason
+    app.add_middleware(AuthAndLog, settings=settings)
+    retry = {"Retry-After": str(STORAGE_RETRY_AFTER_S)}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        return problem(503, "not-ready", reason, retry)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"])
+    async def anything(path: str) -> Response:
+        return problem(503, "storage-unavailable", reason, retry)
+
+    return app
+
+
 def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     """Build the app; the model loads in the worker thread when the lifespan starts.
 
@@ -164,7 +205,21 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     TensorRT/pycuda probe by default; tests pass a fixed fingerprint).
     """
     logsafety.install()  # no dependency's log line carries a DICOM value (also when embedded)
-    services = build_services(settings, probe)
+    try:
+        services = build_services(settings, probe)
+    except (OSError, sqlite3.Error) as exc:  # the data volume is read-only or failing: 503, no crash loop
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        try:
+            volume = Spool(settings.data_dir / "spool", 0).unwritable_reason()
+        except OSError as probed:
+            volume = f"the spool cannot be made ({probed.strerror or type(probed).__name__})"
+        found = f"{type(exc).__name__}: {what}" + (f"; {volume}" if volume else "")
+        reason = (
+            f"the data directory {settings.data_dir} cannot be used ({found}): nothing is taken until the "
+            "volume is fixed and the service restarted"
+        )
+        log.error("storage unavailable at start: %s", reason)
+        return unavailable_app(settings, reason)
     version = str(services.bundle.manifest.exporter.get("version", ""))
     app = FastAPI(title="retinaedge", version=version, lifespan=lifespan)
     app.state.services = services
@@ -177,6 +232,8 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     app.add_exception_handler(RetinaEdgeError, on_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    for storage_error in (OSError, sqlite3.Error):  # the spool or database failed: 503, retried
+        app.add_exception_handler(storage_error, on_storage_error)
     for router in ROUTERS:
         app.include_router(router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]

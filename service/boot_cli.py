@@ -17,12 +17,16 @@
    (``/healthz`` answers, ``/readyz`` is 503 "building a TensorRT engine") or, with
    ``engine_build_while=onnxruntime``, in a child process while ONNX Runtime serves.
 
-``--check`` stops after step 2 and prints the decision as one JSON object.
+``--check`` stops after step 2 and prints the decision as one JSON object, with ``database``: the state
+database as found, read-only (``missing``, ``ok``, ``damaged``: it will be moved aside and rebuilt from
+the spool at start, or ``unreadable``: a storage fault, answered 503 until fixed;
+:func:`~retinaedge.service.repair.inspect_state`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from retinaedge.runtime import __version__
 from retinaedge.runtime.errors import BundleError, ConfigError, RetinaEdgeError
 from retinaedge.service import serve_cli
+from retinaedge.service.repair import inspect_state
 
 if TYPE_CHECKING:  # the verb's module is imported for every `retinaedge --help`: heavy imports wait
     from retinaedge.runtime.backends.tensorrt.planning import BackendPlan, Probe
@@ -44,6 +49,8 @@ from retinaedge.service.settings import Settings
 log = logging.getLogger(__name__)
 
 EX_CONFIG = 78
+#: errno values of a data directory that is a storage fault (served as 503), not a configuration error.
+STORAGE_FAULTS = frozenset({errno.EROFS, errno.EIO})
 EX_UNAVAILABLE = 69
 BOOT_RECORD = "boot.json"
 #: Variables read besides the settings' own fields.
@@ -80,6 +87,19 @@ def check_writable_dir(path: Path, what: str) -> None:
         ) from exc
 
 
+def check_volume(path: Path, what: str) -> None:
+    """:func:`check_writable_dir`, except that a read-only or failing volume (EROFS, EIO) is a storage
+    fault, not a configuration: logged, and the service starts and answers 503 with the reason
+    (docs/operations.md) instead of exiting in a restart loop."""
+    try:
+        check_writable_dir(path, what)
+    except ConfigError as exc:
+        cause = exc.__cause__
+        if not (isinstance(cause, OSError) and cause.errno in STORAGE_FAULTS):
+            raise
+        log.error("%s; serving 503 until it is fixed", exc)
+
+
 def validate(settings: Settings) -> Bundle:
     """Step 1 past the settings themselves: the bundle and the writable directories."""
     from retinaedge.runtime.bundle import load_bundle
@@ -88,8 +108,8 @@ def validate(settings: Settings) -> Bundle:
         bundle = load_bundle(settings.model, trusted=settings.trusted())
     except BundleError as exc:
         raise ConfigError(f"model bundle {settings.model}: {exc}") from exc
-    check_writable_dir(settings.data_dir, "data_dir (spool and database)")
-    check_writable_dir(settings.engine_cache_root, "engine cache")
+    check_volume(settings.data_dir, "data_dir (spool and database)")
+    check_volume(settings.engine_cache_root, "engine cache")
     server_context(settings)  # a certificate or key that cannot be used: exit 78 with the reason
     return bundle
 
@@ -133,8 +153,11 @@ def decide(settings: Settings, bundle: Bundle, probe: Probe | None = None) -> Bo
     }
     path = settings.data_dir / BOOT_RECORD
     changes = changes_since(read_record(path), record)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, [json.dumps(record, indent=2).encode()])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, [json.dumps(record, indent=2).encode()])
+    except OSError as exc:  # a read-only data volume: the service serves 503; the record waits
+        log.warning("the boot record %s cannot be written (%s)", path, exc.strerror or exc)
     return BootReport(plan, record, changes)
 
 
@@ -195,7 +218,10 @@ def run(args: argparse.Namespace) -> int:
     log.info("engine decision %s: %s", report.plan.decision, report.plan.reason)
     for change in report.changes:
         log.info("since the previous start: %s", change)
+    state = inspect_state(settings.data_dir / "state.sqlite3")
+    if state["state"] in ("damaged", "unreadable"):
+        log.warning("state database %s: %s (%s)", state["state"], state["reason"], state.get("action", "503"))
     if args.check:
-        emit(report.to_dict())
+        emit({**report.to_dict(), "database": state})
         return 0
     return serve(settings)

@@ -24,6 +24,7 @@ from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import RequestError
 from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.signing import TrustedKey
+from retinaedge.service.clock import CLOCK_FILE, ServiceClock
 from retinaedge.service.dimse.receive import Receiver
 from retinaedge.service.dimse.scp import DimseServer
 from retinaedge.service.http.metrics import Metrics
@@ -104,6 +105,7 @@ class Services:
     dimse: DimseServer  # the C-STORE SCP (idle when dimse_port is 0)
     captures: CaptureFiles  # the secondary captures and overlay PNGs (service/results/captures.py)
     built: BuiltDocuments  # the SRs and GSPSs built once per result (service/results/built.py)
+    clock: ServiceClock  # service time: retention, back-off, series quiet periods (service/clock.py)
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
     @property
@@ -207,6 +209,9 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     worker.on_batch = metrics.batch_frames.observe
     spool = Spool(settings.data_dir / "spool", settings.min_free_bytes)
     store = Store(settings.data_dir / "state.sqlite3")
+    floor = store.latest_time()
+    clock = ServiceClock(settings.data_dir / CLOCK_FILE, floor=floor if floor is not None else -math.inf)
+    store.clock = clock
     identities = IdentityFiles(settings.data_dir / "identity")
     migrate(store, identities)
     identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
@@ -238,6 +243,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         documents,
         manifest=bundle.manifest,
         built=built,
+        clock=clock,
     )
     metrics.registry.register(DeliveryCollector(dispatcher))
 
@@ -254,6 +260,8 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         concurrency=settings.processing_concurrency or settings.max_batch_size,
         captures=drawing,
         on_not_applicable=lambda exc: metrics.not_applicable_to(exc.model, [f.rule for f in exc.failures]),
+        limits=limits,
+        identities=identities,
     )
     admit = backlog_admission(
         store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s
@@ -281,6 +289,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         admit=admit,
         dispatcher=dispatcher,
         dimse=DimseServer(settings, receiver, metrics.registry),
+        clock=clock,
     )
 
 

@@ -13,7 +13,8 @@ status     meaning                when
 ``0000``   Success                stored and recorded (also a duplicate: the first copy stands)
 ``A700``   Out of resources       the disk reserve (``min_free_bytes``), the backlog limit
                                   (``max_pending_*``), an instance above ``max_body_bytes`` or
-                                  the decode budget, a full disk or database
+                                  the decode budget, a full disk or database, any other storage
+                                  error (a read-only remount, EIO, a locked database)
 ``A900``   Data set mismatch      the data set's SOP Class/Instance UID is not the request's
 ``C000``   Cannot understand      malformed or truncated data, an unsupported pixel layout
 ``0122``   SOP class not          an instance of an accepted class that holds no image
@@ -26,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from retinaedge.runtime.dicomio import Limits
-from retinaedge.runtime.errors import InsufficientStorageError, OverloadedError
+from retinaedge.runtime.errors import InsufficientStorageError, OverloadedError, StorageUnavailableError
 from retinaedge.runtime.logsafety import redacted_traceback
 from retinaedge.service.intake.ingest import (
     DATASET_MISMATCH,
@@ -99,6 +101,11 @@ class Receiver:
             text = str(exc)
             why = "disk reserve reached (min_free_bytes)" if "reserve" in text else f"storage full: {text}"
             outcome = Outcome(OUT_OF_RESOURCES, why)
+        except StorageUnavailableError as exc:  # read-only, I/O error: a status scanners retry
+            outcome = Outcome(OUT_OF_RESOURCES, f"storage unavailable: {exc}")
+        except (OSError, sqlite3.Error) as exc:  # any other storage error: the same, never 0110
+            log.warning("C-STORE: storage failed: %s", type(exc).__name__)
+            outcome = Outcome(OUT_OF_RESOURCES, f"storage unavailable: {type(exc).__name__}")
         except Exception:
             log.error("C-STORE failed:\n%s", redacted_traceback(sys.exc_info()))
             outcome = Outcome(PROCESSING_FAILURE, "internal error")

@@ -2,18 +2,32 @@
 
 Every 4xx/5xx the service sends is ``application/problem+json`` built by :func:`problem`; a
 :class:`~retinaedge.runtime.errors.RetinaEdgeError` raised anywhere in a handler is mapped by
-:func:`on_error` (installed by ``create_app``) through its own ``http_status`` and ``type``.
+:func:`on_error` (installed by ``create_app``) through its own ``http_status`` and ``type``; an
+``OSError`` or SQLite error that reaches the app is a storage fault (:func:`on_storage_error`: 503 with
+``Retry-After``, 507 for a full disk), never a 500.
 :func:`problem_responses` declares those documents in ``/openapi.json``.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from retinaedge.runtime.errors import OverloadedError, RetinaEdgeError, UnauthorizedError
+from retinaedge.runtime.errors import (
+    OverloadedError,
+    RetinaEdgeError,
+    StorageUnavailableError,
+    UnauthorizedError,
+)
 from retinaedge.service.http.schemas import Problem
+
+log = logging.getLogger(__name__)
+
+#: ``Retry-After`` (s) of a 503 for a storage error.
+STORAGE_RETRY_AFTER_S = 30
 
 PROBLEM = "application/problem+json"
 PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"
@@ -51,8 +65,10 @@ def problem(
 
 
 def error_response(exc: RetinaEdgeError) -> JSONResponse:
-    """The problem document of an error, with ``Retry-After`` (503 overloaded) or ``WWW-Authenticate``."""
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+    """The problem document of an error, with ``Retry-After`` (503 overloaded or storage unavailable) or
+    ``WWW-Authenticate``."""
+    retry = exc.retry_after if isinstance(exc, OverloadedError | StorageUnavailableError) else None
+    headers = {"Retry-After": str(retry)} if retry is not None else None
     if isinstance(exc, UnauthorizedError):
         headers = {"WWW-Authenticate": 'Bearer realm="retinaedge"'}
     extra = {"offered": list(offered)} if (offered := getattr(exc, "offered", None)) is not None else {}
@@ -101,3 +117,15 @@ async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse
     errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
     where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors[:5])
     return problem(400, "bad-request", f"the request does not fit this route ({where or 'invalid'})")
+
+
+async def on_storage_error(_request: Request, exc: Exception) -> JSONResponse:
+    """An ``OSError`` or SQLite error no route mapped (the spool or database failed under a request): 503
+    with ``Retry-After`` (507 for a full disk), one warning line, no traceback: the client retries."""
+    status, type_ = 503, "storage-unavailable"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        status, type_ = 507, "insufficient-storage"
+    what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    log.warning("storage failed under a request: %s: %s", type(exc).__name__, what)
+    detail = f"storage is unavailable ({type(exc).__name__}: {what}); nothing was stored, retry later"
+    return problem(status, type_, detail, {"Retry-After": str(STORAGE_RETRY_AFTER_S)})

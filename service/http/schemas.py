@@ -66,6 +66,17 @@ class Ready(BaseModel):
     dimse: dict[str, Any] | None = Field(
         default=None, description="the C-STORE SCP (state, AE title, port, TLS, open associations), if on"
     )
+    clock: dict[str, Any] | None = Field(
+        default=None,
+        description="the system clock: synchronised (true, false, or null when it cannot be read), the "
+        "offset of service time from it (s) and the wall-clock jumps seen since start (jumps, last_jump); "
+        "a jump is shown, never acted on",
+    )
+    database: dict[str, Any] | None = Field(
+        default=None,
+        description="present when the state database was found damaged at start: why, where it was moved "
+        "(damaged, moved_to) and how many result rows were salvaged (salvaged_rows)",
+    )
 
 
 class BackendInfo(BaseModel):

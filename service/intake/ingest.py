@@ -5,7 +5,9 @@ and hands the part to :func:`store_spooled`, which in the calling thread fsyncs 
 the header (nothing decoded), writes the patient identity file and commits the ``pending`` row. Only
 after it returns ``Stored`` may the receiver acknowledge the instance; it then enqueues the UID on the
 :class:`~retinaedge.service.pipeline.processor.Processor` when the row is new (``inserted``). Receiving the same
-SOP Instance UID again is idempotent: the first copy stands, the new file is removed.
+SOP Instance UID again is idempotent: the first copy stands, the new file is removed; unless the first copy
+failed (a corrupt file, say): then the new copy is a correction and replaces it (:meth:`Store.add_pending`),
+as ``/v1/detect`` replaces a result.
 
 Failures are reported with a Failure Reason / C-STORE status code (PS3.4 B.2.3, reused by PS3.18 Table
 10.5.3-2): :data:`OUT_OF_RESOURCES` (A700), :data:`DATASET_MISMATCH` (A900), :data:`CANNOT_UNDERSTAND`
@@ -27,8 +29,9 @@ from retinaedge.runtime.errors import (
     NoPixelDataError,
     OverBudgetError,
     RequestError,
+    StorageUnavailableError,
 )
-from retinaedge.service.intake.spool import Spool, no_space
+from retinaedge.service.intake.spool import Spool, storage_error
 from retinaedge.service.results.evidence import IdentityFiles, split_dataset
 from retinaedge.service.results.store import Store
 
@@ -127,8 +130,8 @@ def store_spooled(
 ) -> Stored | Failed:
     """fsync + rename the part, header checks, ``check``, identity file, pending row (all in this thread).
 
-    Returns :class:`Stored` or :class:`Failed`; raises (507 for a full disk or database, anything
-    unexpected) after cleaning up, so that nothing not recorded stays in the spool. Call it from one
+    Returns :class:`Stored` or :class:`Failed`; raises (507 for a full disk or database, 503 for any other
+    storage error, anything unexpected) after cleaning up, so that nothing not recorded stays in the spool. Call it from one
     thread that is not cancelled halfway (``asyncio.to_thread`` or a DIMSE handler thread): a file
     whose row was committed is never deleted by it.
     """
@@ -157,16 +160,21 @@ def store_spooled(
             inserted = store.add_pending(*add)
         else:
             with identities.lock:  # before the row: an acknowledged instance has its identity on disk
-                identities.put(uid, header.identity, replace=False)
+                earlier = store.get(uid)  # a failed one is replaced by this copy, its identity too
+                identities.put(
+                    uid, header.identity, replace=earlier is not None and earlier.state == "failed"
+                )
                 inserted = store.add_pending(*add)
     except BaseException as exc:  # not recorded, so not acknowledged: the file goes too
         spool.discard(final)
         if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
             raise InsufficientStorageError(f"the database cannot grow: {exc}") from exc
-        if isinstance(exc, OSError) and (full := no_space(exc, spool.root)) is not None:
-            raise full from exc
+        if isinstance(exc, sqlite3.Error):  # read-only, I/O error, locked: 503 / A700, retried
+            raise StorageUnavailableError(f"the database cannot be written ({exc})") from exc
+        if isinstance(exc, OSError):
+            raise storage_error(exc, spool.root) from exc
         raise
-    if not inserted:  # the same SOP Instance UID again: idempotent, the first copy stands
+    if not inserted:  # the same SOP Instance UID again, pending or done: idempotent, the first copy stands
         spool.discard(final)
     return Stored(header.sop_class, uid, inserted)
 

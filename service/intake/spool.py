@@ -2,19 +2,23 @@
 
 File names are random (never derived from tag values). A write goes to ``*.part``, is fsynced, renamed
 and the directory fsynced, so a crash leaves either nothing or a complete file. A full disk (ENOSPC,
-EDQUOT) while writing or syncing is :class:`InsufficientStorageError` (507), like the reserve.
+EDQUOT) while writing or syncing is :class:`InsufficientStorageError` (507), like the reserve; any other
+OSError (a read-only remount, EIO) is :class:`StorageUnavailableError` (503 with ``Retry-After``, A700).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import BinaryIO
 
-from retinaedge.runtime.errors import InsufficientStorageError
+from retinaedge.runtime.errors import InsufficientStorageError, StorageUnavailableError
+
+log = logging.getLogger(__name__)
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -26,6 +30,14 @@ def no_space(exc: OSError, where: Path) -> InsufficientStorageError | None:
     return None
 
 
+def storage_error(exc: OSError, where: Path) -> InsufficientStorageError | StorageUnavailableError:
+    """What a client is answered for an OSError of the spool: 507 for a full disk or quota, else 503
+    with ``Retry-After`` (a read-only remount, an I/O error, anything else: nothing was stored)."""
+    return no_space(exc, where) or StorageUnavailableError(
+        f"the spool {where} cannot be written ({exc.strerror or type(exc).__name__})"
+    )
+
+
 class Spool:
     """A directory of received instances; ``min_free_bytes`` is the disk reserve kept free."""
 
@@ -34,7 +46,12 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("*.part"):  # interrupted writes were never acknowledged
-            stale.unlink(missing_ok=True)
+            try:
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only volume: /readyz says the spool is not writable
+                log.warning("a stale spool part cannot be removed (%s)", exc.strerror or exc)
+                break
 
     def unwritable_reason(self) -> str | None:
         """Why nothing can be spooled now (a probe file cannot be created, written and fsynced), or None.
@@ -78,8 +95,12 @@ class Spool:
         return self.free_bytes() - self.min_free_bytes
 
     def check_reserve(self, incoming: int = 0) -> None:
-        """Raise 507 when writing ``incoming`` more bytes would eat into the reserve."""
-        free = self.free_bytes()
+        """Raise 507 when writing ``incoming`` more bytes would eat into the reserve (503 when the free
+        space cannot be read)."""
+        try:
+            free = self.free_bytes()
+        except OSError as exc:
+            raise storage_error(exc, self.root) from exc
         if free - incoming < self.min_free_bytes:
             raise InsufficientStorageError(
                 f"the spool disk has {free} bytes free; {self.min_free_bytes} are kept in reserve"
@@ -91,30 +112,33 @@ class Spool:
         try:
             return path, open(path, "wb")  # noqa: SIM115 (closed by commit/discard)
         except OSError as exc:
-            raise (no_space(exc, self.root) or exc) from exc
+            raise storage_error(exc, self.root) from exc
 
     def write(self, fh: BinaryIO, data: bytes) -> None:
         """Append ``data`` to an open part (507 when the disk is full)."""
         try:
             fh.write(data)
         except OSError as exc:
-            raise (no_space(exc, self.root) or exc) from exc
+            raise storage_error(exc, self.root) from exc
 
     def commit(self, part: Path, fh: BinaryIO) -> Path:
-        """fsync and rename ``part`` to its final name; return it (507 when the disk is full)."""
+        """fsync and rename ``part`` to its final name; return it (507 when the disk is full, 503 for any
+        other storage error: then neither the part, which the caller discards, nor the final name is
+        left, since nothing was acknowledged)."""
+        final = part.with_suffix(".dcm")
         try:
             fh.flush()
             os.fsync(fh.fileno())
+            fh.close()
+            os.replace(part, final)
+            dir_fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except OSError as exc:
-            raise (no_space(exc, self.root) or exc) from exc
-        fh.close()
-        final = part.with_suffix(".dcm")
-        os.replace(part, final)
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            self.discard(final)
+            raise storage_error(exc, self.root) from exc
         return final
 
     def discard(self, path: Path, fh: BinaryIO | None = None) -> None:
@@ -130,4 +154,12 @@ class Spool:
             pass
 
     def files(self) -> list[Path]:
-        return sorted(self.root.glob("*.dcm"))
+        """The spooled instances: regular ``*.dcm`` files (anything else so named, a directory say, is
+        left alone with a warning: it was never written here)."""
+        out = []
+        for path in sorted(self.root.glob("*.dcm")):
+            if path.is_file() and not path.is_symlink():
+                out.append(path)
+            else:
+                log.warning("the spool holds %s, which is not a regular file: left alone", path.name)
+        return out

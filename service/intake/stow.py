@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from retinaedge.runtime.dicomio import Limits
-from retinaedge.runtime.errors import OverloadedError, PayloadTooLargeError, RequestError
+from retinaedge.runtime.errors import (
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestError,
+    StorageUnavailableError,
+)
 from retinaedge.service.http.body import idle_timeout
 from retinaedge.service.intake.ingest import (
     CANNOT_UNDERSTAND,
@@ -197,7 +203,10 @@ def backlog_admission(
     or ``max_bytes`` of them wait to be processed."""
 
     def admit() -> None:
-        count, size = store.backlog()
+        try:
+            count, size = store.backlog()
+        except sqlite3.Error as exc:  # the database cannot be read: 503 / A700, retried
+            raise StorageUnavailableError(f"the database cannot be read ({exc})", retry_after) from exc
         if count >= max_instances or size >= max_bytes:
             raise OverloadedError(
                 f"{count} instances ({size} bytes) wait to be processed; the backlog limit is "

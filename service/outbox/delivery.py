@@ -30,6 +30,7 @@ restarts. A job is dead-lettered after ``export_max_attempts`` attempts of its o
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -83,8 +84,11 @@ class Dispatcher:
         *,
         manifest: Manifest | None = None,
         built: BuiltDocuments | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        #: Service time (:mod:`retinaedge.service.clock`): back-off, holds and series quiet periods.
+        self.clock = clock
         self.manifest = manifest  # the model's (class codes, ...) for the documents it builds
         self.built = built  # an instance's documents, built once and shared with the routes
         self.store = store
@@ -94,7 +98,7 @@ class Dispatcher:
         self.destinations = list(settings.export_destinations)
         self.root = settings.data_dir / "outbox"
         self.files = DocumentFiles(self.root)
-        self.outbox = Outbox(settings.data_dir / "state.sqlite3", documents)
+        self.outbox = Outbox(settings.data_dir / "state.sqlite3", documents, clock)
         dropped = self.outbox.sync_targets((d.name, d.documents) for d in self.destinations)
         if dropped:
             log.warning("%d export job(s) of destinations no longer configured are dead-lettered", dropped)
@@ -165,14 +169,14 @@ class Dispatcher:
     def _deliver_loop(self, name: str) -> None:
         while not self._stop.is_set():
             try:
-                held = self._hold_until.get(name, 0.0) - time.time()
+                held = self._hold_until.get(name, -math.inf) - self.clock()
                 if held > 0:  # the destination failed as a whole: nothing is tried before then
                     self._stop.wait(min(POLL_S, held))
                     continue
-                job = self.outbox.due(name, time.time())
+                job = self.outbox.due(name, self.clock())
                 if job is None:
                     due = self.outbox.next_due_at(name)
-                    wait = POLL_S if due is None else min(POLL_S, max(0.01, due - time.time()))
+                    wait = POLL_S if due is None else min(POLL_S, max(0.01, due - self.clock()))
                     self._wake[name].wait(wait)
                     self._wake[name].clear()
                     continue
@@ -223,7 +227,7 @@ class Dispatcher:
         elif delivery.destination_wide:  # the destination is down: hold it back, not just this job
             self._streak[name] = self._streak.get(name, 0) + 1
             retry = self._backoff(self._streak[name])
-            self._hold_until[name] = time.time() + retry
+            self._hold_until[name] = self.clock() + retry
         else:
             retry = self._backoff(n)
         if delivery.outcome != "delivered" and n >= self.settings.export_max_attempts:
@@ -395,7 +399,7 @@ class Dispatcher:
                 self.outbox.unwatch(uid)
                 continue
             status = series_status(
-                rows, time.time(), self.settings.series_quiet_s, self.store.series_requested_at(uid)
+                rows, self.clock(), self.settings.series_quiet_s, self.store.series_requested_at(uid)
             )
             if status.state != "complete":
                 continue

@@ -5,7 +5,6 @@ so they survive restarts."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +54,7 @@ class DeliveryCollector:
             "Age of the oldest job waiting for the destination (0 when none)",
             labels=["destination"],
         )
-        now = time.time()
+        now = self.dispatcher.clock()
         for d in self.dispatcher.summary():
             name = d["name"]
             for state, n in d["jobs"].items():

@@ -39,7 +39,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +122,12 @@ class Outbox:
     """Thread-safe (one connection behind a lock) access to the outbox tables of ``path``; ``documents``
     says each document kind's scope."""
 
-    def __init__(self, path: Path, documents: DocumentRegistry = DOCUMENTS) -> None:
+    def __init__(
+        self, path: Path, documents: DocumentRegistry = DOCUMENTS, clock: Callable[[], float] = time.time
+    ) -> None:
         self.documents = documents
+        #: Timestamps written and compared (back-off, retention): the service's clock, which does not jump.
+        self.clock = clock
         self._db = database.connect(path, timeout_s=30)
         self._lock = threading.Lock()
 
@@ -161,7 +165,7 @@ class Outbox:
                 if doc is None:
                     raise ValueError(f"destination {name!r}: no result document is called {kind!r}")
                 rows.append((name, kind, doc.scope))
-        now = time.time()
+        now = self.clock()
         with self._tx() as db:
             db.execute("DELETE FROM export_targets")
             db.executemany("INSERT INTO export_targets (name, kind, scope) VALUES (?, ?, ?)", rows)
@@ -177,7 +181,7 @@ class Outbox:
     def recover(self) -> int:
         """Attempts left in flight by a stopped process become ``interrupted``, their jobs possibly
         delivered (a later delivery counts as a possible duplicate); returns how many."""
-        now = time.time()
+        now = self.clock()
         with self._tx() as db:
             rows = db.execute("SELECT id, job_id FROM export_attempts WHERE outcome IS NULL").fetchall()
             for attempt, job in rows:
@@ -221,14 +225,14 @@ class Outbox:
         with self._tx() as db:
             db.execute(
                 "UPDATE export_documents SET path = ?, sop_instance_uid = ?, built_at = ? WHERE id = ?",
-                (path, sop_instance_uid, time.time(), document_id),
+                (path, sop_instance_uid, self.clock(), document_id),
             )
 
     def begin(self, job: Job) -> int:
         """Record an attempt as in flight (committed before anything is sent); returns its id."""
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO export_attempts (job_id, started_at) VALUES (?, ?)", (job.id, time.time())
+                "INSERT INTO export_attempts (job_id, started_at) VALUES (?, ?)", (job.id, self.clock())
             )
             assert cur.lastrowid is not None
             return cur.lastrowid
@@ -249,7 +253,7 @@ class Outbox:
         asked instead of sent to and holds the document, after that many unanswered attempts (one of
         them stored it; more than one may have stored it twice: a possible duplicate). Returns the job's
         state."""
-        now = time.time()
+        now = self.clock()
         with self._tx() as db:
             db.execute(
                 "UPDATE export_attempts SET outcome = ?, detail = ?, finished_at = ? WHERE id = ?",
@@ -303,7 +307,7 @@ class Outbox:
         with self._tx() as db:
             db.execute(
                 "UPDATE export_jobs SET state = 'dead', finished_at = ?, last_error = ? WHERE id = ?",
-                (time.time(), reason[:500], job.id),
+                (self.clock(), reason[:500], job.id),
             )
             _count(db, job.destination, "dead")
 
@@ -349,7 +353,7 @@ class Outbox:
             cur = db.execute(
                 f"UPDATE export_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "
                 f"finished_at = NULL WHERE state = 'dead' AND destination IN ({marks})",
-                (time.time(), *destinations),
+                (self.clock(), *destinations),
             )
             return cur.rowcount
 
@@ -366,7 +370,7 @@ class Outbox:
         series' own (each series-scope kind, e.g. ``series-sr``) and, given its ``study_uid``, a new
         version of its study's (each study-scope kind, e.g. ``kos``); ``version`` is the series' last
         instance's arrival for both. Stops watching the series; one transaction; returns the jobs added."""
-        now = time.time()
+        now = self.clock()
         subjects = [("series", series_uid)] + ([("study", study_uid)] if study_uid is not None else [])
         added = 0
         with self._tx() as db:
@@ -457,7 +461,7 @@ class Outbox:
     def prune(self, max_age_s: float) -> list[str]:
         """Drop finished jobs older than ``max_age_s``, their attempts, and documents no job refers to;
         returns the file names to delete (under ``<data_dir>/outbox``)."""
-        cutoff = time.time() - max_age_s
+        cutoff = self.clock() - max_age_s
         with self._tx() as db:
             old = [
                 r[0]

@@ -22,12 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import DicomInputError, NotReadyError, OverloadedError
 from retinaedge.runtime.intended_use import NotApplicableError
 from retinaedge.runtime.logsafety import redacted_traceback
+from retinaedge.service.intake.recovery import adopt_orphans
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.results.captures import CaptureMaker
+from retinaedge.service.results.evidence import IdentityFiles
 from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
 from retinaedge.service.results.store import Store
 
@@ -52,9 +55,13 @@ class Processor:
         concurrency: int = 1,
         captures: CaptureMaker | None = None,
         on_not_applicable: Callable[[NotApplicableError], None] = lambda _e: None,
+        limits: Limits | None = None,
+        identities: IdentityFiles | None = None,
     ) -> None:
         self.store = store
         self.on_not_applicable = on_not_applicable  # counts it (metrics) by model and rule
+        self.limits = limits or Limits()  # for reading spool files the database lost (recover)
+        self.identities = identities
         self.captures = captures
         self.spool = spool
         self.worker = worker
@@ -72,11 +79,23 @@ class Processor:
         self.queue.put_nowait(uid)
 
     def recover(self) -> int:
-        """Queue every pending row again and delete spool files no row refers to (never acknowledged)."""
+        """Queue every pending row again. A spool file no row refers to (the database was lost, or a
+        crash came between its rename and its row) is recovered from its own bytes, or quarantined with a
+        log line (:mod:`retinaedge.service.intake.recovery`): never deleted silently."""
         known = self.store.spool_paths()
-        for path in self.spool.files():
-            if path.name not in known:
-                path.unlink(missing_ok=True)
+        orphans = [path for path in self.spool.files() if path.name not in known]
+        if orphans:
+            try:
+                adopt_orphans(
+                    orphans,
+                    spool=self.spool,
+                    store=self.store,
+                    limits=self.limits,
+                    identities=self.identities,
+                )
+            except STORAGE_ERRORS as exc:  # a read-only volume: said by /readyz, retried at the next start
+                self.problem = f"spool files cannot be recovered: {type(exc).__name__}: {exc}"
+                log.error("%s; they are left in the spool for the next start", self.problem)
         pending = self.store.pending()
         for uid in pending:
             self.enqueue(uid)

@@ -10,13 +10,15 @@ knows (:func:`retinaedge.service.database.prepare`).
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retinaedge.service import database
+from retinaedge.service import database, repair
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,55 @@ _PUT_DONE = (
 )
 
 
-class Store:
-    """Thread-safe (one connection behind a lock); every write is a committed transaction."""
+_ADD_PENDING = (
+    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, spool_path, size_bytes, "
+    "received_at, state, header_json) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) "
+    "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid = excluded.sop_class_uid, "
+    "study_uid = excluded.study_uid, series_uid = excluded.series_uid, spool_path = excluded.spool_path, "
+    "size_bytes = excluded.size_bytes, received_at = excluded.received_at, state = 'pending', "
+    "completed_at = NULL, error_type = NULL, error_message = NULL, result_json = NULL, "
+    "header_json = excluded.header_json WHERE instances.state = 'failed'"
+)
 
-    def __init__(self, path: Path) -> None:
+
+class Store:
+    """Thread-safe (one connection behind a lock); every write is a committed transaction.
+
+    ``clock`` gives the timestamps it writes and retention compares (epoch seconds): the service passes
+    its :class:`~retinaedge.service.clock.ServiceClock`, which does not jump with the wall clock.
+    """
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = database.connect(path)
+        #: Set when the database was found damaged at start and rebuilt (:mod:`retinaedge.service.repair`).
+        self.damage: repair.Damage | None
+        self._db, self.damage = repair.open_state(path)
         self._lock = threading.Lock()
+        self.clock = clock
+
+    def unwritable_reason(self) -> str | None:
+        """Why the database cannot be written now (for ``/readyz``), or None: a real, committed write of
+        the schema version it already has (one page to the WAL), not a permission check."""
+        try:
+            with self._lock:
+                found = database.version(self._db)
+                self._db.execute(f"PRAGMA user_version = {found:d}")
+        except sqlite3.Error as exc:
+            return f"the state database cannot be written ({type(exc).__name__}: {exc})"
+        return None
+
+    def latest_time(self) -> float | None:
+        """The newest timestamp the database holds (a floor for service time at start), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(t) FROM (SELECT MAX(received_at) AS t FROM instances "
+                "UNION ALL SELECT MAX(completed_at) FROM instances "
+                "UNION ALL SELECT MAX(requested_at) FROM series_requests "
+                "UNION ALL SELECT MAX(created_at) FROM export_jobs "
+                "UNION ALL SELECT MAX(finished_at) FROM export_jobs "
+                "UNION ALL SELECT MAX(started_at) FROM export_attempts)"
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def close(self) -> None:
         with self._lock:
@@ -83,16 +127,15 @@ class Store:
         size: int,
         header_json: str | None = None,
     ) -> bool:
-        """Insert a pending instance; False (and nothing changed) when the UID is already known.
+        """Insert a pending instance; False (and nothing changed) when the UID is already known, pending or
+        done. A ``failed`` row is replaced (a corrected copy of an instance that failed, as
+        ``/v1/detect`` replaces it): pending again, with this copy's file, header and arrival time.
 
         ``header_json`` is the instance's SR evidence (DICOM JSON, no patient identity: service/results/evidence.py).
         """
         with self._lock:
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, "
-                "spool_path, size_bytes, received_at, state, header_json) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                (uid, sop_class, study, series, spool_path, size, time.time(), header_json),
+                _ADD_PENDING, (uid, sop_class, study, series, spool_path, size, self.clock(), header_json)
             )
             return cur.rowcount == 1
 
@@ -107,7 +150,7 @@ class Store:
         header_json: str | None,
     ) -> None:
         """Record a synchronous (/v1/detect) result; replaces an earlier finished result of the same UID."""
-        now = time.time()
+        now = self.clock()
         with self._lock:
             self._db.execute(
                 _PUT_DONE, (uid, sop_class, study, series, size, now, now, json.dumps(result), header_json)
@@ -116,7 +159,7 @@ class Store:
     def put_done_many(self, rows: list[tuple[str, str, str, str, int, dict[str, Any], str | None]]) -> None:
         """:meth:`put_done` for many ``(uid, sop_class, study, series, size, result, header_json)`` in one
         transaction (one commit, one fsync)."""
-        now = time.time()
+        now = self.clock()
         values = [(u, c, st, se, n, now, now, json.dumps(r), h) for u, c, st, se, n, r, h in rows]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -150,7 +193,7 @@ class Store:
 
     def request_series_complete(self, series_uid: str, at: float | None = None) -> float:
         """Record that the series is complete as of ``at`` (default now); returns that time."""
-        at = time.time() if at is None else at
+        at = self.clock() if at is None else at
         with self._lock:
             self._db.execute(
                 "INSERT INTO series_requests (series_uid, requested_at) VALUES (?, ?) "
@@ -193,7 +236,7 @@ class Store:
             self._db.execute(
                 "UPDATE instances SET state = 'done', completed_at = ?, result_json = ?, spool_path = NULL "
                 "WHERE sop_instance_uid = ?",
-                (time.time(), json.dumps(result), uid),
+                (self.clock(), json.dumps(result), uid),
             )
 
     def failed(self, uid: str, error_type: str, message: str) -> None:
@@ -201,7 +244,7 @@ class Store:
             self._db.execute(
                 "UPDATE instances SET state = 'failed', completed_at = ?, error_type = ?, error_message = ?, "
                 "spool_path = NULL WHERE sop_instance_uid = ?",
-                (time.time(), error_type, message, uid),
+                (self.clock(), error_type, message, uid),
             )
 
     def not_applicable(self, uid: str, outcome: dict[str, Any], message: str) -> None:
@@ -212,7 +255,7 @@ class Store:
             self._db.execute(
                 "UPDATE instances SET state = 'failed', completed_at = ?, error_type = 'not-applicable', "
                 "error_message = ?, result_json = ?, spool_path = NULL WHERE sop_instance_uid = ?",
-                (time.time(), message, json.dumps(outcome), uid),
+                (self.clock(), message, json.dumps(outcome), uid),
             )
 
     def prune(self, max_age_s: float, max_result_bytes: int) -> list[str]:
@@ -224,7 +267,7 @@ class Store:
                 for r in self._db.execute(
                     "DELETE FROM instances WHERE state != 'pending' AND completed_at < ? "
                     "RETURNING sop_instance_uid",
-                    (time.time() - max_age_s,),
+                    (self.clock() - max_age_s,),
                 ).fetchall()
             ]
             n = len(old)

@@ -7,15 +7,36 @@ Destinations' state comes from the dispatcher's summary in memory; jobs are read
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import ExportJob, ExportsRetried, ExportsStatus
-from retinaedge.service.state import ServicesDep
+from retinaedge.service.state import Services, ServicesDep
 
 router = APIRouter(tags=["exports"])
+
+#: Members that are service timestamps (:mod:`retinaedge.service.clock`), shown as the wall clock reads.
+_TIMES = (
+    "created_at",
+    "next_attempt_at",
+    "finished_at",
+    "started_at",
+    "oldest_pending_at",
+    "last_delivered_at",
+    "at",
+)
+
+
+def _shown(services: Services, item: dict[str, Any]) -> dict[str, Any]:
+    """``item`` with its timestamps converted from service time to the wall clock (nested: one level)."""
+    wall = services.clock.wall_of
+    out = {k: wall(v) if k in _TIMES and isinstance(v, float | int | None) else v for k, v in item.items()}
+    for k, v in out.items():
+        if isinstance(v, dict) and k == "last_attempt":
+            out[k] = _shown(services, v)
+    return out
 
 
 @router.get("/v1/exports", response_model=ExportsStatus, responses=problem_responses(400, 401))
@@ -30,7 +51,12 @@ async def exports(
     """The export destinations (state, jobs by state, attempts, duplicates) and the newest jobs."""
     dispatcher = services.dispatcher
     jobs = await asyncio.to_thread(dispatcher.outbox.jobs, state, destination, limit)
-    return JSONResponse({"destinations": dispatcher.summary(), "jobs": [j.to_json() for j in jobs]})
+    return JSONResponse(
+        {
+            "destinations": [_shown(services, d) for d in dispatcher.summary()],
+            "jobs": [_shown(services, j.to_json()) for j in jobs],
+        }
+    )
 
 
 @router.get("/v1/exports/{job_id}", response_model=ExportJob, responses=problem_responses(400, 401, 404))
@@ -41,7 +67,9 @@ async def export_job(services: ServicesDep, job_id: int = Path(ge=1, le=2**62)) 
     if job is None:
         return problem(404, "not-found", "no export job with this id (or it has expired)")
     history = await asyncio.to_thread(outbox.attempts, job_id)
-    return JSONResponse({**job.to_json(), "history": history})
+    return JSONResponse(
+        {**_shown(services, job.to_json()), "history": [_shown(services, h) for h in history]}
+    )
 
 
 @router.post("/v1/exports/retry", response_model=ExportsRetried, responses=problem_responses(400, 401, 404))

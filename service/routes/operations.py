@@ -23,8 +23,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=Ready, responses=problem_responses(401, 503))
 async def readyz(services: ServicesDep) -> Response:
-    """Ready to take instances: model loaded, golden self-test passed, spool writable and its disk above
-    the reserve, results being recorded (else 503 with the reason); ``degraded`` (still 200) lists export
+    """Ready to take instances: model loaded, golden self-test passed, spool and database writable and the
+    disk above the reserve, results being recorded (else 503 with the reason); ``degraded`` (still 200) lists export
     problems."""
     worker, retry = services.worker, {"Retry-After": str(services.settings.retry_after_s)}
     if worker.state != "ready":
@@ -33,6 +33,7 @@ async def readyz(services: ServicesDep) -> Response:
         return problem(503, "not-ready", down, retry)
     unwritable = (
         await asyncio.to_thread(services.spool.unwritable_reason)
+        or await asyncio.to_thread(services.store.unwritable_reason)
         or services.spool.reserve_reason()
         or services.processor.problem
         or services.writer.problem
@@ -41,6 +42,9 @@ async def readyz(services: ServicesDep) -> Response:
     if unwritable is not None:
         return problem(503, "not-ready", unwritable, retry)
     degraded = services.dispatcher.degraded()  # still takes instances; results wait in the outbox
+    damage = services.store.damage
+    if damage is not None:  # found at start, rebuilt: said until the next start
+        degraded = [damage.describe(), *degraded]
     dimse = services.dimse.describe()
     return JSONResponse(
         {
@@ -53,6 +57,8 @@ async def readyz(services: ServicesDep) -> Response:
             "self_test": worker.self_test,
             "engine": services.opener.describe(),
             "model": services.model_name,
+            "clock": services.clock.describe(),
+            **({"database": damage.to_json()} if damage is not None else {}),
         }
     )
 

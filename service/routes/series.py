@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
@@ -38,7 +37,9 @@ def _series_state(services: Services, uid: str) -> tuple[SeriesStatus, SeriesFin
     rows = store.series_rows(uid)
     if not rows:
         return None
-    status = series_status(rows, time.time(), settings.series_quiet_s, store.series_requested_at(uid))
+    status = series_status(
+        rows, services.clock.now(), settings.series_quiet_s, store.series_requested_at(uid)
+    )
     if status.state != "complete":
         return status, None
     params = settings.link_params(services.bundle.manifest.operating_point is not None)

@@ -75,6 +75,7 @@ def test_orin_nano_pinned_clocks_table(tmp_path: Path, capsys: pytest.CaptureFix
     assert "Jetson Orin Nano 8GB (devkit, SD) (p3767-0005)" in out
     assert "power mode     MAXN (id 0)" in out
     assert "clocks pinned  yes" in out
+    assert "clock in sync  ?" in out  # another root: the live clock is not read
 
 
 def test_x86_with_nvidia_smi(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
