@@ -17,7 +17,10 @@ from retinaedge.runtime.cli import main
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.dicomio import open_dicom, validate
 from retinaedge.runtime.errors import DicomInputError, OverBudgetError, RetinaEdgeError
-from support.paths import CORPUS_FILES, DEMO
+from support.paths import CORPUS_FILES, demo_any_image
+
+#: The demo model without its intended use: pydicom's corpus (CT, US, SC, broken files) reaches the runtime.
+ANY_IMAGE = demo_any_image()
 
 COMPRESSED = {
     "1.2.840.10008.1.2.4.50": "JPEG baseline",
@@ -36,7 +39,7 @@ def test_corpus_is_there() -> None:
 
 @pytest.mark.slow
 def test_corpus_through_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    options = ["--model", str(DEMO), "--overlay", str(tmp_path / "ov")]
+    options = ["--model", str(ANY_IMAGE), "--overlay", str(tmp_path / "ov")]
     code = main(["--log-level", "WARNING", "detect", *options, *CORPUS_FILES])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["file"] for line in lines] == CORPUS_FILES  # one line per file, in order
@@ -95,7 +98,7 @@ def test_truncation_sweep() -> None:
     files = _valid_images()
     assert len(files) >= 50
     checked = 0
-    with Detector.open(DEMO) as det:
+    with Detector.open(ANY_IMAGE) as det:
         for path in files:
             data = Path(path).read_bytes()
             start, end = _pixel_span(data)

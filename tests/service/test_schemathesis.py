@@ -34,9 +34,12 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
-from support.paths import CORPUS, DEMO
+from support.paths import CORPUS, demo_any_image
 from support.polling import poll
 from support.servers import serve
+
+#: The demo model without its intended use: pydicom's corpus (CT, US, SC, broken files) reaches the runtime.
+ANY_IMAGE = demo_any_image()
 
 # Fuzzed DICOM headers make pydicom warn (e.g. a UI value longer than 64 characters); that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
@@ -120,7 +123,7 @@ def tally() -> Iterator[Counter[str]]:
 
 @pytest.fixture(scope="module")
 def base_url(server_log: list[logging.LogRecord]) -> Iterator[str]:
-    with serve(model=DEMO, queue_size=4) as url:
+    with serve(model=ANY_IMAGE, queue_size=4) as url:
         yield url
 
 

@@ -22,16 +22,19 @@ from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.settings import load_settings
 from support.clients import dicom_post
 from support.dicomgen import mr_instance, to_bytes
-from support.paths import CORPUS, DEMO
+from support.paths import CORPUS, demo_any_image
 from support.polling import poll
 from support.servers import serve
+
+#: The demo model without its intended use: pydicom's corpus (CT, US, SC, broken files) reaches the runtime.
+ANY_IMAGE = demo_any_image()
 
 TOKEN = "correct-horse-battery-staple"
 
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    with serve(model=DEMO, queue_size=4) as url:
+    with serve(model=ANY_IMAGE, queue_size=4) as url:
         yield url
 
 
@@ -43,7 +46,7 @@ def test_health_ready_model_metrics(base: str) -> None:
         assert ready.json()["backend"] == "onnxruntime"
         model = c.get(f"{base}/v1/model").json()
         assert model["class_names"] == ["glioma", "meningioma", "pituitary"]
-        assert model["model_sha256"] == json.loads((DEMO / "manifest.json").read_text())["model_sha256"]
+        assert model["model_sha256"] == json.loads((ANY_IMAGE / "manifest.json").read_text())["model_sha256"]
         dicom_post(c, base, (CORPUS / "CT_small.dcm").read_bytes())
         text = c.get(f"{base}/metrics").text
         assert 'retinaedge_instances_total{outcome="ok"}' in text
@@ -64,7 +67,7 @@ def test_detect_matches_the_runtime(base: str, name: str) -> None:
     ds = pydicom.dcmread(io.BytesIO(data))
     assert body["sop_instance_uid"] == ds.SOPInstanceUID
     assert set(body["timings_ms"]) >= {"decode", "preprocess", "inference", "postprocess", "request"}
-    with Detector.open(DEMO) as det:
+    with Detector.open(ANY_IMAGE) as det:
         local = det.detect(data).to_json()
     assert body["frames"] == local["frames"]
     for frame in body["frames"]:
@@ -103,7 +106,7 @@ def test_bad_input_is_a_clear_4xx(base: str, data: bytes, content_type: str, sta
 
 
 def test_body_over_limit_refused_from_content_length() -> None:
-    with serve(model=DEMO, max_body_bytes=64 * 1024) as url, httpx.Client(timeout=30) as c:
+    with serve(model=ANY_IMAGE, max_body_bytes=64 * 1024) as url, httpx.Client(timeout=30) as c:
         sent = {"n": 0}
 
         def body() -> Iterator[bytes]:
@@ -133,7 +136,7 @@ def test_overload_gives_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) ->
         assert gate.wait(120), "the gate never opened"
         return real_run(self, *args, **kwargs)
 
-    with serve(model=DEMO, queue_size=1, retry_after_s=7) as url, httpx.Client(timeout=300) as c:
+    with serve(model=ANY_IMAGE, queue_size=1, retry_after_s=7) as url, httpx.Client(timeout=300) as c:
         monkeypatch.setattr(InferenceWorker, "run_batch", held)
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             try:
@@ -155,7 +158,7 @@ def test_overload_gives_503_with_retry_after(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_bearer_token() -> None:
-    with serve(model=DEMO, api_token=TOKEN) as url, httpx.Client(timeout=60) as c:
+    with serve(model=ANY_IMAGE, api_token=TOKEN) as url, httpx.Client(timeout=60) as c:
         assert c.get(f"{url}/healthz").status_code == 200
         r = c.get(f"{url}/readyz")
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
@@ -168,7 +171,7 @@ def test_bearer_token() -> None:
 
 def test_not_ready_when_self_test_fails(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
-    shutil.copytree(DEMO, broken)
+    shutil.copytree(ANY_IMAGE, broken)
     golden = json.loads((broken / "golden.json").read_text())
     golden["detections"][0]["labels"] = [(x + 1) % 3 for x in golden["detections"][0]["labels"]]
     (broken / "golden.json").write_text(json.dumps(golden))
@@ -182,7 +185,7 @@ def test_not_ready_when_self_test_fails(tmp_path: Path) -> None:
 
 def test_not_ready_while_the_spool_is_unwritable(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with serve(model=DEMO, data_dir=data) as url, httpx.Client(timeout=60) as c:
+    with serve(model=ANY_IMAGE, data_dir=data) as url, httpx.Client(timeout=60) as c:
         assert c.get(f"{url}/readyz").status_code == 200
         spool = data / "spool"
         shutil.rmtree(spool)
@@ -198,7 +201,7 @@ def test_not_ready_while_the_spool_is_unwritable(tmp_path: Path) -> None:
 
 def test_refuses_to_bind_beyond_loopback_without_token(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match="API token is required"):
-        load_settings(model=DEMO, host="0.0.0.0")
-    assert main(["serve", "--model", str(DEMO), "--host", "0.0.0.0"]) == 2
+        load_settings(model=ANY_IMAGE, host="0.0.0.0")
+    assert main(["serve", "--model", str(ANY_IMAGE), "--host", "0.0.0.0"]) == 2
     out = capsys.readouterr().out
     assert "API token is required" in json.loads(out.strip().splitlines()[-1])["error"]["message"]

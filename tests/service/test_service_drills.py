@@ -21,9 +21,12 @@ import pytest
 from support.clients import multipart, wait_done
 from support.dicomgen import mr_instance, to_bytes
 from support.forkserver import Launcher
-from support.paths import CORPUS_FILES, DEMO
+from support.paths import CORPUS_FILES, demo_any_image
 from support.polling import poll
 from support.servers import free_port, rss_mib, serve, start_server
+
+#: The demo model without its intended use: pydicom's corpus (CT, US, SC, broken files) reaches the runtime.
+ANY_IMAGE = demo_any_image()
 
 CONTRACT_4XX = {400, 413, 415, 422}
 
@@ -31,7 +34,7 @@ CONTRACT_4XX = {400, 413, 415, 422}
 @pytest.mark.slow
 def test_corpus_on_both_endpoints(tmp_path: Path) -> None:
     statuses: dict[str, dict[int, int]] = {"detect": {}, "stow": {}}
-    with serve(model=DEMO, data_dir=tmp_path) as base, httpx.Client(timeout=300) as c:
+    with serve(model=ANY_IMAGE, data_dir=tmp_path) as base, httpx.Client(timeout=300) as c:
         for path in CORPUS_FILES:
             data = Path(path).read_bytes()
             r = c.post(f"{base}/v1/detect", content=data, headers={"Content-Type": "application/dicom"})
@@ -72,7 +75,7 @@ def test_no_patient_data_in_logs_metrics_or_errors(tmp_path: Path, caplog: pytes
     lying = _canary()
     lying.Rows = 65535
     bad_bodies: list[str] = []
-    with serve(model=DEMO, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+    with serve(model=ANY_IMAGE, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
         assert (
             c.post(
                 f"{base}/v1/detect", content=good, headers={"Content-Type": "application/dicom"}
@@ -126,7 +129,7 @@ def test_overload_four_times_the_queue_memory_flat(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     entered = tmp_path / "gate.entered"
     port = free_port()
-    proc = start_server(DEMO, config, port, gate=gate)
+    proc = start_server(ANY_IMAGE, config, port, gate=gate)
     rounds = []
     try:
         url = f"http://127.0.0.1:{port}/v1/detect"
@@ -210,7 +213,7 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path, launcher: Launcher) -> Non
     # (tests/support/forkserver.py): a start costs the server's own boot, not a new interpreter's.
     try:
         while kills < 50:
-            proc = launcher.start_server(DEMO, config, port)
+            proc = launcher.start_server(ANY_IMAGE, config, port)
             # A random moment of the server's first half second (it was the first second): that still spans
             # two or more of each client's requests (one every ~0.2 s) and the recovery of what the last
             # server left pending, so kills land in every phase of both; more of them now land while a
@@ -223,7 +226,7 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path, launcher: Launcher) -> Non
         stop.set()
         for t in threads:
             t.join(60)
-    proc = launcher.start_server(DEMO, config, port)
+    proc = launcher.start_server(ANY_IMAGE, config, port)
     try:
         with httpx.Client(timeout=120) as c:
             for uid in sorted(acknowledged):

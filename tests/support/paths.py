@@ -21,3 +21,34 @@ DEVICE_FIXTURES = FIXTURES / "device"
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 #: The same, as the sorted paths of its ``*.dcm`` files.
 CORPUS_FILES = sorted(str(path) for path in CORPUS.glob("*.dcm"))
+
+
+_ANY_IMAGE: list[Path] = []
+
+
+def demo_any_image() -> Path:
+    """The demo bundle without its intended use (a model that takes every image it can read), made once
+    per process in a temporary directory: for the tests of decoding and robustness that send pydicom's
+    corpus (CT, ultrasound, secondary captures, broken files) through the runtime and the service. The
+    files are hard links where the file system allows (copies elsewhere); the manifest is rewritten."""
+    if _ANY_IMAGE:
+        return _ANY_IMAGE[0]
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="retinaedge-demo-any-image-")) / "demo"
+    root.mkdir()
+    for source in DEMO.iterdir():
+        if source.name == "manifest.json" or not source.is_file():
+            continue
+        try:
+            os.link(source, root / source.name)
+        except OSError:
+            shutil.copyfile(source, root / source.name)
+    manifest = json.loads((DEMO / "manifest.json").read_text())
+    manifest.pop("intended_use", None)
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    _ANY_IMAGE.append(root)
+    return root

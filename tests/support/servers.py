@@ -146,7 +146,8 @@ def demo_app(prefix: str, **overrides: Any) -> Any:
     from support.paths import DEMO
 
     data_dir = Path(tempfile.mkdtemp(prefix=prefix))
-    return create_app(load_settings(model=DEMO, data_dir=data_dir, **overrides))
+    overrides.setdefault("model", DEMO)
+    return create_app(load_settings(data_dir=data_dir, **overrides))
 
 
 @contextmanager

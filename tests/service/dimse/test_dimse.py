@@ -35,10 +35,13 @@ import pytest
 from support.certs import self_signed
 from support.clients import wait_done
 from support.dicomgen import mr_instance, write
-from support.paths import CORPUS, DEMO, REPO_ROOT
+from support.paths import CORPUS, REPO_ROOT, demo_any_image
 from support.peers_dcmtk import Dcmtk, dcmtk
 from support.polling import poll, wait_until
 from support.servers import free_port, serve, start_server
+
+#: The demo model without its intended use: pydicom's corpus (CT, US, SC, broken files) reaches the runtime.
+ANY_IMAGE = demo_any_image()
 
 STUDY = sorted((REPO_ROOT / "examples" / "study_01").glob("*.dcm"))
 J2K = REPO_ROOT / "examples" / "compressed" / "study_01_IM0016_J2K.dcm"
@@ -57,7 +60,7 @@ def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, Pa
     """The service in this process with its SCP on a free port: (base URL, DIMSE port, data dir)."""
     data = tmp_path_factory.mktemp("dimse-data")
     port = free_port()
-    with serve(model=DEMO, data_dir=data, dimse_port=port, dimse_allowed_aets=ALLOWED) as base:
+    with serve(model=ANY_IMAGE, data_dir=data, dimse_port=port, dimse_allowed_aets=ALLOWED) as base:
         yield base, port, data
 
 
@@ -190,7 +193,7 @@ def test_pydicom_corpus_by_storescu(
 
 def test_out_of_resources_at_the_disk_reserve(tools: Dcmtk, tmp_path: Path) -> None:
     port = free_port()
-    with serve(model=DEMO, data_dir=tmp_path, dimse_port=port, min_free_bytes=10**18) as base:
+    with serve(model=ANY_IMAGE, data_dir=tmp_path, dimse_port=port, min_free_bytes=10**18) as base:
         what, status, comment = _store_status(tools, port, str(STUDY[0]))
         assert (what, status) == ("status", "A700"), (what, status, comment)
         assert comment is not None and "reserve" in comment
@@ -213,7 +216,7 @@ def test_out_of_resources_at_the_backlog_limit(tools: Dcmtk, tmp_path: Path) -> 
     gate = tmp_path / "gate"
     gate.touch()
     http_port = free_port()
-    proc = start_server(DEMO, config, http_port, gate=gate)
+    proc = start_server(ANY_IMAGE, config, http_port, gate=gate)
     try:
         r = tools.run(
             "storescu",
@@ -251,10 +254,12 @@ def test_open_scp_beyond_loopback_is_refused() -> None:
 
     token = "t" * 20
     with pytest.raises(ConfigError, match="dimse_allowed_aets"):
-        load_settings(model=DEMO, host="0.0.0.0", api_token=token, dimse_port=11112)
+        load_settings(model=ANY_IMAGE, host="0.0.0.0", api_token=token, dimse_port=11112)
     with pytest.raises(ConfigError, match="not an IP address"):
-        load_settings(model=DEMO, dimse_port=11112, dimse_allowed_aets=["SCANNER1@scanner.example"])
-    s = load_settings(model=DEMO, host="0.0.0.0", api_token=token, dimse_port=11112, dimse_allowed_aets=["A"])
+        load_settings(model=ANY_IMAGE, dimse_port=11112, dimse_allowed_aets=["SCANNER1@scanner.example"])
+    s = load_settings(
+        model=ANY_IMAGE, host="0.0.0.0", api_token=token, dimse_port=11112, dimse_allowed_aets=["A"]
+    )
     assert s.dimse_allowed_aets == ["A"]
 
 
@@ -279,7 +284,7 @@ AHEAD = 2
 
 
 def _preloaded(config: Path, http_port: int, go: Path, log: Any) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-c", PRELOADED_SERVE, str(go), "serve", "--model", str(DEMO)]
+    argv = [sys.executable, "-c", PRELOADED_SERVE, str(go), "serve", "--model", str(ANY_IMAGE)]
     argv += ["--port", str(http_port), "--config", str(config)]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
 
@@ -377,7 +382,7 @@ def test_sigkill_during_cstore_associations(tools: Dcmtk, tmp_path: Path) -> Non
             waiting.wait(30)
         log.close()
     assert cutting >= 30, f"only {cutting} of {kills} SIGKILLs cut an open association"
-    final = start_server(DEMO, config, http_port)
+    final = start_server(ANY_IMAGE, config, http_port)
     try:
         with httpx.Client(timeout=60) as c:
             for uid in sorted(acknowledged):
@@ -409,7 +414,7 @@ def test_dicom_tls_with_client_certificates(
     port = free_port()
     with (
         serve(
-            model=DEMO,
+            model=ANY_IMAGE,
             data_dir=tmp_path / "data",
             dimse_port=port,
             tls_cert_file=server_cert,

@@ -17,9 +17,12 @@ import pydicom
 import pytest
 from support.clients import multipart
 from support.forkserver import Launcher
-from support.paths import DEMO, REPO_ROOT
+from support.paths import REPO_ROOT, demo_any_image
 from support.polling import wait_until
 from support.servers import free_port, serve, start_server
+
+#: The demo model without its intended use: pydicom's corpus (CT, US, SC, broken files) reaches the runtime.
+ANY_IMAGE = demo_any_image()
 
 SOURCE = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
 PROBLEM = "application/problem+json"
@@ -29,7 +32,7 @@ PROBLEM = "application/problem+json"
 def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("bad-requests")
     with serve(
-        model=DEMO,
+        model=ANY_IMAGE,
         data_dir=data,
         min_free_bytes=0,
         max_body_bytes=1024**2,
@@ -176,7 +179,7 @@ def test_the_stow_backlog_limit_answers_503_until_the_backlog_drains(tmp_path: P
         )
     )
     port = free_port()
-    proc = start_server(DEMO, config, port, gate=gate)
+    proc = start_server(ANY_IMAGE, config, port, gate=gate)
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(timeout=60) as c:
@@ -211,7 +214,7 @@ def test_a_connection_that_sends_its_headers_too_slowly_is_closed(tmp_path: Path
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "request_header_timeout_s": 1.0}))
     port = free_port()
-    proc = launcher.start_server(DEMO, config, port)
+    proc = launcher.start_server(ANY_IMAGE, config, port)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:  # one kept-alive connection
             assert [c.get("/healthz").status_code for _ in range(3)] == [200, 200, 200]
@@ -241,7 +244,7 @@ def test_a_pipelined_request_is_not_cut_off_by_the_header_deadline(tmp_path: Pat
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "request_header_timeout_s": 1.0}))
     port = free_port()
-    proc = start_server(DEMO, config, port, gate=gate)
+    proc = start_server(ANY_IMAGE, config, port, gate=gate)
     data = SOURCE.read_bytes()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:

@@ -33,7 +33,7 @@ from retinaedge.service.results.formats import (
 from retinaedge.service.results.sr import instance_sr
 from retinaedge.service.routes import detect
 from retinaedge.service.settings import load_settings
-from support.paths import CORPUS, DEMO, EXAMPLES
+from support.paths import CORPUS, DEMO, EXAMPLES, demo_any_image
 from support.servers import demo_app, ready_client
 
 CT_SMALL = (CORPUS / "CT_small.dcm").read_bytes()
@@ -60,7 +60,7 @@ JSON_ROUTES = [
 
 @pytest.fixture(scope="module")
 def app() -> FastAPI:
-    return demo_app("retinaedge-routes-")
+    return demo_app("retinaedge-routes-", model=demo_any_image())  # CT_small below: any image
 
 
 @pytest.fixture(scope="module")

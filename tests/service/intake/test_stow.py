@@ -19,11 +19,14 @@ from retinaedge.service.results.selection import frame_findings
 from support.clients import multipart, wait_done
 from support.dicomgen import mr_instance, to_bytes
 from support.forkserver import Launcher, Server
-from support.paths import CORPUS, DEMO, EXAMPLES
+from support.paths import CORPUS, EXAMPLES, demo_any_image
 from support.servers import free_port, serve
 
+#: The demo model without its intended use: pydicom's corpus (CT, US, SC, broken files) reaches the runtime.
+ANY_IMAGE = demo_any_image()
+
 #: The demo model's classes that have a standard code (the others are named in the private scheme).
-CLASS_CODES = load_bundle(DEMO).manifest.class_codes
+CLASS_CODES = load_bundle(ANY_IMAGE).manifest.class_codes
 
 
 def test_dicomweb_client_store_and_results(tmp_path: Path) -> None:
@@ -33,13 +36,13 @@ def test_dicomweb_client_store_and_results(tmp_path: Path) -> None:
         pydicom.dcmread(CORPUS / "MR_small_RLE.dcm"),
         mr_instance(frames, window=(2048, 4096)),
     ]
-    with serve(model=DEMO, data_dir=tmp_path) as base:
+    with serve(model=ANY_IMAGE, data_dir=tmp_path) as base:
         client = DICOMwebClient(url=f"{base}/dicomweb")
         response = client.store_instances(datasets)
         refs = response.ReferencedSOPSequence
         assert [r.ReferencedSOPInstanceUID for r in refs] == [d.SOPInstanceUID for d in datasets]
         assert "FailedSOPSequence" not in response
-        with httpx.Client(timeout=60) as c, Detector.open(DEMO) as det:
+        with httpx.Client(timeout=60) as c, Detector.open(ANY_IMAGE) as det:
             for ds in datasets:
                 result = wait_done(c, base, ds.SOPInstanceUID)
                 assert result["state"] == "done" and result["backend"] == "onnxruntime"
@@ -53,7 +56,7 @@ def test_partial_failure_and_idempotency(tmp_path: Path) -> None:
     good = (CORPUS / "CT_small.dcm").read_bytes()
     truncated = (CORPUS / "MR_small.dcm").read_bytes()[:-1000]
     body, ctype = multipart([good, truncated, b"garbage" * 50])
-    with serve(model=DEMO, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+    with serve(model=ANY_IMAGE, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
         r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
         assert r.status_code == 202 and r.headers["content-type"] == "application/dicom+json"
         doc = r.json()
@@ -90,7 +93,7 @@ def test_partial_failure_and_idempotency(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_requests(tmp_path: Path, ctype: str, body: bytes, status: int) -> None:
-    with serve(model=DEMO, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+    with serve(model=ANY_IMAGE, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
         r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
         assert r.status_code == status and r.headers["content-type"] == "application/problem+json"
 
@@ -98,7 +101,7 @@ def test_malformed_requests(tmp_path: Path, ctype: str, body: bytes, status: int
 def test_507_when_disk_below_reserve(tmp_path: Path) -> None:
     body, ctype = multipart([(CORPUS / "CT_small.dcm").read_bytes()])
     with (
-        serve(model=DEMO, data_dir=tmp_path, min_free_bytes=2**62) as base,
+        serve(model=ANY_IMAGE, data_dir=tmp_path, min_free_bytes=2**62) as base,
         httpx.Client(timeout=60) as c,
     ):
         r = c.post(f"{base}/dicomweb/studies", content=body, headers={"Content-Type": ctype})
@@ -140,7 +143,7 @@ def test_crash_after_acknowledgement_loses_nothing(tmp_path: Path, launcher: Lau
     body, ctype = multipart([to_bytes(ds) for ds in datasets])
 
     def start(port: int) -> Server:
-        return launcher.start_server(DEMO, config, port)
+        return launcher.start_server(ANY_IMAGE, config, port)
 
     port = free_port()
     proc = start(port)
@@ -175,7 +178,7 @@ def test_results_as_dicom_sr(tmp_path: Path) -> None:
     # The demo model finds tumours in the example study: a slice with two, and the multi-frame series.
     multi = pydicom.dcmread(EXAMPLES / "study_01_multiframe" / "MF0001.dcm")
     single = (EXAMPLES / "study_01" / "IM0015.dcm").read_bytes()
-    with serve(model=DEMO, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
+    with serve(model=ANY_IMAGE, data_dir=tmp_path) as base, httpx.Client(timeout=60) as c:
         detected = c.post(
             f"{base}/v1/detect", content=single, headers={"Content-Type": "application/dicom"}
         ).json()
