@@ -68,6 +68,7 @@ class Policy:
     max_associations: int
     max_pdu_bytes: int
     open_instance: OpenInstance
+    handshake_timeout_s: float = 10.0
 
 
 class Connections:
@@ -135,7 +136,7 @@ class GuardedAssociation(Association):
         self.claimed = False  # counted as an association (Connections.claim)
         self.evicted = False  # closed to make room for a newer connection
         self.wake = threading.Event()  # set when there is something for the association thread
-        self.dul = GuardedDUL(self, server.policy.max_pdu_bytes)
+        self.dul = GuardedDUL(self, server.policy.max_pdu_bytes, server.policy.handshake_timeout_s)
         self.dimse = StreamingDIMSE(self, server.policy.open_instance)
         self.acse_timeout = server.ae.acse_timeout  # the setters configure the (new) DUL's timers
         self.network_timeout = server.ae.network_timeout

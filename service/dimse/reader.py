@@ -13,7 +13,9 @@ reader blocks. :class:`GuardedDUL` reads each PDU itself:
   the connection is closed, unread;
 - a deadline per PDU: the first one (the association request, a TLS handshake before it included) must be
   complete ``dimse_acse_timeout_s`` after the connection was accepted, every later one
-  ``dimse_network_timeout_s`` after its first byte arrived; a PDU that is late closes the connection.
+  ``dimse_network_timeout_s`` after its first byte arrived; a PDU that is late closes the connection;
+- with TLS, the handshake itself must be complete ``request_header_timeout_s`` (the HTTPS handshake's
+  deadline too) after the connection was accepted, or by the request's deadline if that is sooner.
 
 While nothing arrives, the thread waits in ``select`` on the socket and on a wake-up socket (written when
 the association sends a PDU or stops) for at most :data:`IDLE_WAIT_S`, instead of pynetdicom's 1 ms poll.
@@ -77,9 +79,11 @@ _ENDED = object()
 class GuardedDUL(DULServiceProvider):
     """pynetdicom's DUL for one SCP connection with bounded PDUs, read deadlines and an idle wait."""
 
-    def __init__(self, assoc: GuardedAssociation, max_pdu_bytes: int) -> None:
+    def __init__(self, assoc: GuardedAssociation, max_pdu_bytes: int, handshake_timeout_s: float) -> None:
         super().__init__(assoc)
         self.max_pdu_bytes = max_pdu_bytes
+        self.handshake_timeout_s = handshake_timeout_s
+        self._handshaken = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -141,6 +145,8 @@ class GuardedDUL(DULServiceProvider):
 
     def _read(self, sock: socket.socket) -> bytearray:
         deadline = self.deadline()
+        if isinstance(sock, ssl.SSLSocket) and not self._handshaken:
+            self._handshake(sock, min(deadline, self.guarded.accepted_at + self.handshake_timeout_s))
         header = _read_exactly(sock, 6, deadline)
         pdu_type, _, length = _HEADER.unpack(header)
         limit = self.limit(pdu_type)
@@ -154,6 +160,18 @@ class GuardedDUL(DULServiceProvider):
         buffer[:6] = header
         _read_into(sock, memoryview(buffer)[6:], deadline)
         return buffer
+
+    def _handshake(self, sock: ssl.SSLSocket, deadline: float) -> None:
+        """The TLS handshake (deferred to this thread by the SCP's context), complete by ``deadline``."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LateError("the TLS handshake was not complete within its deadline")
+        sock.settimeout(left)  # CPython bounds the whole handshake call by it
+        try:
+            sock.do_handshake()
+        except (TimeoutError, socket.timeout):
+            raise LateError("the TLS handshake was not complete within its deadline") from None
+        self._handshaken = True
 
     def _restore_timeout(self, sock: socket.socket) -> None:
         """Sends are bounded too: the network timeout (a peer that never reads cannot hold the thread)."""
@@ -183,9 +201,23 @@ class GuardedDUL(DULServiceProvider):
 
     # -- idle wait ------------------------------------------------------------------------------------
     def _is_transport_event(self) -> bool:
+        if self._handshake_overdue():
+            log.warning("DICOM connection from %s closed: the TLS handshake did not start in time", self._peer())
+            self._handshaken = True  # once
+            if self.socket is not None:
+                self.socket.close()
+            return True
         if self.event_queue.empty():
             self._await_input(IDLE_WAIT_S)
         return bool(super()._is_transport_event())
+
+    def _handshake_overdue(self) -> bool:
+        """A TLS peer that sent nothing by the handshake's deadline (a silent one never makes the socket
+        readable, so the read's own deadline would not apply)."""
+        wrapper = self.socket
+        if self._handshaken or wrapper is None or not isinstance(wrapper.socket, ssl.SSLSocket):
+            return False
+        return time.monotonic() > self.guarded.accepted_at + self.handshake_timeout_s
 
     def _await_input(self, timeout: float) -> None:
         """Wait until the socket is readable, something is to be sent or the DUL stops, or ``timeout``."""

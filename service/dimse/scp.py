@@ -47,9 +47,10 @@ class DeferredHandshake(ssl.SSLContext):
     """A server context whose ``wrap_socket`` leaves the handshake to the first read.
 
     pynetdicom wraps each accepted socket in its one accepting thread; a handshake there would let one
-    silent peer hold up every other. Deferred, the handshake runs on the association's own thread (in
-    its first read), bounded by :attr:`timeout_s` (``dimse_acse_timeout_s``) like the association
-    request after it.
+    silent peer hold up every other. Deferred, the handshake runs on the connection's own DUL thread
+    before its first PDU is read (:mod:`.reader`), complete within ``request_header_timeout_s`` of the
+    connection (and within ``dimse_acse_timeout_s`` if that is sooner); :attr:`timeout_s` bounds any
+    read until then.
     """
 
     timeout_s: float = 30.0
@@ -154,7 +155,12 @@ class DimseServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        policy = Policy(s.dimse_max_associations, s.dimse_max_pdu_bytes, self.receiver.open_instance)
+        policy = Policy(
+            s.dimse_max_associations,
+            s.dimse_max_pdu_bytes,
+            self.receiver.open_instance,
+            handshake_timeout_s=s.request_header_timeout_s,
+        )
         server = start_server(ae, (s.host, s.dimse_port), policy, self._tls(), handlers)
         self._ae = ae
         return server
