@@ -141,8 +141,15 @@ class StreamingDIMSE(DIMSEServiceProvider):
         self.dul.event_queue.put("Evt19")  # pynetdicom's "invalid PDU": A-ABORT, then the connection closes
 
     def discard_partial(self) -> None:
-        """Remove the spool part of a data set that never completed (an abort, a closed connection)."""
-        message = self.message
-        incoming = getattr(message, "_data_set_file", None)
-        if isinstance(incoming, IncomingInstance):
-            incoming.close()
+        """Remove the spool parts no handler will take: the data set being received and those of
+        complete messages still queued (the association ended before it served them)."""
+        pending: list[Any] = [self.message]
+        while True:
+            try:
+                pending.append(self.msg_queue.get_nowait()[1])
+            except queue.Empty:
+                break
+        for item in pending:
+            incoming = getattr(item, "_data_set_file", None) or getattr(item, "_dataset_file", None)
+            if isinstance(incoming, IncomingInstance):
+                incoming.close()

@@ -13,6 +13,7 @@ import json
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,6 +242,20 @@ def test_large_instances_stream_to_the_spool(service: Service) -> None:
     spool = service.log.parent / "data" / "spool"
     assert len(list(spool.glob("*.dcm"))) == 1 and not list(spool.glob("*.part"))
     assert rss_mib(service.pid) > 0
+
+
+def test_a_connection_lost_mid_instance_leaves_no_spool_part(service: Service) -> None:
+    frames = np.zeros((160, 512, 512), dtype=np.uint16)  # 80 MiB: still arriving when it is aborted
+    assoc = _ae().associate("127.0.0.1", service.dimse_port, ae_title=AET)
+    assert assoc.is_established
+    spool = service.log.parent / "data" / "spool"
+    sender = threading.Thread(target=assoc.send_c_store, args=(mr_instance(frames),), daemon=True)
+    sender.start()
+    assert poll(lambda: list(spool.glob("*.part")), timeout=20, interval=0.01), "no part while receiving"
+    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the scanner vanishes mid-instance
+    sender.join(10)
+    left = poll(lambda: list(spool.glob("*.part")), lambda parts: not parts, timeout=5, interval=0.05)
+    assert not left, "the part of an aborted C-STORE stayed in the spool"
 
 
 def test_a_malformed_dimse_command_is_one_log_line(service: Service) -> None:
