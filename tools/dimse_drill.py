@@ -5,8 +5,8 @@ Phases, all on 127.0.0.1:
 
 1. idle: the service's RSS, then ``--associations`` idle associations (pynetdicom) held for
    ``--idle-seconds``: the service's CPU share and RSS per association;
-2. hostile and greedy at once: an A-ASSOCIATE-RQ announcing 1 GiB from an unknown AE (as much of it sent as
-   the service reads), ``--stalled`` connections that send 16 bytes of a request and stop, and
+2. hostile and greedy at once: an A-ASSOCIATE-RQ announcing ``--announce-mib`` (1 GiB) from an unknown
+   AE (as much of it sent as the service reads), ``--stalled`` connections that send 16 bytes of a request and stop, and
    ``--parallel`` C-STOREs of ``--instance-mib`` MiB instances at once; meanwhile a C-ECHO every 0.5 s and a
    small C-STORE every 2 s, each of which must succeed. The service's RSS is sampled every 20 ms and its
    peak (VmHWM, reset before the phase) reported above the idle baseline; each stalled connection's
@@ -137,7 +137,10 @@ def make_instances(work: Path, mib: int, count: int) -> list[Path]:
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = MRImageStorage, ds.SOPInstanceUID
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+            MRImageStorage,
+            ds.SOPInstanceUID,
+        )
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "MR"
         ds.PatientName, ds.PatientID = "DRILL^SYNTHETIC", "DRILL-0001"
         ds.Rows = ds.Columns = 512
@@ -171,21 +174,26 @@ def idle_phase(pid: int, port: int, n: int, seconds: float) -> dict[str, float]:
     }
 
 
-def announce_gigabyte(port: int) -> dict[str, Any]:
-    """A raw A-ASSOCIATE-RQ header announcing 1 GiB (calling AE unknown: it is never read)."""
+def announce(port: int, mib: int) -> dict[str, Any]:
+    """A raw A-ASSOCIATE-RQ header announcing ``mib`` MiB (the calling AE in it is never read), then as
+    much of it as the service reads."""
     sent = 0
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(struct.pack(">BBL", 0x01, 0, 1 << 30))
+        sock.sendall(struct.pack(">BBL", 0x01, 0, mib << 20))
         chunk = b"\0" * (1 << 20)
         sock.settimeout(5)
         try:
-            while sent < (1 << 30):
+            while sent < (mib << 20):
                 sock.sendall(chunk)
                 sent += len(chunk)
         except OSError:
             pass
-    return {"gigabyte_request_bytes_sent_before_closed": sent, "closed_after_s": round(time.monotonic() - started, 2)}
+    return {
+        "announced_request_mib": mib,
+        "announced_request_bytes_sent_before_closed": sent,
+        "announced_request_closed_after_s": round(time.monotonic() - started, 2),
+    }
 
 
 def stalled(port: int, count: int, limit_s: float) -> dict[str, Any]:
@@ -219,11 +227,14 @@ def stalled(port: int, count: int, limit_s: float) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=REPO / "models" / "demo")
     parser.add_argument("--instance-mib", type=int, default=200)
     parser.add_argument("--parallel", type=int, default=4)
-    parser.add_argument("--stalled", type=int, default=50)
+    parser.add_argument("--stalled", type=int, default=50, help="half-sent requests (0: none)")
+    parser.add_argument("--announce-mib", type=int, default=1024, help="the huge request's length (0: none)")
     parser.add_argument("--associations", type=int, default=8)
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--acse-timeout", type=float, default=30.0, help="dimse_acse_timeout_s (default 30)")
@@ -284,12 +295,17 @@ def main() -> int:
             threads = [threading.Thread(target=sample), threading.Thread(target=legit)]
             threads += [threading.Thread(target=store, args=(p,)) for p in big]
             hostile: dict[str, Any] = {}
-            hostile_threads = [
-                threading.Thread(target=lambda: hostile.update(announce_gigabyte(port))),
-                threading.Thread(
-                    target=lambda: hostile.update(stalled(port, args.stalled, args.acse_timeout + 30))
-                ),
-            ]
+            hostile_threads = []
+            if args.announce_mib:
+                hostile_threads.append(
+                    threading.Thread(target=lambda: hostile.update(announce(port, args.announce_mib)))
+                )
+            if args.stalled:
+                hostile_threads.append(
+                    threading.Thread(
+                        target=lambda: hostile.update(stalled(port, args.stalled, args.acse_timeout + 30))
+                    )
+                )
             for t in hostile_threads + threads:
                 t.start()
             for t in threads[2:] + hostile_threads:
@@ -318,7 +334,7 @@ def main() -> int:
             proc.terminate()
             proc.wait(120)
     text = json.dumps(report, indent=1)
-    print(text)
+    sys.stdout.write(text + "\n")
     if args.out:
         args.out.write_text(text + "\n")
     return 0

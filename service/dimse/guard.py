@@ -264,7 +264,10 @@ def start_server(
     server.policy = policy
     server.connections = Connections(policy.max_associations)
     thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="retinaedge-dimse-accept", daemon=True
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.5},
+        name="retinaedge-dimse-accept",
+        daemon=True,
     )
     thread.start()
     ae._servers.append(server)

@@ -63,7 +63,9 @@ class IncomingInstance:
     def refused(self) -> bool:
         return self.refusal is not None or self.error is not None
 
-    def start(self, sop_class: str, sop_instance: str, transfer_syntax: str, admit: Callable[[], None]) -> None:
+    def start(
+        self, sop_class: str, sop_instance: str, transfer_syntax: str, admit: Callable[[], None]
+    ) -> None:
         """Admit the instance, open the part and write the preamble and File Meta Information."""
         try:
             meta = _file_meta(sop_class, sop_instance, transfer_syntax)
@@ -133,7 +135,9 @@ def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes
     buffer.write(b"\0" * 128 + b"DICM")
     try:
         meta = create_file_meta(
-            sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(transfer_syntax)
+            sop_class_uid=UID(sop_class),
+            sop_instance_uid=UID(sop_instance),
+            transfer_syntax=UID(transfer_syntax),
         )
         write_file_meta_info(buffer, meta)  # type: ignore[arg-type]
     except Exception as exc:

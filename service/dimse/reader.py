@@ -169,7 +169,7 @@ class GuardedDUL(DULServiceProvider):
         sock.settimeout(left)  # CPython bounds the whole handshake call by it
         try:
             sock.do_handshake()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise LateError("the TLS handshake was not complete within its deadline") from None
         self._handshaken = True
 
@@ -202,7 +202,9 @@ class GuardedDUL(DULServiceProvider):
     # -- idle wait ------------------------------------------------------------------------------------
     def _is_transport_event(self) -> bool:
         if self._handshake_overdue():
-            log.warning("DICOM connection from %s closed: the TLS handshake did not start in time", self._peer())
+            log.warning(
+                "DICOM connection from %s closed: the TLS handshake did not start in time", self._peer()
+            )
             self._handshaken = True  # once
             if self.socket is not None:
                 self.socket.close()
@@ -310,7 +312,7 @@ def _read_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
         sock.settimeout(left)
         try:
             got = sock.recv_into(view[done:], min(len(view) - done, 1 << 20))
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise LateError("a PDU was not complete within its deadline") from None
         if got == 0:
             raise Closed()

@@ -219,7 +219,9 @@ class DimseServer:
         address = str(assoc.requestor.address)
         if not allowed(self.peers, calling, address):
             log.warning(
-                "association refused: calling AE %r from %s is not allowed (dimse_allowed_aets)", calling, address
+                "association refused: calling AE %r from %s is not allowed (dimse_allowed_aets)",
+                calling,
+                address,
             )
             self._refuse(assoc, REJECT_CALLING_AET)
             return

@@ -109,7 +109,9 @@ def test_a_real_dicom_tls_peer_is_not_hurried(tls_service: Tls) -> None:
     ae = AE(ae_title="SCANNER")
     ae.add_requested_context("1.2.840.10008.1.1")
     client = ssl.create_default_context(cafile=tls_service.cert)
-    assoc = ae.associate("127.0.0.1", tls_service.dimse_port, ae_title="RETINAEDGE", tls_args=(client, "127.0.0.1"))
+    assoc = ae.associate(
+        "127.0.0.1", tls_service.dimse_port, ae_title="RETINAEDGE", tls_args=(client, "127.0.0.1")
+    )
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
