@@ -88,6 +88,11 @@ class DimseServer:
             "retinaedge_dimse_active_associations", "Open DICOM associations", registry=registry
         ).set_function(lambda: float(self.active_associations))
         Gauge(
+            "retinaedge_dimse_pending_connections",
+            "DICOM connections without an association request yet (they count against the limit)",
+            registry=registry,
+        ).set_function(lambda: float(self.pending_connections))
+        Gauge(
             "retinaedge_dimse_listening",
             "1 while the C-STORE SCP listens (0: off or failed)",
             registry=registry,
@@ -107,6 +112,12 @@ class DimseServer:
         """Open associations (connections that have not sent their request yet are not counted)."""
         connections = getattr(self._server, "connections", None)
         return connections.counts()[0] if connections is not None else 0
+
+    @property
+    def pending_connections(self) -> int:
+        """Open connections whose association request has not been read yet."""
+        connections = getattr(self._server, "connections", None)
+        return connections.counts()[1] if connections is not None else 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Listen (non-blocking: pynetdicom's server thread); a failure is logged and kept in
@@ -198,6 +209,7 @@ class DimseServer:
             "mutual_tls": s.tls_cert_file is not None and s.dimse_tls_ca_file is not None,
             "allowed_aets": len(self.peers),
             "active_associations": self.active_associations,
+            "pending_connections": self.pending_connections,
             "reason": self.problem,
         }
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from support.dicomgen import mr_instance
@@ -186,6 +187,8 @@ def test_half_sent_pdus_count_yield_to_real_peers_and_close_in_time(service: Ser
         lambda: sum(_closed_by_peer(s) for s in stalled), lambda n: n >= 3, timeout=2, interval=0.02
     )
     assert evicted >= 3
+    dimse = httpx.get(f"http://127.0.0.1:{service.http_port}/readyz").json()["dimse"]
+    assert 1 <= dimse["pending_connections"] <= capacity and dimse["active_associations"] == 0
     assert _echo(service.dimse_port) == 0x0000  # a real peer gets in (the oldest stalled one yields)
     left = poll(
         lambda: [s for s in stalled if not _closed_by_peer(s)], lambda x: not x, timeout=5, interval=0.05
