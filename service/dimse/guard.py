@@ -117,6 +117,10 @@ class Connections:
             assoc.claimed = True
             return True
 
+    def snapshot(self) -> list[GuardedAssociation]:
+        with self._lock:
+            return list(self._open)
+
     def counts(self) -> tuple[int, int]:
         """(associations, connections without an association yet)."""
         with self._lock:
@@ -272,3 +276,27 @@ def start_server(
     thread.start()
     ae._servers.append(server)
     return server
+
+
+def stop_server(server: GuardedServer, grace_s: float = 1.0, timeout_s: float = 5.0) -> None:
+    """Stop accepting, send each association an A-ABORT, and after ``grace_s`` close every connection
+    that is still open (a peer that never answers, a connection still in its request), waiting at most
+    ``timeout_s`` for their threads. pynetdicom's ``ae.shutdown()`` would wait for each aborted peer to
+    close (up to the ACSE timeout each) and for each stalled request's read."""
+    server.shutdown()  # the accepting thread ends; the server leaves ae._servers
+    connections = server.connections
+    for assoc in connections.snapshot():
+        if assoc.is_established:
+            assoc.abort(block=False)  # queued to its DUL thread, which sends it
+        else:
+            assoc.evict()
+    deadline = time.monotonic() + grace_s
+    while connections.snapshot() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for assoc in connections.snapshot():
+        assoc.evict()
+    deadline = time.monotonic() + timeout_s
+    while connections.snapshot() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if connections.snapshot():
+        log.warning("%d DICOM connection(s) still closing at shutdown", len(connections.snapshot()))

@@ -190,11 +190,16 @@ class DimseServer:
         return ctx
 
     def stop(self) -> None:
-        """Abort open associations and close the port (blocking; run it off the event loop)."""
+        """Close the port, abort open associations and close every connection (blocking, a few
+        seconds at most; run it off the event loop)."""
         ae, self._ae = self._ae, None
+        server, self._server = self._server, None
+        if server is not None:
+            from retinaedge.service.dimse.guard import stop_server
+
+            stop_server(server)
         if ae is not None:
-            ae.shutdown()
-        self._server = None
+            ae.shutdown()  # what is left (nothing, normally)
 
     def describe(self) -> dict[str, Any] | None:
         """The SCP for ``/readyz`` (None when ``dimse_port`` is 0)."""

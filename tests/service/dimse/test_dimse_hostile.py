@@ -291,3 +291,25 @@ def test_an_unlimited_pdu_size_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="dimse_max_pdu_bytes"):
         load_settings(model=DEMO, dimse_port=11112, dimse_max_pdu_bytes=0)
+
+
+def test_the_scp_stops_at_once_beside_stalled_and_silent_peers(tmp_path: Path) -> None:
+    """A connection stalled in its request and an association whose peer stops reading (it never
+    answers the A-ABORT) do not hold up the service's stop (pynetdicom would wait for each)."""
+    from pynetdicom import AE
+    from support.servers import serve
+
+    port = free_port()
+    with serve(model=DEMO, data_dir=tmp_path, dimse_port=port, dimse_acse_timeout_s=20):
+        stalled = _half_pdu(port)
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title=AET)
+        assert assoc.is_established
+        assoc.dul.kill_dul()  # the peer's software hangs: its socket stays open, unread
+        started = time.monotonic()
+    seconds = time.monotonic() - started
+    stalled.close()
+    assoc.dul.socket.close()
+    print(f"stopped in {seconds:.2f} s")
+    assert seconds < 8, f"the service took {seconds:.1f} s to stop"
