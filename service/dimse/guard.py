@@ -102,7 +102,9 @@ class Connections:
             excess = len(live) + 1 - self.capacity
             if excess <= 0:
                 return True, []
-            pending = [a for a in live if not a.claimed]
+            # those still in their request first (oldest first), then any whose request is being decided
+            pending = [a for a in live if not a.claimed and not a.requested]
+            pending += [a for a in live if not a.claimed and a.requested]
             victims = pending[:excess]
             for a in victims:
                 a.evicted = True

@@ -313,3 +313,35 @@ def test_the_scp_stops_at_once_beside_stalled_and_silent_peers(tmp_path: Path) -
     assoc.dul.socket.close()
     print(f"stopped in {seconds:.2f} s")
     assert seconds < 8, f"the service took {seconds:.1f} s to stop"
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_unexpected_error_in_the_reactor_is_logged_redacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the connection's reactor thread: the association is aborted and one ERROR record with a
+    redacted traceback is logged, instead of Python printing the thread's traceback to stderr."""
+    from pynetdicom.fsm import StateMachine
+    from support.servers import serve
+
+    real = StateMachine.do_action
+    value = "DOE^JANE 1.2.826.0.1.3680043.8.498.1"  # a patient's name and a UID in the error
+
+    def broken(self: StateMachine, event: str) -> None:
+        if event == "Evt6":  # the SCP's machine, at the association request
+            raise RuntimeError(f"a bug with a value: {value}")
+        real(self, event)
+
+    port = free_port()
+    with serve(model=DEMO, data_dir=tmp_path, dimse_port=port):
+        monkeypatch.setattr(StateMachine, "do_action", broken)
+        assoc = _ae().associate("127.0.0.1", port, ae_title=AET)
+        assert not assoc.is_established
+        monkeypatch.undo()
+        assert _echo(port) == 0x0000
+    records = [
+        r for r in caplog.records if r.name == "retinaedge.service.dimse.reader" and r.levelname == "ERROR"
+    ]
+    assert len(records) == 1 and "failed and was aborted" in records[0].getMessage()
+    assert "RuntimeError" in records[0].getMessage() and "DOE^JANE" not in records[0].getMessage()
+    assert "1.2.826.0.1.3680043.8.498.1" not in records[0].getMessage()
