@@ -13,6 +13,7 @@ import json
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -88,7 +89,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     finally:
         gate.unlink(missing_ok=True)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:  # a stop that hangs fails the test, never leaves a process
+            proc.kill()
+            proc.wait(30)
+            raise
 
 
 def _ae() -> Any:
@@ -345,3 +351,45 @@ def test_an_unexpected_error_in_the_reactor_is_logged_redacted(
     assert len(records) == 1 and "failed and was aborted" in records[0].getMessage()
     assert "RuntimeError" in records[0].getMessage() and "DOE^JANE" not in records[0].getMessage()
     assert "1.2.826.0.1.3680043.8.498.1" not in records[0].getMessage()
+
+
+def test_a_pdu_half_sent_inside_an_association_closes_it_in_time(service: Service) -> None:
+    """After the association too, a PDU must be complete dimse_network_timeout_s (3 s here) after its
+    first byte (a peer that stops halfway cannot hold its association for ever)."""
+    assoc = _ae().associate("127.0.0.1", service.dimse_port, ae_title=AET)
+    assert assoc.is_established
+    assoc.dul.kill_dul()  # the test reads the socket itself from here on
+    sock = assoc.dul.socket.socket
+    started = time.monotonic()
+    sock.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"\x00" * 10)
+    assert poll(lambda: _closed_by_peer(sock), timeout=8, interval=0.05)
+    seconds = time.monotonic() - started
+    assert 2.5 < seconds < 5, f"closed after {seconds:.1f} s"
+
+
+def test_the_disk_reserve_is_checked_while_an_instance_streams(tmp_path: Path) -> None:
+    """The reserve is checked before each 8 MiB step: when the disk fills up mid-instance, writing
+    stops, the part is removed and the C-STORE is refused (A700, the reserve named)."""
+    from retinaedge.runtime.errors import InsufficientStorageError
+    from retinaedge.service.dimse.incoming import RESERVE_STEP, IncomingInstance
+    from retinaedge.service.intake.spool import Spool
+
+    class FillingDisk(Spool):
+        free = 10 * RESERVE_STEP
+
+        def free_bytes(self) -> int:
+            return self.free
+
+    spool = FillingDisk(tmp_path / "spool", min_free_bytes=2 * RESERVE_STEP)
+    incoming = IncomingInstance(spool, max_bytes=1 << 40)
+    incoming.start("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4", "1.2.840.10008.1.2.1", lambda: None)
+    chunk = b"\0" * (1 << 20)
+    for _ in range(12):
+        incoming.write(chunk)
+    assert not incoming.refused and incoming.path is not None and incoming.path.exists()
+    spool.free = 2 * RESERVE_STEP  # the disk filled up meanwhile
+    for _ in range(12):
+        incoming.write(chunk)
+    assert isinstance(incoming.error, InsufficientStorageError) and "reserve" in str(incoming.error)
+    assert incoming.size > 24 * (1 << 20) and not list((tmp_path / "spool").iterdir())
+    incoming.close()
