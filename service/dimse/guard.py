@@ -200,8 +200,18 @@ class GuardedHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler, args in cast(list[tuple[Callable[..., Any], Any]], handlers):
                     assoc.bind(event, handler, args)
-        server.connections.add(assoc)
         return assoc
+
+    def handle(self) -> None:
+        """Count the connection, then start its association thread (uncounted again if it cannot)."""
+        assoc = cast(GuardedAssociation, self._create_association())
+        self.server.connections.add(assoc)
+        try:
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+        except BaseException:
+            self.server.connections.remove(assoc)
+            raise
 
 
 class GuardedServer(AssociationServer):
