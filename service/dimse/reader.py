@@ -103,12 +103,17 @@ class GuardedDUL(DULServiceProvider):
             return MAX_SMALL_PDU
         return None
 
-    def deadline(self) -> float:
-        """When the PDU being read must be complete (time.monotonic())."""
+    def deadline(self) -> tuple[float, str]:
+        """When the PDU being read must be complete (time.monotonic()), and what that deadline is."""
         assoc = self.guarded
         if not assoc.requested:
-            return assoc.accepted_at + float(assoc.acse_timeout or 0)
-        return time.monotonic() + float(assoc.network_timeout or 0)
+            timeout = _seconds(assoc.acse_timeout)
+            return (
+                assoc.accepted_at + timeout,
+                f"no complete association request {timeout:g} s after connecting",
+            )
+        timeout = _seconds(assoc.network_timeout)
+        return time.monotonic() + timeout, f"a PDU not complete {timeout:g} s after its first byte"
 
     def _read_pdu_data(self) -> None:
         """Read one PDU (header, checked length, body) by its deadline and queue its event."""
@@ -144,9 +149,15 @@ class GuardedDUL(DULServiceProvider):
         self._recv_pdu.put(decoded)
 
     def _read(self, sock: socket.socket) -> bytearray:
-        deadline = self.deadline()
+        deadline, what = self.deadline()
         if isinstance(sock, ssl.SSLSocket) and not self._handshaken:
             self._handshake(sock, min(deadline, self.guarded.accepted_at + self.handshake_timeout_s))
+        try:
+            return self._read_pdu(sock, deadline)
+        except LateError:
+            raise LateError(what) from None
+
+    def _read_pdu(self, sock: socket.socket, deadline: float) -> bytearray:
         header = _read_exactly(sock, 6, deadline)
         pdu_type, _, length = _HEADER.unpack(header)
         limit = self.limit(pdu_type)
@@ -166,7 +177,7 @@ class GuardedDUL(DULServiceProvider):
         left = deadline - time.monotonic()
         if left <= 0:
             raise LateError("the TLS handshake was not complete within its deadline")
-        sock.settimeout(left)  # CPython bounds the whole handshake call by it
+        sock.settimeout(min(left, 86400.0))  # CPython bounds the whole handshake call by it
         try:
             sock.do_handshake()
         except TimeoutError:
@@ -296,6 +307,11 @@ class GuardedDUL(DULServiceProvider):
             self._wake_r.close()
 
 
+def _seconds(timeout: float | None) -> float:
+    """A pynetdicom timeout (None: none) in seconds."""
+    return float("inf") if timeout is None else float(timeout)
+
+
 def _read_exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
     buffer = bytearray(n)
     _read_into(sock, memoryview(buffer), deadline)
@@ -309,7 +325,7 @@ def _read_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise LateError("a PDU was not complete within its deadline")
-        sock.settimeout(left)
+        sock.settimeout(min(left, 86400.0))
         try:
             got = sock.recv_into(view[done:], min(len(view) - done, 1 << 20))
         except TimeoutError:
