@@ -179,7 +179,10 @@ class Settings(EngineConfig):
     )
     dimse_max_associations: int = Field(default=8, ge=1, description="simultaneous associations")
     dimse_max_pdu_bytes: int = Field(
-        default=131072, ge=0, description="largest P-DATA-TF PDU accepted (0: unlimited)"
+        default=131072,
+        ge=4096,
+        le=16 * 1024**2,
+        description="largest P-DATA-TF PDU accepted (the Maximum Length advertised; bounds memory per association)",
     )
     dimse_acse_timeout_s: float = Field(default=30.0, gt=0, description="association negotiation")
     dimse_dimse_timeout_s: float = Field(default=60.0, gt=0, description="a DIMSE message to arrive")

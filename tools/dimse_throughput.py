@@ -157,7 +157,7 @@ def start_service(model: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], 
         RETINAEDGE_DATA_DIR=str(workdir / "service-data"),
         RETINAEDGE_MIN_FREE_BYTES="0",
         RETINAEDGE_DIMSE_PORT=str(dimse_port),
-        RETINAEDGE_DIMSE_MAX_PDU_BYTES="0",
+        RETINAEDGE_DIMSE_MAX_PDU_BYTES=str(1024 * 1024),
     )
     server_log = workdir / "server.log"
     with server_log.open("wb") as out:

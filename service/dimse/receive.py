@@ -31,11 +31,13 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import InsufficientStorageError, OverloadedError, StorageUnavailableError
 from retinaedge.runtime.logsafety import redacted_traceback
+from retinaedge.service.dimse.incoming import IncomingInstance
 from retinaedge.service.intake.ingest import (
     DATASET_MISMATCH,
     OUT_OF_RESOURCES,
@@ -93,8 +95,27 @@ class Receiver:
     def receive(self, sop_class: str, sop_instance: str, data: bytes) -> Outcome:
         """Store ``data`` (PS3.10 bytes: preamble, File Meta from the request and its context, the
         data set as received) -> its outcome. Never raises."""
+        return self._answer(lambda: self._store(sop_class, sop_instance, data))
+
+    def open_instance(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> IncomingInstance:
+        """A spool part for a C-STORE's data set, opened when its command set arrives (on the
+        connection's DUL thread): the backlog and the disk reserve are checked now, and the data set is
+        written into it as it arrives (:mod:`.incoming`). Never raises."""
+        incoming = IncomingInstance(self.spool, self.max_instance_bytes)
+        incoming.start(sop_class, sop_instance, transfer_syntax, self.admit)
+        return incoming
+
+    def receive_instance(self, sop_class: str, sop_instance: str, incoming: IncomingInstance) -> Outcome:
+        """Commit a data set that :meth:`open_instance` streamed to the spool -> its outcome (a refusal
+        while it streamed is reported now). Never raises; the part is committed or removed."""
         try:
-            outcome = self._store(sop_class, sop_instance, data)
+            return self._answer(lambda: self._store_incoming(sop_class, sop_instance, incoming))
+        finally:
+            incoming.close()
+
+    def _answer(self, store: Callable[[], Outcome]) -> Outcome:
+        try:
+            outcome = store()
         except OverloadedError as exc:
             outcome = Outcome(OUT_OF_RESOURCES, f"backlog full: {exc}")
         except InsufficientStorageError as exc:
@@ -113,6 +134,14 @@ class Receiver:
             return outcome
         return Outcome(outcome.status, _comment(outcome.comment), outcome.uid)
 
+    def _store_incoming(self, sop_class: str, sop_instance: str, incoming: IncomingInstance) -> Outcome:
+        if incoming.error is not None:
+            raise incoming.error
+        if incoming.refusal is not None:
+            return Outcome(*incoming.refusal)
+        path, fh = incoming.take()
+        return self._commit(path, fh, incoming.size, sop_class, sop_instance)
+
     def _store(self, sop_class: str, sop_instance: str, data: bytes) -> Outcome:
         self.admit()  # 503 for STOW-RS: A700 here
         if len(data) > self.max_instance_bytes:
@@ -125,6 +154,11 @@ class Receiver:
             self.spool.discard(path, fh)
             raise
 
+        return self._commit(path, fh, len(data), sop_class, sop_instance)
+
+    def _commit(self, path: Path, fh: BinaryIO, size: int, sop_class: str, sop_instance: str) -> Outcome:
+        """``store_spooled`` the part (the data set must be the request's) and enqueue a new row."""
+
         def as_requested(header: Header) -> tuple[int, str] | None:
             if header.sop_class != sop_class or header.sop_instance != sop_instance:
                 return DATASET_MISMATCH, "the data set's SOP Class/Instance UID is not the request's"
@@ -133,7 +167,7 @@ class Receiver:
         result = store_spooled(
             path,
             fh,
-            len(data),
+            size,
             spool=self.spool,
             store=self.store,
             limits=self.limits,

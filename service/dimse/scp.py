@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.service.dimse.contexts import supported_contexts
+from retinaedge.service.dimse.incoming import IncomingInstance
 from retinaedge.service.dimse.peers import allowed, parse_peers
 from retinaedge.service.dimse.receive import Outcome, Receiver, status_dataset
 from retinaedge.service.http.tls import server_context
@@ -38,15 +39,18 @@ log = logging.getLogger(__name__)
 
 #: A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4).
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)
+#: A-ASSOCIATE-RJ: rejected-transient, by the service provider (presentation), local limit exceeded.
+REJECT_LIMIT = (0x02, 0x03, 0x02)
 
 
 class DeferredHandshake(ssl.SSLContext):
     """A server context whose ``wrap_socket`` leaves the handshake to the first read.
 
     pynetdicom wraps each accepted socket in its one accepting thread; a handshake there would let one
-    silent peer hold up every other. Deferred, the handshake runs on the association's own thread (in
-    its first read), bounded by :attr:`timeout_s` (``dimse_acse_timeout_s``) like the association
-    request after it.
+    silent peer hold up every other. Deferred, the handshake runs on the connection's own DUL thread
+    before its first PDU is read (:mod:`.reader`), complete within ``request_header_timeout_s`` of the
+    connection (and within ``dimse_acse_timeout_s`` if that is sooner); :attr:`timeout_s` bounds any
+    read until then.
     """
 
     timeout_s: float = 30.0
@@ -84,6 +88,11 @@ class DimseServer:
             "retinaedge_dimse_active_associations", "Open DICOM associations", registry=registry
         ).set_function(lambda: float(self.active_associations))
         Gauge(
+            "retinaedge_dimse_pending_connections",
+            "DICOM connections without an association request yet (they count against the limit)",
+            registry=registry,
+        ).set_function(lambda: float(self.pending_connections))
+        Gauge(
             "retinaedge_dimse_listening",
             "1 while the C-STORE SCP listens (0: off or failed)",
             registry=registry,
@@ -100,8 +109,15 @@ class DimseServer:
 
     @property
     def active_associations(self) -> int:
-        server = self._server
-        return len(server.active_associations) if server is not None else 0
+        """Open associations (connections that have not sent their request yet are not counted)."""
+        connections = getattr(self._server, "connections", None)
+        return connections.counts()[0] if connections is not None else 0
+
+    @property
+    def pending_connections(self) -> int:
+        """Open connections whose association request has not been read yet."""
+        connections = getattr(self._server, "connections", None)
+        return connections.counts()[1] if connections is not None else 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Listen (non-blocking: pynetdicom's server thread); a failure is logged and kept in
@@ -129,13 +145,13 @@ class DimseServer:
 
     def _listen(self) -> Any:
         from pynetdicom import AE, _config, evt
+        from retinaedge.service.dimse.guard import Policy, start_server
 
         _config.LOG_HANDLER_LEVEL = "none"
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         s = self.settings
         ae = AE(ae_title=s.dimse_ae_title)
         ae.supported_contexts = supported_contexts()
-        ae.maximum_associations = s.dimse_max_associations
         ae.maximum_pdu_size = s.dimse_max_pdu_bytes
         ae.acse_timeout = s.dimse_acse_timeout_s
         ae.dimse_timeout = s.dimse_dimse_timeout_s
@@ -150,9 +166,13 @@ class DimseServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        server = ae.start_server(
-            (s.host, s.dimse_port), block=False, ssl_context=self._tls(), evt_handlers=handlers
+        policy = Policy(
+            s.dimse_max_associations,
+            s.dimse_max_pdu_bytes,
+            self.receiver.open_instance,
+            handshake_timeout_s=s.request_header_timeout_s,
         )
+        server = start_server(ae, (s.host, s.dimse_port), policy, self._tls(), handlers)
         self._ae = ae
         return server
 
@@ -170,11 +190,16 @@ class DimseServer:
         return ctx
 
     def stop(self) -> None:
-        """Abort open associations and close the port (blocking; run it off the event loop)."""
+        """Close the port, abort open associations and close every connection (blocking, a few
+        seconds at most; run it off the event loop)."""
         ae, self._ae = self._ae, None
+        server, self._server = self._server, None
+        if server is not None:
+            from retinaedge.service.dimse.guard import stop_server
+
+            stop_server(server)
         if ae is not None:
-            ae.shutdown()
-        self._server = None
+            ae.shutdown()  # what is left (nothing, normally)
 
     def describe(self) -> dict[str, Any] | None:
         """The SCP for ``/readyz`` (None when ``dimse_port`` is 0)."""
@@ -189,6 +214,7 @@ class DimseServer:
             "mutual_tls": s.tls_cert_file is not None and s.dimse_tls_ca_file is not None,
             "allowed_aets": len(self.peers),
             "active_associations": self.active_associations,
+            "pending_connections": self.pending_connections,
             "reason": self.problem,
         }
 
@@ -208,13 +234,27 @@ class DimseServer:
         assoc = event.assoc
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         address = str(assoc.requestor.address)
-        if allowed(self.peers, calling, address):
+        if not allowed(self.peers, calling, address):
+            log.warning(
+                "association refused: calling AE %r from %s is not allowed (dimse_allowed_aets)",
+                calling,
+                address,
+            )
+            self._refuse(assoc, REJECT_CALLING_AET)
             return
-        log.warning(
-            "association refused: calling AE %r from %s is not allowed (dimse_allowed_aets)", calling, address
-        )
+        connections = getattr(self._server, "connections", None)
+        if connections is not None and not connections.claim(assoc):
+            log.warning(
+                "association refused: dimse_max_associations (%d) associations are open (%s from %s)",
+                connections.max_associations,
+                calling,
+                address,
+            )
+            self._refuse(assoc, REJECT_LIMIT)
+
+    def _refuse(self, assoc: Any, reason: tuple[int, int, int]) -> None:
         self.associations.labels(result="rejected").inc()
-        assoc.acse.send_reject(*REJECT_CALLING_AET)
+        assoc.acse.send_reject(*reason)
         assoc.kill()
 
     def _on_established(self, event: Any) -> None:
@@ -237,14 +277,17 @@ class DimseServer:
 
     def _on_store(self, event: Any) -> Any:
         req = event.request
-        try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception:  # File Meta from request UIDs pynetdicom cannot encode
-            outcome = Outcome(0xC000, "the request's UIDs cannot form a File Meta Information group")
+        cls, inst = str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)
+        incoming = getattr(req, "_dataset_file", None)
+        if isinstance(incoming, IncomingInstance):  # streamed to the spool as it arrived (.stream)
+            outcome = self.receiver.receive_instance(cls, inst, incoming)
         else:
-            outcome = self.receiver.receive(
-                str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), data
-            )
+            try:
+                data = event.encoded_dataset(include_meta=True)
+            except Exception:  # File Meta from request UIDs pynetdicom cannot encode
+                outcome = Outcome(0xC000, "the request's UIDs cannot form a File Meta Information group")
+            else:
+                outcome = self.receiver.receive(cls, inst, data)
         self.stores.labels(status=outcome.name).inc()
         if outcome.comment:
             log.info(
