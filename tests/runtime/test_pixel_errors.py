@@ -15,7 +15,7 @@ from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.errors import MalformedDicomError
 from retinaedge.runtime.manifest import Preprocessing, WindowPolicy
 from retinaedge.runtime.preprocess import to_unit
-from support.paths import DEMO, REPO_ROOT
+from support.paths import REPO_ROOT, demo_any_image
 
 SOURCE = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
 
@@ -28,7 +28,7 @@ def _bytes(ds: Dataset) -> bytes:
 
 @pytest.fixture(scope="module")
 def detector() -> Detector:
-    with Detector.open(DEMO, threads=1) as det:
+    with Detector.open(demo_any_image(), threads=1) as det:  # palettes are not the demo's images
         yield det
 
 
