@@ -74,8 +74,9 @@ class Pruner:
             self.identities.delete(gone)
             if self.captures is not None:
                 self.captures.delete(gone)
-            if self.built is not None:
+            if self.built is not None and gone:
                 self.built.delete(gone)
+                self.built.keep_only(self.store.subjects())  # and the series' and studies' left empty
         if self.captures is not None and self.captures_max_bytes is not None:
             self.captures.trim(self.captures_max_bytes)
 
@@ -218,7 +219,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     captures = CaptureFiles(settings.data_dir / CAPTURES)
     captures.keep_only(store.uids())  # likewise, and makings a crash interrupted
     built = BuiltDocuments(settings.data_dir / BUILT)
-    built.keep_only(store.uids())
+    built.keep_only(store.subjects())
     # Secondary captures cost about an inference per frame with findings: made only when asked for.
     drawing = (
         CaptureMaker(captures, bundle.manifest, limits, identities) if settings.captures == "always" else None

@@ -43,7 +43,7 @@ from retinaedge.service.outbox.files import DocumentFiles
 from retinaedge.service.outbox.presence import ASKABLE, holds
 from retinaedge.service.outbox.queue import Job, Outbox
 from retinaedge.service.outbox.senders import Delivery, Instance, sender_for
-from retinaedge.service.results.built import BuiltDocuments, result_version
+from retinaedge.service.results.built import BuiltDocuments, result_version, rows_version
 from retinaedge.service.results.completion import series_findings, series_status
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles
@@ -255,6 +255,16 @@ class Dispatcher:
             )
         self.refresh()
 
+    def _kept(
+        self, kind: str, view: Any, build: Callable[[], Dataset]
+    ) -> Callable[[], Dataset | dict[int, Path]]:
+        """The document ``kind`` of ``view`` as the file the routes serve too (:mod:`..results.built`:
+        one SOP instance, built once per version of its subject), or built here without that store."""
+        built = self.built
+        if built is None or not view.version:
+            return build
+        return lambda: {1: built.file(view.uid, kind, view.version, build)}
+
     def _askable(self, name: str) -> bool:
         """Whether ``name``'s protocol lets the dispatcher ask it for a document (:mod:`.presence`)."""
         return type(self._destination[name]) in ASKABLE
@@ -330,25 +340,21 @@ class Dispatcher:
                 manifest=self.manifest,
                 version=result_version(row.result_json, row.header_json, identity),
             )
-            data_dir, built = self.settings.data_dir, self.built
+            data_dir = self.settings.data_dir
             build: Callable[[], Dataset | dict[int, Path]]
             if doc.stored:
                 build = lambda: doc.parts(view, data_dir)  # noqa: E731
-            elif built is not None:  # the file the routes serve too: one SOP instance, built once
-                kept = built
-
-                def build() -> dict[int, Path]:
-                    return {1: kept.file(view.uid, doc.kind, view.version, lambda: doc.build_instance(view))}
-
             else:
-                build = lambda: doc.build_instance(view)  # noqa: E731
+                build = self._kept(doc.kind, view, lambda: doc.build_instance(view))
         elif doc.scope == "study":
             rows = self.store.study_rows(job.subject_uid)
             if not rows:
                 raise NoDocument("no instance of the study is kept (retention)")
             images = study_images(job.subject_uid, rows, self.identities.get)
-            study = StudyView(job.subject_uid, images, self.model_name, self.model_sha256)
-            build = lambda: doc.build_study(study)  # noqa: E731
+            study = StudyView(
+                job.subject_uid, images, self.model_name, self.model_sha256, version=rows_version(rows)
+            )
+            build = self._kept(doc.kind, study, lambda: doc.build_study(study))
         else:
             rows = self.store.series_rows(job.subject_uid)
             params = self.settings.link_params(
@@ -358,9 +364,15 @@ class Dispatcher:
             if found is None:
                 raise NoDocument("no instance of the series is kept that could be analysed")
             series = SeriesView(
-                job.subject_uid, {}, found, self.model_name, self.model_sha256, manifest=self.manifest
+                job.subject_uid,
+                {},
+                found,
+                self.model_name,
+                self.model_sha256,
+                manifest=self.manifest,
+                version=rows_version(rows),
             )
-            build = lambda: doc.build_series(series)  # noqa: E731
+            build = self._kept(doc.kind, series, lambda: doc.build_series(series))
         try:
             return build()
         except NothingToReport as exc:

@@ -5,8 +5,9 @@ an SR of a 300-frame result with 1,586 boxes took 17 s of a core), and without a
 ``GET /v1/results/{uid}?document=sr`` rebuilt it, with a new SOP Instance UID each time. So the first
 request or delivery that needs one builds it, and every later one reads the file:
 
-- one file per instance, kind and *version* of the result (:func:`result_version`: a digest of the stored
-  result, its kept header and patient identity), under ``<data_dir>/documents/<sha256(uid)[:40]>/
+- one file per subject (an instance, a series, a study), kind and *version* (:func:`result_version` of
+  an instance: a digest of its stored result, kept header and patient identity; :func:`rows_version` of a
+  series or study: a digest of its instances' rows), under ``<data_dir>/documents/<sha256(uid)[:40]>/
   <kind>-<version>.dcm``; a new result of the instance (a correction, ``/v1/detect`` again) has another
   version, so its documents are built anew and the old files are removed when the new one is written;
 - callers asking for one document at once wait for a single build (a lock per document), so three
@@ -17,8 +18,9 @@ request or delivery that needs one builds it, and every later one reads the file
 - result delivery links the same file (:class:`~..outbox.files.DocumentFiles`), so what the PACS
   receives and what a GET returns is one object with one SOP Instance UID;
 - files are written to a temporary name, fsynced and renamed, so a crash never leaves half a document;
-  they go with their instance's result (retention, :class:`~..state.Pruner`) and, at start, with results
-  no longer kept (:meth:`BuiltDocuments.keep_only`).
+  they go with their instance's result (retention, :class:`~..state.Pruner`), a series' or study's when
+  none of its instances is kept any more, and, at start, with results no longer kept
+  (:meth:`BuiltDocuments.keep_only`).
 
 The directory layout and the version digest are internal: nothing outside this module names a file.
 """
@@ -41,6 +43,7 @@ from retinaedge.runtime.durable import fsync_path
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+    from retinaedge.service.results.store import Row
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,19 @@ def result_version(result_json: str | None, header_json: str | None, identity: s
         data = (part or "").encode()
         h.update(len(data).to_bytes(8, "big"))
         h.update(data)
+    return h.hexdigest()[:16]
+
+
+def rows_version(rows: Iterable[Row]) -> str:
+    """The version of a series' or a study's documents: a digest (16 hex digits) of its instances' rows
+    (each UID, state, result and kept header), so that an instance arriving, a result changing or one
+    expiring gives another version."""
+    h = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: r.sop_instance_uid):
+        for part in (row.sop_instance_uid, row.state, row.error_type, row.result_json, row.header_json):
+            data = (part or "").encode()
+            h.update(len(data).to_bytes(8, "big"))
+            h.update(data)
     return h.hexdigest()[:16]
 
 

@@ -211,32 +211,45 @@ def _instance_renderer(doc: Document, status: int, built: BuiltDocuments | None)
     :mod:`.built`), or built for this response alone when there is no store or the view no version."""
 
     async def render(view: InstanceView) -> Response:
-        if built is None or not view.version:
-            return await _document_response(doc, lambda: doc.build_instance(view), "instance", status)
-        try:
-            path = await built.file_async(view.uid, doc.kind, view.version, lambda: doc.build_instance(view))
-            data = await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:  # removed meanwhile (retention, a newer result): build this one
-            return await _document_response(doc, lambda: doc.build_instance(view), "instance", status)
-        except Exception as exc:
-            return _not_built(doc, "instance", status, exc)
-        return Response(data, media_type=doc.media_type)
+        return await _kept_response(doc, lambda: doc.build_instance(view), "instance", status, built, view)
 
     return render
 
 
-def _series_renderer(doc: Document, status: int) -> SeriesRenderer:
+def _series_renderer(doc: Document, status: int, built: BuiltDocuments | None) -> SeriesRenderer:
     async def render(view: SeriesView) -> Response:
-        return await _document_response(doc, lambda: doc.build_series(view), "series", status)
+        return await _kept_response(doc, lambda: doc.build_series(view), "series", status, built, view)
 
     return render
 
 
-def _study_renderer(doc: Document, status: int) -> StudyRenderer:
+def _study_renderer(doc: Document, status: int, built: BuiltDocuments | None) -> StudyRenderer:
     async def render(view: StudyView) -> Response:
-        return await _document_response(doc, lambda: doc.build_study(view), "study", status)
+        return await _kept_response(doc, lambda: doc.build_study(view), "study", status, built, view)
 
     return render
+
+
+async def _kept_response(
+    doc: Document,
+    build: Callable[[], Any],
+    scope: Scope,
+    status: int,
+    built: BuiltDocuments | None,
+    view: Any,
+) -> Response:
+    """``doc`` of ``view`` from its file in ``built`` (made there once per version of the subject,
+    :mod:`.built`), or built for this response alone without a store or a version."""
+    if built is None or not view.version:
+        return await _document_response(doc, build, scope, status)
+    try:
+        path = await built.file_async(view.uid, doc.kind, view.version, build)
+        data = await asyncio.to_thread(path.read_bytes)
+    except FileNotFoundError:  # removed meanwhile (retention): build this one
+        return await _document_response(doc, build, scope, status)
+    except Exception as exc:
+        return _not_built(doc, scope, status, exc)
+    return Response(data, media_type=doc.media_type)
 
 
 def _format_of(
@@ -249,9 +262,9 @@ def _format_of(
     return ResultFormat(
         some.media_type,
         instance=_instance_renderer(instance, status, built) if instance is not None else None,
-        series=_series_renderer(series, status) if series is not None else None,
+        series=_series_renderer(series, status, built) if series is not None else None,
         description=some.description,
-        study=_study_renderer(study, status) if study is not None else None,
+        study=_study_renderer(study, status, built) if study is not None else None,
     )
 
 

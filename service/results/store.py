@@ -293,6 +293,15 @@ class Store:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT sop_instance_uid FROM instances").fetchall()]
 
+    def subjects(self) -> set[str]:
+        """Every SOP Instance, Series Instance and Study Instance UID the database knows (what documents
+        can be kept for)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, series_uid, study_uid FROM instances"
+            ).fetchall()
+        return {uid for row in rows for uid in row if uid}
+
     def headers_with(self, keys: tuple[str, ...]) -> list[tuple[str, str]]:
         """``(uid, header_json)`` of rows whose kept header mentions any of the DICOM JSON ``keys``."""
         where = " OR ".join("header_json LIKE ?" for _ in keys)

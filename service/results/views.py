@@ -62,6 +62,7 @@ class SeriesView:
     model_name: str
     model_sha256: str
     manifest: Manifest | None = None
+    version: str = ""  # of its documents on disk (:func:`.built.rows_version`); empty: not kept
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,4 @@ class StudyView:
     model_name: str
     model_sha256: str
     manifest: Manifest | None = None
+    version: str = ""  # of its documents on disk (:func:`.built.rows_version`); empty: not kept

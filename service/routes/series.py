@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import SeriesCollecting, SeriesComplete
+from retinaedge.service.results.built import rows_version
 from retinaedge.service.results.completion import SeriesFindings, SeriesStatus, series_findings, series_status
 from retinaedge.service.results.formats import ResultFormat
 from retinaedge.service.results.views import SeriesView
@@ -31,8 +32,9 @@ _RESPONSES = {
 }
 
 
-def _series_state(services: Services, uid: str) -> tuple[SeriesStatus, SeriesFindings | None] | None:
-    """The series' status and, once complete, its findings; None for an unknown series."""
+def _series_state(services: Services, uid: str) -> tuple[SeriesStatus, SeriesFindings | None, str] | None:
+    """The series' status and, once complete, its findings and the version of its documents
+    (:func:`..results.built.rows_version`); None for an unknown series."""
     store, settings = services.store, services.settings
     rows = store.series_rows(uid)
     if not rows:
@@ -41,9 +43,9 @@ def _series_state(services: Services, uid: str) -> tuple[SeriesStatus, SeriesFin
         rows, services.clock.now(), settings.series_quiet_s, store.series_requested_at(uid)
     )
     if status.state != "complete":
-        return status, None
+        return status, None, ""
     params = settings.link_params(services.bundle.manifest.operating_point is not None)
-    return status, series_findings(rows, params, services.identities.get)
+    return status, series_findings(rows, params, services.identities.get), rows_version(rows)
 
 
 async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:
@@ -51,14 +53,20 @@ async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:
     state = await asyncio.to_thread(_series_state, services, uid)
     if state is None:
         return problem(404, "not-found", NOT_FOUND)
-    status, found = state
+    status, found, version = state
     body = {"series_instance_uid": uid, **status.to_json()}
     if status.state != "complete":
         body["quiet_period_s"] = services.settings.series_quiet_s
         return JSONResponse(body, status_code=202, headers={"Retry-After": str(status.retry_after_s)})
     assert fmt.series is not None  # the registry offers only formats that render series
     view = SeriesView(
-        uid, body, found, services.model_name, services.model_sha256, manifest=services.bundle.manifest
+        uid,
+        body,
+        found,
+        services.model_name,
+        services.model_sha256,
+        manifest=services.bundle.manifest,
+        version=version,
     )
     response = await fmt.series(view)
     log.info(

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import StudyResult
+from retinaedge.service.results.built import rows_version
 from retinaedge.service.results.key_images import StudyImages, study_images
 from retinaedge.service.results.views import StudyView
 from retinaedge.service.state import FORMATS_EXTENSION, Services, ServicesDep, StudyFormat
@@ -25,12 +26,13 @@ router = APIRouter(tags=["studies"])
 NOT_FOUND = "no instance of this Study Instance UID (or its results have expired)"
 
 
-def _study(services: Services, uid: str) -> StudyImages | None:
-    """The study's key images so far; None for an unknown study."""
+def _study(services: Services, uid: str) -> tuple[StudyImages, str] | None:
+    """The study's key images so far and the version of its documents
+    (:func:`..results.built.rows_version`); None for an unknown study."""
     rows = services.store.study_rows(uid)
     if not rows:
         return None
-    return study_images(uid, rows, services.identities.get)
+    return study_images(uid, rows, services.identities.get), rows_version(rows)
 
 
 @router.get(
@@ -43,8 +45,10 @@ async def study(study_uid: str, services: ServicesDep, fmt: StudyFormat) -> Resp
     """The study's instances so far and those with findings."""
     check_uid(study_uid, "the Study Instance UID in the path")
     await services.settled()
-    images = await asyncio.to_thread(_study, services, study_uid)
-    if images is None:
+    found = await asyncio.to_thread(_study, services, study_uid)
+    if found is None:
         return problem(404, "not-found", NOT_FOUND)
+    images, version = found
     assert fmt.study is not None  # the registry offers only formats that render studies
-    return await fmt.study(StudyView(study_uid, images, services.model_name, services.model_sha256))
+    view = StudyView(study_uid, images, services.model_name, services.model_sha256, version=version)
+    return await fmt.study(view)

@@ -164,3 +164,31 @@ def test_the_srs_of_a_study_form_one_series_per_model() -> None:
     assert srs[0].SeriesInstanceUID == srs[1].SeriesInstanceUID != header.SeriesInstanceUID
     assert srs[0].SOPInstanceUID != srs[1].SOPInstanceUID
     assert other.SeriesInstanceUID != srs[0].SeriesInstanceUID
+
+
+def test_series_sr_and_kos_are_built_once_per_version_of_their_series_and_study(
+    app: FastAPI, client: TestClient
+) -> None:
+    """The series SR of a complete series and the KOS of a study: the same object on every GET while
+    nothing changes; a new instance of the study gives a new KOS."""
+    first = EXAMPLES / "study_01" / "IM0016.dcm"
+    for path in (SINGLE, first):
+        r = client.post(
+            "/v1/detect", content=path.read_bytes(), headers={"Content-Type": "application/dicom"}
+        )
+        assert r.status_code == 200
+    header = pydicom.dcmread(SINGLE, stop_before_pixels=True)
+    series, study = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    assert client.post(f"/v1/series/{series}/complete").status_code == 200
+    dicom = {"Accept": "application/dicom"}
+    srs = [client.get(f"/v1/series/{series}", headers=dicom) for _ in range(2)]
+    koss = [client.get(f"/v1/studies/{study}", headers=dicom) for _ in range(2)]
+    assert [r.status_code for r in [*srs, *koss]] == [200] * 4
+    assert srs[0].content == srs[1].content and koss[0].content == koss[1].content
+    third = EXAMPLES / "study_01" / "IM0017.dcm"
+    r = client.post("/v1/detect", content=third.read_bytes(), headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 200
+    newer = client.get(f"/v1/studies/{study}", headers=dicom)
+    assert newer.status_code == 200 and newer.content != koss[0].content
+    uids = {pydicom.dcmread(io.BytesIO(k.content)).SOPInstanceUID for k in (koss[0], newer)}
+    assert len(uids) == 2
