@@ -1,0 +1,194 @@
+"""Open the bundle on OpenVINO: FP32 first (the golden self-test by the export's parity rule, and the
+reference), then each reduced precision asked for, gated on this device; serve the one decided.
+
+Every compiled model has its cache entry (:mod:`.cache`); its ``record.json`` gets the settings the
+compiled model reported, the CPU's facts and the gate's figures. The backend that serves says its
+precision, the reason and the figures (``describe()``: ``/readyz`` and ``/v1/model``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from retinaedge.runtime.backends.base import BackendOptions
+from retinaedge.runtime.backends.openvino.cache import CompiledModelCache, default_cache_root, entry_key
+from retinaedge.runtime.backends.openvino.compiled import OpenVinoBackend
+from retinaedge.runtime.backends.openvino.cpu import CpuFacts, read_cpu
+from retinaedge.runtime.backends.openvino.gate import GateResult
+from retinaedge.runtime.backends.openvino.gating import EvalSet, gate, reference_run, relaxed_rate
+from retinaedge.runtime.backends.openvino.precision import check_precision, decide, offered, to_gate
+from retinaedge.runtime.backends.openvino.variants import int8_model
+from retinaedge.runtime.bundle import Bundle, load_golden, self_test
+from retinaedge.runtime.errors import BundleError, ConfigError
+from retinaedge.runtime.hashing import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def _threads(options: BackendOptions) -> int:
+    from retinaedge.runtime.backends.onnxruntime import affinity_threads
+
+    return options.threads or affinity_threads()
+
+
+def device_capabilities(core: Any, overrides: dict[str, Any] | None) -> list[str]:
+    """The CPU device's ``OPTIMIZATION_CAPABILITIES`` (``FP32``, ``BF16``, ``INT8``...), or the
+    override's (the device-properties hook tests use)."""
+    if overrides and "OPTIMIZATION_CAPABILITIES" in overrides:
+        return [str(c) for c in overrides["OPTIMIZATION_CAPABILITIES"]]
+    return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+class _Compiler:
+    """Compiles ``path`` at ``precision`` into its cache entry and records what it reported."""
+
+    def __init__(
+        self, core: Any, bundle: Bundle, cache: CompiledModelCache, cpu: CpuFacts, threads: int, hint: str
+    ) -> None:
+        import openvino as ov
+
+        self.core, self.bundle, self.cache, self.cpu = core, bundle, cache, cpu
+        self.threads, self.hint = threads, hint
+        self.version = str(ov.get_version())
+
+    def compile(self, path: Path, precision: str) -> tuple[OpenVinoBackend, Any]:
+        model_sha = self.bundle.manifest.model_sha256 if path == self.bundle.model_path else sha256_file(path)
+        entry = self.cache.entry(
+            entry_key(
+                model_sha256=str(model_sha),
+                bundle_sha256=str(self.bundle.manifest.model_sha256),
+                precision=precision,
+                openvino=self.version,
+                cpu=self.cpu.fingerprint(),
+            )
+        )
+        cached = entry.exists()
+        started = time.perf_counter()
+        backend = OpenVinoBackend(
+            self.core,
+            path,
+            precision=precision,
+            threads=self.threads,
+            hint=self.hint,
+            cache_dir=entry.blob_dir,
+        )
+        backend.details["compile_s"] = round(time.perf_counter() - started, 3)
+        backend.details["compiled_from_cache"] = cached
+        backend.details["cache_entry"] = str(entry.path)
+        return backend, entry
+
+    def record(self, entry: Any, backend: OpenVinoBackend, figures: dict[str, Any]) -> None:
+        entry.write_record(
+            {
+                "model": backend.model_path.name,
+                "model_sha256": str(self.bundle.manifest.model_sha256),
+                "precision": backend.precision,
+                "openvino": self.version,
+                "cpu": self.cpu.to_dict(),
+                "settings": backend.settings,
+                "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **figures,
+            }
+        )
+
+
+def open_gated(bundle: Bundle, options: BackendOptions, extra: dict[str, Any]) -> OpenVinoBackend:
+    """See the module docstring; ``extra`` as :func:`retinaedge.runtime.backends.openvino._extra` returns it."""
+    import openvino as ov
+
+    requested = check_precision(str(extra["precision"]))
+    core = ov.Core()
+    cpu = read_cpu()
+    cache = CompiledModelCache(
+        Path(extra["cache_dir"]) if extra["cache_dir"] else options.cache_dir or default_cache_root()
+    )
+    compiler = _Compiler(core, bundle, cache, cpu, _threads(options), str(extra["performance_hint"]))
+    check = _eval_set(extra)
+    fp32, fp32_entry = compiler.compile(bundle.model_path, "fp32")
+    try:
+        golden = _golden(bundle)
+        if golden is None:
+            fp32.reason = "precision fp32" + (
+                "" if requested == "fp32" else f" ({requested} needs the golden frames of a bundle directory)"
+            )
+            compiler.record(fp32_entry, fp32, {"self_test": None})
+            return fp32
+        images, expected = golden
+        reports = self_test(fp32, bundle)  # the export's parity rule against the recorded PyTorch detections
+        reference = reference_run(fp32, bundle, images, check, options.batch_size)
+        compiler.record(
+            fp32_entry,
+            fp32,
+            {
+                "self_test": [r.to_dict() for r in reports],
+                "ms_per_frame": reference.ms_per_frame,
+                "map50": reference.map50,
+            },
+        )
+    except Exception:
+        fp32.close()
+        raise
+    caps = device_capabilities(core, extra["device_properties"])
+    int8_path, int8_problem = int8_model(bundle, str(extra["int8_model"]))
+    availability = offered(caps, cpu, int8_problem)
+    gates: dict[str, GateResult] = {}
+    candidates: dict[str, OpenVinoBackend] = {}
+    for precision in to_gate(requested, availability):
+        path = int8_path if precision == "int8" and int8_path is not None else bundle.model_path
+        backend, entry = compiler.compile(path, precision)
+        result = gate(precision, backend, reference, bundle, images, check, options.batch_size)
+        gates[precision] = result
+        compiler.record(entry, backend, {"gate": result.to_dict()})
+        candidates[precision] = backend
+    decision = decide(requested, availability, gates, reference.ms_per_frame)
+    chosen = candidates.pop(decision.precision, fp32) if decision.precision != "fp32" else fp32
+    for other in [*candidates.values(), *([fp32] if chosen is not fp32 else [])]:
+        other.close()
+    (log.warning if decision.fallback else log.info)("openvino: %s", decision.reason)
+    chosen.reason = decision.reason
+    chosen.details.update(
+        {
+            "requested_precision": requested,
+            "offered": {p: ("yes" if why is None else why) for p, why in availability.items()},
+            "gates": {p: g.to_dict() for p, g in gates.items()},
+            "fp32_ms_per_frame": reference.ms_per_frame,
+            "cpu": cpu.to_dict(),
+            "capabilities": caps,
+            "openvino": compiler.version,
+        }
+    )
+    if chosen is not fp32:
+        rate = relaxed_rate(expected, _rerun(chosen, images))
+        chosen.self_test_criteria = {
+            "iou_min": 0.5,
+            "score_tol": 0.1,
+            "min_match_rate": max(0.0, rate - 1e-9),
+        }
+    return chosen
+
+
+def _rerun(backend: OpenVinoBackend, images: Any) -> list[Any]:
+    from retinaedge.runtime.detections import split_outputs
+
+    return split_outputs(backend.infer(images))
+
+
+def _golden(bundle: Bundle) -> tuple[Any, Any] | None:
+    """``(images, recorded detections)`` of the bundle's golden input, or None for a bare model.onnx."""
+    try:
+        images, expected, _criteria = load_golden(bundle)
+    except BundleError:
+        if bundle.root is not None:
+            raise
+        return None
+    return images, expected
+
+
+def _eval_set(extra: dict[str, Any]) -> EvalSet | None:
+    annotations, files = extra["gate_annotations"], tuple(Path(f) for f in extra["gate_eval"] or ())
+    if bool(annotations) != bool(files):
+        raise ConfigError("the gate's annotations and its annotated DICOM files go together")
+    return EvalSet(Path(annotations), files) if annotations else None
