@@ -11,7 +11,12 @@ Phases, in order, each runtime in its own process with the same intra-op thread 
    ``--tail-seconds``) (right after phase 1, so the HTTP overhead compares close measurements);
 3. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
 4. the in-graph post-processing alone on the same head outputs;
-5. torchvision eager on the same frames, when torch and the checkpoint are there.
+5. the precision table (:mod:`.precisions`): ONNX Runtime FP32 and OpenVINO fp32, bf16 and int8, each
+   behind its gate, ms/frame at batch 1 and the largest batch size (``--no-precisions`` skips it);
+6. torchvision eager on the same frames, when torch and the checkpoint are there.
+
+``--backend openvino --precision auto`` makes the fused phase (and so ``speedup_vs_torch_eager``) the
+fastest precision whose gate passed on this CPU.
 
 Writes ``report.json``, ``report.md`` and ``latency.png`` into ``--out``; prints one JSON line (paths and
 ratios) on stdout. Goals that are not met do not change the exit status (0 when the report is written).
@@ -129,6 +134,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture of the checkpoint (default: the manifest's)")
     p.add_argument("--no-torch", action="store_true", help="skip the torchvision eager baseline")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP phase")
+    p.add_argument(
+        "--no-precisions",
+        action="store_true",
+        help="skip the precision table (ONNX Runtime FP32 and OpenVINO fp32/bf16/int8 behind their gates)",
+    )
     p.add_argument("--runner-timeout", type=float, default=900.0, help="seconds per runner process")
     from retinaedge.runtime.backends.registry import add_backend_arguments
 
@@ -222,7 +232,13 @@ def measure(
 ) -> dict[str, Any]:
     """Run the runner processes and the HTTP phase; their raw results by name."""
     from retinaedge.bench.graphs import write_heads_and_post
-    from retinaedge.bench.processes import EAGER_MODULE, WORKER_MODULE, WorkerError, run_process
+    from retinaedge.bench.processes import (
+        EAGER_MODULE,
+        PRECISIONS_MODULE,
+        WORKER_MODULE,
+        WorkerError,
+        run_process,
+    )
 
     manifest = bundle.manifest
     heads, post = write_heads_and_post(
@@ -242,6 +258,7 @@ def measure(
         "post": str(post),
         "backend": getattr(args, "backend", "onnxruntime"),
         "engine_cache": str(args.engine_cache) if getattr(args, "engine_cache", None) else None,
+        "precision": getattr(args, "precision", "fp32"),
     }
     t = args.runner_timeout
     phases: dict[str, float] = {}
@@ -266,6 +283,14 @@ def measure(
     )
     for job in ("python", "fused_post"):
         results[job] = phase(job, lambda job=job: run_process(WORKER_MODULE, job, spec, work, t, job))
+    results["precisions"] = None
+    if not getattr(args, "no_precisions", False):
+        try:
+            results["precisions"] = phase(
+                "precisions", lambda: run_process(PRECISIONS_MODULE, None, spec, work, t, "precisions")
+            )
+        except WorkerError as exc:
+            results["precisions"] = {"rows": [], "failed": str(exc)}
     results["torch"] = eager_baseline(args, bundle, spec, work)
     if results["torch"].get("status") == "run":
         eager_spec = results["torch"]["spec"]

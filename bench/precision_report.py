@@ -1,0 +1,104 @@
+"""The precision section of ``report.json``/``report.md``: the rows of :mod:`.precisions` with each row's
+speed-up over torchvision eager, the INT8/FP32 ratio on OpenVINO, and the CPU features they depend on.
+
+``speedup_vs_torch_eager`` of a row = torchvision eager p50 (ms/frame, batch 1) / the row's ms/frame at
+batch 1. ``int8_speedup_vs_fp32`` = OpenVINO fp32 ms/frame / OpenVINO int8 ms/frame at the largest batch
+size, only when the int8 row was served as int8 (its gate passed); otherwise None with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from retinaedge.bench.stats import ratio, safe_div
+from retinaedge.runtime.backends.openvino.cpu import FEATURES, read_cpu
+
+INT8_GOAL = 1.5
+NOTE = (
+    "rows measured one after the other in one process on the benchmark's frames (median of timed batches); "
+    "on a shared machine the figures are noisy: compare rows of one report, not across reports"
+)
+
+
+def precision_section(precisions: dict[str, Any] | None, eager_p50: float | None) -> dict[str, Any] | None:
+    """The section (None when the table was skipped)."""
+    if precisions is None:
+        return None
+    rows = []
+    for row in precisions.get("rows", []):
+        rows.append(
+            {**row, "speedup_vs_torch_eager": _round(safe_div(eager_p50, row.get("ms_per_frame_batch1")))}
+        )
+    cpu = read_cpu()
+    return {
+        "cpu": cpu.to_dict(),
+        "rows": rows,
+        "openvino_skipped": precisions.get("openvino_skipped"),
+        "failed": precisions.get("failed"),
+        "note": NOTE,
+    }
+
+
+def int8_ratio(section: dict[str, Any] | None) -> dict[str, Any]:
+    """``int8_speedup_vs_fp32`` on OpenVINO (see the module docstring)."""
+    rows = {(r["backend"], r["requested"]): r for r in (section or {}).get("rows", [])}
+    fp32, int8 = rows.get(("openvino", "fp32")), rows.get(("openvino", "int8"))
+    value, reason = None, None
+    if fp32 is None or int8 is None:
+        reason = "no OpenVINO rows (openvino not installed, or --no-precisions)"
+    elif int8["served"] != "int8":
+        reason = f"int8 was not served: {int8['reason']}"
+    else:
+        key = f"ms_per_frame_batch{int8['batch']}"
+        value = safe_div(fp32.get(key), int8.get(key))
+    return ratio(
+        value,
+        goal=INT8_GOAL,
+        higher_is_better=True,
+        definition="OpenVINO fp32 / OpenVINO int8 ms per frame at the largest batch size, int8 behind its gate",
+        reason=reason,
+    )
+
+
+def render(section: dict[str, Any] | None) -> list[str]:
+    """Markdown lines of the section."""
+    if section is None:
+        return []
+    flags = ", ".join(f for f in FEATURES if section["cpu"]["features"].get(f)) or "none of " + ", ".join(
+        FEATURES
+    )
+    lines = [
+        "",
+        "## Precisions",
+        "",
+        f"CPU: {section['cpu']['model']}; features: {flags}. {section['note']}.",
+        "",
+        "| backend | asked | served | ms/frame b1 | ms/frame bN | × torch eager | gate | reason |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in section["rows"]:
+        gate = r.get("gate")
+        gate_text = (
+            "-"
+            if not gate
+            else (
+                f"{'passed' if gate['passed'] else 'FAILED'}: {gate['kept']}/{gate['reference_findings']} kept, "
+                f"{len(gate['new'])} new"
+                + (f", AP50 drop {gate['map50']['drop']}" if gate.get("map50") else "")
+            )
+        )
+        batch_ms = r.get(f"ms_per_frame_batch{r['batch']}")
+        lines.append(
+            f"| {r['backend']} | {r['requested']} | {r['served']} | {r['ms_per_frame_batch1']} | "
+            f"{batch_ms} (b{r['batch']}) | {r['speedup_vs_torch_eager']} | "
+            f"{gate_text} | {r['reason'] or '-'} |"
+        )
+    if section.get("openvino_skipped"):
+        lines.append(f"\nOpenVINO rows skipped: {section['openvino_skipped']}")
+    if section.get("failed"):
+        lines.append(f"\nThe precision table failed: {section['failed']}")
+    return lines
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
