@@ -350,9 +350,12 @@ def http_phase(
     from retinaedge.bench.http_phase import concurrent, running_service, sequential
 
     batching = service_batching(args, throughput_by_batch)
+    env = dict(batching["env"])
+    if getattr(args, "backend", "onnxruntime") == "openvino":  # the service serves what the fused phase ran
+        env.update(RETINAEDGE_BACKEND="openvino", RETINAEDGE_OPENVINO_PRECISION=args.precision)
     bodies = [(i.path.read_bytes(), i.frames) for i in plan]
     with running_service(
-        bundle.root or bundle.model_path, threads, args.batch_size, work, extra_env=batching["env"]
+        bundle.root or bundle.model_path, threads, args.batch_size, work, extra_env=env
     ) as service:
         seq = sequential(service.port, [b for b, _ in bodies], args.warmup)
         levels = []
