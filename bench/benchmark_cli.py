@@ -135,6 +135,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch", action="store_true", help="skip the torchvision eager baseline")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP phase")
     p.add_argument(
+        "--gate-model",
+        type=Path,
+        help="--backend openvino: decide the precision by the gate on this trained bundle (e.g. models/demo) "
+        "instead of the benchmarked one (a random-weight --config model, whose near-threshold detections "
+        "say nothing about fidelity); the benchmarked bundle's own gate is still reported. In-process "
+        "phases only: needs --no-http",
+    )
+    p.add_argument(
+        "--gate-annotations", type=Path, help="ground truth of --gate-eval (the gate's AP50 check)"
+    )
+    p.add_argument(
+        "--gate-eval", type=Path, nargs="+", default=[], metavar="DICOM", help="annotated DICOM for the gate"
+    )
+    p.add_argument(
         "--no-precisions",
         action="store_true",
         help="skip the precision table (ONNX Runtime FP32 and OpenVINO fp32/bf16/int8 behind their gates)",
@@ -143,6 +157,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from retinaedge.runtime.backends.registry import add_backend_arguments
 
     add_backend_arguments(p, default="onnxruntime")  # the fused phase; the baselines stay ONNX Runtime
+
+
+def check_gate_options(args: argparse.Namespace) -> None:
+    """``--gate-*`` go with ``--backend openvino``; ``--gate-model`` with ``--no-http`` (the service gates
+    the bundle it serves, never another one); annotations and files go together."""
+    from retinaedge.runtime.errors import ConfigError
+
+    gate_given = args.gate_model or args.gate_annotations or args.gate_eval
+    if gate_given and getattr(args, "backend", "onnxruntime") != "openvino":
+        raise ConfigError("--gate-model/--gate-annotations/--gate-eval apply to --backend openvino")
+    if args.gate_model and not args.no_http:
+        raise ConfigError("--gate-model applies to the in-process phases: add --no-http")
+    if bool(args.gate_annotations) != bool(args.gate_eval):
+        raise ConfigError("--gate-annotations and --gate-eval go together")
+
+
+def openvino_extra(args: argparse.Namespace) -> dict[str, Any]:
+    """What the openvino backend gets in the fused and precision phases (JSON-serialisable)."""
+    extra: dict[str, Any] = {}
+    if getattr(args, "gate_model", None):
+        extra["gate_bundle"] = str(args.gate_model.resolve())
+    if getattr(args, "gate_annotations", None):
+        extra["gate_annotations"] = str(args.gate_annotations.resolve())
+        extra["gate_eval"] = [str(p.resolve()) for p in args.gate_eval]
+    return extra
 
 
 def find_checkpoint(model_dir: Path, source: dict[str, Any]) -> tuple[Path | None, str | None]:
@@ -194,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         from retinaedge.bench.batch_settings import check_options
 
         check_options(args)
+    check_gate_options(args)
     from retinaedge.runtime.backends.registry import check_available
 
     check_available(getattr(args, "backend", "onnxruntime"))  # missing extra: one error line, no phase run
@@ -259,6 +299,7 @@ def measure(
         "backend": getattr(args, "backend", "onnxruntime"),
         "engine_cache": str(args.engine_cache) if getattr(args, "engine_cache", None) else None,
         "precision": getattr(args, "precision", "fp32"),
+        "openvino_extra": openvino_extra(args),
     }
     t = args.runner_timeout
     phases: dict[str, float] = {}

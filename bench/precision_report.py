@@ -8,6 +8,7 @@ size, only when the int8 row was served as int8 (its gate passed); otherwise Non
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from retinaedge.bench.stats import ratio, safe_div
@@ -77,16 +78,11 @@ def render(section: dict[str, Any] | None) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in section["rows"]:
-        gate = r.get("gate")
-        gate_text = (
-            "-"
-            if not gate
-            else (
-                f"{'passed' if gate['passed'] else 'FAILED'}: {gate['kept']}/{gate['reference_findings']} kept, "
-                f"{len(gate['new'])} new"
-                + (f", AP50 drop {gate['map50']['drop']}" if gate.get("map50") else "")
-            )
-        )
+        gate_text = _gate_text(r.get("gate"))
+        proxy = r.get("gate_bundle")
+        if proxy:
+            decided = _gate_text((proxy.get("gates") or {}).get(r["requested"]))
+            gate_text = f"decided on {Path(proxy['bundle']).name}: {decided}; this bundle's own: {gate_text}"
         batch_ms = r.get(f"ms_per_frame_batch{r['batch']}")
         lines.append(
             f"| {r['backend']} | {r['requested']} | {r['served']} | {r['ms_per_frame_batch1']} | "
@@ -98,6 +94,14 @@ def render(section: dict[str, Any] | None) -> list[str]:
     if section.get("failed"):
         lines.append(f"\nThe precision table failed: {section['failed']}")
     return lines
+
+
+def _gate_text(gate: dict[str, Any] | None) -> str:
+    if not gate:
+        return "-"
+    text = f"{'passed' if gate['passed'] else 'FAILED'}: {gate['kept']}/{gate['reference_findings']} kept, "
+    text += f"{len(gate['new'])} new"
+    return text + (f", AP50 drop {gate['map50']['drop']}" if gate.get("map50") else "")
 
 
 def _round(value: float | None) -> float | None:

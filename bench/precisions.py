@@ -51,7 +51,7 @@ def measure_row(spec: dict[str, Any], backend: str, precision: str, tensors: np.
     """One row: open ``backend`` at ``precision`` (gated), time it at batch 1 and the largest batch."""
     extra: dict[str, Any] = {}
     if backend == "openvino":
-        extra = {"precision": precision}
+        extra = {"precision": precision, **spec.get("openvino_extra", {})}
         if spec.get("openvino_cache"):
             extra["cache_dir"] = spec["openvino_cache"]
     batch = max(spec["batch_sizes"])
@@ -73,6 +73,7 @@ def measure_row(spec: dict[str, Any], backend: str, precision: str, tensors: np.
             ),
             "batch": batch,
             "gate": (facts.get("gates") or {}).get(precision),
+            "gate_bundle": facts.get("gate_bundle"),
             "settings": {
                 k: facts.get(k) for k in ("inference_precision", "performance_hint", "threads", "streams")
             },

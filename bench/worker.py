@@ -179,7 +179,11 @@ def run_fused(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         threads=spec["threads"],
         batch_size=max([spec["batch_size"], *spec["batch_sizes"]]),
         cache_dir=Path(spec["engine_cache"]) if spec.get("engine_cache") else None,
-        extra={"precision": spec.get("precision", "fp32")} if backend_name == "openvino" else {},
+        extra=(
+            {"precision": spec.get("precision", "fp32"), **spec.get("openvino_extra", {})}
+            if backend_name == "openvino"
+            else {}
+        ),
     )
     tap = TappedBackend(open_backend(backend_name, bundle, options))
     detector = Detector(bundle, tap, batch_size=spec["batch_size"])
@@ -229,6 +233,7 @@ def run_fused(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         "threads": getattr(backend, "threads", None),
         "providers": list(backend.providers),
         "precision": backend.precision,
+        "backend_facts": backend.describe(),
         "tensor_shape": list(tensors.shape),
     }
     detector.close()

@@ -15,7 +15,8 @@ openvino without importing it). Nothing here imports openvino at import time. On
 (``latency`` | ``throughput``), ``int8_model`` (``auto`` | ``nncf`` | ``qdq``), ``gate_annotations``
 and ``gate_eval`` (annotated DICOM the gate also evaluates), ``device_properties`` (a mapping that
 replaces what the CPU device reports, e.g. ``{"OPTIMIZATION_CAPABILITIES": ["FP32", "INT8"]}``: how
-tests simulate a CPU without bf16).
+tests simulate a CPU without bf16), ``gate_bundle`` (the benchmark's ``--gate-model``: another, trained
+bundle whose gate decides the precision; not a service setting).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def _extra(extra: Mapping[str, Any]) -> dict[str, Any]:
         "gate_annotations": None,
         "gate_eval": (),
         "device_properties": None,
+        "gate_bundle": None,
     }
     out = dict(defaults)
     for key in defaults:

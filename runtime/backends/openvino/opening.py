@@ -19,7 +19,7 @@ from retinaedge.runtime.backends.openvino.compiled import OpenVinoBackend
 from retinaedge.runtime.backends.openvino.cpu import CpuFacts, read_cpu
 from retinaedge.runtime.backends.openvino.gate import GateResult
 from retinaedge.runtime.backends.openvino.gating import EvalSet, gate, reference_run, relaxed_rate
-from retinaedge.runtime.backends.openvino.precision import check_precision, decide, offered, to_gate
+from retinaedge.runtime.backends.openvino.precision import Decision, check_precision, decide, offered, to_gate
 from retinaedge.runtime.backends.openvino.variants import int8_model
 from retinaedge.runtime.bundle import Bundle, load_golden, self_test
 from retinaedge.runtime.errors import BundleError, ConfigError
@@ -97,6 +97,39 @@ class _Compiler:
 
 def open_gated(bundle: Bundle, options: BackendOptions, extra: dict[str, Any]) -> OpenVinoBackend:
     """See the module docstring; ``extra`` as :func:`retinaedge.runtime.backends.openvino._extra` returns it."""
+    if extra.get("gate_bundle"):
+        return _open_by_proxy(bundle, options, extra, Path(extra["gate_bundle"]))
+    return _open(bundle, options, extra, None)
+
+
+def _open_by_proxy(
+    bundle: Bundle, options: BackendOptions, extra: dict[str, Any], proxy: Path
+) -> OpenVinoBackend:
+    """The benchmark's ``--gate-model``: the precision is decided by the gate on ``proxy`` (a trained bundle,
+    with its annotated DICOM), then run on ``bundle`` (e.g. a random-weight benchmark model, whose
+    near-threshold detections say nothing about fidelity). ``bundle``'s own gate still runs on its golden
+    frames, for the record (``own_gate`` in ``describe()``), but does not decide."""
+    from retinaedge.runtime.bundle import load_bundle
+
+    proof = _open(load_bundle(proxy), options, {**extra, "gate_bundle": None}, None)
+    try:
+        decided, why = proof.precision, proof.reason
+        facts = {
+            "bundle": str(proxy),
+            "precision": decided,
+            "reason": why,
+            "gates": proof.details.get("gates"),
+        }
+    finally:
+        proof.close()
+    own = {**extra, "gate_bundle": None, "precision": decided, "gate_annotations": None, "gate_eval": ()}
+    return _open(bundle, options, own, facts)
+
+
+def _open(
+    bundle: Bundle, options: BackendOptions, extra: dict[str, Any], proof: dict[str, Any] | None
+) -> OpenVinoBackend:
+    """Open ``bundle``; ``proof``: a decision made on another bundle (:func:`_open_by_proxy`) to apply."""
     import openvino as ov
 
     requested = check_precision(str(extra["precision"]))
@@ -144,6 +177,13 @@ def open_gated(bundle: Bundle, options: BackendOptions, extra: dict[str, Any]) -
         compiler.record(entry, backend, {"gate": result.to_dict()})
         candidates[precision] = backend
     decision = decide(requested, availability, gates, reference.ms_per_frame)
+    if proof is not None and requested in gates:  # decided on the proxy: this bundle's gate is information
+        own = gates[requested].summary()
+        decision = Decision(
+            requested,
+            f"precision {requested} decided by the gate on {proof['bundle']} ({proof['reason']}); this "
+            f"bundle's own gate on its golden frames, not deciding: {own}",
+        )
     chosen = candidates.pop(decision.precision, fp32) if decision.precision != "fp32" else fp32
     for other in [*candidates.values(), *([fp32] if chosen is not fp32 else [])]:
         other.close()
@@ -158,6 +198,7 @@ def open_gated(bundle: Bundle, options: BackendOptions, extra: dict[str, Any]) -
             "cpu": cpu.to_dict(),
             "capabilities": caps,
             "openvino": compiler.version,
+            **({"gate_bundle": proof} if proof is not None else {}),
         }
     )
     if chosen is not fp32:
