@@ -81,6 +81,8 @@ class GateResult:
             "frames": self.frames,
             "reference_findings": self.reference_findings,
             "kept": self.kept,
+            "lost_count": len(self.lost),
+            "new_count": len(self.new),
             "lost": self.lost[:20],
             "new": self.new[:20],
             "max_score_delta_kept": round(self.max_score_delta, 6),
