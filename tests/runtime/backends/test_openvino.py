@@ -239,3 +239,18 @@ def test_auto_serves_the_fastest_that_passed_and_a_failed_request_says_why() -> 
     assert decide("auto", both, {"int8": slow}, 10.0).precision == "fp32"
     asked = decide("bf16", both, {"bf16": bad}, 10.0)
     assert asked.precision == "fp32" and asked.fallback and "gate failed" in asked.reason
+
+
+def test_detect_and_eval_run_on_openvino(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retinaedge.runtime.cli import main
+
+    monkeypatch.setenv("RETINAEDGE_OPENVINO_CACHE_DIR", str(tmp_path / "cache"))
+    study = EXAMPLES / "study_01"
+    assert main(["detect", "--model", str(DEMO), "--backend", "openvino", str(study / "IM0014.dcm")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frames"]
+    files = [str(study / f"IM{n:04d}.dcm") for n in (14, 15, 16)]
+    argv = ["eval", "--model", str(DEMO), "--backend", "openvino", "--precision", "auto", "--allow-missing"]
+    assert main([*argv, "--annotations", str(EXAMPLES / "ground_truth.json"), *files]) == 0
+    assert "map50" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
