@@ -83,8 +83,8 @@ def render(section: dict[str, Any] | None) -> list[str]:
         "",
         f"CPU: {section['cpu']['model']}; features: {flags}. {section['note']}.",
         "",
-        "| backend | precision | served | ms/frame b1 | ms/frame bN | × torch eager | gate | reason |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend | precision | served | hint, streams | ms/frame b1 | ms/frame bN | × torch eager | gate | reason |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in section["rows"]:
         gate_text = _gate_text(r.get("gate"))
@@ -96,7 +96,7 @@ def render(section: dict[str, Any] | None) -> list[str]:
         if r.get("timed", "served") != "served":
             gate_text += " (timed, not served)"
         lines.append(
-            f"| {r['backend']} | {r['requested']} | {r['served']} | {r['ms_per_frame_batch1']} | "
+            f"| {r['backend']} | {r['requested']} | {r['served']} | {_hint(r)} | {r['ms_per_frame_batch1']} | "
             f"{batch_ms} (b{r['batch']}) | {r['speedup_vs_torch_eager']} | "
             f"{gate_text} | {r['reason'] or '-'} |"
         )
@@ -105,6 +105,13 @@ def render(section: dict[str, Any] | None) -> list[str]:
     if section.get("failed"):
         lines.append(f"\nThe precision table failed: {section['failed']}")
     return lines
+
+
+def _hint(row: dict[str, Any]) -> str:
+    settings = row.get("settings") or {}
+    if not settings.get("performance_hint"):
+        return "-"
+    return f"{settings['performance_hint']}, {settings.get('streams')}"
 
 
 def _gate_text(gate: dict[str, Any] | None) -> str:
