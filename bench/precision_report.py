@@ -17,8 +17,9 @@ from retinaedge.runtime.backends.openvino.cpu import FEATURES, read_cpu
 
 INT8_GOAL = 1.5
 NOTE = (
-    "rows measured one after the other in one process on the benchmark's frames (median of timed batches); "
-    "on a shared machine the figures are noisy: compare rows of one report, not across reports"
+    "rows opened first, then alternated in rounds in one process on the benchmark's frames (median per row); "
+    "on a shared machine the figures are noisy: compare rows of one report, not across reports; torch eager "
+    "ran in its own phase, so the speed-ups over it are affected by the load of another moment"
 )
 
 
