@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +106,11 @@ def open_gated(bundle: Bundle, options: BackendOptions, extra: dict[str, Any]) -
 def _open_by_proxy(
     bundle: Bundle, options: BackendOptions, extra: dict[str, Any], proxy: Path
 ) -> OpenVinoBackend:
-    """The benchmark's ``--gate-model``: the precision is decided by the gate on ``proxy`` (a trained bundle,
-    with its annotated DICOM), then run on ``bundle`` (e.g. a random-weight benchmark model, whose
-    near-threshold detections say nothing about fidelity). ``bundle``'s own gate still runs on its golden
-    frames, for the record (``own_gate`` in ``describe()``), but does not decide."""
+    """The benchmark's ``--gate-model``: which precisions pass is decided by the gate on ``proxy`` (a trained
+    bundle, with its annotated DICOM); ``bundle`` (e.g. a random-weight benchmark model, whose near-threshold
+    detections say nothing about fidelity) then serves the requested precision if it passed there (``auto``:
+    the fastest that passed there, timed on ``bundle``). ``bundle``'s own gates still run on its golden
+    frames and are reported (``gates`` in ``describe()``), but do not decide."""
     from retinaedge.runtime.bundle import load_bundle
 
     proof = _open(load_bundle(proxy), options, {**extra, "gate_bundle": None}, None)
@@ -122,7 +124,7 @@ def _open_by_proxy(
         }
     finally:
         proof.close()
-    own = {**extra, "gate_bundle": None, "precision": decided, "gate_annotations": None, "gate_eval": ()}
+    own = {**extra, "gate_bundle": None, "gate_annotations": None, "gate_eval": ()}
     return _open(bundle, options, own, facts)
 
 
@@ -176,13 +178,15 @@ def _open(
         gates[precision] = result
         compiler.record(entry, backend, {"gate": result.to_dict()})
         candidates[precision] = backend
-    decision = decide(requested, availability, gates, reference.ms_per_frame)
-    if proof is not None and requested in gates:  # decided on the proxy: this bundle's gate is information
-        own = gates[requested].summary()
+    deciding = gates if proof is None else _proxy_verdicts(gates, proof)
+    decision = decide(requested, availability, deciding, reference.ms_per_frame)
+    if proof is not None:
+        own = "; ".join(g.summary() for g in gates.values()) or "none"
         decision = Decision(
-            requested,
-            f"precision {requested} decided by the gate on {proof['bundle']} ({proof['reason']}); this "
-            f"bundle's own gate on its golden frames, not deciding: {own}",
+            decision.precision,
+            f"{decision.reason}; pass/fail from the gate on {proof['bundle']}, this bundle's own gates "
+            f"(not deciding): {own}",
+            decision.fallback,
         )
     chosen = candidates.pop(decision.precision, fp32) if decision.precision != "fp32" else fp32
     for other in [*candidates.values(), *([fp32] if chosen is not fp32 else [])]:
@@ -209,6 +213,29 @@ def _open(
             "min_match_rate": max(0.0, rate - 1e-9),
         }
     return chosen
+
+
+def _proxy_verdicts(gates: dict[str, GateResult], proof: dict[str, Any]) -> dict[str, GateResult]:
+    """The proxy bundle's gate figures and verdicts, with this bundle's timings (what ``auto`` compares)."""
+    verdicts = proof.get("gates") or {}
+    name = Path(proof["bundle"]).name
+    out = {}
+    for precision, ours in gates.items():
+        theirs = verdicts.get(precision)
+        if theirs is None:
+            out[precision] = replace(ours, reasons=[f"not gated on {name}"])
+            continue
+        out[precision] = GateResult(
+            f"{precision} (gated on {name})",
+            frames=int(theirs["frames"]),
+            reference_findings=int(theirs["reference_findings"]),
+            kept=int(theirs["kept"]),
+            new=[{}] * int(theirs.get("new_count", len(theirs["new"]))),
+            map50=theirs.get("map50"),
+            ms_per_frame=ours.ms_per_frame,
+            reasons=list(theirs["reasons"]),
+        )
+    return out
 
 
 def _rerun(backend: OpenVinoBackend, images: Any) -> list[Any]:
