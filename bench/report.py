@@ -212,7 +212,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- model: {report['model']['name']} ({report['model']['architecture']}), input "
         f"{ctx['input']}, sha256 `{ctx['model_sha256'][:16]}…`",
         f"- backend: {ctx['backend']} {ctx['providers']}, precision {ctx['precision']}, {ctx['threads']} "
-        f"thread(s), batch size {report['batch_size']}",
+        f"thread(s), batch size {report['batch_size']}"
+        + (f" ({ctx['backend_reason']})" if ctx.get("backend_reason") else ""),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v is not None),
         f"- frames: {report['frames']['timed']} timed from {report['frames']['instances']} instance(s) of "
         f"{report['frames']['files']} real DICOM file(s) given; warm-up: {report['frames']['warmup']}",

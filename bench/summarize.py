@@ -74,6 +74,8 @@ def assemble(
         "versions": {k: vers.get(k) for k in ("python", "onnxruntime", "numpy", "torch")},
         "backend": fused.get("backend", "onnxruntime"),
         "providers": fused["providers"],
+        # Why this backend and precision (openvino: the precision decision and its gate figures).
+        "backend_reason": fused.get("backend_reason", ""),
         # What the fused backend ran: export writes float32 graphs; openvino may serve bf16/int8 behind its gate.
         "precision": fused.get("precision", "fp32"),
         "input": [manifest.input.channels, manifest.input.height, manifest.input.width],
@@ -201,6 +203,7 @@ def assemble(
             "batching": http.get("batching"),
         }
     eager_p50 = report["inference_ms_per_frame"]["torchvision_eager"]
+    report["fused_backend"] = fused.get("backend_facts") or {}
     report["precisions"] = precision_section(
         results.get("precisions"), None if eager_p50 is None else float(eager_p50["p50"])
     )
