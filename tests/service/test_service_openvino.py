@@ -76,3 +76,20 @@ def test_a_precision_that_cannot_run_falls_back_to_fp32_with_the_reason() -> Non
         assert (
             "precision int8 not used" in ready["backend_reason"] and "serving fp32" in ready["backend_reason"]
         )
+
+
+def test_a_reduced_precision_that_passed_its_gate_also_passes_the_service_self_test() -> None:
+    """auto on this CPU: whatever the gate decided (bf16 where native, else fp32) is ready, self-tested, and
+    said in /readyz and every result."""
+    with (
+        serve(model=DEMO, backend="openvino", openvino_precision="auto", threads=2) as url,
+        httpx.Client(timeout=60) as c,
+    ):
+        r = c.get(f"{url}/readyz")
+        assert r.status_code == 200, r.text
+        ready = r.json()
+        gates = ready["engine"]["openvino"]["gates"]
+        passed = [p for p, g in gates.items() if g["passed"]]
+        assert ready["precision"] in ["fp32", *passed] and ready["self_test"]["passed"] is True
+        body = dicom_post(c, url, (CORPUS / "CT_small.dcm").read_bytes()).json()
+        assert body["precision"] == ready["precision"]
