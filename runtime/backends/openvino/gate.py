@@ -62,6 +62,10 @@ class GateResult:
     map50: dict[str, float | None] | None = None
     ms_per_frame: float | None = None
     reasons: list[str] = field(default_factory=list)
+    #: Fingerprint of what was compared (:func:`~.gating.gate_inputs`); ``reused``: the figures are those
+    #: recorded in the cache entry for the same inputs, not measured again at this start.
+    inputs: str = ""
+    reused: bool = False
 
     @property
     def passed(self) -> bool:
@@ -90,7 +94,29 @@ class GateResult:
             "ms_per_frame": self.ms_per_frame,
             "reasons": list(self.reasons),
             "criteria": {"iou_min": GATE_IOU_MIN, "max_ap50_drop": MAX_AP50_DROP},
+            "inputs": self.inputs,
+            "reused": self.reused,
         }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> GateResult:
+        """Inverse of :meth:`to_dict` (``lost``/``new`` keep their recorded counts; at most 20 listed)."""
+        lost, new = list(doc["lost"]), list(doc["new"])
+        lost += [{}] * (int(doc.get("lost_count", len(lost))) - len(lost))
+        new += [{}] * (int(doc.get("new_count", len(new))) - len(new))
+        return cls(
+            str(doc["precision"]),
+            frames=int(doc["frames"]),
+            reference_findings=int(doc["reference_findings"]),
+            kept=int(doc["kept"]),
+            lost=lost,
+            new=new,
+            max_score_delta=float(doc.get("max_score_delta_kept", 0.0)),
+            map50=doc.get("map50"),
+            ms_per_frame=doc.get("ms_per_frame"),
+            reasons=[str(r) for r in doc["reasons"]],
+            inputs=str(doc.get("inputs", "")),
+        )
 
 
 def compare_findings(

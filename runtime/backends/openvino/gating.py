@@ -119,6 +119,30 @@ def gate(
     return result
 
 
+def gate_inputs(bundle: Bundle, check: EvalSet | None) -> str:
+    """A fingerprint of what a gate compares: the golden frames, the operating point (which detections
+    are findings), the criteria and, with annotated DICOM, the ground truth file and each DICOM file's
+    path, size and modification time. A recorded gate with the same fingerprint is reused."""
+    import hashlib
+    import json
+
+    from retinaedge.runtime.backends.openvino.gate import DEFAULT_FINDING_SCORE, GATE_IOU_MIN, MAX_AP50_DROP
+    from retinaedge.runtime.discovery import dicom_files
+    from retinaedge.runtime.hashing import sha256_file
+
+    point = bundle.manifest.operating_point
+    doc: dict[str, object] = {
+        "golden": sha256_file(bundle.golden_input_path) if bundle.golden_input_path else None,
+        "thresholds": point.score_thresholds if point is not None else DEFAULT_FINDING_SCORE,
+        "criteria": [GATE_IOU_MIN, MAX_AP50_DROP],
+    }
+    if check is not None:
+        files = dicom_files(list(check.files), exclude=[check.annotations])
+        doc["annotations"] = sha256_file(check.annotations)
+        doc["files"] = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
 def relaxed_rate(expected: Sequence[ImageDetections], got: Sequence[ImageDetections]) -> float:
     """The worst per-image share of the recorded golden detections found again at IoU >= 0.5 and within
     0.1 of their score: the golden self-test's criterion for a precision that passed its gate."""

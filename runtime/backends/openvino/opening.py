@@ -15,11 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from retinaedge.runtime.backends.base import BackendOptions
-from retinaedge.runtime.backends.openvino.cache import CompiledModelCache, default_cache_root, entry_key
+from retinaedge.runtime.backends.openvino.cache import (
+    CacheEntry,
+    CompiledModelCache,
+    default_cache_root,
+    entry_key,
+)
 from retinaedge.runtime.backends.openvino.compiled import OpenVinoBackend
 from retinaedge.runtime.backends.openvino.cpu import CpuFacts, read_cpu
 from retinaedge.runtime.backends.openvino.gate import GateResult
-from retinaedge.runtime.backends.openvino.gating import EvalSet, gate, reference_run, relaxed_rate
+from retinaedge.runtime.backends.openvino.gating import (
+    EvalSet,
+    gate,
+    gate_inputs,
+    golden_run,
+    reference_run,
+    relaxed_rate,
+)
 from retinaedge.runtime.backends.openvino.precision import Decision, check_precision, decide, offered, to_gate
 from retinaedge.runtime.backends.openvino.variants import int8_model
 from retinaedge.runtime.bundle import Bundle, load_golden, self_test
@@ -55,9 +67,10 @@ class _Compiler:
         self.threads, self.hint = threads, hint
         self.version = str(ov.get_version())
 
-    def compile(self, path: Path, precision: str) -> tuple[OpenVinoBackend, Any]:
+    def entry(self, path: Path, precision: str) -> CacheEntry:
+        """The cache entry of ``path`` compiled at ``precision`` here (nothing compiled)."""
         model_sha = self.bundle.manifest.model_sha256 if path == self.bundle.model_path else sha256_file(path)
-        entry = self.cache.entry(
+        return self.cache.entry(
             entry_key(
                 model_sha256=str(model_sha),
                 bundle_sha256=str(self.bundle.manifest.model_sha256),
@@ -66,6 +79,22 @@ class _Compiler:
                 cpu=self.cpu.fingerprint(),
             )
         )
+
+    def recorded_gate(self, path: Path, precision: str, inputs: str) -> GateResult | None:
+        """The gate recorded in the entry for the same inputs (:func:`.gating.gate_inputs`), or None."""
+        record = self.entry(path, precision).read_record()
+        doc = (record or {}).get("gate")
+        if not isinstance(doc, dict) or doc.get("inputs") != inputs:
+            return None
+        try:
+            result = GateResult.from_dict(doc)
+        except (KeyError, TypeError, ValueError):
+            return None
+        result.reused = True
+        return result
+
+    def compile(self, path: Path, precision: str) -> tuple[OpenVinoBackend, Any]:
+        entry = self.entry(path, precision)
         cached = entry.exists()
         started = time.perf_counter()
         backend = OpenVinoBackend(
@@ -142,6 +171,13 @@ def _open(
     )
     compiler = _Compiler(core, bundle, cache, cpu, _threads(options), str(extra["performance_hint"]))
     check = _eval_set(extra)
+    caps = device_capabilities(core, extra["device_properties"])
+    int8_path, int8_problem = int8_model(bundle, str(extra["int8_model"]))
+    availability = offered(caps, cpu, int8_problem)
+    paths = {
+        p: (int8_path if p == "int8" and int8_path is not None else bundle.model_path)
+        for p in ("bf16", "int8")
+    }
     fp32, fp32_entry = compiler.compile(bundle.model_path, "fp32")
     try:
         golden = _golden(bundle)
@@ -153,7 +189,12 @@ def _open(
             return fp32
         images, expected = golden
         reports = self_test(fp32, bundle)  # the export's parity rule against the recorded PyTorch detections
-        reference = reference_run(fp32, bundle, images, check, options.batch_size)
+        todo = to_gate(requested, availability)
+        inputs = gate_inputs(bundle, check) if todo else ""
+        recorded = {p: r for p in todo if (r := compiler.recorded_gate(paths[p], p, inputs)) is not None}
+        # The annotated DICOM is run again only for a precision whose gate is not recorded for these inputs.
+        need_eval = check if any(p not in recorded for p in todo) else None
+        reference = reference_run(fp32, bundle, images, need_eval, options.batch_size)
         compiler.record(
             fp32_entry,
             fp32,
@@ -166,18 +207,22 @@ def _open(
     except Exception:
         fp32.close()
         raise
-    caps = device_capabilities(core, extra["device_properties"])
-    int8_path, int8_problem = int8_model(bundle, str(extra["int8_model"]))
-    availability = offered(caps, cpu, int8_problem)
     gates: dict[str, GateResult] = {}
     candidates: dict[str, OpenVinoBackend] = {}
-    for precision in to_gate(requested, availability):
-        path = int8_path if precision == "int8" and int8_path is not None else bundle.model_path
-        backend, entry = compiler.compile(path, precision)
-        result = gate(precision, backend, reference, bundle, images, check, options.batch_size)
+    for precision in todo:
+        backend, entry = compiler.compile(paths[precision], precision)
+        candidates[precision] = backend
+        if precision in recorded:
+            result = recorded[precision]
+            result.ms_per_frame = golden_run(backend, images)[1]  # timings are this start's
+            log.info(
+                "precision gate %s: recorded for the same inputs, reused: %s", precision, result.summary()
+            )
+        else:
+            result = gate(precision, backend, reference, bundle, images, check, options.batch_size)
+            result.inputs = inputs
         gates[precision] = result
         compiler.record(entry, backend, {"gate": result.to_dict()})
-        candidates[precision] = backend
     deciding = gates if proof is None else _proxy_verdicts(gates, proof)
     decision = decide(requested, availability, deciding, reference.ms_per_frame)
     if proof is not None:

@@ -165,3 +165,26 @@ def test_a_gate_bundle_decides_for_another_bundle_whose_own_gate_is_only_reporte
         assert facts["gate_bundle"]["precision"] == decided == backend.precision
         assert facts["gates"]["int8"]["passed"] is False  # its own (spoilt) gate, reported, not deciding
         assert "pass/fail from the gate on" in backend.reason and "not deciding" in backend.reason
+
+
+def test_a_gate_recorded_for_the_same_inputs_is_reused_and_new_inputs_run_it_again(
+    nncf_bundle: Path, tmp_path: Path
+) -> None:
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    for f in EVAL_FILES:
+        shutil.copy(f, evals / f.name)
+    cache = tmp_path / "cache"
+    extra = {"precision": "int8", "gate_annotations": EXAMPLES / "ground_truth.json", "gate_eval": [evals]}
+    with _open(nncf_bundle, cache, **extra) as first:
+        measured = first.describe()["gates"]["int8"]
+    with _open(nncf_bundle, cache, **extra) as second:
+        reused = second.describe()["gates"]["int8"]
+        assert second.precision == first.precision
+    assert measured["reused"] is False and reused["reused"] is True
+    same = ("passed", "kept", "reference_findings", "lost", "new", "map50", "frames", "inputs")
+    assert {k: reused[k] for k in same} == {k: measured[k] for k in same}
+    (evals / EVAL_FILES[0].name).write_bytes((evals / EVAL_FILES[0].name).read_bytes())  # a new mtime
+    with _open(nncf_bundle, cache, **extra) as third:
+        again = third.describe()["gates"]["int8"]
+        assert again["reused"] is False and again["inputs"] != measured["inputs"]
