@@ -34,10 +34,11 @@ $(VENV)/.created:
 	$(PIP) install --quiet --upgrade pip
 	touch $@
 
-# Runtime + dev tools + the export extra (the tests export real torchvision models).
+# Runtime + dev tools + the export extra (the tests export real torchvision models) + the openvino extra
+# (tests/runtime/backends/test_openvino*.py). The stamp depends on pyproject.toml: a new extra reinstalls.
 $(VENV)/.test-deps: $(VENV)/.created pyproject.toml
 	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e ".[export,dev]"
+	$(PIP) install --quiet -e ".[export,dev,openvino]"
 	# tritonserver 2.51 (python backend only) for tests/runtime/backends/test_triton_serving.py, without the
 	# wheel's numpy<2 pin; its python backend stub needs numpy<2, kept apart in .venv/triton-python-env
 	# (tools/triton_local.py).
@@ -62,7 +63,7 @@ demo: $(VENV)/.runtime-deps
 # The runtime + the export extra: torch/torchvision for the torchvision eager baseline.
 $(VENV)/.bench-deps: $(VENV)/.created pyproject.toml
 	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e ".[export]"
+	$(PIP) install --quiet -e ".[export,openvino]"
 	touch $@
 
 MODEL ?= models/demo

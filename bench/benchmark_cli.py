@@ -11,7 +11,12 @@ Phases, in order, each runtime in its own process with the same intra-op thread 
    ``--tail-seconds``) (right after phase 1, so the HTTP overhead compares close measurements);
 3. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
 4. the in-graph post-processing alone on the same head outputs;
-5. torchvision eager on the same frames, when torch and the checkpoint are there.
+5. the precision table (:mod:`.precisions`): ONNX Runtime FP32 and OpenVINO fp32, bf16 and int8, each
+   behind its gate, ms/frame at batch 1 and the largest batch size (``--no-precisions`` skips it);
+6. torchvision eager on the same frames, when torch and the checkpoint are there.
+
+``--backend openvino --precision auto`` makes the fused phase (and so ``speedup_vs_torch_eager``) the
+fastest precision whose gate passed on this CPU.
 
 Writes ``report.json``, ``report.md`` and ``latency.png`` into ``--out``; prints one JSON line (paths and
 ratios) on stdout. Goals that are not met do not change the exit status (0 when the report is written).
@@ -129,10 +134,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture of the checkpoint (default: the manifest's)")
     p.add_argument("--no-torch", action="store_true", help="skip the torchvision eager baseline")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP phase")
+    p.add_argument(
+        "--gate-model",
+        type=Path,
+        help="--backend openvino: decide the precision by the gate on this trained bundle (e.g. models/demo) "
+        "instead of the benchmarked one (a random-weight --config model, whose near-threshold detections "
+        "say nothing about fidelity); the benchmarked bundle's own gate is still reported. In-process "
+        "phases only: needs --no-http",
+    )
+    p.add_argument(
+        "--gate-annotations", type=Path, help="ground truth of --gate-eval (the gate's AP50 check)"
+    )
+    p.add_argument(
+        "--gate-eval", type=Path, nargs="+", default=[], metavar="DICOM", help="annotated DICOM for the gate"
+    )
+    p.add_argument(
+        "--no-precisions",
+        action="store_true",
+        help="skip the precision table (ONNX Runtime FP32 and OpenVINO fp32/bf16/int8 behind their gates)",
+    )
     p.add_argument("--runner-timeout", type=float, default=900.0, help="seconds per runner process")
     from retinaedge.runtime.backends.registry import add_backend_arguments
 
     add_backend_arguments(p, default="onnxruntime")  # the fused phase; the baselines stay ONNX Runtime
+
+
+def check_gate_options(args: argparse.Namespace) -> None:
+    """``--gate-*`` go with ``--backend openvino``; ``--gate-model`` with ``--no-http`` (the service gates
+    the bundle it serves, never another one); annotations and files go together."""
+    from retinaedge.runtime.errors import ConfigError
+
+    gate_given = args.gate_model or args.gate_annotations or args.gate_eval
+    if gate_given and getattr(args, "backend", "onnxruntime") != "openvino":
+        raise ConfigError("--gate-model/--gate-annotations/--gate-eval apply to --backend openvino")
+    if args.gate_model and not args.no_http:
+        raise ConfigError("--gate-model applies to the in-process phases: add --no-http")
+    if bool(args.gate_annotations) != bool(args.gate_eval):
+        raise ConfigError("--gate-annotations and --gate-eval go together")
+
+
+def openvino_extra(args: argparse.Namespace) -> dict[str, Any]:
+    """What the openvino backend gets in the fused and precision phases (JSON-serialisable)."""
+    extra: dict[str, Any] = {}
+    if getattr(args, "gate_model", None):
+        extra["gate_bundle"] = str(args.gate_model.resolve())
+    if getattr(args, "gate_annotations", None):
+        extra["gate_annotations"] = str(args.gate_annotations.resolve())
+        extra["gate_eval"] = [str(p.resolve()) for p in args.gate_eval]
+    return extra
 
 
 def find_checkpoint(model_dir: Path, source: dict[str, Any]) -> tuple[Path | None, str | None]:
@@ -184,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         from retinaedge.bench.batch_settings import check_options
 
         check_options(args)
+    check_gate_options(args)
     from retinaedge.runtime.backends.registry import check_available
 
     check_available(getattr(args, "backend", "onnxruntime"))  # missing extra: one error line, no phase run
@@ -222,7 +272,13 @@ def measure(
 ) -> dict[str, Any]:
     """Run the runner processes and the HTTP phase; their raw results by name."""
     from retinaedge.bench.graphs import write_heads_and_post
-    from retinaedge.bench.processes import EAGER_MODULE, WORKER_MODULE, WorkerError, run_process
+    from retinaedge.bench.processes import (
+        EAGER_MODULE,
+        PRECISIONS_MODULE,
+        WORKER_MODULE,
+        WorkerError,
+        run_process,
+    )
 
     manifest = bundle.manifest
     heads, post = write_heads_and_post(
@@ -242,6 +298,8 @@ def measure(
         "post": str(post),
         "backend": getattr(args, "backend", "onnxruntime"),
         "engine_cache": str(args.engine_cache) if getattr(args, "engine_cache", None) else None,
+        "precision": getattr(args, "precision", "fp32"),
+        "openvino_extra": openvino_extra(args),
     }
     t = args.runner_timeout
     phases: dict[str, float] = {}
@@ -266,6 +324,14 @@ def measure(
     )
     for job in ("python", "fused_post"):
         results[job] = phase(job, lambda job=job: run_process(WORKER_MODULE, job, spec, work, t, job))
+    results["precisions"] = None
+    if not getattr(args, "no_precisions", False):
+        try:
+            results["precisions"] = phase(
+                "precisions", lambda: run_process(PRECISIONS_MODULE, None, spec, work, t, "precisions")
+            )
+        except WorkerError as exc:
+            results["precisions"] = {"rows": [], "failed": str(exc)}
     results["torch"] = eager_baseline(args, bundle, spec, work)
     if results["torch"].get("status") == "run":
         eager_spec = results["torch"]["spec"]
@@ -325,9 +391,12 @@ def http_phase(
     from retinaedge.bench.http_phase import concurrent, running_service, sequential
 
     batching = service_batching(args, throughput_by_batch)
+    env = dict(batching["env"])
+    if getattr(args, "backend", "onnxruntime") == "openvino":  # the service serves what the fused phase ran
+        env.update(RETINAEDGE_BACKEND="openvino", RETINAEDGE_OPENVINO_PRECISION=args.precision)
     bodies = [(i.path.read_bytes(), i.frames) for i in plan]
     with running_service(
-        bundle.root or bundle.model_path, threads, args.batch_size, work, extra_env=batching["env"]
+        bundle.root or bundle.model_path, threads, args.batch_size, work, extra_env=env
     ) as service:
         seq = sequential(service.port, [b for b, _ in bodies], args.warmup)
         levels = []

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 WORKER_MODULE = "retinaedge.bench.worker"
 EAGER_MODULE = "retinaedge.bench.eager"
+PRECISIONS_MODULE = "retinaedge.bench.precisions"
 
 
 class WorkerError(BenchmarkError):

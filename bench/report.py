@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from retinaedge.bench.http_phase import TAIL_CLIENTS
+from retinaedge.bench.precision_report import int8_ratio
+from retinaedge.bench.precision_report import render as render_precisions
 from retinaedge.bench.stats import per_frame_samples, ratio, safe_div, summarize
 
 SCHEMA = "retinaedge.benchmark/1"
@@ -64,7 +66,8 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, Any]:
             speedup,
             goal=GOALS["speedup_vs_torch_eager"][0],
             higher_is_better=True,
-            definition="torchvision eager p50 / fused ONNX Runtime p50, ms per frame, batch 1, same frames",
+            definition="torchvision eager p50 / fused backend p50 (context: backend, precision), ms per "
+            "frame, batch 1, same frames",
             reason=eager_reason,
         ),
         "postprocess_speedup_vs_python": ratio(
@@ -91,6 +94,8 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, Any]:
         ),
     }
     out.update(serving_ratios(report))
+    if report.get("precisions") is not None:
+        out["int8_speedup_vs_fp32"] = int8_ratio(report["precisions"])
     for entry in out.values():
         entry["context"] = ctx
     return out
@@ -207,7 +212,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- model: {report['model']['name']} ({report['model']['architecture']}), input "
         f"{ctx['input']}, sha256 `{ctx['model_sha256'][:16]}…`",
         f"- backend: {ctx['backend']} {ctx['providers']}, precision {ctx['precision']}, {ctx['threads']} "
-        f"thread(s), batch size {report['batch_size']}",
+        f"thread(s), batch size {report['batch_size']}"
+        + (f" ({ctx['backend_reason']})" if ctx.get("backend_reason") else ""),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v is not None),
         f"- frames: {report['frames']['timed']} timed from {report['frames']['instances']} instance(s) of "
         f"{report['frames']['files']} real DICOM file(s) given; warm-up: {report['frames']['warmup']}",
@@ -296,6 +302,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"- not measured: {energy.get('reason')}")
+    lines += render_precisions(report.get("precisions"))
     lines += ["", "## Baselines", ""]
     for name, b in report["baselines"].items():
         lines.append(f"- {name}: {b['status']}" + (f" ({b['reason']})" if b.get("reason") else ""))

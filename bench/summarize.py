@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retinaedge.bench.precision_report import precision_section
 from retinaedge.bench.report import SCHEMA, compute_ratios, stage_summaries
 from retinaedge.bench.stats import summarize
 
@@ -73,7 +74,10 @@ def assemble(
         "versions": {k: vers.get(k) for k in ("python", "onnxruntime", "numpy", "torch")},
         "backend": fused.get("backend", "onnxruntime"),
         "providers": fused["providers"],
-        "precision": "fp32",  # export writes float32 graphs; ONNX Runtime on the CPU runs them as they are
+        # Why this backend and precision (openvino: the precision decision and its gate figures).
+        "backend_reason": fused.get("backend_reason", ""),
+        # What the fused backend ran: export writes float32 graphs; openvino may serve bf16/int8 behind its gate.
+        "precision": fused.get("precision", "fp32"),
         "input": [manifest.input.channels, manifest.input.height, manifest.input.width],
         "model_sha256": manifest.model_sha256,
         "threads": threads,
@@ -198,6 +202,11 @@ def assemble(
             "requests": len(http["round_trip_ms"]),
             "batching": http.get("batching"),
         }
+    eager_p50 = report["inference_ms_per_frame"]["torchvision_eager"]
+    report["fused_backend"] = fused.get("backend_facts") or {}
+    report["precisions"] = precision_section(
+        results.get("precisions"), None if eager_p50 is None else float(eager_p50["p50"])
+    )
     report["ratios"] = compute_ratios(report)
     return report
 

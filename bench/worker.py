@@ -174,12 +174,18 @@ def run_fused(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     from retinaedge.runtime.detector import Detector
 
     bundle = load_bundle(spec["model"])
+    backend_name = spec.get("backend", "onnxruntime")
     options = BackendOptions(
         threads=spec["threads"],
         batch_size=max([spec["batch_size"], *spec["batch_sizes"]]),
         cache_dir=Path(spec["engine_cache"]) if spec.get("engine_cache") else None,
+        extra=(
+            {"precision": spec.get("precision", "fp32"), **spec.get("openvino_extra", {})}
+            if backend_name == "openvino"
+            else {}
+        ),
     )
-    tap = TappedBackend(open_backend(spec.get("backend", "onnxruntime"), bundle, options))
+    tap = TappedBackend(open_backend(backend_name, bundle, options))
     detector = Detector(bundle, tap, batch_size=spec["batch_size"])
     instances = [(Path(p), int(f)) for p, f in spec["instances"]]
     data = {p: p.read_bytes() for p, _ in instances}
@@ -226,6 +232,8 @@ def run_fused(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         "backend_reason": backend.reason,
         "threads": getattr(backend, "threads", None),
         "providers": list(backend.providers),
+        "precision": backend.precision,
+        "backend_facts": backend.describe(),
         "tensor_shape": list(tensors.shape),
     }
     detector.close()

@@ -74,6 +74,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="largest accepted drop of the mean AP50, FP32 minus INT8, 0..1 (default 0.02)",
     )
     p.add_argument("--threads", type=int, help="ONNX Runtime threads of the accuracy check")
+    p.add_argument(
+        "--target",
+        choices=("tensorrt", "openvino"),
+        default="tensorrt",
+        help="tensorrt (default): the Q/DQ model model.int8.qdq.onnx; openvino: NNCF post-training INT8 for "
+        "OpenVINO's CPU plugin, model.int8.openvino.xml (needs the 'openvino' extra; served only after "
+        "the openvino backend's precision gate passes on the device)",
+    )
+    p.add_argument(
+        "--ranges",
+        choices=("minmax", "default"),
+        default="minmax",
+        help="--target openvino: activation ranges, minmax (default) or NNCF's default estimator",
+    )
+    p.add_argument(
+        "--no-golden-calibration",
+        action="store_true",
+        help="--target openvino: do not add the bundle's golden frames to the calibration frames",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.errors import ConfigError
     from retinaedge.runtime.jsonout import emit
 
+    if args.target == "openvino":
+        return _run_openvino(args)
     if bool(args.annotations) != bool(args.eval):
         raise ConfigError("--annotations and --eval go together (the accuracy check)")
     accuracy = (
@@ -101,3 +122,28 @@ def run(args: argparse.Namespace) -> int:
     )
     emit(report.to_dict())
     return 1 if report.accepted is False else 0
+
+
+def _run_openvino(args: argparse.Namespace) -> int:
+    """``--target openvino``: NNCF INT8 IR into the bundle (:mod:`retinaedge.export.quantize_openvino`).
+    Its accuracy is checked where it runs: the openvino backend's gate (``--annotations``/``--eval`` here
+    are refused, say them to the backend: ``openvino_gate_annotations``/``openvino_gate_eval``)."""
+    from retinaedge.export.quantize_openvino import quantize_openvino
+    from retinaedge.runtime.errors import ConfigError
+    from retinaedge.runtime.jsonout import emit
+
+    if args.annotations or args.eval:
+        raise ConfigError(
+            "--target openvino is checked by the openvino backend's precision gate on the device: pass the "
+            "annotated DICOM there (settings openvino_gate_annotations, openvino_gate_eval)"
+        )
+    emit(
+        quantize_openvino(
+            args.model,
+            args.calibration,
+            max_frames=args.max_frames,
+            ranges=args.ranges,
+            golden=not args.no_golden_calibration,
+        )
+    )
+    return 0

@@ -33,6 +33,9 @@ GOLDEN_FILE = "golden.json"
 PLUGIN_MODEL_FILE = "model.efficientnms_trt.onnx"
 QDQ_MODEL_FILE = "model.int8.qdq.onnx"
 QUANTIZATION_FILE = "quantization.json"
+#: OpenVINO INT8 by NNCF post-training quantization (`retinaedge quantize --target openvino`).
+OV_INT8_MODEL_FILE = "model.int8.openvino.xml"
+OV_QUANTIZATION_FILE = "quantization.openvino.json"
 #: ``load_bundle``'s default for ``trusted``: the keys ``RETINAEDGE_TRUSTED_KEYS`` names, if any.
 FROM_ENVIRONMENT = object()
 

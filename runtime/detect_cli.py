@@ -112,7 +112,7 @@ def series_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.backends.base import BackendOptions
-    from retinaedge.runtime.backends.registry import check_available
+    from retinaedge.runtime.backends.registry import backend_extra, check_available
     from retinaedge.runtime.detector import Detector
     from retinaedge.runtime.jsonout import emit
     from retinaedge.runtime.overlay import write_png
@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             "(pass --backend onnxruntime)"
         )
     check_available(args.backend)  # a missing extra: one error line before anything is read
+    extra = backend_extra(args)
     collected: list[tuple[InstanceResult, list[FrameRef]]] = []
     files: dict[str, str] = {}  # SOP Instance UID -> input file (series mode)
     limits = Limits(max_frame_bytes=args.max_frame_bytes, max_decoded_bytes=args.max_decoded_bytes)
@@ -135,7 +136,11 @@ def run(args: argparse.Namespace) -> int:
         else (PROVIDERS[args.provider], PROVIDERS["cpu"])
     )
     options = BackendOptions(
-        threads=args.threads, providers=providers, batch_size=args.batch_size, cache_dir=args.engine_cache
+        threads=args.threads,
+        providers=providers,
+        batch_size=args.batch_size,
+        cache_dir=args.engine_cache,
+        extra=extra,
     )
     with Detector.open(
         args.model, backend=args.backend, batch_size=args.batch_size, limits=limits, options=options

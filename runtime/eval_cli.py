@@ -147,7 +147,7 @@ def check_operating_point_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from retinaedge.runtime.backends.base import BackendOptions
-    from retinaedge.runtime.backends.registry import check_available
+    from retinaedge.runtime.backends.registry import backend_extra, check_available
     from retinaedge.runtime.detector import Detector
     from retinaedge.runtime.jsonout import emit
 
@@ -156,7 +156,12 @@ def run(args: argparse.Namespace) -> int:
     check_available(args.backend)  # a missing extra is one error line, before any ground truth is read
     gt = load_ground_truth(args.annotations)
     files = dicom_files(args.files, exclude=[args.annotations])
-    options = BackendOptions(threads=args.threads, batch_size=args.batch_size, cache_dir=args.engine_cache)
+    options = BackendOptions(
+        threads=args.threads,
+        batch_size=args.batch_size,
+        cache_dir=args.engine_cache,
+        extra=backend_extra(args),
+    )
     with Detector.open(args.model, backend=args.backend, batch_size=args.batch_size, options=options) as det:
         manifest = det.bundle.manifest
         class_names = manifest.class_names

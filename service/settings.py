@@ -130,7 +130,7 @@ class Settings(EngineConfig):
         default="auto",
         description="auto: a valid cached TensorRT engine, else build one (engine_build), else ONNX Runtime; "
         "or any backend of the registry (onnxruntime, tensorrt, triton: a Triton Inference Server, "
-        "triton_* settings)",
+        "triton_* settings; openvino: OpenVINO on the CPU, openvino_* settings)",
     )
     # backend=triton (docs/triton.md); a backend's settings are those prefixed with its name.
     triton_url: str = Field(default="127.0.0.1:8000", description="Triton host:port (HTTP 8000, gRPC 8001)")
@@ -145,6 +145,29 @@ class Settings(EngineConfig):
     triton_unreachable: Literal["not_ready", "onnxruntime"] = Field(
         default="not_ready",
         description="while Triton is unreachable: not ready (instances stay pending), or local ONNX Runtime",
+    )
+    # backend=openvino (docs/openvino.md): OpenVINO on the CPU, reduced precision behind a gate.
+    openvino_precision: Literal["fp32", "bf16", "int8", "auto"] = Field(
+        default="fp32",
+        description="fp32, or bf16/int8/auto: served only after a gate on this CPU against the bundle's FP32 "
+        "outputs (a failed gate serves fp32; the reason is in /readyz); auto: the fastest that passed",
+    )
+    openvino_cache_dir: Path | None = Field(
+        default=None, description="compiled-model cache (default: data_dir/openvino)"
+    )
+    openvino_performance_hint: Literal["latency", "throughput"] = Field(
+        default="latency",
+        description="latency: one stream, all threads on a batch; throughput: a batch "
+        "split over several streams",
+    )
+    openvino_int8_model: Literal["auto", "nncf", "qdq"] = Field(
+        default="auto", description="the INT8 model: NNCF's (model.int8.openvino.xml) or the Q/DQ model"
+    )
+    openvino_gate_annotations: Path | None = Field(
+        default=None, description="ground truth of openvino_gate_eval: the gate also checks the AP50 drop"
+    )
+    openvino_gate_eval: list[Path] = Field(
+        default_factory=list, description="annotated DICOM files/dirs the precision gate also runs"
     )
     tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate (chain): with tls_key_file, the service speaks HTTPS only"

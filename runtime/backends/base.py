@@ -27,13 +27,16 @@ class Backend(ABC):
     ``name`` is the registry name (``onnxruntime``, ``tensorrt``); ``providers`` what actually runs the
     graph (ONNX Runtime execution providers in use, ``("TensorRT",)``); ``reason`` why this backend was
     chosen (set by the opener, shown by the service); ``self_test_criteria`` the golden self-test criteria
-    that apply to it (None: the bundle's own, i.e. full precision).
+    that apply to it (None: the bundle's own, i.e. full precision); ``precision`` what it computes in.
     """
 
     name: str = "backend"
     providers: tuple[str, ...] = ()
     reason: str = ""
     self_test_criteria: dict[str, float] | None = None
+    #: The arithmetic the model runs in (``fp32``, ``fp16``, ``bf16``, ``int8``): every result and
+    #: ``GET /v1/model`` say it.
+    precision: str = "fp32"
 
     @abstractmethod
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:

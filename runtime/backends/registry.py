@@ -150,3 +150,24 @@ def add_backend_arguments(p: argparse.ArgumentParser, *, default: str) -> None:
         help="TensorRT engine cache directory (default: the service's, RETINAEDGE_ENGINE_CACHE_DIR or "
         "RETINAEDGE_DATA_DIR/engines; retinaedge-data/engines)",
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8", "auto"),
+        default="fp32",
+        help="--backend openvino: fp32 (default), or bf16/int8/auto, each behind a gate on this CPU against "
+        "the bundle's FP32 outputs (a failed gate serves fp32 and says why; docs/openvino.md)",
+    )
+
+
+def backend_extra(args: argparse.Namespace) -> dict[str, Any]:
+    """``options.extra`` from a verb's ``--backend``/``--precision``: ``{"precision": ...}`` for
+    ``openvino``; a reduced ``--precision`` with another backend is refused, not silently ignored."""
+    precision = getattr(args, "precision", "fp32")
+    backend = getattr(args, "backend", "onnxruntime")
+    if backend == "openvino":
+        return {"precision": precision}
+    if precision != "fp32":
+        raise ConfigError(
+            f"--precision {precision} applies to --backend openvino, not to --backend {backend}"
+        )
+    return {}

@@ -59,6 +59,9 @@ class Ready(BaseModel):
     )
     backend: str
     backend_reason: str
+    precision: str = Field(
+        default="fp32", description="the arithmetic the model ran in (fp32; bf16 or int8 after a passed gate)"
+    )
     reason: str
     self_test: dict[str, Any]
     engine: EngineStatus
@@ -85,6 +88,9 @@ class BackendInfo(BaseModel):
     name: str
     state: str
     reason: str
+    precision: str = Field(
+        default="fp32", description="the arithmetic the model ran in (fp32; bf16 or int8 after a passed gate)"
+    )
     engine: EngineStatus
 
 
@@ -145,6 +151,9 @@ class DetectResult(BaseModel):
     timings_ms: dict[str, float] = Field(description="per stage; ``request`` is the whole request")
     backend: str
     backend_reason: str
+    precision: str = Field(
+        default="fp32", description="the arithmetic the model ran in (fp32; bf16 or int8 after a passed gate)"
+    )
 
 
 class ResultDone(DetectResult):

@@ -101,7 +101,11 @@ class DetectorOpener:
         on_status = self.worker.set_status if self.worker is not None else lambda _s: None
         extra = {**s.backend_extra(name), "on_status": on_status}
         backend = open_backend(
-            name, self.bundle, BackendOptions(threads=s.threads, batch_size=s.max_batch_size, extra=extra)
+            name,
+            self.bundle,
+            BackendOptions(
+                threads=s.threads, batch_size=s.max_batch_size, cache_dir=s.data_dir / name, extra=extra
+            ),
         )
         self.backend = backend
         return Detector(
@@ -159,5 +163,8 @@ class DetectorOpener:
             "decision": self.plan.decision if self.plan is not None else None,
             "background_build": self.build_status,
         }
-        remote = self.backend.describe() if self.backend is not None else {}
-        return {**described, "remote": remote} if remote else described
+        if self.backend is None or not (facts := self.backend.describe()):
+            return described
+        # A remote server's address and state (triton); a local backend's facts under its name (openvino:
+        # precision, gate figures, compiled-model settings).
+        return {**described, ("remote" if self.backend.name == "triton" else self.backend.name): facts}

@@ -199,6 +199,7 @@ class Processor:
             body = result.to_json()
             body["backend"] = self.worker.backend
             body["backend_reason"] = self.worker.backend_reason
+            body["precision"] = self.worker.precision
             return "ok", self._done(uid, path, body, evidence)
 
     def _done(self, uid: str, path: Path, body: dict[str, Any], evidence: str | None) -> Callable[[], None]:

@@ -118,6 +118,7 @@ class InferenceWorker:
         self.reason = "model loading"
         self.backend = ""
         self.backend_reason = ""
+        self.precision = "fp32"  # what the backend computes in (results and /v1/model say it)
         self.self_test: dict[str, Any] = {}
         #: Called with the size of every batch run (metrics).
         self.on_batch: Callable[[int], None] = lambda _n: None
@@ -304,6 +305,7 @@ class InferenceWorker:
             detector = self._open()
             self.backend = detector.backend.name
             self.backend_reason = detector.backend_reason
+            self.precision = detector.backend.precision
             try:
                 reports = self_test(detector.backend, detector.bundle, criteria=detector.self_test_criteria)
                 self._warm_up(detector)
@@ -413,6 +415,7 @@ class InferenceWorker:
         gc.unfreeze()  # the old detector's objects were frozen: a collection may free them now
         freeze_heap()
         self.backend, self.backend_reason = new.backend.name, new.backend_reason
+        self.precision = new.backend.precision
         self.self_test = _passed(reports)
         log.info("now serving with %s (%s)", self.backend, self.backend_reason)
         job.done.set_result(True)

@@ -78,6 +78,7 @@ async def detect(request: Request, services: ServicesDep) -> Response:
     body = result.to_json()
     body["backend"] = worker.backend
     body["backend_reason"] = worker.backend_reason
+    body["precision"] = worker.precision
     if header:  # kept for /v1/results by the writer thread (grouped commits), off this response's path
         (sop_class, uid, study, series), kept = header[0]
         source = data if findings_by_frame(body) else None  # drawn by the writer (its captures)

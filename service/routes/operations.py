@@ -53,6 +53,7 @@ async def readyz(services: ServicesDep) -> Response:
             "degraded": degraded,
             "backend": worker.backend,
             "backend_reason": worker.backend_reason,
+            "precision": worker.precision,
             "reason": worker.reason,
             "self_test": worker.self_test,
             "engine": services.opener.describe(),
@@ -73,6 +74,7 @@ async def model(services: ServicesDep) -> Response:
             "name": worker.backend,
             "state": worker.state,
             "reason": worker.backend_reason or worker.reason,
+            "precision": worker.precision,
             "engine": services.opener.describe(),
         },
     }

@@ -22,6 +22,7 @@ RATIOS = (
     "http_overhead_paired_p50",
     "service_throughput_vs_backend",
     "tail_ratio_p99_p50",
+    "int8_speedup_vs_fp32",  # the precision table (bench/precisions.py); the demo bundle has no INT8 model
 )
 TOP_KEYS = {
     "schema",
@@ -41,6 +42,7 @@ TOP_KEYS = {
     "energy",
     "baselines",
     "ratios",
+    "precisions",
 }
 
 
@@ -114,6 +116,12 @@ def test_report_json_has_the_documented_keys(run: tuple[subprocess.CompletedProc
     assert rss["onnxruntime_fused"] > 50 * 2**20 and rss["service"] > 50 * 2**20
     energy = report["energy"]
     assert energy["available"] is False and "tegrastats" in energy["reason"]
+    rows = report["precisions"]["rows"]
+    assert (rows[0]["backend"], rows[0]["served"]) == ("onnxruntime", "fp32") and rows[0][
+        "ms_per_frame_batch1"
+    ] > 0
+    assert set(report["precisions"]["cpu"]["features"]) >= {"avx2", "avx512_bf16", "amx_int8"}
+    assert report["ratios"]["int8_speedup_vs_fp32"]["value"] is None  # no INT8 model in the demo bundle
     eager = report["baselines"]["torchvision_eager"]
     if eager["status"] == "measured":
         assert report["inference_ms_per_frame"]["torchvision_eager"]["n"] == 4

@@ -58,7 +58,7 @@ class EmptyBackend(Backend):
 
 @pytest.fixture
 def empty_backend() -> Iterator[str]:
-    """Backend ``empty`` registered as a module of its own (as an ``openvino`` file would be)."""
+    """Backend ``empty`` registered as a module of its own (as a ``coreml`` file would be)."""
     module = types.ModuleType("retinaedge_test_empty_backend")
     module.open = lambda bundle, options: EmptyBackend()  # type: ignore[attr-defined]
     sys.modules[module.__name__] = module
@@ -76,15 +76,17 @@ def demo() -> Bundle:
 
 
 def test_registered_names_and_choices() -> None:
-    assert list(names())[:2] == ["onnxruntime", "tensorrt"]
-    assert choices()[0] == "auto" and set(choices()) >= {"auto", "onnxruntime", "tensorrt"}
+    assert list(names())[:3] == ["onnxruntime", "openvino", "tensorrt"]
+    assert choices()[0] == "auto" and set(choices()) >= {"auto", "onnxruntime", "openvino", "tensorrt"}
 
 
 def test_unknown_name_is_a_clear_error_listing_the_known_ones(demo: Bundle) -> None:
-    with pytest.raises(ConfigError, match=r"unknown backend 'openvino'; known: auto, onnxruntime, tensorrt"):
-        open_backend("openvino", demo)
+    with pytest.raises(
+        ConfigError, match=r"unknown backend 'coreml'; known: auto, onnxruntime, openvino, tensorrt"
+    ):
+        open_backend("coreml", demo)
     with pytest.raises(ConfigError, match="unknown backend"):
-        check_available("openvino")
+        check_available("coreml")
 
 
 def test_reserved_names_cannot_be_registered() -> None:
@@ -176,9 +178,10 @@ def test_backend_defaults_leave_behaviour_unchanged(verb: str) -> None:
 @pytest.mark.parametrize("verb", list(VERBS))
 def test_backend_choices_come_from_the_registry(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args([*VERBS[verb], "--backend", "openvino"])
+        build_parser().parse_args([*VERBS[verb], "--backend", "coreml"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'openvino'" in capsys.readouterr().err
+    assert "invalid choice: 'coreml'" in capsys.readouterr().err
+    assert build_parser().parse_args([*VERBS[verb], "--backend", "openvino"]).backend == "openvino"
 
 
 @pytest.mark.skipif(not NO_TENSORRT, reason="TensorRT is installed here")
@@ -286,29 +289,29 @@ def test_tensorrt_by_name_records_a_failed_build_and_does_not_retry(tmp_path: Pa
 def test_one_new_file_in_the_package_is_a_backend(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: Bundle, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Dropping ``openvino.py`` (with ``open``) into ``retinaedge.runtime.backends`` is all it takes:
+    """Dropping ``coreml.py`` (with ``open``) into ``retinaedge.runtime.backends`` is all it takes:
     listed without being imported, openable by name, a ``--backend`` choice."""
     import retinaedge.runtime.backends as package
 
-    (tmp_path / "openvino.py").write_text(
+    (tmp_path / "coreml.py").write_text(
         "from retinaedge.runtime.backends.base import Backend\n"
         "import numpy as np\n"
-        "class OpenVino(Backend):\n"
-        "    name = 'openvino'\n"
+        "class CoreMl(Backend):\n"
+        "    name = 'coreml'\n"
         "    def infer(self, images):\n"
         "        n = len(images)\n"
         "        return {'num_detections': np.zeros(n, np.int32), 'boxes': np.zeros((n, 1, 4), np.float32),\n"
         "                'scores': np.zeros((n, 1), np.float32), 'labels': np.zeros((n, 1), np.int32)}\n"
         "def open(bundle, options):\n"
-        "    return OpenVino()\n"
+        "    return CoreMl()\n"
     )
     monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
-    monkeypatch.delitem(sys.modules, "retinaedge.runtime.backends.openvino", raising=False)
-    assert "openvino" in choices() and "retinaedge.runtime.backends.openvino" not in sys.modules
-    assert open_backend("openvino", demo).name == "openvino"
-    assert main(["detect", "--model", str(DEMO), "--backend", "openvino", str(DICOM)]) == 0
+    monkeypatch.delitem(sys.modules, "retinaedge.runtime.backends.coreml", raising=False)
+    assert "coreml" in choices() and "retinaedge.runtime.backends.coreml" not in sys.modules
+    assert open_backend("coreml", demo).name == "coreml"
+    assert main(["detect", "--model", str(DEMO), "--backend", "coreml", str(DICOM)]) == 0
     assert json.loads(capsys.readouterr().out.strip())["frames"]
-    sys.modules.pop("retinaedge.runtime.backends.openvino", None)
+    sys.modules.pop("retinaedge.runtime.backends.coreml", None)
 
 
 def test_a_registered_module_that_is_missing_or_has_no_factory(demo: Bundle) -> None:

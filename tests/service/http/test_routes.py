@@ -409,6 +409,7 @@ def test_detect_hot_path_is_not_validated_twice(detected: dict[str, Any]) -> Non
         "timings_ms",
         "backend",
         "backend_reason",
+        "precision",
     ]
 
 
