@@ -16,15 +16,18 @@ from retinaedge.runtime.detections import ImageDetections
 from retinaedge.runtime.detector import Detector
 from retinaedge.runtime.matching import match_detections
 from support.clients import dicom_post
-from support.paths import CORPUS, DEMO
+from support.paths import CORPUS, demo_any_image
 from support.servers import serve
+
+#: The demo model without its intended use: pydicom's corpus (CT, SC) reaches the runtime.
+ANY_IMAGE = demo_any_image()
 
 pytest.importorskip("openvino")
 
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    with serve(model=DEMO, queue_size=4, backend="openvino", threads=2) as url:
+    with serve(model=ANY_IMAGE, queue_size=4, backend="openvino", threads=2) as url:
         yield url
 
 
@@ -56,7 +59,7 @@ def test_detect_matches_the_runtime(base: str, name: str) -> None:
     body = r.json()
     assert body["backend"] == "openvino" and body["precision"] == "fp32"
     assert body["sop_instance_uid"] == pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
-    with Detector.open(DEMO, threads=2) as det:  # ONNX Runtime FP32, the reference
+    with Detector.open(ANY_IMAGE, threads=2) as det:  # ONNX Runtime FP32, the reference
         local = det.detect(data).to_json()
     assert len(body["frames"]) == len(local["frames"])
     for got, ref in zip(body["frames"], local["frames"], strict=True):
@@ -68,7 +71,7 @@ def test_detect_matches_the_runtime(base: str, name: str) -> None:
 
 def test_a_precision_that_cannot_run_falls_back_to_fp32_with_the_reason() -> None:
     with (
-        serve(model=DEMO, backend="openvino", openvino_precision="int8", threads=2) as url,
+        serve(model=ANY_IMAGE, backend="openvino", openvino_precision="int8", threads=2) as url,
         httpx.Client(timeout=60) as c,
     ):
         ready = c.get(f"{url}/readyz").json()
@@ -82,7 +85,7 @@ def test_a_reduced_precision_that_passed_its_gate_also_passes_the_service_self_t
     """auto on this CPU: whatever the gate decided (bf16 where native, else fp32) is ready, self-tested, and
     said in /readyz and every result."""
     with (
-        serve(model=DEMO, backend="openvino", openvino_precision="auto", threads=2) as url,
+        serve(model=ANY_IMAGE, backend="openvino", openvino_precision="auto", threads=2) as url,
         httpx.Client(timeout=60) as c,
     ):
         r = c.get(f"{url}/readyz")
