@@ -9,9 +9,11 @@ Phases, in order, each runtime in its own process with the same intra-op thread 
    unless ``--max-batch-size`` says otherwise): sequential ``POST /v1/detect`` of the same instances,
    then 1, 2, 4 concurrent clients, the 4-client level for ``--tail-requests`` requests (at most
    ``--tail-seconds``) (right after phase 1, so the HTTP overhead compares close measurements);
-3. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
-4. the in-graph post-processing alone on the same head outputs;
-5. torchvision eager on the same frames, when torch and the checkpoint are there.
+3. the service against a simulated accelerator (:mod:`.accel_phase`; ``--no-accelerator`` skips it): the
+   accelerator figures of the report, each level run until its frames/s hold still;
+4. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
+5. the in-graph post-processing alone on the same head outputs;
+6. torchvision eager on the same frames, when torch and the checkpoint are there.
 
 Writes ``report.json``, ``report.md`` and ``latency.png`` into ``--out``; prints one JSON line (paths and
 ratios) on stdout. Goals that are not met do not change the exit status (0 when the report is written).
@@ -130,6 +132,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch", action="store_true", help="skip the torchvision eager baseline")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP phase")
     p.add_argument("--runner-timeout", type=float, default=900.0, help="seconds per runner process")
+    from retinaedge.bench import accel_phase
+
+    accel_phase.add_arguments(p)
     from retinaedge.runtime.backends.registry import add_backend_arguments
 
     add_backend_arguments(p, default="onnxruntime")  # the fused phase; the baselines stay ONNX Runtime
@@ -184,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
         from retinaedge.bench.batch_settings import check_options
 
         check_options(args)
+    from retinaedge.bench import accel_phase
+
+    accel_phase.check_options(args)
     from retinaedge.runtime.backends.registry import check_available
 
     check_available(getattr(args, "backend", "onnxruntime"))  # missing extra: one error line, no phase run
@@ -264,6 +272,11 @@ def measure(
             lambda: http_phase(args, bundle, plan, threads, work, results["fused"]["throughput_by_batch"]),
         )
     )
+    results["accelerator"] = (
+        None
+        if args.no_accelerator
+        else phase("accelerator", lambda: accelerator(args, bundle, plan, threads, work))
+    )
     for job in ("python", "fused_post"):
         results[job] = phase(job, lambda job=job: run_process(WORKER_MODULE, job, spec, work, t, job))
     results["torch"] = eager_baseline(args, bundle, spec, work)
@@ -276,6 +289,17 @@ def measure(
         except WorkerError as exc:
             results["torch"] = {"status": "failed", "reason": str(exc)}
     return results
+
+
+def accelerator(
+    args: argparse.Namespace, bundle: Bundle, plan: list[Instance], threads: int, work: Path
+) -> dict[str, Any]:
+    """The simulated-accelerator phase (:mod:`.accel_phase`) in a directory of its own."""
+    from retinaedge.bench.accel_phase import accelerator_phase
+
+    sub = work / "accelerator"
+    sub.mkdir(exist_ok=True)
+    return accelerator_phase(args, bundle, plan, threads, sub)
 
 
 def eager_baseline(

@@ -42,9 +42,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_command(model: Path, port: int) -> list[str]:
-    """``retinaedge serve`` from this interpreter's environment."""
-    base = [sys.executable, "-m", "retinaedge.runtime.cli", "--log-level", "WARNING"]
+def serve_command(model: Path, port: int, prefix: Sequence[str] | None = None) -> list[str]:
+    """``retinaedge serve`` from this interpreter's environment (``prefix``: another entry that takes the
+    ``retinaedge`` arguments, such as :mod:`.accel_serve`)."""
+    entry = list(prefix) if prefix else [sys.executable, "-m", "retinaedge.runtime.cli"]
+    base = [*entry, "--log-level", "WARNING"]
     return [*base, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
 
 
@@ -137,11 +139,13 @@ def running_service(
     workdir: Path,
     startup_timeout_s: float = 180.0,
     extra_env: Mapping[str, str] | None = None,
+    command_prefix: Sequence[str] | None = None,
 ) -> Iterator[Service]:
     """Start the service, wait for ``/readyz`` == 200, yield it; read its peak RSS, SIGTERM and wait after.
 
     ``batch_size`` is the service's ``max_batch_size`` unless ``extra_env`` (more ``RETINAEDGE_*`` settings,
-    the batching ones of :mod:`.batch_settings`, set as given) says otherwise.
+    the batching ones of :mod:`.batch_settings`, set as given) says otherwise; ``command_prefix`` starts
+    another entry point with the same arguments (:func:`serve_command`).
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAEDGE_")}
@@ -155,7 +159,9 @@ def running_service(
     env.update(extra_env or {})
     server_log = workdir / "server.log"
     with server_log.open("wb") as out:
-        proc = subprocess.Popen(serve_command(model, port), env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            serve_command(model, port, command_prefix), env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     service = Service(port=port, proc=proc)
     try:
         _wait_ready(service, server_log, startup_timeout_s)

@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retinaedge.bench.accelerator import LABEL
 from retinaedge.bench.report import SCHEMA, compute_ratios, stage_summaries
 from retinaedge.bench.stats import summarize
 
@@ -178,6 +179,8 @@ def assemble(
             },
         },
         "http": None,
+        # The simulated-accelerator phase (None when skipped): bench/accel_phase.py, bench/accel_report.py.
+        "accelerator": results.get("accelerator"),
         "phases_s": results["phases_s"],
         "outputs": {"json": "report.json", "markdown": "report.md", "plot": "latency.png"},
     }
@@ -198,7 +201,15 @@ def assemble(
             "requests": len(http["round_trip_ms"]),
             "batching": http.get("batching"),
         }
-    report["ratios"] = compute_ratios(report)
+    skipped = "--no-accelerator" if getattr(args, "no_accelerator", False) else None
+    report["ratios"] = compute_ratios(report, accelerator_reason=skipped)
+    if report["accelerator"] is not None:
+        from retinaedge.bench.accel_report import accelerator_line
+
+        report["title"] = f"retinaedge benchmark: {manifest.name}, served against a {LABEL}"
+        report["model"]["accelerator"] = accelerator_line(report["accelerator"])
+    else:
+        report["title"] = f"retinaedge benchmark: {manifest.name}"
     return report
 
 
