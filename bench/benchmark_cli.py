@@ -7,7 +7,8 @@ Phases, in order, each runtime in its own process with the same intra-op thread 
    batch size (energy with ``tegrastats`` on a Jetson);
 2. ``retinaedge serve`` on a free 127.0.0.1 port (its ``max_batch_size`` the best batch size of phase 1
    unless ``--max-batch-size`` says otherwise): sequential ``POST /v1/detect`` of the same instances,
-   then 1, 2, 4 concurrent clients, the 4-client level for ``--tail-requests`` requests (at most
+   then 1, 2, 4 concurrent clients, each level until three windows agree within 10 % in frames/s (at least
+   ``--level-requests``, ``--tail-requests`` for the 4-client level; at most ``--level-seconds``,
    ``--tail-seconds``) (right after phase 1, so the HTTP overhead compares close measurements);
 3. the service against a simulated accelerator (:mod:`.accel_phase`; ``--no-accelerator`` skips it): the
    accelerator figures of the report, each level run until its frames/s hold still;
@@ -99,20 +100,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="timed seconds per batch size, at least (default 1): more batches when --batch-repeats take less",
     )
     p.add_argument("--clients", type=_int_list, default=[1, 2, 4], help="HTTP concurrency levels")
-    p.add_argument("--requests-per-client", type=int, default=8, help="requests per client per level")
+    p.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=8,
+        help="requests per client per level, at least (default 8); a level runs until its frames/s hold still",
+    )
     p.add_argument(
         "--tail-requests",
         type=int,
         default=240,
-        help=f"requests in all at the {TAIL_CLIENTS}-client level, whose p99 and frames/s make the serving "
-        "ratios (default 240: p99 between the 3rd and 2nd slowest)",
+        help=f"requests at least in the measured windows of the {TAIL_CLIENTS}-client level, whose p99 and "
+        "frames/s make the serving ratios (default 240: p99 between the 3rd and 2nd slowest)",
     )
     p.add_argument(
         "--tail-seconds",
         type=float,
         default=90.0,
-        help=f"the {TAIL_CLIENTS}-client level stops after this many seconds even short of --tail-requests "
-        "(default 90)",
+        help=f"the {TAIL_CLIENTS}-client level stops after this many seconds, stable or not (default 90)",
     )
     p.add_argument(
         "--max-batch-size",
@@ -343,10 +348,13 @@ def http_phase(
     work: Path,
     throughput_by_batch: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Sequential requests of the planned instances, then each concurrency level (the
-    :data:`~.report.TAIL_CLIENTS` level bounded by ``--tail-requests`` and ``--tail-seconds``)."""
+    """Sequential requests of the planned instances, then each concurrency level, run until its frames/s
+    hold still (:func:`~.steady.run_level`: at least ``--level-requests``, ``--tail-requests`` for the
+    :data:`~.report.TAIL_CLIENTS` level, and ``--requests-per-client`` per client; at most
+    ``--level-seconds``, ``--tail-seconds`` for that level)."""
     from retinaedge.bench.batch_settings import service_batching
-    from retinaedge.bench.http_phase import concurrent, running_service, sequential
+    from retinaedge.bench.http_phase import running_service, sequential
+    from retinaedge.bench.steady import as_row, run_level
 
     batching = service_batching(args, throughput_by_batch)
     bodies = [(i.path.read_bytes(), i.frames) for i in plan]
@@ -357,11 +365,13 @@ def http_phase(
         levels = []
         for clients in args.clients:
             log.info("HTTP throughput: %d client(s)", clients)
-            if clients == TAIL_CLIENTS:
-                bound = {"total": max(args.tail_requests, clients), "max_seconds": args.tail_seconds}
-                levels.append(concurrent(service.port, bodies, clients, args.requests_per_client, **bound))
-            else:
-                levels.append(concurrent(service.port, bodies, clients, args.requests_per_client))
+            tail = clients == TAIL_CLIENTS
+            least = max(
+                args.tail_requests if tail else args.level_requests, clients * args.requests_per_client
+            )
+            most = args.tail_seconds if tail else args.level_seconds
+            level = run_level(service.port, bodies, clients, min_requests=least, max_seconds=most)
+            levels.append(as_row(level, clients, least, most))
     return {
         **seq,
         "levels": levels,

@@ -195,3 +195,29 @@ def run_level(
         sum(w.frames_per_s for w in measured) / len(measured),
     )
     return Level(windows, measured, stable, stopped_by, start_probe)
+
+
+def as_row(level: Level, clients: int, min_requests: int, max_seconds: float) -> dict[str, Any]:
+    """A level as a row of ``throughput.by_clients`` (its measured windows only): the keys the HTTP phase
+    has always reported, plus ``window_frames_per_s``, ``spread`` and ``stable``."""
+    done = level.done
+    seconds = level.seconds
+    frames = sum(d.frames for d in done)
+    fps = [w.frames_per_s for w in level.measured]
+    return {
+        "clients": clients,
+        "requests": len(done),
+        "frames": frames,
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(len(done) / seconds, 3),
+        "frames_per_s": round(frames / seconds, 3),
+        "latency_ms": [d.latency_ms for d in done],
+        "single_frame_latency_ms": [d.latency_ms for d in done if d.frames == 1],
+        "target_requests": min_requests,
+        "max_seconds": max_seconds,
+        "stopped_by": level.stopped_by,
+        "stable": level.stable,
+        "windows": len(level.windows),
+        "window_frames_per_s": [round(x, 2) for x in fps],
+        "spread": round(spread(fps), 4),
+    }
