@@ -31,7 +31,7 @@ from retinaedge.bench.accelerator import CONTROL_CHECK_S, NAME, Profile, parse_p
 from retinaedge.bench.http_phase import Client, Service, running_service
 from retinaedge.bench.stats import summarize
 from retinaedge.bench.steady import Level, run_level, spread
-from retinaedge.bench.threadcpu import cpu_by_group, read_threads
+from retinaedge.bench.threadcpu import cpu_by_group, foreign_cores, read_threads, system_busy_s
 from retinaedge.runtime.errors import BenchmarkError
 
 if TYPE_CHECKING:
@@ -76,7 +76,13 @@ def probe_of(service: Service) -> Any:
     def probe() -> dict[str, Any]:
         status, body = client.request("GET", "/readyz")
         sim = (json.loads(body).get("engine") or {}).get("remote", {}).get("simulated_accelerator", {})
-        return {"t": time.perf_counter(), "threads": read_threads(service.proc.pid), **sim}
+        return {
+            "t": time.perf_counter(),
+            "threads": read_threads(service.proc.pid),
+            "system_busy_s": system_busy_s(),
+            "self_cpu_s": time.process_time(),  # the benchmark's own clients
+            **sim,
+        }
 
     return probe
 
@@ -93,6 +99,7 @@ def level_figures(level: Level, references: list[Any], capacity_fps: float) -> d
     process_cpu = sum(by_thread.values())
     fps = [w.frames_per_s for w in level.measured]
     differ = sum(1 for d in done if d.answer.get("frames") != references[d.body]["frames"])
+    foreign = foreign_cores(before, after, process_cpu)
     return {
         "requests": len(done),
         "frames": frames,
@@ -111,6 +118,10 @@ def level_figures(level: Level, references: list[Any], capacity_fps: float) -> d
         ),
         "capacity_frames_per_s": round(capacity_fps, 3),
         "misses": ca.get("miss_frames", 0) - cb.get("miss_frames", 0),
+        # Cores other processes used meanwhile (not the service, not the benchmark's clients): > 0.2
+        # means the figures were taken under foreign load.
+        "foreign_cores": None if foreign is None else round(foreign, 3),
+        "client_cpu_ms_per_frame": round((after["self_cpu_s"] - before["self_cpu_s"]) * 1e3 / frames, 3),
         "responses_differing": differ,
         "cpu_ms_per_frame": {
             "process": round(process_cpu * 1e3 / frames, 3),

@@ -50,6 +50,7 @@ def _fig(
     goal, higher = ACCEL_GOALS[name]
     out = ratio(value, goal=goal, higher_is_better=higher, definition=definition, reason=reason)
     out["spread"] = level.get("spread") if level else None
+    out["foreign_cores"] = level.get("foreign_cores") if level else None
     out["stable"] = level.get("stable") if level else None
     out["inputs"] = inputs
     return out
@@ -117,12 +118,18 @@ def accelerator_ratios(accel: dict[str, Any] | None, reason: str | None) -> dict
 def _level_row(name: str, lvl: dict[str, Any]) -> str:
     cpu = lvl["cpu_ms_per_frame"]
     threads = ", ".join(f"{k} {v:.2f}" for k, v in cpu["by_thread"].items())
+    foreign = lvl.get("foreign_cores")
     return (
         f"| {name} | {lvl['requests']} | {lvl['frames_per_s']:.1f} | {lvl['spread']:.3f} "
         f"({'stable' if lvl['stable'] else 'not stable'}) | {lvl['latency_ms']['p50']:.2f} | "
         f"{lvl['latency_ms']['p99']:.2f} | {lvl['accelerator_busy']:.3f} | "
-        f"{lvl['accelerator_frames_per_batch']:.2f} | {cpu['pipeline']:.2f} | {threads} |"
+        f"{lvl['accelerator_frames_per_batch']:.2f} | {cpu['pipeline']:.2f} | {threads} | "
+        f"{'–' if foreign is None else f'{foreign:.2f}'} |"
     )
+
+
+#: Cores taken by other processes during a level above which the report warns.
+FOREIGN_WARN = 0.2
 
 
 def accelerator_markdown(report: dict[str, Any]) -> list[str]:
@@ -140,10 +147,11 @@ def accelerator_markdown(report: dict[str, Any]) -> list[str]:
         f"(batch {accel['reference_batch_size']}) answers them; responses differing in the levels: "
         f"{sum(lvl['responses_differing'] for lvl in levels(accel))}; frames not recorded (run for real): "
         f"{sum(lvl['misses'] for lvl in levels(accel))}",
+        *foreign_warning(accel),
         "",
         "| level | requests | frames/s | spread | p50 ms | p99 ms | busy | frames/batch | pipeline CPU "
-        "ms/frame | CPU ms/frame by thread |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "ms/frame | CPU ms/frame by thread | foreign cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         _level_row("1 client", accel["one_client"]),
         _level_row(f"{accel['clients']} clients", accel["saturated"]),
         _level_row(f"paced {accel['paced']['rate_per_s']:.0f}/s", accel["paced"]),
@@ -156,3 +164,15 @@ def accelerator_markdown(report: dict[str, Any]) -> list[str]:
 def levels(accel: dict[str, Any]) -> list[dict[str, Any]]:
     """Every level of the phase."""
     return [accel["one_client"], accel["saturated"], accel["paced"], *accel["sweep"]["points"]]
+
+
+def foreign_warning(accel: dict[str, Any]) -> list[str]:
+    """A warning line when other processes took more than :data:`FOREIGN_WARN` cores during a level."""
+    worst = max((lvl.get("foreign_cores") or 0.0 for lvl in levels(accel)), default=0.0)
+    if worst <= FOREIGN_WARN:
+        return []
+    return [
+        f"- **warning**: other processes took up to {worst:.2f} cores during these levels (foreign "
+        "cores: the machine's busy CPU minus the service's and the benchmark's own): the CPU figures "
+        "are inflated and the rates lowered"
+    ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 #: The name given to the process's main thread (the service's event loop; its comm is the program's).
 MAIN = "main-event-loop"
@@ -65,3 +66,34 @@ def cpu_by_group(
             key = group_name(name)
             out[key] = out.get(key, 0.0) + spent
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def system_busy_s() -> float | None:
+    """CPU seconds every CPU of the machine has spent not idle since boot (``/proc/stat``: all but
+    idle and iowait), or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    # guest time is already counted in user and nice
+    busy = sum(ticks[:8]) - idle
+    return busy / _ticks_per_s()
+
+
+def foreign_cores(before: dict[str, Any], after: dict[str, Any], service_cpu_s: float) -> float | None:
+    """Cores used by other processes between two probes (``t``, ``system_busy_s``, ``self_cpu_s``):
+    the machine's busy CPU minus the service's and the benchmark's own, per second of wall time."""
+    keys = ("t", "system_busy_s", "self_cpu_s")
+    if any(p.get(k) is None for p in (before, after) for k in keys):
+        return None
+    wall = after["t"] - before["t"]
+    if wall <= 0:
+        return None
+    busy = after["system_busy_s"] - before["system_busy_s"]
+    own = after["self_cpu_s"] - before["self_cpu_s"]
+    return max(0.0, float(busy - own - service_cpu_s) / wall)

@@ -28,7 +28,14 @@ from retinaedge.bench.accelerator import (
 )
 from retinaedge.bench.recording import Recorder
 from retinaedge.bench.steady import agree, spread
-from retinaedge.bench.threadcpu import MAIN, cpu_by_group, group_name, read_threads
+from retinaedge.bench.threadcpu import (
+    MAIN,
+    cpu_by_group,
+    foreign_cores,
+    group_name,
+    read_threads,
+    system_busy_s,
+)
 from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
 from retinaedge.runtime.backends.registry import choices
 from retinaedge.runtime.bundle import Bundle, load_bundle
@@ -145,6 +152,16 @@ def test_per_thread_cpu_by_name() -> None:
     groups = cpu_by_group(before, after)
     assert sum(groups.values()) > 0 and list(groups.values()) == sorted(groups.values(), reverse=True)
     assert group_name("retinaedge-prepare_3") == "retinaedge-prepare" and group_name("python") == "python"
+
+
+def test_foreign_cores_are_what_neither_the_service_nor_the_benchmark_used() -> None:
+    busy = system_busy_s()
+    assert busy is not None and busy > 0
+    before = {"t": 10.0, "system_busy_s": 100.0, "self_cpu_s": 1.0}
+    after = {"t": 12.0, "system_busy_s": 103.0, "self_cpu_s": 1.5}
+    assert foreign_cores(before, after, service_cpu_s=1.5) == pytest.approx(0.5)
+    assert foreign_cores(before, after, service_cpu_s=5.0) == 0.0
+    assert foreign_cores({**before, "system_busy_s": None}, after, 1.0) is None
 
 
 def _level(fps: float, p50: float, p99: float, cpu: float, busy: float) -> dict[str, Any]:

@@ -234,6 +234,7 @@ def test_the_accelerator_phase_is_named_and_answers_like_detect(
         cpu = level["cpu_ms_per_frame"]
         assert cpu["process"] > 0 and cpu["pipeline"] <= cpu["process"]
         assert "main-event-loop" in cpu["by_thread"]
+        assert level["foreign_cores"] is None or level["foreign_cores"] >= 0
     assert accel["one_client"]["accelerator_frames_per_batch"] == 1.0
     for name in RATIOS[-5:]:
         figure = report["ratios"][name]
