@@ -186,6 +186,8 @@ def run_level(
     if not windows:
         raise BenchmarkError("the level completed no window")
     measured = windows[-stable_windows:]
+    if not any(w.done for w in measured):
+        raise BenchmarkError(f"no request completed in the last {len(measured)} window(s) of the level")
     log.info(
         "level %d client(s)%s: %s after %d window(s), %.1f frames/s",
         clients,
