@@ -235,6 +235,7 @@ def measure(
 ) -> dict[str, Any]:
     """Run the runner processes and the HTTP phase; their raw results by name."""
     from retinaedge.bench.graphs import write_heads_and_post
+    from retinaedge.bench.http_phase import measure_http
     from retinaedge.bench.processes import EAGER_MODULE, WORKER_MODULE, WorkerError, run_process
 
     manifest = bundle.manifest
@@ -274,7 +275,7 @@ def measure(
         if args.no_http
         else phase(
             "http",
-            lambda: http_phase(args, bundle, plan, threads, work, results["fused"]["throughput_by_batch"]),
+            lambda: measure_http(args, bundle, plan, threads, work, results["fused"]["throughput_by_batch"]),
         )
     )
     results["accelerator"] = (
@@ -338,49 +339,6 @@ def eager_baseline(
         "work_dir": str(work),
     }
     return {"status": "run", "spec": eager_spec, "checkpoint": Path(checkpoint).name}
-
-
-def http_phase(
-    args: argparse.Namespace,
-    bundle: Bundle,
-    plan: list[Instance],
-    threads: int,
-    work: Path,
-    throughput_by_batch: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Sequential requests of the planned instances, then each concurrency level, run until its frames/s
-    hold still (:func:`~.steady.run_level`: at least ``--level-requests``, ``--tail-requests`` for the
-    :data:`~.report.TAIL_CLIENTS` level, and ``--requests-per-client`` per client; at most
-    ``--level-seconds``, ``--tail-seconds`` for that level)."""
-    from retinaedge.bench.batch_settings import service_batching
-    from retinaedge.bench.http_phase import running_service, sequential
-    from retinaedge.bench.steady import as_row, run_level
-
-    batching = service_batching(args, throughput_by_batch)
-    bodies = [(i.path.read_bytes(), i.frames) for i in plan]
-    with running_service(
-        bundle.root or bundle.model_path, threads, args.batch_size, work, extra_env=batching["env"]
-    ) as service:
-        seq = sequential(service.port, [b for b, _ in bodies], args.warmup)
-        levels = []
-        for clients in args.clients:
-            log.info("HTTP throughput: %d client(s)", clients)
-            tail = clients == TAIL_CLIENTS
-            least = max(
-                args.tail_requests if tail else args.level_requests, clients * args.requests_per_client
-            )
-            most = args.tail_seconds if tail else args.level_seconds
-            level = run_level(service.port, bodies, clients, min_requests=least, max_seconds=most)
-            levels.append(as_row(level, clients, least, most))
-    return {
-        **seq,
-        "levels": levels,
-        "batching": {k: v for k, v in batching.items() if k != "env"},
-        "startup_s": service.startup_s,
-        "peak_rss_bytes": service.peak_rss_bytes,
-        "exit_code": service.exit_code,
-        "backend": service.readyz.get("backend"),
-    }
 
 
 def finish(report: dict[str, Any], out_dir: Path) -> int:

@@ -3,11 +3,13 @@
 The service runs with a temporary data directory, the benchmark's thread count and batch size, and none
 of the caller's ``RETINAEDGE_*`` variables. Clients use the standard library's ``http.client`` with one
 keep-alive connection each. Times are milliseconds, client side (``time.perf_counter``), plus the
-server's own ``timings_ms`` from each response body.
+server's own ``timings_ms`` from each response body. :func:`measure_http` runs the phase: sequential
+requests, then each concurrency level until it holds still (:mod:`.steady`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import json
@@ -21,10 +23,14 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.errors import BenchmarkError
 from retinaedge.runtime.progress import Progress
+
+if TYPE_CHECKING:
+    from retinaedge.bench.inputs import Instance
+    from retinaedge.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +206,45 @@ def sequential(port: int, bodies: Sequence[bytes], warmup: int) -> dict[str, lis
     finally:
         client.close()
     return out
+
+
+def measure_http(
+    args: argparse.Namespace,
+    bundle: Bundle,
+    plan: list[Instance],
+    threads: int,
+    work: Path,
+    throughput_by_batch: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Sequential requests of the planned instances, then each concurrency level, run until its frames/s
+    hold still (:func:`~.steady.run_level`: at least ``--level-requests``, ``--tail-requests`` for the
+    :data:`~.report.TAIL_CLIENTS` level, and ``--requests-per-client`` per client; at most
+    ``--level-seconds``, ``--tail-seconds`` for that level)."""
+    from retinaedge.bench.batch_settings import service_batching
+    from retinaedge.bench.steady import as_row, run_level
+
+    batching = service_batching(args, throughput_by_batch)
+    bodies = [(i.path.read_bytes(), i.frames) for i in plan]
+    with running_service(
+        bundle.root or bundle.model_path, threads, args.batch_size, work, extra_env=batching["env"]
+    ) as service:
+        seq = sequential(service.port, [b for b, _ in bodies], args.warmup)
+        levels = []
+        for clients in args.clients:
+            log.info("HTTP throughput: %d client(s)", clients)
+            tail = clients == TAIL_CLIENTS
+            least = max(
+                args.tail_requests if tail else args.level_requests, clients * args.requests_per_client
+            )
+            most = args.tail_seconds if tail else args.level_seconds
+            level = run_level(service.port, bodies, clients, min_requests=least, max_seconds=most)
+            levels.append(as_row(level, clients, least, most))
+    return {
+        **seq,
+        "levels": levels,
+        "batching": {k: v for k, v in batching.items() if k != "env"},
+        "startup_s": service.startup_s,
+        "peak_rss_bytes": service.peak_rss_bytes,
+        "exit_code": service.exit_code,
+        "backend": service.readyz.get("backend"),
+    }
