@@ -7,13 +7,16 @@ Phases, in order, each runtime in its own process with the same intra-op thread 
    batch size (energy with ``tegrastats`` on a Jetson);
 2. ``retinaedge serve`` on a free 127.0.0.1 port (its ``max_batch_size`` the best batch size of phase 1
    unless ``--max-batch-size`` says otherwise): sequential ``POST /v1/detect`` of the same instances,
-   then 1, 2, 4 concurrent clients, the 4-client level for ``--tail-requests`` requests (at most
+   then 1, 2, 4 concurrent clients, each level until three windows agree within 10 % in frames/s (at least
+   ``--level-requests``, ``--tail-requests`` for the 4-client level; at most ``--level-seconds``,
    ``--tail-seconds``) (right after phase 1, so the HTTP overhead compares close measurements);
-3. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
-4. the in-graph post-processing alone on the same head outputs;
-5. the precision table (:mod:`.precisions`): ONNX Runtime FP32 and OpenVINO fp32, bf16 and int8, each
+3. the service against a simulated accelerator (:mod:`.accel_phase`; ``--no-accelerator`` skips it): the
+   accelerator figures of the report, each level run until its frames/s hold still;
+4. the same ONNX heads, then decode + NMS in numpy (the Python baseline);
+5. the in-graph post-processing alone on the same head outputs;
+6. the precision table (:mod:`.precisions`): ONNX Runtime FP32 and OpenVINO fp32, bf16 and int8, each
    behind its gate, ms/frame at batch 1 and the largest batch size (``--no-precisions`` skips it);
-6. torchvision eager on the same frames, when torch and the checkpoint are there.
+7. torchvision eager on the same frames, when torch and the checkpoint are there.
 
 ``--backend openvino --precision auto`` makes the fused phase (and so ``speedup_vs_torch_eager``) the
 fastest precision whose gate passed on this CPU.
@@ -102,20 +105,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="timed seconds per batch size, at least (default 1): more batches when --batch-repeats take less",
     )
     p.add_argument("--clients", type=_int_list, default=[1, 2, 4], help="HTTP concurrency levels")
-    p.add_argument("--requests-per-client", type=int, default=8, help="requests per client per level")
+    p.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=8,
+        help="requests per client per level, at least (default 8); a level runs until its frames/s hold still",
+    )
     p.add_argument(
         "--tail-requests",
         type=int,
         default=240,
-        help=f"requests in all at the {TAIL_CLIENTS}-client level, whose p99 and frames/s make the serving "
-        "ratios (default 240: p99 between the 3rd and 2nd slowest)",
+        help=f"requests at least in the measured windows of the {TAIL_CLIENTS}-client level, whose p99 and "
+        "frames/s make the serving ratios (default 240: p99 between the 3rd and 2nd slowest)",
     )
     p.add_argument(
         "--tail-seconds",
         type=float,
         default=90.0,
-        help=f"the {TAIL_CLIENTS}-client level stops after this many seconds even short of --tail-requests "
-        "(default 90)",
+        help=f"the {TAIL_CLIENTS}-client level stops after this many seconds, stable or not (default 90)",
     )
     p.add_argument(
         "--max-batch-size",
@@ -154,6 +161,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="skip the precision table (ONNX Runtime FP32 and OpenVINO fp32/bf16/int8 behind their gates)",
     )
     p.add_argument("--runner-timeout", type=float, default=900.0, help="seconds per runner process")
+    from retinaedge.bench import accel_phase
+
+    accel_phase.add_arguments(p)
     from retinaedge.runtime.backends.registry import add_backend_arguments
 
     add_backend_arguments(p, default="onnxruntime")  # the fused phase; the baselines stay ONNX Runtime
@@ -234,6 +244,9 @@ def run(args: argparse.Namespace) -> int:
 
         check_options(args)
     check_gate_options(args)
+    from retinaedge.bench import accel_phase
+
+    accel_phase.check_options(args)
     from retinaedge.runtime.backends.registry import check_available
 
     check_available(getattr(args, "backend", "onnxruntime"))  # missing extra: one error line, no phase run
@@ -272,6 +285,7 @@ def measure(
 ) -> dict[str, Any]:
     """Run the runner processes and the HTTP phase; their raw results by name."""
     from retinaedge.bench.graphs import write_heads_and_post
+    from retinaedge.bench.http_phase import measure_http
     from retinaedge.bench.processes import (
         EAGER_MODULE,
         PRECISIONS_MODULE,
@@ -319,8 +333,13 @@ def measure(
         if args.no_http
         else phase(
             "http",
-            lambda: http_phase(args, bundle, plan, threads, work, results["fused"]["throughput_by_batch"]),
+            lambda: measure_http(args, bundle, plan, threads, work, results["fused"]["throughput_by_batch"]),
         )
+    )
+    results["accelerator"] = (
+        None
+        if args.no_accelerator
+        else phase("accelerator", lambda: accelerator(args, bundle, plan, threads, work))
     )
     for job in ("python", "fused_post"):
         results[job] = phase(job, lambda job=job: run_process(WORKER_MODULE, job, spec, work, t, job))
@@ -342,6 +361,17 @@ def measure(
         except WorkerError as exc:
             results["torch"] = {"status": "failed", "reason": str(exc)}
     return results
+
+
+def accelerator(
+    args: argparse.Namespace, bundle: Bundle, plan: list[Instance], threads: int, work: Path
+) -> dict[str, Any]:
+    """The simulated-accelerator phase (:mod:`.accel_phase`) in a directory of its own."""
+    from retinaedge.bench.accel_phase import accelerator_phase
+
+    sub = work / "accelerator"
+    sub.mkdir(exist_ok=True)
+    return accelerator_phase(args, bundle, plan, threads, sub)
 
 
 def eager_baseline(
@@ -375,47 +405,6 @@ def eager_baseline(
         "work_dir": str(work),
     }
     return {"status": "run", "spec": eager_spec, "checkpoint": Path(checkpoint).name}
-
-
-def http_phase(
-    args: argparse.Namespace,
-    bundle: Bundle,
-    plan: list[Instance],
-    threads: int,
-    work: Path,
-    throughput_by_batch: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Sequential requests of the planned instances, then each concurrency level (the
-    :data:`~.report.TAIL_CLIENTS` level bounded by ``--tail-requests`` and ``--tail-seconds``)."""
-    from retinaedge.bench.batch_settings import service_batching
-    from retinaedge.bench.http_phase import concurrent, running_service, sequential
-
-    batching = service_batching(args, throughput_by_batch)
-    env = dict(batching["env"])
-    if getattr(args, "backend", "onnxruntime") == "openvino":  # the service serves what the fused phase ran
-        env.update(RETINAEDGE_BACKEND="openvino", RETINAEDGE_OPENVINO_PRECISION=args.precision)
-    bodies = [(i.path.read_bytes(), i.frames) for i in plan]
-    with running_service(
-        bundle.root or bundle.model_path, threads, args.batch_size, work, extra_env=env
-    ) as service:
-        seq = sequential(service.port, [b for b, _ in bodies], args.warmup)
-        levels = []
-        for clients in args.clients:
-            log.info("HTTP throughput: %d client(s)", clients)
-            if clients == TAIL_CLIENTS:
-                bound = {"total": max(args.tail_requests, clients), "max_seconds": args.tail_seconds}
-                levels.append(concurrent(service.port, bodies, clients, args.requests_per_client, **bound))
-            else:
-                levels.append(concurrent(service.port, bodies, clients, args.requests_per_client))
-    return {
-        **seq,
-        "levels": levels,
-        "batching": {k: v for k, v in batching.items() if k != "env"},
-        "startup_s": service.startup_s,
-        "peak_rss_bytes": service.peak_rss_bytes,
-        "exit_code": service.exit_code,
-        "backend": service.readyz.get("backend"),
-    }
 
 
 def finish(report: dict[str, Any], out_dir: Path) -> int:

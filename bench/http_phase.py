@@ -3,11 +3,13 @@
 The service runs with a temporary data directory, the benchmark's thread count and batch size, and none
 of the caller's ``RETINAEDGE_*`` variables. Clients use the standard library's ``http.client`` with one
 keep-alive connection each. Times are milliseconds, client side (``time.perf_counter``), plus the
-server's own ``timings_ms`` from each response body.
+server's own ``timings_ms`` from each response body. :func:`measure_http` runs the phase: sequential
+requests, then each concurrency level until it holds still (:mod:`.steady`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import json
@@ -17,15 +19,18 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.errors import BenchmarkError
 from retinaedge.runtime.progress import Progress
+
+if TYPE_CHECKING:
+    from retinaedge.bench.inputs import Instance
+    from retinaedge.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +47,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_command(model: Path, port: int) -> list[str]:
-    """``retinaedge serve`` from this interpreter's environment."""
-    base = [sys.executable, "-m", "retinaedge.runtime.cli", "--log-level", "WARNING"]
+def serve_command(model: Path, port: int, prefix: Sequence[str] | None = None) -> list[str]:
+    """``retinaedge serve`` from this interpreter's environment (``prefix``: another entry that takes the
+    ``retinaedge`` arguments, such as :mod:`.accel_serve`)."""
+    entry = list(prefix) if prefix else [sys.executable, "-m", "retinaedge.runtime.cli"]
+    base = [*entry, "--log-level", "WARNING"]
     return [*base, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
 
 
@@ -137,11 +144,13 @@ def running_service(
     workdir: Path,
     startup_timeout_s: float = 180.0,
     extra_env: Mapping[str, str] | None = None,
+    command_prefix: Sequence[str] | None = None,
 ) -> Iterator[Service]:
     """Start the service, wait for ``/readyz`` == 200, yield it; read its peak RSS, SIGTERM and wait after.
 
     ``batch_size`` is the service's ``max_batch_size`` unless ``extra_env`` (more ``RETINAEDGE_*`` settings,
-    the batching ones of :mod:`.batch_settings`, set as given) says otherwise.
+    the batching ones of :mod:`.batch_settings`, set as given) says otherwise; ``command_prefix`` starts
+    another entry point with the same arguments (:func:`serve_command`).
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETINAEDGE_")}
@@ -155,7 +164,9 @@ def running_service(
     env.update(extra_env or {})
     server_log = workdir / "server.log"
     with server_log.open("wb") as out:
-        proc = subprocess.Popen(serve_command(model, port), env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            serve_command(model, port, command_prefix), env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     service = Service(port=port, proc=proc)
     try:
         _wait_ready(service, server_log, startup_timeout_s)
@@ -197,109 +208,46 @@ def sequential(port: int, bodies: Sequence[bytes], warmup: int) -> dict[str, lis
     return out
 
 
-@dataclass
-class _ClientRun:
-    latencies: list[float] = field(default_factory=list)
-    frames: int = 0
-    single_frame: list[float] = field(default_factory=list)  # latencies of the 1-frame requests
-    start: float = 0.0
-    end: float = 0.0
-    error: str | None = None
-
-
-class _Budget:
-    """Requests left to issue across ``clients`` clients: ``total`` in all, each client's first one
-    reserved (every client contributes at least one sample), no other one after ``deadline``
-    (``time.monotonic`` seconds)."""
-
-    def __init__(self, total: int, clients: int, deadline: float) -> None:
-        self.left = total - clients  # beyond each client's reserved first request
-        self.deadline = deadline
-        self.timed_out = False
-        self._lock = threading.Lock()
-
-    def take(self, first: bool) -> bool:
-        if first:
-            return True
-        with self._lock:
-            if self.left <= 0:
-                return False
-            if time.monotonic() > self.deadline:
-                self.timed_out = True
-                return False
-            self.left -= 1
-            return True
-
-
-def concurrent(
-    port: int,
-    bodies: Sequence[tuple[bytes, int]],
-    clients: int,
-    per_client: int,
-    *,
-    total: int | None = None,
-    max_seconds: float | None = None,
+def measure_http(
+    args: argparse.Namespace,
+    bundle: Bundle,
+    plan: list[Instance],
+    threads: int,
+    work: Path,
+    throughput_by_batch: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """``clients`` threads with a connection each (connected by one untimed request), released together;
-    client ``i`` posts ``bodies`` (``(data, frames)``) starting at offset ``i``, stepping by ``clients``.
+    """Sequential requests of the planned instances, then each concurrency level, run until its frames/s
+    hold still (:func:`~.steady.run_level`: at least ``--level-requests``, ``--tail-requests`` for the
+    :data:`~.report.TAIL_CLIENTS` level, and ``--requests-per-client`` per client; at most
+    ``--level-seconds``, ``--tail-seconds`` for that level)."""
+    from retinaedge.bench.batch_settings import service_batching
+    from retinaedge.bench.steady import as_row, run_level
 
-    Without ``total``, each client posts ``per_client`` requests. With ``total``, the clients share a budget
-    of ``total`` requests, and stop early once ``max_seconds`` have passed since the release (each still
-    posts at least one): a run long enough for a p99 that means something, bounded in count and in time.
-    Requests/s and frames/s = all of them / (last end - first start).
-    """
-    if total is not None and total < clients:
-        raise BenchmarkError(f"{total} requests cannot be shared by {clients} clients (one each at least)")
-    barrier = threading.Barrier(clients)
-    runs = [_ClientRun() for _ in range(clients)]
-    budget = _Budget(total or clients, clients, float("inf"))
-
-    def work(i: int, run: _ClientRun) -> None:
-        client = Client(port)
-        try:
-            client.detect(bodies[i % len(bodies)][0])
-            if barrier.wait(timeout=300) == 0 and max_seconds is not None:
-                budget.deadline = time.monotonic() + max_seconds
-            barrier.wait(timeout=300)  # the deadline is set before anyone reads it
-            run.start = time.perf_counter()
-            j = 0
-            while budget.take(first=j == 0) if total is not None else j < per_client:
-                data, frames = bodies[(i + j * clients) % len(bodies)]
-                latency = client.detect(data)[0]
-                run.latencies.append(latency)
-                if frames == 1:
-                    run.single_frame.append(latency)
-                run.frames += frames
-                j += 1
-            run.end = time.perf_counter()
-        except Exception as exc:  # reported after join; a broken barrier releases the others
-            run.error = f"{type(exc).__name__}: {exc}"
-            barrier.abort()
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=work, args=(i, r), name=f"client-{i}") for i, r in enumerate(runs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    errors = [r.error for r in runs if r.error]
-    if errors:
-        raise BenchmarkError(f"{clients} concurrent client(s) failed: {errors}")
-    seconds = max(r.end for r in runs) - min(r.start for r in runs)
-    requests = sum(len(r.latencies) for r in runs)
-    out = {
-        "clients": clients,
-        "requests": requests,
-        "frames": sum(r.frames for r in runs),
-        "seconds": round(seconds, 3),
-        "requests_per_s": round(requests / seconds, 3),
-        "frames_per_s": round(sum(r.frames for r in runs) / seconds, 3),
-        "latency_ms": [x for r in runs for x in r.latencies],
-        "single_frame_latency_ms": [x for r in runs for x in r.single_frame],
+    batching = service_batching(args, throughput_by_batch)
+    env = dict(batching["env"])
+    if getattr(args, "backend", "onnxruntime") == "openvino":  # the service serves what the fused phase ran
+        env.update(RETINAEDGE_BACKEND="openvino", RETINAEDGE_OPENVINO_PRECISION=args.precision)
+    bodies = [(i.path.read_bytes(), i.frames) for i in plan]
+    with running_service(
+        bundle.root or bundle.model_path, threads, args.batch_size, work, extra_env=env
+    ) as service:
+        seq = sequential(service.port, [b for b, _ in bodies], args.warmup)
+        levels = []
+        for clients in args.clients:
+            log.info("HTTP throughput: %d client(s)", clients)
+            tail = clients == TAIL_CLIENTS
+            least = max(
+                args.tail_requests if tail else args.level_requests, clients * args.requests_per_client
+            )
+            most = args.tail_seconds if tail else args.level_seconds
+            level = run_level(service.port, bodies, clients, min_requests=least, max_seconds=most)
+            levels.append(as_row(level, clients, least, most))
+    return {
+        **seq,
+        "levels": levels,
+        "batching": {k: v for k, v in batching.items() if k != "env"},
+        "startup_s": service.startup_s,
+        "peak_rss_bytes": service.peak_rss_bytes,
+        "exit_code": service.exit_code,
+        "backend": service.readyz.get("backend"),
     }
-    if total is not None:
-        out.update(
-            target_requests=total, max_seconds=max_seconds, stopped_by="time" if budget.timed_out else "count"
-        )
-    return out

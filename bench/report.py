@@ -47,8 +47,25 @@ def _p50(summary: dict[str, Any] | None) -> float | None:
     return None if summary is None else float(summary["p50"])
 
 
-def compute_ratios(report: dict[str, Any]) -> dict[str, Any]:
-    """The headline ratios, each with ``value``, ``goal``, ``met``, ``definition`` and the ``context``."""
+#: What the CPU-only serving goals are for (``goal_context`` of those ratios).
+CPU_ONLY_CONTEXT = (
+    "a CPU-only machine's goal: the service's Python shares the cores with ONNX Runtime, so every ms of it "
+    "is taken from the model; serving an off-CPU engine is measured by the accelerator_* figures"
+)
+CPU_ONLY_RATIOS = (
+    "http_overhead_p50",
+    "http_overhead_paired_p50",
+    "service_throughput_vs_backend",
+    "tail_ratio_p99_p50",
+)
+
+
+def compute_ratios(report: dict[str, Any], *, accelerator_reason: str | None = None) -> dict[str, Any]:
+    """The headline ratios, each with ``value``, ``goal``, ``met``, ``definition`` and the ``context``;
+    then the accelerator figures (:mod:`.accel_report`; without that phase, None with
+    ``accelerator_reason``)."""
+    from retinaedge.bench.accel_report import accelerator_ratios
+
     inf = report["inference_ms_per_frame"]
     post = report["postprocess_ms_per_frame"]
     http = report.get("http") or {}
@@ -96,6 +113,9 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, Any]:
     out.update(serving_ratios(report))
     if report.get("precisions") is not None:
         out["int8_speedup_vs_fp32"] = int8_ratio(report["precisions"])
+    for name in CPU_ONLY_RATIOS:
+        out[name]["goal_context"] = CPU_ONLY_CONTEXT
+    out.update(accelerator_ratios(report.get("accelerator"), accelerator_reason))
     for entry in out.values():
         entry["context"] = ctx
     return out
@@ -204,13 +224,17 @@ def batching_line(batching: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the same figures as ``report.json`` as readable tables."""
+    from retinaedge.bench.accel_report import accelerator_markdown
+
     ctx = report["context"]
+    accel = report["model"].get("accelerator")
     lines = [
-        "# retinaedge benchmark",
+        f"# {report.get('title') or 'retinaedge benchmark'}",
         "",
         f"- device: {ctx['device']}",
         f"- model: {report['model']['name']} ({report['model']['architecture']}), input "
-        f"{ctx['input']}, sha256 `{ctx['model_sha256'][:16]}…`",
+        f"{ctx['input']}, sha256 `{ctx['model_sha256'][:16]}…`"
+        + (f"; the accelerator_* figures: served against a {accel}" if accel else ""),
         f"- backend: {ctx['backend']} {ctx['providers']}, precision {ctx['precision']}, {ctx['threads']} "
         f"thread(s), batch size {report['batch_size']}"
         + (f" ({ctx['backend_reason']})" if ctx.get("backend_reason") else ""),
@@ -223,13 +247,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Headline ratios",
         "",
-        "| ratio | value | goal | met | definition |",
-        "|---|---|---|---|---|",
+        "| figure | value | goal | met | spread over windows | definition |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in report["ratios"].items():
         value = _fmt(r["value"], 3) if r["value"] is not None else f"– ({r.get('reason') or 'n/a'})"
-        lines.append(f"| `{name}` | {value} | {r['goal']} | {_fmt(r['met'])} | {r['definition']} |")
-    lines += ["", "## Latency (ms)", ""]
+        spread = _fmt(r.get("spread"), 3)
+        lines.append(
+            f"| `{name}` | {value} | {r['goal']} | {_fmt(r['met'])} | {spread} | {r['definition']} |"
+        )
+    lines += ["", *accelerator_markdown(report), "## Latency (ms)", ""]
     lines += _latency_rows(
         "Pipeline stages, per frame (fused ONNX Runtime, Detector timings)", report["stages_ms_per_frame"]
     )

@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retinaedge.bench.accelerator import LABEL
 from retinaedge.bench.precision_report import precision_section
 from retinaedge.bench.report import SCHEMA, compute_ratios, stage_summaries
 from retinaedge.bench.stats import summarize
@@ -182,6 +183,8 @@ def assemble(
             },
         },
         "http": None,
+        # The simulated-accelerator phase (None when skipped): bench/accel_phase.py, bench/accel_report.py.
+        "accelerator": results.get("accelerator"),
         "phases_s": results["phases_s"],
         "outputs": {"json": "report.json", "markdown": "report.md", "plot": "latency.png"},
     }
@@ -207,7 +210,15 @@ def assemble(
     report["precisions"] = precision_section(
         results.get("precisions"), None if eager_p50 is None else float(eager_p50["p50"])
     )
-    report["ratios"] = compute_ratios(report)
+    skipped = "--no-accelerator" if getattr(args, "no_accelerator", False) else None
+    report["ratios"] = compute_ratios(report, accelerator_reason=skipped)
+    if report["accelerator"] is not None:
+        from retinaedge.bench.accel_report import accelerator_line
+
+        report["title"] = f"retinaedge benchmark: {manifest.name}, served against a {LABEL}"
+        report["model"]["accelerator"] = accelerator_line(report["accelerator"])
+    else:
+        report["title"] = f"retinaedge benchmark: {manifest.name}"
     return report
 
 

@@ -68,17 +68,49 @@ def test_option_parsing_and_the_real_settings() -> None:
     assert ("RETINAEDGE_MAX_BATCH_SIZE" in got["env"]) == ("max_batch_size" in fields)
 
 
-def test_the_four_client_budget_is_bounded_in_count_and_in_time() -> None:
+def test_a_level_ends_when_stable_or_at_its_time_bound() -> None:
+    """:func:`~retinaedge.bench.steady.run_level` against a local HTTP server answering ``/v1/detect``
+    (the load generator alone: no inference here). A server of constant pace ends the level as stable,
+    with at least ``min_requests`` in its last three windows; one that slows down with every answer never
+    agrees and ends at ``max_seconds``. Only the stopping rule is asserted, no speed."""
+    import http.server
+    import json
+    import threading
     import time
 
-    from retinaedge.bench.http_phase import _Budget
+    from retinaedge.bench.steady import run_level
 
-    budget = _Budget(total=6, clients=3, deadline=float("inf"))
-    taken = [budget.take(first=False) for _ in range(5)]
-    assert taken == [True, True, True, False, False]  # 6 in all: 3 reserved firsts + 3
-    assert all(budget.take(first=True) for _ in range(3)) and not budget.timed_out
-    late = _Budget(total=100, clients=2, deadline=time.monotonic() - 1.0)
-    assert late.take(first=True) and not late.take(first=False) and late.timed_out
+    state = {"slowing": False, "n": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            state["n"] += 1
+            time.sleep(0.0005 * state["n"] if state["slowing"] else 0.001)
+            body = json.dumps({"frames": [], "timings_ms": {"total": 1.0}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        steady = run_level(port, [(b"x" * 10, 1)], 2, min_requests=30, max_seconds=30)
+        assert steady.stopped_by == "stable" and steady.stable
+        assert len(steady.measured) == 3 and len(steady.done) >= 30
+        state.update(slowing=True, n=0)
+        slowing = run_level(port, [(b"x" * 10, 1)], 1, min_requests=30, max_seconds=1.0)
+        assert slowing.stopped_by == "time" and not slowing.stable
+    finally:
+        server.shutdown()
 
 
 def test_model_throughput_runs_each_batch_size_for_its_count_and_its_time() -> None:

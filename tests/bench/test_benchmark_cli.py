@@ -23,6 +23,11 @@ RATIOS = (
     "service_throughput_vs_backend",
     "tail_ratio_p99_p50",
     "int8_speedup_vs_fp32",  # the precision table (bench/precisions.py); the demo bundle has no INT8 model
+    "accelerator_fed_fraction",
+    "max_fed_frames_per_s",
+    "pipeline_cpu_ms_per_frame",
+    "accelerator_tail_ratio_p99_p50",
+    "accelerator_http_overhead_p50",
 )
 TOP_KEYS = {
     "schema",
@@ -55,7 +60,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedP
         "--dicom", str(EXAMPLES / "study_01"), str(EXAMPLES / "study_01_multiframe"),
         "--frames", "4", "--warmup", "1", "--threads", "1",
         "--batch-sizes", "1,2", "--batch-repeats", "1", "--batch-seconds", "0",
-        "--clients", "1,4", "--requests-per-client", "1", "--tail-requests", "8", "--tail-seconds", "600",
+        "--clients", "1,4", "--requests-per-client", "1", "--tail-requests", "8", "--tail-seconds", "5",
+        "--level-requests", "6", "--level-seconds", "5", "--accelerator-batch", "2",
+        "--accelerator-sweep", "20,0.5", "--accelerator-sweep-a", "1",
         "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
@@ -96,16 +103,20 @@ def test_report_json_has_the_documented_keys(run: tuple[subprocess.CompletedProc
     assert report["detections"]["python_equals_in_graph_counts"] is True
     assert [row["batch_size"] for row in report["throughput"]["by_batch_size"]] == [1, 2]
     one, four = report["throughput"]["by_clients"]
-    assert (one["clients"], one["requests"]) == (1, 1)
-    assert (four["clients"], four["requests"], four["stopped_by"]) == (4, 8, "count")
-    assert four["latency_ms"]["n"] == 8 and four["target_requests"] == 8
+    # Each level runs until its last three windows agree (or for --level-seconds / --tail-seconds), with
+    # at least --level-requests (6) / --tail-requests (8) in those windows.
+    assert one["clients"] == 1 and one["requests"] >= 6 and one["target_requests"] == 6
+    assert four["clients"] == 4 and four["requests"] >= 8 and four["target_requests"] == 8
+    for level in (one, four):
+        assert level["stopped_by"] in ("stable", "time") and 1 <= len(level["window_frames_per_s"]) <= 3
+        assert level["latency_ms"]["n"] == level["requests"] and level["spread"] >= 0
     served, tail = report["ratios"]["service_throughput_vs_backend"], report["ratios"]["tail_ratio_p99_p50"]
     assert served["value"] > 0 and served["met"] in (True, False)
     assert served["inputs"]["backend_frames_per_s"] == max(
         r["frames_per_s"] for r in report["throughput"]["by_batch_size"]
     )
     assert served["inputs"]["service_frames_per_s"] == four["frames_per_s"]
-    assert tail["value"] >= 1 and tail["inputs"]["requests"] == 8
+    assert tail["value"] >= 1 and tail["inputs"]["requests"] == four["single_frame_latency_ms"]["n"]
     batching = report["http"]["batching"]
     assert report["context"]["service_batching"] == batching
     if "max_batch_size" in service_fields():
@@ -159,7 +170,7 @@ def test_without_torch_the_eager_baseline_is_skipped_with_a_reason(tmp_path: Pat
     args = [
         "benchmark", "--model", str(DEMO), "--dicom", str(EXAMPLES / "study_01"),
         "--frames", "2", "--warmup", "0", "--threads", "1", "--batch-sizes", "1", "--batch-repeats", "1",
-        "--batch-seconds", "0", "--no-http", "--out", str(out),
+        "--batch-seconds", "0", "--no-http", "--no-accelerator", "--out", str(out),
     ]  # fmt: skip
     proc = run_blocked(
         f"""
@@ -180,6 +191,8 @@ def test_without_torch_the_eager_baseline_is_skipped_with_a_reason(tmp_path: Pat
     assert report["ratios"]["service_throughput_vs_backend"]["reason"] == "no HTTP phase"
     assert report["ratios"]["tail_ratio_p99_p50"]["value"] is None
     assert report["ratios"]["postprocess_speedup_vs_python"]["value"] is not None
+    assert report["accelerator"] is None and "simulated accelerator" not in report["title"]
+    assert report["ratios"]["accelerator_fed_fraction"]["reason"] == "--no-accelerator"
     assert (out / "latency.png").is_file() and (out / "report.md").is_file()
 
 
@@ -197,3 +210,45 @@ def test_the_benchmark_package_imports_neither_export_nor_torch() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     count, bad = proc.stdout.split(" ", 1)
     assert int(count) >= 10 and bad.strip() == "[]"
+
+
+def test_the_accelerator_phase_is_named_and_answers_like_detect(
+    run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """Every report made with the simulated accelerator says so (title, model line, each figure), its
+    answers equal the first pass's (``retinaedge detect``'s code path) for every file and every response,
+    no measured frame ran for real, and each level says how steady it was."""
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    assert (
+        "simulated accelerator" in report["title"]
+        and "simulated accelerator" in report["model"]["accelerator"]
+    )
+    assert md.splitlines()[0].endswith("simulated accelerator")
+    model_line = next(line for line in md.splitlines() if line.startswith("- model:"))
+    assert "simulated accelerator" in model_line
+    accel = report["accelerator"]
+    assert accel["profile"]["name"] == "orin-agx-r50-512-fp16" and accel["batch_size"] == 2
+    assert accel["identity"]["files"] == 4 and accel["identity"]["equal"] == 4  # --frames 4: four files
+    assert accel["key_collisions"] == 0
+    levels = [accel["one_client"], accel["saturated"], accel["paced"], *accel["sweep"]["points"]]
+    assert len(accel["sweep"]["points"]) >= 1
+    for level in levels:
+        assert level["misses"] == 0 and level["responses_differing"] == 0
+        assert level["requests"] >= 6 and 1 <= len(level["window_frames_per_s"]) <= 3
+        assert level["spread"] >= 0 and level["stopped_by"] in ("stable", "time")
+        cpu = level["cpu_ms_per_frame"]  # clock ticks of 10 ms: a tiny level may count none
+        assert cpu["process"] >= 0 and cpu["pipeline"] <= cpu["process"]
+        assert sum(cpu["by_thread"].values()) == pytest.approx(cpu["process"], abs=0.01)
+        assert level["foreign_cores"] is None or level["foreign_cores"] >= 0
+    assert any(level["cpu_ms_per_frame"]["by_thread"] for level in levels)
+    assert accel["one_client"]["accelerator_frames_per_batch"] == 1.0
+    for name in RATIOS[-5:]:
+        figure = report["ratios"][name]
+        assert "simulated accelerator" in figure["definition"]
+        assert "spread" in figure and "inputs" in figure
+    assert report["ratios"]["accelerator_fed_fraction"]["value"] > 0
+    assert report["ratios"]["pipeline_cpu_ms_per_frame"]["value"] >= 0
+    assert report["ratios"]["service_throughput_vs_backend"]["goal_context"].startswith("a CPU-only")
