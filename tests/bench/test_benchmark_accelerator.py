@@ -246,3 +246,17 @@ def test_answers_through_the_simulated_accelerator_equal_detect(bundle: Bundle, 
         posted = sum(len(p["frames"]) for p in printed)
         assert counters["frames"] - counters["miss_frames"] == 2 * posted
     assert service.exit_code == 0
+
+
+def test_max_fed_is_where_the_busy_share_crosses_the_line_between_sweep_points() -> None:
+    from retinaedge.bench.accel_report import fed_capacity
+
+    def pt(fps: float, busy: float) -> dict[str, float]:
+        return {"capacity_frames_per_s": fps, "accelerator_busy": busy}
+
+    # 96 % busy at 242 frames/s, 84 % at 320: the line is crossed half-way.
+    assert fed_capacity([pt(320, 0.84), pt(242, 0.96), pt(180, 0.99)]) == pytest.approx(281.0)
+    assert fed_capacity([pt(242, 0.96)]) == 242.0  # nothing faster measured
+    assert fed_capacity([pt(320, 0.80), pt(242, 0.85)]) is None  # never fed
+    # A faster point that was busier (noise) does not extrapolate: the crossing is past the last fed point.
+    assert fed_capacity([pt(242, 0.91), pt(320, 0.93), pt(400, 0.70)]) == pytest.approx(320 + 0.03 / 0.23 * 80)
