@@ -241,13 +241,15 @@ def test_large_instances_stream_to_the_spool(service: Service) -> None:
     before = service.hwm_mib()
     assert _store(service.dimse_port, big) == 0x0000
     grown = service.hwm_mib() - before
-    assert grown < 12, f"+{grown:.0f} MiB peak RSS for a 32 MiB instance"
+    # Streamed: the peak grows by a few PDUs and the allocator's noise (13 MiB seen on one CI machine),
+    # never by the instance (+69 MiB for this 32 MiB instance when data sets were held in memory).
+    assert grown < 16, f"+{grown:.0f} MiB peak RSS for a 32 MiB instance"
     too_big = mr_instance(np.concatenate([frames, frames[:24]]))  # 44 MiB > max_body_bytes (40 MiB)
     service.hwm_reset()
     before = service.hwm_mib()
     assert _store(service.dimse_port, too_big) == 0xA700
     grown = service.hwm_mib() - before
-    assert grown < 12, f"+{grown:.0f} MiB peak RSS for a refused 44 MiB instance"
+    assert grown < 16, f"+{grown:.0f} MiB peak RSS for a refused 44 MiB instance"
     spool = service.log.parent / "data" / "spool"
     assert len(list(spool.glob("*.dcm"))) == 1 and not list(spool.glob("*.part"))
     assert rss_mib(service.pid) > 0
