@@ -259,4 +259,6 @@ def test_max_fed_is_where_the_busy_share_crosses_the_line_between_sweep_points()
     assert fed_capacity([pt(242, 0.96)]) == 242.0  # nothing faster measured
     assert fed_capacity([pt(320, 0.80), pt(242, 0.85)]) is None  # never fed
     # A faster point that was busier (noise) does not extrapolate: the crossing is past the last fed point.
-    assert fed_capacity([pt(242, 0.91), pt(320, 0.93), pt(400, 0.70)]) == pytest.approx(320 + 0.03 / 0.23 * 80)
+    assert fed_capacity([pt(242, 0.91), pt(320, 0.93), pt(400, 0.70)]) == pytest.approx(
+        320 + 0.03 / 0.23 * 80
+    )

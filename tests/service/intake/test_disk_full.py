@@ -27,6 +27,7 @@ from support.forkserver import Launcher
 from support.paths import DEMO, REPO_ROOT
 from support.polling import wait_until
 from support.servers import free_port
+from support.tmpfs import mounted_tmpfs
 
 STUDY = sorted((REPO_ROOT / "examples" / "study_01").glob("*.dcm"))
 RESERVE = 4 * 1024**2
@@ -40,19 +41,8 @@ def _multipart(parts: list[bytes]) -> bytes:
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 20 MB tmpfs (needs root: CI runs as root; elsewhere the drill is skipped with the reason)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a 20 MB tmpfs for the disk-full drill needs root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", why="the disk-full drill") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture

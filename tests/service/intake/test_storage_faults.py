@@ -30,6 +30,7 @@ from support.clients import multipart
 from support.dicomgen import mr_instance, to_bytes
 from support.paths import DEMO
 from support.servers import ready_client
+from support.tmpfs import mounted_tmpfs
 
 STOW = "/dicomweb/studies"
 
@@ -47,19 +48,8 @@ def stow(client: object, data: bytes) -> object:
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Path]:
     """A 20 MB tmpfs that the test may remount read-only."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs to remount it read-only needs root")
-    mnt = tmp_path / "volume"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "volume", why="remounting it read-only") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def remount(mnt: Path, mode: str) -> None:
