@@ -237,8 +237,11 @@ def test_the_accelerator_phase_is_named_and_answers_like_detect(
     assert len(accel["sweep"]["points"]) >= 1
     for level in levels:
         assert level["misses"] == 0 and level["responses_differing"] == 0
-        assert level["requests"] >= 6 and 1 <= len(level["window_frames_per_s"]) <= 3
         assert level["spread"] >= 0 and level["stopped_by"] in ("stable", "time")
+        # Stable: at least --level-requests (6); stopped by its time bound (--level-seconds 5, a slow sweep
+        # point on a loaded machine): whatever completed by then, at least one request.
+        assert level["requests"] >= (6 if level["stopped_by"] == "stable" else 1)
+        assert 1 <= len(level["window_frames_per_s"]) <= 3
         cpu = level["cpu_ms_per_frame"]  # clock ticks of 10 ms: a tiny level may count none
         assert cpu["process"] >= 0 and cpu["pipeline"] <= cpu["process"]
         assert sum(cpu["by_thread"].values()) == pytest.approx(cpu["process"], abs=0.01)
