@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from retinaedge.service.results.dicomdoc import document_series_uid, equipment
+from retinaedge.service.results.dicomdoc import TYPE2, document_series_uid, equipment
 
 KIND = "sc"
 #: Burned into every capture and written in its Derivation Description and Image Comments.
@@ -52,19 +52,6 @@ _LOSSY = {
     "1.2.840.10008.1.2.4.91": "ISO_15444_1",
     "1.2.840.10008.1.2.4.203": "ISO_15444_15",
 }
-#: Patient and General Study attributes copied from the kept header; present (maybe empty) in the SC,
-#: since the Patient and General Study modules make them Type 2 (C.7.1.1, C.7.2.1).
-_COPIED_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 
 
 def patient_orientation(header: Dataset, frame_index: int) -> list[str]:
@@ -161,7 +148,7 @@ def build_sc(
     sc.PatientOrientation = patient_orientation(header, frame_index)
     if "SpecificCharacterSet" in header:
         sc.SpecificCharacterSet = header.SpecificCharacterSet
-    for keyword in _COPIED_TYPE2:
+    for keyword in TYPE2:
         setattr(sc, keyword, header.get(keyword, ""))
     if header.get("BodyPartExamined"):
         sc.BodyPartExamined = header.BodyPartExamined

@@ -38,7 +38,7 @@ from retinaedge.runtime import __version__
 from retinaedge.runtime.findings import SeriesResult
 from retinaedge.runtime.manifest import ClassCode
 from retinaedge.service.results.appliance import MANUFACTURER, device_identity
-from retinaedge.service.results.dicomdoc import document_series_uid
+from retinaedge.service.results.dicomdoc import document_series_uid, with_type2
 from retinaedge.service.results.evidence import header_from_json
 from retinaedge.service.results.selection import frame_findings
 from retinaedge.service.results.views import InstanceView, SeriesView, Unavailable
@@ -84,7 +84,7 @@ def build_sr(
     ``codes`` the standard codes of the model's classes (module docstring). Only findings are reported."""
     from highdicom.sr import AlgorithmIdentification
 
-    image = _with_type2(image)
+    image = with_type2(image)
     codes = codes or {}
     algorithm = AlgorithmIdentification(name=model_name[:64], version=model_sha256[:16])
     groups = [
@@ -129,7 +129,7 @@ def build_series_sr(
     )
     from pydicom.sr.codedict import codes as codes_module
 
-    evidence = {uid: _with_type2(ds) for uid, ds in images.items()}
+    evidence = {uid: with_type2(ds) for uid, ds in images.items()}
     codes = codes or {}
     algorithm = AlgorithmIdentification(name=model_name[:64], version=model_sha256[:16])
     stack = series.stack
@@ -362,29 +362,3 @@ def _source(cls: Any, image: Dataset, frame_number: int | None) -> Any:
         except TypeError:
             pass
     return cls.from_source_image(image)
-
-
-# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that the SR copies:
-# present (possibly empty) in a conformant image, but scanners and test data sometimes omit them.
-_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-
-
-def _with_type2(image: Dataset) -> Dataset:
-    """A copy of ``image`` with missing Type 2 patient/study attributes present and empty."""
-    import copy
-
-    out = copy.deepcopy(image)
-    for keyword in _TYPE2:
-        if keyword not in out:
-            setattr(out, keyword, "")
-    return out
