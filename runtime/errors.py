@@ -174,6 +174,12 @@ class NotFoundError(RequestError):
     http_status = 404
 
 
+class UnknownModelError(NotFoundError):
+    """The request names a model this appliance does not serve (the message lists those it does)."""
+
+    type = "unknown-model"
+
+
 class OverloadedError(RetinaEdgeError):
     """The inference queue is full or too old; the client should retry after ``retry_after`` seconds."""
 

@@ -52,9 +52,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start the inference worker, the STOW-RS processor (queueing what a restart left pending) and the
     C-STORE SCP; stop them in reverse order."""
     services: Services = app.state.services
-    services.worker.start()
+    lanes = list(services.lanes.values())
+    for lane in lanes:
+        lane.worker.start()  # each loads its model and runs its self-test on its own thread
     try:
-        services.writer.start()
+        for lane in lanes:
+            lane.writer.start()
         recovered = services.processor.recover()
         if recovered:
             log.info("recovered %d pending instance(s) from the spool", recovered)
@@ -66,20 +69,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # exit ended in SIGABRT), so everything started is stopped before the error goes on.
         await services.processor.stop()
         await asyncio.to_thread(services.dispatcher.stop)
-        await asyncio.to_thread(services.opener.stop)
-        await asyncio.to_thread(services.worker.stop)
-        await asyncio.to_thread(services.writer.stop)
+        await _stop_lanes(services)
         raise
     yield
     await asyncio.to_thread(services.dimse.stop)
     await services.processor.stop()
     await asyncio.to_thread(services.dispatcher.stop)
-    await asyncio.to_thread(services.opener.stop)
-    await asyncio.to_thread(services.worker.stop)
-    await asyncio.to_thread(services.writer.stop)
+    await _stop_lanes(services)
     await asyncio.to_thread(services.built.close)
     services.clock.close()
     services.store.close()
+
+
+async def _stop_lanes(services: Services) -> None:
+    """Stop every model's opener (a background build), worker and writer."""
+    for lane in services.lanes.values():
+        await asyncio.to_thread(lane.opener.stop)
+        await asyncio.to_thread(lane.worker.stop)
+        await asyncio.to_thread(lane.writer.stop)
 
 
 class AuthAndLog:

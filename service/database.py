@@ -21,6 +21,9 @@ Versions:
   ``export_documents.scope`` may be ``study`` (subject: the Study Instance UID), a series is watched for
   completion while a destination takes a series- or study-scope document, and ``instances`` has an index
   on ``study_uid``.
+- **3**: several models per appliance: a result per instance *and model* (``instances`` keyed by both),
+  the outbox's documents and watched series name their model. Rows of before have model '' until the
+  service adopts them for its first model.
 
 :func:`prepare`, called by every connection that opens the database (:class:`.results.store.Store`,
 :class:`.outbox.queue.Outbox`), brings it to :data:`LATEST` in one ``BEGIN IMMEDIATE`` transaction: every
@@ -260,6 +263,90 @@ END;
     )
 
 
+def _v3_models(db: sqlite3.Connection) -> None:
+    """2 -> 3: results per instance and model (several models per appliance). ``instances`` is keyed by
+    (``sop_instance_uid``, ``model``), ``export_documents`` and ``export_series_watch`` name the model whose
+    result they come from. Rows written before have ``model`` '' (the appliance had one model), which
+    the service gives its first model's name at start (:meth:`.results.store.Store.adopt_unnamed`); ids and
+    rows are kept. The triggers are dropped first and made again with the model."""
+    script(
+        db,
+        """
+DROP TRIGGER export_instance_done;
+DROP TRIGGER export_series_touched;
+ALTER TABLE instances RENAME TO instances_v2;
+CREATE TABLE instances (
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid    TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    spool_path       TEXT,
+    size_bytes       INTEGER NOT NULL,
+    received_at      REAL NOT NULL,
+    state            TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+    completed_at     REAL,
+    error_type       TEXT,
+    error_message    TEXT,
+    result_json      TEXT,
+    header_json      TEXT,
+    model            TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (sop_instance_uid, model)
+);
+INSERT INTO instances SELECT *, '' FROM instances_v2 ORDER BY rowid;
+DROP TABLE instances_v2;
+CREATE INDEX instances_state ON instances (state, received_at);
+CREATE INDEX instances_completed ON instances (completed_at);
+CREATE INDEX instances_series ON instances (series_uid);
+CREATE INDEX instances_study ON instances (study_uid);
+CREATE INDEX instances_spool ON instances (spool_path);
+ALTER TABLE export_documents RENAME TO export_documents_v2;
+CREATE TABLE export_documents (
+    id               INTEGER PRIMARY KEY,
+    kind             TEXT NOT NULL,
+    scope            TEXT NOT NULL CHECK (scope IN ('instance', 'series', 'study')),
+    subject_uid      TEXT NOT NULL,
+    version          REAL NOT NULL,
+    path             TEXT,
+    sop_instance_uid TEXT,
+    built_at         REAL,
+    model            TEXT NOT NULL DEFAULT '',
+    UNIQUE (kind, subject_uid, version, model)
+);
+INSERT INTO export_documents SELECT *, '' FROM export_documents_v2 ORDER BY rowid;
+DROP TABLE export_documents_v2;
+ALTER TABLE export_series_watch RENAME TO export_series_watch_v2;
+CREATE TABLE export_series_watch (
+    series_uid TEXT NOT NULL,
+    since      REAL NOT NULL,
+    model      TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (series_uid, model)
+);
+INSERT INTO export_series_watch SELECT *, '' FROM export_series_watch_v2 ORDER BY rowid;
+DROP TABLE export_series_watch_v2;
+CREATE TRIGGER export_instance_done AFTER UPDATE OF state ON instances
+WHEN OLD.state = 'pending' AND NEW.state = 'done'
+BEGIN
+    INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version, model)
+        SELECT DISTINCT kind, 'instance', NEW.sop_instance_uid, NEW.received_at, NEW.model
+        FROM export_targets WHERE scope = 'instance';
+    INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, next_attempt_at)
+        SELECT t.name, d.id, 'pending', NEW.completed_at, NEW.completed_at
+        FROM export_targets t JOIN export_documents d
+          ON d.kind = t.kind AND d.subject_uid = NEW.sop_instance_uid AND d.version = NEW.received_at
+             AND d.model = NEW.model
+        WHERE t.scope = 'instance';
+END;
+CREATE TRIGGER export_series_touched AFTER UPDATE OF state ON instances
+WHEN OLD.state = 'pending' AND NEW.state IN ('done', 'failed')
+     AND EXISTS (SELECT 1 FROM export_targets WHERE scope IN ('series', 'study'))
+BEGIN
+    INSERT OR IGNORE INTO export_series_watch (series_uid, since, model)
+        VALUES (NEW.series_uid, NEW.completed_at, NEW.model);
+END;
+""",
+    )
+
+
 @dataclass(frozen=True)
 class Step:
     """One migration: ``apply`` takes the database from ``version - 1`` to ``version`` (inside the
@@ -276,6 +363,7 @@ class Step:
 STEPS: tuple[Step, ...] = (
     Step(1, "the outbox stores result document kinds", _v1_document_kinds),
     Step(2, "the outbox takes documents of a study", _v2_study_documents),
+    Step(3, "results per instance and model", _v3_models),
 )
 #: The version this code writes.
 LATEST = len(STEPS)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from retinaedge.runtime.backends.tensorrt.settings import EngineConfig
 from retinaedge.runtime.errors import ConfigError
@@ -27,6 +27,22 @@ from retinaedge.service.http.addresses import is_loopback
 from retinaedge.service.outbox.destinations import DeliveryDestination, check_unique
 
 
+class ModelEntry(BaseModel):
+    """One bundle of the ``models`` setting: its directory and the extra DICOM AE titles bound to it (a
+    C-STORE to one of them is run by this model only; docs/integration.md, "Several models"). A plain
+    string is the directory alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path
+    ae_titles: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_path(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, (str, Path)) else data
+
+
 class Settings(EngineConfig):
     """Everything the service needs; sizes in bytes, times in seconds.
 
@@ -36,7 +52,12 @@ class Settings(EngineConfig):
 
     model_config = SettingsConfigDict(env_prefix="RETINAEDGE_", extra="forbid", frozen=True)
 
-    model: Path = Field(description="model bundle directory")
+    model: Path | None = Field(default=None, description="model bundle directory (the one-bundle form of models)")
+    models: list[ModelEntry] = Field(
+        default_factory=list,
+        description='model bundles, each run on the images its intended use accepts: directories, or '
+        '{"path": DIR, "ae_titles": ["AET"]} to bind DICOM AE titles to it (JSON list)',
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     api_token: SecretStr | None = Field(default=None, description="bearer token; required beyond loopback")
@@ -196,6 +217,11 @@ class Settings(EngineConfig):
         default=0, ge=0, le=65535, description="DICOM C-STORE SCP port on host (0: no DIMSE service)"
     )
     dimse_ae_title: str = Field(default="RETINAEDGE", description="the SCP's own AE title")
+    dimse_ae_titles: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="more AE titles the SCP answers, each bound to the names of the models it runs "
+        '(JSON object, e.g. {"BRAINAI": ["demo"]}); dimse_ae_title runs every model',
+    )
     dimse_allowed_aets: list[str] = Field(
         default_factory=list,
         description='calling AEs accepted: "AET" or "AET@ip"; empty allows any (loopback only)',
@@ -222,6 +248,11 @@ class Settings(EngineConfig):
         """The settings of backend ``name``: those named ``NAME_*``, with the prefix dropped."""
         prefix = f"{name}_"
         return {k[len(prefix) :]: v for k, v in self.model_dump().items() if k.startswith(prefix)}
+
+    def bundles(self) -> list[ModelEntry]:
+        """The model bundles to serve, in order (the first answers ``GET /v1/model``): ``models``, or
+        ``model`` alone."""
+        return list(self.models) if self.models else [ModelEntry(path=self.model)] if self.model else []
 
     def trusted(self) -> list[TrustedKey] | None:
         """The keys of ``trusted_keys`` (:mod:`retinaedge.runtime.signing`), None when it is not set;
@@ -262,6 +293,12 @@ class Settings(EngineConfig):
 
     @model_validator(mode="after")
     def _loopback_or_token(self) -> Settings:
+        if (self.model is None) == (not self.models):
+            raise ValueError(
+                "set model (one bundle directory) or models (a list of them), not both"
+                if self.model is not None
+                else "no model: set model (RETINAEDGE_MODEL, serve --model DIR) or models (RETINAEDGE_MODELS)"
+            )
         takes_sc = [d.name for d in self.export_destinations if "sc" in d.documents]
         if self.captures == "never" and takes_sc:
             raise ValueError(
@@ -292,6 +329,15 @@ class Settings(EngineConfig):
         from retinaedge.service.dimse.peers import check_ae_title, parse_peers
 
         check_ae_title(self.dimse_ae_title, "dimse_ae_title")
+        bound = list(self.dimse_ae_titles) + [t for m in self.models for t in m.ae_titles]
+        for title in bound:
+            check_ae_title(title, "an AE title bound to models")
+        stripped = [t.strip() for t in bound]
+        if self.dimse_ae_title.strip() in stripped:
+            raise ValueError(f"{self.dimse_ae_title!r} is dimse_ae_title (every model): bind other titles")
+        for m in self.models:
+            if len({t.strip() for t in m.ae_titles} & {t.strip() for t in self.dimse_ae_titles}):
+                raise ValueError("an AE title is bound both in models and in dimse_ae_titles: bind it once")
         parse_peers(self.dimse_allowed_aets)
         if self.dimse_port == 0:
             return

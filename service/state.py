@@ -19,9 +19,10 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from retinaedge.runtime.backends.tensorrt.planning import Probe
-from retinaedge.runtime.bundle import Bundle, load_bundle
+from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.dicomio import Limits
-from retinaedge.runtime.errors import RequestError
+from retinaedge.runtime.errors import RequestError, UnknownModelError
+from retinaedge.runtime.intended_use import NotApplicableError
 from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.signing import TrustedKey
 from retinaedge.service.clock import CLOCK_FILE, ServiceClock
@@ -30,18 +31,18 @@ from retinaedge.service.dimse.scp import DimseServer
 from retinaedge.service.http.metrics import Metrics
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.intake.stow import backlog_admission
-from retinaedge.service.outbox.delivery import Dispatcher
+from retinaedge.service.outbox.delivery import Dispatcher, ModelSource
 from retinaedge.service.outbox.metrics import DeliveryCollector
-from retinaedge.service.pipeline.batching import BatchPolicy
+from retinaedge.service.lanes import Lane, Router, bound_titles, build_lane, load_bundles
 from retinaedge.service.pipeline.opener import DetectorOpener
-from retinaedge.service.pipeline.processor import Processor
+from retinaedge.service.pipeline.processor import Processor, Runner
 from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.results.built import BUILT, BuiltDocuments
 from retinaedge.service.results.captures import CAPTURES, CaptureFiles, CaptureMaker
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles, migrate
 from retinaedge.service.results.formats import FormatRegistry, ResultFormat, default_formats, document_format
-from retinaedge.service.results.store import Store
+from retinaedge.service.results.store import Store, subject_key
 from retinaedge.service.results.views import Scope
 from retinaedge.service.results.writer import ResultWriter
 from retinaedge.service.settings import Settings
@@ -71,11 +72,13 @@ class Pruner:
         self.last = now
         with self.identities.lock:  # no identity is written and its row inserted meanwhile
             gone = self.store.prune(self.max_age_s, self.max_bytes)
-            self.identities.delete(gone)
+            uids = {uid for uid, _model in gone}
+            self.identities.delete(uids - self.store.known(uids))  # once no model keeps a result of it
+            keys = [subject_key(model, uid) for uid, model in gone]
             if self.captures is not None:
-                self.captures.delete(gone)
+                self.captures.delete(keys)
             if self.built is not None and gone:
-                self.built.delete(gone)
+                self.built.delete(keys)
                 self.built.keep_only(self.store.subjects())  # and the series' and studies' left empty
         if self.captures is not None and self.captures_max_bytes is not None:
             self.captures.trim(self.captures_max_bytes)
@@ -83,20 +86,19 @@ class Pruner:
 
 @dataclass
 class Services:
-    """The model bundle, the inference worker and everything around it, for one app."""
+    """The models (:class:`~retinaedge.service.lanes.Lane`, one per bundle) and everything around them,
+    for one app. ``bundle``, ``opener``, ``worker``, ``store`` and ``writer`` are the first model's (the
+    one of ``GET /v1/model``)."""
 
     settings: Settings
-    bundle: Bundle
+    lanes: dict[str, Lane]
+    router: Router
     limits: Limits
-    opener: DetectorOpener
-    worker: InferenceWorker
     metrics: Metrics
     spool: Spool
-    store: Store
     identities: IdentityFiles
     prune: Pruner
     processor: Processor
-    writer: ResultWriter
     formats: FormatRegistry  # media type -> renderer, for Accept (service/results/formats.py)
     documents: DocumentRegistry  # the result documents by kind (service/results/documents.py)
     admit: Callable[[], None]  # raises OverloadedError while the STOW-RS backlog is full
@@ -110,6 +112,30 @@ class Services:
     uid_key: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
 
     @property
+    def first(self) -> Lane:
+        return next(iter(self.lanes.values()))
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.first.bundle
+
+    @property
+    def opener(self) -> DetectorOpener:
+        return self.first.opener
+
+    @property
+    def worker(self) -> InferenceWorker:
+        return self.first.worker
+
+    @property
+    def store(self) -> Store:
+        return self.first.store
+
+    @property
+    def writer(self) -> ResultWriter:
+        return self.first.writer
+
+    @property
     def model_name(self) -> str:
         return self.bundle.manifest.name
 
@@ -117,11 +143,21 @@ class Services:
     def model_sha256(self) -> str:
         return str(self.bundle.manifest.model_sha256)
 
+    def lane(self, name: str) -> Lane:
+        """The model ``name`` (404 ``unknown-model`` naming those served)."""
+        lane = self.lanes.get(name)
+        if lane is None:
+            raise UnknownModelError(
+                f"no model {name!r} is served here; the models are {', '.join(self.lanes)}"
+            )
+        return lane
+
     async def settled(self) -> None:
         """Wait (10 s at most) until the /v1/detect results kept so far are committed: a route that reads
         results calls it first, so that a client reads its own writes."""
-        if not self.writer.settle(0):
-            await asyncio.to_thread(self.writer.settle, 10.0)
+        for lane in self.lanes.values():
+            if not lane.writer.settle(0):
+                await asyncio.to_thread(lane.writer.settle, 10.0)
 
     def uid_hash(self, uid: str) -> str:
         """A keyed hash for logs: correlates requests without writing the UID itself."""
@@ -178,36 +214,21 @@ def import_document_libraries() -> None:
 
 
 def build_services(settings: Settings, probe: Probe) -> Services:
-    """Load the bundle and wire the worker, spool, store and processor (nothing is started here)."""
+    """Load the bundles and wire each model's lane, the spool, store, processor and delivery (nothing is
+    started here)."""
     import_document_libraries()
     trusted = settings.trusted()
-    bundle = load_bundle(settings.model, trusted=trusted)
+    bundles = load_bundles(settings, trusted)
     log_signatures(trusted)
-    log_operating_point(bundle.manifest)
-    log_intended_use(bundle.manifest)
+    for bundle in bundles:
+        log_operating_point(bundle.manifest)
+        log_intended_use(bundle.manifest)
     limits = Limits(
         max_frames=settings.max_frames,
         max_frame_bytes=settings.max_frame_bytes,
         max_decoded_bytes=settings.max_decoded_bytes,
         max_file_bytes=settings.max_body_bytes,
     )
-    opener = DetectorOpener(settings, bundle, limits, probe)
-    worker = InferenceWorker(
-        opener,
-        queue_size=settings.queue_size,
-        max_age_s=settings.queue_max_age_s,
-        retry_after_s=settings.retry_after_s,
-        policy=BatchPolicy(
-            max_batch_size=settings.max_batch_size,
-            delay_s=settings.batch_delay_ms / 1e3,
-            preferred=tuple(sorted(set(settings.preferred_batch_sizes))),
-        ),
-        prepare_threads=settings.prepare_threads,
-        max_frames_in_flight=settings.max_frames_in_flight,
-    )
-    opener.attach(worker)
-    metrics = Metrics(lambda: worker.depth)
-    worker.on_batch = metrics.batch_frames.observe
     spool = Spool(settings.data_dir / "spool", settings.min_free_bytes)
     store = Store(settings.data_dir / "state.sqlite3")
     floor = store.latest_time()
@@ -215,15 +236,14 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     store.clock = clock
     identities = IdentityFiles(settings.data_dir / "identity")
     migrate(store, identities)
-    identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
     captures = CaptureFiles(settings.data_dir / CAPTURES)
-    captures.keep_only(store.uids())  # likewise, and makings a crash interrupted
+    adopted = store.adopt_unnamed(bundles[0].manifest.name)  # rows of the one model there was
+    for uid in adopted:
+        captures.rename(subject_key("", uid), subject_key(bundles[0].manifest.name, uid))
+    identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
+    captures.keep_only(store.keys())  # likewise, and makings a crash interrupted
     built = BuiltDocuments(settings.data_dir / BUILT)
     built.keep_only(store.subjects())
-    # Secondary captures cost about an inference per frame with findings: made only when asked for.
-    drawing = (
-        CaptureMaker(captures, bundle.manifest, limits, identities) if settings.captures == "always" else None
-    )
     prune = Pruner(
         store,
         identities,
@@ -234,17 +254,51 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         settings.captures_max_bytes,
         built,
     )
+
+    def make_captures(bundle: Bundle) -> CaptureMaker | None:
+        # Secondary captures cost about an inference per frame with findings: made only when asked for.
+        if settings.captures != "always":
+            return None
+        return CaptureMaker(captures, bundle.manifest, limits, identities)
+
+    titles = bound_titles(settings, [b.manifest.name for b in bundles])
+    lanes = {
+        b.manifest.name: build_lane(
+            settings,
+            b,
+            store,
+            limits,
+            probe,
+            lambda bound, drawing: ResultWriter(bound, identities, prune, captures=drawing),
+            make_captures,
+            tuple(t for t, names in titles.items() if b.manifest.name in names),
+        )
+        for b in bundles
+    }
+    metrics = Metrics(lambda: sum(lane.worker.depth for lane in lanes.values()))
+    for lane in lanes.values():
+        lane.worker.on_batch = metrics.batch_frames.observe
+
+    def declined(exc: NotApplicableError) -> None:
+        metrics.not_applicable_to(exc.model, [f.rule for f in exc.failures])
+
+    router = Router(lanes, titles, on_declined=declined)
     documents = DOCUMENTS
+    first = bundles[0].manifest
     dispatcher = Dispatcher(
         settings,
         store,
         identities,
-        bundle.manifest.name,
-        str(bundle.manifest.model_sha256),
+        first.name,
+        str(first.model_sha256),
         documents,
-        manifest=bundle.manifest,
+        manifest=first,
         built=built,
         clock=clock,
+        sources={
+            name: ModelSource(lane.store, name, lane.sha256, lane.bundle.manifest)
+            for name, lane in lanes.items()
+        },
     )
     metrics.registry.register(DeliveryCollector(dispatcher))
 
@@ -255,34 +309,38 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     processor = Processor(
         store,
         spool,
-        worker,
+        {name: Runner(lane.store, lane.worker, lane.captures) for name, lane in lanes.items()},
         on_outcome=on_outcome,
         after_each=prune,
-        concurrency=settings.processing_concurrency or settings.max_batch_size,
-        captures=drawing,
-        on_not_applicable=lambda exc: metrics.not_applicable_to(exc.model, [f.rule for f in exc.failures]),
+        concurrency=(settings.processing_concurrency or settings.max_batch_size) * len(lanes),
+        on_not_applicable=declined,
         limits=limits,
         identities=identities,
+        route=router.for_title(None),
     )
     admit = backlog_admission(
         store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s
     )
     receiver = Receiver(
-        spool, store, limits, identities, admit, settings.max_body_bytes, enqueue=processor.enqueue
+        spool,
+        store,
+        limits,
+        identities,
+        admit,
+        settings.max_body_bytes,
+        enqueue=processor.enqueue,
+        route_for=router.for_title,
     )
     return Services(
         settings=settings,
-        bundle=bundle,
+        lanes=lanes,
+        router=router,
         limits=limits,
-        opener=opener,
-        worker=worker,
         metrics=metrics,
         spool=spool,
-        store=store,
         identities=identities,
         prune=prune,
         processor=processor,
-        writer=ResultWriter(store, identities, prune, captures=drawing),
         captures=captures,
         built=built,
         formats=default_formats(documents, built),

@@ -44,6 +44,7 @@ from retinaedge.service.intake.ingest import (
     PROCESSING_FAILURE,
     Failed,
     Header,
+    Route,
     store_spooled,
 )
 from retinaedge.service.intake.spool import Spool
@@ -91,11 +92,13 @@ class Receiver:
     max_instance_bytes: int
     enqueue: Callable[[str], None]
     loop: asyncio.AbstractEventLoop | None = None
+    #: The routing of instances sent to a called AE title (None: every model; :mod:`..lanes`).
+    route_for: Callable[[str | None], Route | None] = lambda _called: None
 
-    def receive(self, sop_class: str, sop_instance: str, data: bytes) -> Outcome:
+    def receive(self, sop_class: str, sop_instance: str, data: bytes, called_ae: str | None = None) -> Outcome:
         """Store ``data`` (PS3.10 bytes: preamble, File Meta from the request and its context, the
-        data set as received) -> its outcome. Never raises."""
-        return self._answer(lambda: self._store(sop_class, sop_instance, data))
+        data set as received), sent to ``called_ae``, -> its outcome. Never raises."""
+        return self._answer(lambda: self._store(sop_class, sop_instance, data, called_ae))
 
     def open_instance(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> IncomingInstance:
         """A spool part for a C-STORE's data set, opened when its command set arrives (on the
@@ -105,11 +108,14 @@ class Receiver:
         incoming.start(sop_class, sop_instance, transfer_syntax, self.admit)
         return incoming
 
-    def receive_instance(self, sop_class: str, sop_instance: str, incoming: IncomingInstance) -> Outcome:
-        """Commit a data set that :meth:`open_instance` streamed to the spool -> its outcome (a refusal
-        while it streamed is reported now). Never raises; the part is committed or removed."""
+    def receive_instance(
+        self, sop_class: str, sop_instance: str, incoming: IncomingInstance, called_ae: str | None = None
+    ) -> Outcome:
+        """Commit a data set that :meth:`open_instance` streamed to the spool, sent to ``called_ae``, ->
+        its outcome (a refusal while it streamed is reported now). Never raises; the part is committed or
+        removed."""
         try:
-            return self._answer(lambda: self._store_incoming(sop_class, sop_instance, incoming))
+            return self._answer(lambda: self._store_incoming(sop_class, sop_instance, incoming, called_ae))
         finally:
             incoming.close()
 
@@ -134,15 +140,17 @@ class Receiver:
             return outcome
         return Outcome(outcome.status, _comment(outcome.comment), outcome.uid)
 
-    def _store_incoming(self, sop_class: str, sop_instance: str, incoming: IncomingInstance) -> Outcome:
+    def _store_incoming(
+        self, sop_class: str, sop_instance: str, incoming: IncomingInstance, called_ae: str | None
+    ) -> Outcome:
         if incoming.error is not None:
             raise incoming.error
         if incoming.refusal is not None:
             return Outcome(*incoming.refusal)
         path, fh = incoming.take()
-        return self._commit(path, fh, incoming.size, sop_class, sop_instance)
+        return self._commit(path, fh, incoming.size, sop_class, sop_instance, called_ae)
 
-    def _store(self, sop_class: str, sop_instance: str, data: bytes) -> Outcome:
+    def _store(self, sop_class: str, sop_instance: str, data: bytes, called_ae: str | None) -> Outcome:
         self.admit()  # 503 for STOW-RS: A700 here
         if len(data) > self.max_instance_bytes:
             return Outcome(OUT_OF_RESOURCES, f"instance exceeds {self.max_instance_bytes} bytes")
@@ -154,9 +162,11 @@ class Receiver:
             self.spool.discard(path, fh)
             raise
 
-        return self._commit(path, fh, len(data), sop_class, sop_instance)
+        return self._commit(path, fh, len(data), sop_class, sop_instance, called_ae)
 
-    def _commit(self, path: Path, fh: BinaryIO, size: int, sop_class: str, sop_instance: str) -> Outcome:
+    def _commit(
+        self, path: Path, fh: BinaryIO, size: int, sop_class: str, sop_instance: str, called_ae: str | None
+    ) -> Outcome:
         """``store_spooled`` the part (the data set must be the request's) and enqueue a new row."""
 
         def as_requested(header: Header) -> tuple[int, str] | None:
@@ -173,6 +183,7 @@ class Receiver:
             limits=self.limits,
             identities=self.identities,
             check=as_requested,
+            route=self.route_for(called_ae),
         )
         if isinstance(result, Failed):
             return Outcome(result.reason, result.why)

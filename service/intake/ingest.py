@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from retinaedge.runtime.dicomio import DicomInput, Limits, open_dicom, validate
 from retinaedge.runtime.errors import (
@@ -33,7 +33,7 @@ from retinaedge.runtime.errors import (
 )
 from retinaedge.service.intake.spool import Spool, storage_error
 from retinaedge.service.results.evidence import IdentityFiles, split_dataset
-from retinaedge.service.results.store import Store
+from retinaedge.service.results.store import Declined, Store
 
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
@@ -56,11 +56,19 @@ class Header:
 
 @dataclass(frozen=True)
 class Stored:
-    """Committed: the row exists (``inserted`` False when the UID was already known)."""
+    """Committed: the rows exist (``inserted`` False when no model has new work: the UID was already
+    known, or no model takes it); ``models`` the models whose pending row was added."""
 
     sop_class: str
     sop_instance: str
     inserted: bool
+    models: tuple[str, ...] = ()
+
+
+#: Which models take an instance, from its header (a pydicom Dataset, nothing decoded): ``(the models
+#: that take it, {model: why not})`` (:class:`retinaedge.service.lanes.Router`).
+Routing = tuple[list[str], dict[str, Declined]]
+Route = Callable[[Any], Routing]
 
 
 @dataclass(frozen=True)
@@ -90,9 +98,16 @@ def reason_for(exc: DicomInputError | RequestError) -> int:
 def inspect(source: Path | bytes, limits: Limits) -> tuple[str, str, str, str, str, str]:
     """Header checks -> (SOP class, SOP instance, study, series UIDs, SR evidence, patient identity; the
     last two DICOM JSON, :mod:`..results.evidence`); nothing decoded."""
+    return inspect_routed(source, limits, None)[0]
+
+
+def inspect_routed(
+    source: Path | bytes, limits: Limits, route: Route | None
+) -> tuple[tuple[str, str, str, str, str, str], Routing | None]:
+    """:func:`inspect`, and ``route``'s decision on the same parsed header (None without ``route``)."""
     with open_dicom(source, limits) as src:
         validate(src, limits)
-        return header_of(src)
+        return header_of(src), (route(src.ds) if route is not None else None)
 
 
 def header_uids(src: DicomInput) -> tuple[str, str, str, str]:
@@ -127,8 +142,12 @@ def store_spooled(
     limits: Limits,
     identities: IdentityFiles | None,
     check: Check | None = None,
+    route: Route | None = None,
 ) -> Stored | Failed:
-    """fsync + rename the part, header checks, ``check``, identity file, pending row (all in this thread).
+    """fsync + rename the part, header checks, ``check``, identity file, pending rows (all in this thread).
+
+    ``route`` says which models take the instance (a pending row each) and which do not (a
+    ``not-applicable`` row each); without it, the row is the ``store``'s model's.
 
     Returns :class:`Stored` or :class:`Failed`; raises (507 for a full disk or database, 503 for any other
     storage error, anything unexpected) after cleaning up, so that nothing not recorded stays in the spool. Call it from one
@@ -141,7 +160,8 @@ def store_spooled(
         spool.discard(part, fh)
         raise
     try:
-        header = Header(*inspect(final, limits))
+        found, routing = inspect_routed(final, limits, route)
+        header = Header(*found)
     except (DicomInputError, RequestError) as exc:
         cls, inst = uids_if_readable(final)
         spool.discard(final)
@@ -154,17 +174,18 @@ def store_spooled(
         spool.discard(final)
         return Failed(header.sop_class, header.sop_instance, *refused)
     uid = header.sop_instance
+    accepted, declined = routing if routing is not None else ([store.model], {})
     try:
         add = (uid, header.sop_class, header.study, header.series, final.name, size, header.evidence)
         if identities is None:
-            inserted = store.add_pending(*add)
+            models = store.add_instance(*add, accepted=accepted, declined=declined)
         else:
             with identities.lock:  # before the row: an acknowledged instance has its identity on disk
-                earlier = store.get(uid)  # a failed one is replaced by this copy, its identity too
+                earlier = store.instance_rows(uid)  # failed ones are replaced by this copy, the identity too
                 identities.put(
-                    uid, header.identity, replace=earlier is not None and earlier.state == "failed"
+                    uid, header.identity, replace=bool(earlier) and all(r.state == "failed" for r in earlier)
                 )
-                inserted = store.add_pending(*add)
+                models = store.add_instance(*add, accepted=accepted, declined=declined)
     except BaseException as exc:  # not recorded, so not acknowledged: the file goes too
         spool.discard(final)
         if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
@@ -174,9 +195,9 @@ def store_spooled(
         if isinstance(exc, OSError):
             raise storage_error(exc, spool.root) from exc
         raise
-    if not inserted:  # the same SOP Instance UID again, pending or done: idempotent, the first copy stands
+    if not models:  # known already (idempotent: the first copy stands), or no model takes it
         spool.discard(final)
-    return Stored(header.sop_class, uid, inserted)
+    return Stored(header.sop_class, uid, bool(models), tuple(models))
 
 
 def uids_if_readable(path: Path) -> tuple[str, str]:

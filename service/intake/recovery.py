@@ -27,7 +27,7 @@ from pathlib import Path
 
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import DicomInputError, RequestError
-from retinaedge.service.intake.ingest import Header, inspect
+from retinaedge.service.intake.ingest import Header, Route, inspect_routed
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.results.evidence import IdentityFiles
 from retinaedge.service.results.store import Store
@@ -38,14 +38,20 @@ QUARANTINE = "quarantine"
 
 
 def adopt_orphans(
-    paths: Iterable[Path], *, spool: Spool, store: Store, limits: Limits, identities: IdentityFiles | None
+    paths: Iterable[Path],
+    *,
+    spool: Spool,
+    store: Store,
+    limits: Limits,
+    identities: IdentityFiles | None,
+    route: Route | None = None,
 ) -> Counter[str]:
     """Recover, drop or quarantine each spool file in ``paths`` (files no row names); returns how many
     went each way (``recovered``, ``known``, ``quarantined``). Storage errors are raised (the caller
     retries the start)."""
     outcomes: Counter[str] = Counter()
     for path in paths:
-        outcomes[adopt(path, spool=spool, store=store, limits=limits, identities=identities)] += 1
+        outcomes[adopt(path, spool=spool, store=store, limits=limits, identities=identities, route=route)] += 1
     if outcomes["recovered"]:
         log.warning(
             "%d spool file(s) had no database row (the database was lost or rebuilt): recovered from "
@@ -57,10 +63,20 @@ def adopt_orphans(
     return outcomes
 
 
-def adopt(path: Path, *, spool: Spool, store: Store, limits: Limits, identities: IdentityFiles | None) -> str:
-    """One spool file without a row -> ``recovered``, ``known`` or ``quarantined`` (module docstring)."""
+def adopt(
+    path: Path,
+    *,
+    spool: Spool,
+    store: Store,
+    limits: Limits,
+    identities: IdentityFiles | None,
+    route: Route | None = None,
+) -> str:
+    """One spool file without a row -> ``recovered``, ``known`` or ``quarantined`` (module docstring);
+    ``route`` gives it to the models that take it (:func:`..intake.ingest.store_spooled`)."""
     try:
-        header = Header(*inspect(path, limits))
+        found, routing = inspect_routed(path, limits, route)
+        header = Header(*found)
     except (DicomInputError, RequestError) as exc:
         quarantine(spool, path, f"{exc.type}: {exc}")
         return "quarantined"
@@ -74,12 +90,13 @@ def adopt(path: Path, *, spool: Spool, store: Store, limits: Limits, identities:
         size,
         header.evidence,
     )
+    accepted, declined = routing if routing is not None else ([store.model], {})
     if identities is None:
-        inserted = store.add_pending(*add)
+        inserted = store.add_instance(*add, accepted=accepted, declined=declined)
     else:
         with identities.lock:
             identities.put(header.sop_instance, header.identity, replace=False)
-            inserted = store.add_pending(*add)
+            inserted = store.add_instance(*add, accepted=accepted, declined=declined)
     if inserted:
         return "recovered"
     spool.discard(path)

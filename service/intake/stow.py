@@ -33,6 +33,7 @@ from retinaedge.service.intake.ingest import (
     OUT_OF_RESOURCES,
     Failed,
     Header,
+    Route,
     store_spooled,
 )
 from retinaedge.service.intake.multipart import MultipartParser, stow_boundary
@@ -144,12 +145,14 @@ async def receive(
     admit: Callable[[], None] = lambda: None,
     idle_timeout_s: float | None = None,
     identities: IdentityFiles | None = None,
+    route: Route | None = None,
 ) -> StowOutcome:
     """Stream a STOW-RS body into the spool; return what was stored and what failed (and why).
 
     ``admit()`` raises :class:`OverloadedError` while the backlog is full; it runs (in a thread) before
     anything is read and before each part. ``idle_timeout_s``: 408 when the client stops sending.
     ``identities`` keeps each stored instance's patient identity apart from the database (:mod:`..results.evidence`).
+    ``route`` gives each instance to the models that take it (:func:`.ingest.store_spooled`).
     """
     parser = MultipartParser(stow_boundary(content_type))
     spool.check_reserve()  # 507 before anything is written
@@ -185,7 +188,9 @@ async def receive(
                     if part.problem is None:
                         part.write(b"", final=True)
                     current, part = part, None
-                    await _finish_part(current, outcome, spool, store, limits, study_uid, enqueue, identities)
+                    await _finish_part(
+                        current, outcome, spool, store, limits, study_uid, enqueue, identities, route
+                    )
         parser.finish()
     except BaseException:  # 507, 408, 503, a broken body, the client gone, cancellation: no part is left
         if part is not None:
@@ -226,6 +231,7 @@ async def _finish_part(
     study_uid: str | None,
     enqueue: Callable[[str], None],
     identities: IdentityFiles | None,
+    route: Route | None = None,
 ) -> None:
     if part.problem is not None:
         spool.discard(part.path, part.fh)
@@ -251,6 +257,7 @@ async def _finish_part(
         limits=limits,
         identities=identities,
         check=same_study,
+        route=route,
     )
     if isinstance(result, Failed):
         outcome.failed.append((result.sop_class, result.sop_instance, result.reason, result.why))

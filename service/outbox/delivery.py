@@ -33,7 +33,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,8 +71,20 @@ class NothingToSend(NoDocument):
     """The job's document has nothing to show (its subject has no findings): dropped, not dead."""
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """One model's results, as the dispatcher builds its documents: its bound store, its name and
+    sha256, its manifest (class codes, operating point)."""
+
+    store: Store
+    name: str
+    sha256: str
+    manifest: Manifest | None = None
+
+
 class Dispatcher:
-    """The outbox's delivery threads and their state (module docstring)."""
+    """The outbox's delivery threads and their state (module docstring). ``sources`` holds every
+    model's results by the name its rows carry; without it, the one model of ``store``."""
 
     def __init__(
         self,
@@ -85,15 +98,15 @@ class Dispatcher:
         manifest: Manifest | None = None,
         built: BuiltDocuments | None = None,
         clock: Callable[[], float] = time.time,
+        sources: Mapping[str, ModelSource] | None = None,
     ) -> None:
         self.settings = settings
+        self.sources = dict(sources or {store.model: ModelSource(store, model_name, model_sha256, manifest)})
         #: Service time (:mod:`retinaedge.service.clock`): back-off, holds and series quiet periods.
         self.clock = clock
-        self.manifest = manifest  # the model's (class codes, ...) for the documents it builds
         self.built = built  # an instance's documents, built once and shared with the routes
         self.store = store
         self.identities = identities
-        self.model_name, self.model_sha256 = model_name, model_sha256
         self.documents = documents
         self.destinations = list(settings.export_destinations)
         self.root = settings.data_dir / "outbox"
@@ -263,7 +276,7 @@ class Dispatcher:
         built = self.built
         if built is None or not view.version:
             return build
-        return lambda: {1: built.file(view.uid, kind, view.version, build)}
+        return lambda: {1: built.file(view.key, kind, view.version, build)}
 
     def _askable(self, name: str) -> bool:
         """Whether ``name``'s protocol lets the dispatcher ask it for a document (:mod:`.presence`)."""
@@ -325,8 +338,11 @@ class Dispatcher:
         doc = self.documents.get(job.document_kind)
         if doc is None:  # written by another version of the service
             raise NoDocument(f"this service cannot build a {job.document_kind!r} document")
+        src = self.sources.get(job.model)
+        if src is None:
+            raise NoDocument(f"the model {job.model!r} whose result it shows is no longer served")
         if doc.scope == "instance":
-            row = self.store.get(job.subject_uid)
+            row = src.store.get(job.subject_uid)
             if row is None or row.state != "done":
                 raise NoDocument("the instance's result is no longer kept (retention) or not done")
             identity = self.identities.get(job.subject_uid)
@@ -334,10 +350,10 @@ class Dispatcher:
                 uid=job.subject_uid,
                 result=row.result() or {},
                 header_json=row.header_json,
-                model_name=self.model_name,
-                model_sha256=self.model_sha256,
+                model_name=src.name,
+                model_sha256=src.sha256,
                 identity=identity,
-                manifest=self.manifest,
+                manifest=src.manifest,
                 version=result_version(row.result_json, row.header_json, identity),
             )
             data_dir = self.settings.data_dir
@@ -347,31 +363,24 @@ class Dispatcher:
             else:
                 build = self._kept(doc.kind, view, lambda: doc.build_instance(view))
         elif doc.scope == "study":
-            rows = self.store.study_rows(job.subject_uid)
+            rows = src.store.study_rows(job.subject_uid)
             if not rows:
                 raise NoDocument("no instance of the study is kept (retention)")
             images = study_images(job.subject_uid, rows, self.identities.get)
-            study = StudyView(
-                job.subject_uid, images, self.model_name, self.model_sha256, version=rows_version(rows)
-            )
+            study = StudyView(job.subject_uid, images, src.name, src.sha256, version=rows_version(rows))
             build = self._kept(doc.kind, study, lambda: doc.build_study(study))
         else:
-            rows = self.store.series_rows(job.subject_uid)
+            rows = src.store.series_rows(job.subject_uid)
             params = self.settings.link_params(
-                self.manifest is not None and self.manifest.operating_point is not None
+                src.manifest is not None and src.manifest.operating_point is not None
             )
             found = series_findings(rows, params, self.identities.get)
             if found is None:
                 raise NoDocument("no instance of the series is kept that could be analysed")
             series = SeriesView(
-                job.subject_uid,
-                {},
-                found,
-                self.model_name,
-                self.model_sha256,
-                manifest=self.manifest,
+                job.subject_uid, {}, found, src.name, src.sha256, manifest=src.manifest,
                 version=rows_version(rows),
-            )
+            )  # fmt: skip
             build = self._kept(doc.kind, series, lambda: doc.build_series(series))
         try:
             return build()
@@ -405,10 +414,11 @@ class Dispatcher:
         """Jobs of the series' documents, and of their study's, for watched series that are complete now
         (:func:`retinaedge.service.results.completion.series_status`)."""
         added = 0
-        for uid in self.outbox.watched_series():
-            rows = self.store.series_rows(uid)
+        for uid, model in self.outbox.watched_series():
+            src = self.sources.get(model)
+            rows = src.store.series_rows(uid) if src is not None else []
             if not rows:
-                self.outbox.unwatch(uid)
+                self.outbox.unwatch(uid, model)
                 continue
             status = series_status(
                 rows, self.clock(), self.settings.series_quiet_s, self.store.series_requested_at(uid)
@@ -416,9 +426,9 @@ class Dispatcher:
             if status.state != "complete":
                 continue
             if status.done == 0:  # nothing to report: every instance failed
-                self.outbox.unwatch(uid)
+                self.outbox.unwatch(uid, model)
                 continue
-            added += self.outbox.series_complete(uid, status.last_received_at, rows[0].study_uid)
+            added += self.outbox.series_complete(uid, status.last_received_at, rows[0].study_uid, model)
         if added:
             self.wake()
 

@@ -6,7 +6,7 @@ Tables (:mod:`.schema`; created and migrated with the results' tables by
 - ``export_targets``: one row per configured destination and document kind it receives (``kind``: a
   kind of :mod:`retinaedge.service.results.documents`, ``sr``, ``series-sr``, ``gsps``, ``kos``, with its
   ``scope``), rewritten at each start from the settings (:meth:`Outbox.sync_targets`).
-- ``export_documents``: one document per (kind, subject, version): scope ``instance`` (subject: SOP
+- ``export_documents``: one document per (kind, subject, version, model: whose result it shows): scope ``instance`` (subject: SOP
   Instance UID, version: when it was received), ``series`` (subject: Series Instance UID, version: when
   its last instance arrived, so a series re-opened by a late instance gets a new document) or ``study``
   (subject: Study Instance UID, version: when the last instance of the series whose completion issued
@@ -75,6 +75,7 @@ class Job:
     finished_at: float | None
     path: str | None
     sop_instance_uid: str | None
+    model: str = ""  # whose result the document shows
 
     @property
     def sop_instance_uids(self) -> list[str]:
@@ -88,6 +89,7 @@ class Job:
             "destination": self.destination,
             "kind": self.kind,
             "document": self.document_kind,
+            "model": self.model,
             "subject_uid": self.subject_uid,
             "sr_sop_instance_uid": self.sop_instance_uids[0] if self.sop_instance_uids else None,
             "sop_instance_uids": self.sop_instance_uids,
@@ -105,16 +107,16 @@ class Job:
 _JOB = (
     "SELECT j.id, j.destination, j.document_id, d.kind, d.scope, d.subject_uid, d.version, j.state, "
     "j.created_at, j.next_attempt_at, j.attempts, j.possibly_delivered, j.duplicate, j.last_error, "
-    "j.finished_at, d.path, d.sop_instance_uid FROM export_jobs j JOIN export_documents d ON d.id = j.document_id"
+    "j.finished_at, d.path, d.sop_instance_uid, d.model FROM export_jobs j JOIN export_documents d ON d.id = j.document_id"
 )
 
 
 def _job(r: tuple[Any, ...]) -> Job:
     (id_, destination, document_id, document_kind, kind, subject_uid, version, state, created_at) = r[:9]
-    (next_attempt_at, attempts, possibly, duplicate, last_error, finished_at, path, uid) = r[9:]
+    (next_attempt_at, attempts, possibly, duplicate, last_error, finished_at, path, uid, model) = r[9:]
     return Job(
         id_, destination, document_id, document_kind, kind, subject_uid, version, state, created_at,
-        next_attempt_at, attempts, bool(possibly), duplicate, last_error, finished_at, path, uid,
+        next_attempt_at, attempts, bool(possibly), duplicate, last_error, finished_at, path, uid, model,
     )  # fmt: skip
 
 
@@ -358,37 +360,46 @@ class Outbox:
             return cur.rowcount
 
     # -- series -----------------------------------------------------------------------------------------
-    def watched_series(self) -> list[str]:
-        return [r[0] for r in self._rows("SELECT series_uid FROM export_series_watch ORDER BY since")]
+    def watched_series(self) -> list[tuple[str, str]]:
+        """``(series_uid, model)`` of the series that may become complete, oldest first."""
+        rows = self._rows("SELECT series_uid, model FROM export_series_watch ORDER BY since")
+        return [(r[0], r[1]) for r in rows]
 
-    def unwatch(self, series_uid: str) -> None:
+    def unwatch(self, series_uid: str, model: str = "") -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM export_series_watch WHERE series_uid = ?", (series_uid,))
+            db.execute(
+                "DELETE FROM export_series_watch WHERE series_uid = ? AND model = ?", (series_uid, model)
+            )
 
-    def series_complete(self, series_uid: str, version: float, study_uid: str | None = None) -> int:
+    def series_complete(
+        self, series_uid: str, version: float, study_uid: str | None = None, model: str = ""
+    ) -> int:
         """Enqueue the documents a complete series issues for the destinations that receive them: the
         series' own (each series-scope kind, e.g. ``series-sr``) and, given its ``study_uid``, a new
-        version of its study's (each study-scope kind, e.g. ``kos``); ``version`` is the series' last
-        instance's arrival for both. Stops watching the series; one transaction; returns the jobs added."""
+        version of its study's (each study-scope kind, e.g. ``kos``), of ``model``'s results; ``version``
+        is the series' last instance's arrival for both. Stops watching the series for that model; one
+        transaction; returns the jobs added."""
         now = self.clock()
         subjects = [("series", series_uid)] + ([("study", study_uid)] if study_uid is not None else [])
         added = 0
         with self._tx() as db:
             for scope, subject in subjects:
                 db.execute(
-                    "INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version) "
-                    "SELECT DISTINCT kind, ?, ?, ? FROM export_targets WHERE scope = ?",
-                    (scope, subject, version, scope),
+                    "INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version, model) "
+                    "SELECT DISTINCT kind, ?, ?, ?, ? FROM export_targets WHERE scope = ?",
+                    (scope, subject, version, model, scope),
                 )
                 cur = db.execute(
                     "INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, "
                     "next_attempt_at) SELECT t.name, d.id, 'pending', ?, ? FROM export_targets t "
                     "JOIN export_documents d ON d.kind = t.kind AND d.subject_uid = ? AND d.version = ? "
-                    "WHERE t.scope = ?",
-                    (now, now, subject, version, scope),
+                    "AND d.model = ? WHERE t.scope = ?",
+                    (now, now, subject, version, model, scope),
                 )
                 added += cur.rowcount
-            db.execute("DELETE FROM export_series_watch WHERE series_uid = ?", (series_uid,))
+            db.execute(
+                "DELETE FROM export_series_watch WHERE series_uid = ? AND model = ?", (series_uid, model)
+            )
             return added
 
     # -- reporting --------------------------------------------------------------------------------------

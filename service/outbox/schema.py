@@ -28,7 +28,8 @@ CREATE TABLE export_documents (
     path             TEXT,
     sop_instance_uid TEXT,
     built_at         REAL,
-    UNIQUE (kind, subject_uid, version)
+    model            TEXT NOT NULL DEFAULT '',
+    UNIQUE (kind, subject_uid, version, model)
 );
 CREATE TABLE export_jobs (
     id                 INTEGER PRIMARY KEY,
@@ -62,25 +63,29 @@ CREATE TABLE export_counters (
     PRIMARY KEY (destination, key)
 );
 CREATE TABLE export_series_watch (
-    series_uid TEXT PRIMARY KEY,
-    since      REAL NOT NULL
+    series_uid TEXT NOT NULL,
+    since      REAL NOT NULL,
+    model      TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (series_uid, model)
 );
 CREATE TRIGGER export_instance_done AFTER UPDATE OF state ON instances
 WHEN OLD.state = 'pending' AND NEW.state = 'done'
 BEGIN
-    INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version)
-        SELECT DISTINCT kind, 'instance', NEW.sop_instance_uid, NEW.received_at
+    INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version, model)
+        SELECT DISTINCT kind, 'instance', NEW.sop_instance_uid, NEW.received_at, NEW.model
         FROM export_targets WHERE scope = 'instance';
     INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, next_attempt_at)
         SELECT t.name, d.id, 'pending', NEW.completed_at, NEW.completed_at
         FROM export_targets t JOIN export_documents d
           ON d.kind = t.kind AND d.subject_uid = NEW.sop_instance_uid AND d.version = NEW.received_at
+             AND d.model = NEW.model
         WHERE t.scope = 'instance';
 END;
 CREATE TRIGGER export_series_touched AFTER UPDATE OF state ON instances
 WHEN OLD.state = 'pending' AND NEW.state IN ('done', 'failed')
      AND EXISTS (SELECT 1 FROM export_targets WHERE scope IN ('series', 'study'))
 BEGIN
-    INSERT OR IGNORE INTO export_series_watch (series_uid, since) VALUES (NEW.series_uid, NEW.completed_at);
+    INSERT OR IGNORE INTO export_series_watch (series_uid, since, model)
+        VALUES (NEW.series_uid, NEW.completed_at, NEW.model);
 END;
 """

@@ -1,7 +1,10 @@
-"""Runs acknowledged STOW-RS instances through the inference worker, durably.
+"""Runs acknowledged STOW-RS and C-STORE instances through the inference workers of their models, durably.
 
-The SQLite row is the truth: a pending row is processed until it is done or failed; after a crash or a
-restart every pending row is queued again. The spool file is removed only after the outcome is committed.
+The SQLite rows are the truth: an instance has a row per model that takes it; a pending row is processed
+by its model's worker (:class:`Runner`) until it is done or failed; the models of one instance run at
+the same time. After a crash or a restart every pending row is queued again; a pending row of a model no
+longer served is recorded as failed (``model-not-served``). The spool file is removed only after every
+model's outcome is committed.
 Before a done result is committed, the secondary captures of its frames with findings are made from the
 spool file (:class:`~retinaedge.service.results.captures.CaptureMaker`: the frames are read again, one at a
 time), so they exist once the result and its export jobs do.
@@ -19,6 +22,8 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,18 +31,29 @@ from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import DicomInputError, NotReadyError, OverloadedError
 from retinaedge.runtime.intended_use import NotApplicableError
 from retinaedge.runtime.logsafety import redacted_traceback
+from retinaedge.service.intake.ingest import Route
 from retinaedge.service.intake.recovery import adopt_orphans
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.results.captures import CaptureMaker
 from retinaedge.service.results.evidence import IdentityFiles
 from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
-from retinaedge.service.results.store import Store
+from retinaedge.service.results.store import Row, Store
 
 log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Runner:
+    """What processing one model's rows needs: its bound store, its worker and its captures (None:
+    captures=never)."""
+
+    store: Store
+    worker: InferenceWorker
+    captures: CaptureMaker | None = None
 
 
 class Processor:
@@ -47,24 +63,24 @@ class Processor:
         self,
         store: Store,
         spool: Spool,
-        worker: InferenceWorker,
+        runners: Mapping[str, Runner],
         *,
         retry_s: float = 0.25,
         on_outcome: Callable[[str], None] = lambda _o: None,
         after_each: Callable[[], None] = lambda: None,
         concurrency: int = 1,
-        captures: CaptureMaker | None = None,
         on_not_applicable: Callable[[NotApplicableError], None] = lambda _e: None,
         limits: Limits | None = None,
         identities: IdentityFiles | None = None,
+        route: Route | None = None,
     ) -> None:
-        self.store = store
+        self.store = store  # any model's view: the rows of every model are read through it
         self.on_not_applicable = on_not_applicable  # counts it (metrics) by model and rule
         self.limits = limits or Limits()  # for reading spool files the database lost (recover)
         self.identities = identities
-        self.captures = captures
+        self.route = route  # for spool files recovered from their bytes
         self.spool = spool
-        self.worker = worker
+        self.runners = dict(runners)
         self.retry_s = retry_s
         self.on_outcome = on_outcome
         self.after_each = after_each
@@ -92,14 +108,34 @@ class Processor:
                     store=self.store,
                     limits=self.limits,
                     identities=self.identities,
+                    route=self.route,
                 )
             except STORAGE_ERRORS as exc:  # a read-only volume: said by /readyz, retried at the next start
                 self.problem = f"spool files cannot be recovered: {type(exc).__name__}: {exc}"
                 log.error("%s; they are left in the spool for the next start", self.problem)
-        pending = self.store.pending()
+        pending: dict[str, None] = {}
+        for uid, model in self.store.pending_keys():
+            if model in self.runners:
+                pending[uid] = None
+                continue
+            gone = self.store.bound(model)
+            row = gone.get(uid)
+            gone.failed(uid, "model-not-served", f"the model {model!r} is no longer served by this appliance")
+            log.warning("a pending instance of model %r, no longer served, is recorded as failed", model)
+            if row is not None and row.spool_path is not None:
+                self._release(row.spool_path)
         for uid in pending:
             self.enqueue(uid)
         return len(pending)
+
+    def _release(self, spool_path: str) -> None:
+        """Remove an instance's spool file (its name under the spool) once no row waits for it."""
+        if self.store.spool_in_use(spool_path):
+            return
+        try:
+            (self.spool.root / spool_path).unlink(missing_ok=True)  # recorded: a file left behind is removed at the next start
+        except OSError as exc:
+            log.warning("a processed spool file could not be removed (%s)", type(exc).__name__)
 
     def start(self) -> None:
         """``concurrency`` tasks, each taking the next pending instance: their frames share batches."""
@@ -162,54 +198,65 @@ class Processor:
                 self._active.discard(uid)
 
     async def _process(self, uid: str) -> None:
-        row = await self._stored("reading a pending instance", lambda: self.store.get(uid))
-        if row is None or row.state != "pending" or row.spool_path is None:
+        rows = await self._stored("reading a pending instance", lambda: self.store.instance_rows(uid))
+        todo = [
+            r for r in rows if r.state == "pending" and r.spool_path is not None and r.model in self.runners
+        ]
+        if not todo:
             return
-        path: Path = self.spool.root / row.spool_path
-        outcome, record = await self._infer(path, uid, row.header_json)
-        await self._stored("recording an outcome", record)
-        self.on_outcome(outcome)
-        try:
-            path.unlink(missing_ok=True)  # recorded: a file left behind is removed at the next start
-        except OSError as exc:
-            log.warning("a processed spool file could not be removed (%s)", type(exc).__name__)
+        await asyncio.gather(*(self._process_row(row) for row in todo))
         await self._stored("retention", self.after_each)  # off the event loop; retried like any write
 
-    async def _infer(self, path: Path, uid: str, evidence: str | None) -> tuple[str, Callable[[], None]]:
-        """Run one spooled instance -> ``(outcome, the call that records it)``; ``evidence`` is its kept
-        header (for the captures)."""
+    async def _process_row(self, row: Row) -> None:
+        """Run one model's pending row, record the outcome, release the spool file when no row waits."""
+        assert row.spool_path is not None
+        runner, spool_path = self.runners[row.model], row.spool_path
+        path: Path = self.spool.root / spool_path
+        outcome, record = await self._infer(runner, path, row.sop_instance_uid, row.header_json)
+        await self._stored("recording an outcome", record)
+        self.on_outcome(outcome)
+        await self._stored("releasing a spool file", lambda: self._release(spool_path))
+
+    async def _infer(
+        self, runner: Runner, path: Path, uid: str, evidence: str | None
+    ) -> tuple[str, Callable[[], None]]:
+        """Run one spooled instance on ``runner``'s model -> ``(outcome, the call that records it)``;
+        ``evidence`` is its kept header (for the captures)."""
+        worker, store = runner.worker, runner.store
         while True:
             try:
-                result = await asyncio.wrap_future(self.worker.submit_path(path))
+                result = await asyncio.wrap_future(worker.submit_path(path))
             except (OverloadedError, NotReadyError):
-                if self.worker.state == "failed":
-                    log.error("processing paused: the backend failed (%s)", self.worker.reason)
+                if worker.state == "failed":
+                    log.error("processing paused: the backend failed (%s)", worker.reason)
                 await asyncio.sleep(self.retry_s)  # stays pending: nothing is lost
                 continue
             except NotApplicableError as exc:  # stored and acknowledged; recorded, never exported
                 self.on_not_applicable(exc)
                 outcome = {"model": exc.model, "rules": [f.to_json() for f in exc.failures]}
-                return exc.type, _call(self.store.not_applicable, uid, outcome, str(exc))
+                return exc.type, _call(store.not_applicable, uid, outcome, str(exc))
             except DicomInputError as exc:
-                return exc.type, _call(self.store.failed, uid, exc.type, str(exc))
+                return exc.type, _call(store.failed, uid, exc.type, str(exc))
             except Exception as exc:  # a bug: record it against the instance, keep serving
                 log.error("processing failed:\n%s", redacted_traceback(sys.exc_info()))
                 message = f"{type(exc).__name__}: {exc}"
-                return "internal-error", _call(self.store.failed, uid, "internal-error", message)
+                return "internal-error", _call(store.failed, uid, "internal-error", message)
             body = result.to_json()
-            body["backend"] = self.worker.backend
-            body["backend_reason"] = self.worker.backend_reason
-            body["precision"] = self.worker.precision
-            return "ok", self._done(uid, path, body, evidence)
+            body["backend"] = worker.backend
+            body["backend_reason"] = worker.backend_reason
+            body["precision"] = worker.precision
+            return "ok", self._done(runner, uid, path, body, evidence)
 
-    def _done(self, uid: str, path: Path, body: dict[str, Any], evidence: str | None) -> Callable[[], None]:
+    def _done(
+        self, runner: Runner, uid: str, path: Path, body: dict[str, Any], evidence: str | None
+    ) -> Callable[[], None]:
         """The call that records a done result: its captures from the spool file, then the row (retried
         together while storage fails)."""
 
         def record() -> None:
-            if self.captures is not None:
-                self.captures.keep(uid, path, body, evidence)
-            self.store.done(uid, body)
+            if runner.captures is not None:
+                runner.captures.keep(uid, path, body, evidence)
+            runner.store.done(uid, body)
 
         return record
 

@@ -41,6 +41,7 @@ from retinaedge.service.results.evidence import IdentityFiles, header_from_json
 from retinaedge.service.results.sc import NOTICE, build_sc
 from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.storage import STORAGE_ERRORS
+from retinaedge.service.results.store import subject_key
 from retinaedge.service.results.views import InstanceView, NothingToReport, Unavailable
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class CaptureMaker:
             raise
         except Exception as exc:  # the result stands without its captures
             log.warning("secondary captures not made: %s", type(exc).__name__)
-        self.files.install(uid, made)
+        self.files.install(subject_key(self.manifest.name, uid), made)
 
     def make(self, source: bytes | Path, result: dict[str, Any], header: Dataset) -> Path | None:
         """The captures of one instance, in a new temporary directory for :meth:`CaptureFiles.install`;
@@ -138,8 +139,14 @@ class CaptureFiles:
         self._installing = threading.Lock()  # one replacement at a time
 
     def path(self, uid: str) -> Path:
-        """The directory of one instance's captures (it may not exist)."""
+        """The directory of one instance's captures (it may not exist); ``uid`` here and below is the
+        result's key (:func:`.store.subject_key`: the model and the instance)."""
         return self.root / hashlib.sha256(uid.encode()).hexdigest()[:40]
+
+    def rename(self, old: str, new: str) -> None:
+        """Move the captures kept under key ``old`` to ``new`` (rows adopted by a model)."""
+        if self.path(old).is_dir() and not self.path(new).exists():
+            os.replace(self.path(old), self.path(new))
 
     def install(self, uid: str, made: Path | None) -> None:
         """Make ``made`` (from :meth:`CaptureMaker.make`) the captures of ``uid``, replacing any it had;
@@ -230,7 +237,7 @@ def sc_files(view: InstanceView, data_dir: Path) -> dict[int, Path]:
     wanted = [i + 1 for i in findings_by_frame(view.result)]
     if not wanted:
         raise NothingToReport("no frame of this instance has findings, so there is no secondary capture")
-    files = CaptureFiles(data_dir / CAPTURES).frames(view.uid)
+    files = CaptureFiles(data_dir / CAPTURES).frames(view.key)
     if list(files) != wanted:
         raise Unavailable("the secondary captures of this result were not made; its other documents are")
     return files

@@ -243,7 +243,7 @@ async def _kept_response(
     if built is None or not view.version:
         return await _document_response(doc, build, scope, status)
     try:
-        path = await built.file_async(view.uid, doc.kind, view.version, build)
+        path = await built.file_async(view.key, doc.kind, view.version, build)
         data = await asyncio.to_thread(path.read_bytes)
     except FileNotFoundError:  # removed meanwhile (retention): build this one
         return await _document_response(doc, build, scope, status)

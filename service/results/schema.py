@@ -2,7 +2,8 @@
 has them: the description of record. The migration steps of :mod:`retinaedge.service.database` are what
 creates and changes them, and must produce exactly this (tests/service/test_state_migrations.py).
 
-- ``instances``: one row per SOP Instance UID received (STOW-RS, C-STORE) or detected (``/v1/detect``):
+- ``instances``: one row per SOP Instance UID and model (``model``, the name the service gives it; ''
+  in rows written before several models) received (STOW-RS, C-STORE) or detected (``/v1/detect``):
   ``pending`` (its spooled file, ``spool_path``, waits for the worker), then ``done`` (``result_json``,
   the ``/v1/detect`` body) or ``failed`` (``error_type``, ``error_message``). ``header_json`` is the SR
   evidence (DICOM JSON, :mod:`.evidence`); times are epoch seconds, sizes bytes.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 SCHEMA = """
 CREATE TABLE instances (
-    sop_instance_uid TEXT PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
     sop_class_uid    TEXT NOT NULL,
     study_uid        TEXT NOT NULL,
     series_uid       TEXT NOT NULL,
@@ -25,12 +26,15 @@ CREATE TABLE instances (
     error_type       TEXT,
     error_message    TEXT,
     result_json      TEXT,
-    header_json      TEXT
+    header_json      TEXT,
+    model            TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (sop_instance_uid, model)
 );
 CREATE INDEX instances_state ON instances (state, received_at);
 CREATE INDEX instances_completed ON instances (completed_at);
 CREATE INDEX instances_series ON instances (series_uid);
 CREATE INDEX instances_study ON instances (study_uid);
+CREATE INDEX instances_spool ON instances (spool_path);
 CREATE TABLE series_requests (
     series_uid   TEXT PRIMARY KEY,
     requested_at REAL NOT NULL

@@ -1,7 +1,13 @@
 """SQLite (WAL) record of received instances and their results.
 
-One row per SOP Instance UID: ``pending`` until the worker has run it, then ``done`` (result JSON) or
-``failed`` (error type and message). Receiving a UID twice is idempotent: the first row stands.
+One row per SOP Instance UID and model: ``pending`` until that model's worker has run it, then ``done``
+(result JSON) or ``failed`` (error type and message; ``not-applicable`` when the instance is outside the
+model's intended use). Receiving a UID twice is idempotent: the first rows stand.
+
+A :class:`Store` is *bound* to one model (``model``; :meth:`Store.bound` gives another model's view of
+the same connection): the methods that read or write results (``get``, ``add_pending``, ``done``,
+``series_rows``...) see that model's rows only; those about instances and the database as a whole
+(``backlog``, ``spool_paths``, ``prune``, ``uids``, ``subjects``...) see every model's.
 ``series_requests`` records when a client asked for a series to be treated as complete. The tables are
 described in :mod:`.schema`; opening a :class:`Store` brings the database to the schema version this code
 knows (:func:`retinaedge.service.database.prepare`).
@@ -13,7 +19,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +42,22 @@ class Row:
     error_message: str | None
     result_json: str | None
     header_json: str | None
+    model: str = ""
+
+    @property
+    def key(self) -> str:
+        """What this result's files are kept under (:func:`subject_key`)."""
+        return subject_key(self.model, self.sop_instance_uid)
 
     def result(self) -> dict[str, Any] | None:
         return json.loads(self.result_json) if self.result_json else None
+
+
+def subject_key(model: str, uid: str) -> str:
+    """The key of one model's documents of a subject (an instance, series or study UID): the files kept
+    for it (built documents, captures) live under a digest of it. The UID alone for rows without a model
+    (written before several models), so their files keep their place until they are adopted."""
+    return f"{model}/{uid}" if model else uid
 
 
 def state_of(row: Row) -> str:
@@ -49,9 +68,9 @@ def state_of(row: Row) -> str:
 
 _PUT_DONE = (
     "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, size_bytes, "
-    "received_at, state, completed_at, result_json, header_json) "
-    "VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?, ?) "
-    "ON CONFLICT(sop_instance_uid) DO UPDATE SET state = 'done', completed_at = excluded.completed_at, "
+    "received_at, state, completed_at, result_json, header_json, model) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?, ?, ?) "
+    "ON CONFLICT(sop_instance_uid, model) DO UPDATE SET state = 'done', completed_at = excluded.completed_at, "
     "result_json = excluded.result_json, header_json = excluded.header_json "
     "WHERE instances.state != 'pending'"
 )
@@ -59,13 +78,41 @@ _PUT_DONE = (
 
 _ADD_PENDING = (
     "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, spool_path, size_bytes, "
-    "received_at, state, header_json) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) "
-    "ON CONFLICT(sop_instance_uid) DO UPDATE SET sop_class_uid = excluded.sop_class_uid, "
+    "received_at, state, header_json, model) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) "
+    "ON CONFLICT(sop_instance_uid, model) DO UPDATE SET sop_class_uid = excluded.sop_class_uid, "
     "study_uid = excluded.study_uid, series_uid = excluded.series_uid, spool_path = excluded.spool_path, "
     "size_bytes = excluded.size_bytes, received_at = excluded.received_at, state = 'pending', "
     "completed_at = NULL, error_type = NULL, error_message = NULL, result_json = NULL, "
     "header_json = excluded.header_json WHERE instances.state = 'failed'"
 )
+
+_ADD_NOT_APPLICABLE = (
+    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, size_bytes, "
+    "received_at, state, completed_at, error_type, error_message, result_json, header_json, model) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'failed', ?, 'not-applicable', ?, ?, ?, ?) "
+    "ON CONFLICT(sop_instance_uid, model) DO UPDATE SET sop_class_uid = excluded.sop_class_uid, "
+    "study_uid = excluded.study_uid, series_uid = excluded.series_uid, spool_path = NULL, "
+    "size_bytes = excluded.size_bytes, received_at = excluded.received_at, "
+    "completed_at = excluded.completed_at, error_type = 'not-applicable', "
+    "error_message = excluded.error_message, result_json = excluded.result_json, "
+    "header_json = excluded.header_json WHERE instances.state = 'failed'"
+)
+
+
+@dataclass(frozen=True)
+class Declined:
+    """A model that does not take an instance: the message and the outcome (the model and its failed
+    rules, kept as the row's ``result_json`` for ``GET /v1/results``)."""
+
+    message: str
+    outcome: dict[str, Any]
+
+
+class _Clock:
+    """The clock the bound stores of one database share (set once by the service)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.now = clock
 
 
 class Store:
@@ -75,13 +122,30 @@ class Store:
     its :class:`~retinaedge.service.clock.ServiceClock`, which does not jump with the wall clock.
     """
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time, *, model: str = "") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         #: Set when the database was found damaged at start and rebuilt (:mod:`retinaedge.service.repair`).
         self.damage: repair.Damage | None
         self._db, self.damage = repair.open_state(path)
         self._lock = threading.Lock()
-        self.clock = clock
+        self._clock = _Clock(clock)
+        #: The model whose results this store reads and writes (module docstring).
+        self.model = model
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock.now
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self._clock.now = clock  # for every store bound to this database
+
+    def bound(self, model: str) -> Store:
+        """The same database, reading and writing ``model``'s results (one connection, one lock)."""
+        other = object.__new__(Store)
+        other._db, other._lock, other._clock, other.damage = self._db, self._lock, self._clock, self.damage
+        other.model = model
+        return other
 
     def unwritable_reason(self) -> str | None:
         """Why the database cannot be written now (for ``/readyz``), or None: a real, committed write of
@@ -133,11 +197,51 @@ class Store:
 
         ``header_json`` is the instance's SR evidence (DICOM JSON, no patient identity: service/results/evidence.py).
         """
+        added = self.add_instance(
+            uid, sop_class, study, series, spool_path, size, header_json, accepted=[self.model]
+        )
+        return bool(added)
+
+    def add_instance(
+        self,
+        uid: str,
+        sop_class: str,
+        study: str,
+        series: str,
+        spool_path: str,
+        size: int,
+        header_json: str | None,
+        *,
+        accepted: list[str],
+        declined: dict[str, Declined] | None = None,
+    ) -> list[str]:
+        """Record a received instance for several models in one transaction: a pending row for each model
+        in ``accepted``, a ``not-applicable`` one for each in ``declined``. A model's earlier row stands
+        unless it failed (:meth:`add_pending`). Returns the models whose pending row was added (each to be
+        processed)."""
+        now = self.clock()
+        added: list[str] = []
         with self._lock:
-            cur = self._db.execute(
-                _ADD_PENDING, (uid, sop_class, study, series, spool_path, size, self.clock(), header_json)
-            )
-            return cur.rowcount == 1
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for model in accepted:
+                    cur = self._db.execute(
+                        _ADD_PENDING,
+                        (uid, sop_class, study, series, spool_path, size, now, header_json, model),
+                    )
+                    if cur.rowcount == 1:
+                        added.append(model)
+                for model, why in (declined or {}).items():
+                    self._db.execute(
+                        _ADD_NOT_APPLICABLE,
+                        (uid, sop_class, study, series, size, now, now, why.message, json.dumps(why.outcome),
+                         header_json, model),
+                    )  # fmt: skip
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return added
 
     def put_done(
         self,
@@ -153,14 +257,15 @@ class Store:
         now = self.clock()
         with self._lock:
             self._db.execute(
-                _PUT_DONE, (uid, sop_class, study, series, size, now, now, json.dumps(result), header_json)
+                _PUT_DONE,
+                (uid, sop_class, study, series, size, now, now, json.dumps(result), header_json, self.model),
             )
 
     def put_done_many(self, rows: list[tuple[str, str, str, str, int, dict[str, Any], str | None]]) -> None:
         """:meth:`put_done` for many ``(uid, sop_class, study, series, size, result, header_json)`` in one
         transaction (one commit, one fsync)."""
         now = self.clock()
-        values = [(u, c, st, se, n, now, now, json.dumps(r), h) for u, c, st, se, n, r, h in rows]
+        values = [(u, c, st, se, n, now, now, json.dumps(r), h, self.model) for u, c, st, se, n, r, h in rows]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -171,14 +276,24 @@ class Store:
             self._db.execute("COMMIT")
 
     def get(self, uid: str) -> Row | None:
-        return self._one("SELECT * FROM instances WHERE sop_instance_uid = ?", (uid,))
+        """This model's row of ``uid``, or None."""
+        return self._one("SELECT * FROM instances WHERE sop_instance_uid = ? AND model = ?", (uid, self.model))
+
+    def instance_rows(self, uid: str) -> list[Row]:
+        """Every model's row of ``uid``, in the order the models were recorded."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE sop_instance_uid = ? ORDER BY rowid", (uid,)
+            ).fetchall()
+        return [Row(*r) for r in rows]
 
     def series_rows(self, series_uid: str) -> list[Row]:
         """Every kept instance of one series, in order of arrival."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at, sop_instance_uid",
-                (series_uid,),
+                "SELECT * FROM instances WHERE series_uid = ? AND model = ? "
+                "ORDER BY received_at, sop_instance_uid",
+                (series_uid, self.model),
             ).fetchall()
         return [Row(*r) for r in rows]
 
@@ -186,8 +301,9 @@ class Store:
         """Every kept instance of one study, in order of arrival."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at, sop_instance_uid",
-                (study_uid,),
+                "SELECT * FROM instances WHERE study_uid = ? AND model = ? "
+                "ORDER BY received_at, sop_instance_uid",
+                (study_uid, self.model),
             ).fetchall()
         return [Row(*r) for r in rows]
 
@@ -210,19 +326,66 @@ class Store:
         return float(r[0]) if r else None
 
     def pending(self) -> list[str]:
+        """This model's pending instances, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT sop_instance_uid FROM instances WHERE state = 'pending' ORDER BY received_at"
+                "SELECT sop_instance_uid FROM instances WHERE state = 'pending' AND model = ? "
+                "ORDER BY received_at",
+                (self.model,),
             ).fetchall()
         return [r[0] for r in rows]
 
+    def pending_keys(self) -> list[tuple[str, str]]:
+        """``(uid, model)`` of every model's pending rows, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, model FROM instances WHERE state = 'pending' ORDER BY received_at"
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
     def backlog(self) -> tuple[int, int]:
-        """``(instances, bytes)`` acknowledged and not processed yet (state ``pending``)."""
+        """``(instances, bytes)`` acknowledged and not processed yet by some model (a pending row; an
+        instance counts once, whatever number of models wait for it)."""
         with self._lock:
             n, size = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM instances WHERE state = 'pending'"
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM (SELECT MAX(size_bytes) AS size_bytes "
+                "FROM instances WHERE state = 'pending' GROUP BY sop_instance_uid)"
             ).fetchone()
         return int(n), int(size)
+
+    def spool_in_use(self, spool_path: str) -> bool:
+        """True while a row (of any model) still waits for the spool file ``spool_path``."""
+        with self._lock:
+            r = self._db.execute(
+                "SELECT 1 FROM instances WHERE spool_path = ? LIMIT 1", (spool_path,)
+            ).fetchone()
+        return r is not None
+
+    def adopt_unnamed(self, model: str) -> list[str]:
+        """Give the rows without a model (written before several models, by the one model there was)
+        ``model``'s name, with the outbox's documents and watched series; returns their UIDs (whose kept
+        files move to their new key, :func:`subject_key`). One transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                uids = [
+                    r[0]
+                    for r in self._db.execute(
+                        "UPDATE instances SET model = ? WHERE model = '' RETURNING sop_instance_uid", (model,)
+                    ).fetchall()
+                ]
+                self._db.execute("UPDATE export_documents SET model = ? WHERE model = ''", (model,))
+                self._db.execute("UPDATE export_series_watch SET model = ? WHERE model = ''", (model,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return uids
+
+    def models(self) -> set[str]:
+        """The models with rows."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT DISTINCT model FROM instances").fetchall()}
 
     def spool_paths(self) -> set[str]:
         with self._lock:
@@ -235,16 +398,16 @@ class Store:
         with self._lock:
             self._db.execute(
                 "UPDATE instances SET state = 'done', completed_at = ?, result_json = ?, spool_path = NULL "
-                "WHERE sop_instance_uid = ?",
-                (self.clock(), json.dumps(result), uid),
+                "WHERE sop_instance_uid = ? AND model = ?",
+                (self.clock(), json.dumps(result), uid, self.model),
             )
 
     def failed(self, uid: str, error_type: str, message: str) -> None:
         with self._lock:
             self._db.execute(
                 "UPDATE instances SET state = 'failed', completed_at = ?, error_type = ?, error_message = ?, "
-                "spool_path = NULL WHERE sop_instance_uid = ?",
-                (self.clock(), error_type, message, uid),
+                "spool_path = NULL WHERE sop_instance_uid = ? AND model = ?",
+                (self.clock(), error_type, message, uid, self.model),
             )
 
     def not_applicable(self, uid: str, outcome: dict[str, Any], message: str) -> None:
@@ -254,53 +417,77 @@ class Store:
         with self._lock:
             self._db.execute(
                 "UPDATE instances SET state = 'failed', completed_at = ?, error_type = 'not-applicable', "
-                "error_message = ?, result_json = ?, spool_path = NULL WHERE sop_instance_uid = ?",
-                (self.clock(), message, json.dumps(outcome), uid),
+                "error_message = ?, result_json = ?, spool_path = NULL WHERE sop_instance_uid = ? AND model = ?",
+                (self.clock(), message, json.dumps(outcome), uid, self.model),
             )
 
-    def prune(self, max_age_s: float, max_result_bytes: int) -> list[str]:
-        """Retention: drop finished rows older than ``max_age_s``, then the oldest beyond the byte budget;
-        returns the SOP Instance UIDs dropped."""
+    def prune(self, max_age_s: float, max_result_bytes: int) -> list[tuple[str, str]]:
+        """Retention: drop finished rows (of every model) older than ``max_age_s``, then the oldest beyond
+        the byte budget; returns the ``(uid, model)`` of the rows dropped."""
         with self._lock:
             old = [
-                r[0]
+                (r[0], r[1])
                 for r in self._db.execute(
                     "DELETE FROM instances WHERE state != 'pending' AND completed_at < ? "
-                    "RETURNING sop_instance_uid",
+                    "RETURNING sop_instance_uid, model",
                     (self.clock() - max_age_s,),
                 ).fetchall()
             ]
-            n = len(old)
             rows = self._db.execute(
-                "SELECT sop_instance_uid, LENGTH(COALESCE(result_json, '')) FROM instances "
+                "SELECT sop_instance_uid, model, LENGTH(COALESCE(result_json, '')) FROM instances "
                 "WHERE state != 'pending' ORDER BY completed_at DESC"
             ).fetchall()
             total, drop = 0, []
-            for uid, size in rows:
+            for uid, model, size in rows:
                 total += size
                 if total > max_result_bytes:
-                    drop.append((uid,))
+                    drop.append((uid, model))
             if drop:
-                self._db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", drop)
-            if n or drop:
+                self._db.executemany("DELETE FROM instances WHERE sop_instance_uid = ? AND model = ?", drop)
+            if old or drop:
                 self._db.execute(
                     "DELETE FROM series_requests WHERE series_uid NOT IN (SELECT series_uid FROM instances)"
                 )
-        return old + [uid for (uid,) in drop]
+        return old + drop
+
+    def known(self, uids: Iterable[str]) -> set[str]:
+        """Those of ``uids`` that some model still has a row of."""
+        wanted = list(set(uids))
+        found: set[str] = set()
+        with self._lock:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" for _ in chunk)
+                found.update(
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT DISTINCT sop_instance_uid FROM instances WHERE sop_instance_uid IN ({marks})",
+                        chunk,
+                    ).fetchall()
+                )
+        return found
 
     def uids(self) -> list[str]:
-        """Every SOP Instance UID the database knows."""
+        """Every SOP Instance UID the database knows (of any model, each once)."""
         with self._lock:
-            return [r[0] for r in self._db.execute("SELECT sop_instance_uid FROM instances").fetchall()]
+            return [
+                r[0] for r in self._db.execute("SELECT DISTINCT sop_instance_uid FROM instances").fetchall()
+            ]
+
+    def keys(self) -> set[str]:
+        """The :func:`subject_key` of every row (an instance's result of one model)."""
+        with self._lock:
+            rows = self._db.execute("SELECT model, sop_instance_uid FROM instances").fetchall()
+        return {subject_key(m, u) for m, u in rows}
 
     def subjects(self) -> set[str]:
-        """Every SOP Instance, Series Instance and Study Instance UID the database knows (what documents
-        can be kept for)."""
+        """The :func:`subject_key` of every model's SOP Instance, Series Instance and Study Instance UID
+        the database knows (what documents can be kept for)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT sop_instance_uid, series_uid, study_uid FROM instances"
+                "SELECT model, sop_instance_uid, series_uid, study_uid FROM instances"
             ).fetchall()
-        return {uid for row in rows for uid in row if uid}
+        return {subject_key(row[0], uid) for row in rows for uid in row[1:] if uid}
 
     def headers_with(self, keys: tuple[str, ...]) -> list[tuple[str, str]]:
         """``(uid, header_json)`` of rows whose kept header mentions any of the DICOM JSON ``keys``."""
@@ -319,6 +506,9 @@ class Store:
             )
 
     def counts(self) -> dict[str, int]:
+        """This model's rows by state."""
         with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state").fetchall()
+            rows = self._db.execute(
+                "SELECT state, COUNT(*) FROM instances WHERE model = ? GROUP BY state", (self.model,)
+            ).fetchall()
         return {state: n for state, n in rows}

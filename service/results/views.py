@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from retinaedge.service.results.completion import SeriesFindings
+from retinaedge.service.results.store import subject_key
 
 if TYPE_CHECKING:
     from retinaedge.runtime.manifest import Manifest
@@ -49,6 +50,11 @@ class InstanceView:
     manifest: Manifest | None = None
     version: str = ""
 
+    @property
+    def key(self) -> str:
+        """What its documents are kept under (:func:`.store.subject_key`: the model and the subject)."""
+        return subject_key(self.model_name, self.uid)
+
 
 @dataclass(frozen=True)
 class SeriesView:
@@ -64,6 +70,11 @@ class SeriesView:
     manifest: Manifest | None = None
     version: str = ""  # of its documents on disk (:func:`.built.rows_version`); empty: not kept
 
+    @property
+    def key(self) -> str:
+        """What its documents are kept under (:func:`.store.subject_key`: the model and the subject)."""
+        return subject_key(self.model_name, self.uid)
+
 
 @dataclass(frozen=True)
 class StudyView:
@@ -76,3 +87,8 @@ class StudyView:
     model_sha256: str
     manifest: Manifest | None = None
     version: str = ""  # of its documents on disk (:func:`.built.rows_version`); empty: not kept
+
+    @property
+    def key(self) -> str:
+        """What its documents are kept under (:func:`.store.subject_key`: the model and the subject)."""
+        return subject_key(self.model_name, self.uid)

@@ -36,15 +36,20 @@ from support.paths import DEMO, REPO_ROOT
 from support.polling import wait_until
 
 FIXTURE = REPO_ROOT / "tests" / "data" / "state-v0"
-#: The tables whose rows version 1 keeps exactly as version 0 wrote them.
+#: The tables whose rows the migrations keep exactly as version 0 wrote them.
 UNCHANGED = (
-    "instances",
     "series_requests",
     "export_jobs",
     "export_attempts",
     "export_counters",
-    "export_series_watch",
 )
+#: The tables whose rows version 3 keeps with the model of the row, '' until the service adopts them.
+WITH_MODEL = ("instances", "export_series_watch")
+
+
+def with_model(table_rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows of before version 3 as version 3 keeps them: a last column, the model, ''."""
+    return [(*r, "") for r in table_rows]
 
 
 def copy_fixture(tmp_path: Path) -> Path:
@@ -85,7 +90,7 @@ def schema_of(path: Path) -> dict[str, str]:
 
 
 def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    tables = (*UNCHANGED, "export_targets", "export_documents")
+    tables = (*UNCHANGED, *WITH_MODEL, "export_targets", "export_documents")
     return {table: rows(path, table) for table in tables}
 
 
@@ -113,13 +118,15 @@ def test_a_database_of_the_landed_code_is_migrated_on_start_and_nothing_is_lost(
     store = Store(path)  # as build_services opens it: the store first, then the exporter's outbox
     outbox = Outbox(path)
     try:
-        assert user_version(path) == database.LATEST == 2
+        assert user_version(path) == database.LATEST == 3
         after = snapshot(path)
         for table in UNCHANGED:
             assert after[table] == before[table], table
+        for table in WITH_MODEL:
+            assert after[table] == with_model(before[table]), table
         kind = {"instance": "sr", "series": "series-sr"}
         assert after["export_documents"] == [
-            (id_, kind[scope], scope, subject, version, file, uid, built)
+            (id_, kind[scope], scope, subject, version, file, uid, built, "")
             for id_, scope, subject, version, file, uid, built in before["export_documents"]
         ]
         targets = {(name, kind, scope) for name, kind, scope in after["export_targets"]}
@@ -146,7 +153,7 @@ def test_a_database_of_the_landed_code_is_migrated_on_start_and_nothing_is_lost(
         in_flight = [a[1] for a in before["export_attempts"] if a[4] is None]
         assert [h["outcome"] for h in outbox.attempts(in_flight[0])][-1] == "in-flight"
         assert outbox.known_paths() == {p.name for p in (data / "outbox").iterdir()}
-        assert outbox.watched_series() == [r[0] for r in before["export_series_watch"]]
+        assert outbox.watched_series() == [(r[0], "") for r in before["export_series_watch"]]
 
         # The trigger enqueues by kind after the migration: an instance's result, then its series.
         series = "1.2.826.0.1.3680043.8.498.999"
@@ -159,7 +166,7 @@ def test_a_database_of_the_landed_code_is_migrated_on_start_and_nothing_is_lost(
             "sr",
             "pending",
         )
-        assert series in outbox.watched_series()  # "archive" takes series-sr
+        assert (series, "") in outbox.watched_series()  # "archive" takes series-sr
         assert outbox.series_complete(series, 1.0) == 1
         (added,) = [j for j in outbox.jobs(None, "archive", 100) if j.subject_uid == series]
         assert (added.kind, added.document_kind) == ("series", "series-sr")
@@ -171,30 +178,53 @@ def test_a_database_of_the_landed_code_is_migrated_on_start_and_nothing_is_lost(
 def test_a_version_1_database_takes_study_documents_and_keeps_its_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """1 -> 2 (the scope ``study``, for the KOS): the outbox's targets, documents (with their ids) and
-    jobs stay as they were; afterwards a destination may take ``kos``, a series is watched for it, and
-    its completion enqueues a study-scope document of its study."""
+    """1 -> 2 (the scope ``study``, for the KOS) -> 3 (a model per row): the outbox's targets, documents
+    (with their ids) and jobs stay as they were; afterwards a destination may take ``kos``, a series is
+    watched for it, and its completion enqueues a study-scope document of its study."""
     path = tmp_path / "state.sqlite3"
-    with monkeypatch.context() as m:  # the code of version 1: its one step
+    with monkeypatch.context() as m:  # a database of version 1, written as that code wrote it
         m.setattr(database, "STEPS", database.STEPS[:1])
         m.setattr(database, "LATEST", 1)
-        store, outbox = Store(path), Outbox(path)
+        db = database.connect(path)
         assert user_version(path) == 1
-        outbox.sync_targets([("pacs", ["sr"]), ("archive", ["series-sr"])])
-        assert store.add_pending("1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", "1.2.3.4", "x.dcm", 10)
-        store.done("1.2.3.4.1", {"frames": []})
-        assert outbox.series_complete("1.2.3.4", 5.0) == 1
-        store.close()
-        outbox.close()
+        db.execute(
+            "INSERT INTO export_targets (name, kind, scope) VALUES ('pacs', 'sr', 'instance'), "
+            "('archive', 'series-sr', 'series')"
+        )
+        db.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, spool_path, "
+            "size_bytes, received_at, state) VALUES ('1.2.3.4.1', '1.2.840.10008.5.1.4.1.1.4', '1.2.3', "
+            "'1.2.3.4', 'x.dcm', 10, 1.0, 'pending')"
+        )
+        db.execute(
+            "UPDATE instances SET state = 'done', completed_at = 2.0, result_json = '{\"frames\": []}', "
+            "spool_path = NULL WHERE sop_instance_uid = '1.2.3.4.1'"
+        )  # the trigger: pacs's sr job, the series watched for archive
+        db.execute(
+            "INSERT INTO export_documents (kind, scope, subject_uid, version) "
+            "VALUES ('series-sr', 'series', '1.2.3.4', 5.0)"
+        )
+        db.execute(
+            "INSERT INTO export_jobs (destination, document_id, state, created_at, next_attempt_at) "
+            "SELECT 'archive', id, 'pending', 5.0, 5.0 FROM export_documents WHERE kind = 'series-sr'"
+        )
+        db.execute("DELETE FROM export_series_watch")
+        db.close()
     before = snapshot(path)
+    assert len(before["export_jobs"]) == 2 and len(before["instances"]) == 1
     store, outbox = Store(path), Outbox(path)
     try:
-        assert user_version(path) == database.LATEST == 2
-        assert snapshot(path) == before
+        assert user_version(path) == database.LATEST == 3
+        after = snapshot(path)
+        for table in UNCHANGED:
+            assert after[table] == before[table], table
+        for table in (*WITH_MODEL, "export_documents"):
+            assert after[table] == with_model(before[table]), table
+        assert after["export_targets"] == before["export_targets"]
         outbox.sync_targets([("pacs", ["sr", "kos"])])
         assert store.add_pending("1.2.3.5.1", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", "1.2.3.5", "y.dcm", 10)
         store.done("1.2.3.5.1", {"frames": []})
-        assert outbox.watched_series() == ["1.2.3.5"]  # watched for the study's kos alone
+        assert outbox.watched_series() == [("1.2.3.5", "")]  # watched for the study's kos alone
         assert outbox.series_complete("1.2.3.5", 7.0, "1.2.3") == 1
         (job,) = [j for j in outbox.jobs(None, "pacs", 100) if j.document_kind == "kos"]
         assert (job.kind, job.subject_uid, job.version) == ("study", "1.2.3", 7.0)

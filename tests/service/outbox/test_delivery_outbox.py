@@ -65,7 +65,7 @@ def test_a_result_and_its_export_jobs_are_one_transaction(tmp_path: Path) -> Non
         ("viewer", "instance", "1.2.3.4.1", "pending"),
     ]
     assert jobs[0].document_id == jobs[1].document_id  # one SR for both destinations
-    assert outbox.watched_series() == ["1.2.3.4"]  # a destination takes series SRs
+    assert outbox.watched_series() == [("1.2.3.4", "")]  # a destination takes series SRs
     assert outbox.series_complete("1.2.3.4", 123.0) == 2  # pacs and series-only
     assert outbox.watched_series() == []
     assert outbox.series_complete("1.2.3.4", 123.0) == 0  # the same version once only

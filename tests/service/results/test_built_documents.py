@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
 from retinaedge.service.results.built import BuiltDocuments, result_version
+from retinaedge.service.results.store import subject_key
 from support.paths import EXAMPLES
 from support.servers import demo_app, ready_client
 
@@ -73,7 +74,7 @@ def test_a_document_is_built_once_per_result_and_the_same_object_each_time(
     newer = client.get(url)
     assert newer.status_code == 200 and pydicom.dcmread(io.BytesIO(newer.content)).SOPInstanceUID != first
     assert len(writes) == 2
-    folder = app.state.services.built.folder(uid)
+    folder = app.state.services.built.folder(subject_key(app.state.services.model_name, uid))
     assert [p.name for p in folder.iterdir() if p.name.startswith(f"{kind}-")] == [writes[1]]
 
 

@@ -1,0 +1,168 @@
+"""The models of one appliance: a :class:`Lane` per bundle, and the routing of an instance to them.
+
+Each model of the ``models`` setting (or the one of ``model``) gets its own lane: its bundle, its
+detector opener and inference worker (own backend, batching and warm-up), its view of the results store
+(:meth:`~retinaedge.service.results.store.Store.bound`: results are per instance and model), its writer
+of ``/v1/detect`` results and its maker of secondary captures. A lane is named by its manifest's name,
+which every result, document and export job of it carries; two bundles of one name are refused.
+
+:class:`Router` decides, from an instance's header alone, which lanes take it: every lane whose intended
+use accepts it (:mod:`retinaedge.runtime.intended_use`), among the lanes the called AE title is bound to
+(``dimse_ae_titles``, a model's ``ae_titles``; ``dimse_ae_title`` and HTTP reach every lane). The others
+record it as ``not-applicable`` with the rules they failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from retinaedge.runtime.backends.tensorrt.planning import Probe
+from retinaedge.runtime.bundle import Bundle, load_bundle
+from retinaedge.runtime.dicomio import Limits
+from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.intended_use import Failure, NotApplicableError
+from retinaedge.runtime.signing import TrustedKey
+from retinaedge.service.intake.ingest import Routing
+from retinaedge.service.pipeline.batching import BatchPolicy
+from retinaedge.service.pipeline.opener import DetectorOpener
+from retinaedge.service.pipeline.stages import InferenceWorker
+from retinaedge.service.results.captures import CaptureMaker
+from retinaedge.service.results.store import Declined, Store
+from retinaedge.service.results.writer import ResultWriter
+from retinaedge.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lane:
+    """One model of the appliance and what runs it (module docstring)."""
+
+    name: str
+    bundle: Bundle
+    opener: DetectorOpener
+    worker: InferenceWorker
+    store: Store  # bound to this model
+    writer: ResultWriter
+    captures: CaptureMaker | None  # None: captures=never
+    ae_titles: tuple[str, ...] = ()  # the extra AE titles bound to it
+
+    @property
+    def sha256(self) -> str:
+        return str(self.bundle.manifest.model_sha256)
+
+    def failures(self, ds: Any) -> list[Failure]:
+        """The intended-use rules the header ``ds`` fails for this model (none: it takes the instance)."""
+        use = self.bundle.manifest.intended_use
+        return [] if use is None else use.check(ds)
+
+
+def load_bundles(settings: Settings, trusted: list[TrustedKey] | None) -> list[Bundle]:
+    """Every bundle of the settings, signatures checked; ConfigError for two bundles of one name."""
+    bundles = [load_bundle(entry.path, trusted=trusted) for entry in settings.bundles()]
+    names = [b.manifest.name for b in bundles]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(
+            f"models: more than one bundle is named {', '.join(twice)}; a model is known by its manifest's "
+            "name (results, documents, /v1/models): export them under distinct names"
+        )
+    return bundles
+
+
+def new_worker(settings: Settings, opener: DetectorOpener) -> InferenceWorker:
+    """A lane's inference worker with the settings' queue, batching and reader pool."""
+    worker = InferenceWorker(
+        opener,
+        queue_size=settings.queue_size,
+        max_age_s=settings.queue_max_age_s,
+        retry_after_s=settings.retry_after_s,
+        policy=BatchPolicy(
+            max_batch_size=settings.max_batch_size,
+            delay_s=settings.batch_delay_ms / 1e3,
+            preferred=tuple(sorted(set(settings.preferred_batch_sizes))),
+        ),
+        prepare_threads=settings.prepare_threads,
+        max_frames_in_flight=settings.max_frames_in_flight,
+    )
+    opener.attach(worker)
+    return worker
+
+
+def bound_titles(settings: Settings, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """AE title -> the models it runs (``dimse_ae_titles`` and each model's ``ae_titles``); ConfigError
+    for a title bound to a model that is not served."""
+    titles: dict[str, tuple[str, ...]] = {}
+    for title, models in settings.dimse_ae_titles.items():
+        unknown = [m for m in models if m not in names]
+        if unknown or not models:
+            raise ConfigError(
+                f"dimse_ae_titles: {title.strip()!r} is bound to {unknown or 'no model'}; the models served "
+                f"are {', '.join(names)}"
+            )
+        titles[title.strip()] = tuple(dict.fromkeys(models))
+    for name, entry in zip(names, settings.bundles(), strict=True):
+        for title in entry.ae_titles:
+            titles[title.strip()] = (*titles.get(title.strip(), ()), name)
+    return titles
+
+
+class Router:
+    """Which lanes take an instance (module docstring); ``on_declined(model, rules)`` counts a model's
+    refusal (the metrics)."""
+
+    def __init__(
+        self,
+        lanes: Mapping[str, Lane],
+        titles: Mapping[str, tuple[str, ...]],
+        on_declined: Callable[[NotApplicableError], None] = lambda _e: None,
+    ) -> None:
+        self.lanes = lanes
+        self.titles = dict(titles)
+        self.on_declined = on_declined
+
+    def candidates(self, called_ae: str | None) -> list[str]:
+        """The lanes a C-STORE to ``called_ae`` may reach (None, or the SCP's own title: all)."""
+        if called_ae is not None and called_ae.strip() in self.titles:
+            return list(self.titles[called_ae.strip()])
+        return list(self.lanes)
+
+    def route(self, ds: Any, called_ae: str | None = None) -> Routing:
+        """``(the models that take it, {model: why not})`` from the header ``ds`` (nothing decoded)."""
+        accepted: list[str] = []
+        declined: dict[str, Declined] = {}
+        for name in self.candidates(called_ae):
+            failures = self.lanes[name].failures(ds)
+            if not failures:
+                accepted.append(name)
+                continue
+            exc = NotApplicableError(name, failures)
+            self.on_declined(exc)
+            declined[name] = Declined(str(exc), {"model": name, "rules": [f.to_json() for f in failures]})
+        return accepted, declined
+
+    def for_title(self, called_ae: str | None) -> Callable[[Any], Routing]:
+        """:meth:`route` for instances sent to ``called_ae``."""
+        return lambda ds: self.route(ds, called_ae)
+
+
+def build_lane(
+    settings: Settings,
+    bundle: Bundle,
+    store: Store,
+    limits: Limits,
+    probe: Probe,
+    make_writer: Callable[[Store, CaptureMaker | None], ResultWriter],
+    make_captures: Callable[[Bundle], CaptureMaker | None],
+    ae_titles: tuple[str, ...] = (),
+) -> Lane:
+    """One lane, nothing started."""
+    name = bundle.manifest.name
+    opener = DetectorOpener(settings, bundle, limits, probe)
+    worker = new_worker(settings, opener)
+    bound = store.bound(name)
+    captures = make_captures(bundle)
+    return Lane(name, bundle, opener, worker, bound, make_writer(bound, captures), captures, ae_titles)
