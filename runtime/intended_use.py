@@ -88,6 +88,22 @@ class NotApplicableError(RetinaEdgeError):
         return {"model": self.model, "rules": [f.to_json() for f in self.failures]}
 
 
+class NoModelError(NotApplicableError):
+    """No model of several takes the instance: each one's refusal (``declined``); the first model's
+    members stay, as with one model."""
+
+    def __init__(self, declined: Sequence[NotApplicableError]) -> None:
+        first = declined[0]
+        super().__init__(first.model, first.failures)
+        self.declined = tuple(declined)
+        models = ", ".join(repr(d.model) for d in declined)
+        self.args = (f"outside the intended use of every model ({models}): "
+                     + " | ".join(f"{d.model}: " + "; ".join(str(f) for f in d.failures) for d in declined),)  # fmt: skip
+
+    def problem_members(self) -> dict[str, Any]:
+        return {**super().problem_members(), "models": [d.problem_members() for d in self.declined]}
+
+
 @dataclass(frozen=True)
 class Rule:
     """One rule of the section: ``name``, its JSON object ``spec`` (checked), ``missing`` policy."""

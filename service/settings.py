@@ -52,10 +52,12 @@ class Settings(EngineConfig):
 
     model_config = SettingsConfigDict(env_prefix="RETINAEDGE_", extra="forbid", frozen=True)
 
-    model: Path | None = Field(default=None, description="model bundle directory (the one-bundle form of models)")
+    model: Path | None = Field(
+        default=None, description="model bundle directory (the one-bundle form of models)"
+    )
     models: list[ModelEntry] = Field(
         default_factory=list,
-        description='model bundles, each run on the images its intended use accepts: directories, or '
+        description="model bundles, each run on the images its intended use accepts: directories, or "
         '{"path": DIR, "ae_titles": ["AET"]} to bind DICOM AE titles to it (JSON list)',
     )
     host: str = "127.0.0.1"

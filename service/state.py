@@ -31,9 +31,9 @@ from retinaedge.service.dimse.scp import DimseServer
 from retinaedge.service.http.metrics import Metrics
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.intake.stow import backlog_admission
+from retinaedge.service.lanes import Lane, Router, bound_titles, build_lane, load_bundles
 from retinaedge.service.outbox.delivery import Dispatcher, ModelSource
 from retinaedge.service.outbox.metrics import DeliveryCollector
-from retinaedge.service.lanes import Lane, Router, bound_titles, build_lane, load_bundles
 from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.processor import Processor, Runner
 from retinaedge.service.pipeline.stages import InferenceWorker
@@ -330,6 +330,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         settings.max_body_bytes,
         enqueue=processor.enqueue,
         route_for=router.for_title,
+        titles=frozenset(titles),
     )
     return Services(
         settings=settings,

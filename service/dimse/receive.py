@@ -94,8 +94,12 @@ class Receiver:
     loop: asyncio.AbstractEventLoop | None = None
     #: The routing of instances sent to a called AE title (None: every model; :mod:`..lanes`).
     route_for: Callable[[str | None], Route | None] = lambda _called: None
+    #: The AE titles bound to models (beside the SCP's own), which the SCP answers too.
+    titles: frozenset[str] = frozenset()
 
-    def receive(self, sop_class: str, sop_instance: str, data: bytes, called_ae: str | None = None) -> Outcome:
+    def receive(
+        self, sop_class: str, sop_instance: str, data: bytes, called_ae: str | None = None
+    ) -> Outcome:
         """Store ``data`` (PS3.10 bytes: preamble, File Meta from the request and its context, the
         data set as received), sent to ``called_ae``, -> its outcome. Never raises."""
         return self._answer(lambda: self._store(sop_class, sop_instance, data, called_ae))

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4).
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)
+#: Rejected permanently by the service user: called AE title not recognised (PS3.8 9.3.4).
+REJECT_CALLED_AET = (0x01, 0x01, 0x07)
 #: A-ASSOCIATE-RJ: rejected-transient, by the service provider (presentation), local limit exceeded.
 REJECT_LIMIT = (0x02, 0x03, 0x02)
 
@@ -156,7 +158,8 @@ class DimseServer:
         ae.acse_timeout = s.dimse_acse_timeout_s
         ae.dimse_timeout = s.dimse_dimse_timeout_s
         ae.network_timeout = s.dimse_network_timeout_s
-        ae.require_called_aet = True
+        # The SCP's own title and those bound to models (dimse_ae_titles): checked in _on_requested.
+        ae.require_called_aet = not self.receiver.titles
         if self.peers:
             ae.require_calling_aet = sorted({p.ae_title for p in self.peers})
         handlers: list[Any] = [
@@ -234,6 +237,12 @@ class DimseServer:
         assoc = event.assoc
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         address = str(assoc.requestor.address)
+        called = str(assoc.requestor.primitive.called_ae_title).strip()
+        titles = self.receiver.titles
+        if titles and called != self.settings.dimse_ae_title.strip() and called not in titles:
+            log.warning("association refused: called AE %r is not ours (from %s)", called, address)
+            self._refuse(assoc, REJECT_CALLED_AET)
+            return
         if not allowed(self.peers, calling, address):
             log.warning(
                 "association refused: calling AE %r from %s is not allowed (dimse_allowed_aets)",
@@ -279,15 +288,16 @@ class DimseServer:
         req = event.request
         cls, inst = str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)
         incoming = getattr(req, "_dataset_file", None)
+        called = str(event.assoc.requestor.primitive.called_ae_title).strip()  # which models run it
         if isinstance(incoming, IncomingInstance):  # streamed to the spool as it arrived (.stream)
-            outcome = self.receiver.receive_instance(cls, inst, incoming)
+            outcome = self.receiver.receive_instance(cls, inst, incoming, called)
         else:
             try:
                 data = event.encoded_dataset(include_meta=True)
             except Exception:  # File Meta from request UIDs pynetdicom cannot encode
                 outcome = Outcome(0xC000, "the request's UIDs cannot form a File Meta Information group")
             else:
-                outcome = self.receiver.receive(cls, inst, data)
+                outcome = self.receiver.receive(cls, inst, data, called)
         self.stores.labels(status=outcome.name).inc()
         if outcome.comment:
             log.info(

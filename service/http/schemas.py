@@ -105,6 +105,30 @@ class ModelInfo(_Open):
     backend: BackendInfo
 
 
+class ServedModel(_Open):
+    """One model of ``GET /v1/models``: its state (``loading``, ``ready``, ``failed``, ``unavailable``),
+    backend, classes, intended use (None: every image), the AE titles bound to it and its instances by
+    state."""
+
+    name: str
+    sha256: str
+    state: str
+    reason: str | None
+    backend: str | None
+    precision: str | None
+    class_names: list[str]
+    intended_use: dict[str, Any] | None
+    operating_point: bool
+    ae_titles: list[str]
+    instances: dict[str, int]
+
+
+class ModelsList(BaseModel):
+    """``GET /v1/models``."""
+
+    models: list[ServedModel]
+
+
 class ModelRef(BaseModel):
     """Which model produced a result."""
 

@@ -51,7 +51,9 @@ def adopt_orphans(
     retries the start)."""
     outcomes: Counter[str] = Counter()
     for path in paths:
-        outcomes[adopt(path, spool=spool, store=store, limits=limits, identities=identities, route=route)] += 1
+        outcomes[
+            adopt(path, spool=spool, store=store, limits=limits, identities=identities, route=route)
+        ] += 1
     if outcomes["recovered"]:
         log.warning(
             "%d spool file(s) had no database row (the database was lost or rebuilt): recovered from "

@@ -21,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,7 +132,9 @@ class Processor:
         if self.store.spool_in_use(spool_path):
             return
         try:
-            (self.spool.root / spool_path).unlink(missing_ok=True)  # recorded: a file left behind is removed at the next start
+            (self.spool.root / spool_path).unlink(
+                missing_ok=True
+            )  # recorded: a file left behind is removed at the next start
         except OSError as exc:
             log.warning("a processed spool file could not be removed (%s)", type(exc).__name__)
 

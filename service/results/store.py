@@ -277,7 +277,9 @@ class Store:
 
     def get(self, uid: str) -> Row | None:
         """This model's row of ``uid``, or None."""
-        return self._one("SELECT * FROM instances WHERE sop_instance_uid = ? AND model = ?", (uid, self.model))
+        return self._one(
+            "SELECT * FROM instances WHERE sop_instance_uid = ? AND model = ?", (uid, self.model)
+        )
 
     def instance_rows(self, uid: str) -> list[Row]:
         """Every model's row of ``uid``, in the order the models were recorded."""
@@ -304,6 +306,24 @@ class Store:
                 "SELECT * FROM instances WHERE study_uid = ? AND model = ? "
                 "ORDER BY received_at, sop_instance_uid",
                 (study_uid, self.model),
+            ).fetchall()
+        return [Row(*r) for r in rows]
+
+    def series_rows_of_all(self, series_uid: str) -> list[Row]:
+        """Every model's kept rows of one series, in order of arrival."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at, sop_instance_uid, rowid",
+                (series_uid,),
+            ).fetchall()
+        return [Row(*r) for r in rows]
+
+    def study_rows_of_all(self, study_uid: str) -> list[Row]:
+        """Every model's kept rows of one study, in order of arrival."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at, sop_instance_uid, rowid",
+                (study_uid,),
             ).fetchall()
         return [Row(*r) for r in rows]
 
@@ -506,9 +526,11 @@ class Store:
             )
 
     def counts(self) -> dict[str, int]:
-        """This model's rows by state."""
+        """This model's rows by state (:func:`state_of`: ``not_applicable`` apart from ``failed``)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT state, COUNT(*) FROM instances WHERE model = ? GROUP BY state", (self.model,)
+                "SELECT CASE WHEN state = 'failed' AND error_type = 'not-applicable' THEN 'not_applicable' "
+                "ELSE state END AS s, COUNT(*) FROM instances WHERE model = ? GROUP BY s",
+                (self.model,),
             ).fetchall()
         return {state: n for state, n in rows}

@@ -16,11 +16,21 @@ A new route goes in the router of its concern (or a new module listed here), tak
 from __future__ import annotations
 
 from fastapi import APIRouter
-from retinaedge.service.routes import deliveries, detect, dicomweb, operations, results, series, studies
+from retinaedge.service.routes import (
+    deliveries,
+    detect,
+    dicomweb,
+    models,
+    operations,
+    results,
+    series,
+    studies,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     operations.router,
     detect.router,
+    models.router,
     dicomweb.router,
     results.router,
     series.router,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,15 +22,16 @@ from retinaedge.runtime.errors import (
     RetinaEdgeError,
     UnsupportedMediaTypeError,
 )
-from retinaedge.runtime.intended_use import NotApplicableError
+from retinaedge.runtime.intended_use import NoModelError, NotApplicableError
 from retinaedge.service.http.body import check_declared_length, read_body
 from retinaedge.service.http.problems import problem_responses
 from retinaedge.service.http.schemas import DetectResult
 from retinaedge.service.intake.ingest import header_uids
+from retinaedge.service.lanes import Lane
 from retinaedge.service.results.evidence import KeptHeader, select_header
 from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.writer import KeptResult
-from retinaedge.service.state import ServicesDep
+from retinaedge.service.state import Services, ServicesDep
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +46,77 @@ router = APIRouter(tags=["detect"])
     responses=problem_responses(400, 401, 408, 413, 415, 422, 503),
 )
 async def detect(request: Request, services: ServicesDep) -> Response:
-    """Detect in every frame of one instance (a PS3.10 file as ``application/dicom``)."""
+    """Detect in every frame of one instance (a PS3.10 file as ``application/dicom``), with every model
+    whose intended use takes it. With one model served, its result; with several, ``{"sop_instance_uid",
+    "results": [one per model that took it], "not_applicable": [the others and their rules]}``."""
     started = time.perf_counter()
+    data = await _body(request, services)
+    lanes = list(services.lanes.values())
+    if len(lanes) == 1:
+        body = await _detect_on(lanes[0], services, data, started)
+        return JSONResponse(body)
+    outcomes = await asyncio.gather(
+        *(_detect_on(lane, services, data, started) for lane in lanes), return_exceptions=True
+    )
+    for outcome in outcomes:  # an error that is not "outside the intended use" answers the request
+        if isinstance(outcome, BaseException) and not isinstance(outcome, NotApplicableError):
+            raise outcome
+    declined = [o for o in outcomes if isinstance(o, NotApplicableError)]
+    results = [o for o in outcomes if isinstance(o, dict)]
+    if not results:
+        raise NoModelError(declined)
+    return JSONResponse(
+        {
+            "sop_instance_uid": results[0]["sop_instance_uid"],
+            "results": results,
+            "not_applicable": [d.problem_members() for d in declined],
+        }
+    )
+
+
+@router.post(
+    "/v1/models/{name}/detect",
+    response_model=DetectResult,
+    responses=problem_responses(400, 401, 404, 408, 413, 415, 422, 503),
+)
+async def detect_with(name: str, request: Request, services: ServicesDep) -> Response:
+    """Detect with the model ``name`` alone (its result, as ``/v1/detect`` answers with one model)."""
+    started = time.perf_counter()
+    lane = services.lane(name)
+    data = await _body(request, services)
+    return JSONResponse(await _detect_on(lane, services, data, started))
+
+
+async def _body(request: Request, services: Services) -> bytes:
+    """The request's DICOM body (415 another media type, 413 beyond the limit, 400 empty)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/dicom":
         raise UnsupportedMediaTypeError(f"expected Content-Type application/dicom, got {media or 'none'!r}")
-    worker, metrics = services.worker, services.metrics
     try:
         limit = services.settings.max_body_bytes
         check_declared_length(request.headers, limit)
         data = await read_body(request.stream(), limit, services.settings.request_idle_timeout_s)
         if not data:
             raise RequestError("the request body is empty")
-        header: list[tuple[tuple[str, str, str, str], KeptHeader]] = []
+    except RetinaEdgeError as exc:
+        services.metrics.outcome(exc.type)
+        raise
+    return data
 
-        def keep_header(src: DicomInput) -> None:  # in the reader thread, from what it already parsed
-            try:  # selected here (the pixel data is not kept), encoded by the writer thread
-                header.append((header_uids(src), select_header(src.ds)))
-            except Exception as exc:  # the detections stand even if they cannot be kept for later
-                log.warning("result not kept for /v1/results: %s", type(exc).__name__)
 
+async def _detect_on(lane: Lane, services: Services, data: bytes, started: float) -> dict[str, Any]:
+    """Run ``data`` through ``lane``'s model -> its result body (kept for ``/v1/results`` by the lane's
+    writer); raises what the pipeline raises (counted in the metrics)."""
+    worker, metrics = lane.worker, services.metrics
+    header: list[tuple[tuple[str, str, str, str], KeptHeader]] = []
+
+    def keep_header(src: DicomInput) -> None:  # in the reader thread, from what it already parsed
+        try:  # selected here (the pixel data is not kept), encoded by the writer thread
+            header.append((header_uids(src), select_header(src.ds)))
+        except Exception as exc:  # the detections stand even if they cannot be kept for later
+            log.warning("result not kept for /v1/results: %s", type(exc).__name__)
+
+    try:
         future = worker.submit(data, on_open=keep_header)
         result = await asyncio.wrap_future(future)
     except RetinaEdgeError as exc:
@@ -84,12 +137,13 @@ async def detect(request: Request, services: ServicesDep) -> Response:
         source = data if findings_by_frame(body) else None  # drawn by the writer (its captures)
         # The writer encodes its own copy on its thread: this handler still adds the request's time below.
         stored = {**body, "timings_ms": dict(body["timings_ms"])}
-        services.writer.keep(KeptResult(uid, sop_class, study, series, len(data), stored, kept, source))
+        lane.writer.keep(KeptResult(uid, sop_class, study, series, len(data), stored, kept, source))
     body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
     log.info(
-        "instance %s: %d frame(s), %d detection(s)",
+        "instance %s: model %s, %d frame(s), %d detection(s)",
         services.uid_hash(result.sop_instance_uid),
+        lane.name,
         len(result.frames),
         sum(len(f.detections) for f in result.frames),
     )
-    return JSONResponse(body)
+    return body

@@ -27,16 +27,19 @@ async def readyz(services: ServicesDep) -> Response:
     disk above the reserve, results being recorded (else 503 with the reason); ``degraded`` (still 200) lists export
     problems."""
     worker, retry = services.worker, {"Retry-After": str(services.settings.retry_after_s)}
-    if worker.state != "ready":
-        return problem(503, "not-ready", worker.reason, retry)
-    if (down := services.opener.unavailable()) is not None:
-        return problem(503, "not-ready", down, retry)
+    several = len(services.lanes) > 1
+    for lane in services.lanes.values():  # ready when every model is
+        named = f"model {lane.name}: " if several else ""
+        if lane.worker.state != "ready":
+            return problem(503, "not-ready", f"{named}{lane.worker.reason}", retry)
+        if (down := lane.opener.unavailable()) is not None:
+            return problem(503, "not-ready", f"{named}{down}", retry)
     unwritable = (
         await asyncio.to_thread(services.spool.unwritable_reason)
         or await asyncio.to_thread(services.store.unwritable_reason)
         or services.spool.reserve_reason()
         or services.processor.problem
-        or services.writer.problem
+        or next((lane.writer.problem for lane in services.lanes.values() if lane.writer.problem), None)
     )
     unwritable = unwritable or services.dimse.not_ready_reason
     if unwritable is not None:
@@ -58,6 +61,10 @@ async def readyz(services: ServicesDep) -> Response:
             "self_test": worker.self_test,
             "engine": services.opener.describe(),
             "model": services.model_name,
+            "models": {
+                name: {"backend": lane.worker.backend, "precision": lane.worker.precision}
+                for name, lane in services.lanes.items()
+            },
             "clock": services.clock.describe(),
             **({"database": damage.to_json()} if damage is not None else {}),
         }

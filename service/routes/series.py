@@ -15,10 +15,12 @@ from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import SeriesCollecting, SeriesComplete
+from retinaedge.service.lanes import Lane
 from retinaedge.service.results.built import rows_version
 from retinaedge.service.results.completion import SeriesFindings, SeriesStatus, series_findings, series_status
 from retinaedge.service.results.formats import ResultFormat
 from retinaedge.service.results.views import SeriesView
+from retinaedge.service.routes.picking import MODEL_QUERY, pick_one
 from retinaedge.service.state import FORMATS_EXTENSION, SeriesFormat, Services, ServicesDep
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,12 @@ _RESPONSES = {
 }
 
 
-def _series_state(services: Services, uid: str) -> tuple[SeriesStatus, SeriesFindings | None, str] | None:
-    """The series' status and, once complete, its findings and the version of its documents
-    (:func:`..results.built.rows_version`); None for an unknown series."""
-    store, settings = services.store, services.settings
+def _series_state(
+    services: Services, uid: str, lane: Lane
+) -> tuple[SeriesStatus, SeriesFindings | None, str] | None:
+    """The series' status for ``lane``'s model and, once complete, its findings and the version of its
+    documents (:func:`..results.built.rows_version`); None for an unknown series."""
+    store, settings = lane.store, services.settings
     rows = store.series_rows(uid)
     if not rows:
         return None
@@ -44,17 +48,28 @@ def _series_state(services: Services, uid: str) -> tuple[SeriesStatus, SeriesFin
     )
     if status.state != "complete":
         return status, None, ""
-    params = settings.link_params(services.bundle.manifest.operating_point is not None)
+    params = settings.link_params(lane.bundle.manifest.operating_point is not None)
     return status, series_findings(rows, params, services.identities.get), rows_version(rows)
 
 
-async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:
+async def _lane(services: Services, uid: str, model: str | None) -> Lane | None:
+    """The model whose results of series ``uid`` are read (:mod:`.picking`); None for an unknown series."""
+    rows = await asyncio.to_thread(services.store.series_rows_of_all, uid)
+    if not rows:
+        return None
+    return pick_one(services, model, rows, "this series")
+
+
+async def _answer(services: Services, uid: str, fmt: ResultFormat, model: str | None) -> Response:
     await services.settled()
-    state = await asyncio.to_thread(_series_state, services, uid)
+    lane = await _lane(services, uid, model)
+    if lane is None:
+        return problem(404, "not-found", NOT_FOUND)
+    state = await asyncio.to_thread(_series_state, services, uid, lane)
     if state is None:
         return problem(404, "not-found", NOT_FOUND)
     status, found, version = state
-    body = {"series_instance_uid": uid, **status.to_json()}
+    body = {"series_instance_uid": uid, "model": lane.name, **status.to_json()}
     if status.state != "complete":
         body["quiet_period_s"] = services.settings.series_quiet_s
         return JSONResponse(body, status_code=202, headers={"Retry-After": str(status.retry_after_s)})
@@ -63,9 +78,9 @@ async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:
         uid,
         body,
         found,
-        services.model_name,
-        services.model_sha256,
-        manifest=services.bundle.manifest,
+        lane.name,
+        lane.sha256,
+        manifest=lane.bundle.manifest,
         version=version,
     )
     response = await fmt.series(view)
@@ -85,10 +100,12 @@ async def _answer(services: Services, uid: str, fmt: ResultFormat) -> Response:
     responses=_RESPONSES,
     openapi_extra={FORMATS_EXTENSION: "series"},
 )
-async def series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> Response:
+async def series(
+    series_uid: str, services: ServicesDep, fmt: SeriesFormat, model: str | None = MODEL_QUERY
+) -> Response:
     """The series' 3D findings once it is complete (202 with its status until then)."""
     check_uid(series_uid, "the Series Instance UID in the path")
-    return await _answer(services, series_uid, fmt)
+    return await _answer(services, series_uid, fmt, model)
 
 
 @router.post(
@@ -97,12 +114,14 @@ async def series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> R
     responses=_RESPONSES,
     openapi_extra={FORMATS_EXTENSION: "series"},
 )
-async def complete_series(series_uid: str, services: ServicesDep, fmt: SeriesFormat) -> Response:
+async def complete_series(
+    series_uid: str, services: ServicesDep, fmt: SeriesFormat, model: str | None = MODEL_QUERY
+) -> Response:
     """Treat the series as complete now (its pending instances still finish first)."""
     check_uid(series_uid, "the Series Instance UID in the path")
     await services.settled()
-    known = await asyncio.to_thread(services.store.series_rows, series_uid)
+    known = await asyncio.to_thread(services.store.series_rows_of_all, series_uid)
     if not known:
         return problem(404, "not-found", NOT_FOUND)
     await asyncio.to_thread(services.store.request_series_complete, series_uid)
-    return await _answer(services, series_uid, fmt)
+    return await _answer(services, series_uid, fmt, model)

@@ -16,9 +16,11 @@ from fastapi.responses import Response
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
 from retinaedge.service.http.schemas import StudyResult
+from retinaedge.service.lanes import Lane
 from retinaedge.service.results.built import rows_version
 from retinaedge.service.results.key_images import StudyImages, study_images
 from retinaedge.service.results.views import StudyView
+from retinaedge.service.routes.picking import MODEL_QUERY, pick_one
 from retinaedge.service.state import FORMATS_EXTENSION, Services, ServicesDep, StudyFormat
 
 router = APIRouter(tags=["studies"])
@@ -26,13 +28,15 @@ router = APIRouter(tags=["studies"])
 NOT_FOUND = "no instance of this Study Instance UID (or its results have expired)"
 
 
-def _study(services: Services, uid: str) -> tuple[StudyImages, str] | None:
-    """The study's key images so far and the version of its documents
-    (:func:`..results.built.rows_version`); None for an unknown study."""
-    rows = services.store.study_rows(uid)
-    if not rows:
+def _study(services: Services, uid: str, model: str | None) -> tuple[StudyImages, str, Lane] | None:
+    """The study's key images so far of one model (:mod:`.picking`), the version of its documents
+    (:func:`..results.built.rows_version`) and that model's lane; None for an unknown study."""
+    every = services.store.study_rows_of_all(uid)
+    if not every:
         return None
-    return study_images(uid, rows, services.identities.get), rows_version(rows)
+    lane = pick_one(services, model, every, "this study")
+    rows = lane.store.study_rows(uid)
+    return study_images(uid, rows, services.identities.get), rows_version(rows), lane
 
 
 @router.get(
@@ -41,14 +45,16 @@ def _study(services: Services, uid: str) -> tuple[StudyImages, str] | None:
     responses=problem_responses(400, 401, 404, 406),
     openapi_extra={FORMATS_EXTENSION: "study"},
 )
-async def study(study_uid: str, services: ServicesDep, fmt: StudyFormat) -> Response:
+async def study(
+    study_uid: str, services: ServicesDep, fmt: StudyFormat, model: str | None = MODEL_QUERY
+) -> Response:
     """The study's instances so far and those with findings."""
     check_uid(study_uid, "the Study Instance UID in the path")
     await services.settled()
-    found = await asyncio.to_thread(_study, services, study_uid)
+    found = await asyncio.to_thread(_study, services, study_uid, model)
     if found is None:
         return problem(404, "not-found", NOT_FOUND)
-    images, version = found
+    images, version, lane = found
     assert fmt.study is not None  # the registry offers only formats that render studies
-    view = StudyView(study_uid, images, services.model_name, services.model_sha256, version=version)
+    view = StudyView(study_uid, images, lane.name, lane.sha256, version=version)
     return await fmt.study(view)

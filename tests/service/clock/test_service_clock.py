@@ -49,7 +49,7 @@ def test_a_forward_jump_deletes_no_result_and_no_undelivered_sr(
     fake.elapse(7 * DAY - 60)  # kept for its retention time, in elapsed terms...
     assert store.prune(7 * DAY, 1 << 30) == []
     fake.elapse(120)  # ...and no longer
-    assert sorted(store.prune(7 * DAY, 1 << 30)) == [f"1.2.3.{n}" for n in range(4)]
+    assert sorted(store.prune(7 * DAY, 1 << 30)) == [(f"1.2.3.{n}", "") for n in range(4)]
 
 
 def test_a_backward_jump_stalls_neither_back_off_nor_series(
