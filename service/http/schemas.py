@@ -199,6 +199,7 @@ class ResultFailed(BaseModel):
     sop_instance_uid: str
     state: Literal["failed"]
     error: ResultError
+    model: str | None = None  # whose processing failed
 
 
 class FailedRule(BaseModel):
@@ -210,6 +211,13 @@ class FailedRule(BaseModel):
     seen: str
 
 
+class ModelRules(BaseModel):
+    """The intended-use rules one model found failed."""
+
+    model: str
+    rules: list[FailedRule]
+
+
 class ResultNotApplicable(BaseModel):
     """``GET /v1/results/{uid}`` of an instance outside the model's intended use: stored and acknowledged,
     never inferred, nothing exported; ``rules`` says why."""
@@ -218,6 +226,15 @@ class ResultNotApplicable(BaseModel):
     state: Literal["not-applicable"]
     model: str
     rules: list[FailedRule]
+    models: list[ModelRules] | None = None  # every model's rules, when no model took it
+
+
+class ResultsOfModels(BaseModel):
+    """``GET /v1/results/{uid}`` (JSON) of an instance that several models took: each one's result (the
+    JSON of ``?model=NAME``), in the order of the models."""
+
+    sop_instance_uid: str
+    results: list[dict[str, Any]]
 
 
 class ResultPending(BaseModel):
@@ -225,6 +242,7 @@ class ResultPending(BaseModel):
 
     sop_instance_uid: str
     state: Literal["pending"]
+    model: str | None = None  # which model's result is awaited
 
 
 class InstanceCounts(BaseModel):

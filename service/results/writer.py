@@ -35,7 +35,7 @@ from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.results.captures import CaptureMaker
 from retinaedge.service.results.evidence import IdentityFiles, KeptHeader, header_from_json
 from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
-from retinaedge.service.results.store import Store
+from retinaedge.service.results.store import Store, subject_key
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class ResultWriter:
                 with self.identities.lock:  # no retention pass between an identity and its row
                     for uid, folder in list(installs.items()):
                         assert self.captures is not None
-                        self.captures.files.install(uid, folder)
+                        self.captures.files.install(subject_key(self.captures.manifest.name, uid), folder)
                         del installs[uid]
                     for item, _evidence, identity in encoded:
                         self.identities.put(item.uid, identity, replace=True)

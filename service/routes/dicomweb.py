@@ -71,6 +71,7 @@ async def stow(request: Request, services: ServicesDep, study: str | None = None
             admit=services.admit,
             identities=services.identities,
             idle_timeout_s=settings.request_idle_timeout_s,
+            route=services.router.for_title(None),
         )
     except ClientDisconnect:  # nothing to answer; what was acknowledged before stays acknowledged
         log.info("STOW-RS: the client disconnected; the part being received was discarded")

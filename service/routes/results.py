@@ -19,7 +19,13 @@ from fastapi.responses import JSONResponse, Response
 from retinaedge.runtime.errors import RequestError
 from retinaedge.runtime.uids import check_uid
 from retinaedge.service.http.problems import problem, problem_responses
-from retinaedge.service.http.schemas import ResultDone, ResultFailed, ResultNotApplicable, ResultPending
+from retinaedge.service.http.schemas import (
+    ResultDone,
+    ResultFailed,
+    ResultNotApplicable,
+    ResultPending,
+    ResultsOfModels,
+)
 from retinaedge.service.lanes import Lane
 from retinaedge.service.results.built import result_version
 from retinaedge.service.results.selection import findings_by_frame
@@ -83,7 +89,7 @@ def _unfinished(uid: str, row: Row) -> dict[str, Any] | None:
 
 @router.get(
     "/v1/results/{uid}",
-    response_model=ResultDone | ResultFailed | ResultNotApplicable,
+    response_model=ResultDone | ResultFailed | ResultNotApplicable | ResultsOfModels,
     responses={
         202: {"model": ResultPending, "description": "Not processed yet; see Retry-After"},
         **problem_responses(400, 401, 404, 406),

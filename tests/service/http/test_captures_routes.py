@@ -204,7 +204,8 @@ def test_request_bodies_waiting_to_be_drawn_are_bounded(tmp_path: Path, detected
         assert writer.settle(60)
     finally:
         writer.stop()
-    assert list(files.frames(str(ds.SOPInstanceUID))) == [1] and files.frames("1.2.3.4.5") == {}
+    key = f"{load_bundle(DEMO).manifest.name}/"  # the model's captures (service/results/store.subject_key)
+    assert list(files.frames(key + str(ds.SOPInstanceUID))) == [1] and files.frames(key + "1.2.3.4.5") == {}
     assert store.get("1.2.3.4.5") is not None and writer._source_bytes == 0
     store.close()
 

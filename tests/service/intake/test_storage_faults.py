@@ -168,7 +168,7 @@ def test_an_io_error_while_spooling_is_503_and_a700(tmp_path: Path, monkeypatch:
             services.store._db.execute("PRAGMA query_only = OFF")
         assert client.get("/readyz").status_code == 200
         with monkeypatch.context() as m:
-            m.setattr(services.store, "get", locked)
+            m.setattr(services.store, "instance_rows", locked)
             r = client.get("/v1/results/1.2.3.4")  # any route: a storage error is 503, not 500
             assert r.status_code == 503 and r.headers["Retry-After"], r.text
 
