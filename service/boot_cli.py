@@ -101,13 +101,18 @@ def check_volume(path: Path, what: str) -> None:
 
 
 def validate(settings: Settings) -> Bundle:
-    """Step 1 past the settings themselves: the bundle and the writable directories."""
+    """Step 1 past the settings themselves: every bundle (two of one name refused) and the writable
+    directories; returns the first bundle (whose backend the boot record plans)."""
     from retinaedge.runtime.bundle import load_bundle
+    from retinaedge.service.lanes import load_bundles
 
-    try:
-        bundle = load_bundle(settings.model, trusted=settings.trusted())
-    except BundleError as exc:
-        raise ConfigError(f"model bundle {settings.model}: {exc}") from exc
+    trusted = settings.trusted()
+    for entry in settings.bundles():
+        try:
+            load_bundle(entry.path, trusted=trusted)
+        except BundleError as exc:
+            raise ConfigError(f"model bundle {entry.path}: {exc}") from exc
+    bundle = load_bundles(settings, trusted)[0]
     check_volume(settings.data_dir, "data_dir (spool and database)")
     check_volume(settings.engine_cache_root, "engine cache")
     server_context(settings)  # a certificate or key that cannot be used: exit 78 with the reason

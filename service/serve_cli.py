@@ -50,7 +50,8 @@ def serve(settings: Settings) -> int:
     tls = uvicorn_options(settings)  # a certificate that cannot be used is refused before anything starts
     app = create_app(settings)
     scheme = "https" if tls else "http"
-    log.info("serving %s on %s://%s:%d", settings.model, scheme, settings.host, settings.port)
+    served = ", ".join(str(entry.path) for entry in settings.bundles())
+    log.info("serving %s on %s://%s:%d", served, scheme, settings.host, settings.port)
     # uvicorn (0.54 here) captures SIGTERM for its graceful shutdown, then restores the handler it
     # found and raises the captured signal again (Server.capture_signals). Under the default handler
     # that kills the process with SIGTERM after a clean shutdown: status 143 through tini, which a

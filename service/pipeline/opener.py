@@ -90,7 +90,8 @@ class DetectorOpener:
         )
         if choice.deferred and choice.plan is not None and self.build is None:
             self.build = BackgroundBuild(
-                build_argv(s.model, s), lambda ok, tail: self._build_done(choice.plan, ok, tail)
+                build_argv(self.bundle.root or self.bundle.model_path.parent, s),
+                lambda ok, tail: self._build_done(choice.plan, ok, tail),
             )
             self.build.start()
         return detector
