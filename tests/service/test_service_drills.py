@@ -248,3 +248,86 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path, launcher: Launcher) -> Non
     assert not list((tmp_path / "data" / "spool").glob("*"))  # nothing left behind
     print(f"crash drill: {kills} SIGKILLs, {len(acknowledged)} acknowledged instances, all with one result")
     assert len(acknowledged) >= 20
+
+
+@pytest.mark.slow
+def test_crash_drill_two_models_never_mix(tmp_path: Path, launcher: Launcher, any_mr_bundle: Path) -> None:
+    """Two models take every instance (the demo without an intended use, and a second bundle): clients
+    stream STOW-RS while the server is SIGKILLed 15 times; at the end every acknowledged instance has
+    exactly one done result per model, each produced by the model of its row, and no spool file is left."""
+    from support.several import ANY_NAME
+
+    demo_name = "retinaedge-demo-brainmr"
+    config = tmp_path / "settings.json"
+    config.write_text(
+        json.dumps(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "max_batch_size": 2,
+                "models": [str(ANY_IMAGE), str(any_mr_bundle)],
+            }
+        )
+    )
+    rng = random.Random(4321)
+    acknowledged: set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/dicomweb/studies"
+
+    def client(seed: int) -> None:
+        local = np.random.default_rng(seed)
+        with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+            while not stop.is_set():
+                pixels = local.integers(0, 4096, size=(96, 96), dtype=np.uint16)
+                body, ctype = multipart([to_bytes(mr_instance(pixels, window=(2048, 4096)))])
+                try:
+                    r = http.post(url, content=body, headers={"Content-Type": ctype})
+                except httpx.TransportError:
+                    time.sleep(0.05)
+                    continue
+                if r.status_code == 200:
+                    with lock:
+                        acknowledged.add(r.json()["00081199"]["Value"][0]["00081155"]["Value"][0])
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(15):
+            proc = launcher.start_server(None, config, port)
+            time.sleep(rng.uniform(0.05, 0.6))
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    proc = launcher.start_server(None, config, port)
+    try:
+        with httpx.Client(timeout=120) as c:
+            for uid in sorted(acknowledged):
+                for model in (demo_name, ANY_NAME):
+                    done = wait_done(c, f"http://127.0.0.1:{port}", f"{uid}?model={model}", timeout=600)
+                    assert done["state"] == "done" and done["model"]["name"] == model
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "data" / "state.sqlite3")
+    rows = db.execute("SELECT sop_instance_uid, model, state, result_json FROM instances").fetchall()
+    assert len(rows) == len(
+        {(uid, model) for uid, model, _s, _r in rows}
+    )  # one result per instance and model
+    for uid in acknowledged:
+        mine = [(m, s, json.loads(r)["model"]["name"]) for u, m, s, r in rows if u == uid]
+        assert sorted(mine) == sorted([(demo_name, "done", demo_name), (ANY_NAME, "done", ANY_NAME)]), uid
+    assert not list((tmp_path / "data" / "spool").glob("*"))  # nothing left behind
+    print(f"two-model crash drill: 15 SIGKILLs, {len(acknowledged)} acknowledged instances")
+    assert len(acknowledged) >= 6

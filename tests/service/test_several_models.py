@@ -7,7 +7,6 @@ model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +15,15 @@ import pydicom
 import pytest
 from support.clients import multipart, wait_done
 from support.dicomgen import out_of_scope
-from support.paths import DEMO, EXAMPLES, REPO_ROOT
+from support.paths import DEMO, EXAMPLES
 from support.peers_dcmtk import dcmtk
 from support.peers_orthanc import Orthanc
 from support.polling import wait_until
 from support.servers import free_port, serve
+from support.several import ANY_NAME
 
 DEMO_NAME = "retinaedge-demo-brainmr"
-ANY_NAME = "retinaedge-demo-anymr"
-ANY_USE = {
-    "modalities": {"allow": ["MR"], "missing": "reject"},
-    "orientation": {"allow": ["axial", "sagittal"], "tolerance_deg": 15, "missing": "accept"},
-}
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def any_mr_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo checkpoint exported again (in-process, no parity DICOM) as a model of any MR orientation."""
-    from retinaedge.runtime.cli import main
-
-    root = tmp_path_factory.mktemp("anymr")
-    use = root / "intended_use.json"
-    use.write_text(json.dumps(ANY_USE))
-    out = root / "bundle"
-    status = main(
-        [
-            "export", str(REPO_ROOT / "models" / "demo_checkpoint.pt"), "--out", str(out),
-            "--arch", "mobilenet_v3_fpn64", "--input-size", "256", "--class-names",
-            "glioma,meningioma,pituitary", "--channels", "1", "--window", "minmax", "--name", ANY_NAME,
-            "--intended-use", str(use),
-        ]
-    )  # fmt: skip
-    assert status == 0
-    return out
 
 
 def uid_of(path: Path) -> str:

@@ -131,7 +131,8 @@ class Launcher:
         """As :func:`support.servers.start_server`: ``retinaedge serve`` on 127.0.0.1:``port`` with ``--config``,
         its log appended to ``server-<port>.log`` beside the config; returned once /readyz is 200."""
         log_path = Path(config).parent / f"server-{port}.log"
-        argv = ["serve", "--model", str(bundle), "--port", str(port), "--config", str(config)]
+        model = ["--model", str(bundle)] if bundle is not None else []  # None: the config's models
+        argv = ["serve", *model, "--port", str(port), "--config", str(config)]
         server = Server(self, int(self.request(op="start", argv=argv, log=str(log_path))["pid"]))
         self._children.append(server)
         wait_ready(server, f"http://127.0.0.1:{port}", timeout=timeout, log_path=log_path)
