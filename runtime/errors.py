@@ -180,6 +180,31 @@ class UnknownModelError(NotFoundError):
     type = "unknown-model"
 
 
+class ForbiddenError(RequestError):
+    """The request is refused as configured (e.g. staging a model without an API token set)."""
+
+    type = "forbidden"
+    http_status = 403
+
+
+class ConflictError(RequestError):
+    """The request conflicts with the current state (e.g. a rollback with no earlier version)."""
+
+    type = "conflict"
+    http_status = 409
+
+
+class BundleRejectedError(RequestError):
+    """A bundle sent to be staged is refused: ``type`` says why (``signature-rejected`` for a signature
+    that does not verify, ``invalid-model-bundle`` for anything else); nothing of it is kept."""
+
+    http_status = 422
+
+    def __init__(self, message: str, type_: str = "invalid-model-bundle") -> None:
+        super().__init__(message)
+        self.type = type_
+
+
 class OverloadedError(RetinaEdgeError):
     """The inference queue is full or too old; the client should retry after ``retry_after`` seconds."""
 

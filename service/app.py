@@ -61,6 +61,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         recovered = services.processor.recover()
         if recovered:
             log.info("recovered %d pending instance(s) from the spool", recovered)
+        for lifecycle in services.lifecycles.values():
+            lifecycle.resume_shadow()  # a trial under way goes on
         services.processor.start()
         await asyncio.to_thread(services.dispatcher.start)
         services.dimse.start(asyncio.get_running_loop())  # after recover: its rows are enqueued as stored
@@ -82,7 +84,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _stop_lanes(services: Services) -> None:
-    """Stop every model's opener (a background build), worker and writer."""
+    """Stop every model's trial, opener (a background build), worker and writer."""
+    for lifecycle in services.lifecycles.values():
+        await asyncio.to_thread(lifecycle.stop)
     for lane in services.lanes.values():
         await asyncio.to_thread(lane.opener.stop)
         await asyncio.to_thread(lane.worker.stop)

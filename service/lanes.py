@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from retinaedge.runtime.backends.tensorrt.planning import Probe
@@ -24,6 +24,7 @@ from retinaedge.runtime.bundle import Bundle, load_bundle
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.intended_use import Failure, NotApplicableError
+from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.signing import TrustedKey
 from retinaedge.service.intake.ingest import Routing
 from retinaedge.service.pipeline.batching import BatchPolicy
@@ -49,10 +50,33 @@ class Lane:
     writer: ResultWriter
     captures: CaptureMaker | None  # None: captures=never
     ae_titles: tuple[str, ...] = ()  # the extra AE titles bound to it
+    make_captures: Callable[[Bundle], CaptureMaker | None] = lambda _b: None
+    #: The manifest of every version that served here since start, by model sha256 (documents of a
+    #: result are built with the manifest of the version that produced it).
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.manifests[self.sha256] = self.bundle.manifest
 
     @property
     def sha256(self) -> str:
         return str(self.bundle.manifest.model_sha256)
+
+    def manifest_for(self, sha256: str | None) -> Manifest:
+        """The manifest of the version ``sha256`` (a result's ``model.sha256``), else the active one's."""
+        return self.manifests.get(sha256 or "", self.bundle.manifest)
+
+    def swap(
+        self, bundle: Bundle, opener: DetectorOpener, worker: InferenceWorker
+    ) -> tuple[DetectorOpener, InferenceWorker]:
+        """Serve ``bundle`` with ``worker`` (started and ready) from now on; returns the old opener and
+        worker (still finishing what they admitted)."""
+        old = self.opener, self.worker
+        captures = self.make_captures(bundle)
+        self.manifests[str(bundle.manifest.model_sha256)] = bundle.manifest
+        self.bundle, self.opener, self.worker, self.captures = bundle, opener, worker, captures
+        self.writer.captures = captures
+        return old
 
     def failures(self, ds: Any) -> list[Failure]:
         """The intended-use rules the header ``ds`` fails for this model (none: it takes the instance)."""
@@ -165,4 +189,5 @@ def build_lane(
     worker = new_worker(settings, opener)
     bound = store.bound(name)
     captures = make_captures(bundle)
-    return Lane(name, bundle, opener, worker, bound, make_writer(bound, captures), captures, ae_titles)
+    writer = make_writer(bound, captures)
+    return Lane(name, bundle, opener, worker, bound, writer, captures, ae_titles, make_captures)

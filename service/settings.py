@@ -218,6 +218,12 @@ class Settings(EngineConfig):
     dimse_port: int = Field(
         default=0, ge=0, le=65535, description="DICOM C-STORE SCP port on host (0: no DIMSE service)"
     )
+    model_versions_kept: int = Field(
+        default=3, ge=2, le=20, description="versions of each model kept (the active and earlier ones)"
+    )
+    max_bundle_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="a bundle archive staged by POST /v1/models/{name}/versions"
+    )
     dimse_ae_title: str = Field(default="RETINAEDGE", description="the SCP's own AE title")
     dimse_ae_titles: dict[str, list[str]] = Field(
         default_factory=dict,

@@ -15,7 +15,8 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 from retinaedge.runtime.backends.tensorrt.planning import Probe
@@ -31,11 +32,12 @@ from retinaedge.service.dimse.scp import DimseServer
 from retinaedge.service.http.metrics import Metrics
 from retinaedge.service.intake.spool import Spool
 from retinaedge.service.intake.stow import backlog_admission
-from retinaedge.service.lanes import Lane, Router, bound_titles, build_lane, load_bundles
+from retinaedge.service.lanes import Lane, Router, bound_titles, build_lane, load_bundles, new_worker
+from retinaedge.service.lifecycle import Lifecycle
 from retinaedge.service.outbox.delivery import Dispatcher, ModelSource
 from retinaedge.service.outbox.metrics import DeliveryCollector
 from retinaedge.service.pipeline.opener import DetectorOpener
-from retinaedge.service.pipeline.processor import Processor, Runner
+from retinaedge.service.pipeline.processor import Processor
 from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.results.built import BUILT, BuiltDocuments
 from retinaedge.service.results.captures import CAPTURES, CaptureFiles, CaptureMaker
@@ -46,6 +48,7 @@ from retinaedge.service.results.store import Store, subject_key
 from retinaedge.service.results.views import Scope
 from retinaedge.service.results.writer import ResultWriter
 from retinaedge.service.settings import Settings
+from retinaedge.service.versions.registry import MODELS, ModelVersions, active_bundle
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ class Services:
 
     settings: Settings
     lanes: dict[str, Lane]
+    lifecycles: dict[str, Lifecycle]  # each model's versions, trial and switches (service/lifecycle.py)
     router: Router
     limits: Limits
     metrics: Metrics
@@ -262,6 +266,15 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         return CaptureMaker(captures, bundle.manifest, limits, identities)
 
     titles = bound_titles(settings, [b.manifest.name for b in bundles])
+    registries = {
+        b.manifest.name: ModelVersions(settings.data_dir / MODELS / b.manifest.name, b.manifest.name,
+                                       settings.model_versions_kept)
+        for b in bundles
+    }  # fmt: skip
+    bundles = [
+        active_bundle(registries[b.manifest.name], entry.path, b, trusted)
+        for entry, b in zip(settings.bundles(), bundles, strict=True)
+    ]
     lanes = {
         b.manifest.name: build_lane(
             settings,
@@ -283,6 +296,20 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         metrics.not_applicable_to(exc.model, [f.rule for f in exc.failures])
 
     router = Router(lanes, titles, on_declined=declined)
+
+    def worker_maker(bundle: Bundle) -> tuple[DetectorOpener, InferenceWorker]:
+        opener = DetectorOpener(settings, bundle, limits, probe)
+        worker = new_worker(settings, opener)
+        worker.on_batch = metrics.batch_frames.observe
+        return opener, worker
+
+    lifecycles = {
+        name: Lifecycle(lane, registries[name], worker_maker, trusted) for name, lane in lanes.items()
+    }
+
+    async def after_result(model: str, path: Path, body: dict[str, Any]) -> None:
+        await lifecycles[model].observe(path, body)  # the silent trial of another version, if any
+
     documents = DOCUMENTS
     first = bundles[0].manifest
     dispatcher = Dispatcher(
@@ -296,7 +323,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         built=built,
         clock=clock,
         sources={
-            name: ModelSource(lane.store, name, lane.sha256, lane.bundle.manifest)
+            name: ModelSource(lane.store, name, lane.sha256, lane.bundle.manifest, lane.manifest_for)
             for name, lane in lanes.items()
         },
     )
@@ -309,7 +336,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     processor = Processor(
         store,
         spool,
-        {name: Runner(lane.store, lane.worker, lane.captures) for name, lane in lanes.items()},
+        lanes,
         on_outcome=on_outcome,
         after_each=prune,
         concurrency=(settings.processing_concurrency or settings.max_batch_size) * len(lanes),
@@ -317,6 +344,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         limits=limits,
         identities=identities,
         route=router.for_title(None),
+        after_result=after_result,
     )
     admit = backlog_admission(
         store, settings.max_pending_instances, settings.max_pending_bytes, settings.retry_after_s
@@ -335,6 +363,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     return Services(
         settings=settings,
         lanes=lanes,
+        lifecycles=lifecycles,
         router=router,
         limits=limits,
         metrics=metrics,

@@ -80,6 +80,13 @@ class ModelSource:
     name: str
     sha256: str
     manifest: Manifest | None = None
+    #: The manifest of the version whose sha256 a result records (documents show its classes and codes).
+    manifest_for: Callable[[str | None], Manifest] | None = None
+
+    def version(self, result: dict[str, Any]) -> tuple[str, Manifest | None]:
+        """(the sha256 of the version that produced ``result``, its manifest)."""
+        sha = result.get("model", {}).get("sha256") or self.sha256
+        return sha, self.manifest_for(sha) if self.manifest_for is not None else self.manifest
 
 
 class Dispatcher:
@@ -346,14 +353,16 @@ class Dispatcher:
             if row is None or row.state != "done":
                 raise NoDocument("the instance's result is no longer kept (retention) or not done")
             identity = self.identities.get(job.subject_uid)
+            result = row.result() or {}
+            sha, manifest = src.version(result)
             view = InstanceView(
                 uid=job.subject_uid,
-                result=row.result() or {},
+                result=result,
                 header_json=row.header_json,
                 model_name=src.name,
-                model_sha256=src.sha256,
+                model_sha256=sha,
                 identity=identity,
-                manifest=src.manifest,
+                manifest=manifest,
                 version=result_version(row.result_json, row.header_json, identity),
             )
             data_dir = self.settings.data_dir

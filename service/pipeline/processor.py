@@ -21,10 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from retinaedge.runtime.dicomio import Limits
 from retinaedge.runtime.errors import DicomInputError, NotReadyError, OverloadedError
@@ -45,14 +44,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Runner:
-    """What processing one model's rows needs: its bound store, its worker and its captures (None:
+class Runner(Protocol):
+    """What processing one model's rows needs, read at each use (a model's version can change between
+    two instances: :mod:`retinaedge.service.lifecycle`): its bound store, its worker, its captures (None:
     captures=never)."""
 
     store: Store
     worker: InferenceWorker
-    captures: CaptureMaker | None = None
+    captures: CaptureMaker | None
+
+
+#: After a model's result is recorded: ``(model, the spooled file, the result body)``, awaited before
+#: the spool file is released (the silent trial of another version runs the same file).
+AfterResult = Callable[[str, Path, dict[str, Any]], Awaitable[None]]
 
 
 class Processor:
@@ -72,7 +76,9 @@ class Processor:
         limits: Limits | None = None,
         identities: IdentityFiles | None = None,
         route: Route | None = None,
+        after_result: AfterResult | None = None,
     ) -> None:
+        self.after_result = after_result
         self.store = store  # any model's view: the rows of every model are read through it
         self.on_not_applicable = on_not_applicable  # counts it (metrics) by model and rule
         self.limits = limits or Limits()  # for reading spool files the database lost (recover)
@@ -213,18 +219,24 @@ class Processor:
         assert row.spool_path is not None
         runner, spool_path = self.runners[row.model], row.spool_path
         path: Path = self.spool.root / spool_path
-        outcome, record = await self._infer(runner, path, row.sop_instance_uid, row.header_json)
+        outcome, record, body = await self._infer(runner, path, row.sop_instance_uid, row.header_json)
         await self._stored("recording an outcome", record)
         self.on_outcome(outcome)
+        if body is not None and self.after_result is not None:
+            try:
+                await self.after_result(row.model, path, body)
+            except Exception as exc:  # the trial never stands in the way of the result
+                log.warning("after a result: %s", type(exc).__name__)
         await self._stored("releasing a spool file", lambda: self._release(spool_path))
 
     async def _infer(
         self, runner: Runner, path: Path, uid: str, evidence: str | None
-    ) -> tuple[str, Callable[[], None]]:
-        """Run one spooled instance on ``runner``'s model -> ``(outcome, the call that records it)``;
-        ``evidence`` is its kept header (for the captures)."""
-        worker, store = runner.worker, runner.store
+    ) -> tuple[str, Callable[[], None], dict[str, Any] | None]:
+        """Run one spooled instance on ``runner``'s model -> ``(outcome, the call that records it, the
+        result body when done)``; ``evidence`` is its kept header (for the captures)."""
+        store = runner.store
         while True:
+            worker = runner.worker  # again at each try: a new version may serve now
             try:
                 result = await asyncio.wrap_future(worker.submit_path(path))
             except (OverloadedError, NotReadyError):
@@ -235,18 +247,18 @@ class Processor:
             except NotApplicableError as exc:  # stored and acknowledged; recorded, never exported
                 self.on_not_applicable(exc)
                 outcome = {"model": exc.model, "rules": [f.to_json() for f in exc.failures]}
-                return exc.type, _call(store.not_applicable, uid, outcome, str(exc))
+                return exc.type, _call(store.not_applicable, uid, outcome, str(exc)), None
             except DicomInputError as exc:
-                return exc.type, _call(store.failed, uid, exc.type, str(exc))
+                return exc.type, _call(store.failed, uid, exc.type, str(exc)), None
             except Exception as exc:  # a bug: record it against the instance, keep serving
                 log.error("processing failed:\n%s", redacted_traceback(sys.exc_info()))
                 message = f"{type(exc).__name__}: {exc}"
-                return "internal-error", _call(store.failed, uid, "internal-error", message)
+                return "internal-error", _call(store.failed, uid, "internal-error", message), None
             body = result.to_json()
             body["backend"] = worker.backend
             body["backend_reason"] = worker.backend_reason
             body["precision"] = worker.precision
-            return "ok", self._done(runner, uid, path, body, evidence)
+            return "ok", self._done(runner, uid, path, body, evidence), body
 
     def _done(
         self, runner: Runner, uid: str, path: Path, body: dict[str, Any], evidence: str | None
@@ -254,9 +266,11 @@ class Processor:
         """The call that records a done result: its captures from the spool file, then the row (retried
         together while storage fails)."""
 
+        captures = runner.captures  # of the version that ran it
+
         def record() -> None:
-            if runner.captures is not None:
-                runner.captures.keep(uid, path, body, evidence)
+            if captures is not None:
+                captures.keep(uid, path, body, evidence)
             runner.store.done(uid, body)
 
         return record

@@ -138,6 +138,7 @@ async def _detect_on(lane: Lane, services: Services, data: bytes, started: float
         # The writer encodes its own copy on its thread: this handler still adds the request's time below.
         stored = {**body, "timings_ms": dict(body["timings_ms"])}
         lane.writer.keep(KeptResult(uid, sop_class, study, series, len(data), stored, kept, source))
+        services.lifecycles[lane.name].observe_soon(data, stored)  # the silent trial, if one runs
     body["timings_ms"]["request"] = round((time.perf_counter() - started) * 1e3, 3)
     log.info(
         "instance %s: model %s, %d frame(s), %d detection(s)",

@@ -132,14 +132,16 @@ async def result(
 
 async def _view(services: Services, uid: str, row: Row, lane: Lane) -> InstanceView:
     identity = await asyncio.to_thread(services.identities.get, uid)
+    result = row.result() or {}
+    sha = result.get("model", {}).get("sha256") or lane.sha256  # the version that produced it
     return InstanceView(
         uid=uid,
-        result=row.result() or {},
+        result=result,
         header_json=row.header_json,
         identity=identity,
         model_name=lane.name,
-        model_sha256=lane.sha256,
-        manifest=lane.bundle.manifest,
+        model_sha256=sha,
+        manifest=lane.manifest_for(sha),
         version=result_version(row.result_json, row.header_json, identity),
     )
 

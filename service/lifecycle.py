@@ -1,0 +1,292 @@
+"""A model's life on the appliance: staging a version, checking it, the silent trial, activation, rollback.
+
+One :class:`Lifecycle` per lane (:mod:`.lanes`), over its :class:`~.versions.registry.ModelVersions`:
+
+- **stage** (:meth:`Lifecycle.stage`): a bundle directory (unpacked from an uploaded archive, or named on
+  the device) is copied in as a version, its signature checked when ``trusted_keys`` is set. It is then
+  *checked* in the background: a worker of its own loads it exactly as serving would (backend choice,
+  engine build or cache, the golden self-test, the bundle's parity golden) and stops. Only a version
+  whose check passed is activated or trialled.
+- **shadow** (:meth:`Lifecycle.set_shadow`): a checked version runs beside the active one on the same
+  instances; its results are compared (:mod:`.versions.shadow`), appended to ``shadow.jsonl`` under the
+  model's directory (replayed into the report at start), and never returned, exported or kept as the
+  result.
+- **activate** and **rollback** (:meth:`Lifecycle.activate`): a worker for the new version is started
+  and warmed while the old one serves; once it is ready, the lane points at it (later instances run on
+  it), the old worker finishes what it admitted and stops. No request fails: one submitted before the
+  switch finishes on the old version, its result attributed to it (``model.sha256``). The registry
+  records the active version first, so a SIGKILL during a switch restarts on the version last activated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from retinaedge.runtime.bundle import Bundle, load_bundle
+from retinaedge.runtime.errors import (
+    BundleError,
+    BundleRejectedError,
+    ConflictError,
+    NotReadyError,
+    OverloadedError,
+)
+from retinaedge.runtime.signing import SignatureError, TrustedKey
+from retinaedge.service.lanes import Lane
+from retinaedge.service.pipeline.opener import DetectorOpener
+from retinaedge.service.pipeline.stages import InferenceWorker
+from retinaedge.service.versions.registry import ModelVersions, version_of
+from retinaedge.service.versions.shadow import ShadowReport
+
+log = logging.getLogger(__name__)
+
+SHADOW_FILE = "shadow.jsonl"
+READY_TIMEOUT_S = 1800.0  # an engine build on a Jetson takes minutes
+DRAIN_TIMEOUT_S = 120.0
+MAX_TRIALS_IN_FLIGHT = 8
+
+
+class Shadow:
+    """The version on trial: its bundle, worker and report."""
+
+    def __init__(self, version: str, bundle: Bundle, worker: InferenceWorker, report: ShadowReport) -> None:
+        self.version = version
+        self.bundle = bundle
+        self.worker = worker
+        self.report = report
+
+
+class Lifecycle:
+    """The versions of one lane's model (module docstring). ``make_worker(bundle)`` builds an unstarted
+    worker for a bundle (its opener attached); ``trusted`` the keys a staged bundle must be signed by."""
+
+    def __init__(
+        self,
+        lane: Lane,
+        versions: ModelVersions,
+        make_worker: Callable[[Bundle], tuple[DetectorOpener, InferenceWorker]],
+        trusted: list[TrustedKey] | None,
+    ) -> None:
+        self.lane = lane
+        self.versions = versions
+        self.make_worker = make_worker
+        self.trusted = trusted
+        self.checks: dict[str, dict[str, Any]] = {}  # version -> {"state", "reason"}
+        self.shadow: Shadow | None = None
+        self._shadow_opener: DetectorOpener | None = None
+        self._switch = threading.Lock()  # one activation, rollback or trial change at a time
+        self._shadow_file = versions.root / SHADOW_FILE
+        self._file_lock = threading.Lock()
+        self._trials: set[asyncio.Task[None]] = set()
+        self.checks[version_of(lane.bundle)] = {"state": "ready", "reason": "serving"}
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        listed = self.versions.describe()
+        for v in listed["versions"]:
+            v["check"] = self.checks.get(
+                v["version"], {"state": "unchecked", "reason": "not checked since start"}
+            )
+        return listed
+
+    # -- staging ----------------------------------------------------------------------------------------
+    def stage(self, source: Path) -> str:
+        """Copy ``source`` in as a version (refusals: :class:`BundleRejectedError`) and check it in the
+        background; returns the version."""
+        try:
+            version, bundle = self.versions.stage(source, self.trusted)
+        except SignatureError as exc:
+            raise BundleRejectedError(str(exc), "signature-rejected") from exc
+        except BundleError as exc:
+            raise BundleRejectedError(str(exc)) from exc
+        if self.checks.get(version, {}).get("state") not in ("ready", "checking"):
+            self.checks[version] = {"state": "checking", "reason": "loading and self-testing"}
+            threading.Thread(
+                target=self._check, args=(version, bundle), name=f"retinaedge-check-{version}", daemon=True
+            ).start()
+        return version
+
+    def _check(self, version: str, bundle: Bundle) -> None:
+        """Load ``bundle`` as serving would (self-test included) on a worker of its own, then stop it."""
+        opener, worker = self.make_worker(bundle)
+        worker.start()
+        ready = worker.wait_ready(READY_TIMEOUT_S)
+        reason = "self-test passed" if ready else worker.reason
+        opener.stop()
+        worker.stop()
+        self.checks[version] = {"state": "ready" if ready else "failed", "reason": reason}
+        log.info("model %s: version %s checked: %s", self.lane.name, version, reason)
+
+    def _checked(self, version: str) -> Bundle:
+        check = self.checks.get(version, {})
+        if check.get("state") != "ready":
+            raise ConflictError(
+                f"version {version} is not checked ({check.get('state', 'unchecked')}: "
+                f"{check.get('reason', 'stage it first')})"
+            )
+        return load_bundle(self.versions.path(version), trusted=self.trusted)
+
+    # -- switching --------------------------------------------------------------------------------------
+    def activate(self, version: str) -> dict[str, Any]:
+        """Make ``version`` active (blocking: run it in a thread); returns what happened."""
+        with self._switch:
+            if version == self.versions.active:
+                return {"active": version, "changed": False}
+            bundle = self._checked(version)
+            return self._switch_to(version, bundle, lambda: self.versions.activate(version))
+
+    def rollback(self) -> dict[str, Any]:
+        """Make the previously active version active again."""
+        with self._switch:
+            version = self.versions.previous()
+            bundle = load_bundle(self.versions.path(version), trusted=self.trusted)
+            return self._switch_to(version, bundle, self.versions.rollback)
+
+    def _switch_to(self, version: str, bundle: Bundle, record: Callable[[], object]) -> dict[str, Any]:
+        started = time.monotonic()
+        opener, worker = self.make_worker(bundle)
+        worker.start()
+        if not worker.wait_ready(READY_TIMEOUT_S):
+            reason = worker.reason
+            opener.stop()
+            worker.stop()
+            raise ConflictError(
+                f"version {version} did not become ready ({reason}); the active one serves on"
+            )
+        old_version = version_of(self.lane.bundle)
+        record()  # first: a SIGKILL from here on restarts on the new version
+        if self.shadow is not None and self.shadow.version == version:
+            self._stop_shadow()
+        old_opener, old_worker = self.lane.swap(bundle, opener, worker)
+        switched = time.monotonic()
+        self.checks[version] = {"state": "ready", "reason": "serving"}
+        self._drain(old_opener, old_worker)
+        log.info("model %s: version %s active (was %s)", self.lane.name, version, old_version)
+        return {
+            "active": version,
+            "previous": old_version,
+            "changed": True,
+            "warm_up_s": round(switched - started, 3),
+            "drained_s": round(time.monotonic() - switched, 3),
+        }
+
+    @staticmethod
+    def _drain(opener: DetectorOpener, worker: InferenceWorker) -> None:
+        """Let ``worker`` finish what it admitted (callers that read the lane just before the switch may
+        still submit for a moment), then stop it."""
+        time.sleep(0.2)
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while worker.depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        opener.stop()
+        worker.stop()
+
+    # -- the silent trial -------------------------------------------------------------------------------
+    def set_shadow(self, version: str | None) -> dict[str, Any]:
+        """Start the trial of ``version`` (None: end it)."""
+        with self._switch:
+            if version is None:
+                self.versions.set_shadow(None)
+                self._stop_shadow()
+                return {"shadow": None}
+            bundle = self._checked(version)
+            self.versions.set_shadow(version)
+            self._start_shadow(version, bundle)
+            return {"shadow": version}
+
+    def resume_shadow(self) -> None:
+        """At start: the trial recorded in the registry runs again, its report replayed from its file."""
+        version = self.versions.shadow
+        if version is None:
+            return
+        try:
+            bundle = load_bundle(self.versions.path(version), trusted=self.trusted)
+        except BundleError as exc:
+            log.error("model %s: the trial of version %s cannot resume: %s", self.lane.name, version, exc)
+            self.versions.set_shadow(None)
+            return
+        self._start_shadow(version, bundle, replay=True)
+
+    def _start_shadow(self, version: str, bundle: Bundle, replay: bool = False) -> None:
+        self._stop_shadow()
+        opener, worker = self.make_worker(bundle)
+        worker.start()
+        report = ShadowReport(version, version_of(self.lane.bundle))
+        if replay:
+            self._replay(report)
+        else:
+            self._shadow_file.unlink(missing_ok=True)
+        self.shadow = Shadow(version, bundle, worker, report)
+        self._shadow_opener = opener
+
+    def _stop_shadow(self) -> None:
+        shadow, self.shadow = self.shadow, None
+        if shadow is not None:
+            if self._shadow_opener is not None:
+                self._shadow_opener.stop()
+            shadow.worker.stop()
+
+    def _replay(self, report: ShadowReport) -> None:
+        try:
+            lines = self._shadow_file.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line a crash cut short
+                continue
+            if entry.get("version") == report.version:
+                report.add(entry["active"], entry.get("shadow"))
+
+    async def observe(self, source: bytes | Path, active: dict[str, Any]) -> None:
+        """Run the trial version on an instance the active one has just processed (``active`` its body);
+        counted in the report and appended to its file, never returned or kept as the result."""
+        shadow = self.shadow
+        if shadow is None or active.get("model", {}).get("sha256") == str(
+            shadow.bundle.manifest.model_sha256
+        ):
+            return
+        body: dict[str, Any] | None
+        try:
+            result = await asyncio.wrap_future(shadow.worker.submit(source))
+            body = result.to_json()
+        except (NotReadyError, OverloadedError):
+            return  # the trial is loading, ended or behind: not counted
+        except Exception as exc:  # counted as failed by the trial version
+            log.info("model %s: trial version %s failed on an instance (%s)", self.lane.name, shadow.version,
+                     type(exc).__name__)  # fmt: skip
+            body = None
+        if self.shadow is not shadow:
+            return
+        shadow.report.add(active, body)
+        line = json.dumps({"version": shadow.version, "active": active, "shadow": body})
+        await asyncio.to_thread(self._append, line)
+
+    def observe_soon(self, source: bytes, active: dict[str, Any]) -> None:
+        """:meth:`observe` in the background (a ``/v1/detect`` answer does not wait for the trial); at most
+        :data:`MAX_TRIALS_IN_FLIGHT` at once, beyond which an instance is not trialled."""
+        if self.shadow is None or len(self._trials) >= MAX_TRIALS_IN_FLIGHT:
+            return
+        task = asyncio.get_running_loop().create_task(self.observe(source, active))
+        self._trials.add(task)
+        task.add_done_callback(self._trials.discard)
+
+    def _append(self, line: str) -> None:
+        with self._file_lock, open(self._shadow_file, "a") as fh:
+            fh.write(line + "\n")
+
+    def report(self) -> dict[str, Any]:
+        shadow = self.shadow
+        if shadow is None:
+            return {"shadow": None, "active": self.versions.active}
+        return {**shadow.report.to_json(), "state": shadow.worker.state, "reason": shadow.worker.reason}
+
+    def stop(self) -> None:
+        self._stop_shadow()
