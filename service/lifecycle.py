@@ -124,6 +124,7 @@ class Lifecycle:
         log.info("model %s: version %s checked: %s", self.lane.name, version, reason)
 
     def _checked(self, version: str) -> Bundle:
+        self.versions.get(version)  # 404 for a version never staged
         check = self.checks.get(version, {})
         if check.get("state") != "ready":
             raise ConflictError(
@@ -217,6 +218,12 @@ class Lifecycle:
         self._stop_shadow()
         opener, worker = self.make_worker(bundle)
         worker.start()
+        if not replay and not worker.wait_ready(READY_TIMEOUT_S):  # every instance from now on is trialled
+            reason = worker.reason
+            opener.stop()
+            worker.stop()
+            self.versions.set_shadow(None)
+            raise ConflictError(f"version {version} did not become ready for its trial ({reason})")
         report = ShadowReport(version, version_of(self.lane.bundle))
         if replay:
             self._replay(report)

@@ -120,7 +120,7 @@ class ModelVersions:
                 "active": self._state["active"],
                 "previous": list(self._state["history"][-1:]),
                 "shadow": self._state["shadow"],
-                "versions": list(self._state["versions"].values()),
+                "versions": [dict(v) for v in self._state["versions"].values()],
             }
 
     # -- changes ----------------------------------------------------------------------------------------

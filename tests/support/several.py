@@ -16,20 +16,26 @@ ANY_USE = {
 }
 
 
-def export_any_mr(root: Path) -> Path:
-    """Export the bundle into ``root/bundle`` with ``retinaedge export`` (in-process); returns it."""
+def export_demo(root: Path, name: str, *extra: str) -> Path:
+    """Export the demo checkpoint as the demo bundle was (the model card's command, without its parity
+    DICOM) into ``root/bundle`` with ``retinaedge export`` in-process, under ``name`` and with ``extra``
+    arguments; returns the bundle."""
     from retinaedge.runtime.cli import main
 
-    use = root / "intended_use.json"
-    use.write_text(json.dumps(ANY_USE))
     out = root / "bundle"
     status = main(
         [
             "export", str(REPO_ROOT / "models" / "demo_checkpoint.pt"), "--out", str(out),
             "--arch", "mobilenet_v3_fpn64", "--input-size", "256", "--class-names",
-            "glioma,meningioma,pituitary", "--channels", "1", "--window", "minmax", "--name", ANY_NAME,
-            "--intended-use", str(use),
+            "glioma,meningioma,pituitary", "--channels", "1", "--window", "minmax", "--name", name, *extra,
         ]
     )  # fmt: skip
-    assert status == 0, "the second model's export failed"
+    assert status == 0, f"the export of {name} failed"
     return out
+
+
+def export_any_mr(root: Path) -> Path:
+    """The second model: another name, MR of any orientation among axial and sagittal."""
+    use = root / "intended_use.json"
+    use.write_text(json.dumps(ANY_USE))
+    return export_demo(root, ANY_NAME, "--intended-use", str(use))
