@@ -66,6 +66,9 @@ class Ready(BaseModel):
     self_test: dict[str, Any]
     engine: EngineStatus
     model: str
+    models: dict[str, Any] | None = Field(
+        default=None, description="every model served: its backend and precision (GET /v1/models has more)"
+    )
     dimse: dict[str, Any] | None = Field(
         default=None, description="the C-STORE SCP (state, AE title, port, TLS, open associations), if on"
     )
@@ -259,6 +262,7 @@ class SeriesCollecting(BaseModel):
     """``/v1/series/{uid}`` (202) while instances are pending or the quiet period has not passed."""
 
     series_instance_uid: str
+    model: str | None = None  # whose results of the series
     state: Literal["collecting"]
     completed_by: None
     instances: InstanceCounts
@@ -342,6 +346,7 @@ class SeriesComplete(BaseModel):
     """
 
     series_instance_uid: str
+    model: str | None = None  # whose results of the series
     state: Literal["complete"]
     completed_by: Literal["quiet-period", "request"]
     instances: InstanceCounts
@@ -431,6 +436,10 @@ class ExportJob(BaseModel):
     )
     document: str = Field(
         description="the document's kind (service/results/documents.py: sr, series-sr, ...)"
+    )
+    model: str = Field(default="", description="the model whose result the document shows")
+    model_sha256: str | None = Field(
+        default=None, description="the version (model sha256) that produced an instance's result"
     )
     subject_uid: str = Field(
         description="SOP Instance UID (instance), Series Instance UID (series) or Study Instance UID (study)"

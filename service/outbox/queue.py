@@ -76,6 +76,7 @@ class Job:
     path: str | None
     sop_instance_uid: str | None
     model: str = ""  # whose result the document shows
+    model_sha256: str | None = None  # the version that produced it (an instance's document)
 
     @property
     def sop_instance_uids(self) -> list[str]:
@@ -90,6 +91,7 @@ class Job:
             "kind": self.kind,
             "document": self.document_kind,
             "model": self.model,
+            "model_sha256": self.model_sha256,
             "subject_uid": self.subject_uid,
             "sr_sop_instance_uid": self.sop_instance_uids[0] if self.sop_instance_uids else None,
             "sop_instance_uids": self.sop_instance_uids,
@@ -107,16 +109,16 @@ class Job:
 _JOB = (
     "SELECT j.id, j.destination, j.document_id, d.kind, d.scope, d.subject_uid, d.version, j.state, "
     "j.created_at, j.next_attempt_at, j.attempts, j.possibly_delivered, j.duplicate, j.last_error, "
-    "j.finished_at, d.path, d.sop_instance_uid, d.model FROM export_jobs j JOIN export_documents d ON d.id = j.document_id"
+    "j.finished_at, d.path, d.sop_instance_uid, d.model, d.model_sha256 FROM export_jobs j JOIN export_documents d ON d.id = j.document_id"
 )
 
 
 def _job(r: tuple[Any, ...]) -> Job:
     (id_, destination, document_id, document_kind, kind, subject_uid, version, state, created_at) = r[:9]
-    (next_attempt_at, attempts, possibly, duplicate, last_error, finished_at, path, uid, model) = r[9:]
+    (next_attempt_at, attempts, possibly, duplicate, last_error, finished_at, path, uid, model, sha) = r[9:]
     return Job(
         id_, destination, document_id, document_kind, kind, subject_uid, version, state, created_at,
-        next_attempt_at, attempts, bool(possibly), duplicate, last_error, finished_at, path, uid, model,
+        next_attempt_at, attempts, bool(possibly), duplicate, last_error, finished_at, path, uid, model, sha,
     )  # fmt: skip
 
 

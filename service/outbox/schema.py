@@ -29,6 +29,7 @@ CREATE TABLE export_documents (
     sop_instance_uid TEXT,
     built_at         REAL,
     model            TEXT NOT NULL DEFAULT '',
+    model_sha256     TEXT,
     UNIQUE (kind, subject_uid, version, model)
 );
 CREATE TABLE export_jobs (
@@ -71,8 +72,9 @@ CREATE TABLE export_series_watch (
 CREATE TRIGGER export_instance_done AFTER UPDATE OF state ON instances
 WHEN OLD.state = 'pending' AND NEW.state = 'done'
 BEGIN
-    INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version, model)
-        SELECT DISTINCT kind, 'instance', NEW.sop_instance_uid, NEW.received_at, NEW.model
+    INSERT OR IGNORE INTO export_documents (kind, scope, subject_uid, version, model, model_sha256)
+        SELECT DISTINCT kind, 'instance', NEW.sop_instance_uid, NEW.received_at, NEW.model,
+               json_extract(NEW.result_json, '$.model.sha256')
         FROM export_targets WHERE scope = 'instance';
     INSERT OR IGNORE INTO export_jobs (destination, document_id, state, created_at, next_attempt_at)
         SELECT t.name, d.id, 'pending', NEW.completed_at, NEW.completed_at
