@@ -53,6 +53,10 @@ VERBS: dict[str, tuple[str, str]] = {
     ),
     "eval": ("retinaedge.runtime.eval_cli", "COCO average precision of a bundle on annotated DICOM files"),
     "serve": ("retinaedge.service.serve_cli", "local HTTP service: POST DICOM, get detections"),
+    "models": (
+        "retinaedge.service.models_cli",
+        "a running appliance's models: versions, staging, activation, rollback, silent trial",
+    ),
     "boot": (
         "retinaedge.service.boot_cli",
         "container entrypoint: validate the configuration, find or build the engine, serve",

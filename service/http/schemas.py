@@ -346,7 +346,6 @@ class SeriesComplete(BaseModel):
     """
 
     series_instance_uid: str
-    model: str | None = None  # whose results of the series
     state: Literal["complete"]
     completed_by: Literal["quiet-period", "request"]
     instances: InstanceCounts
