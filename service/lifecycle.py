@@ -84,6 +84,7 @@ class Lifecycle:
         self._shadow_file = versions.root / SHADOW_FILE
         self._file_lock = threading.Lock()
         self._trials: set[asyncio.Task[None]] = set()
+        self.checks.update(versions.checks())  # checked before this start, on this device
         self.checks[version_of(lane.bundle)] = {"state": "ready", "reason": "serving"}
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ class Lifecycle:
         opener.stop()
         worker.stop()
         self.checks[version] = {"state": "ready" if ready else "failed", "reason": reason}
+        self.versions.record_check(version, "ready" if ready else "failed", reason)
         log.info("model %s: version %s checked: %s", self.lane.name, version, reason)
 
     def _checked(self, version: str) -> Bundle:

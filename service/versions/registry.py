@@ -58,6 +58,10 @@ class Version:
                 "added_at": self.added_at}  # fmt: skip
 
 
+def _version(entry: dict[str, Any]) -> Version:
+    return Version(**{k: entry[k] for k in ("version", "sha256", "path", "source", "added_at")})
+
+
 class ModelVersions:
     """The versions of model ``name`` under ``root`` (module docstring); thread-safe."""
 
@@ -103,7 +107,7 @@ class ModelVersions:
 
     def versions(self) -> list[Version]:
         with self._lock:
-            return [Version(**v) for v in self._state["versions"].values()]
+            return [_version(v) for v in self._state["versions"].values()]
 
     def get(self, version: str) -> Version:
         """One version (404 ``not-found`` naming those known)."""
@@ -112,7 +116,7 @@ class ModelVersions:
             if found is None:
                 known = ", ".join(self._state["versions"]) or "none"
                 raise NotFoundError(f"model {self.name} has no version {version!r} (versions: {known})")
-            return Version(**found)
+            return _version(found)
 
     def describe(self) -> dict[str, Any]:
         with self._lock:
@@ -214,6 +218,20 @@ class ModelVersions:
                 raise ConflictError(f"version {version} is the active one: trial another version")
             self._state["shadow"] = version
             self._write()
+
+    def record_check(self, version: str, state: str, reason: str) -> None:
+        """Keep how ``version``'s check on this device ended (``ready`` or ``failed``), across restarts."""
+        with self._lock:
+            entry = self._state["versions"].get(version)
+            if entry is None:
+                return
+            entry["check"] = {"state": state, "reason": reason, "at": time.time()}
+            self._write()
+
+    def checks(self) -> dict[str, dict[str, Any]]:
+        """The recorded checks by version (a version checked before the last start)."""
+        with self._lock:
+            return {v: dict(e["check"]) for v, e in self._state["versions"].items() if "check" in e}
 
     def path(self, version: str) -> Path:
         return Path(self.get(version).path)

@@ -127,7 +127,14 @@ class Launcher:
         assert "error" not in reply, reply
         return reply
 
-    def start_server(self, bundle: Any, config: Any, port: int, timeout: float = 120.0) -> Server:
+    def start_server(
+        self,
+        bundle: Any,
+        config: Any,
+        port: int,
+        timeout: float = 120.0,
+        headers: dict[str, str] | None = None,
+    ) -> Server:
         """As :func:`support.servers.start_server`: ``retinaedge serve`` on 127.0.0.1:``port`` with ``--config``,
         its log appended to ``server-<port>.log`` beside the config; returned once /readyz is 200."""
         log_path = Path(config).parent / f"server-{port}.log"
@@ -135,7 +142,7 @@ class Launcher:
         argv = ["serve", *model, "--port", str(port), "--config", str(config)]
         server = Server(self, int(self.request(op="start", argv=argv, log=str(log_path))["pid"]))
         self._children.append(server)
-        wait_ready(server, f"http://127.0.0.1:{port}", timeout=timeout, log_path=log_path)
+        wait_ready(server, f"http://127.0.0.1:{port}", headers=headers, timeout=timeout, log_path=log_path)
         return server
 
     def __enter__(self) -> Launcher:
