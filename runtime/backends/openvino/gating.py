@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from retinaedge.runtime.backends.base import Backend
 from retinaedge.runtime.backends.openvino.gate import GateResult, add_ap50, compare_findings
+from retinaedge.runtime.backends.openvino.recheck import RecheckedBackend
 from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.detections import ImageDetections, split_outputs
 from retinaedge.runtime.evaluate import EvalFrame
@@ -102,16 +103,28 @@ def gate(
     check: EvalSet | None,
     batch_size: int,
 ) -> GateResult:
-    """Run ``candidate`` on the gate's frames and compare it with ``reference`` (see :mod:`.gate`)."""
-    golden, ms = golden_run(candidate, images)
-    detections, map50 = golden, None
+    """Run ``candidate`` on the gate's frames and compare it with ``reference`` (see :mod:`.gate`). A
+    :class:`~.recheck.RecheckedBackend` is compared as it serves (with its FP32 re-check); its
+    ``recheck_rate`` is the share of the annotated frames (else of the golden frames) it re-ran."""
+    rechecked = candidate if isinstance(candidate, RecheckedBackend) else None
+    if rechecked is not None:
+        rechecked.reset_counts()
+        detections = split_outputs(rechecked.infer(images))
+    else:
+        detections, ms = golden_run(candidate, images)
+    map50 = None
     if check is not None:
+        if rechecked is not None:
+            rechecked.reset_counts()
         more, map50 = eval_run(candidate, bundle, check, batch_size)
-        detections = golden + more
+        detections = detections + more
     manifest = bundle.manifest
     result = compare_findings(
         precision, reference.detections, detections, manifest.class_names, manifest.operating_point
     )
+    if rechecked is not None:
+        result.recheck_band, result.recheck_rate = rechecked.band, rechecked.rate
+        ms = timed_ms(candidate, images, reference.ms_per_frame, result.recheck_rate)
     result.ms_per_frame = ms
     if check is not None:
         add_ap50(result, reference.map50, map50)
@@ -119,10 +132,20 @@ def gate(
     return result
 
 
-def gate_inputs(bundle: Bundle, check: EvalSet | None) -> str:
+def timed_ms(candidate: Backend, images: np.ndarray, fp32_ms: float, rate: float | None) -> float:
+    """ms per frame of ``candidate`` on the golden frames; for a re-checked candidate its reduced
+    precision's time plus ``rate`` (the share of frames re-checked) times FP32's ``fp32_ms``."""
+    if not isinstance(candidate, RecheckedBackend):
+        return golden_run(candidate, images)[1]
+    fast_ms = golden_run(candidate.fast, images)[1]
+    return round(fast_ms + (rate or 0.0) * fp32_ms, 3)
+
+
+def gate_inputs(bundle: Bundle, check: EvalSet | None, recheck_band: float = 0.0) -> str:
     """A fingerprint of what a gate compares: the golden frames, the operating point (which detections
     are findings), the criteria and, with annotated DICOM, the ground truth file and each DICOM file's
-    path, size and modification time. A recorded gate with the same fingerprint is reused."""
+    path, size and modification time, and the FP32 re-check's band (:mod:`.recheck`; 0: none). A
+    recorded gate with the same fingerprint is reused."""
     import hashlib
     import json
 
@@ -136,6 +159,8 @@ def gate_inputs(bundle: Bundle, check: EvalSet | None) -> str:
         "thresholds": point.score_thresholds if point is not None else DEFAULT_FINDING_SCORE,
         "criteria": [GATE_IOU_MIN, MAX_AP50_DROP],
     }
+    if recheck_band:
+        doc["recheck_band"] = recheck_band
     if check is not None:
         files = dicom_files(list(check.files), exclude=[check.annotations])
         doc["annotations"] = sha256_file(check.annotations)
