@@ -137,9 +137,7 @@ def open_gated(bundle: Bundle, options: BackendOptions, extra: dict[str, Any]) -
     return _open(bundle, options, extra, None)
 
 
-def _open_by_proxy(
-    bundle: Bundle, options: BackendOptions, extra: dict[str, Any], proxy: Path
-) -> Served:
+def _open_by_proxy(bundle: Bundle, options: BackendOptions, extra: dict[str, Any], proxy: Path) -> Served:
     """The benchmark's ``--gate-model``: which precisions pass is decided by the gate on ``proxy`` (a trained
     bundle, with its annotated DICOM); ``bundle`` (e.g. a random-weight benchmark model, whose near-threshold
     detections say nothing about fidelity) then serves the requested precision if it passed there (``auto``:
