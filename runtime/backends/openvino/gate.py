@@ -70,6 +70,7 @@ class GateResult:
     #: re-ran; with a re-check, ``ms_per_frame`` is the reduced precision's plus that share of FP32's.
     recheck_band: float = 0.0
     recheck_rate: float | None = None
+    reduced_ms_per_frame: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -105,6 +106,7 @@ class GateResult:
             "reused": self.reused,
             "recheck_band": self.recheck_band,
             "recheck_rate": None if self.recheck_rate is None else round(self.recheck_rate, 4),
+            "reduced_ms_per_frame": self.reduced_ms_per_frame,
         }
 
     @classmethod
@@ -127,6 +129,7 @@ class GateResult:
             inputs=str(doc.get("inputs", "")),
             recheck_band=float(doc.get("recheck_band") or 0.0),
             recheck_rate=doc.get("recheck_rate"),
+            reduced_ms_per_frame=doc.get("reduced_ms_per_frame"),
         )
 
 

@@ -124,21 +124,27 @@ def gate(
     )
     if rechecked is not None:
         result.recheck_band, result.recheck_rate = rechecked.band, rechecked.rate
-        ms = timed_ms(candidate, images, reference.ms_per_frame, result.recheck_rate)
-    result.ms_per_frame = ms
+        set_timings(result, candidate, images, reference.ms_per_frame)
+    else:
+        result.ms_per_frame = result.reduced_ms_per_frame = ms
     if check is not None:
         add_ap50(result, reference.map50, map50)
     log.log(logging.INFO if result.passed else logging.WARNING, "precision gate %s", result.summary())
     return result
 
 
-def timed_ms(candidate: Backend, images: np.ndarray, fp32_ms: float, rate: float | None) -> float:
-    """ms per frame of ``candidate`` on the golden frames; for a re-checked candidate its reduced
-    precision's time plus ``rate`` (the share of frames re-checked) times FP32's ``fp32_ms``."""
-    if not isinstance(candidate, RecheckedBackend):
-        return golden_run(candidate, images)[1]
-    fast_ms = golden_run(candidate.fast, images)[1]
-    return round(fast_ms + (rate or 0.0) * fp32_ms, 3)
+def set_timings(result: GateResult, candidate: Backend, images: np.ndarray, fp32_ms: float) -> None:
+    """``result``'s ms per frame measured now on the golden frames: ``reduced_ms_per_frame`` the reduced
+    precision's alone; ``ms_per_frame`` with a re-checked candidate's FP32 re-check at the gate's
+    ``recheck_rate`` (that share of frames times FP32's ``fp32_ms``), else the same."""
+    fast = candidate.fast if isinstance(candidate, RecheckedBackend) else candidate
+    result.reduced_ms_per_frame = golden_run(fast, images)[1]
+    result.ms_per_frame = with_recheck(result.reduced_ms_per_frame, result.recheck_rate, fp32_ms)
+
+
+def with_recheck(reduced_ms: float, rate: float | None, fp32_ms: float) -> float:
+    """ms per frame of a reduced precision whose FP32 re-check re-runs ``rate`` of the frames."""
+    return round(reduced_ms + (rate or 0.0) * fp32_ms, 3)
 
 
 def gate_inputs(bundle: Bundle, check: EvalSet | None, recheck_band: float = 0.0) -> str:

@@ -30,7 +30,8 @@ from retinaedge.runtime.backends.openvino.gating import (
     gate_inputs,
     reference_run,
     relaxed_rate,
-    timed_ms,
+    set_timings,
+    with_recheck,
 )
 from retinaedge.runtime.backends.openvino.precision import Decision, check_precision, decide, offered, to_gate
 from retinaedge.runtime.backends.openvino.recheck import RecheckedBackend, class_thresholds, recheck_band
@@ -222,7 +223,7 @@ def _open(
         candidates[precision] = backend
         if precision in recorded:
             result = recorded[precision]  # timings are this start's
-            result.ms_per_frame = timed_ms(backend, images, reference.ms_per_frame, result.recheck_rate)
+            set_timings(result, backend, images, reference.ms_per_frame)
             log.info(
                 "precision gate %s: recorded for the same inputs, reused: %s", precision, result.summary()
             )
@@ -231,7 +232,7 @@ def _open(
             result.inputs = inputs[precision]
         gates[precision] = result
         compiler.record(entry, compiled, {"gate": result.to_dict()})
-    deciding = gates if proof is None else _proxy_verdicts(gates, proof)
+    deciding = gates if proof is None else _proxy_verdicts(gates, proof, reference.ms_per_frame)
     decision = decide(requested, availability, deciding, reference.ms_per_frame)
     if proof is not None:
         own = "; ".join(g.summary() for g in gates.values()) or "none"
@@ -273,8 +274,12 @@ def _open(
     return chosen
 
 
-def _proxy_verdicts(gates: dict[str, GateResult], proof: dict[str, Any]) -> dict[str, GateResult]:
-    """The proxy bundle's gate figures and verdicts, with this bundle's timings (what ``auto`` compares)."""
+def _proxy_verdicts(
+    gates: dict[str, GateResult], proof: dict[str, Any], fp32_ms: float
+) -> dict[str, GateResult]:
+    """The proxy bundle's gate figures and verdicts, with this bundle's timings (what ``auto`` compares);
+    a re-checked precision's time counts the proxy's re-check rate (measured on its trained model and
+    annotated DICOM), not this bundle's own (e.g. a random-weight model's golden frame)."""
     verdicts = proof.get("gates") or {}
     name = Path(proof["bundle"]).name
     out = {}
@@ -290,8 +295,13 @@ def _proxy_verdicts(gates: dict[str, GateResult], proof: dict[str, Any]) -> dict
             kept=int(theirs["kept"]),
             new=[{}] * int(theirs.get("new_count", len(theirs["new"]))),
             map50=theirs.get("map50"),
-            ms_per_frame=ours.ms_per_frame,
+            ms_per_frame=with_recheck(ours.reduced_ms_per_frame or 0.0, theirs.get("recheck_rate"), fp32_ms)
+            if ours.reduced_ms_per_frame is not None
+            else ours.ms_per_frame,
             reasons=list(theirs["reasons"]),
+            recheck_band=float(theirs.get("recheck_band") or 0.0),
+            recheck_rate=theirs.get("recheck_rate"),
+            reduced_ms_per_frame=ours.reduced_ms_per_frame,
         )
     return out
 
