@@ -219,7 +219,8 @@ def _open(
         compiled, entry = compiler.compile(paths[precision], precision)
         backend: Served = compiled
         if bands[precision] > 0:  # served with its FP32 re-check of undecided frames (.recheck)
-            backend = RecheckedBackend(compiled, fp32, thresholds, bands[precision])
+            cap = bundle.manifest.postprocess.detections_per_img
+            backend = RecheckedBackend(compiled, fp32, thresholds, bands[precision], cap)
         candidates[precision] = backend
         if precision in recorded:
             result = recorded[precision]  # timings are this start's

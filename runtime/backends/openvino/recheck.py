@@ -8,7 +8,8 @@ perturbation comes from the backbone), and there is always some detection closer
 any perturbation. What can be bounded is *where* the reduced precision is trusted.
 
 How: every frame runs at the reduced precision. A frame where any detection scores within ``band`` of its
-class's threshold (the bundle's operating point, or :data:`~.gate.DEFAULT_FINDING_SCORE`) is run again at
+class's threshold (the bundle's operating point, or :data:`~.gate.DEFAULT_FINDING_SCORE`), or whose
+detections fill the bundle's ``detections_per_img`` down to within ``band`` of a threshold, is run again at
 FP32 and FP32's detections replace the reduced precision's for that frame. A frame's findings can then
 differ from FP32's only through a detection whose score moved by ``band`` or more, which the gate still
 checks on the device (the gate's criteria are unchanged; it compares what is served). The cost is the
@@ -61,9 +62,14 @@ def class_thresholds(class_names: Sequence[str], point: OperatingPoint | None) -
     return np.array([*known, np.inf], np.float64)
 
 
-def undecided(outputs: Mapping[str, np.ndarray], thresholds: np.ndarray, band: float) -> np.ndarray:
+def undecided(
+    outputs: Mapping[str, np.ndarray], thresholds: np.ndarray, band: float, cap: int | None = None
+) -> np.ndarray:
     """Per frame of ``outputs`` (the contract outputs of a batch): True when one of its detections scores
-    within ``band`` of its class's threshold (``|score - threshold| < band``)."""
+    within ``band`` of its class's threshold (``|score - threshold| < band``), or when the frame holds
+    ``cap`` detections (the bundle's ``detections_per_img``) and the lowest of them scores within ``band``
+    of the lowest threshold or above it: the cap then decides which detections are kept, and a small
+    change of scores can drop a finding from the list or let a new one in."""
     counts = np.asarray(outputs["num_detections"]).reshape(-1)
     scores = np.asarray(outputs["scores"], np.float64)
     labels = np.asarray(outputs["labels"])
@@ -71,6 +77,7 @@ def undecided(outputs: Mapping[str, np.ndarray], thresholds: np.ndarray, band: f
     if band <= 0.0:
         return out
     last = thresholds.shape[0] - 1
+    lowest = float(np.min(thresholds))
     for i, n in enumerate(counts):
         n = int(n)
         if n <= 0:
@@ -78,6 +85,8 @@ def undecided(outputs: Mapping[str, np.ndarray], thresholds: np.ndarray, band: f
         lab = labels[i, :n]
         lab = np.where((lab < 0) | (lab > last), last, lab)
         out[i] = bool(np.any(np.abs(scores[i, :n] - thresholds[lab]) < band))
+        if cap is not None and n >= cap and float(np.min(scores[i, :n])) > lowest - band:
+            out[i] = True
     return out
 
 
@@ -110,9 +119,11 @@ class RecheckedBackend(Backend):
 
     name = "openvino"
 
-    def __init__(self, fast: Any, reference: Any, thresholds: np.ndarray, band: float) -> None:
+    def __init__(
+        self, fast: Any, reference: Any, thresholds: np.ndarray, band: float, cap: int | None = None
+    ) -> None:
         self.fast, self.reference = fast, reference
-        self.thresholds, self.band = thresholds, float(band)
+        self.thresholds, self.band, self.cap = thresholds, float(band), cap
         self.precision = str(fast.precision)
         self.providers = (*tuple(fast.providers), "fp32 re-check")
         self.details: dict[str, Any] = fast.details
@@ -131,7 +142,7 @@ class RecheckedBackend(Backend):
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         outputs: dict[str, np.ndarray] = self.fast.infer(images)
-        which = np.flatnonzero(undecided(outputs, self.thresholds, self.band))
+        which = np.flatnonzero(undecided(outputs, self.thresholds, self.band, self.cap))
         with self._lock:
             self.frames += int(images.shape[0])
             self.rechecked += int(which.size)
