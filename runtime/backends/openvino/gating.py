@@ -165,8 +165,8 @@ def gate_inputs(bundle: Bundle, check: EvalSet | None, recheck_band: float = 0.0
         "thresholds": point.score_thresholds if point is not None else DEFAULT_FINDING_SCORE,
         "criteria": [GATE_IOU_MIN, MAX_AP50_DROP],
     }
-    if recheck_band:
-        doc["recheck_band"] = recheck_band
+    if recheck_band:  # the re-check's rule: its band and the detection cap it watches
+        doc["recheck"] = {"band": recheck_band, "cap": bundle.manifest.postprocess.detections_per_img}
     if check is not None:
         files = dicom_files(list(check.files), exclude=[check.annotations])
         doc["annotations"] = sha256_file(check.annotations)
