@@ -44,7 +44,9 @@ def precision_section(precisions: dict[str, Any] | None, eager_p50: float | None
 
 def int8_ratio(section: dict[str, Any] | None) -> dict[str, Any]:
     """``int8_speedup_vs_fp32`` on OpenVINO (see the module docstring)."""
-    rows = {(r["backend"], r["requested"]): r for r in (section or {}).get("rows", [])}
+    rows = {
+        (r["backend"], r["requested"]): r for r in (section or {}).get("rows", []) if not r.get("variant")
+    }
     fp32, int8 = rows.get(("openvino", "fp32")), rows.get(("openvino", "int8"))
     value, reason, served = None, None, False
     if fp32 is None or int8 is None:
@@ -97,10 +99,18 @@ def render(section: dict[str, Any] | None) -> list[str]:
         if r.get("timed", "served") != "served":
             gate_text += " (timed, not served)"
         lines.append(
-            f"| {r['backend']} | {r['requested']} | {r['served']} | {_hint(r)} | {r['ms_per_frame_batch1']} | "
+            f"| {r['backend']} | {r['requested']}{' alone (no re-check)' if r.get('variant') else ''} | "
+            f"{'-' if r.get('variant') else r['served']} | {_hint(r)} | {r['ms_per_frame_batch1']} | "
             f"{batch_ms} (b{r['batch']}) | {r['speedup_vs_torch_eager']} | "
             f"{gate_text} | {r['reason'] or '-'} |"
         )
+    for r in section["rows"]:
+        recheck = r.get("recheck")
+        if recheck:
+            lines.append(
+                f"\n{r['backend']} {r['requested']}: served with an fp32 re-check (band {recheck['band']}), "
+                f"which re-ran {recheck['rechecked']} of the {recheck['frames']} timed frames"
+            )
     if section.get("openvino_skipped"):
         lines.append(f"\nOpenVINO rows skipped: {section['openvino_skipped']}")
     if section.get("failed"):

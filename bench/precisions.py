@@ -103,6 +103,23 @@ def instrument(bundle: Any, precision: str, threads: int, hint: str) -> Any:
     return OpenVinoBackend(ov.Core(), path, precision=precision, threads=threads, hint=hint)
 
 
+def reduced_alone(opened: list[tuple[dict[str, Any], Any]]) -> list[tuple[dict[str, Any], Any]]:
+    """For each row served with an FP32 re-check (runtime/backends/openvino/recheck.py), a row timing its
+    reduced precision alone (not served): what the re-check costs on these frames is the difference."""
+    extra = []
+    for row, timed in opened:
+        fast = getattr(timed, "fast", None)
+        if fast is not None and hasattr(timed, "reset_counts"):
+            alone = {
+                **row,
+                "variant": "reduced-alone",
+                "timed": "the reduced precision alone, without its fp32 ",
+            }
+            alone["timed"] += "re-check: timed, not served"
+            extra.append((alone, fast))
+    return extra
+
+
 def run_precisions(spec: dict[str, Any]) -> dict[str, Any]:
     """The rows (see the module docstring)."""
     tensors = np.load(Path(spec["work_dir"]) / "tensors.npy")
@@ -116,10 +133,13 @@ def run_precisions(spec: dict[str, Any]) -> dict[str, Any]:
     n = len(tensors)
     with ExitStack() as stack:
         opened = [open_row(spec, *wanted, stack) for wanted in rows_wanted]
+        opened += reduced_alone(opened)
         samples: list[dict[int, list[float]]] = [{1: [], batch: []} for _ in opened]
         for _row, timed in opened:  # warm-up
             timed.infer(tensors[:1])
             timed.infer(tensors[np.arange(batch) % n])
+            if hasattr(timed, "reset_counts"):
+                timed.reset_counts()  # the re-check's counts are the timed rounds
         for k in range(rounds):
             for (_row, timed), got in zip(opened, samples, strict=True):
                 got[1].append(timed_ms_per_frame(timed.infer, tensors[[k % n]]))
@@ -131,6 +151,8 @@ def run_precisions(spec: dict[str, Any]) -> dict[str, Any]:
         row["ms_per_frame_batch1"] = round(statistics.median(got[1]), 3)
         row[f"ms_per_frame_batch{batch}"] = round(statistics.median(got[batch]), 3)
         row["rounds"] = rounds
+        if hasattr(_timed, "reset_counts"):
+            row["recheck"] = _timed.describe().get("recheck")
         rows.append(row)
         log.info(
             "precision row %s %s %s: %s ms/frame at batch 1",

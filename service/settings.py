@@ -192,6 +192,14 @@ class Settings(EngineConfig):
     openvino_gate_eval: list[Path] = Field(
         default_factory=list, description="annotated DICOM files/dirs the precision gate also runs"
     )
+    openvino_recheck_band: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="bf16/int8 are served with an FP32 re-run of each frame that has a detection within this "
+        "score distance of its class's threshold (the gate checks them so); default per precision "
+        "(bf16 0.05, int8 0.1), 0: none",
+    )
     tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate (chain): with tls_key_file, the service speaks HTTPS only"
     )

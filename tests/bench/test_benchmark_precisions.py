@@ -54,3 +54,16 @@ def test_without_openvino_rows_the_ratio_says_why() -> None:
     ratio = int8_ratio(precision_section({"rows": [], "openvino_skipped": "not installed"}, None))
     assert ratio["value"] is None and "no OpenVINO rows" in ratio["reason"]
     assert precision_section(None, 1.0) is None and render(None) == []
+
+
+def test_a_rechecked_row_is_the_ratio_and_its_reduced_precision_alone_is_shown_beside_it() -> None:
+    """A precision served with its FP32 re-check counts with the re-check's cost; the row of its reduced
+    precision alone (bench/precisions.py ``reduced_alone``) is shown, never used for the ratio."""
+    served = _row("int8", "int8", 90.0, 100.0, GATE_OK)
+    served["recheck"] = {"band": 0.1, "reference": "fp32", "frames": 40, "rechecked": 4}
+    alone = {**_row("int8", "int8", 30.0, 33.0, GATE_OK), "variant": "reduced-alone", "timed": "alone"}
+    section = precision_section({"rows": [_row("fp32", "fp32", 300.0, 300.0), served, alone]}, 600.0)
+    assert int8_ratio(section)["value"] == 3.0
+    text = "\n".join(render(section))
+    assert "| int8 alone (no re-check) | - |" in text
+    assert "served with an fp32 re-check (band 0.1), which re-ran 4 of the 40 timed frames" in text

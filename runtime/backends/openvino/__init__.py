@@ -8,7 +8,8 @@ openvino without importing it). Nothing here imports openvino at import time. On
   threads, streams); :mod:`.cache`: the compiled-model cache keyed by model, precision, CPU and
   OpenVINO version, with the gate's figures beside each entry; :mod:`.cpu`: the CPU's ISA facts;
 - :mod:`.precision`: which precisions are offered and which one serves (pure); :mod:`.gate`: the gate's
-  comparison (pure); :mod:`.gating`: running it; :mod:`.variants`: which file runs INT8.
+  comparison (pure); :mod:`.gating`: running it; :mod:`.variants`: which file runs INT8;
+  :mod:`.recheck`: a reduced precision served with an FP32 re-check of the frames it cannot decide.
 
 ``options.extra`` (the service's ``openvino_*`` settings, the CLI's ``--precision``): ``precision``
 (``fp32`` | ``bf16`` | ``int8`` | ``auto``, default fp32), ``cache_dir``, ``performance_hint``
@@ -16,7 +17,9 @@ openvino without importing it). Nothing here imports openvino at import time. On
 and ``gate_eval`` (annotated DICOM the gate also evaluates), ``device_properties`` (a mapping that
 replaces what the CPU device reports, e.g. ``{"OPTIMIZATION_CAPABILITIES": ["FP32", "INT8"]}``: how
 tests simulate a CPU without bf16), ``gate_bundle`` (the benchmark's ``--gate-model``: another, trained
-bundle whose gate decides the precision; not a service setting).
+bundle whose gate decides the precision; not a service setting), ``recheck_band`` (a reduced precision's
+FP32 re-check of the frames with a detection that close to its class's threshold, :mod:`.recheck`; None:
+the precision's default, 0: none).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from retinaedge.runtime.errors import MissingDependencyError
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from retinaedge.runtime.backends.openvino.compiled import OpenVinoBackend
+    from retinaedge.runtime.backends.openvino.opening import Served
 
 
 def check() -> None:
@@ -43,7 +46,7 @@ def check() -> None:
         raise MissingDependencyError("openvino", "openvino", "backend openvino")
 
 
-def open(bundle: Bundle, options: BackendOptions) -> OpenVinoBackend:  # noqa: A001 (registry factory)
+def open(bundle: Bundle, options: BackendOptions) -> Served:  # noqa: A001 (registry factory)
     """The registry factory (see the module docstring); the returned backend's ``precision`` is what
     runs and ``reason`` why (a fallback to FP32 is said there and logged as a warning)."""
     check()
@@ -63,6 +66,7 @@ def _extra(extra: Mapping[str, Any]) -> dict[str, Any]:
         "gate_eval": (),
         "device_properties": None,
         "gate_bundle": None,
+        "recheck_band": None,
     }
     out = dict(defaults)
     for key in defaults:

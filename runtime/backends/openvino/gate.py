@@ -66,6 +66,11 @@ class GateResult:
     #: recorded in the cache entry for the same inputs, not measured again at this start.
     inputs: str = ""
     reused: bool = False
+    #: The FP32 re-check (:mod:`.recheck`): its band (0: none) and the share of the gate's frames it
+    #: re-ran; with a re-check, ``ms_per_frame`` is the reduced precision's plus that share of FP32's.
+    recheck_band: float = 0.0
+    recheck_rate: float | None = None
+    reduced_ms_per_frame: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -74,6 +79,9 @@ class GateResult:
     def summary(self) -> str:
         """One line: ``int8: 7 of 8 FP32 findings kept, 1 new; AP50 drop 0.02``."""
         text = f"{self.precision}: {self.kept} of {self.reference_findings} FP32 findings kept, {len(self.new)} new"
+        if self.recheck_band > 0:
+            rate = "" if self.recheck_rate is None else f", {100 * self.recheck_rate:.1f} % of frames"
+            text += f", fp32 re-check within {self.recheck_band} of a threshold{rate}"
         if self.map50 is not None:
             text += f", AP50 drop {self.map50['drop']}"
         return text + (f" (failed: {'; '.join(self.reasons)})" if self.reasons else " (passed)")
@@ -96,6 +104,9 @@ class GateResult:
             "criteria": {"iou_min": GATE_IOU_MIN, "max_ap50_drop": MAX_AP50_DROP},
             "inputs": self.inputs,
             "reused": self.reused,
+            "recheck_band": self.recheck_band,
+            "recheck_rate": None if self.recheck_rate is None else round(self.recheck_rate, 4),
+            "reduced_ms_per_frame": self.reduced_ms_per_frame,
         }
 
     @classmethod
@@ -116,6 +127,9 @@ class GateResult:
             ms_per_frame=doc.get("ms_per_frame"),
             reasons=[str(r) for r in doc["reasons"]],
             inputs=str(doc.get("inputs", "")),
+            recheck_band=float(doc.get("recheck_band") or 0.0),
+            recheck_rate=doc.get("recheck_rate"),
+            reduced_ms_per_frame=doc.get("reduced_ms_per_frame"),
         )
 
 

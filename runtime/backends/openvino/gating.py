@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from retinaedge.runtime.backends.base import Backend
 from retinaedge.runtime.backends.openvino.gate import GateResult, add_ap50, compare_findings
+from retinaedge.runtime.backends.openvino.recheck import RecheckedBackend
 from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.detections import ImageDetections, split_outputs
 from retinaedge.runtime.evaluate import EvalFrame
@@ -102,27 +103,55 @@ def gate(
     check: EvalSet | None,
     batch_size: int,
 ) -> GateResult:
-    """Run ``candidate`` on the gate's frames and compare it with ``reference`` (see :mod:`.gate`)."""
-    golden, ms = golden_run(candidate, images)
-    detections, map50 = golden, None
+    """Run ``candidate`` on the gate's frames and compare it with ``reference`` (see :mod:`.gate`). A
+    :class:`~.recheck.RecheckedBackend` is compared as it serves (with its FP32 re-check); its
+    ``recheck_rate`` is the share of the annotated frames (else of the golden frames) it re-ran."""
+    rechecked = candidate if isinstance(candidate, RecheckedBackend) else None
+    if rechecked is not None:
+        rechecked.reset_counts()
+        detections = split_outputs(rechecked.infer(images))
+    else:
+        detections, ms = golden_run(candidate, images)
+    map50 = None
     if check is not None:
+        if rechecked is not None:
+            rechecked.reset_counts()
         more, map50 = eval_run(candidate, bundle, check, batch_size)
-        detections = golden + more
+        detections = detections + more
     manifest = bundle.manifest
     result = compare_findings(
         precision, reference.detections, detections, manifest.class_names, manifest.operating_point
     )
-    result.ms_per_frame = ms
+    if rechecked is not None:
+        result.recheck_band, result.recheck_rate = rechecked.band, rechecked.rate
+        set_timings(result, candidate, images, reference.ms_per_frame)
+    else:
+        result.ms_per_frame = result.reduced_ms_per_frame = ms
     if check is not None:
         add_ap50(result, reference.map50, map50)
     log.log(logging.INFO if result.passed else logging.WARNING, "precision gate %s", result.summary())
     return result
 
 
-def gate_inputs(bundle: Bundle, check: EvalSet | None) -> str:
+def set_timings(result: GateResult, candidate: Backend, images: np.ndarray, fp32_ms: float) -> None:
+    """``result``'s ms per frame measured now on the golden frames: ``reduced_ms_per_frame`` the reduced
+    precision's alone; ``ms_per_frame`` with a re-checked candidate's FP32 re-check at the gate's
+    ``recheck_rate`` (that share of frames times FP32's ``fp32_ms``), else the same."""
+    fast = candidate.fast if isinstance(candidate, RecheckedBackend) else candidate
+    result.reduced_ms_per_frame = golden_run(fast, images)[1]
+    result.ms_per_frame = with_recheck(result.reduced_ms_per_frame, result.recheck_rate, fp32_ms)
+
+
+def with_recheck(reduced_ms: float, rate: float | None, fp32_ms: float) -> float:
+    """ms per frame of a reduced precision whose FP32 re-check re-runs ``rate`` of the frames."""
+    return round(reduced_ms + (rate or 0.0) * fp32_ms, 3)
+
+
+def gate_inputs(bundle: Bundle, check: EvalSet | None, recheck_band: float = 0.0) -> str:
     """A fingerprint of what a gate compares: the golden frames, the operating point (which detections
     are findings), the criteria and, with annotated DICOM, the ground truth file and each DICOM file's
-    path, size and modification time. A recorded gate with the same fingerprint is reused."""
+    path, size and modification time, and the FP32 re-check's band (:mod:`.recheck`; 0: none). A
+    recorded gate with the same fingerprint is reused."""
     import hashlib
     import json
 
@@ -136,6 +165,8 @@ def gate_inputs(bundle: Bundle, check: EvalSet | None) -> str:
         "thresholds": point.score_thresholds if point is not None else DEFAULT_FINDING_SCORE,
         "criteria": [GATE_IOU_MIN, MAX_AP50_DROP],
     }
+    if recheck_band:  # the re-check's rule: its band and the detection cap it watches
+        doc["recheck"] = {"band": recheck_band, "cap": bundle.manifest.postprocess.detections_per_img}
     if check is not None:
         files = dicom_files(list(check.files), exclude=[check.annotations])
         doc["annotations"] = sha256_file(check.annotations)

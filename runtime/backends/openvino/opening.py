@@ -28,11 +28,13 @@ from retinaedge.runtime.backends.openvino.gating import (
     EvalSet,
     gate,
     gate_inputs,
-    golden_run,
     reference_run,
     relaxed_rate,
+    set_timings,
+    with_recheck,
 )
 from retinaedge.runtime.backends.openvino.precision import Decision, check_precision, decide, offered, to_gate
+from retinaedge.runtime.backends.openvino.recheck import RecheckedBackend, class_thresholds, recheck_band
 from retinaedge.runtime.backends.openvino.variants import int8_model
 from retinaedge.runtime.bundle import Bundle, load_golden, self_test
 from retinaedge.runtime.errors import BundleError, ConfigError
@@ -125,16 +127,18 @@ class _Compiler:
         )
 
 
-def open_gated(bundle: Bundle, options: BackendOptions, extra: dict[str, Any]) -> OpenVinoBackend:
+#: What serves: one compiled model, or a reduced precision with its FP32 re-check (:mod:`.recheck`).
+Served = OpenVinoBackend | RecheckedBackend
+
+
+def open_gated(bundle: Bundle, options: BackendOptions, extra: dict[str, Any]) -> Served:
     """See the module docstring; ``extra`` as :func:`retinaedge.runtime.backends.openvino._extra` returns it."""
     if extra.get("gate_bundle"):
         return _open_by_proxy(bundle, options, extra, Path(extra["gate_bundle"]))
     return _open(bundle, options, extra, None)
 
 
-def _open_by_proxy(
-    bundle: Bundle, options: BackendOptions, extra: dict[str, Any], proxy: Path
-) -> OpenVinoBackend:
+def _open_by_proxy(bundle: Bundle, options: BackendOptions, extra: dict[str, Any], proxy: Path) -> Served:
     """The benchmark's ``--gate-model``: which precisions pass is decided by the gate on ``proxy`` (a trained
     bundle, with its annotated DICOM); ``bundle`` (e.g. a random-weight benchmark model, whose near-threshold
     detections say nothing about fidelity) then serves the requested precision if it passed there (``auto``:
@@ -159,7 +163,7 @@ def _open_by_proxy(
 
 def _open(
     bundle: Bundle, options: BackendOptions, extra: dict[str, Any], proof: dict[str, Any] | None
-) -> OpenVinoBackend:
+) -> Served:
     """Open ``bundle``; ``proof``: a decision made on another bundle (:func:`_open_by_proxy`) to apply."""
     import openvino as ov
 
@@ -190,8 +194,9 @@ def _open(
         images, expected = golden
         reports = self_test(fp32, bundle)  # the export's parity rule against the recorded PyTorch detections
         todo = to_gate(requested, availability)
-        inputs = gate_inputs(bundle, check) if todo else ""
-        recorded = {p: r for p in todo if (r := compiler.recorded_gate(paths[p], p, inputs)) is not None}
+        bands = {p: recheck_band(p, extra["recheck_band"]) for p in todo}
+        inputs = {p: gate_inputs(bundle, check, bands[p]) for p in todo}
+        recorded = {p: r for p in todo if (r := compiler.recorded_gate(paths[p], p, inputs[p])) is not None}
         # The annotated DICOM is run again only for a precision whose gate is not recorded for these inputs.
         need_eval = check if any(p not in recorded for p in todo) else None
         reference = reference_run(fp32, bundle, images, need_eval, options.batch_size)
@@ -208,22 +213,27 @@ def _open(
         fp32.close()
         raise
     gates: dict[str, GateResult] = {}
-    candidates: dict[str, OpenVinoBackend] = {}
+    candidates: dict[str, Served] = {}
+    thresholds = class_thresholds(bundle.manifest.class_names, bundle.manifest.operating_point)
     for precision in todo:
-        backend, entry = compiler.compile(paths[precision], precision)
+        compiled, entry = compiler.compile(paths[precision], precision)
+        backend: Served = compiled
+        if bands[precision] > 0:  # served with its FP32 re-check of undecided frames (.recheck)
+            cap = bundle.manifest.postprocess.detections_per_img
+            backend = RecheckedBackend(compiled, fp32, thresholds, bands[precision], cap)
         candidates[precision] = backend
         if precision in recorded:
-            result = recorded[precision]
-            result.ms_per_frame = golden_run(backend, images)[1]  # timings are this start's
+            result = recorded[precision]  # timings are this start's
+            set_timings(result, backend, images, reference.ms_per_frame)
             log.info(
                 "precision gate %s: recorded for the same inputs, reused: %s", precision, result.summary()
             )
         else:
             result = gate(precision, backend, reference, bundle, images, check, options.batch_size)
-            result.inputs = inputs
+            result.inputs = inputs[precision]
         gates[precision] = result
-        compiler.record(entry, backend, {"gate": result.to_dict()})
-    deciding = gates if proof is None else _proxy_verdicts(gates, proof)
+        compiler.record(entry, compiled, {"gate": result.to_dict()})
+    deciding = gates if proof is None else _proxy_verdicts(gates, proof, reference.ms_per_frame)
     decision = decide(requested, availability, deciding, reference.ms_per_frame)
     if proof is not None:
         own = "; ".join(g.summary() for g in gates.values()) or "none"
@@ -233,9 +243,14 @@ def _open(
             f"(not deciding): {own}",
             decision.fallback,
         )
-    chosen = candidates.pop(decision.precision, fp32) if decision.precision != "fp32" else fp32
-    for other in [*candidates.values(), *([fp32] if chosen is not fp32 else [])]:
-        other.close()
+    chosen: Served = candidates.pop(decision.precision, fp32) if decision.precision != "fp32" else fp32
+    for other in candidates.values():  # not chosen; a re-checked one shares the FP32 model
+        if isinstance(other, RecheckedBackend):
+            other.release_fast()
+        else:
+            other.close()
+    if chosen is not fp32 and not isinstance(chosen, RecheckedBackend):
+        fp32.close()
     (log.warning if decision.fallback else log.info)("openvino: %s", decision.reason)
     chosen.reason = decision.reason
     chosen.details.update(
@@ -260,8 +275,12 @@ def _open(
     return chosen
 
 
-def _proxy_verdicts(gates: dict[str, GateResult], proof: dict[str, Any]) -> dict[str, GateResult]:
-    """The proxy bundle's gate figures and verdicts, with this bundle's timings (what ``auto`` compares)."""
+def _proxy_verdicts(
+    gates: dict[str, GateResult], proof: dict[str, Any], fp32_ms: float
+) -> dict[str, GateResult]:
+    """The proxy bundle's gate figures and verdicts, with this bundle's timings (what ``auto`` compares);
+    a re-checked precision's time counts the proxy's re-check rate (measured on its trained model and
+    annotated DICOM), not this bundle's own (e.g. a random-weight model's golden frame)."""
     verdicts = proof.get("gates") or {}
     name = Path(proof["bundle"]).name
     out = {}
@@ -277,13 +296,18 @@ def _proxy_verdicts(gates: dict[str, GateResult], proof: dict[str, Any]) -> dict
             kept=int(theirs["kept"]),
             new=[{}] * int(theirs.get("new_count", len(theirs["new"]))),
             map50=theirs.get("map50"),
-            ms_per_frame=ours.ms_per_frame,
+            ms_per_frame=with_recheck(ours.reduced_ms_per_frame or 0.0, theirs.get("recheck_rate"), fp32_ms)
+            if ours.reduced_ms_per_frame is not None
+            else ours.ms_per_frame,
             reasons=list(theirs["reasons"]),
+            recheck_band=float(theirs.get("recheck_band") or 0.0),
+            recheck_rate=theirs.get("recheck_rate"),
+            reduced_ms_per_frame=ours.reduced_ms_per_frame,
         )
     return out
 
 
-def _rerun(backend: OpenVinoBackend, images: Any) -> list[Any]:
+def _rerun(backend: Served, images: Any) -> list[Any]:
     from retinaedge.runtime.detections import split_outputs
 
     return split_outputs(backend.infer(images))

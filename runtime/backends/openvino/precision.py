@@ -21,6 +21,9 @@ from retinaedge.runtime.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
 REDUCED = ("bf16", "int8")
+#: A reduced precision whose FP32 re-check (:mod:`.recheck`) re-ran more than this share of the gate's
+#: frames is not served even when asked for: it would be FP32 in disguise, and slower.
+MAX_RECHECK_RATE = 0.5
 
 
 def check_precision(precision: str) -> str:
@@ -83,6 +86,13 @@ def decide(
         if not gate.passed:
             return Decision(
                 "fp32", f"precision {requested} not used: gate failed ({gate.summary()}); serving fp32", True
+            )
+        if gate.recheck_rate is not None and gate.recheck_rate > MAX_RECHECK_RATE:
+            return Decision(
+                "fp32",
+                f"precision {requested} not used: its fp32 re-check re-ran more than {MAX_RECHECK_RATE:.0%} of "
+                f"the gate's frames ({gate.summary()}); serving fp32",
+                True,
             )
         return Decision(requested, f"precision {requested}: gate passed ({gate.summary()})")
     passed = {p: g for p, g in gates.items() if g.passed}
