@@ -105,19 +105,19 @@ def test_update_under_load_fails_nothing(demo_version_b: Path) -> None:
             t.start()
         marks: dict[str, float] = {}
         try:
-            time.sleep(3.0)
+            time.sleep(2.0)
             marks["staged"] = time.monotonic()
             version_b = stage_checked(c, base, demo_version_b)
             c.post(f"{base}{MODEL}/shadow", params={"version": version_b}, headers=AUTH).raise_for_status()
-            time.sleep(2.0)
+            time.sleep(1.5)
             marks["activate"] = time.monotonic()
             c.post(f"{base}{MODEL}/activate", params={"version": version_b}, headers=AUTH).raise_for_status()
             marks["activated"] = time.monotonic()
-            time.sleep(3.0)
+            time.sleep(2.0)
             marks["rollback"] = time.monotonic()
             assert c.post(f"{base}{MODEL}/rollback", headers=AUTH).json()["active"] == version_a
             marks["rolled_back"] = time.monotonic()
-            time.sleep(2.0)
+            time.sleep(1.0)
         finally:
             stop.set()
             for t in threads:

@@ -253,7 +253,7 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path, launcher: Launcher) -> Non
 @pytest.mark.slow
 def test_crash_drill_two_models_never_mix(tmp_path: Path, launcher: Launcher, any_mr_bundle: Path) -> None:
     """Two models take every instance (the demo without an intended use, and a second bundle): clients
-    stream STOW-RS while the server is SIGKILLed 15 times; at the end every acknowledged instance has
+    stream STOW-RS while the server is SIGKILLed 8 times; at the end every acknowledged instance has
     exactly one done result per model, each produced by the model of its row, and no spool file is left."""
     from support.several import ANY_NAME
 
@@ -295,7 +295,7 @@ def test_crash_drill_two_models_never_mix(tmp_path: Path, launcher: Launcher, an
     for t in threads:
         t.start()
     try:
-        for _ in range(15):
+        for _ in range(8):
             proc = launcher.start_server(None, config, port)
             time.sleep(rng.uniform(0.05, 0.6))
             os.kill(proc.pid, signal.SIGKILL)
@@ -329,5 +329,5 @@ def test_crash_drill_two_models_never_mix(tmp_path: Path, launcher: Launcher, an
         mine = [(m, s, json.loads(r)["model"]["name"]) for u, m, s, r in rows if u == uid]
         assert sorted(mine) == sorted([(demo_name, "done", demo_name), (ANY_NAME, "done", ANY_NAME)]), uid
     assert not list((tmp_path / "data" / "spool").glob("*"))  # nothing left behind
-    print(f"two-model crash drill: 15 SIGKILLs, {len(acknowledged)} acknowledged instances")
-    assert len(acknowledged) >= 6
+    print(f"two-model crash drill: 8 SIGKILLs, {len(acknowledged)} acknowledged instances")
+    assert len(acknowledged) >= 3
