@@ -34,7 +34,8 @@ from retinaedge.service.intake.spool import Spool
 from retinaedge.service.intake.stow import backlog_admission
 from retinaedge.service.lanes import Lane, Router, bound_titles, build_lane, load_bundles, new_worker
 from retinaedge.service.lifecycle import Lifecycle
-from retinaedge.service.outbox.delivery import Dispatcher, ModelSource
+from retinaedge.service.outbox.building import ModelSource
+from retinaedge.service.outbox.delivery import Dispatcher
 from retinaedge.service.outbox.metrics import DeliveryCollector
 from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.processor import Processor

@@ -34,59 +34,29 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.threadname import name_this_thread
+from retinaedge.service.outbox.building import DocumentBuilder, ModelSource, NoDocument, NothingToSend
 from retinaedge.service.outbox.files import DocumentFiles
 from retinaedge.service.outbox.presence import ASKABLE, holds
 from retinaedge.service.outbox.queue import Job, Outbox
 from retinaedge.service.outbox.senders import Delivery, Instance, sender_for
-from retinaedge.service.results.built import BuiltDocuments, result_version, rows_version
-from retinaedge.service.results.completion import series_findings, series_status
+from retinaedge.service.results.built import BuiltDocuments
+from retinaedge.service.results.completion import series_status
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles
-from retinaedge.service.results.key_images import study_images
 from retinaedge.service.results.storage import STORAGE_ERRORS
 from retinaedge.service.results.store import Store
-from retinaedge.service.results.views import InstanceView, NothingToReport, SeriesView, StudyView, Unavailable
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
     from retinaedge.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often idle threads look for due jobs and complete series (a new result wakes them)
 PRUNE_EVERY_S = 60.0
-
-
-class NoDocument(Exception):
-    """The job's document cannot be built (its result is gone, or cannot be represented)."""
-
-
-class NothingToSend(NoDocument):
-    """The job's document has nothing to show (its subject has no findings): dropped, not dead."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """One model's results, as the dispatcher builds its documents: its bound store, its name and
-    sha256, its manifest (class codes, operating point)."""
-
-    store: Store
-    name: str
-    sha256: str
-    manifest: Manifest | None = None
-    #: The manifest of the version whose sha256 a result records (documents show its classes and codes).
-    manifest_for: Callable[[str | None], Manifest] | None = None
-
-    def version(self, result: dict[str, Any]) -> tuple[str, Manifest | None]:
-        """(the sha256 of the version that produced ``result``, its manifest)."""
-        sha = result.get("model", {}).get("sha256") or self.sha256
-        return sha, self.manifest_for(sha) if self.manifest_for is not None else self.manifest
 
 
 class Dispatcher:
@@ -112,6 +82,7 @@ class Dispatcher:
         #: Service time (:mod:`retinaedge.service.clock`): back-off, holds and series quiet periods.
         self.clock = clock
         self.built = built  # an instance's documents, built once and shared with the routes
+        self.builder = DocumentBuilder(settings, self.sources, identities, documents, built)
         self.store = store
         self.identities = identities
         self.documents = documents
@@ -275,16 +246,6 @@ class Dispatcher:
             )
         self.refresh()
 
-    def _kept(
-        self, kind: str, view: Any, build: Callable[[], Dataset]
-    ) -> Callable[[], Dataset | dict[int, Path]]:
-        """The document ``kind`` of ``view`` as the file the routes serve too (:mod:`..results.built`:
-        one SOP instance, built once per version of its subject), or built here without that store."""
-        built = self.built
-        if built is None or not view.version:
-            return build
-        return lambda: {1: built.file(view.key, kind, view.version, build)}
-
     def _askable(self, name: str) -> bool:
         """Whether ``name``'s protocol lets the dispatcher ask it for a document (:mod:`.presence`)."""
         return type(self._destination[name]) in ASKABLE
@@ -323,7 +284,7 @@ class Dispatcher:
                 except (OSError, pydicom.errors.InvalidDicomError, ValueError, AttributeError) as exc:
                     log.warning("export job %d: its document file cannot be read (%s); building it again",
                                 job.id, type(exc).__name__)  # fmt: skip
-            built = self._build(current)
+            built = self.builder.build(current)
             if isinstance(built, dict):  # a stored document's files
                 try:
                     name, instances = self.files.link(current.document_id, built)
@@ -338,69 +299,6 @@ class Dispatcher:
                 self.files.remove(name)
                 raise
             return instances
-
-    def _build(self, job: Job) -> Dataset | dict[int, Path]:
-        """The job's document, by its kind's builder, from an instance's result or a series' findings,
-        or a stored document's files by part (raises :class:`NoDocument`)."""
-        doc = self.documents.get(job.document_kind)
-        if doc is None:  # written by another version of the service
-            raise NoDocument(f"this service cannot build a {job.document_kind!r} document")
-        src = self.sources.get(job.model)
-        if src is None:
-            raise NoDocument(f"the model {job.model!r} whose result it shows is no longer served")
-        if doc.scope == "instance":
-            row = src.store.get(job.subject_uid)
-            if row is None or row.state != "done":
-                raise NoDocument("the instance's result is no longer kept (retention) or not done")
-            identity = self.identities.get(job.subject_uid)
-            result = row.result() or {}
-            sha, manifest = src.version(result)
-            view = InstanceView(
-                uid=job.subject_uid,
-                result=result,
-                header_json=row.header_json,
-                model_name=src.name,
-                model_sha256=sha,
-                identity=identity,
-                manifest=manifest,
-                version=result_version(row.result_json, row.header_json, identity),
-            )
-            data_dir = self.settings.data_dir
-            build: Callable[[], Dataset | dict[int, Path]]
-            if doc.stored:
-                build = lambda: doc.parts(view, data_dir)  # noqa: E731
-            else:
-                build = self._kept(doc.kind, view, lambda: doc.build_instance(view))
-        elif doc.scope == "study":
-            rows = src.store.study_rows(job.subject_uid)
-            if not rows:
-                raise NoDocument("no instance of the study is kept (retention)")
-            images = study_images(job.subject_uid, rows, self.identities.get)
-            study = StudyView(job.subject_uid, images, src.name, src.sha256, version=rows_version(rows))
-            build = self._kept(doc.kind, study, lambda: doc.build_study(study))
-        else:
-            rows = src.store.series_rows(job.subject_uid)
-            params = self.settings.link_params(
-                src.manifest is not None and src.manifest.operating_point is not None
-            )
-            found = series_findings(rows, params, self.identities.get)
-            if found is None:
-                raise NoDocument("no instance of the series is kept that could be analysed")
-            series = SeriesView(
-                job.subject_uid, {}, found, src.name, src.sha256, manifest=src.manifest,
-                version=rows_version(rows),
-            )  # fmt: skip
-            build = self._kept(doc.kind, series, lambda: doc.build_series(series))
-        try:
-            return build()
-        except NothingToReport as exc:
-            raise NothingToSend(str(exc)) from exc
-        except Unavailable as exc:
-            raise NoDocument(str(exc)) from exc
-        except OSError:  # writing the built file: storage, retried as writing the outbox's file is
-            raise
-        except Exception as exc:  # e.g. an SOP class highdicom cannot reference
-            raise NoDocument(f"no {doc.title} can be built ({type(exc).__name__})") from exc
 
     # -- series, housekeeping, state ----------------------------------------------------------------------
     def _watch_loop(self) -> None:
