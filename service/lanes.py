@@ -31,7 +31,8 @@ from retinaedge.service.pipeline.batching import BatchPolicy
 from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.results.captures import CaptureMaker
-from retinaedge.service.results.store import Declined, Store
+from retinaedge.service.results.rows import Declined
+from retinaedge.service.results.store import Store
 from retinaedge.service.results.writer import ResultWriter
 from retinaedge.service.settings import Settings
 

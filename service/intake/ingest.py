@@ -33,7 +33,8 @@ from retinaedge.runtime.errors import (
 )
 from retinaedge.service.intake.spool import Spool, storage_error
 from retinaedge.service.results.evidence import IdentityFiles, split_dataset
-from retinaedge.service.results.store import Declined, Store
+from retinaedge.service.results.rows import Declined
+from retinaedge.service.results.store import Store
 
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900

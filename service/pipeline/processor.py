@@ -35,8 +35,9 @@ from retinaedge.service.intake.spool import Spool
 from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.results.captures import CaptureMaker
 from retinaedge.service.results.evidence import IdentityFiles
+from retinaedge.service.results.rows import Row
 from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
-from retinaedge.service.results.store import Row, Store
+from retinaedge.service.results.store import Store
 
 log = logging.getLogger(__name__)
 

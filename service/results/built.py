@@ -18,7 +18,7 @@ request or delivery that needs one builds it, and every later one reads the file
 - result delivery links the same file (:class:`~..outbox.files.DocumentFiles`), so what the PACS
   receives and what a GET returns is one object with one SOP Instance UID;
 - files are written to a temporary name, fsynced and renamed, so a crash never leaves half a document;
-  they go with their instance's result (retention, :class:`~..state.Pruner`), a series' or study's when
+  they go with their instance's result (retention, :class:`~.retention.Pruner`), a series' or study's when
   none of its instances is kept any more, and, at start, with results no longer kept
   (:meth:`BuiltDocuments.keep_only`).
 
@@ -43,7 +43,7 @@ from retinaedge.runtime.durable import fsync_path
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
-    from retinaedge.service.results.store import Row
+    from retinaedge.service.results.rows import Row
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ from retinaedge.runtime.instance_result import Detection
 from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.overlay import burn_in, png_bytes
 from retinaedge.service.results.evidence import IdentityFiles, header_from_json
+from retinaedge.service.results.rows import subject_key
 from retinaedge.service.results.sc import NOTICE, build_sc
 from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.storage import STORAGE_ERRORS
-from retinaedge.service.results.store import subject_key
 from retinaedge.service.results.views import InstanceView, NothingToReport, Unavailable
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from retinaedge.runtime.findings import LinkParams, SeriesResult, analyse_series
 from retinaedge.runtime.instance_result import Detection
 from retinaedge.runtime.slices import FrameRef, frames_from_dataset
 from retinaedge.service.results.evidence import header_from_json
+from retinaedge.service.results.rows import Row, state_of
 from retinaedge.service.results.selection import frame_findings
-from retinaedge.service.results.store import Row, state_of
 
 log = logging.getLogger(__name__)
 

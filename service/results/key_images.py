@@ -16,8 +16,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from retinaedge.service.results.evidence import header_from_json
+from retinaedge.service.results.rows import Row, state_of
 from retinaedge.service.results.selection import findings_by_frame
-from retinaedge.service.results.store import Row, state_of
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from retinaedge.service.results.completion import SeriesFindings
-from retinaedge.service.results.store import subject_key
+from retinaedge.service.results.rows import subject_key
 
 if TYPE_CHECKING:
     from retinaedge.runtime.manifest import Manifest

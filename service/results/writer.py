@@ -34,8 +34,9 @@ from typing import Any
 from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.results.captures import CaptureMaker
 from retinaedge.service.results.evidence import IdentityFiles, KeptHeader, header_from_json
+from retinaedge.service.results.rows import subject_key
 from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
-from retinaedge.service.results.store import Store, subject_key
+from retinaedge.service.results.store import Store
 
 log = logging.getLogger(__name__)
 

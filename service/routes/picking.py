@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from fastapi import Query
 from retinaedge.runtime.errors import RequestError
 from retinaedge.service.lanes import Lane
-from retinaedge.service.results.store import Row, state_of
+from retinaedge.service.results.rows import Row, state_of
 from retinaedge.service.state import Services
 
 MODEL_QUERY = Query(

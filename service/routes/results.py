@@ -28,8 +28,8 @@ from retinaedge.service.http.schemas import (
 )
 from retinaedge.service.lanes import Lane
 from retinaedge.service.results.built import result_version
+from retinaedge.service.results.rows import Row, state_of, subject_key
 from retinaedge.service.results.selection import findings_by_frame
-from retinaedge.service.results.store import Row, state_of, subject_key
 from retinaedge.service.results.views import InstanceView
 from retinaedge.service.routes.picking import MODEL_QUERY, pick, pick_one
 from retinaedge.service.state import FORMATS_EXTENSION, InstanceFormat, Services, ServicesDep

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
 from retinaedge.service.results.built import BuiltDocuments, result_version
-from retinaedge.service.results.store import subject_key
+from retinaedge.service.results.rows import subject_key
 from support.paths import EXAMPLES
 from support.servers import demo_app, ready_client
 

@@ -70,7 +70,7 @@ def test_rows_of_an_earlier_version_lose_their_identity_to_files(tmp_path: Path)
 
 
 def test_retention_removes_the_identity_with_the_result(tmp_path: Path) -> None:
-    from retinaedge.service.state import Pruner
+    from retinaedge.service.results.retention import Pruner
 
     store = Store(tmp_path / "state.sqlite3")
     files = IdentityFiles(tmp_path / "identity")
