@@ -215,43 +215,32 @@ class Store:
             ).fetchall()
         return [Row(*r) for r in rows]
 
-    def series_rows(self, series_uid: str) -> list[Row]:
-        """Every kept instance of one series, in order of arrival."""
+    def _rows(self, column: str, uid: str, every_model: bool) -> list[Row]:
+        """The kept rows whose ``column`` (``series_uid``, ``study_uid``) is ``uid``, this model's or every
+        model's, in order of arrival."""
+        where = f"{column} = ?" + ("" if every_model else " AND model = ?")
+        args = (uid,) if every_model else (uid, self.model)
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM instances WHERE series_uid = ? AND model = ? "
-                "ORDER BY received_at, sop_instance_uid",
-                (series_uid, self.model),
+                f"SELECT * FROM instances WHERE {where} ORDER BY received_at, sop_instance_uid, rowid", args
             ).fetchall()
         return [Row(*r) for r in rows]
 
+    def series_rows(self, series_uid: str) -> list[Row]:
+        """This model's kept instances of one series, in order of arrival."""
+        return self._rows("series_uid", series_uid, False)
+
     def study_rows(self, study_uid: str) -> list[Row]:
-        """Every kept instance of one study, in order of arrival."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM instances WHERE study_uid = ? AND model = ? "
-                "ORDER BY received_at, sop_instance_uid",
-                (study_uid, self.model),
-            ).fetchall()
-        return [Row(*r) for r in rows]
+        """This model's kept instances of one study, in order of arrival."""
+        return self._rows("study_uid", study_uid, False)
 
     def series_rows_of_all(self, series_uid: str) -> list[Row]:
         """Every model's kept rows of one series, in order of arrival."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at, sop_instance_uid, rowid",
-                (series_uid,),
-            ).fetchall()
-        return [Row(*r) for r in rows]
+        return self._rows("series_uid", series_uid, True)
 
     def study_rows_of_all(self, study_uid: str) -> list[Row]:
         """Every model's kept rows of one study, in order of arrival."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at, sop_instance_uid, rowid",
-                (study_uid,),
-            ).fetchall()
-        return [Row(*r) for r in rows]
+        return self._rows("study_uid", study_uid, True)
 
     def request_series_complete(self, series_uid: str, at: float | None = None) -> float:
         """Record that the series is complete as of ``at`` (default now); returns that time."""

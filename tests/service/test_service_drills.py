@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from support.forkserver import Launcher
 from support.paths import CORPUS_FILES, demo_any_image
 from support.polling import poll
 from support.servers import free_port, rss_mib, serve, start_server
+from support.streams import stow_streams
 
 #: The demo model without its intended use: pydicom's corpus (CT, US, SC, broken files) reaches the runtime.
 ANY_IMAGE = demo_any_image()
@@ -181,37 +181,11 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path, launcher: Launcher) -> Non
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "max_batch_size": 2}))
     rng = random.Random(1234)
-    acknowledged: set[str] = set()
-    lock = threading.Lock()
-    stop = threading.Event()
     port = free_port()
-    url = f"http://127.0.0.1:{port}/dicomweb/studies"
-
-    def client(seed: int) -> None:
-        local = np.random.default_rng(seed)
-        # One httpx client per thread (a new one costs ~30 ms of CPU, taken from the booting server); no
-        # keep-alive, so every request opens its own connection as a one-shot httpx.post would.
-        with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as http:
-            while not stop.is_set():
-                pixels = local.integers(0, 4096, size=(96, 96), dtype=np.uint16)
-                body, ctype = multipart([to_bytes(mr_instance(pixels, window=(2048, 4096)))])
-                try:
-                    r = http.post(url, content=body, headers={"Content-Type": ctype})
-                except httpx.TransportError:
-                    time.sleep(0.05)  # server down: not acknowledged, try another instance
-                    continue
-                if r.status_code == 200:
-                    with lock:
-                        acknowledged.add(r.json()["00081199"]["Value"][0]["00081155"]["Value"][0])
-                time.sleep(0.2)  # a steady stream, bounded so the backlog stays reasonable
-
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
-    for t in threads:
-        t.start()
     kills = 0
     # Each server is a real `retinaedge serve` process forked from the launcher, which has done the imports
     # (tests/support/forkserver.py): a start costs the server's own boot, not a new interpreter's.
-    try:
+    with stow_streams(f"http://127.0.0.1:{port}/dicomweb/studies") as acknowledged:
         while kills < 50:
             proc = launcher.start_server(ANY_IMAGE, config, port)
             # A random moment of the server's first half second (it was the first second): that still spans
@@ -222,10 +196,6 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path, launcher: Launcher) -> Non
             os.kill(proc.pid, signal.SIGKILL)
             assert proc.wait(30) == -signal.SIGKILL
             kills += 1
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
     proc = launcher.start_server(ANY_IMAGE, config, port)
     try:
         with httpx.Client(timeout=120) as c:
@@ -269,41 +239,13 @@ def test_crash_drill_two_models_never_mix(tmp_path: Path, launcher: Launcher, an
         )
     )
     rng = random.Random(4321)
-    acknowledged: set[str] = set()
-    lock = threading.Lock()
-    stop = threading.Event()
     port = free_port()
-    url = f"http://127.0.0.1:{port}/dicomweb/studies"
-
-    def client(seed: int) -> None:
-        local = np.random.default_rng(seed)
-        with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as http:
-            while not stop.is_set():
-                pixels = local.integers(0, 4096, size=(96, 96), dtype=np.uint16)
-                body, ctype = multipart([to_bytes(mr_instance(pixels, window=(2048, 4096)))])
-                try:
-                    r = http.post(url, content=body, headers={"Content-Type": ctype})
-                except httpx.TransportError:
-                    time.sleep(0.05)
-                    continue
-                if r.status_code == 200:
-                    with lock:
-                        acknowledged.add(r.json()["00081199"]["Value"][0]["00081155"]["Value"][0])
-                time.sleep(0.2)
-
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with stow_streams(f"http://127.0.0.1:{port}/dicomweb/studies") as acknowledged:
         for _ in range(8):
             proc = launcher.start_server(None, config, port)
             time.sleep(rng.uniform(0.05, 0.6))
             os.kill(proc.pid, signal.SIGKILL)
             assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
     proc = launcher.start_server(None, config, port)
     try:
         with httpx.Client(timeout=120) as c:
