@@ -120,8 +120,8 @@ def stored_percentiles(
     qs = np.true_divide(np.asarray(percentiles, dtype=np.float64), 100)
     places = []
     for q in qs:
-        previous = int(np.floor((n - 1) * q))
-        places += [previous, min(previous + 1, n - 1)]
+        below = int(np.floor((n - 1) * q))
+        places += [below, min(below + 1, n - 1)]
     found = order_statistics(stored.reshape(-1), places)
 
     def order_statistic(i: int) -> float:  # the i-th smallest (0-based), rescaled
