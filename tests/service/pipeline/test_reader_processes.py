@@ -101,7 +101,9 @@ def test_a_killed_reader_process_fails_only_what_it_held(served: Any) -> None:
     with httpx.Client(timeout=120) as c:
         statuses = [dicom_post(c, url, body) for _ in range(6)]
         failed = [r for r in statuses if r.status_code != 200]
-        assert all(r.status_code == 500 and r.json()["type"].endswith(":reader-process-failed") for r in failed)
+        assert all(
+            r.status_code == 500 and r.json()["type"].endswith(":reader-process-failed") for r in failed
+        )
         assert len(failed) <= 2  # at most one request per killed process
         assert all(dicom_post(c, url, body).status_code == 200 for _ in range(4))
     assert len(reader.pids()) == 2
