@@ -246,7 +246,10 @@ def serve(conn: Connection, bundle: Bundle, limits: Limits, block_name: str) -> 
     """A reader process: opens, reads and closes instances as the pipe asks, until it closes."""
     import signal
 
+    from retinaedge.runtime.threadname import name_this_thread
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the service, which closes the pipe
+    name_this_thread("retinaedge-reader-process")  # what ps, top -H and the benchmark see
     reader = InstanceReader(bundle, limits)
     block = shared_memory.SharedMemory(block_name)
     open_: dict[int, tuple[OpenInstance, Iterator[ReadFrame]]] = {}
