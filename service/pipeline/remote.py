@@ -95,7 +95,9 @@ class RemoteReader:
 
 
 class RemoteInstance:
-    """An instance open in a child: ``info``, ``timings_ms``; :meth:`frames` asks for one frame at a time."""
+    """An instance open in a child: ``info``, ``timings_ms``; :meth:`frames` yields the frame the child
+    prepared when it opened the instance, then asks for one frame at a time. The child says which frame is
+    the last, so a single-frame instance takes one exchange in all."""
 
     def __init__(
         self, child: _Child, job: int, generation: int, info: ImageInfo, timings_ms: dict[str, float]
@@ -104,18 +106,31 @@ class RemoteInstance:
         self.info = info
         self.timings_ms = timings_ms
         self.extracted: Any = None
+        self.pending: tuple[Any, ...] | None = None  # the first frame's step, from the open reply
+        self._done = False  # the child has let go of the instance (its last frame, the end, an error)
 
     def frames(self) -> Iterator[ReadFrame]:
+        step, self.pending = self.pending, None
         while True:
-            reply = self._child.call(("next", self._job), generation=self._generation)
-            self.timings_ms.update(reply[-1])
-            if reply[0] == "end":
+            if step is None:
+                step = self._child.call(("next", self._job), generation=self._generation)
+            if step[0] == "error":
+                self._done = True
+                raise rebuild(step[1], step[2], step[3])
+            self.timings_ms.update(step[-1])
+            if step[0] == "end":
+                self._done = True
                 return
-            _kind, index, letterbox, rule, image, _timings = reply
+            _kind, index, letterbox, rule, image, last, _timings = step
+            self._done = last
             yield ReadFrame(index, image, letterbox, rule, None)
+            if last:
+                return
+            step = None
 
     def close(self) -> None:
-        self._child.forget(self._job, self._generation)
+        if not self._done:
+            self._child.forget(self._job, self._generation)
 
 
 class _Child:
@@ -154,9 +169,9 @@ class _Child:
             reply = self.call(("open", job, extract, str(source)))
         else:
             reply = self.call(("open", job, extract, None), payload=source)
-        _kind, info, extracted, timings, generation = reply
+        _kind, info, extracted, timings, first, generation = reply
         inst = RemoteInstance(self, job, generation, info, timings)
-        inst.extracted = extracted
+        inst.extracted, inst.pending = extracted, first
         return inst
 
     def call(self, message: tuple[Any, ...], payload: bytes | None = None, generation: int = 0) -> Any:
@@ -179,14 +194,18 @@ class _Child:
                 self._restart()
                 raise ReaderProcessError("the reader process ended while reading the instance") from exc
             if reply[0] == "frame":
-                shape = reply[4]
-                image = np.ndarray(shape, np.float32, buffer=self._block.buf).copy()
-                reply = (*reply[:4], image, reply[5])
+                reply = self._copied(reply)
             elif reply[0] == "opened":
-                reply = (*reply, self.generation)
+                first = self._copied(reply[4]) if reply[4][0] == "frame" else reply[4]
+                reply = (*reply[:4], first, self.generation)
         if reply[0] == "error":
             raise rebuild(reply[1], reply[2], reply[3])
         return reply
+
+    def _copied(self, step: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A frame step with its image copied out of the block (shape in, array out)."""
+        image = np.ndarray(step[4], np.float32, buffer=self._block.buf).copy()
+        return (*step[:4], image, *step[5:])
 
     def forget(self, job: int, generation: int) -> None:
         """The child closes instance ``job`` (no reply awaited; nothing to do if the child is gone)."""
@@ -252,7 +271,7 @@ def serve(conn: Connection, bundle: Bundle, limits: Limits, block_name: str) -> 
     name_this_thread("retinaedge-reader-process")  # what ps, top -H and the benchmark see
     reader = InstanceReader(bundle, limits)
     block = shared_memory.SharedMemory(block_name)
-    open_: dict[int, tuple[OpenInstance, Iterator[ReadFrame]]] = {}
+    held: dict[int, _Held] = {}
     try:
         while True:
             try:
@@ -261,33 +280,74 @@ def serve(conn: Connection, bundle: Bundle, limits: Limits, block_name: str) -> 
                 return  # the service closed the pipe or ended
             kind, job = message[0], message[1]
             if kind == "close":
-                held = open_.pop(job, None)
-                if held is not None:
-                    held[0].close()
+                _drop(held, job)
                 continue
             try:
-                conn.send(_step(conn, reader, block, open_, message))
+                reply = _reply(conn, reader, block, held, message)
             except BaseException as exc:  # the request's error, sent back to it
-                held = open_.pop(job, None)
-                if held is not None:
-                    held[0].close()
-                try:
-                    conn.send(_flatten(exc))
-                except Exception:  # an error whose state does not pickle: its message at least
-                    conn.send(_flatten(ReaderProcessError(f"{type(exc).__name__}: {exc}")))
+                _drop(held, job)
+                reply = _flatten(exc)
+            try:
+                conn.send(reply)
+            except Exception as exc:  # a reply that does not pickle: its error's message at least
+                _drop(held, job)
+                conn.send(_flatten(ReaderProcessError(f"{type(exc).__name__}: {exc}")))
     finally:
-        for inst, _frames in open_.values():
-            inst.close()
+        for one in held.values():
+            one.inst.close()
         block.close()
 
 
-def _step(
+class _Held:
+    """An instance open in a reader process and its frames; :meth:`step` prepares the next one."""
+
+    def __init__(self, inst: OpenInstance) -> None:
+        self.inst = inst
+        self._frames = inst.frames()
+        self._ahead: ReadFrame | BaseException | None | bool = False  # False: nothing read ahead
+
+    def _pull(self) -> ReadFrame | BaseException | None:
+        try:
+            return next(self._frames)
+        except StopIteration:
+            return None
+        except BaseException as exc:  # for the step that reaches it
+            return exc
+
+    def step(self, block: shared_memory.SharedMemory) -> tuple[Any, ...]:
+        """``("frame", index, letterbox, rule, shape, last, timings)`` with the image in ``block``, or
+        ``("end", timings)``; raises the frame's error. The frame declared last is followed by one more
+        read (no decoding: the end), so the reply can say it was the last."""
+        current = self._pull() if self._ahead is False else self._ahead
+        self._ahead = False
+        if isinstance(current, BaseException):
+            raise current
+        if current is None or current is True:
+            return ("end", dict(self.inst.timings_ms))
+        last = False
+        if current.index + 1 >= self.inst.info.frames:
+            self._ahead = self._pull()
+            last = self._ahead is None
+        image = np.ascontiguousarray(current.image, dtype=np.float32)
+        np.ndarray(image.shape, np.float32, buffer=block.buf)[...] = image
+        timings = dict(self.inst.timings_ms)
+        return ("frame", current.index, current.letterbox, current.rule, image.shape, last, timings)
+
+
+def _drop(held: dict[int, _Held], job: int) -> None:
+    one = held.pop(job, None)
+    if one is not None:
+        one.inst.close()
+
+
+def _reply(
     conn: Connection,
     reader: InstanceReader,
     block: shared_memory.SharedMemory,
-    open_: dict[int, tuple[OpenInstance, Iterator[ReadFrame]]],
+    held: dict[int, _Held],
     message: tuple[Any, ...],
 ) -> tuple[Any, ...]:
+    """The reply to ``open`` (with the first frame's step, its error deferred to it) or ``next``."""
     kind, job = message[0], message[1]
     if kind == "open":
         _kind, _job, extract, path = message
@@ -295,17 +355,24 @@ def _step(
         inst = reader.open(source)
         try:
             extracted = extract(inst.src) if extract is not None else None
-            open_[job] = (inst, inst.frames())
         except BaseException:
             inst.close()
             raise
-        return ("opened", inst.info, extracted, dict(inst.timings_ms))
+        held[job] = _Held(inst)
+        try:
+            first = _step(held, job, block)
+        except BaseException as exc:  # the instance opened: its first frame's error comes with its frames
+            _drop(held, job)
+            first = _flatten(exc)
+        return ("opened", inst.info, extracted, dict(inst.timings_ms), first)
     if kind == "next":
-        inst, frames = open_[job]
-        frame = next(frames, None)
-        if frame is None:
-            return ("end", dict(inst.timings_ms))
-        image = np.ascontiguousarray(frame.image, dtype=np.float32)
-        np.ndarray(image.shape, np.float32, buffer=block.buf)[...] = image
-        return ("frame", frame.index, frame.letterbox, frame.rule, image.shape, dict(inst.timings_ms))
+        return _step(held, job, block)
     raise ValueError(f"unknown reader request {kind!r}")
+
+
+def _step(held: dict[int, _Held], job: int, block: shared_memory.SharedMemory) -> tuple[Any, ...]:
+    """The next step of ``job``; the instance is let go after its last frame or its end."""
+    step = held[job].step(block)
+    if step[0] == "end" or step[5]:
+        _drop(held, job)
+    return step
