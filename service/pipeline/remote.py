@@ -70,7 +70,13 @@ class RemoteReader:
         self.limits = limits
         spec = bundle.manifest.input
         frame_bytes = 4 * spec.channels * spec.height * spec.width
-        self._children = [_Child(bundle, limits, frame_bytes, i) for i in range(processes)]
+        self._children: list[_Child] = []
+        try:
+            for number in range(processes):
+                self._children.append(_Child(bundle, limits, frame_bytes, number))
+        except BaseException:
+            self.close()
+            raise
         self._turn = itertools.count()
 
     def open(self, source: bytes | Path, on_open: Any | None = None) -> RemoteInstance:
@@ -147,8 +153,13 @@ class _Child:
         self._conn: Connection | None = None
         self._proc: Any = None
         self._closed = False
-        with self._lock:
-            self._start()
+        try:
+            with self._lock:
+                self._start()
+        except BaseException:
+            self._block.close()
+            self._block.unlink()
+            raise
 
     def _start(self) -> None:
         parent, child = _SPAWN.Pipe()
