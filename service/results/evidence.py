@@ -149,6 +149,18 @@ class KeptHeader:
         )
 
 
+@dataclass(frozen=True)
+class EncodedHeader:
+    """A :class:`KeptHeader` encoded already (where it was read: a reader process), as its
+    :meth:`KeptHeader.to_json` gives it."""
+
+    evidence: str
+    identity: str
+
+    def to_json(self) -> tuple[str, str]:
+        return self.evidence, self.identity
+
+
 @functools.cache
 def _plain_evidence_tags() -> frozenset[int]:
     """Evidence tags whose dictionary VR is one VR (not ``US or SS``, whose value depends on the rest of

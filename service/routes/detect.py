@@ -26,9 +26,9 @@ from retinaedge.runtime.intended_use import NoModelError, NotApplicableError
 from retinaedge.service.http.body import check_declared_length, read_body
 from retinaedge.service.http.problems import problem_responses
 from retinaedge.service.http.schemas import DetectResult
-from retinaedge.service.intake.ingest import kept_header_of
+from retinaedge.service.intake.ingest import kept_header_encoded, kept_header_of
 from retinaedge.service.lanes import Lane
-from retinaedge.service.results.evidence import KeptHeader
+from retinaedge.service.results.evidence import EncodedHeader, KeptHeader
 from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.writer import KeptResult
 from retinaedge.service.state import Services, ServicesDep
@@ -106,18 +106,18 @@ async def _body(request: Request, services: Services) -> bytes:
 
 class _KeepHeader:
     """The instance's header as ``/v1/results`` keeps it, from what the reader already parsed: selected
-    where it was read (a reader thread, or a reader process: :func:`extract`), encoded by the writer
-    thread; the pixel data is not kept."""
+    where it was read (a reader thread, or a reader process: :func:`extract`, which encodes it there
+    too), otherwise encoded by the writer thread; the pixel data is not kept."""
 
-    extract = staticmethod(kept_header_of)
+    extract = staticmethod(kept_header_encoded)
 
     def __init__(self) -> None:
-        self.header: list[tuple[tuple[str, str, str, str], KeptHeader]] = []
+        self.header: list[tuple[tuple[str, str, str, str], KeptHeader | EncodedHeader]] = []
 
     def __call__(self, src: DicomInput) -> None:
         self.accept(kept_header_of(src))
 
-    def accept(self, value: tuple[tuple[str, str, str, str], KeptHeader] | str) -> None:
+    def accept(self, value: tuple[tuple[str, str, str, str], KeptHeader | EncodedHeader] | str) -> None:
         if isinstance(value, str):  # the detections stand even if they cannot be kept for later
             log.warning("result not kept for /v1/results: %s", value)
         else:
