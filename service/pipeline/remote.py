@@ -143,7 +143,7 @@ class _Child:
     """One reader process, its pipe and its frame block; one exchange at a time (``_lock``)."""
 
     def __init__(self, bundle: Bundle, limits: Limits, frame_bytes: int, number: int) -> None:
-        self._args = (bundle, limits)
+        self._args = (bundle, limits, logging.getLogger().getEffectiveLevel())
         self._block = shared_memory.SharedMemory(create=True, size=max(1, frame_bytes))
         self._number = number
         self._lock = threading.Lock()
@@ -165,7 +165,7 @@ class _Child:
         parent, child = _SPAWN.Pipe()
         proc = _SPAWN.Process(
             target=serve,
-            args=(child, *self._args, self._block.name),
+            args=(child, *self._args[:2], self._block.name, self._args[2]),
             name=f"retinaedge-reader-{self._number}",
             daemon=True,
         )
@@ -272,12 +272,23 @@ def _flatten(exc: BaseException) -> tuple[str, str, str, tuple[tuple[Any, ...], 
     return ("error", type(exc).__module__, type(exc).__qualname__, (exc.args, dict(vars(exc))))
 
 
-def serve(conn: Connection, bundle: Bundle, limits: Limits, block_name: str) -> None:
-    """A reader process: opens, reads and closes instances as the pipe asks, until it closes."""
+def serve(
+    conn: Connection, bundle: Bundle, limits: Limits, block_name: str, log_level: int = logging.WARNING
+) -> None:
+    """A reader process: opens, reads and closes instances as the pipe asks, until it closes. It logs as
+    the service does (``log_level``, the same format, to the same stderr), through the same redaction:
+    pydicom's warnings about a header's values are read here, and carry none of them
+    (:mod:`retinaedge.runtime.logsafety`)."""
     import signal
+    import sys
 
+    from retinaedge.runtime import logsafety
     from retinaedge.runtime.threadname import name_this_thread
 
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logsafety.install()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the service, which closes the pipe
     name_this_thread("retinaedge-reader-process")  # what ps, top -H and the benchmark see
     reader = InstanceReader(bundle, limits)
