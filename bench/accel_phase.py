@@ -31,7 +31,7 @@ from retinaedge.bench.accelerator import CONTROL_CHECK_S, NAME, Profile, parse_p
 from retinaedge.bench.http_phase import Client, Service, running_service
 from retinaedge.bench.stats import summarize
 from retinaedge.bench.steady import Level, run_level, spread
-from retinaedge.bench.threadcpu import cpu_by_group, foreign_cores, read_threads, system_busy_s
+from retinaedge.bench.threadcpu import cpu_by_group, foreign_cores, read_tree, system_busy_s
 from retinaedge.runtime.errors import BenchmarkError
 
 if TYPE_CHECKING:
@@ -55,13 +55,21 @@ def write_control(path: Path, profile: Profile) -> None:
 
 @contextlib.contextmanager
 def accel_service(
-    bundle: Bundle, table: Path, control: Path, threads: int, batch: int, clients: int, work: Path
+    bundle: Bundle,
+    table: Path,
+    control: Path,
+    threads: int,
+    batch: int,
+    clients: int,
+    work: Path,
+    reader_processes: int = 0,
 ) -> Iterator[Service]:
     """The service with the simulated accelerator as its backend (see :mod:`.accel_serve`)."""
     env = {
         "RETINAEDGE_BACKEND": NAME,
         "RETINAEDGE_QUEUE_SIZE": str(clients + 1),  # the benchmark's clients, never a 503
         "RETINAEDGE_CAPTURES": "never",  # no secondary captures: not the pipeline this phase measures
+        "RETINAEDGE_READER_PROCESSES": str(reader_processes),
     }
     prefix = [sys.executable, "-m", "retinaedge.bench.accel_serve", str(table), str(control)]
     model = bundle.root or bundle.model_path
@@ -84,7 +92,7 @@ def probe_of(service: Service) -> Any:
         sim = engine_facts(json.loads(body)).get("simulated_accelerator", {})
         return {
             "t": time.perf_counter(),
-            "threads": read_threads(service.proc.pid),
+            "threads": read_tree(service.proc.pid),  # its reader processes included
             "system_busy_s": system_busy_s(),
             "self_cpu_s": time.process_time(),  # the benchmark's own clients
             **sim,
@@ -191,7 +199,10 @@ def accelerator_phase(
         "key_collisions": rec["collisions"],
         "reference_batch_size": rec["batch_size"],
     }
-    with accel_service(bundle, Path(rec["table"]), control, threads, batch, clients, work) as service:
+    out["reader_processes"] = args.accelerator_reader_processes
+    with accel_service(
+        bundle, Path(rec["table"]), control, threads, batch, clients, work, args.accelerator_reader_processes
+    ) as service:
         probe = probe_of(service)
         out["identity"] = identity(service.port, paths, rec["results"])
         cap = profile.capacity_fps(batch)
@@ -298,6 +309,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--accelerator-sweep-a", type=float, default=1.0, help="a (ms per batch) during the sweep (default 1)"
     )
     p.add_argument(
+        "--accelerator-reader-processes",
+        type=int,
+        default=0,
+        help="the service's reader_processes during this phase (default 0: readers in threads)",
+    )
+    p.add_argument(
         "--level-requests",
         type=int,
         default=200,
@@ -321,6 +338,10 @@ def check_options(args: argparse.Namespace) -> None:
     parse_profile(args.accelerator)
     if args.accelerator_batch < 1:
         raise ConfigError(f"--accelerator-batch must be >= 1, got {args.accelerator_batch}")
+    if args.accelerator_reader_processes < 0:
+        raise ConfigError(
+            f"--accelerator-reader-processes must be >= 0, got {args.accelerator_reader_processes}"
+        )
     if args.level_requests < 3:
         raise ConfigError(f"--level-requests must be >= 3 (one per window), got {args.level_requests}")
     if not args.level_seconds > 0:

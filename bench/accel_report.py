@@ -124,8 +124,8 @@ def accelerator_ratios(accel: dict[str, Any] | None, reason: str | None) -> dict
         "pipeline_cpu_ms_per_frame": _fig(
             "pipeline_cpu_ms_per_frame",
             sat["cpu_ms_per_frame"]["pipeline"],
-            "the service process's CPU per frame (all threads, /proc/<pid>/task/*/stat) minus the accelerator's "
-            f"own CPU inside infer, saturated{line}",
+            "the service process's CPU per frame (all threads, /proc/<pid>/task/*/stat, and its child "
+            f"processes' threads) minus the accelerator's own CPU inside infer, saturated{line}",
             sat,
             sat["cpu_ms_per_frame"],
         ),
@@ -174,7 +174,8 @@ def accelerator_markdown(report: dict[str, Any]) -> list[str]:
         f"## Serving against a {LABEL}",
         "",
         f"- accelerator: {accelerator_line(accel)}; service max_batch_size {accel['batch_size']}, "
-        f"{accel['clients']} clients when saturated; single-frame instances",
+        f"{accel['clients']} clients when saturated; single-frame instances; reader processes "
+        f"{accel.get('reader_processes', 0)}",
         f"- identity: {idt['equal']}/{idt['files']} files answered exactly as `retinaedge detect` "
         f"(batch {accel['reference_batch_size']}) answers them; responses differing in the levels: "
         f"{sum(lvl['responses_differing'] for lvl in levels(accel))}; frames not recorded (run for real): "

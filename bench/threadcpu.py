@@ -26,8 +26,36 @@ def _ticks_per_s() -> float:
         return 100.0
 
 
-def read_threads(pid: int) -> dict[int, tuple[str, float]]:
-    """``{tid: (name, cpu seconds)}`` of every live thread of ``pid`` (empty off Linux or when gone)."""
+def read_tree(pid: int) -> dict[int, tuple[str, float]]:
+    """:func:`read_threads` of ``pid`` and of its child processes (the service's reader processes, named
+    ``reader-process``; any other child by its own name), so that no CPU the service causes is left out."""
+    out = read_threads(pid)
+    for child in child_pids(pid):
+        out.update(read_threads(child, main=None))
+    return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (``/proc/*/stat``; empty off Linux)."""
+    found: list[int] = []
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+        if fields and int(fields[1]) == pid:  # after comm: state, then ppid
+            found.append(int(entry))
+    return found
+
+
+def read_threads(pid: int, main: str | None = MAIN) -> dict[int, tuple[str, float]]:
+    """``{tid: (name, cpu seconds)}`` of every live thread of ``pid`` (empty off Linux or when gone); its
+    main thread is named ``main`` (None: its own name)."""
     hz = _ticks_per_s()
     out: dict[int, tuple[str, float]] = {}
     try:
@@ -41,7 +69,7 @@ def read_threads(pid: int) -> dict[int, tuple[str, float]]:
             continue
         # "tid (comm) state ppid ...": comm may hold spaces or parentheses; it ends at the last ')'.
         head, _, rest = text.rpartition(")")
-        name = MAIN if int(task.name) == pid else head.partition("(")[2]
+        name = main if main is not None and int(task.name) == pid else head.partition("(")[2]
         fields = rest.split()
         # After comm: state is field 3 of stat(5), utime 14 and stime 15 -> indices 11 and 12 here.
         out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / hz)

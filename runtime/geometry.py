@@ -56,6 +56,8 @@ class Letterbox:
         """``(C, frame_h, frame_w)`` float32 -> ``(C, input_h, input_w)`` float32 (OpenCV resize)."""
         import cv2
 
+        if (self.resized_h, self.resized_w) == (self.frame_h, self.frame_w) == (self.input_h, self.input_w):
+            return np.array(image, dtype=np.float32, order="C")  # nothing to resize nor pad: one copy
         shrinking = self.resized_w < self.frame_w or self.resized_h < self.frame_h
         interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         out = np.full((image.shape[0], self.input_h, self.input_w), pad_value, dtype=np.float32)

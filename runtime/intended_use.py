@@ -247,15 +247,15 @@ def _check_allowed(keyword: str, rule: Rule, ds: Any) -> Failure | None:
 
     allowed = rule.spec["allow"]
     uids = rule.name == "sop_classes"
-    expected = " or ".join(UID(u).name for u in allowed) if uids else " or ".join(allowed)
     value = _text(ds, keyword)
+    if value is not None and (value in allowed if uids else value.upper() in allowed):
+        return None  # the common case: no message to put together
+    expected = " or ".join(UID(u).name for u in allowed) if uids else " or ".join(allowed)
     if value is None:
         return _absent(rule, expected)
     if uids:
-        if value in allowed:
-            return None
         return Failure(rule.name, expected, UID(value).name if UID(value).is_valid else "not a UID")
-    return None if value.upper() in allowed else Failure(rule.name, expected, value.upper()[:64])
+    return Failure(rule.name, expected, value.upper()[:64])
 
 
 def _check_image_types(rule: Rule, ds: Any) -> Failure | None:

@@ -112,6 +112,7 @@ def new_worker(settings: Settings, opener: DetectorOpener) -> InferenceWorker:
         ),
         prepare_threads=settings.prepare_threads,
         max_frames_in_flight=settings.max_frames_in_flight,
+        reader_processes=settings.reader_processes,
     )
     opener.attach(worker)
     return worker

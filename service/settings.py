@@ -97,6 +97,14 @@ class Settings(EngineConfig):
         le=64,
         description="threads reading, decoding and windowing instances (default: the usable CPUs, at most 4)",
     )
+    reader_processes: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="processes that read, decode and window instances beside the service's own (0: threads "
+        "of the service's process). With an accelerator doing inference they take the readers' CPU out of the "
+        "event loop's GIL (docs/operations.md); each costs a Python process's memory",
+    )
     max_frames_in_flight: int | None = Field(
         default=None,
         ge=1,

@@ -126,6 +126,33 @@ def header_uids(src: DicomInput) -> tuple[str, str, str, str]:
     return uids
 
 
+def kept_header_of(src: DicomInput) -> tuple[tuple[str, str, str, str], Any] | str:
+    """What a ``/v1/detect`` result keeps of its instance's header: ``(header_uids, select_header)``, or the
+    name of the error that prevented it (the detections stand without it). Runs where the instance was
+    read, a reader process included (:mod:`retinaedge.service.pipeline.remote`)."""
+    from retinaedge.service.results.evidence import select_header
+
+    try:
+        return header_uids(src), select_header(src.ds)
+    except Exception as exc:
+        return type(exc).__name__
+
+
+def kept_header_encoded(src: DicomInput) -> tuple[tuple[str, str, str, str], Any] | str:
+    """:func:`kept_header_of` with the header encoded as DICOM JSON already (an
+    :class:`~retinaedge.service.results.evidence.EncodedHeader`): what a reader process sends back, so
+    that neither unpickling pydicom datasets nor encoding them costs the service's own process."""
+    from retinaedge.service.results.evidence import EncodedHeader
+
+    kept = kept_header_of(src)
+    if isinstance(kept, str):
+        return kept
+    try:
+        return kept[0], EncodedHeader(*kept[1].to_json())
+    except Exception as exc:
+        return type(exc).__name__
+
+
 def header_of(src: DicomInput) -> tuple[str, str, str, str, str, str]:
     """An open, validated instance -> (SOP class, SOP instance, study, series UIDs, SR evidence, patient
     identity), as :func:`inspect` returns them, from what is already parsed (nothing read again)."""

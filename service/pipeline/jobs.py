@@ -26,10 +26,15 @@ from retinaedge.runtime.errors import OverloadedError
 from retinaedge.runtime.geometry import Letterbox
 from retinaedge.runtime.instance_result import InstanceResult, frame_result, instance_result
 from retinaedge.runtime.reader import InstanceReader, OpenInstance, ReadFrame
+from retinaedge.service.pipeline.remote import RemoteInstance, RemoteReader
+
+#: The pipeline's readers: in the service's process (threads) or in reader processes (:mod:`.remote`).
+Reader = InstanceReader | RemoteReader
 
 OnOpen = Callable[[DicomInput], None]
 """Called in the pool thread with the parsed and validated instance, before any frame is decoded (for
-example to split its header for the record kept of a ``/v1/detect`` result)."""
+example to split its header for the record kept of a ``/v1/detect`` result). With reader processes only
+an :class:`~.remote.Extracting` callback is honoured: its ``extract`` runs in the reader process."""
 
 
 @dataclass
@@ -74,7 +79,7 @@ class InstanceJob:
     _failed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _started_reading: bool = False
-    _inst: OpenInstance | None = None
+    _inst: OpenInstance | RemoteInstance | None = None
     _frames: Iterator[ReadFrame] | None = None
     _queued: int = 0  # frames put in the batch queue so far
     _waiting: int = 0  # of those, frames still in the queue (or about to be put there)
@@ -82,7 +87,7 @@ class InstanceJob:
 
     def read(
         self,
-        reader: InstanceReader,
+        reader: Reader,
         put: Callable[[QueuedFrame], None],
         *,
         opened: Callable[[int], None],
@@ -136,7 +141,7 @@ class InstanceJob:
         return True
 
     def _open(
-        self, reader: InstanceReader, opened: Callable[[int], None], max_age_s: float, retry_after_s: int
+        self, reader: Reader, opened: Callable[[int], None], max_age_s: float, retry_after_s: int
     ) -> bool:
         """The first step: parse and validate; False when the job ended here."""
         if not self.future.set_running_or_notify_cancel():
@@ -150,10 +155,13 @@ class InstanceJob:
             )
             return False
         try:
-            self._inst = reader.open(self.source)
+            if isinstance(reader, RemoteReader):
+                self._inst = reader.open(self.source, self.on_open)
+            else:
+                self._inst = reader.open(self.source)
+                if self.on_open is not None:
+                    self.on_open(self._inst.src)
             self.info = self._inst.info
-            if self.on_open is not None:
-                self.on_open(self._inst.src)
             opened(self._inst.info.frames)
             self._frames = self._inst.frames()
         except BaseException as exc:  # handed to the request that caused it
@@ -197,7 +205,7 @@ class InstanceJob:
             )
             return self._expected is not None and len(self._outputs) == self._expected
 
-    def finish(self, reader: InstanceReader) -> None:
+    def finish(self, reader: Reader) -> None:
         """Build the result in frame order and resolve the future (a pool thread; not the inference one)."""
         if self.info is None or self._failed:
             return

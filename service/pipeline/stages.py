@@ -43,7 +43,8 @@ from retinaedge.runtime.instance_result import InstanceResult
 from retinaedge.runtime.reader import InstanceReader
 from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.pipeline.batching import BatchPolicy, gather
-from retinaedge.service.pipeline.jobs import InstanceJob, OnOpen, QueuedFrame
+from retinaedge.service.pipeline.jobs import InstanceJob, OnOpen, QueuedFrame, Reader
+from retinaedge.service.pipeline.remote import RemoteReader
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class InferenceWorker:
         policy: BatchPolicy | None = None,
         prepare_threads: int | None = None,
         max_frames_in_flight: int | None = None,
+        reader_processes: int = 0,
     ) -> None:
         self._open = open_detector
         self.policy = policy or BatchPolicy(max_batch_size=4)
@@ -112,7 +114,8 @@ class InferenceWorker:
         self._unopened = 0  # admitted instances whose header is not read yet
         self._promised = 0  # frames declared by opened instances and not queued yet
         self._closing = False
-        self._reader: InstanceReader | None = None
+        self._reader: Reader | None = None
+        self._reader_processes = reader_processes  # > 0: readers in processes (:mod:`.remote`)
         self._thread = threading.Thread(target=self._run, name="retinaedge-inference", daemon=True)
         self.state = "loading"
         self.reason = "model loading"
@@ -203,7 +206,7 @@ class InferenceWorker:
             self._promised -= job.promised
             job.promised = 0
 
-    def _read(self, job: InstanceJob, reader: InstanceReader) -> None:
+    def _read(self, job: InstanceJob, reader: Reader) -> None:
         """A pool thread: one reading step of ``job`` (:meth:`InstanceJob.read`), keeping count of the
         frames still to come."""
 
@@ -312,7 +315,11 @@ class InferenceWorker:
             except BaseException:
                 detector.close()
                 raise
-            self._reader = InstanceReader(detector.bundle, detector.limits)
+            self._reader = (
+                RemoteReader(detector.bundle, detector.limits, self._reader_processes)
+                if self._reader_processes > 0
+                else InstanceReader(detector.bundle, detector.limits)
+            )
             self.self_test = _passed(reports)
             log.info("%d objects moved out of the garbage collector's way", freeze_heap())
             self.state, self.reason = "ready", "model loaded and golden self-test passed"
@@ -439,6 +446,8 @@ class InferenceWorker:
                 self._budget.release()
         for job in jobs:
             job.fail(exc)
+        if isinstance(self._reader, RemoteReader):
+            self._reader.close()
 
 
 def _passed(reports: list[Any]) -> dict[str, Any]:

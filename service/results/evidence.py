@@ -149,6 +149,18 @@ class KeptHeader:
         )
 
 
+@dataclass(frozen=True)
+class EncodedHeader:
+    """A :class:`KeptHeader` encoded already (where it was read: a reader process), as its
+    :meth:`KeptHeader.to_json` gives it."""
+
+    evidence: str
+    identity: str
+
+    def to_json(self) -> tuple[str, str]:
+        return self.evidence, self.identity
+
+
 @functools.cache
 def _plain_evidence_tags() -> frozenset[int]:
     """Evidence tags whose dictionary VR is one VR (not ``US or SS``, whose value depends on the rest of
@@ -169,12 +181,12 @@ def _simple(value: Any) -> bool:
     return isinstance(value, MultiValue) and all(isinstance(v, str | int | float) for v in value)
 
 
-def _evidence_json(ds: Any, tag: int) -> dict[str, Any] | None:
+def _evidence_json(ds: Any, tag: int, charset: str) -> dict[str, Any] | None:
     """One evidence element of ``ds`` as pydicom writes it in DICOM JSON (``to_json_dict`` under strict
     reading, as ``Dataset.to_json_dict(suppress_invalid_tags=True)`` does), or None when it cannot be
     converted. An element of a plain VR is looked up first: a raw one by its tag, VR, bytes, encoding and
-    character set, a converted one by its tag, VR and value (:func:`_simple`), which is all its JSON
-    depends on."""
+    character set (``charset``: the ``repr`` of the dataset's), a converted one by its tag, VR and value
+    (:func:`_simple`), which is all its JSON depends on."""
     from pydicom import config
     from pydicom.dataelem import RawDataElement
 
@@ -182,7 +194,6 @@ def _evidence_json(ds: Any, tag: int) -> dict[str, Any] | None:
     key: tuple[Any, ...] | None = None
     plain = tag in _plain_evidence_tags()
     if plain and isinstance(item, RawDataElement) and item.value is not None and item.VR != "SQ":
-        charset = repr(ds.original_character_set)
         key = (tag, item.VR, bytes(item.value), item.is_little_endian, item.is_implicit_VR, charset)
     elif plain and not isinstance(item, RawDataElement) and _simple(item.value):
         key = (tag, item.VR, type(item.value).__name__, repr(item.value))  # converted already (validate)
@@ -203,19 +214,30 @@ def _evidence_json(ds: Any, tag: int) -> dict[str, Any] | None:
     return out
 
 
+@functools.cache
+def _wanted_in_order() -> tuple[int, ...]:
+    """Every evidence and identity tag, ascending, as plain integers."""
+    evidence_tags, identity_tags = _wanted_tags()
+    return tuple(sorted(evidence_tags | identity_tags))
+
+
 def select_header(ds: Any) -> KeptHeader:
     """Select what is kept of a dataset (with its File Meta); everything else is dropped and never
     converted (a deferred value such as the pixel data is not read). Elements pydicom cannot convert and
     values that do not parse are left out rather than failing the instance."""
     from pydicom.dataset import Dataset
 
-    evidence_tags, identity_tags = _wanted_tags()
+    evidence_tags, _identity_tags = _wanted_tags()
     evidence: dict[str, Any] = {}
     identity, meta = Dataset(), Dataset()
-    present = ds.keys()
-    for tag in sorted(evidence_tags.union(identity_tags).intersection(present)):
+    # Plain integers: pydicom's tags compare in Python, a set of ints in C.
+    present = set(map(int, ds.keys()))
+    charset = repr(ds.original_character_set)
+    for tag in _wanted_in_order():
+        if tag not in present:
+            continue
         if tag in evidence_tags:
-            element_json = _evidence_json(ds, tag)
+            element_json = _evidence_json(ds, tag, charset)
             if element_json is not None:
                 evidence[f"{tag:08X}"] = element_json
             continue

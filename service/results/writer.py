@@ -33,7 +33,7 @@ from typing import Any
 
 from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.results.captures import CaptureMaker
-from retinaedge.service.results.evidence import IdentityFiles, KeptHeader, header_from_json
+from retinaedge.service.results.evidence import EncodedHeader, IdentityFiles, KeptHeader, header_from_json
 from retinaedge.service.results.rows import subject_key
 from retinaedge.service.results.storage import STORAGE_ERRORS, STORAGE_RETRY_MAX_S, STORAGE_RETRY_S
 from retinaedge.service.results.store import Store
@@ -55,7 +55,7 @@ class KeptResult:
     series: str
     size: int
     body: dict[str, Any]
-    header: KeptHeader
+    header: KeptHeader | EncodedHeader
     source: bytes | None = None
     seq: int = 0  # the order it was kept in (set by ResultWriter.keep)
 

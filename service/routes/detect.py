@@ -26,9 +26,9 @@ from retinaedge.runtime.intended_use import NoModelError, NotApplicableError
 from retinaedge.service.http.body import check_declared_length, read_body
 from retinaedge.service.http.problems import problem_responses
 from retinaedge.service.http.schemas import DetectResult
-from retinaedge.service.intake.ingest import header_uids
+from retinaedge.service.intake.ingest import kept_header_encoded, kept_header_of
 from retinaedge.service.lanes import Lane
-from retinaedge.service.results.evidence import KeptHeader, select_header
+from retinaedge.service.results.evidence import EncodedHeader, KeptHeader
 from retinaedge.service.results.selection import findings_by_frame
 from retinaedge.service.results.writer import KeptResult
 from retinaedge.service.state import Services, ServicesDep
@@ -104,17 +104,32 @@ async def _body(request: Request, services: Services) -> bytes:
     return data
 
 
+class _KeepHeader:
+    """The instance's header as ``/v1/results`` keeps it, from what the reader already parsed: selected
+    where it was read (a reader thread, or a reader process: :func:`extract`, which encodes it there
+    too), otherwise encoded by the writer thread; the pixel data is not kept."""
+
+    extract = staticmethod(kept_header_encoded)
+
+    def __init__(self) -> None:
+        self.header: list[tuple[tuple[str, str, str, str], KeptHeader | EncodedHeader]] = []
+
+    def __call__(self, src: DicomInput) -> None:
+        self.accept(kept_header_of(src))
+
+    def accept(self, value: tuple[tuple[str, str, str, str], KeptHeader | EncodedHeader] | str) -> None:
+        if isinstance(value, str):  # the detections stand even if they cannot be kept for later
+            log.warning("result not kept for /v1/results: %s", value)
+        else:
+            self.header.append(value)
+
+
 async def _detect_on(lane: Lane, services: Services, data: bytes, started: float) -> dict[str, Any]:
     """Run ``data`` through ``lane``'s model -> its result body (kept for ``/v1/results`` by the lane's
     writer); raises what the pipeline raises (counted in the metrics)."""
     worker, metrics = lane.worker, services.metrics
-    header: list[tuple[tuple[str, str, str, str], KeptHeader]] = []
-
-    def keep_header(src: DicomInput) -> None:  # in the reader thread, from what it already parsed
-        try:  # selected here (the pixel data is not kept), encoded by the writer thread
-            header.append((header_uids(src), select_header(src.ds)))
-        except Exception as exc:  # the detections stand even if they cannot be kept for later
-            log.warning("result not kept for /v1/results: %s", type(exc).__name__)
+    keep_header = _KeepHeader()
+    header = keep_header.header
 
     try:
         future = worker.submit(data, on_open=keep_header)

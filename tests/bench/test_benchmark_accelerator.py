@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from retinaedge.bench.threadcpu import (
     foreign_cores,
     group_name,
     read_threads,
+    read_tree,
     system_busy_s,
 )
 from retinaedge.runtime.backends import Backend, BackendOptions, open_backend
@@ -152,6 +154,27 @@ def test_per_thread_cpu_by_name() -> None:
     groups = cpu_by_group(before, after)
     assert sum(groups.values()) > 0 and list(groups.values()) == sorted(groups.values(), reverse=True)
     assert group_name("retinaedge-prepare_3") == "retinaedge-prepare" and group_name("python") == "python"
+
+
+def test_the_service_cpu_includes_its_child_processes() -> None:
+    """Reader processes' CPU counts as the service's (read_tree): a child's threads, by their own names."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        threads = poll_tree(child.pid)
+        assert child.pid in threads and threads[child.pid][0] != MAIN
+        assert os.getpid() in threads and threads[os.getpid()][0] == MAIN
+    finally:
+        child.kill()
+        child.wait()
+
+
+def poll_tree(pid: int) -> dict[int, tuple[str, float]]:
+    for _ in range(200):  # the child shows once it has started (bounded)
+        threads = read_tree(os.getpid())
+        if pid in threads:
+            return threads
+        time.sleep(0.01)
+    return read_tree(os.getpid())
 
 
 def test_foreign_cores_are_what_neither_the_service_nor_the_benchmark_used() -> None:

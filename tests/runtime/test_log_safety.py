@@ -142,9 +142,11 @@ def _canary_file(tmp_path: Path, values: dict[str, tuple[str, str]] = CANARY_VAL
     return path
 
 
-def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader_processes", [0, 1])
+def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path, reader_processes: int) -> None:
     """``retinaedge serve`` as a real process at RETINAEDGE_LOG_LEVEL=DEBUG: an instance with invalid
-    values in every VR pydicom validates, through /v1/detect and STOW-RS; its log holds none of them."""
+    values in every VR pydicom validates, through /v1/detect and STOW-RS; its log holds none of them (with
+    the readers in threads, and in a reader process, which logs to the same stderr)."""
     import os
     import signal
 
@@ -154,7 +156,9 @@ def test_serve_at_debug_logs_no_value_of_an_instance_it_stores(tmp_path: Path) -
     path = _canary_file(tmp_path)
     refused = _canary_file(tmp_path, {**CANARY_VALUES, **BAD_UIDS})
     config = tmp_path / "settings.json"
-    config.write_text(f'{{"data_dir": "{tmp_path / "data"}", "min_free_bytes": 0}}')
+    config.write_text(
+        f'{{"data_dir": "{tmp_path / "data"}", "min_free_bytes": 0, "reader_processes": {reader_processes}}}'
+    )
     port = free_port()
     os.environ["RETINAEDGE_LOG_LEVEL"] = "DEBUG"
     try:

@@ -109,7 +109,7 @@ def test_policies_fixed_and_minmax() -> None:
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
 def test_histogram_percentiles_equal_numpys_bit_for_bit(dtype: type) -> None:
-    """The min-max VOI takes its percentiles from a histogram of the stored values (fast path); they are
+    """The min-max VOI takes its percentiles from the order statistics of the stored values (fast path); they are
     exactly np.percentile of the rescaled values, for every shape of input tried here."""
     from retinaedge.runtime.preprocess import stored_percentiles
 
@@ -225,3 +225,43 @@ def test_200_frames_processed_frame_by_frame(small_bundle: Path, tmp_path: Path)
     assert report["all-at-once"]["increase_mib"] >= decoded_mib * 0.9
     assert report["detect"]["increase_mib"] < report["all-at-once"]["increase_mib"] / 3, report
     print("200-frame 512x512 16-bit instance, peak RSS increase (MiB):", json.dumps(report))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
+def test_grey_by_table_equals_per_pixel_bit_for_bit(dtype: type) -> None:
+    """The grey pipeline run once per stored value and looked up (to_unit's fast path) gives exactly the
+    float32 values of the per-pixel pipeline: every policy it takes, rescale, MONOCHROME1, narrow and
+    offset ranges."""
+    from pydicom.dataset import Dataset
+    from retinaedge.runtime.preprocess import _by_table, _grey, _grey_by_table, frame_params
+
+    rng = np.random.default_rng(11)
+    info = np.iinfo(dtype)
+    policies = [
+        WindowPolicy("minmax"),
+        WindowPolicy("fixed", 40.0, 80.0),
+        WindowPolicy("file"),
+        WindowPolicy("minmax", percentiles=(0.0, 100.0)),
+    ]
+    tried = 0
+    for case in range(48):
+        lo = int(rng.integers(info.min, max(info.min + 1, info.max // 2)))
+        hi = min(info.max, lo + int(rng.integers(0, 400)))  # at most 401 values: a table
+        arr = rng.integers(lo, hi + 1, size=(int(rng.integers(24, 64)), 40)).astype(dtype)
+        ds = Dataset()
+        ds.RescaleSlope, ds.RescaleIntercept = [("1", "0"), ("0.5", "-1024"), ("2.5", "7.25")][case % 3]
+        if case % 2:
+            ds.WindowCenter, ds.WindowWidth = str(lo + 20), str(max(1, (hi - lo) // 2))
+            ds.VOILUTFunction = ["LINEAR", "LINEAR_EXACT"][case % 4 // 2]
+        params = frame_params(ds, 0)
+        policy = policies[case % 4]
+        photometric = ["MONOCHROME2", "MONOCHROME1"][case % 5 % 2]
+        if not _by_table(arr, ds, params, policy):
+            continue
+        tried += 1
+        fast, fast_rule = _grey_by_table(arr, ds, params, policy, photometric)
+        slow, slow_rule = _grey(arr, ds, params, policy, photometric, arr)
+        assert fast_rule == slow_rule, case
+        assert fast.dtype == slow.dtype == np.float32 and fast.shape == slow.shape, case
+        assert fast.tobytes() == slow.tobytes(), case
+    assert tried >= 24

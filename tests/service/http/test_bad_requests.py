@@ -269,3 +269,15 @@ def test_a_pipelined_request_is_not_cut_off_by_the_header_deadline(tmp_path: Pat
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_the_protocol_is_httptools_when_installed_else_h11() -> None:
+    """``retinaedge serve`` parses HTTP with httptools (a dependency; C) and keeps h11 as the fallback; both
+    carry the header deadline."""
+    from retinaedge.service.http.protocol import protocol_class
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    fast, fallback = protocol_class(1.5), protocol_class(2.5, prefer_httptools=False)
+    assert issubclass(fast, HttpToolsProtocol) and fast.header_timeout_s == 1.5
+    assert issubclass(fallback, H11Protocol) and fallback.header_timeout_s == 2.5
