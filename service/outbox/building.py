@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retinaedge.runtime.manifest import Manifest
-from retinaedge.service.outbox.queue import Job
+from retinaedge.service.outbox.records import Job
 from retinaedge.service.results.built import BuiltDocuments, result_version, rows_version
 from retinaedge.service.results.completion import series_findings
 from retinaedge.service.results.documents import DocumentRegistry

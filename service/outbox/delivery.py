@@ -41,7 +41,8 @@ from retinaedge.runtime.threadname import name_this_thread
 from retinaedge.service.outbox.building import DocumentBuilder, ModelSource, NoDocument, NothingToSend
 from retinaedge.service.outbox.files import DocumentFiles
 from retinaedge.service.outbox.presence import ASKABLE, holds
-from retinaedge.service.outbox.queue import Job, Outbox
+from retinaedge.service.outbox.queue import Outbox
+from retinaedge.service.outbox.records import Job
 from retinaedge.service.outbox.senders import Delivery, Instance, sender_for
 from retinaedge.service.results.built import BuiltDocuments
 from retinaedge.service.results.completion import series_status

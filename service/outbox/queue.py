@@ -41,85 +41,15 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from retinaedge.service import database
+from retinaedge.service.outbox.records import JOB_SELECT, Job, job_from_row
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 
 #: Outcomes after which the peer may hold the document although no success was recorded.
 MAYBE_SENT = ("unknown", "interrupted")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One delivery job and its document: ``document_kind`` its kind (``sr``, ``series-sr``, ...),
-    ``kind`` its scope (``instance``, ``series`` or ``study``, as ``/v1/exports`` names it); ``path`` and
-    ``sop_instance_uid`` None until the document's file is built."""
-
-    id: int
-    destination: str
-    document_id: int
-    document_kind: str
-    kind: str
-    subject_uid: str
-    version: float
-    state: str
-    created_at: float
-    next_attempt_at: float
-    attempts: int
-    possibly_delivered: bool
-    duplicate: str | None
-    last_error: str | None
-    finished_at: float | None
-    path: str | None
-    sop_instance_uid: str | None
-    model: str = ""  # whose result the document shows
-    model_sha256: str | None = None  # the version that produced it (an instance's document)
-
-    @property
-    def sop_instance_uids(self) -> list[str]:
-        """The SOP Instance UIDs of the document once built: one, or one per part of a stored document
-        (kept joined by ``\\``, DICOM's multi-value separator)."""
-        return self.sop_instance_uid.split("\\") if self.sop_instance_uid else []
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "destination": self.destination,
-            "kind": self.kind,
-            "document": self.document_kind,
-            "model": self.model,
-            "model_sha256": self.model_sha256,
-            "subject_uid": self.subject_uid,
-            "sr_sop_instance_uid": self.sop_instance_uids[0] if self.sop_instance_uids else None,
-            "sop_instance_uids": self.sop_instance_uids,
-            "state": self.state,
-            "attempts": self.attempts,
-            "created_at": self.created_at,
-            "next_attempt_at": self.next_attempt_at if self.state == "pending" else None,
-            "finished_at": self.finished_at,
-            "last_error": self.last_error,
-            "possibly_delivered_before": self.possibly_delivered,
-            "duplicate": self.duplicate,
-        }
-
-
-_JOB = (
-    "SELECT j.id, j.destination, j.document_id, d.kind, d.scope, d.subject_uid, d.version, j.state, "
-    "j.created_at, j.next_attempt_at, j.attempts, j.possibly_delivered, j.duplicate, j.last_error, "
-    "j.finished_at, d.path, d.sop_instance_uid, d.model, d.model_sha256 FROM export_jobs j JOIN export_documents d ON d.id = j.document_id"
-)
-
-
-def _job(r: tuple[Any, ...]) -> Job:
-    (id_, destination, document_id, document_kind, kind, subject_uid, version, state, created_at) = r[:9]
-    (next_attempt_at, attempts, possibly, duplicate, last_error, finished_at, path, uid, model, sha) = r[9:]
-    return Job(
-        id_, destination, document_id, document_kind, kind, subject_uid, version, state, created_at,
-        next_attempt_at, attempts, bool(possibly), duplicate, last_error, finished_at, path, uid, model, sha,
-    )  # fmt: skip
 
 
 class Outbox:
@@ -207,11 +137,11 @@ class Outbox:
     def due(self, destination: str, now: float) -> Job | None:
         """The pending job of ``destination`` that is due first (``next_attempt_at <= now``)."""
         rows = self._rows(
-            f"{_JOB} WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? "
+            f"{JOB_SELECT} WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? "
             "ORDER BY j.next_attempt_at, j.id LIMIT 1",
             (destination, now),
         )
-        return _job(rows[0]) if rows else None
+        return job_from_row(rows[0]) if rows else None
 
     def next_due_at(self, destination: str) -> float | None:
         rows = self._rows(
@@ -221,8 +151,8 @@ class Outbox:
         return rows[0][0] if rows and rows[0][0] is not None else None
 
     def job(self, job_id: int) -> Job | None:
-        rows = self._rows(f"{_JOB} WHERE j.id = ?", (job_id,))
-        return _job(rows[0]) if rows else None
+        rows = self._rows(f"{JOB_SELECT} WHERE j.id = ?", (job_id,))
+        return job_from_row(rows[0]) if rows else None
 
     def set_document(self, document_id: int, path: str, sop_instance_uid: str) -> None:
         """Record the built file (a name under ``<data_dir>/outbox``) of a document and its SOP Instance UID."""
@@ -458,8 +388,8 @@ class Outbox:
             where.append("j.destination = ?")
             args.append(destination)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        rows = self._rows(f"{_JOB}{clause} ORDER BY j.id DESC LIMIT ?", (*args, limit))
-        return [_job(r) for r in rows]
+        rows = self._rows(f"{JOB_SELECT}{clause} ORDER BY j.id DESC LIMIT ?", (*args, limit))
+        return [job_from_row(r) for r in rows]
 
     def attempts(self, job_id: int) -> list[dict[str, Any]]:
         rows = self._rows(
