@@ -36,6 +36,20 @@ class ModelEntry(BaseModel):
 
     path: Path
     ae_titles: list[str] = Field(default_factory=list)
+    backend: str | None = Field(
+        default=None, description="this model's backend (default: the backend setting), e.g. openvino"
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from retinaedge.runtime.backends.registry import choices
+
+        if v not in choices():
+            raise ValueError(f"backend should be one of {', '.join(repr(k) for k in choices())}")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -277,6 +291,10 @@ class Settings(EngineConfig):
         """The model bundles to serve, in order (the first answers ``GET /v1/model``): ``models``, or
         ``model`` alone."""
         return list(self.models) if self.models else [ModelEntry(path=self.model)] if self.model else []
+
+    def for_model(self, entry: ModelEntry) -> Settings:
+        """The settings one model serves with: these, with the model's own ``backend`` when it has one."""
+        return self if entry.backend is None else self.model_copy(update={"backend": entry.backend})
 
     def trusted(self) -> list[TrustedKey] | None:
         """The keys of ``trusted_keys`` (:mod:`retinaedge.runtime.signing`), None when it is not set;

@@ -243,9 +243,13 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         active_bundle(registries[b.manifest.name], entry.path, b, trusted)
         for entry, b in zip(settings.bundles(), bundles, strict=True)
     ]
+    served = {
+        b.manifest.name: settings.for_model(entry)
+        for entry, b in zip(settings.bundles(), bundles, strict=True)
+    }
     lanes = {
         b.manifest.name: build_lane(
-            settings,
+            served[b.manifest.name],
             b,
             store,
             limits,
@@ -265,14 +269,18 @@ def build_services(settings: Settings, probe: Probe) -> Services:
 
     router = Router(lanes, titles, on_declined=declined)
 
-    def worker_maker(bundle: Bundle) -> tuple[DetectorOpener, InferenceWorker]:
-        opener = DetectorOpener(settings, bundle, limits, probe)
-        worker = new_worker(settings, opener)
-        worker.on_batch = metrics.batch_frames.observe
-        return opener, worker
+    def worker_maker(own: Settings) -> Callable[[Bundle], tuple[DetectorOpener, InferenceWorker]]:
+        def make(bundle: Bundle) -> tuple[DetectorOpener, InferenceWorker]:
+            opener = DetectorOpener(own, bundle, limits, probe)
+            worker = new_worker(own, opener)
+            worker.on_batch = metrics.batch_frames.observe
+            return opener, worker
+
+        return make
 
     lifecycles = {
-        name: Lifecycle(lane, registries[name], worker_maker, trusted) for name, lane in lanes.items()
+        name: Lifecycle(lane, registries[name], worker_maker(served[name]), trusted)
+        for name, lane in lanes.items()
     }
 
     async def after_result(model: str, path: Path, body: dict[str, Any]) -> None:

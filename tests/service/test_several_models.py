@@ -49,7 +49,11 @@ def test_each_instance_reaches_exactly_the_models_that_take_it(
     try:
         with (
             serve(
-                models=[str(DEMO), {"path": str(any_mr_bundle), "ae_titles": ["ANYMR"]}],
+                # The second model on its own backend (OpenVINO, FP32: the openvino extra make test installs).
+                models=[
+                    str(DEMO),
+                    {"path": str(any_mr_bundle), "ae_titles": ["ANYMR"], "backend": "openvino"},
+                ],
                 dimse_port=port,
                 export_destinations=destinations,
             ) as base,
@@ -58,6 +62,7 @@ def test_each_instance_reaches_exactly_the_models_that_take_it(
             listed = c.get(f"{base}/v1/models").json()["models"]
             assert [m["name"] for m in listed] == [DEMO_NAME, ANY_NAME]
             assert [m["state"] for m in listed] == ["ready", "ready"]
+            assert [m["backend"] for m in listed] == ["onnxruntime", "openvino"]
             assert listed[1]["ae_titles"] == ["ANYMR"] and listed[0]["intended_use"]["orientation"]
             assert c.get(f"{base}/v1/models/nope").json()["type"].endswith("unknown-model")
 

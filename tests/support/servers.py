@@ -117,7 +117,8 @@ def serve_app(app: Any, port: int, ready_timeout: float = 120.0) -> Iterator[str
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     poll(lambda: server.started, timeout=60, interval=0.01)
-    app.state.worker.wait_ready(ready_timeout)
+    for lane in app.state.services.lanes.values():  # every model's worker (several models per appliance)
+        lane.worker.wait_ready(ready_timeout)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -156,5 +157,6 @@ def ready_client(app: Any, timeout: float = 120.0) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     with TestClient(app) as client:
-        assert app.state.worker.wait_ready(timeout), app.state.worker.reason
+        for lane in app.state.services.lanes.values():
+            assert lane.worker.wait_ready(timeout), lane.worker.reason
         yield client
