@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retinaedge.runtime.bundle import Bundle, load_bundle
+from retinaedge.runtime.bundle import Bundle
 from retinaedge.runtime.errors import (
     BundleError,
     BundleRejectedError,
@@ -115,12 +115,15 @@ class Lifecycle:
 
     def _check(self, version: str, bundle: Bundle) -> None:
         """Load ``bundle`` as serving would (self-test included) on a worker of its own, then stop it."""
-        opener, worker = self.make_worker(bundle)
-        worker.start()
-        ready = worker.wait_ready(READY_TIMEOUT_S)
-        reason = "self-test passed" if ready else worker.reason
-        opener.stop()
-        worker.stop()
+        try:
+            opener, worker = self.make_worker(bundle)
+            worker.start()
+            ready = worker.wait_ready(READY_TIMEOUT_S)
+            reason = "self-test passed" if ready else worker.reason
+            opener.stop()
+            worker.stop()
+        except Exception as exc:  # recorded as a failed check; staging it again checks it again
+            ready, reason = False, f"the check could not run ({type(exc).__name__}: {exc})"
         self.checks[version] = {"state": "ready" if ready else "failed", "reason": reason}
         self.versions.record_check(version, "ready" if ready else "failed", reason)
         log.info("model %s: version %s checked: %s", self.lane.name, version, reason)
@@ -133,23 +136,43 @@ class Lifecycle:
                 f"version {version} is not checked ({check.get('state', 'unchecked')}: "
                 f"{check.get('reason', 'stage it first')})"
             )
-        return load_bundle(self.versions.path(version), trusted=self.trusted)
+        return self._load(version)
+
+    def _load(self, version: str) -> Bundle:
+        """``version``'s bundle, still that version (409 when changed in place), signature checked."""
+        try:
+            return self.versions.load_version(version, self.trusted)
+        except SignatureError as exc:
+            raise BundleRejectedError(str(exc), "signature-rejected") from exc
+        except BundleError as exc:
+            raise ConflictError(str(exc)) from exc
 
     # -- switching --------------------------------------------------------------------------------------
+    def _exclusive(self) -> None:
+        """Take the switch lock at once, or 409: one activation, rollback or trial change at a time (a
+        second request does not wait behind a warm-up of minutes)."""
+        if not self._switch.acquire(blocking=False):
+            raise ConflictError(f"model {self.lane.name}: a switch or trial change is under way; try again")
+
     def activate(self, version: str) -> dict[str, Any]:
         """Make ``version`` active (blocking: run it in a thread); returns what happened."""
-        with self._switch:
+        self._exclusive()
+        try:
             if version == self.versions.active:
                 return {"active": version, "changed": False}
             bundle = self._checked(version)
             return self._switch_to(version, bundle, lambda: self.versions.activate(version))
+        finally:
+            self._switch.release()
 
     def rollback(self) -> dict[str, Any]:
         """Make the previously active version active again."""
-        with self._switch:
+        self._exclusive()
+        try:
             version = self.versions.previous()
-            bundle = load_bundle(self.versions.path(version), trusted=self.trusted)
-            return self._switch_to(version, bundle, self.versions.rollback)
+            return self._switch_to(version, self._load(version), self.versions.rollback)
+        finally:
+            self._switch.release()
 
     def _switch_to(self, version: str, bundle: Bundle, record: Callable[[], object]) -> dict[str, Any]:
         started = time.monotonic()
@@ -163,9 +186,14 @@ class Lifecycle:
                 f"version {version} did not become ready ({reason}); the active one serves on"
             )
         old_version = version_of(self.lane.bundle)
-        record()  # first: a SIGKILL from here on restarts on the new version
+        try:
+            record()  # first: a SIGKILL from here on restarts on the new version
+        except BaseException:  # not recorded (a full disk): the new worker goes, the old one serves on
+            opener.stop()
+            worker.stop()
+            raise
         if self.shadow is not None and self.shadow.version == version:
-            self._stop_shadow()
+            self._stop_shadow()  # the trialled version is live: its trial ends
         old_opener, old_worker = self.lane.swap(bundle, opener, worker)
         switched = time.monotonic()
         self.checks[version] = {"state": "ready", "reason": "serving"}
@@ -193,7 +221,8 @@ class Lifecycle:
     # -- the silent trial -------------------------------------------------------------------------------
     def set_shadow(self, version: str | None) -> dict[str, Any]:
         """Start the trial of ``version`` (None: end it)."""
-        with self._switch:
+        self._exclusive()
+        try:
             if version is None:
                 self.versions.set_shadow(None)
                 self._stop_shadow()
@@ -202,6 +231,8 @@ class Lifecycle:
             self.versions.set_shadow(version)
             self._start_shadow(version, bundle)
             return {"shadow": version}
+        finally:
+            self._switch.release()
 
     def resume_shadow(self) -> None:
         """At start: the trial recorded in the registry runs again, its report replayed from its file."""
@@ -209,7 +240,7 @@ class Lifecycle:
         if version is None:
             return
         try:
-            bundle = load_bundle(self.versions.path(version), trusted=self.trusted)
+            bundle = self.versions.load_version(version, self.trusted)
         except BundleError as exc:
             log.error("model %s: the trial of version %s cannot resume: %s", self.lane.name, version, exc)
             self.versions.set_shadow(None)

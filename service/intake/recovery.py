@@ -82,6 +82,9 @@ def adopt(
     except (DicomInputError, RequestError) as exc:
         quarantine(spool, path, f"{exc.type}: {exc}")
         return "quarantined"
+    if store.instance_rows(header.sop_instance):  # recorded (its file outlived its rows): not routed again,
+        spool.discard(path)  # so no model the instance was not sent to takes it now
+        return "known"
     size = path.stat().st_size
     add = (
         header.sop_instance,

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+NOT_READY_RETRY_S = 1.0  # a row of a model not ready (loading, building, failed) is tried again after this
+
 
 class Runner(Protocol):
     """What processing one model's rows needs, read at each use (a model's version can change between
@@ -94,6 +96,7 @@ class Processor:
         self.concurrency = max(1, concurrency)
         self._tasks: list[asyncio.Task[None]] = []
         self._active: set[str] = set()  # instances a task is processing now
+        self._waiting: set[tuple[str, str]] = set()  # (uid, model) rows waiting for their model to load
         #: Why outcomes cannot be recorded now (a storage error), or None.
         self.problem: str | None = None
 
@@ -133,6 +136,18 @@ class Processor:
         for uid in pending:
             self.enqueue(uid)
         return len(pending)
+
+    def _retry_later(self, uid: str, model: str) -> None:
+        """Queue ``uid`` again in a second for ``model``, whose worker is not ready; the other models of the
+        instance and the other instances go on meanwhile (a task never waits for one model)."""
+        key = (uid, model)
+        self._waiting.add(key)
+
+        def again() -> None:
+            self._waiting.discard(key)
+            self.enqueue(uid)
+
+        asyncio.get_running_loop().call_later(NOT_READY_RETRY_S, again)
 
     def _release(self, spool_path: str) -> None:
         """Remove an instance's spool file (its name under the spool) once no row waits for it."""
@@ -206,14 +221,20 @@ class Processor:
                 self._active.discard(uid)
 
     async def _process(self, uid: str) -> None:
-        rows = await self._stored("reading a pending instance", lambda: self.store.instance_rows(uid))
-        todo = [
-            r for r in rows if r.state == "pending" and r.spool_path is not None and r.model in self.runners
-        ]
-        if not todo:
-            return
-        await asyncio.gather(*(self._process_row(row) for row in todo))
-        await self._stored("retention", self.after_each)  # off the event loop; retried like any write
+        """Every served model's pending row of ``uid``, at the same time; again while rows were added
+        meanwhile (a copy sent to another AE title, a correction), so none waits for a restart."""
+        while True:
+            rows = await self._stored("reading a pending instance", lambda: self.store.instance_rows(uid))
+            todo = [
+                r
+                for r in rows
+                if r.state == "pending" and r.spool_path is not None and r.model in self.runners
+            ]
+            todo = [r for r in todo if (uid, r.model) not in self._waiting]
+            if not todo:
+                return
+            await asyncio.gather(*(self._process_row(row) for row in todo))
+            await self._stored("retention", self.after_each)  # off the event loop; retried like any write
 
     async def _process_row(self, row: Row) -> None:
         """Run one model's pending row, record the outcome, release the spool file when no row waits."""
@@ -221,6 +242,9 @@ class Processor:
         runner, spool_path = self.runners[row.model], row.spool_path
         path: Path = self.spool.root / spool_path
         outcome, record, body = await self._infer(runner, path, row.sop_instance_uid, row.header_json)
+        if outcome == "later":  # the model is not ready: its row stays pending, tried again later
+            self._retry_later(row.sop_instance_uid, row.model)
+            return
         await self._stored("recording an outcome", record)
         self.on_outcome(outcome)
         if body is not None and self.after_result is not None:
@@ -241,8 +265,10 @@ class Processor:
             try:
                 result = await asyncio.wrap_future(worker.submit_path(path))
             except (OverloadedError, NotReadyError):
-                if worker.state == "failed":
-                    log.error("processing paused: the backend failed (%s)", worker.reason)
+                if worker.state != "ready":  # loading, building an engine, failed: free this task
+                    if worker.state == "failed":
+                        log.error("processing paused: the backend failed (%s)", worker.reason)
+                    return "later", lambda: None, None
                 await asyncio.sleep(self.retry_s)  # stays pending: nothing is lost
                 continue
             except NotApplicableError as exc:  # stored and acknowledged; recorded, never exported

@@ -23,7 +23,7 @@ from retinaedge.service.lanes import Lane
 from retinaedge.service.lifecycle import Lifecycle
 from retinaedge.service.state import Services, ServicesDep
 from retinaedge.service.versions.archive import unpack
-from retinaedge.service.versions.registry import MODELS
+from retinaedge.service.versions.registry import MODELS, UPLOADS
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,18 @@ def _lifecycle(services: Services, name: str) -> Lifecycle:
     return services.lifecycles[name]
 
 
+def _changing(services: Services, name: str) -> Lifecycle:
+    """The model's lifecycle for a request that changes what runs (stage, activate, rollback, trial):
+    403 unless an API token is configured, which then guards it (the middleware)."""
+    lifecycle = _lifecycle(services, name)
+    if services.settings.api_token is None:
+        raise ForbiddenError(
+            "changing a model's versions over HTTP needs an API token (set api_token); the token guards "
+            "what runs next to the scanner"
+        )
+    return lifecycle
+
+
 @router.get("/v1/models/{name}/versions", responses=problem_responses(401, 404))
 async def versions(name: str, services: ServicesDep) -> Response:
     """The model's versions: the active one, the previous one, the one on trial, each with its check."""
@@ -89,20 +101,16 @@ async def stage(name: str, request: Request, services: ServicesDep) -> Response:
     """Stage a new version: the body is the bundle directory as a tar archive (gzip or not). Its signature
     is checked (with trusted_keys), it is copied in, then loaded and self-tested in the background (its
     ``check`` in ``GET .../versions``). Needs an API token to be configured."""
-    lifecycle = _lifecycle(services, name)
+    lifecycle = _changing(services, name)
     settings = services.settings
-    if settings.api_token is None:
-        raise ForbiddenError(
-            "staging a model over HTTP needs an API token (set api_token); the token guards what runs "
-            "next to the scanner"
-        )
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in TAR_TYPES:
         raise UnsupportedMediaTypeError(
             f"expected a tar archive ({', '.join(TAR_TYPES)}), got {media or 'none'!r}"
         )
     check_declared_length(request.headers, settings.max_bundle_bytes)
-    work = settings.data_dir / MODELS / ".uploads"
+    services.spool.check_reserve(settings.max_bundle_bytes)  # 507: the data volume keeps its reserve
+    work = settings.data_dir / MODELS / UPLOADS
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
     folder = Path(tempfile.mkdtemp(dir=work))
     try:
@@ -134,14 +142,14 @@ async def activate(
 ) -> Response:
     """Serve ``version`` from now on: it is warmed beside the active one, then takes every later instance;
     instances in flight finish on the old version."""
-    lifecycle = _lifecycle(services, name)
+    lifecycle = _changing(services, name)
     return JSONResponse(await asyncio.to_thread(lifecycle.activate, version))
 
 
 @router.post("/v1/models/{name}/rollback", responses=problem_responses(401, 404, 409))
 async def rollback(name: str, services: ServicesDep) -> Response:
     """Serve the previously active version again, the same way as ``activate``."""
-    lifecycle = _lifecycle(services, name)
+    lifecycle = _changing(services, name)
     return JSONResponse(await asyncio.to_thread(lifecycle.rollback))
 
 
@@ -151,14 +159,14 @@ async def start_trial(
 ) -> Response:
     """Run ``version`` silently beside the active one on the same instances (its results are compared,
     never returned, exported or kept as results)."""
-    lifecycle = _lifecycle(services, name)
+    lifecycle = _changing(services, name)
     return JSONResponse(await asyncio.to_thread(lifecycle.set_shadow, version))
 
 
 @router.delete("/v1/models/{name}/shadow", responses=problem_responses(401, 404))
 async def end_trial(name: str, services: ServicesDep) -> Response:
     """End the trial."""
-    lifecycle = _lifecycle(services, name)
+    lifecycle = _changing(services, name)
     return JSONResponse(await asyncio.to_thread(lifecycle.set_shadow, None))
 
 

@@ -8,8 +8,9 @@ are configured. ``state.json`` records the versions, the active one, the ones ac
 rename), so a SIGKILL leaves the state before or after a step, never between.
 
 At start (:meth:`ModelVersions.seed`) the settings' bundle becomes the active version the first time,
-and again whenever it is a bundle the appliance has not seen (the site changed the setting on purpose);
-otherwise the version activated last stays active.
+and again whenever the settings name another bundle than at the last start (the site changed the setting
+on purpose; logged); otherwise the version activated last stays active. The settings' version is never
+forgotten, so an unchanged setting never takes over from the version activated since.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MODELS = "models"  # under data_dir: a folder per model
 STATE_FILE = "state.json"
+UPLOADS = ".uploads"  # under <data_dir>/models: archives being received (removed at start)
 VERSIONS = "versions"
 
 
@@ -70,7 +72,11 @@ class ModelVersions:
         self.name = name
         self.keep = max(2, keep)  # the active one and at least one to roll back to
         self._lock = threading.Lock()
+        self._staging = threading.Lock()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for debris in (root / VERSIONS).glob(".staging-*"):  # copies a crash interrupted
+            shutil.rmtree(debris, ignore_errors=True)
+        shutil.rmtree(root.parent / UPLOADS, ignore_errors=True)  # uploads a crash interrupted
         self._state = self._read()
 
     # -- state ------------------------------------------------------------------------------------------
@@ -79,7 +85,7 @@ class ModelVersions:
         try:
             state = json.loads(path.read_text())
         except FileNotFoundError:
-            return {"active": None, "history": [], "shadow": None, "versions": {}}
+            return {"active": None, "history": [], "shadow": None, "versions": {}, "settings_version": None}
         except (OSError, ValueError) as exc:
             raise BundleError(f"model {self.name}: {path} cannot be read ({type(exc).__name__})") from exc
         return dict(state)
@@ -129,23 +135,47 @@ class ModelVersions:
 
     # -- changes ----------------------------------------------------------------------------------------
     def seed(self, path: Path, bundle: Bundle) -> str:
-        """The settings' bundle at start: recorded and made active when it is new to the appliance;
-        returns the version to serve (the one activated last)."""
+        """The settings' bundle at start: recorded, and made active when the settings name another bundle
+        than at the last start (the site changed it on purpose; logged); otherwise the version activated
+        last stays active. Returns the version to serve."""
         version = version_of(bundle)
         with self._lock:
-            known = version in self._state["versions"]
-            if not known:
+            changed = version != self._state.get("settings_version")
+            if version not in self._state["versions"]:
                 self._add(version, bundle, str(path.resolve()), "settings")
-            if not known or self._state["active"] is None:
+            self._state["settings_version"] = version
+            if changed or self._state["active"] is None:
+                if self._state["active"] not in (None, version):
+                    log.warning("model %s: the settings name another bundle (version %s) than at the last "
+                                "start: it replaces the active version %s", self.name, version,
+                                self._state["active"])  # fmt: skip
                 self._set_active(version)
                 log.info("model %s: version %s (the settings' bundle) is active", self.name, version)
+            gone = self._trim(version)
             self._write()
-            return str(self._state["active"])
+        _remove(gone)
+        return str(self._state["active"])
+
+    def load_version(self, version: str, trusted: Sequence[TrustedKey] | None) -> Bundle:
+        """The bundle of ``version``, signature checked with ``trusted``; BundleError when its files are no
+        longer that version (a settings bundle changed in place)."""
+        path = self.path(version)
+        bundle = load_bundle(path, trusted=trusted)
+        if version_of(bundle) != version:
+            raise BundleError(
+                f"model {self.name}: {path} holds version {version_of(bundle)} now, not {version} (the "
+                "bundle was changed in place); stage the version again"
+            )
+        return bundle
 
     def stage(self, source: Path, trusted: Sequence[TrustedKey] | None) -> tuple[str, Bundle]:
         """Copy the bundle directory ``source`` in as a version (its signature checked with ``trusted``,
         its sha256 verified; BundleError / SignatureError otherwise, nothing kept) -> (version, bundle).
         A version already known is answered as it is (409 when it came with another name)."""
+        with self._staging:  # one staging at a time: two copies of one version never race
+            return self._stage(source, trusted)
+
+    def _stage(self, source: Path, trusted: Sequence[TrustedKey] | None) -> tuple[str, Bundle]:
         bundle = load_bundle(source, trusted=trusted)
         if bundle.manifest.name != self.name:
             raise ConflictError(
@@ -154,8 +184,9 @@ class ModelVersions:
         version = version_of(bundle)
         target = self.root / VERSIONS / version
         with self._lock:
-            if version in self._state["versions"]:
-                return version, load_bundle(self._state["versions"][version]["path"], trusted=None)
+            known = version in self._state["versions"]
+        if known:
+            return version, self.load_version(version, trusted=None)
         (self.root / VERSIONS).mkdir(exist_ok=True, mode=0o700)
         tmp = Path(tempfile.mkdtemp(dir=self.root / VERSIONS, prefix=".staging-"))
         try:
@@ -174,9 +205,11 @@ class ModelVersions:
             raise
         with self._lock:
             self._add(version, copied, str(target), "staged")
+            gone = self._trim(version)
             self._write()
+        _remove(gone)
         log.info("model %s: version %s staged", self.name, version)
-        return version, load_bundle(target, trusted=None)
+        return version, self.load_version(version, trusted=None)
 
     def activate(self, version: str) -> None:
         """Make ``version`` the active one (recorded before the caller switches the lane)."""
@@ -207,6 +240,8 @@ class ModelVersions:
             back = history[-1]
             self._state["history"] = history[:-1]
             self._state["active"] = back
+            if self._state["shadow"] == back:
+                self._state["shadow"] = None
             self._write()
             return str(back)
 
@@ -240,7 +275,6 @@ class ModelVersions:
         self._state["versions"][version] = Version(
             version, str(bundle.manifest.model_sha256), path, source, time.time()
         ).to_json()
-        self._trim()
 
     def _set_active(self, version: str) -> None:
         old = self._state["active"]
@@ -248,20 +282,30 @@ class ModelVersions:
             self._state["history"] = [v for v in self._state["history"] if v != old] + [old]
         self._state["active"] = version
 
-    def _trim(self) -> None:
-        """Keep the last ``keep`` versions (never the active, shadow or previous one); staged copies of
-        the others are removed."""
+    def _trim(self, added: str) -> list[str]:
+        """Forget the oldest versions beyond ``keep``, never the one just ``added``, the active, trial,
+        previous or settings' one; returns the staged copies to remove once the state is written."""
         versions = self._state["versions"]
-        pinned = {self._state["active"], self._state["shadow"], *self._state["history"][-1:]}
+        pinned = {
+            added, self._state["active"], self._state["shadow"], self._state.get("settings_version"),
+            *self._state["history"][-1:],
+        }  # fmt: skip
         old = sorted(
             (v for v in versions.values() if v["version"] not in pinned), key=lambda v: v["added_at"]
         )
+        gone: list[str] = []
         while len(versions) > self.keep and old:
-            gone = old.pop(0)
-            del versions[gone["version"]]
-            self._state["history"] = [v for v in self._state["history"] if v != gone["version"]]
-            if gone["source"] == "staged":
-                shutil.rmtree(gone["path"], ignore_errors=True)
+            entry = old.pop(0)
+            del versions[entry["version"]]
+            self._state["history"] = [v for v in self._state["history"] if v != entry["version"]]
+            if entry["source"] == "staged":
+                gone.append(entry["path"])
+        return gone
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def active_bundle(
@@ -274,4 +318,4 @@ def active_bundle(
         return bundle
     log.info("model %s: serving version %s, activated last (the settings name %s)", versions.name, active,
              version_of(bundle))  # fmt: skip
-    return load_bundle(versions.path(active), trusted=trusted)
+    return versions.load_version(active, trusted)
