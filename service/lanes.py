@@ -15,6 +15,7 @@ record it as ``not-applicable`` with the rules they failed.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,9 @@ from retinaedge.service.results.writer import ResultWriter
 from retinaedge.service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: What a model's name may be: it names a folder under ``data_dir/models`` and a path segment of the API.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -63,9 +67,21 @@ class Lane:
     def sha256(self) -> str:
         return str(self.bundle.manifest.model_sha256)
 
+    #: Finds the manifest of a version not served since start (the model's versions; set by its lifecycle).
+    lookup: Callable[[str], Manifest | None] = lambda _sha: None
+
     def manifest_for(self, sha256: str | None) -> Manifest:
-        """The manifest of the version ``sha256`` (a result's ``model.sha256``), else the active one's."""
-        return self.manifests.get(sha256 or "", self.bundle.manifest)
+        """The manifest of the version ``sha256`` (a result's ``model.sha256``): documents show that
+        version's classes and codes. The active one's only when the version is no longer kept (logged)."""
+        if not sha256 or sha256 == self.sha256:
+            return self.bundle.manifest
+        found = self.manifests.get(sha256) or self.lookup(sha256)
+        if found is None:
+            log.warning("model %s: version %s is no longer kept; its documents use the active version's "
+                        "manifest", self.name, sha256[:12])  # fmt: skip
+            return self.bundle.manifest
+        self.manifests[sha256] = found
+        return found
 
     def swap(
         self, bundle: Bundle, opener: DetectorOpener, worker: InferenceWorker
@@ -89,6 +105,13 @@ def load_bundles(settings: Settings, trusted: list[TrustedKey] | None) -> list[B
     """Every bundle of the settings, signatures checked; ConfigError for two bundles of one name."""
     bundles = [load_bundle(entry.path, trusted=trusted) for entry in settings.bundles()]
     names = [b.manifest.name for b in bundles]
+    unsafe = [n for n in names if not SAFE_NAME.fullmatch(n)]
+    if unsafe:
+        raise ConfigError(
+            f"model name {unsafe[0]!r} cannot name a model here (its folder under data_dir/models and its "
+            "/v1/models/{name} path): use letters, digits, '.', '_' or '-', at most 64, export it again "
+            "with --name"
+        )
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(

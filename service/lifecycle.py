@@ -29,14 +29,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retinaedge.runtime.bundle import Bundle
+from retinaedge.runtime.bundle import MANIFEST_FILE, Bundle
 from retinaedge.runtime.errors import (
     BundleError,
     BundleRejectedError,
     ConflictError,
+    NotFoundError,
     NotReadyError,
     OverloadedError,
 )
+from retinaedge.runtime.manifest import Manifest
 from retinaedge.runtime.signing import SignatureError, TrustedKey
 from retinaedge.service.lanes import Lane
 from retinaedge.service.pipeline.opener import DetectorOpener
@@ -85,6 +87,7 @@ class Lifecycle:
         self._file_lock = threading.Lock()
         self._trials: set[asyncio.Task[None]] = set()
         self.checks.update(versions.checks())  # checked before this start, on this device
+        lane.lookup = self._manifest_of
         self.checks[version_of(lane.bundle)] = {"state": "ready", "reason": "serving"}
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -95,6 +98,15 @@ class Lifecycle:
                 v["version"], {"state": "unchecked", "reason": "not checked since start"}
             )
         return listed
+
+    def _manifest_of(self, sha256: str) -> Manifest | None:
+        """The manifest of a kept version, by its full sha256 (None when not kept or not that version)."""
+        try:
+            path = self.versions.path(sha256[:12])
+            manifest = Manifest.from_json((path / MANIFEST_FILE).read_text())
+        except (NotFoundError, OSError, ValueError, BundleError):
+            return None
+        return manifest if str(manifest.model_sha256) == sha256 else None
 
     # -- staging ----------------------------------------------------------------------------------------
     def stage(self, source: Path) -> str:

@@ -209,9 +209,9 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     identities = IdentityFiles(settings.data_dir / "identity")
     migrate(store, identities)
     captures = CaptureFiles(settings.data_dir / CAPTURES)
-    adopted = store.adopt_unnamed(bundles[0].manifest.name)  # rows of the one model there was
-    for uid in adopted:
-        captures.rename(subject_key("", uid), subject_key(bundles[0].manifest.name, uid))
+    adopted = store.adopt_unnamed([b.manifest.name for b in bundles])  # rows of the one model there was
+    for uid, model in adopted:
+        captures.rename(subject_key("", uid), subject_key(model, uid))
     identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
     captures.keep_only(store.keys())  # likewise, and makings a crash interrupted
     built = BuiltDocuments(settings.data_dir / BUILT)

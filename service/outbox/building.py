@@ -22,6 +22,7 @@ from retinaedge.service.results.completion import series_findings
 from retinaedge.service.results.documents import DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles
 from retinaedge.service.results.key_images import study_images
+from retinaedge.service.results.rows import version_of_rows
 from retinaedge.service.results.store import Store
 from retinaedge.service.results.views import InstanceView, NothingToReport, SeriesView, StudyView, Unavailable
 
@@ -120,20 +121,20 @@ class DocumentBuilder:
             if not rows:
                 raise NoDocument("no instance of the study is kept (retention)")
             images = study_images(job.subject_uid, rows, self.identities.get)
-            study = StudyView(job.subject_uid, images, src.name, src.sha256, version=rows_version(rows))
+            sha = version_of_rows(rows) or src.sha256  # the version of its newest result
+            study = StudyView(job.subject_uid, images, src.name, sha, version=rows_version(rows))
             build = self._kept(doc.kind, study, lambda: doc.build_study(study))
         else:
             rows = src.store.series_rows(job.subject_uid)
-            params = self.settings.link_params(
-                src.manifest is not None and src.manifest.operating_point is not None
-            )
+            sha = version_of_rows(rows) or src.sha256  # the version of its newest result
+            manifest = src.manifest_for(sha) if src.manifest_for is not None else src.manifest
+            params = self.settings.link_params(manifest is not None and manifest.operating_point is not None)
             found = series_findings(rows, params, self.identities.get)
             if found is None:
                 raise NoDocument("no instance of the series is kept that could be analysed")
             series = SeriesView(
-                job.subject_uid, {}, found, src.name, src.sha256, manifest=src.manifest,
-                version=rows_version(rows),
-            )  # fmt: skip
+                job.subject_uid, {}, found, src.name, sha, manifest=manifest, version=rows_version(rows)
+            )
             build = self._kept(doc.kind, series, lambda: doc.build_series(series))
         try:
             return build()

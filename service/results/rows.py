@@ -88,3 +88,14 @@ class Declined:
 
     message: str
     outcome: dict[str, Any]
+
+
+def version_of_rows(rows: list[Row]) -> str | None:
+    """The model sha256 of the newest done result among ``rows`` (what a series' or study's documents
+    name as their algorithm version), or None when none is done."""
+    done = [r for r in rows if r.state == "done"]
+    for row in sorted(done, key=lambda r: r.received_at, reverse=True):
+        sha = (row.result() or {}).get("model", {}).get("sha256")
+        if sha:
+            return str(sha)
+    return None

@@ -296,26 +296,55 @@ class Store:
             ).fetchone()
         return r is not None
 
-    def adopt_unnamed(self, model: str) -> list[str]:
-        """Give the rows without a model (written before several models, by the one model there was)
-        ``model``'s name, with the outbox's documents and watched series; returns their UIDs (whose kept
-        files move to their new key, :func:`subject_key`). One transaction."""
+    def adopt_unnamed(self, served: list[str]) -> list[tuple[str, str]]:
+        """Give the rows without a model (written before several models, by the one model there was) a
+        model: the one their result names when it is served, else that old model's name as the named
+        results show it most often, else the first model ``served``; the outbox's documents and watched
+        series likewise. Returns the ``(uid, model)`` adopted (their kept files move to their new key,
+        :func:`.rows.subject_key`). One transaction."""
+        named = (
+            "CASE json_type(result_json, '$.model') WHEN 'object' THEN json_extract(result_json, '$.model.name') "
+            "WHEN 'text' THEN json_extract(result_json, '$.model') END"
+        )
+        marks = ",".join("?" for _ in served)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                uids = [
-                    r[0]
+                unnamed = [
+                    r[0] for r in self._db.execute("SELECT sop_instance_uid FROM instances WHERE model = ''")
+                ]
+                self._db.execute(
+                    f"UPDATE instances SET model = {named} WHERE model = '' AND result_json IS NOT NULL "
+                    f"AND json_valid(result_json) AND {named} IN ({marks})",
+                    served,
+                )
+                top = self._db.execute(
+                    "SELECT model, COUNT(*) AS n FROM instances WHERE model != '' GROUP BY model "
+                    "ORDER BY n DESC LIMIT 1"
+                ).fetchone()
+                old = top[0] if top is not None and top[0] in served else served[0]
+                self._db.execute("UPDATE instances SET model = ? WHERE model = ''", (old,))
+                self._db.execute(
+                    "UPDATE export_documents SET model = COALESCE((SELECT i.model FROM instances i WHERE "
+                    "i.sop_instance_uid = export_documents.subject_uid LIMIT 1), ?) "
+                    "WHERE model = '' AND scope = 'instance'",
+                    (old,),
+                )
+                self._db.execute("UPDATE export_documents SET model = ? WHERE model = ''", (old,))
+                self._db.execute("UPDATE export_series_watch SET model = ? WHERE model = ''", (old,))
+                adopted = [
+                    (r[0], r[1])
                     for r in self._db.execute(
-                        "UPDATE instances SET model = ? WHERE model = '' RETURNING sop_instance_uid", (model,)
+                        "SELECT sop_instance_uid, model FROM instances WHERE sop_instance_uid IN "
+                        "(SELECT value FROM json_each(?))",
+                        (json.dumps(unnamed),),
                     ).fetchall()
                 ]
-                self._db.execute("UPDATE export_documents SET model = ? WHERE model = ''", (model,))
-                self._db.execute("UPDATE export_series_watch SET model = ? WHERE model = ''", (model,))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        return uids
+        return adopted
 
     def models(self) -> set[str]:
         """The models with rows."""

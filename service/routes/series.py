@@ -19,6 +19,7 @@ from retinaedge.service.lanes import Lane
 from retinaedge.service.results.built import rows_version
 from retinaedge.service.results.completion import SeriesFindings, SeriesStatus, series_findings, series_status
 from retinaedge.service.results.formats import ResultFormat
+from retinaedge.service.results.rows import version_of_rows
 from retinaedge.service.results.views import SeriesView
 from retinaedge.service.routes.picking import MODEL_QUERY, pick_one
 from retinaedge.service.state import FORMATS_EXTENSION, SeriesFormat, Services, ServicesDep
@@ -36,9 +37,10 @@ _RESPONSES = {
 
 def _series_state(
     services: Services, uid: str, lane: Lane
-) -> tuple[SeriesStatus, SeriesFindings | None, str] | None:
-    """The series' status for ``lane``'s model and, once complete, its findings and the version of its
-    documents (:func:`..results.built.rows_version`); None for an unknown series."""
+) -> tuple[SeriesStatus, SeriesFindings | None, str, str] | None:
+    """The series' status for ``lane``'s model and, once complete, its findings, the version of its
+    documents (:func:`..results.built.rows_version`) and the model version (sha256) of its newest result;
+    None for an unknown series."""
     store, settings = lane.store, services.settings
     rows = store.series_rows(uid)
     if not rows:
@@ -47,9 +49,10 @@ def _series_state(
         rows, services.clock.now(), settings.series_quiet_s, store.series_requested_at(uid)
     )
     if status.state != "complete":
-        return status, None, ""
-    params = settings.link_params(lane.bundle.manifest.operating_point is not None)
-    return status, series_findings(rows, params, services.identities.get), rows_version(rows)
+        return status, None, "", ""
+    sha = version_of_rows(rows) or lane.sha256
+    params = settings.link_params(lane.manifest_for(sha).operating_point is not None)
+    return status, series_findings(rows, params, services.identities.get), rows_version(rows), sha
 
 
 async def _lane(services: Services, uid: str, model: str | None) -> Lane | None:
@@ -68,7 +71,7 @@ async def _answer(services: Services, uid: str, fmt: ResultFormat, model: str | 
     state = await asyncio.to_thread(_series_state, services, uid, lane)
     if state is None:
         return problem(404, "not-found", NOT_FOUND)
-    status, found, version = state
+    status, found, version, sha = state
     body = {"series_instance_uid": uid, "model": lane.name, **status.to_json()}
     if status.state != "complete":
         body["quiet_period_s"] = services.settings.series_quiet_s
@@ -79,8 +82,8 @@ async def _answer(services: Services, uid: str, fmt: ResultFormat, model: str | 
         body,
         found,
         lane.name,
-        lane.sha256,
-        manifest=lane.bundle.manifest,
+        sha,
+        manifest=lane.manifest_for(sha),
         version=version,
     )
     response = await fmt.series(view)
@@ -123,5 +126,6 @@ async def complete_series(
     known = await asyncio.to_thread(services.store.series_rows_of_all, series_uid)
     if not known:
         return problem(404, "not-found", NOT_FOUND)
+    pick_one(services, model, known, "this series")  # 400/404 before anything is recorded
     await asyncio.to_thread(services.store.request_series_complete, series_uid)
     return await _answer(services, series_uid, fmt, model)

@@ -19,6 +19,7 @@ from retinaedge.service.http.schemas import StudyResult
 from retinaedge.service.lanes import Lane
 from retinaedge.service.results.built import rows_version
 from retinaedge.service.results.key_images import StudyImages, study_images
+from retinaedge.service.results.rows import version_of_rows
 from retinaedge.service.results.views import StudyView
 from retinaedge.service.routes.picking import MODEL_QUERY, pick_one
 from retinaedge.service.state import FORMATS_EXTENSION, Services, ServicesDep, StudyFormat
@@ -28,7 +29,7 @@ router = APIRouter(tags=["studies"])
 NOT_FOUND = "no instance of this Study Instance UID (or its results have expired)"
 
 
-def _study(services: Services, uid: str, model: str | None) -> tuple[StudyImages, str, Lane] | None:
+def _study(services: Services, uid: str, model: str | None) -> tuple[StudyImages, str, Lane, str] | None:
     """The study's key images so far of one model (:mod:`.picking`), the version of its documents
     (:func:`..results.built.rows_version`) and that model's lane; None for an unknown study."""
     every = services.store.study_rows_of_all(uid)
@@ -36,7 +37,8 @@ def _study(services: Services, uid: str, model: str | None) -> tuple[StudyImages
         return None
     lane = pick_one(services, model, every, "this study")
     rows = lane.store.study_rows(uid)
-    return study_images(uid, rows, services.identities.get), rows_version(rows), lane
+    sha = version_of_rows(rows) or lane.sha256  # the version of its newest result
+    return study_images(uid, rows, services.identities.get), rows_version(rows), lane, sha
 
 
 @router.get(
@@ -54,7 +56,7 @@ async def study(
     found = await asyncio.to_thread(_study, services, study_uid, model)
     if found is None:
         return problem(404, "not-found", NOT_FOUND)
-    images, version, lane = found
+    images, version, lane, sha = found
     assert fmt.study is not None  # the registry offers only formats that render studies
-    view = StudyView(study_uid, images, lane.name, lane.sha256, version=version)
+    view = StudyView(study_uid, images, lane.name, sha, version=version)
     return await fmt.study(view)
