@@ -60,8 +60,13 @@ class Lane:
     #: result are built with the manifest of the version that produced it).
     manifests: dict[str, Manifest] = field(default_factory=dict)
 
+    #: A capture maker for a manifest (the captures of an earlier version's results).
+    make_captures_of: Callable[[Manifest], CaptureMaker | None] = lambda _m: None
+    _makers: dict[str, CaptureMaker | None] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self.manifests[self.sha256] = self.bundle.manifest
+        self.writer.captures_for = self.captures_for
 
     @property
     def sha256(self) -> str:
@@ -82,6 +87,17 @@ class Lane:
             return self.bundle.manifest
         self.manifests[sha256] = found
         return found
+
+    def captures_for(self, result: dict[str, Any]) -> CaptureMaker | None:
+        """The capture maker of the version that produced ``result`` (a ``/v1/detect`` body): its frames
+        are drawn with that version's preprocessing and labelled with its name and sha256."""
+        sha = result.get("model", {}).get("sha256")
+        if self.captures is None or not sha or sha == self.sha256:
+            return self.captures
+        maker = self._makers.get(sha)
+        if maker is None:
+            maker = self._makers[sha] = self.make_captures_of(self.manifest_for(sha))
+        return maker
 
     def swap(
         self, bundle: Bundle, opener: DetectorOpener, worker: InferenceWorker
@@ -207,6 +223,7 @@ def build_lane(
     make_writer: Callable[[Store, CaptureMaker | None], ResultWriter],
     make_captures: Callable[[Bundle], CaptureMaker | None],
     ae_titles: tuple[str, ...] = (),
+    captures_of: Callable[[Manifest], CaptureMaker | None] = lambda _m: None,
 ) -> Lane:
     """One lane, nothing started."""
     name = bundle.manifest.name
@@ -215,4 +232,5 @@ def build_lane(
     bound = store.bound(name)
     captures = make_captures(bundle)
     writer = make_writer(bound, captures)
-    return Lane(name, bundle, opener, worker, bound, writer, captures, ae_titles, make_captures)
+    return Lane(name, bundle, opener, worker, bound, writer, captures, ae_titles, make_captures,
+                make_captures_of=captures_of)  # fmt: skip

@@ -227,11 +227,14 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         built,
     )
 
-    def make_captures(bundle: Bundle) -> CaptureMaker | None:
+    def captures_of(manifest: Manifest) -> CaptureMaker | None:
         # Secondary captures cost about an inference per frame with findings: made only when asked for.
         if settings.captures != "always":
             return None
-        return CaptureMaker(captures, bundle.manifest, limits, identities)
+        return CaptureMaker(captures, manifest, limits, identities)
+
+    def make_captures(bundle: Bundle) -> CaptureMaker | None:
+        return captures_of(bundle.manifest)
 
     titles = bound_titles(settings, [b.manifest.name for b in bundles])
     registries = {
@@ -257,6 +260,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
             lambda bound, drawing: ResultWriter(bound, identities, prune, captures=drawing),
             make_captures,
             tuple(t for t, names in titles.items() if b.manifest.name in names),
+            captures_of,
         )
         for b in bundles
     }

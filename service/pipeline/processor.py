@@ -56,6 +56,8 @@ class Runner(Protocol):
     worker: InferenceWorker
     captures: CaptureMaker | None
 
+    def captures_for(self, result: dict[str, Any]) -> CaptureMaker | None: ...
+
 
 #: After a model's result is recorded: ``(model, the spooled file, the result body)``, awaited before
 #: the spool file is released (the silent trial of another version runs the same file).
@@ -293,7 +295,7 @@ class Processor:
         """The call that records a done result: its captures from the spool file, then the row (retried
         together while storage fails)."""
 
-        captures = runner.captures  # of the version that ran it
+        captures = runner.captures_for(body)  # of the version that ran it
 
         def record() -> None:
             if captures is not None:

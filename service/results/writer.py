@@ -80,6 +80,8 @@ class ResultWriter:
         self.store = store
         self.identities = identities
         self.captures = captures
+        #: The capture maker for a result body (by the version that produced it; a lane sets it).
+        self.captures_for: Callable[[dict[str, Any]], CaptureMaker | None] = lambda _body: self.captures
         self.max_source_bytes = max_source_bytes
         self._source_bytes = 0  # of the sources waiting (under _changed)
         self.after_group = after_group
@@ -144,10 +146,11 @@ class ResultWriter:
         made: dict[str, Path] = {}
         for item, evidence, identity in encoded:
             source = item.source
-            if source is None or self.captures is None:
+            maker = self.captures_for(item.body)  # the captures of the version that produced it
+            if source is None or maker is None:
                 continue
             try:
-                folder = self.captures.make(source, item.body, header_from_json(evidence, identity))
+                folder = maker.make(source, item.body, header_from_json(evidence, identity))
             except Exception as exc:  # the result is kept without them
                 log.warning("secondary captures not made: %s", type(exc).__name__)
                 folder = None
