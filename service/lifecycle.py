@@ -205,7 +205,8 @@ class Lifecycle:
             worker.stop()
             raise
         if self.shadow is not None and self.shadow.version == version:
-            self._stop_shadow()  # the trialled version is live: its trial ends
+            self._stop_shadow()  # the trialled version is live: its trial ends, and its record
+            self._shadow_file.unlink(missing_ok=True)
         old_opener, old_worker = self.lane.swap(bundle, opener, worker)
         switched = time.monotonic()
         self.checks[version] = {"state": "ready", "reason": "serving"}
@@ -238,6 +239,7 @@ class Lifecycle:
             if version is None:
                 self.versions.set_shadow(None)
                 self._stop_shadow()
+                self._shadow_file.unlink(missing_ok=True)  # the trial's record goes with it
                 return {"shadow": None}
             bundle = self._checked(version)
             self.versions.set_shadow(version)

@@ -29,7 +29,11 @@ def unpack(archive: Path, dest: Path, max_bytes: int) -> list[str]:
     """Unpack the bundle archive ``archive`` into the empty directory ``dest``; returns the file names."""
     try:
         with tarfile.open(archive, mode="r:*") as tar:
-            members = tar.getmembers()
+            members: list[tarfile.TarInfo] = []
+            while (member := tar.next()) is not None:  # headers one by one, counted as they come
+                members.append(member)
+                if len(members) > 2 * MAX_FILES:
+                    raise BundleRejectedError(f"the archive holds more than {2 * MAX_FILES} entries")
             files = [m for m in members if not m.isdir()]
             if not files:
                 raise BundleRejectedError("the archive holds no files")
