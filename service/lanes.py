@@ -55,13 +55,12 @@ class Lane:
     writer: ResultWriter
     captures: CaptureMaker | None  # None: captures=never
     ae_titles: tuple[str, ...] = ()  # the extra AE titles bound to it
-    make_captures: Callable[[Bundle], CaptureMaker | None] = lambda _b: None
+    #: A capture maker for a version's manifest (None: captures=never).
+    make_captures: Callable[[Manifest], CaptureMaker | None] = lambda _m: None
     #: The manifest of every version that served here since start, by model sha256 (documents of a
     #: result are built with the manifest of the version that produced it).
     manifests: dict[str, Manifest] = field(default_factory=dict)
 
-    #: A capture maker for a manifest (the captures of an earlier version's results).
-    make_captures_of: Callable[[Manifest], CaptureMaker | None] = lambda _m: None
     _makers: dict[str, CaptureMaker | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -96,7 +95,7 @@ class Lane:
             return self.captures
         maker = self._makers.get(sha)
         if maker is None:
-            maker = self._makers[sha] = self.make_captures_of(self.manifest_for(sha))
+            maker = self._makers[sha] = self.make_captures(self.manifest_for(sha))
         return maker
 
     def swap(
@@ -105,7 +104,7 @@ class Lane:
         """Serve ``bundle`` with ``worker`` (started and ready) from now on; returns the old opener and
         worker (still finishing what they admitted)."""
         old = self.opener, self.worker
-        captures = self.make_captures(bundle)
+        captures = self.make_captures(bundle.manifest)
         self.manifests[str(bundle.manifest.model_sha256)] = bundle.manifest
         self.bundle, self.opener, self.worker, self.captures = bundle, opener, worker, captures
         self.writer.captures = captures
@@ -221,16 +220,14 @@ def build_lane(
     limits: Limits,
     probe: Probe,
     make_writer: Callable[[Store, CaptureMaker | None], ResultWriter],
-    make_captures: Callable[[Bundle], CaptureMaker | None],
+    make_captures: Callable[[Manifest], CaptureMaker | None],
     ae_titles: tuple[str, ...] = (),
-    captures_of: Callable[[Manifest], CaptureMaker | None] = lambda _m: None,
 ) -> Lane:
     """One lane, nothing started."""
     name = bundle.manifest.name
     opener = DetectorOpener(settings, bundle, limits, probe)
     worker = new_worker(settings, opener)
     bound = store.bound(name)
-    captures = make_captures(bundle)
+    captures = make_captures(bundle.manifest)
     writer = make_writer(bound, captures)
-    return Lane(name, bundle, opener, worker, bound, writer, captures, ae_titles, make_captures,
-                make_captures_of=captures_of)  # fmt: skip
+    return Lane(name, bundle, opener, worker, bound, writer, captures, ae_titles, make_captures)

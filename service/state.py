@@ -227,14 +227,11 @@ def build_services(settings: Settings, probe: Probe) -> Services:
         built,
     )
 
-    def captures_of(manifest: Manifest) -> CaptureMaker | None:
+    def make_captures(manifest: Manifest) -> CaptureMaker | None:
         # Secondary captures cost about an inference per frame with findings: made only when asked for.
         if settings.captures != "always":
             return None
         return CaptureMaker(captures, manifest, limits, identities)
-
-    def make_captures(bundle: Bundle) -> CaptureMaker | None:
-        return captures_of(bundle.manifest)
 
     titles = bound_titles(settings, [b.manifest.name for b in bundles])
     registries = {
@@ -260,7 +257,6 @@ def build_services(settings: Settings, probe: Probe) -> Services:
             lambda bound, drawing: ResultWriter(bound, identities, prune, captures=drawing),
             make_captures,
             tuple(t for t, names in titles.items() if b.manifest.name in names),
-            captures_of,
         )
         for b in bundles
     }

@@ -210,8 +210,7 @@ def test_sigkill_at_each_step_keeps_the_version_activated_last(
         assert active(c) == version_a
         for uid in acknowledged:
             assert wait_done(c, base, uid, timeout=300)["state"] == "done"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
+        proc.stop()
     db = sqlite3.connect(tmp_path / "data" / "state.sqlite3")
     rows = db.execute("SELECT sop_instance_uid, model, state, result_json FROM instances").fetchall()
     assert len(rows) == len({r[0] for r in rows}) == len(acknowledged)  # one result each, none twice

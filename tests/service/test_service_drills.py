@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -202,12 +201,7 @@ def test_crash_drill_sigkill_50_times(tmp_path: Path, launcher: Launcher) -> Non
             for uid in sorted(acknowledged):
                 assert wait_done(c, f"http://127.0.0.1:{port}", uid, timeout=600)["state"] == "done"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        proc.stop()
     import sqlite3
 
     db = sqlite3.connect(tmp_path / "data" / "state.sqlite3")
@@ -254,12 +248,7 @@ def test_crash_drill_two_models_never_mix(tmp_path: Path, launcher: Launcher, an
                     done = wait_done(c, f"http://127.0.0.1:{port}", f"{uid}?model={model}", timeout=600)
                     assert done["state"] == "done" and done["model"]["name"] == model
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        proc.stop()
     import sqlite3
 
     db = sqlite3.connect(tmp_path / "data" / "state.sqlite3")

@@ -97,6 +97,16 @@ class Server:
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 
+    def stop(self, timeout: float = 120.0) -> None:
+        """A graceful stop (SIGTERM); killed, and :class:`subprocess.TimeoutExpired` raised, when it does
+        not exit within ``timeout`` seconds."""
+        self.terminate()
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
 
 class Launcher:
     """``with Launcher() as launcher: server = launcher.start_server(bundle, config, port)``; tests get the
