@@ -44,14 +44,20 @@ class Detection:
 
 @dataclass(frozen=True)
 class FrameResult:
-    """Detections of frame ``index`` (0-based, in the instance's frame order)."""
+    """Detections of frame ``index`` (0-based, in the instance's frame order). ``precision``: set only when
+    this frame's detections were computed at another precision than the instance's (``"fp32"``: re-run
+    by a reduced-precision backend's re-check); None: the instance's ``precision``."""
 
     index: int
     detections: list[Detection]
     voi: str = ""
+    precision: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "detections": [d.to_json() for d in self.detections]}
+        out: dict[str, Any] = {"index": self.index, "detections": [d.to_json() for d in self.detections]}
+        if self.precision is not None:
+            out["precision"] = self.precision
+        return out
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ def frame_result(
     return FrameResult(
         index=index,
         voi=rule,
+        precision="fp32" if dets.rechecked else None,
         detections=[
             Detection(
                 label=label,

@@ -373,7 +373,7 @@ class InferenceWorker:
         share_ms = (time.perf_counter() - t) * 1e3 / len(batch)
         for f, dets in zip(batch, per_image, strict=True):
             # Copies: a backend may reuse its output buffers for the next batch.
-            own = ImageDetections(dets.boxes.copy(), dets.scores.copy(), dets.labels.copy())
+            own = ImageDetections(dets.boxes.copy(), dets.scores.copy(), dets.labels.copy(), dets.rechecked)
             wait_ms = (started - f.queued) * 1e3
             if f.job.add_outputs(f.frame, own, share_ms, wait_ms):
                 reader = self._reader

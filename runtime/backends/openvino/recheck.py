@@ -10,7 +10,8 @@ any perturbation. What can be bounded is *where* the reduced precision is truste
 How: every frame runs at the reduced precision. A frame where any detection scores within ``band`` of its
 class's threshold (the bundle's operating point, or :data:`~.gate.DEFAULT_FINDING_SCORE`), or whose
 detections fill the bundle's ``detections_per_img`` down to within ``band`` of a threshold, is run again at
-FP32 and FP32's detections replace the reduced precision's for that frame. A frame's findings can then
+FP32 and FP32's detections replace the reduced precision's for that frame; the outputs' ``rechecked``
+marks those frames, and each one's result says ``"precision": "fp32"``. A frame's findings can then
 differ from FP32's only through a detection whose score moved by ``band`` or more, which the gate still
 checks on the device (the gate's criteria are unchanged; it compares what is served). The cost is the
 share of frames re-checked times FP32's time; it depends on the data and is measured by the gate
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from retinaedge.runtime.backends.base import Backend
 from retinaedge.runtime.backends.openvino.gate import DEFAULT_FINDING_SCORE
-from retinaedge.runtime.detections import OUTPUT_NAMES
+from retinaedge.runtime.detections import OUTPUT_NAMES, RECHECKED_OUTPUT
 from retinaedge.runtime.errors import ConfigError
 from retinaedge.runtime.operating_point import OperatingPoint
 
@@ -146,10 +147,12 @@ class RecheckedBackend(Backend):
         with self._lock:
             self.frames += int(images.shape[0])
             self.rechecked += int(which.size)
+        rechecked = np.zeros(int(images.shape[0]), bool)
+        rechecked[which] = True
         if which.size == 0:
-            return outputs
+            return {**outputs, RECHECKED_OUTPUT: rechecked}
         again = self.reference.infer(np.ascontiguousarray(images[which]))
-        return splice(outputs, again, which)
+        return {**splice(outputs, again, which), RECHECKED_OUTPUT: rechecked}
 
     def describe(self) -> dict[str, Any]:
         facts = dict(self.fast.describe())

@@ -31,6 +31,8 @@ from retinaedge.runtime.backends.openvino.recheck import (
 from retinaedge.runtime.bundle import load_bundle
 from retinaedge.runtime.detections import split_outputs
 from retinaedge.runtime.errors import ConfigError
+from retinaedge.runtime.geometry import Letterbox
+from retinaedge.runtime.instance_result import frame_result
 from retinaedge.runtime.operating_point import OperatingPoint
 from support.paths import DEMO
 
@@ -129,7 +131,14 @@ def test_undecided_frames_run_again_at_fp32_and_fp32_detections_serve() -> None:
     got = split_outputs(served.infer(_images(4)))
     assert fp32.seen == [1, 3] and fast.seen == [0, 1, 2, 3]
     assert [float(d.scores[0]) for d in got] == pytest.approx([0.88, 0.51, 0.12, 0.31])
+    assert [d.rechecked for d in got] == [False, True, False, True]
     assert (served.frames, served.rechecked, served.rate) == (4, 2, 0.5)
+    # Each frame's result names the precision its detections came from when it is not the instance's.
+    box = Letterbox.fit(8, 8, 8, 8)
+    frames = [frame_result(CLASSES, i, "minmax", box, d, POINT).to_json() for i, d in enumerate(got)]
+    assert [f.get("precision") for f in frames] == [None, "fp32", None, "fp32"]
+    calm = split_outputs(served.infer(_images(1)))  # frame 0 again: decided at int8, nothing re-run
+    assert not calm[0].rechecked
     assert served.precision == "int8" and served.describe()["recheck"]["rechecked"] == 2
     served.release_fast()  # a candidate not chosen: the shared FP32 model stays open
     assert fast.closed and not fp32.closed
