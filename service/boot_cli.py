@@ -1,17 +1,18 @@
 """``retinaedge boot``: the container entrypoint. Validate the configuration, decide about the engine, serve.
 
 1. **Configuration.** Every ``RETINAEDGE_*`` variable must name a setting (a misspelt variable is refused,
-   not silently ignored), the settings must validate, the model bundle must load (manifest and model
-   sha256 checked), and the data directory and the engine cache must be writable directories. Any failure
-   prints one line saying what is wrong and exits 78 (``EX_CONFIG``).
-2. **Engine.** :func:`~retinaedge.runtime.backends.tensorrt.planning.plan_backend` decides, from the device fingerprint and
+   not silently ignored), the settings must validate, every model bundle must load (manifest and model
+   sha256 checked, two bundles of one name refused), and the data directory and the engine cache must be
+   writable directories. Any failure prints one line saying what is wrong and exits 78 (``EX_CONFIG``).
+2. **Engine.** For each model (the version the start will serve, with the model's own ``backend``),
+   :func:`~retinaedge.runtime.backends.tensorrt.planning.plan_backend` decides, from the device fingerprint and
    the engine cache, between a cached engine (``cache-hit``), a build (``build-first`` on an empty cache,
    ``build-new-model`` after a model update, ``build-fingerprint-changed`` after a JetPack/TensorRT
    upgrade or on another module, ``build-corrupt``) and ONNX Runtime (with the reason: no TensorRT, options
    refused, builds disabled, or ``onnxruntime-build-failed-earlier`` when this engine's last build failed
    less than ``engine_build_retry_s`` ago, so a restart loop never rebuilds for ever). The decision and
-   what changed since the previous start (device, TensorRT/CUDA/L4T versions, model) are logged and kept
-   in ``<data_dir>/boot.json``. With ``backend=tensorrt`` a device that cannot use TensorRT exits 69
+   what changed since the previous start (device, TensorRT/CUDA/L4T versions, models) are logged and kept
+   in ``<data_dir>/boot.json`` (the first model's plan at its top level, every model's in ``models``). With ``backend=tensorrt`` a device that cannot use TensorRT exits 69
    (``EX_UNAVAILABLE``).
 3. **Serve**, as ``retinaedge serve``. The build itself runs in the service: inside the model load
    (``/healthz`` answers, ``/readyz`` is 503 "building a TensorRT engine") or, with
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,9 +103,9 @@ def check_volume(path: Path, what: str) -> None:
         log.error("%s; serving 503 until it is fixed", exc)
 
 
-def validate(settings: Settings) -> Bundle:
+def validate(settings: Settings) -> list[Bundle]:
     """Step 1 past the settings themselves: every bundle (two of one name refused) and the writable
-    directories; returns the first bundle (whose backend the boot record plans)."""
+    directories; returns the bundles in the settings' order."""
     from retinaedge.runtime.bundle import load_bundle
     from retinaedge.service.lanes import load_bundles
 
@@ -112,11 +115,11 @@ def validate(settings: Settings) -> Bundle:
             load_bundle(entry.path, trusted=trusted)
         except BundleError as exc:
             raise ConfigError(f"model bundle {entry.path}: {exc}") from exc
-    bundle = load_bundles(settings, trusted)[0]
+    bundles = load_bundles(settings, trusted)
     check_volume(settings.data_dir, "data_dir (spool and database)")
     check_volume(settings.engine_cache_root, "engine cache")
     server_context(settings)  # a certificate or key that cannot be used: exit 78 with the reason
-    return bundle
+    return bundles
 
 
 @dataclass(frozen=True)
@@ -131,30 +134,57 @@ class BootReport:
         return {**self.record, "changes": self.changes}
 
 
-def decide(settings: Settings, bundle: Bundle, probe: Probe | None = None) -> BootReport:
-    """Step 2: plan the backend, compare with ``boot.json``, write the new record (raises in mode tensorrt).
+def decide(settings: Settings, bundles: Sequence[Bundle], probe: Probe | None = None) -> BootReport:
+    """Step 2: plan every model's backend, compare with ``boot.json``, write the new record (raises in mode
+    tensorrt). ``bundles``: the settings' bundles in order (:func:`validate`).
 
-    ``probe``: this device's fingerprint and capabilities (default: the real TensorRT/pycuda probe).
+    Each model is planned for the version the start will serve (an activated one, not necessarily the
+    settings' bundle: :mod:`~retinaedge.service.versions.peek`) with its own ``backend``. The record's
+    top-level fields are the first model's (the one ``GET /v1/model`` answers for); ``models`` lists all.
+    ``probe``: this device's fingerprint and capabilities (default: the real TensorRT/pycuda probe; called
+    at most once).
     """
     from retinaedge.runtime.backends.tensorrt.cache import atomic_write
     from retinaedge.runtime.backends.tensorrt.planning import default_probe, plan_backend
+    from retinaedge.service.versions.peek import next_start
 
-    plan = plan_backend(
-        bundle,
-        mode=settings.backend,
-        options=settings.build_options(),
-        cache_root=settings.engine_cache_root,
-        cache_max_bytes=settings.engine_cache_max_bytes,
-        allow_build=settings.engine_build,
-        probe=probe or default_probe,
-        retry_after_s=settings.engine_build_retry_s,
-    )
+    device = functools.cache(probe or default_probe)
+    trusted = settings.trusted()
+    plans: list[tuple[Bundle, BackendPlan, dict[str, Any]]] = []
+    for entry, bundle in zip(settings.bundles(), bundles, strict=True):
+        try:
+            start = next_start(settings.data_dir, bundle, trusted)
+        except BundleError as exc:  # the start fails on it too: say so, plan the settings' bundle
+            log.error("%s", exc)
+            start = None
+        served = start.bundle if start is not None else bundle
+        mode = settings.for_model(entry).backend
+        plan = plan_backend(
+            served,
+            mode=mode,
+            options=settings.build_options(),
+            cache_root=settings.engine_cache_root,
+            cache_max_bytes=settings.engine_cache_max_bytes,
+            allow_build=settings.engine_build,
+            probe=device,
+            retry_after_s=settings.engine_build_retry_s,
+        )
+        model = {
+            "name": served.manifest.name,
+            "sha256": served.manifest.model_sha256,
+            "version": start.version if start is not None else None,
+            "version_source": start.source if start is not None else "settings (the active version failed)",
+            "backend": mode,
+        }
+        plans.append((served, plan, model))
+    first, plan, model = plans[0]
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "retinaedge": __version__,
-        "model": {"name": bundle.manifest.name, "sha256": bundle.manifest.model_sha256},
+        "model": {"name": model["name"], "sha256": model["sha256"]},
         "engine_build_while": settings.engine_build_while,
         **plan.to_dict(),
+        "models": [{**m, **p.to_dict()} for _, p, m in plans],
     }
     path = settings.data_dir / BOOT_RECORD
     changes = changes_since(read_record(path), record)
@@ -189,14 +219,31 @@ def changes_since(previous: dict[str, Any] | None, current: dict[str, Any]) -> l
         ]
     elif bool(old_fp) != bool(new_fp):
         changes.append("TensorRT became usable" if new_fp else "TensorRT is no longer usable")
-    old_model, new_model = previous.get("model") or {}, current["model"]
-    if old_model.get("sha256") != new_model["sha256"]:
-        changes.append(
-            f"model {old_model.get('name')} ({str(old_model.get('sha256'))[:12]}) -> "
-            f"{new_model['name']} ({new_model['sha256'][:12]})"
-        )
+    changes += model_changes(previous.get("models") or [previous.get("model") or {}], current["models"])
     if previous.get("retinaedge") != current["retinaedge"]:
         changes.append(f"retinaedge {previous.get('retinaedge')} -> {current['retinaedge']}")
+    return changes
+
+
+def model_changes(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[str]:
+    """What changed in the models served (name and sha256 of each): one model replaced by another, a
+    model's new version, a model added or no longer served."""
+    if len(before) == 1 and len(now) == 1:
+        old, new = before[0], now[0]
+        if old.get("sha256") == new["sha256"]:
+            return []
+        return [
+            f"model {old.get('name')} ({str(old.get('sha256'))[:12]}) -> {new['name']} ({new['sha256'][:12]})"
+        ]
+    old_by_name = {m.get("name"): m for m in before}
+    changes = []
+    for model in now:
+        was = old_by_name.pop(model["name"], None)
+        if was is None:
+            changes.append(f"model {model['name']} ({model['sha256'][:12]}) added")
+        elif was.get("sha256") != model["sha256"]:
+            changes.append(f"model {model['name']}: {str(was.get('sha256'))[:12]} -> {model['sha256'][:12]}")
+    changes += [f"model {name} is no longer served" for name in old_by_name]
     return changes
 
 
@@ -209,18 +256,20 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"unknown variable(s) {', '.join(unknown)} (no such setting; misspelt?)")
         settings = settings_from_args(args)
-        bundle = validate(settings)
+        bundles = validate(settings)
     except ConfigError as exc:
         log.error("configuration refused: %s", exc)
         emit({"error": exc.to_dict()})
         return EX_CONFIG
     try:
-        report = decide(settings, bundle)
+        report = decide(settings, bundles)
     except RetinaEdgeError as exc:  # backend=tensorrt on a device that cannot use it
         log.error("backend=tensorrt, but TensorRT cannot be used here: %s", exc)
         emit({"error": exc.to_dict()})
         return EX_CONFIG if isinstance(exc, ConfigError) else EX_UNAVAILABLE
-    log.info("engine decision %s: %s", report.plan.decision, report.plan.reason)
+    for model in report.record["models"]:
+        log.info("model %s (version %s): engine decision %s: %s", model["name"], model["version"],
+                 model["decision"], model["reason"])  # fmt: skip
     for change in report.changes:
         log.info("since the previous start: %s", change)
     state = inspect_state(settings.data_dir / "state.sqlite3")

@@ -210,7 +210,7 @@ def test_boot_plans_no_engine_for_backend_triton(tmp_path: Path) -> None:
         raise AssertionError("backend=triton must not probe the device for TensorRT")
 
     settings = load_settings(model=DEMO, data_dir=tmp_path / "data", backend="triton", triton_url="gpu:8001")
-    report = decide(settings, load_bundle(DEMO), probe=no_probe)
+    report = decide(settings, [load_bundle(DEMO)], probe=no_probe)
     assert report.plan.decision == "backend-configured" and "backend=triton" in report.plan.reason
     assert json.loads((tmp_path / "data" / BOOT_RECORD).read_text())["decision"] == "backend-configured"
     assert settings.backend_extra("triton")["url"] == "gpu:8001"

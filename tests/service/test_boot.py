@@ -41,7 +41,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
 
 def boot_once(tmp_path: Path, probe: Any = this_device, **overrides: Any) -> Any:
     settings = settings_for(tmp_path, **overrides)
-    return decide(settings, load_bundle(DEMO), probe=probe)
+    return decide(settings, [load_bundle(DEMO)], probe=probe)
 
 
 # -- the decisions ------------------------------------------------------------------------------------
@@ -91,6 +91,7 @@ def test_model_update_builds_a_new_engine(tmp_path: Path) -> None:
     boot_once(tmp_path, probe=this_device)
     record = json.loads((tmp_path / "data" / BOOT_RECORD).read_text())
     record["model"] = {"name": "older-model", "sha256": "ab" * 32}
+    del record["models"]  # as a record written before several models were planned
     (tmp_path / "data" / BOOT_RECORD).write_text(json.dumps(record))
     report = boot_once(tmp_path)
     assert report.plan.decision == "build-new-model"
@@ -319,3 +320,49 @@ def test_boot_serves_beyond_loopback_with_the_token_from_a_file(tmp_path: Path) 
     assert "Application shutdown complete" in err
     assert "engine decision onnxruntime-no-tensorrt" in err and "first start with this data directory" in err
     assert token not in err and token not in out
+
+
+def test_every_model_is_planned_for_the_version_the_start_serves(
+    tmp_path: Path, any_mr_bundle: Path, demo_version_b: Path
+) -> None:
+    """Two models, the demo with version B activated since the last start and the second on OpenVINO: the
+    boot record plans each (the demo's activated version, not the settings' bundle; each with its own
+    backend), reads the versions' state without changing it, and says which model changed since."""
+    from retinaedge.service.versions.registry import MODELS, ModelVersions, version_of
+
+    demo, b = load_bundle(DEMO), load_bundle(demo_version_b)
+    data = tmp_path / "data"
+    versions = ModelVersions(data / MODELS / demo.manifest.name, demo.manifest.name)
+    versions.seed(DEMO, demo)
+    staged, _ = versions.stage(demo_version_b, None)
+    versions.activate(staged)
+    state = (data / MODELS / demo.manifest.name / "state.json").read_bytes()
+    settings = load_settings(
+        models=[str(DEMO), {"path": str(any_mr_bundle), "backend": "openvino"}],
+        data_dir=data,
+        backend="auto",
+    )
+    second = load_bundle(any_mr_bundle)
+    report = decide(settings, [demo, second], probe=this_device)
+    first, other = report.record["models"]
+    assert (first["name"], first["version"], first["version_source"]) == (
+        demo.manifest.name,
+        staged,
+        "activated",
+    )
+    assert first["sha256"] == b.manifest.model_sha256 and first["decision"] == "build-first"
+    assert report.record["model"]["sha256"] == b.manifest.model_sha256  # the first model's, at the top
+    assert (other["name"], other["version"], other["version_source"]) == (
+        second.manifest.name,
+        version_of(second),
+        "settings",
+    )
+    assert other["backend"] == "openvino" and other["decision"] == "backend-configured"
+    assert (data / MODELS / demo.manifest.name / "state.json").read_bytes() == state  # read-only
+    assert not (data / MODELS / second.manifest.name).exists()
+
+    versions.rollback()  # the next start serves the settings' bundle again: one model changed
+    again = decide(settings, [demo, second], probe=this_device)
+    assert again.changes == [
+        f"model {demo.manifest.name}: {b.manifest.model_sha256[:12]} -> {demo.manifest.model_sha256[:12]}"
+    ]
