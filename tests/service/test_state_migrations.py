@@ -23,7 +23,7 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from retinaedge.runtime.errors import StateVersionError
-from retinaedge.service import database
+from retinaedge.service import database, migrations
 from retinaedge.service.app import create_app
 from retinaedge.service.http.schemas import ExportsStatus
 from retinaedge.service.outbox import schema as outbox_schema
@@ -349,7 +349,7 @@ def test_a_version_0_database_without_the_outbox_tables_is_completed(tmp_path: P
     completed, its rows kept."""
     path = tmp_path / "state.sqlite3"
     db = sqlite3.connect(path)
-    for statement in list(database.statements(database.V0_SCHEMA))[:5]:  # instances, series_requests
+    for statement in list(migrations.statements(migrations.V0_SCHEMA))[:5]:  # instances, series_requests
         db.execute(statement)
     db.execute(
         "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, size_bytes, "
@@ -381,7 +381,7 @@ def test_a_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.
         real.apply(db)  # every change of step 1, then a failure before the version is set
         raise RuntimeError("the disk went away")
 
-    monkeypatch.setattr(database, "STEPS", (database.Step(1, "fails", half_then_fail),))
+    monkeypatch.setattr(database, "STEPS", (migrations.Step(1, "fails", half_then_fail),))
     with pytest.raises(RuntimeError, match="disk went away"):
         Store(path)
     assert user_version(path) == 0 and schema_of(path) == schema and snapshot(path) == before
