@@ -45,7 +45,6 @@ from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles, migrate
 from retinaedge.service.results.formats import FormatRegistry, ResultFormat, default_formats, document_format
 from retinaedge.service.results.retention import Pruner
-from retinaedge.service.results.rows import subject_key
 from retinaedge.service.results.store import Store
 from retinaedge.service.results.views import Scope
 from retinaedge.service.results.writer import ResultWriter
@@ -185,6 +184,15 @@ def import_document_libraries() -> None:
     import pydicom.pixels.encoders  # noqa: F401
 
 
+def adopt_rows(store: Store, captures: CaptureFiles, served: list[str]) -> list[tuple[str, str]]:
+    """Give the rows written before several models a model (:meth:`Store.adopt_unnamed`), their
+    secondary captures moved to their new key *before* the adoption commits: a crash between the two
+    leaves the rows unadopted and the next start finishes both (a capture already moved stays where it
+    is), where moving after the commit would leave captures under a key no row has, which the sweep at
+    start then deletes."""
+    return store.adopt_unnamed(served, before_commit=lambda adopted: captures.adopt(adopted, served))
+
+
 def build_services(settings: Settings, probe: Probe) -> Services:
     """Load the bundles and wire each model's lane, the spool, store, processor and delivery (nothing is
     started here)."""
@@ -209,9 +217,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     identities = IdentityFiles(settings.data_dir / "identity")
     migrate(store, identities)
     captures = CaptureFiles(settings.data_dir / CAPTURES)
-    adopted = store.adopt_unnamed([b.manifest.name for b in bundles])  # rows of the one model there was
-    for uid, model in adopted:
-        captures.rename(subject_key("", uid), subject_key(model, uid))
+    adopt_rows(store, captures, [b.manifest.name for b in bundles])  # rows of the one model there was
     identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
     captures.keep_only(store.keys())  # likewise, and makings a crash interrupted
     built = BuiltDocuments(settings.data_dir / BUILT)

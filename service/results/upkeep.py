@@ -55,12 +55,21 @@ class Upkeep:
             ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    def adopt_unnamed(self, served: list[str]) -> list[tuple[str, str]]:
+    def adopt_unnamed(
+        self,
+        served: list[str],
+        before_commit: Callable[[list[tuple[str, str]]], object] = lambda _adopted: None,
+    ) -> list[tuple[str, str]]:
         """Give the rows without a model (written before several models, by the one model there was) a
         model: the one their result names when it is served, else that old model's name as the named
         results show it most often, else the first model ``served``; the outbox's documents and watched
         series likewise. Returns the ``(uid, model)`` adopted (their kept files move to their new key,
-        :func:`.rows.subject_key`). One transaction."""
+        :func:`.rows.subject_key`). One transaction.
+
+        ``before_commit(adopted)`` runs inside it, before the commit (the caller moves the kept files
+        there): if it raises, or the process dies before the commit, the rows stay without a model and
+        the next start adopts them again, so a step that must follow the commit is never lost. Moving
+        files must therefore be idempotent (:meth:`.captures.CaptureFiles.adopt`)."""
         named = (
             "CASE json_type(result_json, '$.model') WHEN 'object' THEN json_extract(result_json, '$.model.name') "
             "WHEN 'text' THEN json_extract(result_json, '$.model') END"
@@ -99,6 +108,8 @@ class Upkeep:
                         (json.dumps(unnamed),),
                     ).fetchall()
                 ]
+                if adopted:
+                    before_commit(adopted)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
