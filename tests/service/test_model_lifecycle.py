@@ -1,7 +1,8 @@
 """A model's versions through the service (service/lifecycle.py): staging signed bundle archives (and
-every refusal with its own reason), the silent trial and its report, activation and rollback, and the
-active version surviving a restart. Version A is the committed demo bundle, version B the same checkpoint
-and name exported with a higher score threshold (tests/service/conftest.py)."""
+every refusal with its own reason), the silent trial and its report (a third version activated during
+it), activation and rollback, and the active version surviving a restart. Version A is the committed
+demo bundle, versions B and C the same checkpoint and name exported with higher score thresholds
+(tests/service/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import VERSION_B_SCORE_THRESH
+from conftest import VERSION_B_SCORE_THRESH, VERSION_C_SCORE_THRESH
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.signing import load_private_key, sign_bundle
 from support.paths import DEMO, EXAMPLES
@@ -38,13 +39,13 @@ def cli(*argv: str) -> None:
 
 
 @pytest.fixture()
-def signed(tmp_path: Path, demo_version_b: Path) -> dict[str, Path]:
-    """Keys (``site`` trusted, ``other`` not) and copies of A and B signed by ``site``."""
+def signed(tmp_path: Path, demo_version_b: Path, demo_version_c: Path) -> dict[str, Path]:
+    """Keys (``site`` trusted, ``other`` not) and copies of A, B and C signed by ``site``."""
     out: dict[str, Path] = {}
     for name in ("site", "other"):
         cli("keygen", "--out", str(tmp_path / name))
         out[name], out[f"{name}.pub"] = tmp_path / f"{name}.key.pem", tmp_path / f"{name}.pub.pem"
-    for name, source in (("a", DEMO), ("b", demo_version_b)):
+    for name, source in (("a", DEMO), ("b", demo_version_b), ("c", demo_version_c)):
         out[name] = Path(shutil.copytree(source, tmp_path / name))
         cli("sign", str(out[name]), "--key", str(out["site"]))
     return out
@@ -113,17 +114,21 @@ def test_stage_trial_activate_rollback_and_restart(tmp_path: Path, signed: dict[
             version_a
         ]
 
-        r = stage(c, tar_of(signed["b"], gz=True))
-        assert r.status_code == 202, r.text
-        version_b = r.json()["version"]
+        def staged_and_checked(bundle: Path) -> str:
+            r = stage(c, tar_of(bundle, gz=True))
+            assert r.status_code == 202, r.text
+            version = str(r.json()["version"])
 
-        def checked() -> bool:
-            entries = c.get(f"{base}/versions", headers=AUTH).json()["versions"]
-            check = next(v["check"] for v in entries if v["version"] == version_b)
-            assert check["state"] != "failed", check
-            return bool(check["state"] == "ready")
+            def checked() -> bool:
+                entries = c.get(f"{base}/versions", headers=AUTH).json()["versions"]
+                check = next(v["check"] for v in entries if v["version"] == version)
+                assert check["state"] != "failed", check
+                return bool(check["state"] == "ready")
 
-        wait_until(checked, "version B loaded and self-tested", timeout=120, interval=0.2)
+            wait_until(checked, f"version {version} loaded and self-tested", timeout=120, interval=0.2)
+            return version
+
+        version_b = staged_and_checked(signed["b"])
 
         # The silent trial: results of A only; B's compared and counted.
         assert c.post(f"{base}/shadow", params={"version": version_a}, headers=AUTH).status_code == 409
@@ -148,6 +153,28 @@ def test_stage_trial_activate_rollback_and_restart(tmp_path: Path, signed: dict[
                         for b in actives for f in b["frames"])  # fmt: skip
         assert report["frames"] == frames and report["frames_agreeing"] == frames - differing
         assert report["latency_ms"]["shadow_p50"] is not None
+        assert report["active"] == version_a and [b["active"] for b in report["baselines"]] == [version_a]
+
+        # C activated during the trial of B: B is compared with C from then on, apart from A.
+        version_c = staged_and_checked(signed["c"])
+        c.post(f"{base}/activate", params={"version": version_c}, headers=AUTH).raise_for_status()
+        on_c = [detect(c, path) for path in FILES[:3]]
+        assert {b["model"]["sha256"][:12] for b in on_c} == {version_c}
+        report = wait_until(
+            lambda: (r := c.get(f"{base}/shadow", headers=AUTH).json())["instances"] == 3 and r,
+            "the trial saw the instances on C", timeout=60, interval=0.1,
+        )  # fmt: skip
+        assert report["version"] == version_b and report["active"] == version_c
+        gained: dict[str, int] = {}
+        for d in (d for b in actives[:3] for f in b["frames"] for d in f["detections"]):
+            if VERSION_B_SCORE_THRESH <= d["score"] < VERSION_C_SCORE_THRESH:
+                gained[d["label"]] = gained.get(d["label"], 0) + 1
+        assert report["gained_per_class"] == gained and report["lost_per_class"] == {}
+        assert [(b["active"], b["instances"]) for b in report["baselines"]] == [
+            (version_a, len(FILES)), (version_c, 3)
+        ]  # fmt: skip
+        assert report["baselines"][0]["lost_per_class"] == lost  # A's comparison unchanged
+        assert c.post(f"{base}/rollback", headers=AUTH).json()["active"] == version_a
 
         # Activation, then rollback: later instances run on the version active then.
         switched = c.post(f"{base}/activate", params={"version": version_b}, headers=AUTH).json()
@@ -184,8 +211,9 @@ def test_the_trial_of_an_identical_model_agrees_everywhere() -> None:
     from retinaedge.runtime.detector import Detector
     from retinaedge.service.versions.shadow import ShadowReport
 
-    report = ShadowReport("same", "same")
     with Detector.open(DEMO, threads=1) as one, Detector.open(DEMO, threads=1) as two:
+        same = str(one.bundle.manifest.model_sha256)[:12]
+        report = ShadowReport(same, same)
         for path in FILES:
             report.add(one.detect(path).to_json(), two.detect(path).to_json())
     out = report.to_json()
