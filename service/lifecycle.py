@@ -110,11 +110,11 @@ class Lifecycle:
         return manifest if str(manifest.model_sha256) == sha256 else None
 
     # -- staging ----------------------------------------------------------------------------------------
-    def stage(self, source: Path) -> str:
-        """Copy ``source`` in as a version (refusals: :class:`BundleRejectedError`) and check it in the
-        background; returns the version."""
+    def stage(self, source: Path, move: bool = False) -> str:
+        """Copy ``source`` in as a version (with ``move``, move its files: an unpacked upload; refusals:
+        :class:`BundleRejectedError`) and check it in the background; returns the version."""
         try:
-            version, bundle = self.versions.stage(source, self.trusted)
+            version, bundle = self.versions.stage(source, self.trusted, move=move)
         except SignatureError as exc:
             raise BundleRejectedError(str(exc), "signature-rejected") from exc
         except BundleError as exc:

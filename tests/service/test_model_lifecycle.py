@@ -26,11 +26,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FILES = sorted((EXAMPLES / "study_01").glob("IM00*.dcm"))[10:22]
 
 
-def tar_of(bundle: Path, gz: bool = False) -> bytes:
+def tar_of(bundle: Path, gz: bool = False, extra: int = 0) -> bytes:
+    """The bundle directory as a tar archive; ``extra`` > 0 adds a file of that many bytes."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
         for item in sorted(bundle.iterdir()):
             tar.add(item, arcname=item.name)
+        if extra:
+            info = tarfile.TarInfo("padding.bin")
+            info.size = extra
+            tar.addfile(info, io.BytesIO(bytes(extra)))
     return buf.getvalue()
 
 
@@ -220,3 +225,46 @@ def test_the_trial_of_an_identical_model_agrees_everywhere() -> None:
     assert out["frames"] == len(FILES) and out["agreement"] == 1.0
     assert out["gained_per_class"] == {} and out["lost_per_class"] == {}
     assert json.dumps(out)  # JSON as the route answers it
+
+
+def test_staging_takes_the_archive_and_its_files_at_most(tmp_path: Path, demo_version_b: Path) -> None:
+    """An upload of B takes its archive and its unpacked files on the data volume, never a third copy: on a
+    volume with room for two copies and not three it is staged; a reserve that leaves room for the
+    archive but not its files refuses it (507, saying so) before a file is unpacked, and one that leaves
+    no room for the archive before a byte is written; a refusal leaves nothing behind."""
+    from retinaedge.service.app import create_app
+    from retinaedge.service.settings import load_settings
+    from support.tmpfs import mounted_tmpfs
+
+    archive = tar_of(demo_version_b)
+    unpacked = sum(f.stat().st_size for f in demo_version_b.iterdir())
+    padded = tar_of(demo_version_b, extra=unpacked)  # the same bundle with a file of its size more
+    size = len(archive) + unpacked + 8 * 1024**2  # room for two copies and the service's own files
+    assert size < 3 * unpacked  # not for three
+    base = "/v1/models/retinaedge-demo-brainmr"
+    with mounted_tmpfs(
+        tmp_path / "volume", size=f"{size // 1024}k", why="a data volume of a known size"
+    ) as vol:
+        data = vol / "data"
+        free = shutil.disk_usage(vol).free
+        reserve = free - len(archive) - unpacked // 2  # room for the archive and half its files
+        settings = {"model": DEMO, "data_dir": data, "api_token": TOKEN, "max_bundle_bytes": 3 * unpacked}
+        with ready_client(create_app(load_settings(min_free_bytes=reserve, **settings))) as c:
+            for body, what in ((padded, "for the archive"), (archive, "for its unpacked files")):
+                r = stage(c, body)
+                assert r.status_code == 507 and r.json()["type"].endswith("insufficient-storage"), r.text
+                assert what in r.json()["detail"] and "min_free_bytes" in r.json()["detail"], r.text
+                assert not any((data / "models" / ".uploads").iterdir())
+            assert len(c.get(f"{base}/versions", headers=AUTH).json()["versions"]) == 1
+        with ready_client(create_app(load_settings(min_free_bytes=0, **settings))) as c:
+            r = stage(c, archive)
+            assert r.status_code == 202, r.text
+            assert not any((data / "models" / ".uploads").iterdir())
+            staged = data / "models" / "retinaedge-demo-brainmr" / "versions" / r.json()["version"]
+            assert sum(f.stat().st_size for f in staged.iterdir()) == unpacked
+
+            def checked() -> bool:
+                entries = c.get(f"{base}/versions", headers=AUTH).json()["versions"]
+                return any(v["version"] == staged.name and v["check"]["state"] == "ready" for v in entries)
+
+            wait_until(checked, "the staged version checked", timeout=120, interval=0.2)

@@ -10,6 +10,7 @@ moving their secondary captures loses no capture.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -142,3 +143,15 @@ def test_captures_moved_by_an_interrupted_start_follow_a_changed_setting(tmp_pat
     for uid in uids:
         assert (captures.path(subject_key("b", uid)) / "1.dcm").read_text() == uid
         assert not captures.path(subject_key("a", uid)).exists()
+
+
+def test_an_upload_is_moved_in_not_copied(tmp_path: Path, demo_version_b: Path) -> None:
+    """Staging an unpacked upload (``move``) renames its files into the version: the same files (inodes),
+    no second copy on the data volume."""
+    source = Path(shutil.copytree(demo_version_b, tmp_path / "upload"))
+    inodes = {f.name: f.stat().st_ino for f in source.iterdir()}
+    versions = ModelVersions(tmp_path / NAME, NAME)
+    version, _ = versions.stage(source, None, move=True)
+    staged = versions.path(version)
+    assert {f.name: f.stat().st_ino for f in staged.iterdir()} == inodes
+    assert not any(source.iterdir())
