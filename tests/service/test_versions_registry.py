@@ -4,7 +4,8 @@ The registry: an unchanged settings bundle never takes over from the version act
 older versions were forgotten; a settings bundle changed on purpose does; trimming never forgets the
 active, previous, trial or settings' version nor the one just added. The adoption of rows written by the
 one model of before: each goes to the model its result names, and a crash between adopting them and
-moving their secondary captures loses no capture.
+moving their secondary captures loses no capture. An upload is moved in, not copied, and refused
+before it writes into the disk reserve.
 """
 
 from __future__ import annotations
@@ -155,3 +156,40 @@ def test_an_upload_is_moved_in_not_copied(tmp_path: Path, demo_version_b: Path) 
     staged = versions.path(version)
     assert {f.name: f.stat().st_ino for f in staged.iterdir()} == inodes
     assert not any(source.iterdir())
+
+
+def test_an_upload_is_refused_before_it_writes_into_the_reserve(tmp_path: Path, demo_version_b: Path) -> None:
+    """The room is checked before a byte is written: a body of undeclared length as it arrives, an
+    archive's unpacked files before a file is unpacked (a reserve larger than any disk refuses both)."""
+    import asyncio
+    import io
+    import tarfile
+    from collections.abc import AsyncIterator
+
+    from retinaedge.runtime.errors import InsufficientStorageError
+    from retinaedge.service.versions.upload import Room, receive, unpack_archive
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for item in sorted(demo_version_b.iterdir()):
+            tar.add(item, arcname=item.name)
+    body = buf.getvalue()
+    full, roomy = Room(tmp_path, reserve=10**18), Room(tmp_path, reserve=0)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1 << 20):
+            yield body[start : start + (1 << 20)]
+
+    archive = tmp_path / "bundle.tar"
+    with pytest.raises(InsufficientStorageError, match="the archive as it arrives.*min_free_bytes"):
+        asyncio.run(receive(chunks(), archive, len(body), full))
+    assert archive.stat().st_size == 0
+    assert asyncio.run(receive(chunks(), archive, len(body), roomy)) == len(body)
+    dest = tmp_path / "bundle"
+    dest.mkdir()
+    with pytest.raises(InsufficientStorageError, match="its unpacked files"):
+        unpack_archive(archive, dest, len(body), full)
+    assert not any(dest.iterdir()) and archive.exists()
+    unpack_archive(archive, dest, len(body), roomy)
+    assert not archive.exists()  # the archive goes once unpacked
+    assert sorted(f.name for f in dest.iterdir()) == sorted(f.name for f in demo_version_b.iterdir())
