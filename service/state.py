@@ -40,7 +40,7 @@ from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.processor import Processor
 from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.results.built import BUILT, BuiltDocuments
-from retinaedge.service.results.captures import CAPTURES, CaptureFiles, CaptureMaker
+from retinaedge.service.results.captures import CAPTURES, CaptureFiles, CaptureMaker, adopt_rows
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles, migrate
 from retinaedge.service.results.formats import FormatRegistry, ResultFormat, default_formats, document_format
@@ -182,15 +182,6 @@ def import_document_libraries() -> None:
     import cv2  # noqa: F401
     import highdicom  # noqa: F401
     import pydicom.pixels.encoders  # noqa: F401
-
-
-def adopt_rows(store: Store, captures: CaptureFiles, served: list[str]) -> list[tuple[str, str]]:
-    """Give the rows written before several models a model (:meth:`Store.adopt_unnamed`), their
-    secondary captures moved to their new key *before* the adoption commits: a crash between the two
-    leaves the rows unadopted and the next start finishes both (a capture already moved stays where it
-    is), where moving after the commit would leave captures under a key no row has, which the sweep at
-    start then deletes."""
-    return store.adopt_unnamed(served, before_commit=lambda adopted: captures.adopt(adopted, served))
 
 
 def build_services(settings: Settings, probe: Probe) -> Services:

@@ -46,6 +46,7 @@ from retinaedge.service.results.views import InstanceView, NothingToReport, Unav
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+    from retinaedge.service.results.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,15 @@ class CaptureFiles:
         if removed:
             log.info("removed %d capture folder(s) of results no longer kept", removed)
         return removed
+
+
+def adopt_rows(store: Store, captures: CaptureFiles, served: list[str]) -> list[tuple[str, str]]:
+    """At start: give the rows written before several models a model (:meth:`.upkeep.Upkeep.adopt_unnamed`),
+    their secondary captures moved to their new key *before* the adoption commits: a crash between the
+    two leaves the rows unadopted and the next start finishes both (a capture already moved stays where
+    it is), where moving after the commit would leave captures under a key no row has, which the sweep at
+    start (:meth:`CaptureFiles.keep_only`) then deletes."""
+    return store.adopt_unnamed(served, before_commit=lambda adopted: captures.adopt(adopted, served))
 
 
 def sc_files(view: InstanceView, data_dir: Path) -> dict[int, Path]:

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 from retinaedge.runtime.bundle import load_bundle
-from retinaedge.service.results.captures import CaptureFiles
+from retinaedge.service.results.captures import CaptureFiles, adopt_rows
 from retinaedge.service.results.rows import subject_key
 from retinaedge.service.results.store import Store
-from retinaedge.service.state import adopt_rows
 from retinaedge.service.versions.registry import ModelVersions, version_of
 from support.paths import DEMO
 
@@ -99,7 +98,7 @@ def rows_of_before(db: Path, captures: CaptureFiles, model: str, n: int) -> list
 
 
 def start(db: Path, captures: CaptureFiles, served: list[str], die: int | None = None) -> None:
-    """What a start does with rows of before (``state.adopt_rows``, then the sweep of captures no row
+    """What a start does with rows of before (``captures.adopt_rows``, then the sweep of captures no row
     has), or dying with :class:`Crash` before the adoption commits once ``die`` captures were moved
     (nothing after it runs)."""
     store = Store(db)
