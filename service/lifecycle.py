@@ -8,9 +8,10 @@ One :class:`Lifecycle` per lane (:mod:`.lanes`), over its :class:`~.versions.reg
   engine build or cache, the golden self-test, the bundle's parity golden) and stops. Only a version
   whose check passed is activated or trialled.
 - **shadow** (:meth:`Lifecycle.set_shadow`): a checked version runs beside the active one on the same
-  instances; its results are compared (:mod:`.versions.shadow`), appended to ``shadow.jsonl`` under the
-  model's directory (replayed into the report at start), and never returned, exported or kept as the
-  result.
+  instances; its results are compared (:mod:`.versions.shadow`) with the version that produced the active
+  result (an activation during the trial starts a comparison of its own against the new version), counted
+  in ``shadow.jsonl`` under the model's directory (bounded, replayed into the report at start:
+  :mod:`.versions.record`), and never returned, exported or kept as the result.
 - **activate** and **rollback** (:meth:`Lifecycle.activate`): a worker for the new version is started
   and warmed while the old one serves; once it is ready, the lane points at it (later instances run on
   it), the old worker finishes what it admitted and stops. No request fails: one submitted before the
@@ -21,7 +22,6 @@ One :class:`Lifecycle` per lane (:mod:`.lanes`), over its :class:`~.versions.reg
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -43,8 +43,9 @@ from retinaedge.runtime.signing import SignatureError, TrustedKey
 from retinaedge.service.lanes import Lane
 from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.stages import InferenceWorker
+from retinaedge.service.versions.record import TrialRecord
 from retinaedge.service.versions.registry import ModelVersions, version_of
-from retinaedge.service.versions.shadow import ShadowReport
+from retinaedge.service.versions.shadow import ShadowReport, baseline_of, compare
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,14 @@ MAX_TRIALS_IN_FLIGHT = 8
 
 
 class Shadow:
-    """The version on trial: its bundle, worker and report."""
+    """The version on trial: its bundle, worker, report and the report's record."""
 
-    def __init__(self, version: str, bundle: Bundle, worker: InferenceWorker, report: ShadowReport) -> None:
+    def __init__(self, version: str, bundle: Bundle, worker: InferenceWorker, record: TrialRecord) -> None:
         self.version = version
         self.bundle = bundle
         self.worker = worker
-        self.report = report
+        self.record = record
+        self.report = record.report
 
 
 class Lifecycle:
@@ -84,7 +86,6 @@ class Lifecycle:
         self._shadow_opener: DetectorOpener | None = None
         self._switch = threading.Lock()  # one activation, rollback or trial change at a time
         self._shadow_file = versions.root / SHADOW_FILE
-        self._file_lock = threading.Lock()
         self._trials: set[asyncio.Task[None]] = set()
         self.checks.update(versions.checks())  # checked before this start, on this device
         lane.lookup = self._manifest_of
@@ -109,11 +110,11 @@ class Lifecycle:
         return manifest if str(manifest.model_sha256) == sha256 else None
 
     # -- staging ----------------------------------------------------------------------------------------
-    def stage(self, source: Path) -> str:
-        """Copy ``source`` in as a version (refusals: :class:`BundleRejectedError`) and check it in the
-        background; returns the version."""
+    def stage(self, source: Path, move: bool = False) -> str:
+        """Copy ``source`` in as a version (with ``move``, move its files: an unpacked upload; refusals:
+        :class:`BundleRejectedError`) and check it in the background; returns the version."""
         try:
-            version, bundle = self.versions.stage(source, self.trusted)
+            version, bundle = self.versions.stage(source, self.trusted, move=move)
         except SignatureError as exc:
             raise BundleRejectedError(str(exc), "signature-rejected") from exc
         except BundleError as exc:
@@ -205,8 +206,9 @@ class Lifecycle:
             worker.stop()
             raise
         if self.shadow is not None and self.shadow.version == version:
-            self._stop_shadow()  # the trialled version is live: its trial ends, and its record
-            self._shadow_file.unlink(missing_ok=True)
+            self._end_shadow()  # the trialled version is live: its trial ends, and its record
+        elif self.shadow is not None:  # the trial goes on, compared with the new version from now on
+            self.shadow.report.rebase(version)
         old_opener, old_worker = self.lane.swap(bundle, opener, worker)
         switched = time.monotonic()
         self.checks[version] = {"state": "ready", "reason": "serving"}
@@ -238,8 +240,7 @@ class Lifecycle:
         try:
             if version is None:
                 self.versions.set_shadow(None)
-                self._stop_shadow()
-                self._shadow_file.unlink(missing_ok=True)  # the trial's record goes with it
+                self._end_shadow()  # the trial's record goes with it
                 return {"shadow": None}
             bundle = self._checked(version)
             self.versions.set_shadow(version)
@@ -262,7 +263,8 @@ class Lifecycle:
         self._start_shadow(version, bundle, replay=True)
 
     def _start_shadow(self, version: str, bundle: Bundle, replay: bool = False) -> None:
-        self._stop_shadow()
+        if self.shadow is not None:
+            self._end_shadow()  # another version was on trial: its trial ends, and its record
         opener, worker = self.make_worker(bundle)
         worker.start()
         if not replay and not worker.wait_ready(READY_TIMEOUT_S):  # every instance from now on is trialled
@@ -271,12 +273,9 @@ class Lifecycle:
             worker.stop()
             self.versions.set_shadow(None)
             raise ConflictError(f"version {version} did not become ready for its trial ({reason})")
-        report = ShadowReport(version, version_of(self.lane.bundle))
-        if replay:
-            self._replay(report)
-        else:
-            self._shadow_file.unlink(missing_ok=True)
-        self.shadow = Shadow(version, bundle, worker, report)
+        record = TrialRecord(self._shadow_file, ShadowReport(version, version_of(self.lane.bundle)))
+        record.start(replay)
+        self.shadow = Shadow(version, bundle, worker, record)
         self._shadow_opener = opener
 
     def _stop_shadow(self) -> None:
@@ -286,18 +285,14 @@ class Lifecycle:
                 self._shadow_opener.stop()
             shadow.worker.stop()
 
-    def _replay(self, report: ShadowReport) -> None:
-        try:
-            lines = self._shadow_file.read_text().splitlines()
-        except FileNotFoundError:
-            return
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line a crash cut short
-                continue
-            if entry.get("version") == report.version:
-                report.add(entry["active"], entry.get("shadow"))
+    def _end_shadow(self) -> None:
+        """Stop the trial and remove its record."""
+        shadow = self.shadow
+        self._stop_shadow()
+        if shadow is not None:
+            shadow.record.remove()
+        else:
+            self._shadow_file.unlink(missing_ok=True)
 
     async def observe(self, source: bytes | Path, active: dict[str, Any]) -> None:
         """Run the trial version on an instance the active one has just processed (``active`` its body);
@@ -319,9 +314,8 @@ class Lifecycle:
             body = None
         if self.shadow is not shadow:
             return
-        shadow.report.add(active, body)
-        line = json.dumps({"version": shadow.version, "active": active, "shadow": body})
-        await asyncio.to_thread(self._append, line)
+        baseline = baseline_of(active, shadow.report.active)  # the version that produced ``active``
+        await asyncio.to_thread(lambda: shadow.record.record(compare(active, body, baseline)))
 
     def observe_soon(self, source: bytes, active: dict[str, Any]) -> None:
         """:meth:`observe` in the background (a ``/v1/detect`` answer does not wait for the trial); at most
@@ -331,10 +325,6 @@ class Lifecycle:
         task = asyncio.get_running_loop().create_task(self.observe(source, active))
         self._trials.add(task)
         task.add_done_callback(self._trials.discard)
-
-    def _append(self, line: str) -> None:
-        with self._file_lock, open(self._shadow_file, "a") as fh:
-            fh.write(line + "\n")
 
     def report(self) -> dict[str, Any]:
         shadow = self.shadow

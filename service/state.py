@@ -40,12 +40,11 @@ from retinaedge.service.pipeline.opener import DetectorOpener
 from retinaedge.service.pipeline.processor import Processor
 from retinaedge.service.pipeline.stages import InferenceWorker
 from retinaedge.service.results.built import BUILT, BuiltDocuments
-from retinaedge.service.results.captures import CAPTURES, CaptureFiles, CaptureMaker
+from retinaedge.service.results.captures import CAPTURES, CaptureFiles, CaptureMaker, adopt_rows
 from retinaedge.service.results.documents import DOCUMENTS, DocumentRegistry
 from retinaedge.service.results.evidence import IdentityFiles, migrate
 from retinaedge.service.results.formats import FormatRegistry, ResultFormat, default_formats, document_format
 from retinaedge.service.results.retention import Pruner
-from retinaedge.service.results.rows import subject_key
 from retinaedge.service.results.store import Store
 from retinaedge.service.results.views import Scope
 from retinaedge.service.results.writer import ResultWriter
@@ -209,9 +208,7 @@ def build_services(settings: Settings, probe: Probe) -> Services:
     identities = IdentityFiles(settings.data_dir / "identity")
     migrate(store, identities)
     captures = CaptureFiles(settings.data_dir / CAPTURES)
-    adopted = store.adopt_unnamed([b.manifest.name for b in bundles])  # rows of the one model there was
-    for uid, model in adopted:
-        captures.rename(subject_key("", uid), subject_key(model, uid))
+    adopt_rows(store, captures, [b.manifest.name for b in bundles])  # rows of the one model there was
     identities.keep_only(store.uids())  # files of results pruned or never recorded (a crash between)
     captures.keep_only(store.keys())  # likewise, and makings a crash interrupted
     built = BuiltDocuments(settings.data_dir / BUILT)

@@ -64,18 +64,44 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
-def error_response(exc: RetinaEdgeError) -> JSONResponse:
-    """The problem document of an error, with ``Retry-After`` (503 overloaded or storage unavailable) or
-    ``WWW-Authenticate``."""
-    retry = exc.retry_after if isinstance(exc, OverloadedError | StorageUnavailableError) else None
-    headers = {"Retry-After": str(retry)} if retry is not None else None
-    if isinstance(exc, UnauthorizedError):
-        headers = {"WWW-Authenticate": 'Bearer realm="retinaedge"'}
+def retry_after(exc: RetinaEdgeError) -> int | None:
+    """The seconds after which a retry may succeed (503 overloaded or storage unavailable), or None."""
+    return exc.retry_after if isinstance(exc, OverloadedError | StorageUnavailableError) else None
+
+
+def _extra(exc: RetinaEdgeError) -> dict[str, Any]:
     extra = {"offered": list(offered)} if (offered := getattr(exc, "offered", None)) is not None else {}
     members = getattr(exc, "problem_members", None)  # extension members an error adds (rules, model)
     if callable(members):
         extra.update(members())
-    return problem(exc.http_status, exc.type, str(exc), headers, **extra)
+    return extra
+
+
+def error_response(exc: RetinaEdgeError) -> JSONResponse:
+    """The problem document of an error, with ``Retry-After`` (503 overloaded or storage unavailable) or
+    ``WWW-Authenticate``."""
+    retry = retry_after(exc)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    if isinstance(exc, UnauthorizedError):
+        headers = {"WWW-Authenticate": 'Bearer realm="retinaedge"'}
+    return problem(exc.http_status, exc.type, str(exc), headers, **_extra(exc))
+
+
+def error_members(exc: RetinaEdgeError) -> dict[str, Any]:
+    """The members of ``exc``'s problem document as an object inside a response body (one model's error
+    in a ``/v1/detect`` answer of several models), ``retry_after`` (s) among them when a retry may
+    succeed."""
+    retry = retry_after(exc)
+    body: dict[str, Any] = {
+        "type": f"urn:retinaedge:error:{exc.type}",
+        "title": exc.type.replace("-", " "),
+        "status": exc.http_status,
+        "detail": str(exc),
+        **_extra(exc),
+    }
+    if retry is not None:
+        body["retry_after"] = retry
+    return body
 
 
 async def on_error(_request: Request, exc: Exception) -> JSONResponse:

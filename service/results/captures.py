@@ -46,6 +46,7 @@ from retinaedge.service.results.views import InstanceView, NothingToReport, Unav
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+    from retinaedge.service.results.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,28 @@ class CaptureFiles:
         result's key (:func:`.store.subject_key`: the model and the instance)."""
         return self.root / hashlib.sha256(uid.encode()).hexdigest()[:40]
 
-    def rename(self, old: str, new: str) -> None:
-        """Move the captures kept under key ``old`` to ``new`` (rows adopted by a model)."""
-        if self.path(old).is_dir() and not self.path(new).exists():
-            os.replace(self.path(old), self.path(new))
+    def adopt(self, adopted: Iterable[tuple[str, str]], served: Iterable[str]) -> int:
+        """Move the captures of rows written before several models (kept under the bare UID) to the key of
+        the model that adopted them (``(uid, model)``, :meth:`.upkeep.Upkeep.adopt_unnamed`); returns how
+        many moved. Idempotent, so an adoption a crash interrupted is finished by the next start: a folder
+        already moved stays, and one an interrupted attempt moved to another of the ``served`` models (the
+        settings changed in between) moves on to ``model``. Fsynced before it returns (the caller commits
+        the adoption next)."""
+        served = list(served)
+        moved = 0
+        for uid, model in adopted:
+            target = self.path(subject_key(model, uid))
+            if target.exists():
+                continue
+            sources = [uid, *(subject_key(m, uid) for m in served if m != model)]
+            source = next((self.path(s) for s in sources if self.path(s).is_dir()), None)
+            if source is not None:
+                os.replace(source, target)
+                moved += 1
+        if moved:
+            fsync_path(self.root)
+            log.info("captures of %d instance(s) of before several models moved to their model", moved)
+        return moved
 
     def install(self, uid: str, made: Path | None) -> None:
         """Make ``made`` (from :meth:`CaptureMaker.make`) the captures of ``uid``, replacing any it had;
@@ -227,6 +246,15 @@ class CaptureFiles:
         if removed:
             log.info("removed %d capture folder(s) of results no longer kept", removed)
         return removed
+
+
+def adopt_rows(store: Store, captures: CaptureFiles, served: list[str]) -> list[tuple[str, str]]:
+    """At start: give the rows written before several models a model (:meth:`.upkeep.Upkeep.adopt_unnamed`),
+    their secondary captures moved to their new key *before* the adoption commits: a crash between the
+    two leaves the rows unadopted and the next start finishes both (a capture already moved stays where
+    it is), where moving after the commit would leave captures under a key no row has, which the sweep at
+    start (:meth:`CaptureFiles.keep_only`) then deletes."""
+    return store.adopt_unnamed(served, before_commit=lambda adopted: captures.adopt(adopted, served))
 
 
 def sc_files(view: InstanceView, data_dir: Path) -> dict[int, Path]:

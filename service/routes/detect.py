@@ -3,6 +3,13 @@
 The result is also kept for ``GET /v1/results/{uid}``, from the header the pipeline already parsed, by the
 background writer (:mod:`..results.writer`): nothing on the response path waits for storage. A result with
 findings hands the writer the request's bytes too, for its secondary captures (drawn after the response).
+
+With several models, each one that takes the instance runs it on its own worker, and the answer says what
+each one did (:func:`several`): 200 when every one produced its result; 207 when some did and others
+refused (a full queue, a model not ready...): their results, each refusal as a problem object under
+``errors`` (``retry_after`` when a retry may succeed, the largest in ``Retry-After``), since the results
+computed are kept and a client must see them; the error itself (503...) only when no model produced a
+result; 422 ``not-applicable`` when none takes the instance.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from retinaedge.runtime.dicomio import DicomInput
 from retinaedge.runtime.errors import (
     NotReadyError,
@@ -24,8 +32,8 @@ from retinaedge.runtime.errors import (
 )
 from retinaedge.runtime.intended_use import NoModelError, NotApplicableError
 from retinaedge.service.http.body import check_declared_length, read_body
-from retinaedge.service.http.problems import problem_responses
-from retinaedge.service.http.schemas import DetectResult
+from retinaedge.service.http.problems import error_members, problem_responses, retry_after
+from retinaedge.service.http.schemas import DetectResult, ModelRules
 from retinaedge.service.intake.ingest import kept_header_encoded, kept_header_of
 from retinaedge.service.lanes import Lane
 from retinaedge.service.results.evidence import EncodedHeader, KeptHeader
@@ -38,17 +46,46 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["detect"])
 
 
+class ModelError(BaseModel):
+    """One model's refusal of an instance other models processed: its problem document's members."""
+
+    model: str
+    type: str
+    title: str
+    status: int
+    detail: str
+    retry_after: int | None = Field(default=None, description="seconds after which a retry may succeed")
+
+
+class SeveralResults(BaseModel):
+    """``POST /v1/detect`` with several models: each model's result, refusal (``errors``) or rules."""
+
+    sop_instance_uid: str
+    results: list[dict[str, Any]] = Field(description="the result of each model that produced one")
+    not_applicable: list[ModelRules]
+    errors: list[ModelError] = Field(description="each model that took the instance but refused it")
+
+
 @router.post(
     "/v1/detect",
     # Documentation only: the handler returns a JSONResponse, which FastAPI sends as is (the nested
     # detections are not validated a second time on the hot path).
     response_model=DetectResult,
-    responses=problem_responses(400, 401, 408, 413, 415, 422, 503),
+    responses={
+        **problem_responses(400, 401, 408, 413, 415, 422, 503),
+        207: {
+            "model": SeveralResults,
+            "description": "Several models: some produced their result, others refused the instance "
+            "(``errors``; ``Retry-After`` when a retry may succeed). With several models a 200 has this "
+            "shape too, ``errors`` empty.",
+        },
+    },
 )
 async def detect(request: Request, services: ServicesDep) -> Response:
     """Detect in every frame of one instance (a PS3.10 file as ``application/dicom``), with every model
     whose intended use takes it. With one model served, its result; with several, ``{"sop_instance_uid",
-    "results": [one per model that took it], "not_applicable": [the others and their rules]}``."""
+    "results": [one per model that produced it], "not_applicable": [the others and their rules], "errors":
+    [each model that refused it]}``, 207 when ``errors`` is not empty (module docstring)."""
     started = time.perf_counter()
     data = await _body(request, services)
     lanes = list(services.lanes.values())
@@ -58,20 +95,44 @@ async def detect(request: Request, services: ServicesDep) -> Response:
     outcomes = await asyncio.gather(
         *(_detect_on(lane, services, data, started) for lane in lanes), return_exceptions=True
     )
-    for outcome in outcomes:  # an error that is not "outside the intended use" answers the request
-        if isinstance(outcome, BaseException) and not isinstance(outcome, NotApplicableError):
+    return several(services, [lane.name for lane in lanes], outcomes)
+
+
+def several(services: Services, names: list[str], outcomes: list[Any]) -> Response:
+    """The answer of several models (module docstring) from each one's outcome: its result body, or what
+    it raised."""
+    results: list[dict[str, Any]] = []
+    declined: list[NotApplicableError] = []
+    refused: list[tuple[str, RetinaEdgeError]] = []
+    for name, outcome in zip(names, outcomes, strict=True):
+        if isinstance(outcome, NotApplicableError):
+            declined.append(outcome)
+        elif isinstance(outcome, RetinaEdgeError):
+            refused.append((name, outcome))
+        elif isinstance(outcome, BaseException):  # not an error of the request's: a fault (500)
             raise outcome
-    declined = [o for o in outcomes if isinstance(o, NotApplicableError)]
-    results = [o for o in outcomes if isinstance(o, dict)]
+        else:
+            results.append(outcome)
     if not results:
+        if refused:  # nothing was computed: the error itself (a retry of the whole request is right)
+            raise refused[0][1]
         raise NoModelError(declined)
-    return JSONResponse(
-        {
-            "sop_instance_uid": results[0]["sop_instance_uid"],
-            "results": results,
-            "not_applicable": [d.problem_members() for d in declined],
-        }
+    body = {
+        "sop_instance_uid": results[0]["sop_instance_uid"],
+        "results": results,
+        "not_applicable": [d.problem_members() for d in declined],
+        "errors": [{"model": name, **error_members(exc)} for name, exc in refused],
+    }
+    if not refused:
+        return JSONResponse(body)
+    waits = [w for _name, exc in refused if (w := retry_after(exc)) is not None]
+    log.warning(
+        "instance %s: answered 207: result of %s; refused by %s",
+        services.uid_hash(body["sop_instance_uid"]),
+        ", ".join(r["model"]["name"] for r in results),
+        ", ".join(f"{name} ({exc.type})" for name, exc in refused),
     )
+    return JSONResponse(body, status_code=207, headers={"Retry-After": str(max(waits))} if waits else None)
 
 
 @router.post(

@@ -15,15 +15,15 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from retinaedge.runtime.errors import ForbiddenError, PayloadTooLargeError, UnsupportedMediaTypeError
+from retinaedge.runtime.errors import ForbiddenError, UnsupportedMediaTypeError
 from retinaedge.service.http.body import check_declared_length, idle_timeout
 from retinaedge.service.http.problems import problem_responses
 from retinaedge.service.http.schemas import ModelsList, ServedModel
 from retinaedge.service.lanes import Lane
 from retinaedge.service.lifecycle import Lifecycle
 from retinaedge.service.state import Services, ServicesDep
-from retinaedge.service.versions.archive import unpack
 from retinaedge.service.versions.registry import MODELS, UPLOADS
+from retinaedge.service.versions.upload import Room, receive, unpack_archive
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,14 @@ async def versions(name: str, services: ServicesDep) -> Response:
 @router.post(
     "/v1/models/{name}/versions",
     status_code=202,
-    responses=problem_responses(400, 401, 403, 404, 408, 413, 415, 422),
+    responses=problem_responses(400, 401, 403, 404, 408, 413, 415, 422, 507),
 )
 async def stage(name: str, request: Request, services: ServicesDep) -> Response:
     """Stage a new version: the body is the bundle directory as a tar archive (gzip or not). Its signature
-    is checked (with trusted_keys), it is copied in, then loaded and self-tested in the background (its
-    ``check`` in ``GET .../versions``). Needs an API token to be configured."""
+    is checked (with trusted_keys), it is moved in, then loaded and self-tested in the background (its
+    ``check`` in ``GET .../versions``). Needs an API token to be configured. It takes at most the archive
+    and its unpacked files on the data volume (507 before either would eat into the disk reserve:
+    :mod:`..versions.upload`)."""
     lifecycle = _changing(services, name)
     settings = services.settings
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -108,26 +110,20 @@ async def stage(name: str, request: Request, services: ServicesDep) -> Response:
         raise UnsupportedMediaTypeError(
             f"expected a tar archive ({', '.join(TAR_TYPES)}), got {media or 'none'!r}"
         )
-    check_declared_length(request.headers, settings.max_bundle_bytes)
-    services.spool.check_reserve(settings.max_bundle_bytes)  # 507: the data volume keeps its reserve
+    declared = check_declared_length(request.headers, settings.max_bundle_bytes)
     work = settings.data_dir / MODELS / UPLOADS
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    room = Room(work, settings.min_free_bytes)
+    room.check(declared or 0, "the archive")  # 507 before a byte is written (the unpacked files: below)
     folder = Path(tempfile.mkdtemp(dir=work))
     try:
         archive = folder / "bundle.tar"
-        total = 0
-        with open(archive, "wb") as fh:
-            async for chunk in idle_timeout(request.stream(), settings.request_idle_timeout_s):
-                total += len(chunk)
-                if total > settings.max_bundle_bytes:
-                    raise PayloadTooLargeError(
-                        f"the archive exceeds max_bundle_bytes ({settings.max_bundle_bytes})"
-                    )
-                fh.write(chunk)
+        chunks = idle_timeout(request.stream(), settings.request_idle_timeout_s)
+        await receive(chunks, archive, settings.max_bundle_bytes, room)
         bundle = folder / "bundle"
         bundle.mkdir()
-        await asyncio.to_thread(unpack, archive, bundle, settings.max_bundle_bytes)
-        version = await asyncio.to_thread(lifecycle.stage, bundle)
+        await asyncio.to_thread(unpack_archive, archive, bundle, settings.max_bundle_bytes, room)
+        version = await asyncio.to_thread(lifecycle.stage, bundle, True)
     finally:
         await asyncio.to_thread(shutil.rmtree, folder, True)
     log.info("model %s: version %s staged over HTTP", name, version)

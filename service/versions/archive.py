@@ -9,6 +9,7 @@ a :class:`~retinaedge.runtime.errors.BundleRejectedError` saying what, before a 
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from retinaedge.runtime.errors import BundleRejectedError
@@ -25,8 +26,12 @@ def _plain_name(member: tarfile.TarInfo, top: str | None) -> str:
     return parts[0]
 
 
-def unpack(archive: Path, dest: Path, max_bytes: int) -> list[str]:
-    """Unpack the bundle archive ``archive`` into the empty directory ``dest``; returns the file names."""
+def unpack(
+    archive: Path, dest: Path, max_bytes: int, room: Callable[[int], None] = lambda _size: None
+) -> list[str]:
+    """Unpack the bundle archive ``archive`` into the empty directory ``dest``; returns the file names.
+    ``room(size)`` is called with the unpacked size once every header is read and checked, before a byte
+    is written (it raises to refuse: the data volume's reserve)."""
     try:
         with tarfile.open(archive, mode="r:*") as tar:
             members: list[tarfile.TarInfo] = []
@@ -50,6 +55,7 @@ def unpack(archive: Path, dest: Path, max_bytes: int) -> list[str]:
             names = [_plain_name(m, top) for m in files]
             if len(set(names)) != len(names):
                 raise BundleRejectedError("the archive holds two files of one name")
+            room(total)
             for member, name in zip(files, names, strict=True):
                 source = tar.extractfile(member)
                 assert source is not None  # a regular file

@@ -15,6 +15,7 @@ forgotten, so an unchanged setting never takes over from the version activated s
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -168,14 +169,18 @@ class ModelVersions:
             )
         return bundle
 
-    def stage(self, source: Path, trusted: Sequence[TrustedKey] | None) -> tuple[str, Bundle]:
+    def stage(
+        self, source: Path, trusted: Sequence[TrustedKey] | None, *, move: bool = False
+    ) -> tuple[str, Bundle]:
         """Copy the bundle directory ``source`` in as a version (its signature checked with ``trusted``,
         its sha256 verified; BundleError / SignatureError otherwise, nothing kept) -> (version, bundle).
-        A version already known is answered as it is (409 when it came with another name)."""
+        A version already known is answered as it is (409 when it came with another name). With
+        ``move`` (``source`` is the caller's to give away: an unpacked upload) its files are moved, not
+        copied, when on the same volume: staging then takes no more room than they already do."""
         with self._staging:  # one staging at a time: two copies of one version never race
-            return self._stage(source, trusted)
+            return self._stage(source, trusted, move)
 
-    def _stage(self, source: Path, trusted: Sequence[TrustedKey] | None) -> tuple[str, Bundle]:
+    def _stage(self, source: Path, trusted: Sequence[TrustedKey] | None, move: bool) -> tuple[str, Bundle]:
         bundle = load_bundle(source, trusted=trusted)
         if bundle.manifest.name != self.name:
             raise ConflictError(
@@ -192,7 +197,7 @@ class ModelVersions:
         try:
             for item in source.iterdir():
                 if item.is_file() and not item.is_symlink():
-                    shutil.copyfile(item, tmp / item.name)
+                    _bring(item, tmp / item.name, move)
             copied = load_bundle(tmp, trusted=trusted)  # what is kept is what was checked
             for item in tmp.iterdir():
                 fsync_path(item)
@@ -301,6 +306,18 @@ class ModelVersions:
             if entry["source"] == "staged":
                 gone.append(entry["path"])
         return gone
+
+
+def _bring(source: Path, target: Path, move: bool) -> None:
+    """Copy ``source`` to ``target``, or with ``move`` rename it (a copy across volumes)."""
+    if move:
+        try:
+            os.replace(source, target)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+    shutil.copyfile(source, target)
 
 
 def _remove(paths: list[str]) -> None:

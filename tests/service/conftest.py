@@ -1,4 +1,5 @@
-"""Fixtures of the service tests: a second model bundle (tests/support/several.py)."""
+"""Fixtures of the service tests: a second model bundle and other versions of the demo model
+(tests/support/several.py)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,16 @@ def demo_version_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     0.05), so it keeps exactly the demo's detections scoring 0.3 or more."""
     root = tmp_path_factory.mktemp("demo-b")
     return export_demo(root, "retinaedge-demo-brainmr", "--score-thresh", str(VERSION_B_SCORE_THRESH))
+
+
+#: The demo model's version C: exported with score threshold 0.5 (a third version, for a trial that sees an
+#: activation).
+VERSION_C_SCORE_THRESH = 0.5
+
+
+@pytest.fixture(scope="session")
+def demo_version_c(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A third version of the demo model: score threshold 0.5, so it keeps exactly the demo's detections
+    scoring 0.5 or more."""
+    root = tmp_path_factory.mktemp("demo-c")
+    return export_demo(root, "retinaedge-demo-brainmr", "--score-thresh", str(VERSION_C_SCORE_THRESH))

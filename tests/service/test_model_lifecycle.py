@@ -1,7 +1,8 @@
 """A model's versions through the service (service/lifecycle.py): staging signed bundle archives (and
-every refusal with its own reason), the silent trial and its report, activation and rollback, and the
-active version surviving a restart. Version A is the committed demo bundle, version B the same checkpoint
-and name exported with a higher score threshold (tests/service/conftest.py)."""
+every refusal with its own reason), the silent trial and its report (a third version activated during
+it), activation and rollback, and the active version surviving a restart. Version A is the committed
+demo bundle, versions B and C the same checkpoint and name exported with higher score thresholds
+(tests/service/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import VERSION_B_SCORE_THRESH
+from conftest import VERSION_B_SCORE_THRESH, VERSION_C_SCORE_THRESH
 from retinaedge.runtime.cli import main
 from retinaedge.runtime.signing import load_private_key, sign_bundle
 from support.paths import DEMO, EXAMPLES
@@ -25,11 +26,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FILES = sorted((EXAMPLES / "study_01").glob("IM00*.dcm"))[10:22]
 
 
-def tar_of(bundle: Path, gz: bool = False) -> bytes:
+def tar_of(bundle: Path, gz: bool = False, extra: int = 0) -> bytes:
+    """The bundle directory as a tar archive; ``extra`` > 0 adds a file of that many bytes."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
         for item in sorted(bundle.iterdir()):
             tar.add(item, arcname=item.name)
+        if extra:
+            info = tarfile.TarInfo("padding.bin")
+            info.size = extra
+            tar.addfile(info, io.BytesIO(bytes(extra)))
     return buf.getvalue()
 
 
@@ -38,13 +44,13 @@ def cli(*argv: str) -> None:
 
 
 @pytest.fixture()
-def signed(tmp_path: Path, demo_version_b: Path) -> dict[str, Path]:
-    """Keys (``site`` trusted, ``other`` not) and copies of A and B signed by ``site``."""
+def signed(tmp_path: Path, demo_version_b: Path, demo_version_c: Path) -> dict[str, Path]:
+    """Keys (``site`` trusted, ``other`` not) and copies of A, B and C signed by ``site``."""
     out: dict[str, Path] = {}
     for name in ("site", "other"):
         cli("keygen", "--out", str(tmp_path / name))
         out[name], out[f"{name}.pub"] = tmp_path / f"{name}.key.pem", tmp_path / f"{name}.pub.pem"
-    for name, source in (("a", DEMO), ("b", demo_version_b)):
+    for name, source in (("a", DEMO), ("b", demo_version_b), ("c", demo_version_c)):
         out[name] = Path(shutil.copytree(source, tmp_path / name))
         cli("sign", str(out[name]), "--key", str(out["site"]))
     return out
@@ -113,17 +119,21 @@ def test_stage_trial_activate_rollback_and_restart(tmp_path: Path, signed: dict[
             version_a
         ]
 
-        r = stage(c, tar_of(signed["b"], gz=True))
-        assert r.status_code == 202, r.text
-        version_b = r.json()["version"]
+        def staged_and_checked(bundle: Path) -> str:
+            r = stage(c, tar_of(bundle, gz=True))
+            assert r.status_code == 202, r.text
+            version = str(r.json()["version"])
 
-        def checked() -> bool:
-            entries = c.get(f"{base}/versions", headers=AUTH).json()["versions"]
-            check = next(v["check"] for v in entries if v["version"] == version_b)
-            assert check["state"] != "failed", check
-            return bool(check["state"] == "ready")
+            def checked() -> bool:
+                entries = c.get(f"{base}/versions", headers=AUTH).json()["versions"]
+                check = next(v["check"] for v in entries if v["version"] == version)
+                assert check["state"] != "failed", check
+                return bool(check["state"] == "ready")
 
-        wait_until(checked, "version B loaded and self-tested", timeout=120, interval=0.2)
+            wait_until(checked, f"version {version} loaded and self-tested", timeout=120, interval=0.2)
+            return version
+
+        version_b = staged_and_checked(signed["b"])
 
         # The silent trial: results of A only; B's compared and counted.
         assert c.post(f"{base}/shadow", params={"version": version_a}, headers=AUTH).status_code == 409
@@ -148,6 +158,28 @@ def test_stage_trial_activate_rollback_and_restart(tmp_path: Path, signed: dict[
                         for b in actives for f in b["frames"])  # fmt: skip
         assert report["frames"] == frames and report["frames_agreeing"] == frames - differing
         assert report["latency_ms"]["shadow_p50"] is not None
+        assert report["active"] == version_a and [b["active"] for b in report["baselines"]] == [version_a]
+
+        # C activated during the trial of B: B is compared with C from then on, apart from A.
+        version_c = staged_and_checked(signed["c"])
+        c.post(f"{base}/activate", params={"version": version_c}, headers=AUTH).raise_for_status()
+        on_c = [detect(c, path) for path in FILES[:3]]
+        assert {b["model"]["sha256"][:12] for b in on_c} == {version_c}
+        report = wait_until(
+            lambda: (r := c.get(f"{base}/shadow", headers=AUTH).json())["instances"] == 3 and r,
+            "the trial saw the instances on C", timeout=60, interval=0.1,
+        )  # fmt: skip
+        assert report["version"] == version_b and report["active"] == version_c
+        gained: dict[str, int] = {}
+        for d in (d for b in actives[:3] for f in b["frames"] for d in f["detections"]):
+            if VERSION_B_SCORE_THRESH <= d["score"] < VERSION_C_SCORE_THRESH:
+                gained[d["label"]] = gained.get(d["label"], 0) + 1
+        assert report["gained_per_class"] == gained and report["lost_per_class"] == {}
+        assert [(b["active"], b["instances"]) for b in report["baselines"]] == [
+            (version_a, len(FILES)), (version_c, 3)
+        ]  # fmt: skip
+        assert report["baselines"][0]["lost_per_class"] == lost  # A's comparison unchanged
+        assert c.post(f"{base}/rollback", headers=AUTH).json()["active"] == version_a
 
         # Activation, then rollback: later instances run on the version active then.
         switched = c.post(f"{base}/activate", params={"version": version_b}, headers=AUTH).json()
@@ -184,11 +216,55 @@ def test_the_trial_of_an_identical_model_agrees_everywhere() -> None:
     from retinaedge.runtime.detector import Detector
     from retinaedge.service.versions.shadow import ShadowReport
 
-    report = ShadowReport("same", "same")
     with Detector.open(DEMO, threads=1) as one, Detector.open(DEMO, threads=1) as two:
+        same = str(one.bundle.manifest.model_sha256)[:12]
+        report = ShadowReport(same, same)
         for path in FILES:
             report.add(one.detect(path).to_json(), two.detect(path).to_json())
     out = report.to_json()
     assert out["frames"] == len(FILES) and out["agreement"] == 1.0
     assert out["gained_per_class"] == {} and out["lost_per_class"] == {}
     assert json.dumps(out)  # JSON as the route answers it
+
+
+def test_staging_takes_the_archive_and_its_files_at_most(tmp_path: Path, demo_version_b: Path) -> None:
+    """An upload of B takes its archive and its unpacked files on the data volume, never a third copy: on a
+    volume with room for two copies and not three it is staged; a reserve that leaves room for the
+    archive but not its files refuses it (507, saying so) before a file is unpacked, and one that leaves
+    no room for the archive before a byte is written; a refusal leaves nothing behind."""
+    from retinaedge.service.app import create_app
+    from retinaedge.service.settings import load_settings
+    from support.tmpfs import mounted_tmpfs
+
+    archive = tar_of(demo_version_b)
+    unpacked = sum(f.stat().st_size for f in demo_version_b.iterdir())
+    padded = tar_of(demo_version_b, extra=unpacked)  # the same bundle with a file of its size more
+    size = len(archive) + unpacked + 8 * 1024**2  # room for two copies and the service's own files
+    assert size < 3 * unpacked  # not for three
+    base = "/v1/models/retinaedge-demo-brainmr"
+    with mounted_tmpfs(
+        tmp_path / "volume", size=f"{size // 1024}k", why="a data volume of a known size"
+    ) as vol:
+        data = vol / "data"
+        free = shutil.disk_usage(vol).free
+        reserve = free - len(archive) - unpacked // 2  # room for the archive and half its files
+        settings = {"model": DEMO, "data_dir": data, "api_token": TOKEN, "max_bundle_bytes": 3 * unpacked}
+        with ready_client(create_app(load_settings(min_free_bytes=reserve, **settings))) as c:
+            for body, what in ((padded, "for the archive"), (archive, "for its unpacked files")):
+                r = stage(c, body)
+                assert r.status_code == 507 and r.json()["type"].endswith("insufficient-storage"), r.text
+                assert what in r.json()["detail"] and "min_free_bytes" in r.json()["detail"], r.text
+                assert not any((data / "models" / ".uploads").iterdir())
+            assert len(c.get(f"{base}/versions", headers=AUTH).json()["versions"]) == 1
+        with ready_client(create_app(load_settings(min_free_bytes=0, **settings))) as c:
+            r = stage(c, archive)
+            assert r.status_code == 202, r.text
+            assert not any((data / "models" / ".uploads").iterdir())
+            staged = data / "models" / "retinaedge-demo-brainmr" / "versions" / r.json()["version"]
+            assert sum(f.stat().st_size for f in staged.iterdir()) == unpacked
+
+            def checked() -> bool:
+                entries = c.get(f"{base}/versions", headers=AUTH).json()["versions"]
+                return any(v["version"] == staged.name and v["check"]["state"] == "ready" for v in entries)
+
+            wait_until(checked, "the staged version checked", timeout=120, interval=0.2)

@@ -3,10 +3,11 @@ MR, axial) and a second bundle exported here from the same checkpoint with anoth
 axial or sagittal). Each instance goes to exactly the models whose intended use accepts it, through
 ``/v1/detect``, STOW-RS and C-STORE (dcmtk's storescu); a C-STORE to an AE title bound to one model runs
 that model only; each model's SRs reach a real receiving peer (Orthanc); results are per instance and
-model."""
+model. One model overloaded while another computes its result answers 207 with both outcomes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,75 @@ def test_each_instance_reaches_exactly_the_models_that_take_it(
         assert len({se for _st, se in series}) >= 2  # one SR series per study and model
     finally:
         pacs.stop()
+
+
+def hold(worker: Any, folder: Path, n: int) -> list[tuple[Path, Any]]:
+    """Fill ``worker``'s pipeline with ``n`` instances whose files are FIFOs nobody writes yet: each one's
+    reader waits in ``open()`` until :func:`release`, whatever the CPU's speed."""
+    held = []
+    for k in range(n):
+        fifo = folder / f"held-{id(worker)}-{k}"
+        os.mkfifo(fifo)
+        held.append((fifo, worker.submit(fifo)))
+    return held
+
+
+def release(held: list[tuple[Path, Any]], worker: Any) -> None:
+    """Open and close each FIFO's writing end: its reader sees an empty file (a failed instance), and the
+    pipeline is free again."""
+
+    def writer(fifo: Path) -> int | None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until the reader has it open
+        except OSError:
+            return None
+
+    for fifo, _future in held:
+        os.close(
+            wait_until(lambda f=fifo: writer(f), "the reader opened its FIFO", timeout=60, interval=0.01)
+        )
+    for _fifo, future in held:
+        assert future.exception(timeout=60) is not None  # an empty file is no DICOM file
+    wait_until(lambda: worker.depth == 0, "the pipeline emptied", timeout=60, interval=0.01)
+
+
+def test_one_model_overloaded_answers_207_with_the_others_result(any_mr_bundle: Path, tmp_path: Path) -> None:
+    """``queue_size`` 1: two instances in a model's pipeline at most. With the second model's pipeline held
+    full, ``/v1/detect`` answers 207: the first model's result (kept), the second one's 503 problem with
+    its Retry-After; with both full, 503; once freed, 200 with both results."""
+    from retinaedge.service.app import create_app
+    from retinaedge.service.settings import load_settings
+    from support.servers import ready_client
+
+    axial = EXAMPLES / "study_01" / "IM0015.dcm"
+    settings = load_settings(data_dir=tmp_path / "data", models=[str(DEMO), str(any_mr_bundle)],
+                             queue_size=1, prepare_threads=2)  # fmt: skip
+    app = create_app(settings)
+    headers = {"Content-Type": "application/dicom"}
+    with ready_client(app) as c:
+        lanes = app.state.services.lanes
+        held = hold(lanes[ANY_NAME].worker, tmp_path, 2)
+        r = c.post("/v1/detect", content=axial.read_bytes(), headers=headers)
+        assert r.status_code == 207, r.text
+        body = r.json()
+        assert [x["model"]["name"] for x in body["results"]] == [DEMO_NAME] and body["not_applicable"] == []
+        (error,) = body["errors"]
+        assert error["model"] == ANY_NAME and error["type"].endswith("overloaded")
+        assert error["status"] == 503 and "queue is full" in error["detail"]
+        assert error["retry_after"] == settings.retry_after_s == int(r.headers["Retry-After"])
+        kept = wait_until(lambda: c.get(f"/v1/results/{uid_of(axial)}?model={DEMO_NAME}"),
+                          "the first model's result kept", lambda g: g.status_code == 200,
+                          timeout=60, interval=0.05)  # fmt: skip
+        assert kept.json()["frames"] == body["results"][0]["frames"]
+
+        held += hold(lanes[DEMO_NAME].worker, tmp_path, 2)  # no model can take it now
+        r = c.post("/v1/detect", content=axial.read_bytes(), headers=headers)
+        assert r.status_code == 503 and r.json()["type"].endswith("overloaded"), r.text
+        assert r.headers["Retry-After"] == str(settings.retry_after_s)
+
+        release(held[:2], lanes[ANY_NAME].worker)
+        release(held[2:], lanes[DEMO_NAME].worker)
+        r = c.post("/v1/detect", content=axial.read_bytes(), headers=headers)
+        assert r.status_code == 200, r.text
+        assert [x["model"]["name"] for x in r.json()["results"]] == [DEMO_NAME, ANY_NAME]
+        assert r.json()["errors"] == []
