@@ -2,11 +2,20 @@
 
 The dense part is traced with ``torch.onnx.export``; post-processing is written as plain ONNX by
 :mod:`.postgraph`, so the fused graph is exactly the ops we chose.
+
+Tracing is most of an export's time (10-20 s for the demo model on two cores) and depends on the dense
+network alone, not on the post-processing parameters (score threshold, detections per image), the name or
+the intended use. A process that exports one checkpoint several times (a threshold sweep through the
+Python API, the test suite's versions of one model) traces it once: :func:`export_dense_onnx` keeps the
+last traces of this process, keyed by :func:`dense_fingerprint`. A wrong reuse could not go unnoticed:
+every export then measures parity of the fused graph against the PyTorch model itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +26,10 @@ from retinaedge.runtime.manifest import AnchorSpec
 log = logging.getLogger(__name__)
 
 OPSET = 18
+#: The traces this process keeps (ONNX bytes by :func:`dense_fingerprint`), newest last, at most this
+#: many bytes together (the R50-FPN's trace is about 150 MB).
+TRACE_MEMO_BYTES = 320 * 2**20
+_traces: OrderedDict[str, bytes] = OrderedDict()
 
 
 def make_dense_module(model: Any, channels: int) -> Any:
@@ -75,8 +88,41 @@ def compute_anchors(model: Any, height: int, width: int) -> tuple[np.ndarray, An
     return arr, spec
 
 
+def dense_fingerprint(dense: Any, channels: int, height: int, width: int) -> str:
+    """sha256 of everything the trace of ``dense`` depends on: torch's version, the opset, the input
+    (``channels``, ``height`` x ``width``), every submodule's class and plain attributes (strides, eps,
+    flags such as the FPN's ``use_P5``) and every parameter and buffer (name, dtype, shape, bytes)."""
+    torch, _ = require_torch()
+    h = hashlib.sha256(f"{torch.__version__}|{OPSET}|{channels}|{height}|{width}".encode())
+    plain = (bool, int, float, str, tuple, type(None))
+    for name, module in dense.named_modules():
+        attrs = sorted((k, repr(v)) for k, v in vars(module).items() if isinstance(v, plain))
+        h.update(f"{name}|{type(module).__module__}.{type(module).__qualname__}|{attrs}".encode())
+    for name, tensor in sorted(dense.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def export_dense_onnx(dense: Any, path: Path, channels: int, height: int, width: int) -> None:
-    """Trace the dense module to ONNX (opset :data:`OPSET`, dynamic batch ``N``, weights embedded)."""
+    """Trace the dense module to ONNX (opset :data:`OPSET`, dynamic batch ``N``, weights embedded), or
+    write this process's trace of the same network again (module docstring)."""
+    key = dense_fingerprint(dense, channels, height, width)
+    if key in _traces:
+        _traces.move_to_end(key)
+        path.write_bytes(_traces[key])
+        log.info("dense network as traced before in this process (fingerprint %s) to %s", key[:12], path.name)
+        return
+    _trace(dense, path, channels, height, width)
+    data = path.read_bytes()
+    if len(data) <= TRACE_MEMO_BYTES:
+        _traces[key] = data
+        while sum(len(v) for v in _traces.values()) > TRACE_MEMO_BYTES:
+            _traces.popitem(last=False)
+
+
+def _trace(dense: Any, path: Path, channels: int, height: int, width: int) -> None:
     torch, _ = require_torch()
     example = torch.rand(2, channels, height, width)
     batch = torch.export.Dim("N", min=1, max=256)
