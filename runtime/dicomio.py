@@ -184,14 +184,17 @@ def _check_depth(ds: Any, limit: int) -> None:
         item, depth = stack.pop()
         if depth > limit:
             raise MalformedDicomError(f"sequences nested deeper than {limit} levels")
-        for tag in list(item.keys()):
-            raw = item.get_item(tag, keep_deferred=True)  # never load deferred values (pixel data)
-            if tag == PIXEL_DATA_TAG or (getattr(raw, "value", b"") is None and raw.VR != "SQ"):
+        # The elements as held (raw or converted; a deferred value is not loaded): only a sequence, or
+        # an element whose VR is not known yet, can hold items.
+        for tag, raw in list(item.items()):
+            vr = raw.VR
+            if vr not in ("SQ", None, "UN"):
                 continue
-            if raw.VR in ("SQ", None, "UN"):
-                elem = item[tag]
-                if elem.VR == "SQ":
-                    stack.extend((child, depth + 1) for child in elem.value)
+            if tag == PIXEL_DATA_TAG or (raw.value is None and vr != "SQ"):
+                continue
+            elem = item[tag]
+            if elem.VR == "SQ":
+                stack.extend((child, depth + 1) for child in elem.value)
 
 
 def _int(ds: Any, keyword: str, required: bool = True, default: int | None = None) -> int:
