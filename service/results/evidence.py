@@ -120,11 +120,14 @@ def _wanted_tags() -> tuple[frozenset[int], frozenset[int]]:
 
 #: The File Meta elements kept: media storage SOP class and instance, transfer syntax.
 _META_TAGS = (0x00020002, 0x00020003, 0x00020010)
+#: Those that repeat from instance to instance (the SOP class, the transfer syntax): looked up as evidence.
+_CACHED_META_TAGS = frozenset({0x00020002, 0x00020010})
 
 
-#: DICOM JSON of evidence elements already seen, by what determines it (:func:`_evidence_json`): the
-#: slices of a series repeat most of their evidence (study, frame of reference, geometry, pixel layout).
-#: Only evidence: no patient identity stays in memory beyond its request.
+#: DICOM JSON of evidence elements already seen, by what determines it (:func:`_cached_json`): the
+#: slices of a series repeat most of their evidence (study, frame of reference, geometry, pixel layout),
+#: and their SOP class and transfer syntax. Only those: no patient identity stays in memory beyond its
+#: request.
 _EVIDENCE_JSON: dict[tuple[Any, ...], dict[str, Any]] = {}
 _EVIDENCE_JSON_MAX = 4096
 
@@ -185,30 +188,38 @@ def _pydicom() -> tuple[Any, Any, Any]:
     return config, RawDataElement, MultiValue
 
 
-def _element_json(ds: Any, tag: int) -> dict[str, Any] | None:
-    """``ds[tag]`` as ``Dataset.to_json_dict(suppress_invalid_tags=True)`` writes it: converted as pydicom
-    reads it, encoded under strict reading; None when either fails (the element is left out)."""
+def _encoded(ds: Any, tags: Iterable[int]) -> dict[str, Any]:
+    """The elements ``tags`` of ``ds`` present, as ``Dataset.to_json_dict(suppress_invalid_tags=True)``
+    writes them (``{"GGGGEEEE": element}``, in the order given): converted as pydicom reads them, then
+    encoded under strict reading (once for all of them); an element that fails either is left out."""
     config = _pydicom()[0]
-    try:
-        element = ds[tag]  # converts a raw element: an unknown VR raises here
-        with config.strict_reading():
-            out: dict[str, Any] = element.to_json_dict(
-                bulk_data_element_handler=None, bulk_data_threshold=1024
-            )
-    except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
-        return None
+    converted = []
+    for tag in tags:
+        try:
+            converted.append((tag, ds[tag]))  # converts a raw element: an unknown VR raises here
+        except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
+            continue
+    out: dict[str, Any] = {}
+    with config.strict_reading():
+        for tag, element in converted:
+            try:
+                out[f"{tag:08X}"] = element.to_json_dict(
+                    bulk_data_element_handler=None, bulk_data_threshold=1024
+                )
+            except Exception:
+                continue
     return out
 
 
-def _evidence_json(ds: Any, tag: int, item: Any, charset: str) -> dict[str, Any] | None:
-    """One evidence element of ``ds`` (``item``: as the dataset holds it, raw or converted) as pydicom
-    writes it in DICOM JSON (:func:`_element_json`), or None when it cannot be converted. An element of a
-    plain VR is looked up first: a raw one by its tag, VR, bytes, encoding and character set (``charset``:
-    the ``repr`` of the dataset's), a converted one by its tag, VR and value (:func:`_simple`), which is
-    all its JSON depends on."""
+def _cached_json(ds: Any, tag: int, item: Any, charset: str) -> dict[str, Any] | None:
+    """One element of ``ds`` that names no patient (evidence, or File Meta that repeats: ``item`` as the
+    dataset holds it, raw or converted) as pydicom writes it in DICOM JSON (:func:`_encoded`), or None
+    when it cannot be converted. An element of a plain VR is looked up first: a raw one by its tag, VR,
+    bytes, encoding and character set (``charset``: the ``repr`` of the dataset's), a converted one by its
+    tag, VR and value (:func:`_simple`), which is all its JSON depends on."""
     raw_type = _pydicom()[1]
     key: tuple[Any, ...] | None = None
-    plain = tag in _plain_evidence_tags()
+    plain = tag in _plain_evidence_tags() or tag in _CACHED_META_TAGS
     if plain and isinstance(item, raw_type) and item.value is not None and item.VR != "SQ":
         key = (tag, item.VR, bytes(item.value), item.is_little_endian, item.is_implicit_VR, charset)
     elif plain and not isinstance(item, raw_type) and _simple(item.value):
@@ -217,7 +228,7 @@ def _evidence_json(ds: Any, tag: int, item: Any, charset: str) -> dict[str, Any]
         cached = _EVIDENCE_JSON.get(key)
         if cached is not None:
             return cached
-    out = _element_json(ds, tag)
+    out = _encoded(ds, (tag,)).get(f"{tag:08X}")
     if key is not None and out is not None:
         if len(_EVIDENCE_JSON) >= _EVIDENCE_JSON_MAX:
             _EVIDENCE_JSON.clear()
@@ -226,10 +237,10 @@ def _evidence_json(ds: Any, tag: int, item: Any, charset: str) -> dict[str, Any]
 
 
 @functools.cache
-def _wanted_in_order() -> tuple[int, ...]:
-    """Every evidence and identity tag, ascending, as plain integers."""
+def _wanted_in_order() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(evidence tags, identity tags), each ascending, as plain integers."""
     evidence_tags, identity_tags = _wanted_tags()
-    return tuple(sorted(evidence_tags | identity_tags))
+    return tuple(sorted(evidence_tags)), tuple(sorted(identity_tags))
 
 
 def select_header(ds: Any) -> KeptHeader:
@@ -237,26 +248,29 @@ def select_header(ds: Any) -> KeptHeader:
     everything else is dropped and never converted (a deferred value such as the pixel data is not read).
     Elements pydicom cannot convert or encode are left out rather than failing the instance. The dataset's
     elements are looked up once, by plain integer tags (pydicom's tags compare in Python)."""
-    evidence_tags = _wanted_tags()[0]
+    evidence_tags, identity_tags = _wanted_in_order()
     elements = {int(tag): item for tag, item in ds.items()}  # raw or converted: nothing converted here
     charset = repr(ds.original_character_set)
     evidence: dict[str, Any] = {}
-    identity: dict[str, Any] = {}
-    for tag in _wanted_in_order():
+    for tag in evidence_tags:
         item = elements.get(tag)
-        if item is None:
-            continue
-        if tag in evidence_tags:
-            element_json = _evidence_json(ds, tag, item, charset)
-            if element_json is not None:
-                evidence[f"{tag:08X}"] = element_json
-        elif (element_json := _element_json(ds, tag)) is not None:
-            identity[f"{tag:08X}"] = element_json
+        if item is not None and (element_json := _cached_json(ds, tag, item, charset)) is not None:
+            evidence[f"{tag:08X}"] = element_json
+    identity = _encoded(ds, [tag for tag in identity_tags if tag in elements])
     meta: dict[str, Any] = {}
     file_meta = getattr(ds, "file_meta", None)
     if file_meta is not None:
+        held = {int(tag): item for tag, item in file_meta.items()}
         for tag in _META_TAGS:
-            if tag in file_meta and (element_json := _element_json(file_meta, tag)) is not None:
+            item = held.get(tag)
+            if item is None:
+                continue
+            element_json = (
+                _cached_json(file_meta, tag, item, charset)
+                if tag in _CACHED_META_TAGS
+                else _encoded(file_meta, (tag,)).get(f"{tag:08X}")
+            )
+            if element_json is not None:
                 meta[f"{tag:08X}"] = element_json
     return KeptHeader(evidence, identity, meta)
 
