@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from retinaedge.runtime.intended_use import Failure, IntendedUse
+from retinaedge.runtime.rawkey import raw_key
 
 #: Every element a rule reads (tags as plain integers), and the character set their text is read in.
 RULE_TAGS = (
@@ -38,7 +39,8 @@ RULE_TAGS = (
     0x52009229,  # Shared Functional Groups Sequence
     0x52009230,  # Per-frame Functional Groups Sequence
 )
-_CHARSET = 0x00080005
+#: The sequences among them: Anatomic Region, Shared and Per-frame Functional Groups.
+_SEQUENCES = (0x00082218, 0x52009229, 0x52009230)
 
 
 class CheckMemo:
@@ -70,24 +72,9 @@ class CheckMemo:
 
 
 def memo_key(ds: Any) -> tuple[Any, ...] | None:
-    """The elements of :data:`RULE_TAGS` as parsed: ``(VR, bytes, little endian, implicit VR)`` each (VR
-    None when implicit: the dictionary's then; the character set, converted as pydicom parses, by its
-    value), None for one absent; None for the whole when one of them is not a raw element with its value
-    read, or a sequence (then the rules run)."""
-    from pydicom.dataelem import RawDataElement
-
-    key: list[Any] = []
-    for tag in RULE_TAGS:
-        item = ds.get_item(tag, keep_deferred=True)
-        if item is None:
-            key.append(None)
-            continue
-        if tag == _CHARSET and not isinstance(item, RawDataElement):  # pydicom converts it as it parses
-            key.append(repr(item.value))
-            continue
-        if not isinstance(item, RawDataElement) or item.value is None or item.VR in ("SQ", "UN"):
-            return None  # converted, deferred, or a VR read from the value
-        if tag in (0x00082218, 0x52009229, 0x52009230):  # a sequence, whatever its VR says: its items
+    """:func:`~.rawkey.raw_key` of :data:`RULE_TAGS`; None also when a sequence the rules read is present
+    (their items would have to be keyed: the rules run)."""
+    for tag in _SEQUENCES:
+        if ds.get_item(tag, keep_deferred=True) is not None:
             return None
-        key.append((item.VR, bytes(item.value), item.is_little_endian, item.is_implicit_VR))
-    return tuple(key)
+    return raw_key(ds, RULE_TAGS)
