@@ -25,6 +25,7 @@ from retinaedge.runtime.errors import (
     UnsupportedPhotometricError,
     UnsupportedTransferSyntaxError,
 )
+from retinaedge.runtime.pixel_layout import pixel_layout
 from retinaedge.runtime.uids import check_uid
 
 log = logging.getLogger(__name__)
@@ -39,16 +40,6 @@ _UID_ELEMENTS = (
     ("SeriesInstanceUID", "Series Instance UID (0020,000E)"),
 )
 
-SUPPORTED_PHOTOMETRIC = (
-    "MONOCHROME1",
-    "MONOCHROME2",
-    "RGB",
-    "YBR_FULL",
-    "YBR_FULL_422",
-    "PALETTE COLOR",
-    "YBR_ICT",
-    "YBR_RCT",
-)
 # What to install for each family of compressed transfer syntaxes.
 DECODER_HINTS = {
     "1.2.840.10008.1.2.4.50": "pylibjpeg + pylibjpeg-libjpeg",
@@ -184,26 +175,17 @@ def _check_depth(ds: Any, limit: int) -> None:
         item, depth = stack.pop()
         if depth > limit:
             raise MalformedDicomError(f"sequences nested deeper than {limit} levels")
-        for tag in list(item.keys()):
-            raw = item.get_item(tag, keep_deferred=True)  # never load deferred values (pixel data)
-            if tag == PIXEL_DATA_TAG or (getattr(raw, "value", b"") is None and raw.VR != "SQ"):
+        # The elements as held (raw or converted; a deferred value is not loaded): only a sequence, or
+        # an element whose VR is not known yet, can hold items.
+        for tag, raw in list(item.items()):
+            vr = raw.VR
+            if vr not in ("SQ", None, "UN"):
                 continue
-            if raw.VR in ("SQ", None, "UN"):
-                elem = item[tag]
-                if elem.VR == "SQ":
-                    stack.extend((child, depth + 1) for child in elem.value)
-
-
-def _int(ds: Any, keyword: str, required: bool = True, default: int | None = None) -> int:
-    value = ds.get(keyword, None)
-    if value is None or value == "":
-        if required:
-            raise MalformedDicomError(f"required attribute {keyword} is missing")
-        return int(default or 0)
-    try:
-        return int(value)
-    except (TypeError, ValueError) as exc:
-        raise MalformedDicomError(f"{keyword} has an invalid value") from exc
+            if tag == PIXEL_DATA_TAG or (raw.value is None and vr != "SQ"):
+                continue
+            elem = item[tag]
+            if elem.VR == "SQ":
+                stack.extend((child, depth + 1) for child in elem.value)
 
 
 def validate(src: DicomInput, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
@@ -230,38 +212,7 @@ def validate(src: DicomInput, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
         raise NoPixelDataError("the instance has no Pixel Data (7FE0,0010): it is not an image")
     if not ts.is_transfer_syntax:
         raise UnsupportedTransferSyntaxError(f"{ts} is not a known transfer syntax")
-    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
-    samples = _int(ds, "SamplesPerPixel")
-    bits_alloc = _int(ds, "BitsAllocated")
-    bits_stored = _int(ds, "BitsStored", required=False, default=bits_alloc)
-    pixel_rep = _int(ds, "PixelRepresentation", required=False, default=0)
-    frames = _int(ds, "NumberOfFrames", required=False, default=1) if "NumberOfFrames" in ds else 1
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if rows < 1 or cols < 1:
-        raise NoPixelDataError(f"image has {rows} rows and {cols} columns")
-    if frames < 1:
-        raise NoPixelDataError(f"Number of Frames is {frames}")
-    if rows > limits.max_rows or cols > limits.max_columns:
-        raise OverBudgetError(
-            f"{rows} x {cols} pixels exceeds the {limits.max_rows} x {limits.max_columns} limit"
-        )
-    if frames > limits.max_frames:
-        raise OverBudgetError(f"{frames} frames exceeds the {limits.max_frames}-frame limit")
-    if bits_alloc not in (1, 8, 16, 32, 64) or not 1 <= bits_stored <= bits_alloc or pixel_rep not in (0, 1):
-        raise MalformedDicomError(
-            f"inconsistent pixel layout: bits allocated {bits_alloc}, stored {bits_stored}, "
-            f"representation {pixel_rep}"
-        )
-    if samples not in (1, 3):
-        raise UnsupportedPhotometricError(f"{samples} samples per pixel is not supported (1 or 3)")
-    if photometric not in SUPPORTED_PHOTOMETRIC:
-        raise UnsupportedPhotometricError(
-            f"photometric interpretation {photometric or '(missing)'!r} is not supported"
-        )
-    if (samples == 1) != (photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")):
-        raise MalformedDicomError(f"{photometric} with {samples} samples per pixel is inconsistent")
-    if photometric == "PALETTE COLOR":
-        _check_palette(ds)
+    rows, cols, samples, bits_alloc, bits_stored, pixel_rep, frames, photometric = pixel_layout(ds, limits)
     for keyword, what in _UID_ELEMENTS:
         value = ds.get(keyword)
         if value is not None and str(value).strip("\0 "):
@@ -291,36 +242,6 @@ def validate(src: DicomInput, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
         )
     _check_pixel_bytes(src, info)
     return info
-
-
-def _check_palette(ds: Any) -> None:
-    """PALETTE COLOR needs, per channel, a 3-valued LUT descriptor and its data, plain or segmented
-    (PS3.3 C.7.6.3.1.5-6, C.7.9); without them no RGB value can be looked up."""
-    missing = []
-    for colour in ("Red", "Green", "Blue"):
-        descriptor = ds.get(f"{colour}PaletteColorLookupTableDescriptor")
-        try:
-            bits = (
-                None if len(descriptor) != 3 or isinstance(descriptor, (str, bytes)) else int(descriptor[2])
-            )
-        except (TypeError, ValueError):  # absent, one value, or values that are not numbers
-            bits = None
-        if bits is None:
-            missing.append(f"{colour}PaletteColorLookupTableDescriptor")
-        elif bits not in (8, 16):
-            raise MalformedDicomError(
-                f"{colour}PaletteColorLookupTableDescriptor gives {bits} bits per entry; "
-                "8 or 16 are allowed (PS3.3 C.7.6.3.1.5)"
-            )
-        if (
-            f"{colour}PaletteColorLookupTableData" not in ds
-            and f"Segmented{colour}PaletteColorLookupTableData" not in ds
-        ):
-            missing.append(f"{colour}PaletteColorLookupTableData")
-    if missing:
-        raise MalformedDicomError(
-            "PALETTE COLOR without its palette: missing " + ", ".join(missing) + " (PS3.3 C.7.6.3.1.5)"
-        )
 
 
 def _pixel_tag_in_bytes(src: DicomInput) -> bool:

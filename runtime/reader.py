@@ -1,6 +1,7 @@
 """One instance in, model inputs out: the CPU stages of detection, frame by frame.
 
-parse, the model's intended use (:mod:`~.intended_use`, on the header) and validate
+parse, the model's intended use (:mod:`~.intended_use`, on the header; once per distinct set of the
+elements its rules read: :mod:`~.intended_use_memo`) and validate
 (:func:`~.dicomio.open_dicom`, :func:`~.dicomio.validate`), then for each frame decode
 (:func:`~.dicomio.iter_frames`) and prepare (modality LUT, window, channels, letterbox:
 :func:`~.frames.prepare_frame`). Nothing here touches a backend, so the service runs it in a pool of
@@ -31,6 +32,7 @@ from retinaedge.runtime.errors import MalformedDicomError
 from retinaedge.runtime.frames import prepare_frame
 from retinaedge.runtime.geometry import Letterbox
 from retinaedge.runtime.intended_use import NotApplicableError
+from retinaedge.runtime.intended_use_memo import CheckMemo
 
 #: Timing keys (ms) the CPU stages fill in; the backend's stages add ``inference`` and ``postprocess``.
 CPU_STAGES = ("parse", "decode", "preprocess")
@@ -107,6 +109,9 @@ class InstanceReader:
     def __init__(self, bundle: Bundle, limits: Limits = DEFAULT_LIMITS) -> None:
         self.bundle = bundle
         self.limits = limits
+        use = bundle.manifest.intended_use
+        #: The model's intended-use check, once per distinct set of the elements its rules read.
+        self._use = CheckMemo(use) if use is not None else None
 
     def open(self, source: bytes | str | Path) -> OpenInstance:
         """Parse and validate ``source`` (PS3.10 bytes or a file); raises the runtime's DICOM errors, and
@@ -116,8 +121,7 @@ class InstanceReader:
         t = time.perf_counter()
         src = open_dicom(source, self.limits)
         try:
-            use = self.bundle.manifest.intended_use
-            failures = use.check(src.ds) if use is not None else []
+            failures = self._use.check(src.ds) if self._use is not None else []
             if failures:
                 raise NotApplicableError(self.bundle.manifest.name, failures)
             info = validate(src, self.limits)

@@ -3,7 +3,8 @@
 It builds the app's :class:`~retinaedge.service.state.Services` (model bundle, worker, spool, store,
 processor, result formats) onto ``app.state``, a lifespan that starts and stops them, the bearer-token and
 request-log middleware, the one exception handler (problem documents, :mod:`.http.problems`), and includes the
-routers of :mod:`.routes`. Transport, limits, auth, metrics and error mapping live in the service; image
+routers of :mod:`.routes` (``POST /v1/detect`` is answered by a middleware inside those two,
+:mod:`.routes.direct`). Transport, limits, auth, metrics and error mapping live in the service; image
 logic stays in the runtime.
 """
 
@@ -37,6 +38,7 @@ from retinaedge.service.intake.spool import Spool
 from retinaedge.service.outbox.destinations import TYPE_NAMES
 from retinaedge.service.results.documents import DocumentRegistry
 from retinaedge.service.routes import ROUTERS
+from retinaedge.service.routes.direct import DirectDetect
 from retinaedge.service.settings import Settings
 from retinaedge.service.state import FORMATS_EXTENSION, Services, build_services
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -239,6 +241,7 @@ def create_app(settings: Settings, *, probe: Probe = default_probe) -> FastAPI:
     app.state.worker = services.worker
     app.state.opener = services.opener
     app.state.store = services.store
+    app.add_middleware(DirectDetect)  # added first: it runs inside the auth and the request log
     app.add_middleware(AuthAndLog, settings=settings)
     app.add_exception_handler(RetinaEdgeError, on_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

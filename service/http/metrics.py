@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -49,6 +50,10 @@ class Metrics:
             registry=self.registry,
         )
         depth.set_function(lambda: float(queue_depth()))
+        # Each label's child, looked up once: ``labels()`` validates and locks on every call (a request
+        # observes every stage).
+        self._stages: dict[str, Any] = {}
+        self._outcomes: dict[str, Any] = {}
 
     def set_backend(self, backend: str, state: str) -> None:
         """Export exactly one (backend, state) series with value 1."""
@@ -56,7 +61,10 @@ class Metrics:
         self.backend.labels(backend=backend or "none", state=state).set(1)
 
     def outcome(self, outcome: str) -> None:
-        self.instances.labels(outcome=outcome).inc()
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes.setdefault(outcome, self.instances.labels(outcome=outcome))
+        child.inc()
 
     def not_applicable_to(self, model: str, rules: list[str]) -> None:
         """Count an instance ``model``'s intended use refused, once per failed rule."""
@@ -64,5 +72,10 @@ class Metrics:
             self.not_applicable.labels(model=model, rule=rule).inc()
 
     def observe(self, timings_ms: dict[str, float]) -> None:
+        """One observation per stage of an instance's ``timings_ms`` (milliseconds; exported in seconds)."""
+        stages = self._stages
         for stage, ms in timings_ms.items():
-            self.stage.labels(stage=stage).observe(ms / 1e3)
+            child = stages.get(stage)
+            if child is None:
+                child = stages.setdefault(stage, self.stage.labels(stage=stage))
+            child.observe(ms / 1e3)

@@ -120,33 +120,32 @@ def _wanted_tags() -> tuple[frozenset[int], frozenset[int]]:
 
 #: The File Meta elements kept: media storage SOP class and instance, transfer syntax.
 _META_TAGS = (0x00020002, 0x00020003, 0x00020010)
+#: Those that repeat from instance to instance (the SOP class, the transfer syntax): looked up as evidence.
+_CACHED_META_TAGS = frozenset({0x00020002, 0x00020010})
 
 
-#: DICOM JSON of evidence elements already seen, by what determines it (:func:`_evidence_json`): the
-#: slices of a series repeat most of their evidence (study, frame of reference, geometry, pixel layout).
-#: Only evidence: no patient identity stays in memory beyond its request.
+#: DICOM JSON of evidence elements already seen, by what determines it (:func:`_cached_json`): the
+#: slices of a series repeat most of their evidence (study, frame of reference, geometry, pixel layout),
+#: and their SOP class and transfer syntax. Only those: no patient identity stays in memory beyond its
+#: request.
 _EVIDENCE_JSON: dict[tuple[Any, ...], dict[str, Any]] = {}
 _EVIDENCE_JSON_MAX = 4096
 
 
 @dataclass(frozen=True)
 class KeptHeader:
-    """The parts of a header that are kept (:func:`select_header`): ``evidence`` as DICOM JSON already
-    (``{"GGGGEEEE": element}``), ``identity`` and ``meta`` (the kept File Meta elements) as small pydicom
-    Datasets. It holds no pixel data, so it can wait in memory for a writer thread; :meth:`to_json`
-    encodes it."""
+    """The parts of a header that are kept (:func:`select_header`), each as DICOM JSON already
+    (``{"GGGGEEEE": element}``): ``evidence``, ``identity`` and ``meta`` (the kept File Meta elements). It
+    holds no pixel data and no pydicom object, so it can wait in memory for a writer thread;
+    :meth:`to_json` encodes it as text."""
 
     evidence: dict[str, Any]
-    identity: Any
-    meta: Any
+    identity: dict[str, Any]
+    meta: dict[str, Any]
 
     def to_json(self) -> tuple[str, str]:
         """``(evidence, identity)`` as DICOM JSON text (the evidence with its File Meta)."""
-        meta = self.meta.to_json_dict(suppress_invalid_tags=True)
-        return (
-            json.dumps({"meta": meta, "dataset": self.evidence}),
-            json.dumps(self.identity.to_json_dict(suppress_invalid_tags=True)),
-        )
+        return json.dumps({"meta": self.meta, "dataset": self.evidence}), json.dumps(self.identity)
 
 
 @dataclass(frozen=True)
@@ -176,38 +175,61 @@ def _simple(value: Any) -> bool:
     """A converted value whose ``repr`` is all its JSON depends on: text, numbers, or a list of them."""
     if isinstance(value, str | int | float):
         return True
-    from pydicom.multival import MultiValue
-
-    return isinstance(value, MultiValue) and all(isinstance(v, str | int | float) for v in value)
+    return isinstance(value, _pydicom()[2]) and all(isinstance(v, str | int | float) for v in value)
 
 
-def _evidence_json(ds: Any, tag: int, charset: str) -> dict[str, Any] | None:
-    """One evidence element of ``ds`` as pydicom writes it in DICOM JSON (``to_json_dict`` under strict
-    reading, as ``Dataset.to_json_dict(suppress_invalid_tags=True)`` does), or None when it cannot be
-    converted. An element of a plain VR is looked up first: a raw one by its tag, VR, bytes, encoding and
-    character set (``charset``: the ``repr`` of the dataset's), a converted one by its tag, VR and value
-    (:func:`_simple`), which is all its JSON depends on."""
+@functools.cache
+def _pydicom() -> tuple[Any, Any, Any]:
+    """pydicom's ``config``, ``RawDataElement`` and ``MultiValue`` (imported once, on first use)."""
     from pydicom import config
     from pydicom.dataelem import RawDataElement
+    from pydicom.multival import MultiValue
 
-    item = ds.get_item(tag)
+    return config, RawDataElement, MultiValue
+
+
+def _encoded(ds: Any, tags: Iterable[int]) -> dict[str, Any]:
+    """The elements ``tags`` of ``ds`` present, as ``Dataset.to_json_dict(suppress_invalid_tags=True)``
+    writes them (``{"GGGGEEEE": element}``, in the order given): converted as pydicom reads them, then
+    encoded under strict reading (once for all of them); an element that fails either is left out."""
+    config = _pydicom()[0]
+    converted = []
+    for tag in tags:
+        try:
+            converted.append((tag, ds[tag]))  # converts a raw element: an unknown VR raises here
+        except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
+            continue
+    out: dict[str, Any] = {}
+    with config.strict_reading():
+        for tag, element in converted:
+            try:
+                out[f"{tag:08X}"] = element.to_json_dict(
+                    bulk_data_element_handler=None, bulk_data_threshold=1024
+                )
+            except Exception:
+                continue
+    return out
+
+
+def _cached_json(ds: Any, tag: int, item: Any, charset: str) -> dict[str, Any] | None:
+    """One element of ``ds`` that names no patient (evidence, or File Meta that repeats: ``item`` as the
+    dataset holds it, raw or converted) as pydicom writes it in DICOM JSON (:func:`_encoded`), or None
+    when it cannot be converted. An element of a plain VR is looked up first: a raw one by its tag, VR,
+    bytes, encoding and character set (``charset``: the ``repr`` of the dataset's), a converted one by its
+    tag, VR and value (:func:`_simple`), which is all its JSON depends on."""
+    raw_type = _pydicom()[1]
     key: tuple[Any, ...] | None = None
-    plain = tag in _plain_evidence_tags()
-    if plain and isinstance(item, RawDataElement) and item.value is not None and item.VR != "SQ":
+    plain = tag in _plain_evidence_tags() or tag in _CACHED_META_TAGS
+    if plain and isinstance(item, raw_type) and item.value is not None and item.VR != "SQ":
         key = (tag, item.VR, bytes(item.value), item.is_little_endian, item.is_implicit_VR, charset)
-    elif plain and not isinstance(item, RawDataElement) and _simple(item.value):
+    elif plain and not isinstance(item, raw_type) and _simple(item.value):
         key = (tag, item.VR, type(item.value).__name__, repr(item.value))  # converted already (validate)
     if key is not None:
         cached = _EVIDENCE_JSON.get(key)
         if cached is not None:
             return cached
-    try:
-        element = ds[tag]  # converts a raw element: an unknown VR raises here
-        with config.strict_reading():
-            out = element.to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=1024)
-    except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
-        return None
-    if key is not None:
+    out = _encoded(ds, (tag,)).get(f"{tag:08X}")
+    if key is not None and out is not None:
         if len(_EVIDENCE_JSON) >= _EVIDENCE_JSON_MAX:
             _EVIDENCE_JSON.clear()
         _EVIDENCE_JSON[key] = out
@@ -215,44 +237,41 @@ def _evidence_json(ds: Any, tag: int, charset: str) -> dict[str, Any] | None:
 
 
 @functools.cache
-def _wanted_in_order() -> tuple[int, ...]:
-    """Every evidence and identity tag, ascending, as plain integers."""
+def _wanted_in_order() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(evidence tags, identity tags), each ascending, as plain integers."""
     evidence_tags, identity_tags = _wanted_tags()
-    return tuple(sorted(evidence_tags | identity_tags))
+    return tuple(sorted(evidence_tags)), tuple(sorted(identity_tags))
 
 
 def select_header(ds: Any) -> KeptHeader:
-    """Select what is kept of a dataset (with its File Meta); everything else is dropped and never
-    converted (a deferred value such as the pixel data is not read). Elements pydicom cannot convert and
-    values that do not parse are left out rather than failing the instance."""
-    from pydicom.dataset import Dataset
-
-    evidence_tags, _identity_tags = _wanted_tags()
-    evidence: dict[str, Any] = {}
-    identity, meta = Dataset(), Dataset()
-    # Plain integers: pydicom's tags compare in Python, a set of ints in C.
-    present = set(map(int, ds.keys()))
+    """Select what is kept of a dataset (with its File Meta), each element encoded as DICOM JSON at once;
+    everything else is dropped and never converted (a deferred value such as the pixel data is not read).
+    Elements pydicom cannot convert or encode are left out rather than failing the instance. The dataset's
+    elements are looked up once, by plain integer tags (pydicom's tags compare in Python)."""
+    evidence_tags, identity_tags = _wanted_in_order()
+    elements = {int(tag): item for tag, item in ds.items()}  # raw or converted: nothing converted here
     charset = repr(ds.original_character_set)
-    for tag in _wanted_in_order():
-        if tag not in present:
-            continue
-        if tag in evidence_tags:
-            element_json = _evidence_json(ds, tag, charset)
-            if element_json is not None:
-                evidence[f"{tag:08X}"] = element_json
-            continue
-        try:
-            identity.add(ds[tag])  # converts a raw element: an unknown VR raises here
-        except Exception:  # pydicom raises NotImplementedError, ValueError ... for what it cannot read
-            continue
+    evidence: dict[str, Any] = {}
+    for tag in evidence_tags:
+        item = elements.get(tag)
+        if item is not None and (element_json := _cached_json(ds, tag, item, charset)) is not None:
+            evidence[f"{tag:08X}"] = element_json
+    identity = _encoded(ds, [tag for tag in identity_tags if tag in elements])
+    meta: dict[str, Any] = {}
     file_meta = getattr(ds, "file_meta", None)
     if file_meta is not None:
+        held = {int(tag): item for tag, item in file_meta.items()}
         for tag in _META_TAGS:
-            if tag in file_meta:
-                try:
-                    meta.add(file_meta[tag])
-                except Exception:
-                    continue
+            item = held.get(tag)
+            if item is None:
+                continue
+            element_json = (
+                _cached_json(file_meta, tag, item, charset)
+                if tag in _CACHED_META_TAGS
+                else _encoded(file_meta, (tag,)).get(f"{tag:08X}")
+            )
+            if element_json is not None:
+                meta[f"{tag:08X}"] = element_json
     return KeptHeader(evidence, identity, meta)
 
 

@@ -105,8 +105,9 @@ def test_the_selection_converts_only_what_is_kept_and_keeps_no_pixels() -> None:
     ds._dict[raw.tag] = raw  # SliceLocation (evidence) with a VR pydicom cannot convert: left out
     ds.SliceThickness = "1.5"
     kept = select_header(ds)
-    assert "7FE00010" not in kept.evidence and "PixelData" not in kept.identity
-    assert kept.evidence["00200052"]["Value"] == ["1.2.3.4"] and kept.identity.PatientID == ds.PatientID
+    assert "7FE00010" not in kept.evidence and "7FE00010" not in kept.identity
+    assert kept.evidence["00200052"]["Value"] == ["1.2.3.4"]
+    assert kept.identity["00100020"]["Value"] == [ds.PatientID]
     assert "00100020" not in kept.evidence and "00201041" not in kept.evidence
     evidence, identity = kept.to_json()
     assert (evidence, identity) == split_dataset(ds)
@@ -157,3 +158,26 @@ def test_evidence_seen_before_is_reused_only_when_it_is_the_same_and_never_names
     text = json.dumps(list(evidence._EVIDENCE_JSON.values()))
     assert str(first.PatientID) not in text and str(first.PatientName) not in text
     assert not any(key[0] in evidence._wanted_tags()[1] for key in evidence._EVIDENCE_JSON)
+
+
+def test_the_kept_identity_and_file_meta_are_what_pydicom_encodes_of_them() -> None:
+    """Each element is encoded on its own as ``Dataset.to_json_dict(suppress_invalid_tags=True)`` encodes a
+    dataset of them: every file of the examples, raw and after its header was read."""
+    from retinaedge.runtime.discovery import dicom_files
+    from retinaedge.service.results.evidence import IDENTITY_KEYWORDS
+
+    files = dicom_files([REPO_ROOT / "examples"])
+    assert files
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        kept = select_header(ds)
+        identity, meta = pydicom.Dataset(), pydicom.Dataset()
+        for keyword in sorted(IDENTITY_KEYWORDS):
+            if keyword in ds:
+                identity.add(ds[keyword])
+        for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID"):
+            if keyword in ds.file_meta:
+                meta.add(ds.file_meta[keyword])
+        assert kept.identity == identity.to_json_dict(suppress_invalid_tags=True), path.name
+        assert kept.meta == meta.to_json_dict(suppress_invalid_tags=True), path.name
+        assert kept.identity and kept.meta
