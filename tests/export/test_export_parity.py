@@ -8,11 +8,13 @@ images about a dozen times: at 512x512 and 480x640 that was a third of the grid'
 the size axis tests: a square input whose pyramid halves evenly down to P7 (256: 32, 16, 8, 4, 2) and a
 non-square one whose levels go odd and round up, in both directions (224 high: 28, 14, 7, 4, 2; 320 wide:
 40, 20, 10, 5, 3), as 480x640 did (60, 30, 15, 8, 4 and 80, 40, 20, 10, 5).
+
+The eight exports run two at a time in worker processes (tests/support/grid.py), once for the module; each
+case's test then checks its own bundle.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import pytest
 from retinaedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from retinaedge.runtime.bundle import load_bundle, read_embedded_manifest, self_test
 from retinaedge.runtime.hashing import sha256_file
-from support.models import biased_retinanet
+from support.grid import Cell, bundle_dir, export_grid
 
 pytestmark = [pytest.mark.export, pytest.mark.slow]
 
@@ -35,11 +37,12 @@ GRID = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
-def grid_model(arch: str, num_classes: int) -> Any:
-    """The biased model of ``arch`` with ``num_classes`` (seed ``num_classes``), built once for both sizes:
-    the grid runs them one after the other, and the exporter works on a copy of the model it is given."""
-    return biased_retinanet(arch, num_classes, seed=num_classes)
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[Cell, dict[str, Any]]]:
+    """Every cell exported once, two exports at a time (tests/support/grid.py): each model (seed
+    ``num_classes``) built once for both sizes in its worker."""
+    root = tmp_path_factory.mktemp("grid")
+    return root, export_grid(GRID, root)
 
 
 @pytest.mark.parametrize(
@@ -47,16 +50,16 @@ def grid_model(arch: str, num_classes: int) -> Any:
     GRID,
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
 )
-def test_export_parity(tmp_path: Path, arch: str, num_classes: int, size: tuple[int, int]) -> None:
-    from retinaedge.export import export_retinanet
-
-    model = grid_model(arch, num_classes)
+def test_export_parity(
+    grid: tuple[Path, dict[Cell, dict[str, Any]]], arch: str, num_classes: int, size: tuple[int, int]
+) -> None:
+    root, outcomes = grid
+    outcome = outcomes[(arch, num_classes, size)]
+    assert "error" not in outcome, outcome.get("error")
     names = [f"lesion_{i}" for i in range(num_classes)]
-    result = export_retinanet(
-        model, tmp_path / "bundle", input_size=size, class_names=names, architecture=arch, synthetic_count=4
-    )
-    parity = json.loads((tmp_path / "bundle" / "parity.json").read_text())
-    assert parity == json.loads(json.dumps(result.parity))
+    folder = bundle_dir(root, (arch, num_classes, size))
+    parity = json.loads((folder / "parity.json").read_text())
+    assert parity == outcome["parity"]
     assert parity["passed"] is True
     assert parity["totals"]["match_rate"] >= 0.995, parity["totals"]
     for image in parity["images"]:
@@ -67,7 +70,7 @@ def test_export_parity(tmp_path: Path, arch: str, num_classes: int, size: tuple[
     assert consistency["batch_size"] == 4
     assert consistency["min_match_rate"] >= 0.995, consistency
 
-    bundle = load_bundle(tmp_path / "bundle")
+    bundle = load_bundle(folder)
     assert bundle.manifest.model_sha256 == sha256_file(bundle.model_path)
     assert (bundle.manifest.input.height, bundle.manifest.input.width) == size
     assert bundle.manifest.class_names == tuple(names)
