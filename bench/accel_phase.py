@@ -140,8 +140,8 @@ def level_figures(level: Level, references: list[Any], capacity_fps: float) -> d
         "cpu_ms_per_frame": {
             "process": round(process_cpu * 1e3 / frames, 3),
             "accelerator_infer": round(sim_cpu * 1e3 / frames, 3),
-            # /proc counts the process in 10 ms clock ticks, the accelerator's own CPU finer: on a level too
-            # short for the ticks the difference could dip below 0, which no CPU time can be.
+            # Where /proc counts the process in 10 ms clock ticks (no schedstat), the accelerator's own CPU
+            # is finer: on a level too short for the ticks the difference could dip below 0.
             "pipeline": round(max(0.0, process_cpu - sim_cpu) * 1e3 / frames, 3),
             "by_thread": {k: round(v * 1e3 / frames, 3) for k, v in by_thread.items()},
         },
