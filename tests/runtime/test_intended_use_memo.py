@@ -6,16 +6,15 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
-from pydicom.datadict import tag_for_keyword
 from retinaedge.runtime.dicomio import open_dicom
 from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.intended_use import _KEYS, IntendedUse
 from retinaedge.runtime.intended_use_memo import RULE_TAGS, CheckMemo, memo_key
 from support.paths import REPO_ROOT
+from support.recording import RecordingDataset
 
 SOURCE = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
 
@@ -37,35 +36,6 @@ EVERY_RULE = IntendedUse.from_dict(
 )
 
 
-class _Recording(pydicom.Dataset):
-    """A dataset that notes every element asked for by tag, keyword or membership, present or not."""
-
-    def __init__(self, ds: pydicom.Dataset) -> None:
-        super().__init__(ds)
-        object.__setattr__(self, "asked", set())
-
-    def _note(self, key: Any) -> None:
-        tag = tag_for_keyword(key) if isinstance(key, str) else key
-        if tag is not None:
-            self.asked.add(int(tag))
-
-    def __getitem__(self, key: Any) -> Any:
-        self._note(key)
-        return super().__getitem__(key)
-
-    def __getattr__(self, name: str) -> Any:
-        self._note(name)
-        return super().__getattr__(name)
-
-    def __contains__(self, key: Any) -> bool:
-        self._note(key)
-        return super().__contains__(key)
-
-    def get_item(self, key: Any, *, keep_deferred: bool = False) -> Any:
-        self._note(key)
-        return super().get_item(key, keep_deferred=keep_deferred)
-
-
 def _variant(**changes: object) -> bytes:
     ds = pydicom.dcmread(SOURCE)
     with warnings.catch_warnings():
@@ -84,7 +54,7 @@ def test_every_element_a_rule_reads_is_in_the_key() -> None:
     assert set(_KEYS) == {r.name for r in EVERY_RULE.rules}  # every rule there is, here
     for source in (SOURCE, _variant(BodyPartExamined=None, SeriesDescription="AX T1")):
         with open_dicom(source) as src:
-            recording = _Recording(src.ds)
+            recording = RecordingDataset(src.ds)
             EVERY_RULE.check(recording)
         assert recording.asked - set(RULE_TAGS) == set(), sorted(f"{t:08X}" for t in recording.asked)
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.datadict import tag_for_keyword
 from retinaedge.runtime import pixel_layout
 from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits, open_dicom, validate
 from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import RetinaEdgeError
 from support.paths import REPO_ROOT
+from support.recording import RecordingDataset
 
 SOURCE = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
 
@@ -34,35 +34,10 @@ def _variant(**changes: object) -> bytes:
     return buf.getvalue()
 
 
-class _Recording(pydicom.Dataset):
-    """A dataset that notes every element asked for by tag, keyword or membership, present or not."""
-
-    def __init__(self, ds: pydicom.Dataset) -> None:
-        super().__init__(ds)
-        object.__setattr__(self, "asked", set())
-
-    def _note(self, key: Any) -> None:
-        tag = tag_for_keyword(key) if isinstance(key, str) else key
-        if tag is not None:
-            self.asked.add(int(tag))
-
-    def __getitem__(self, key: Any) -> Any:
-        self._note(key)
-        return super().__getitem__(key)
-
-    def __getattr__(self, name: str) -> Any:
-        self._note(name)
-        return super().__getattr__(name)
-
-    def __contains__(self, key: Any) -> bool:
-        self._note(key)
-        return super().__contains__(key)
-
-
 def test_the_layout_reads_only_what_its_key_holds() -> None:
     for source in (SOURCE, _variant(NumberOfFrames=1, BitsStored=None)):
         with open_dicom(source) as src:
-            recording = _Recording(src.ds)
+            recording = RecordingDataset(src.ds)
             pixel_layout._layout(recording, DEFAULT_LIMITS)
         assert recording.asked - set(pixel_layout.LAYOUT_TAGS) == set()
 
