@@ -124,7 +124,7 @@ def accelerator_ratios(accel: dict[str, Any] | None, reason: str | None) -> dict
         "pipeline_cpu_ms_per_frame": _fig(
             "pipeline_cpu_ms_per_frame",
             sat["cpu_ms_per_frame"]["pipeline"],
-            "the service process's CPU per frame (all threads, /proc/<pid>/task/*/stat, and its child "
+            "the service process's CPU per frame (all threads, /proc/<pid>/task/*/schedstat, and its child "
             f"processes' threads) minus the accelerator's own CPU inside infer, saturated{line}",
             sat,
             sat["cpu_ms_per_frame"],
