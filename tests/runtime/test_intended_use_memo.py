@@ -3,8 +3,6 @@ the same outcome as the rules on every file, and no element read by a rule left 
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 
 import pydicom
@@ -14,7 +12,7 @@ from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.intended_use import _KEYS, IntendedUse
 from retinaedge.runtime.intended_use_memo import RULE_TAGS, CheckMemo, memo_key
 from support.paths import REPO_ROOT
-from support.recording import RecordingDataset
+from support.recording import RecordingDataset, variant
 
 SOURCE = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
 
@@ -36,23 +34,9 @@ EVERY_RULE = IntendedUse.from_dict(
 )
 
 
-def _variant(**changes: object) -> bytes:
-    ds = pydicom.dcmread(SOURCE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for keyword, value in changes.items():
-            if value is None:
-                delattr(ds, keyword)
-            else:
-                setattr(ds, keyword, value)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def test_every_element_a_rule_reads_is_in_the_key() -> None:
     assert set(_KEYS) == {r.name for r in EVERY_RULE.rules}  # every rule there is, here
-    for source in (SOURCE, _variant(BodyPartExamined=None, SeriesDescription="AX T1")):
+    for source in (SOURCE, variant(SOURCE, BodyPartExamined=None, SeriesDescription="AX T1")):
         with open_dicom(source) as src:
             recording = RecordingDataset(src.ds)
             EVERY_RULE.check(recording)
@@ -62,15 +46,15 @@ def test_every_element_a_rule_reads_is_in_the_key() -> None:
 def _corpus() -> list[Path | bytes]:
     return [
         *dicom_files([REPO_ROOT / "examples"]),
-        _variant(Modality="CT"),
-        _variant(Rows=32),
-        _variant(ImageType=["DERIVED", "SECONDARY", "LOCALIZER"]),
-        _variant(ImageOrientationPatient=[0, 1, 0, 0, 0, -1]),
-        _variant(BodyPartExamined=None),
-        _variant(BodyPartExamined="KNEE"),
-        _variant(SeriesDescription="SCOUT T1"),
-        _variant(PixelSpacing=[9, 9]),
-        _variant(SpecificCharacterSet="ISO_IR 192", SeriesDescription="AX T1 Ä"),
+        variant(SOURCE, Modality="CT"),
+        variant(SOURCE, Rows=32),
+        variant(SOURCE, ImageType=["DERIVED", "SECONDARY", "LOCALIZER"]),
+        variant(SOURCE, ImageOrientationPatient=[0, 1, 0, 0, 0, -1]),
+        variant(SOURCE, BodyPartExamined=None),
+        variant(SOURCE, BodyPartExamined="KNEE"),
+        variant(SOURCE, SeriesDescription="SCOUT T1"),
+        variant(SOURCE, PixelSpacing=[9, 9]),
+        variant(SOURCE, SpecificCharacterSet="ISO_IR 192", SeriesDescription="AX T1 Ä"),
     ]
 
 

@@ -4,38 +4,21 @@ every time, and the layout reads nothing outside its key."""
 
 from __future__ import annotations
 
-import io
-import warnings
 from typing import Any
 
-import pydicom
 import pytest
 from retinaedge.runtime import pixel_layout
 from retinaedge.runtime.dicomio import DEFAULT_LIMITS, Limits, open_dicom, validate
 from retinaedge.runtime.discovery import dicom_files
 from retinaedge.runtime.errors import RetinaEdgeError
 from support.paths import REPO_ROOT
-from support.recording import RecordingDataset
+from support.recording import RecordingDataset, variant
 
 SOURCE = REPO_ROOT / "examples" / "study_01" / "IM0001.dcm"
 
 
-def _variant(**changes: object) -> bytes:
-    ds = pydicom.dcmread(SOURCE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for keyword, value in changes.items():
-            if value is None:
-                delattr(ds, keyword)
-            else:
-                setattr(ds, keyword, value)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def test_the_layout_reads_only_what_its_key_holds() -> None:
-    for source in (SOURCE, _variant(NumberOfFrames=1, BitsStored=None)):
+    for source in (SOURCE, variant(SOURCE, NumberOfFrames=1, BitsStored=None)):
         with open_dicom(source) as src:
             recording = RecordingDataset(src.ds)
             pixel_layout._layout(recording, DEFAULT_LIMITS)
@@ -62,7 +45,10 @@ BAD = {
 
 @pytest.mark.parametrize("limits", [DEFAULT_LIMITS, Limits(max_frames=2)])
 def test_validate_finds_with_kept_layouts_what_it_finds_without(limits: Limits) -> None:
-    sources: list[Any] = [*dicom_files([REPO_ROOT / "examples"]), *(_variant(**c) for c in BAD.values())]
+    sources: list[Any] = [
+        *dicom_files([REPO_ROOT / "examples"]),
+        *(variant(SOURCE, **c) for c in BAD.values()),
+    ]
     pixel_layout._LAYOUTS.clear()
     first = [_outcome(s, limits) for s in sources]
     kept = dict(pixel_layout._LAYOUTS)
